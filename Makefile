@@ -1,0 +1,30 @@
+# tf-influence: every set-up step lives here so a fresh clone needs only `make test` / `make demo`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo bench bazel-test clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt requirements-tfx.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --disable-pip-version-check -q --upgrade pip==24.0
+	$(PIP) install --disable-pip-version-check -q -r requirements.txt
+	$(PIP) install --disable-pip-version-check -q --no-deps --ignore-requires-python -r requirements-tfx.txt
+	$(PIP) install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(PY) -m tf_influence.demo
+
+bench: install
+	$(PY) -m benchmarks.engine --out reports/benchmarks/engine.json
+
+clean:
+	rm -rf $(VENV) reports .pytest_cache

@@ -1,0 +1,286 @@
+"""Influence scores: single-stage (Koh & Liang) and multi-stage (Chen et al., NeurIPS 2020).
+
+Sign convention (one for the whole package)
+------------------------------------------
+A score is ``I_{z,x_t} = ∂ f(x_t, θ̂_ε) / ∂ε |_{ε=0}``: the derivative of the test loss when the
+training loss of example ``z`` is up-weighted by ``ε`` (eq. 4 / 6). Removing ``z`` from a set of
+``m`` examples is ``ε = −1/m``, so
+
+* a **positive** score means the example *increases* the test loss: it is **harmful**
+  (removing it is predicted to lower the test loss);
+* a **negative** score means the example is **helpful**;
+* :func:`predicted_loss_change_on_removal` gives the first-order change ``−score / m``.
+
+Every score is computed in the efficient shape of Algorithm 1: the test side (the gradient of
+the test target and the inverse-Hessian chains) is solved **once** into a vector ``s`` over the
+pretraining parameters, and each training example costs one ``∇l(z) · s`` (:func:`score_examples`).
+With ``test_target="sum"`` the test target is the sum of the test losses (eq. 8) and scores
+are ``[m]``; with ``"each"`` every test point is its own right-hand side (multi-RHS solves) and
+scores are a ``[m, k]`` matrix.
+
+Case 1 (embedding fixed, Theorem 1, eq. 9–11, Algorithm 1)::
+
+    b_Θ = ∇_Θ f(x_t),  b_W = ∇_W f(x_t)                     (finetune model at W*, Θ*)
+    v_W = b_W − (∂²F/∂W∂Θ) (∂²F/∂Θ²)⁻¹ b_Θ                  (Algorithm 1, steps 2–3)
+    s   = −(∂²G/∂(W,U)²)⁻¹ [v_W, 0]                          (step 4, with eq. 9's minus sign)
+    I_{z,x_t} = ∇_{(W,U)} g(z) · s                           (step 5)
+
+Algorithm 1 as printed drops the minus sign of eq. 9 in step 5; eq. 11 keeps it, and we follow
+eq. 11 (checked against exact leave-one-out retraining in ``tests/test_convex_loo.py``).
+
+Case 2 (embedding updated, α-proximal approximation, eq. 12–15): see
+:meth:`MultiStageInfluence.test_vectors` for the derivation (eq. 12 is garbled in the paper).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import tensorflow as tf
+
+from .gradients import mean_gradient, per_example_dot, per_example_losses, stack_per_example_gradients
+from .hvp import HessianOperator
+from .objective import Objective, count_examples
+from .params import (ParameterGroup, ParameterGroupError, check_groups_match, complement_group, concat_groups,
+                     group_from_layers)
+from .solvers import SolverConfig, solve
+
+TEST_TARGETS = ("sum", "each")
+
+
+def predicted_loss_change_on_removal(scores, num_train: int):
+    """First-order change of the test target when an example is removed (ε = −1/m): ``−score/m``."""
+    return -np.asarray(scores) / float(num_train)
+
+
+@dataclass
+class InfluenceResult:
+    """Scores of training examples (dataset order) and how they were obtained."""
+
+    scores: np.ndarray                 # [m] for test_target="sum", [m, k] for "each"
+    test_vector: tf.Tensor             # s: scores = ∇l(z) · s, over `group`
+    group: ParameterGroup              # the parameters s lives on
+    num_train: int
+    method: str
+    solves: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+    def predicted_loss_change_on_removal(self):
+        return predicted_loss_change_on_removal(self.scores, self.num_train)
+
+    def _total(self):
+        return self.scores if self.scores.ndim == 1 else self.scores.sum(axis=1)
+
+    def top_harmful(self, k: int = 10) -> np.ndarray:
+        """Indices of the ``k`` largest positive scores (removal predicted to lower the test loss)."""
+        return np.argsort(-self._total())[:k]
+
+    def top_helpful(self, k: int = 10) -> np.ndarray:
+        """Indices of the ``k`` most negative scores."""
+        return np.argsort(self._total())[:k]
+
+
+def _progress_cb(desc: str, enabled: bool, total: int):
+    if not enabled:
+        return None, lambda: None
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, desc=desc, leave=False)
+
+    def cb(it, res):
+        bar.update(1)
+        bar.set_postfix(residual=f"{res:.2e}")
+    return cb, bar.close
+
+
+def _solve(op, b, config: SolverConfig, desc: str, progress: bool):
+    cb, close = _progress_cb(desc, progress, config.max_iter)
+    try:
+        return solve(op, b, config, progress=cb)
+    finally:
+        close()
+
+
+def test_gradients(objective: Objective, test_data, group: ParameterGroup, test_target: str = "sum"):
+    """``b`` for the test target: ``∇ Σ_t f(x_t)`` (``[p]``) or one column per test point (``[p, k]``)."""
+    if test_target not in TEST_TARGETS:
+        raise ValueError(f"test_target must be one of {TEST_TARGETS}, got '{test_target}'")
+    if test_target == "sum":
+        return mean_gradient(objective, test_data, group, reduction="sum", name="test data")
+    return tf.transpose(stack_per_example_gradients(objective, test_data, group, name="test data"))
+
+
+def score_examples(objective: Objective, dataset, group: ParameterGroup, test_vector, progress: bool = False,
+                   name: str = "training data") -> np.ndarray:
+    """``I(z) = ∇l(z) · s`` for every example of ``dataset`` (the per-example half of Algorithm 1)."""
+    return per_example_dot(objective, dataset, group, test_vector, progress=progress, name=name)
+
+
+def single_stage_influence(objective: Objective, train_data, test_data, group: ParameterGroup | None = None,
+                           solver: SolverConfig | None = None, test_objective: Objective | None = None,
+                           test_target: str = "sum", hessian_sample_size: int | None = None,
+                           hvp_mode: str = "fob", seed: int = 0, progress: bool = False) -> InfluenceResult:
+    """Koh & Liang influence ``I(z) = −∇f_test · H⁻¹ ∇l(z)`` of each training example on the test target."""
+    t0 = time.perf_counter()
+    solver = solver or SolverConfig(method="cg", damping=0.0)
+    if group is None:
+        group = ParameterGroup("all", tuple(objective.model.trainable_variables))
+    test_objective = test_objective or objective
+    b = test_gradients(test_objective, test_data, group, test_target)
+    H = HessianOperator(objective, train_data, group, mode=hvp_mode, sample_size=hessian_sample_size, seed=seed,
+                        name=f"training Hessian of {objective.name}")
+    res = _solve(H, b, solver, "IHVP (training Hessian)", progress)
+    s = -res.x
+    t1 = time.perf_counter()
+    scores = score_examples(objective, train_data, group, s, progress=progress)
+    t2 = time.perf_counter()
+    return InfluenceResult(scores, s, group, count_examples(train_data, "training data"), "single_stage",
+                           {"hessian": res.summary()}, {"test_side": t1 - t0, "scoring": t2 - t1})
+
+
+class MultiStageInfluence:
+    """Multi-stage influence of pretraining examples on a finetuned model's test loss.
+
+    Args:
+      pretrain_objective: pretraining model (W, U) and its loss ``g``.
+      pretrain_data: the pretraining examples ``Z`` (batched ``(x, y)``), scored in dataset order.
+      finetune_objective: finetuning model (W, Θ) and its loss ``f``.
+      finetune_data: the finetuning training data ``X`` (for ``∂²F``).
+      embedding: the shared parameters W: layer / sub-model names present in *both* models
+        (e.g. ``["embedding"]``), or a pair of :class:`ParameterGroup` ``(W_pretrain, W_finetune)``.
+      pretrain_head, finetune_head: layer names of U and Θ; default: every other trainable
+        variable of the respective model.
+      case: ``"fixed"`` (finetuning keeps W = W*; eq. 9–11) or ``"updated"`` (W is finetuned;
+        eq. 12–15 with the proximal weight ``alpha``).
+      alpha: α of eq. 12 (paper: 0.01).
+      pretrain_solver, finetune_solver: :class:`SolverConfig` for ``(∂²G/∂(W,U)²)⁻¹`` and for
+        ``(∂²F/∂Θ²)⁻¹`` (case 1) or the block matrix of eq. 15 (case 2). Defaults follow the
+        paper's eq. 16 (``cg_squared``) with the MNIST damping of Appendix B (1e-2 and 1e-8).
+      pretrain_hessian_samples: examples used for ``∂²G`` (paper: 1,000); ``None`` = all.
+      hvp_mode: ``"fob"`` or ``"rr"``.
+      check_fixed_embedding: in case 1, verify that W has the same values in both models.
+    """
+
+    def __init__(self, pretrain_objective: Objective, pretrain_data, finetune_objective: Objective, finetune_data,
+                 embedding, pretrain_head=None, finetune_head=None, case: str = "fixed", alpha: float = 0.01,
+                 pretrain_solver: SolverConfig | None = None, finetune_solver: SolverConfig | None = None,
+                 pretrain_hessian_samples: int | None = 1000, hvp_mode: str = "fob", seed: int = 0,
+                 check_fixed_embedding: bool = True, progress: bool = False):
+        if case not in ("fixed", "updated"):
+            raise ValueError(f"case must be 'fixed' (embedding fixed in finetuning) or 'updated', got '{case}'")
+        if case == "updated" and not alpha > 0:
+            raise ValueError(f"case='updated' needs alpha > 0 (the proximal weight of eq. 12), got {alpha}")
+        self.case, self.alpha, self.progress = case, float(alpha), progress
+        self.g, self.f = pretrain_objective, finetune_objective
+        self.pretrain_data, self.finetune_data = pretrain_data, finetune_data
+        self.pretrain_solver = pretrain_solver or SolverConfig(method="cg_squared", damping=1e-2)
+        self.finetune_solver = finetune_solver or SolverConfig(method="cg_squared", damping=1e-8)
+
+        if isinstance(embedding, (tuple, list)) and len(embedding) == 2 and all(
+                isinstance(e, ParameterGroup) for e in embedding):
+            self.W_pre, self.W_ft = embedding
+        else:
+            self.W_pre = group_from_layers(pretrain_objective.model, embedding, name="W (pretrain model)")
+            self.W_ft = group_from_layers(finetune_objective.model, embedding, name="W (finetune model)")
+        check_groups_match(self.W_pre, self.W_ft)
+        self.U = (group_from_layers(pretrain_objective.model, pretrain_head, name="U")
+                  if pretrain_head is not None else complement_group(pretrain_objective.model, self.W_pre, name="U"))
+        self.Theta = (group_from_layers(finetune_objective.model, finetune_head, name="Θ")
+                      if finetune_head is not None else complement_group(finetune_objective.model, self.W_ft,
+                                                                         name="Θ"))
+        self._check_disjoint(self.W_pre, self.U)
+        self._check_disjoint(self.W_ft, self.Theta)
+        if case == "fixed" and check_fixed_embedding:
+            diff = float(tf.reduce_max(tf.abs(self.W_pre.values() - self.W_ft.values())))
+            if diff > 1e-6:
+                raise ParameterGroupError(
+                    f"case='fixed' assumes finetuning kept the pretrained embedding, but W differs between the "
+                    f"pretraining and finetuning models (max |ΔW| = {diff:.3g}); use case='updated' "
+                    "or pass check_fixed_embedding=False")
+        self.WU = concat_groups("(W,U)", self.W_pre, self.U)
+        self.num_pretrain = count_examples(pretrain_data, "pretraining data")
+        self.H_G = HessianOperator(pretrain_objective, pretrain_data, self.WU, mode=hvp_mode,
+                                   sample_size=pretrain_hessian_samples, seed=seed,
+                                   name="pretraining Hessian ∂²G/∂(W,U)²")
+        n_ft = count_examples(finetune_data, "finetuning data")
+        if case == "fixed":
+            self.H_TT = HessianOperator(finetune_objective, finetune_data, self.Theta, mode=hvp_mode,
+                                        name="finetuning Hessian ∂²F/∂Θ²", _num_examples=n_ft)
+            self.H_WT = HessianOperator(finetune_objective, finetune_data, self.W_ft, self.Theta, mode=hvp_mode,
+                                        name="mixed block ∂²F/∂W∂Θ", _num_examples=n_ft)
+        else:
+            self.TW = concat_groups("(Θ,W)", self.Theta, self.W_ft)
+            diag = tf.concat([tf.zeros([self.Theta.size], self.TW.dtype),
+                              tf.fill([self.W_ft.size], tf.cast(2.0 * self.alpha, self.TW.dtype))], 0)
+            self.K = HessianOperator(finetune_objective, finetune_data, self.TW, mode=hvp_mode, extra_diagonal=diag,
+                                     name="proximal finetuning Hessian (eq. 15)", _num_examples=n_ft)
+
+    @staticmethod
+    def _check_disjoint(a: ParameterGroup, b: ParameterGroup):
+        shared = {id(v) for v in a.tf_variables} & {id(v) for v in b.tf_variables}
+        if shared:
+            raise ParameterGroupError(f"parameter groups '{a.name}' and '{b.name}' share {len(shared)} variable(s)")
+
+    def test_vectors(self, test_data, test_target: str = "sum"):
+        """The test side of the score, solved once: ``s`` over (W, U) with ``I(z) = ∇g(z)·s``.
+
+        Case 1 — Algorithm 1 steps 1–4 with eq. 9's sign (see module docstring).
+
+        Case 2 — derivation of eq. 12–15 (eq. 12 repeats its second line with the wrong
+        left-hand side in the paper; this is what it must say). The approximated procedure is::
+
+            W̄, Ū   = argmin_{W,U} G(W, U) + ε g(z, W, U)
+            W*, Θ* = argmin_{W,Θ} α‖W − W̄‖² + F(W, Θ)
+
+        Differentiating the finetuning optimality conditions ``∇_Θ F = 0`` and
+        ``∇_W F + 2α (W − W̄) = 0`` in ε gives::
+
+            K [dΘ/dε; dW/dε] = [0; 2α dW̄/dε],   K = [[F_ΘΘ, F_ΘW], [F_WΘ, F_WW + 2αI]]
+
+        (eq. 15; the paper's matrix repeats F_ΘW in its first row and writes its transpose as F_ΘW),
+        and ``dW̄/dε = −[(∂²G)⁻¹ ∇g(z)]_W`` (eq. 14). With ``b = [∇_Θ f; ∇_W f]`` at (W*, Θ*),
+        eq. 13 gives ``I = bᵀ K⁻¹ [0; 2α dW̄/dε] = −(2α [K⁻¹ b]_W)ᵀ [(∂²G)⁻¹ ∇g(z)]_W``, so::
+
+            y = K⁻¹ b,  s = −(∂²G/∂(W,U)²)⁻¹ [2α y_W, 0],  I(z) = ∇g(z)·s
+
+        ``∂²G`` is taken at the pretrained (W̄, Ū) (the pretraining model's weights) and ``K`` at
+        the finetuned (W*, Θ*) (the finetuning model's weights).
+
+        Returns ``(s, solves, seconds)``.
+        """
+        t0 = time.perf_counter()
+        solves = {}
+        if self.case == "fixed":
+            b_T = test_gradients(self.f, test_data, self.Theta, test_target)
+            b_W = test_gradients(self.f, test_data, self.W_ft, test_target)
+            r1 = _solve(self.H_TT, b_T, self.finetune_solver, "IHVP 1 (∂²F/∂Θ²)", self.progress)
+            solves["finetune"] = r1.summary()
+            v_W = b_W - self.H_WT.matvec(r1.x)
+        else:
+            b = test_gradients(self.f, test_data, self.TW, test_target)
+            r1 = _solve(self.K, b, self.finetune_solver, "IHVP 1 (eq. 15 block)", self.progress)
+            solves["finetune"] = r1.summary()
+            y_W = tf.gather(r1.x, self.TW.slices(self.W_ft), axis=0)
+            v_W = 2.0 * self.alpha * y_W
+        zeros_U = tf.zeros([self.U.size] + ([] if v_W.shape.rank == 1 else [v_W.shape[1]]), v_W.dtype)
+        rhs = tf.concat([tf.cast(v_W, self.WU.dtype), tf.cast(zeros_U, self.WU.dtype)], axis=0)
+        r2 = _solve(self.H_G, rhs, self.pretrain_solver, "IHVP 2 (∂²G/∂(W,U)²)", self.progress)
+        solves["pretrain"] = r2.summary()
+        return -r2.x, solves, {"test_side": time.perf_counter() - t0}
+
+    def __call__(self, test_data, test_target: str = "sum", score_data=None) -> InfluenceResult:
+        """Scores of every pretraining example (or of ``score_data``) on the test target."""
+        s, solves, seconds = self.test_vectors(test_data, test_target)
+        t0 = time.perf_counter()
+        data = score_data if score_data is not None else self.pretrain_data
+        scores = score_examples(self.g, data, self.WU, s, progress=self.progress, name="pretraining data")
+        seconds["scoring"] = time.perf_counter() - t0
+        return InfluenceResult(scores, s, self.WU, self.num_pretrain, f"multi_stage_{self.case}", solves, seconds)
+
+
+def multi_stage_influence(pretrain_objective, pretrain_data, finetune_objective, finetune_data, test_data,
+                          embedding, test_target: str = "sum", **kwargs) -> InfluenceResult:
+    """Functional form of :class:`MultiStageInfluence` (see there for the arguments)."""
+    return MultiStageInfluence(pretrain_objective, pretrain_data, finetune_objective, finetune_data, embedding,
+                               **kwargs)(test_data, test_target)

@@ -1,0 +1,217 @@
+"""Parameter groups: named, ordered sets of Keras variables flattened into one vector.
+
+The multi-stage paper splits parameters into three groups:
+
+* ``W`` — the shared embedding (used by the pretraining and the finetuning model),
+* ``U`` — the pretraining head (only in the pretraining model),
+* ``Θ`` — the finetuning head (only in the finetuning model).
+
+Users name them by Keras layers or sub-models (``group_from_layers(model, ["embedding"])``).
+Every linear-algebra routine in this package works on *flat* vectors of a group (shape
+``[p]``) or on matrices of several flat vectors (shape ``[p, k]``); :class:`ParameterGroup`
+converts between that flat layout and the per-variable tensors that autodiff needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+
+class ParameterGroupError(ValueError):
+    """A parameter group cannot be built or does not match another group."""
+
+
+def tf_variable(v):
+    """The ``tf.Variable`` behind a Keras 3 variable (or ``v`` itself if it already is one).
+
+    Keras 3 variables are not ``tf.Variable`` instances; ``GradientTape.gradient`` and
+    ``ForwardAccumulator`` need the backing TensorFlow variable (see ENVIRONMENT.md).
+    """
+    inner = getattr(v, "value", None)
+    if isinstance(inner, tf.Variable):
+        return inner
+    if isinstance(v, tf.Variable):
+        return v
+    raise TypeError(f"{v!r} is neither a Keras variable with a TensorFlow backend nor a tf.Variable")
+
+
+@dataclass(frozen=True)
+class ParameterGroup:
+    """An ordered list of trainable variables treated as one flat parameter vector."""
+
+    name: str
+    variables: tuple
+
+    def __post_init__(self):
+        if len(self.variables) == 0:
+            raise ParameterGroupError(f"parameter group '{self.name}' is empty: it holds no variables")
+        ids = [id(tf_variable(v)) for v in self.variables]
+        if len(set(ids)) != len(ids):
+            raise ParameterGroupError(f"parameter group '{self.name}' lists a variable twice")
+
+    @property
+    def tf_variables(self) -> list:
+        return [tf_variable(v) for v in self.variables]
+
+    @property
+    def shapes(self) -> list:
+        return [tuple(tf_variable(v).shape) for v in self.variables]
+
+    @property
+    def sizes(self) -> list:
+        return [int(np.prod(s)) for s in self.shapes]
+
+    @property
+    def size(self) -> int:
+        return int(sum(self.sizes))
+
+    @property
+    def dtype(self):
+        return tf_variable(self.variables[0]).dtype
+
+    @property
+    def variable_names(self) -> list:
+        return [getattr(v, "path", None) or tf_variable(v).name for v in self.variables]
+
+    def flatten(self, tensors: Sequence) -> tf.Tensor:
+        """Concatenate per-variable tensors (e.g. gradients) into one ``[p]`` vector.
+
+        ``None`` entries (a variable the loss does not depend on) become zeros.
+        """
+        parts = []
+        for t, shape in zip(tensors, self.shapes):
+            if t is None:
+                t = tf.zeros(shape, dtype=self.dtype)
+            parts.append(tf.reshape(tf.convert_to_tensor(t), [-1]))
+        return tf.concat(parts, axis=0)
+
+    def flatten_batched(self, tensors: Sequence) -> tf.Tensor:
+        """Per-variable tensors with a leading batch axis ``[B, *shape]`` → ``[B, p]``."""
+        parts = []
+        batch = None
+        for t in tensors:
+            if t is not None:
+                batch = tf.shape(t)[0]
+                break
+        for t, shape in zip(tensors, self.shapes):
+            if t is None:
+                t = tf.zeros(tf.concat([[batch], shape], 0), dtype=self.dtype)
+            parts.append(tf.reshape(t, [tf.shape(t)[0], -1]))
+        return tf.concat(parts, axis=1)
+
+    def unflatten(self, vector) -> list:
+        """A ``[p]`` vector → list of tensors shaped like the variables."""
+        vector = tf.convert_to_tensor(vector)
+        pieces = tf.split(vector, self.sizes, axis=0)
+        return [tf.reshape(piece, shape) for piece, shape in zip(pieces, self.shapes)]
+
+    def values(self) -> tf.Tensor:
+        """Current variable values as one flat vector."""
+        return self.flatten([tf_variable(v) for v in self.variables])
+
+    def assign(self, vector) -> None:
+        """Write a flat vector back into the variables."""
+        for var, piece in zip(self.variables, self.unflatten(vector)):
+            tf_variable(var).assign(tf.cast(piece, tf_variable(var).dtype))
+
+    def slices(self, other: "ParameterGroup") -> list:
+        """Index positions of ``other``'s variables inside this group's flat vector.
+
+        Raises :class:`ParameterGroupError` if ``other`` is not a subset of this group.
+        """
+        offsets, start = {}, 0
+        for v, n in zip(self.variables, self.sizes):
+            offsets[id(tf_variable(v))] = (start, n)
+            start += n
+        idx = []
+        for v in other.variables:
+            key = id(tf_variable(v))
+            if key not in offsets:
+                raise ParameterGroupError(
+                    f"variable {getattr(v, 'path', v)} of group '{other.name}' is not in group '{self.name}'")
+            s, n = offsets[key]
+            idx.extend(range(s, s + n))
+        return idx
+
+
+def concat_groups(name: str, *groups: ParameterGroup) -> ParameterGroup:
+    """One group holding the variables of ``groups`` in order (e.g. ``(W, U)`` of eq. 9)."""
+    variables = []
+    for g in groups:
+        variables.extend(g.variables)
+    return ParameterGroup(name, tuple(variables))
+
+
+def _all_layers(model) -> list:
+    """Every layer reachable from ``model`` (depth first, including nested sub-models)."""
+    seen, out, stack = set(), [], list(getattr(model, "layers", []))[::-1]
+    while stack:
+        layer = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        out.append(layer)
+        stack.extend(list(getattr(layer, "layers", []))[::-1])
+    return out
+
+
+def find_layer(model, name: str):
+    """The layer (or sub-model) called ``name`` anywhere inside ``model``.
+
+    Raises :class:`ParameterGroupError` naming the missing layer and listing what exists.
+    """
+    for layer in _all_layers(model):
+        if layer.name == name:
+            return layer
+    available = sorted({layer.name for layer in _all_layers(model)})
+    raise ParameterGroupError(
+        f"model '{model.name}' has no layer named '{name}'; its layers are: {', '.join(available)}")
+
+
+def group_from_layers(model, layer_names: Iterable[str], name: str | None = None,
+                      trainable_only: bool = True) -> ParameterGroup:
+    """Group of the variables of the named layers / sub-models of ``model``.
+
+    Variables keep the order in which ``model.trainable_variables`` lists them, so the
+    same layers give the same flat layout in every model that shares them.
+    """
+    layer_names = [layer_names] if isinstance(layer_names, str) else list(layer_names)
+    if not layer_names:
+        raise ParameterGroupError("no layer names given for the parameter group")
+    wanted = set()
+    for lname in layer_names:
+        layer = find_layer(model, lname)
+        weights = layer.trainable_weights if trainable_only else layer.weights
+        if not weights:
+            raise ParameterGroupError(
+                f"layer '{lname}' of model '{model.name}' has no {'trainable ' if trainable_only else ''}"
+                "variables (is the model built, and is the layer trainable?)")
+        wanted.update(id(tf_variable(v)) for v in weights)
+    pool = model.trainable_variables if trainable_only else model.variables
+    ordered = [v for v in pool if id(tf_variable(v)) in wanted]
+    return ParameterGroup(name or "+".join(layer_names), tuple(ordered))
+
+
+def complement_group(model, *exclude: ParameterGroup, name: str = "rest") -> ParameterGroup:
+    """All trainable variables of ``model`` not in any of ``exclude`` (e.g. U = pretrain − W)."""
+    excluded = {id(tf_variable(v)) for g in exclude for v in g.variables}
+    rest = [v for v in model.trainable_variables if id(tf_variable(v)) not in excluded]
+    if not rest:
+        raise ParameterGroupError(
+            f"model '{model.name}' has no trainable variables outside group(s) "
+            f"{', '.join(g.name for g in exclude)}; the head group '{name}' would be empty")
+    return ParameterGroup(name, tuple(rest))
+
+
+def check_groups_match(a: ParameterGroup, b: ParameterGroup) -> None:
+    """Raise if two groups (e.g. W in the pretrain and in the finetune model) differ in layout."""
+    if a.shapes != b.shapes:
+        raise ParameterGroupError(
+            f"parameter groups '{a.name}' and '{b.name}' do not match: shapes {a.shapes} vs {b.shapes}")
+    if a.dtype != b.dtype:
+        raise ParameterGroupError(
+            f"parameter groups '{a.name}' and '{b.name}' differ in dtype: {a.dtype.name} vs {b.dtype.name}")

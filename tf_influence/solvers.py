@@ -1,0 +1,270 @@
+"""Inverse Hessian-vector product solvers.
+
+Every solver takes a symmetric linear operator ``H`` (anything with ``matvec([p, k]) -> [p, k]``
+and ``shape``, e.g. :class:`~tf_influence.hvp.HessianOperator`, or a dense matrix) and one or
+several right-hand sides ``B`` (``[p]`` or ``[p, k]``), and returns a :class:`SolveResult`.
+
+* ``cg``          — conjugate gradients on ``(H + λI) x = b`` (``H`` positive definite).
+* ``cg_squared``  — the paper's eq. 16: CG on ``(H² + λI) x = H b``. ``H²`` is positive
+  (semi)definite even when ``H`` is indefinite (training stopped short of a minimum), so CG
+  applies; for ``λ → 0`` and invertible ``H`` the solution is ``H⁻¹ b``.
+* ``lissa``       — the stochastic-free LiSSA recursion ``x_{j+1} = b + (I − (H + λI)/s) x_j``,
+  result ``x / s`` (Agarwal et al. 2017, as used by Koh & Liang); needs ``s > λ_max(H) + λ``.
+* ``dense``       — builds ``H`` explicitly and calls ``numpy.linalg.solve``; refuses above
+  ``max_params``. ``squared=True`` solves the eq. 16 system densely.
+* ``identity``    — replaces ``H⁻¹`` by ``I`` (the paper's identity-Hessian baseline).
+
+Residuals are relative: ``‖A x − r‖ / ‖r‖`` of the system actually solved (``A = H + λI``,
+``r = b`` for cg / lissa / dense; ``A = H² + λI``, ``r = H b`` for cg_squared). A solve whose
+residual exceeds ``tol`` warns with :class:`SolverNotConvergedWarning`, or raises
+:class:`SolverNotConvergedError` with ``on_nonconvergence="raise"``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import tensorflow as tf
+
+from .objective import NonFiniteError
+
+
+class SolverNotConvergedError(RuntimeError):
+    """An iterative solve stopped above its tolerance and the caller asked to raise."""
+
+
+class SolverNotConvergedWarning(UserWarning):
+    """An iterative solve stopped above its tolerance."""
+
+
+@dataclass
+class SolveResult:
+    """Solution ``x`` (same shape as the right-hand side) and diagnostics."""
+
+    x: tf.Tensor
+    method: str
+    iterations: int
+    relative_residual: np.ndarray  # one value per right-hand side
+    converged: bool
+    damping: float
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {"method": self.method, "iterations": int(self.iterations),
+                "max_relative_residual": float(np.max(self.relative_residual)) if self.relative_residual.size else 0.0,
+                "converged": bool(self.converged), "damping": float(self.damping), **self.extra}
+
+
+class DenseOperator:
+    """Wrap an explicit symmetric matrix as an operator (tests, tiny models)."""
+
+    def __init__(self, matrix, name: str = "dense matrix"):
+        self.matrix = tf.convert_to_tensor(matrix)
+        self.shape = tuple(self.matrix.shape)
+        self.dtype = self.matrix.dtype
+        self.name = name
+
+    def matvec(self, v):
+        v = tf.cast(v, self.dtype)
+        return tf.linalg.matvec(self.matrix, v) if v.shape.rank == 1 else self.matrix @ v
+
+    def to_dense(self, max_params: int = 4096):
+        return self.matrix.numpy()
+
+
+def _prepare(op, b, dtype):
+    b = tf.convert_to_tensor(b)
+    was_vector = b.shape.rank == 1
+    B = b[:, None] if was_vector else b
+    if B.shape.rank != 2 or B.shape[0] != op.shape[1]:
+        raise ValueError(f"right-hand side has shape {tuple(b.shape)}, operator {getattr(op, 'name', '')} "
+                         f"expects {op.shape[1]} rows")
+    if not bool(tf.reduce_all(tf.math.is_finite(B))):
+        raise NonFiniteError(f"right-hand side of the solve with {getattr(op, 'name', 'operator')} has NaN/Inf")
+    op_dtype = getattr(op, "dtype", B.dtype)
+    compute = tf.as_dtype(dtype) if dtype is not None else tf.as_dtype(op_dtype)
+
+    def apply(V):
+        return tf.cast(op.matvec(tf.cast(V, op_dtype)), compute)
+
+    return tf.cast(B, compute), was_vector, apply, op_dtype
+
+
+def _finish(X, was_vector, out_dtype, method, iters, res, tol, damping, on_nonconvergence, name, extra=None):
+    res = np.asarray(res, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(res)) or not bool(tf.reduce_all(tf.math.is_finite(X))):
+        raise NonFiniteError(f"{method} solve with {name} produced NaN/Inf (is the operator finite?)")
+    converged = bool(np.all(res <= tol))
+    if not converged:
+        msg = (f"{method} with {name} did not converge: relative residual {res.max():.3e} > tol {tol:.1e} "
+               f"after {iters} iterations (damping {damping:g}); increase max_iter or damping")
+        if on_nonconvergence == "raise":
+            raise SolverNotConvergedError(msg)
+        if on_nonconvergence == "warn":
+            warnings.warn(msg, SolverNotConvergedWarning, stacklevel=3)
+    X = tf.cast(X, out_dtype)
+    return SolveResult(X[:, 0] if was_vector else X, method, iters, res, converged, damping, extra or {})
+
+
+def _col_norms(M):
+    return tf.sqrt(tf.reduce_sum(M * M, axis=0))
+
+
+def _batched_cg(apply_A, R0, tol, max_iter, progress=None):
+    """CG on an SPD operator for each column of R0 (independent step sizes per column).
+
+    Returns (X, iterations, relative residual per column)."""
+    X = tf.zeros_like(R0)
+    bnorm = _col_norms(R0)
+    safe = tf.where(bnorm > 0, bnorm, tf.ones_like(bnorm))
+    R = tf.identity(R0)
+    P = tf.identity(R0)
+    rs = tf.reduce_sum(R * R, axis=0)
+    it = 0
+    rel = _col_norms(R) / safe
+    while it < max_iter and bool(tf.reduce_any(rel > tol)):
+        active = tf.cast(rel > tol, R0.dtype)
+        AP = apply_A(P)
+        pAp = tf.reduce_sum(P * AP, axis=0)
+        if bool(tf.reduce_any((pAp <= 0) & (active > 0))):
+            raise np.linalg.LinAlgError(
+                "CG met a non-positive curvature pᵀAp ≤ 0: the system is not positive definite; "
+                "use solver='cg_squared' (eq. 16) or increase damping")
+        alpha = tf.where(active > 0, rs / tf.where(pAp > 0, pAp, tf.ones_like(pAp)), tf.zeros_like(rs))
+        X = X + alpha * P
+        R = R - alpha * AP
+        rs_new = tf.reduce_sum(R * R, axis=0)
+        beta = tf.where(rs > 0, rs_new / tf.where(rs > 0, rs, tf.ones_like(rs)), tf.zeros_like(rs))
+        P = R + beta * P
+        rs = rs_new
+        it += 1
+        rel = _col_norms(R) / safe
+        if progress is not None:
+            progress(it, float(tf.reduce_max(rel)))
+    # true residual (the recursive one drifts in float32)
+    true_rel = _col_norms(apply_A(X) - R0) / safe
+    return X, it, true_rel.numpy()
+
+
+def cg(op, b, damping: float = 0.0, tol: float = 1e-6, max_iter: int = 200, dtype=None,
+       on_nonconvergence: str = "warn", progress=None) -> SolveResult:
+    """Conjugate gradients on ``(H + λI) x = b`` for positive-definite ``H + λI``."""
+    B, was_vector, apply, out_dtype = _prepare(op, b, dtype)
+    X, it, res = _batched_cg(lambda V: apply(V) + damping * V, B, tol, max_iter, progress)
+    return _finish(X, was_vector, out_dtype, "cg", it, res, tol, damping, on_nonconvergence,
+                   getattr(op, "name", "operator"))
+
+
+def cg_squared(op, b, damping: float = 0.0, tol: float = 1e-6, max_iter: int = 200, dtype=None,
+               on_nonconvergence: str = "warn", progress=None) -> SolveResult:
+    """The paper's eq. 16: CG on ``(H² + λI) x = H b``; works for indefinite symmetric ``H``."""
+    B, was_vector, apply, out_dtype = _prepare(op, b, dtype)
+    HB = apply(B)
+    X, it, res = _batched_cg(lambda V: apply(apply(V)) + damping * V, HB, tol, max_iter, progress)
+    return _finish(X, was_vector, out_dtype, "cg_squared", it, res, tol, damping, on_nonconvergence,
+                   getattr(op, "name", "operator"))
+
+
+def lissa(op, b, damping: float = 0.0, scale: float | None = None, tol: float = 1e-6, max_iter: int = 1000,
+          dtype=None, on_nonconvergence: str = "warn", progress=None, check_every: int = 10) -> SolveResult:
+    """LiSSA: ``x_{j+1} = b + (I − (H + λI)/s) x_j``, ``x = x_J / s``.
+
+    Converges when ``0 < λ_min(H)+λ`` and ``λ_max(H)+λ < 2s``. ``scale=None`` estimates
+    ``λ_max`` by 20 power iterations and uses ``s = 1.1 (λ_max + λ)``.
+    """
+    B, was_vector, apply, out_dtype = _prepare(op, b, dtype)
+    A = lambda V: apply(V) + damping * V  # noqa: E731
+    if scale is None:
+        v = tf.random.stateless_normal([B.shape[0], 1], seed=[0, 1], dtype=B.dtype)
+        lam = tf.constant(1.0, B.dtype)
+        for _ in range(20):
+            w = A(v)
+            lam = tf.norm(w)
+            v = w / tf.where(lam > 0, lam, tf.ones_like(lam))
+        scale = 1.1 * float(lam)
+    bnorm = _col_norms(B)
+    safe = tf.where(bnorm > 0, bnorm, tf.ones_like(bnorm))
+    H = tf.identity(B)
+    it, rel = 0, np.full(B.shape[1], np.inf)
+    while it < max_iter:
+        H = B + H - A(H) / scale
+        it += 1
+        if it % check_every == 0 or it == max_iter:
+            rel = (_col_norms(A(H / scale) - B) / safe).numpy()
+            if progress is not None:
+                progress(it, float(rel.max()))
+            if np.all(rel <= tol):
+                break
+    return _finish(H / scale, was_vector, out_dtype, "lissa", it, rel, tol, damping, on_nonconvergence,
+                   getattr(op, "name", "operator"), {"scale": float(scale)})
+
+
+def dense(op, b, damping: float = 0.0, squared: bool = False, max_params: int = 4096, dtype=tf.float64,
+          on_nonconvergence: str = "warn", tol: float = 1e-6, **_ignored) -> SolveResult:
+    """Exact solve with the explicit matrix (``np.linalg.solve``); refuses above ``max_params``."""
+    p = op.shape[0]
+    if p > max_params:
+        raise ValueError(f"dense solver refuses a {p}×{p} system (max_params={max_params}); "
+                         "use solver='cg', 'cg_squared' or 'lissa'")
+    B, was_vector, _, out_dtype = _prepare(op, b, tf.float64)
+    Hm = np.asarray(op.to_dense(max_params=max_params), dtype=np.float64)
+    Hm = 0.5 * (Hm + Hm.T)
+    Bn = B.numpy()
+    if squared:
+        A, R = Hm @ Hm + damping * np.eye(p), Hm @ Bn
+    else:
+        A, R = Hm + damping * np.eye(p), Bn
+    try:
+        X = np.linalg.solve(A, R)
+    except np.linalg.LinAlgError as err:
+        raise np.linalg.LinAlgError(f"dense solve with {getattr(op, 'name', 'operator')} failed: {err}; "
+                                    "add damping") from None
+    rnorm = np.linalg.norm(R, axis=0)
+    res = np.linalg.norm(A @ X - R, axis=0) / np.where(rnorm > 0, rnorm, 1.0)
+    return _finish(tf.constant(X), was_vector, out_dtype, "dense_squared" if squared else "dense", 1, res,
+                   max(tol, 1e-8), damping, on_nonconvergence, getattr(op, "name", "operator"))
+
+
+def identity(op, b, damping: float = 0.0, **_ignored) -> SolveResult:
+    """``H⁻¹ ≈ I``: the paper's identity-Hessian baseline (Section 4.1, Figure 3)."""
+    b = tf.convert_to_tensor(b)
+    k = 1 if b.shape.rank == 1 else b.shape[1]
+    return SolveResult(b, "identity", 0, np.zeros(k), True, 0.0)
+
+
+SOLVERS = {"cg": cg, "cg_squared": cg_squared, "lissa": lissa, "dense": dense, "identity": identity,
+           "dense_squared": lambda op, b, **kw: dense(op, b, squared=True, **kw)}
+
+
+@dataclass
+class SolverConfig:
+    """How to invert one Hessian: solver name, damping λ and solver options."""
+
+    method: str = "cg_squared"
+    damping: float = 1e-2
+    tol: float = 1e-5
+    max_iter: int = 200
+    dtype: object = None
+    on_nonconvergence: str = "warn"
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.method not in SOLVERS:
+            raise ValueError(f"unknown solver '{self.method}'; choose one of {sorted(SOLVERS)}")
+        if self.on_nonconvergence not in ("warn", "raise", "ignore"):
+            raise ValueError("on_nonconvergence must be 'warn', 'raise' or 'ignore'")
+        if self.damping < 0:
+            raise ValueError(f"damping must be ≥ 0, got {self.damping}")
+
+
+def solve(op, b, config: SolverConfig | None = None, progress=None) -> SolveResult:
+    """Solve with the solver a :class:`SolverConfig` names."""
+    config = config or SolverConfig()
+    fn = SOLVERS[config.method]
+    kwargs = dict(damping=config.damping, tol=config.tol, on_nonconvergence=config.on_nonconvergence,
+                  **config.options)
+    if config.method in ("cg", "cg_squared", "lissa"):
+        kwargs.update(max_iter=config.max_iter, dtype=config.dtype, progress=progress)
+    return fn(op, b, **kwargs)
