@@ -26,5 +26,8 @@ demo: install
 bench: install
 	$(PY) -m benchmarks.engine --out reports/benchmarks/engine.json
 
+bazel-test: install
+	tools/bazel_offline.sh //:all
+
 clean:
 	rm -rf $(VENV) reports .pytest_cache

@@ -3,6 +3,10 @@
 The library does not import TFX; TFX shells live in ``tfx_components/``.
 """
 
+import os as _os
+
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # hide TensorFlow's C++ info/warning chatter unless asked
+
 from .baselines import identity_hessian_influence, pretraining_loss_scores
 from .gradients import mean_gradient, per_example_dot, per_example_gradients, per_example_losses, \
     stack_per_example_gradients

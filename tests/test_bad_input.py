@@ -1,0 +1,114 @@
+"""Bad input gets a clear error naming the problem."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_influence as tfi
+from tests import helpers as h
+
+
+@pytest.fixture(scope="module")
+def m():
+    rng = np.random.default_rng(0)
+    pre, ft, emb = h.two_stage_mlps()
+    return dict(pre=pre, ft=ft, xp=rng.normal(size=(12, 5)), yp=rng.integers(0, 3, 12),
+                xf=rng.normal(size=(10, 5)), yf=rng.integers(0, 2, 10))
+
+
+def ms(m, xp=None, xf=None, **kw):
+    xp = m["xp"] if xp is None else xp
+    xf = m["xf"] if xf is None else xf
+    return tfi.MultiStageInfluence(tfi.Objective(m["pre"], h.sce()), h.dataset(xp, m["yp"][:len(xp)]),
+                                   tfi.Objective(m["ft"], h.sce()), h.dataset(xf, m["yf"][:len(xf)]),
+                                   **{"embedding": ["embedding"], "pretrain_hessian_samples": None, **kw})
+
+
+def test_missing_layer_is_named(m):
+    with pytest.raises(tfi.ParameterGroupError, match="no layer named 'encoder'.*embedding"):
+        tfi.group_from_layers(m["pre"], ["encoder"])
+    with pytest.raises(tfi.ParameterGroupError, match="no layer named 'encoder'"):
+        ms(m, embedding=["encoder"])
+    with pytest.raises(tfi.ParameterGroupError, match="no layer named 'head'"):
+        ms(m, finetune_head=["head"])
+
+
+def test_nested_layers_are_found(m):
+    g = tfi.group_from_layers(m["pre"], ["emb_dense"])  # inside the `embedding` sub-model
+    assert g.size == 5 * 3 + 3
+
+
+def test_mismatched_groups(m):
+    W = tfi.group_from_layers(m["pre"], ["embedding"])
+    T = tfi.group_from_layers(m["ft"], ["theta"])
+    with pytest.raises(tfi.ParameterGroupError, match="do not match"):
+        ms(m, embedding=(W, T))
+    with pytest.raises(tfi.ParameterGroupError, match="share"):
+        ms(m, pretrain_head=["embedding", "U"])
+    with pytest.raises(tfi.ParameterGroupError, match="empty"):
+        tfi.ParameterGroup("nothing", ())
+    with pytest.raises(tfi.ParameterGroupError, match="not in group"):
+        W.slices(T)
+
+
+def test_nan_losses(m):
+    bad = m["xp"].copy()
+    bad[3, 1] = np.nan
+    obj = tfi.Objective(m["pre"], h.sce())
+    g = tfi.ParameterGroup("all", tuple(m["pre"].trainable_variables))
+    ds = h.dataset(bad, m["yp"])
+    with pytest.raises(tfi.NonFiniteError, match="NaN or Inf"):
+        tfi.HessianOperator(obj, ds, g).matvec(np.ones(g.size))
+    with pytest.raises(tfi.NonFiniteError):
+        list(tfi.per_example_gradients(obj, ds, g))
+    with pytest.raises(tfi.NonFiniteError):
+        tfi.mean_gradient(obj, ds, g)
+    with pytest.raises(tfi.NonFiniteError):
+        tfi.per_example_dot(obj, ds, g, np.ones(g.size))
+    with pytest.raises(tfi.NonFiniteError):
+        ms(m, xp=bad)(h.dataset(m["xf"], m["yf"]))
+
+
+def test_empty_datasets(m):
+    obj = tfi.Objective(m["pre"], h.sce())
+    g = tfi.ParameterGroup("all", tuple(m["pre"].trainable_variables))
+    empty = h.dataset(m["xp"][:0], m["yp"][:0])
+    with pytest.raises(tfi.EmptyDatasetError, match="empty"):
+        tfi.HessianOperator(obj, empty, g)
+    with pytest.raises(tfi.EmptyDatasetError, match="pretraining data is empty"):
+        ms(m, xp=m["xp"][:0])
+    with pytest.raises(tfi.EmptyDatasetError, match="finetuning data is empty"):
+        ms(m, xf=m["xf"][:0])
+    with pytest.raises(tfi.EmptyDatasetError, match="test data is empty"):
+        ms(m)(h.dataset(m["xf"][:0], m["yf"][:0]))
+    with pytest.raises(tfi.EmptyDatasetError):
+        list(tfi.per_example_gradients(obj, empty, g))
+
+
+def test_wrong_dataset_layout(m):
+    obj = tfi.Objective(m["pre"], h.sce())
+    g = tfi.ParameterGroup("all", tuple(m["pre"].trainable_variables))
+    with pytest.raises(ValueError, match=r"\(features, labels\) pairs"):
+        tfi.mean_gradient(obj, tf.data.Dataset.from_tensor_slices(m["xp"]).batch(4), g)
+
+
+def test_bad_arguments(m):
+    with pytest.raises(ValueError, match="case must be"):
+        ms(m, case="frozen")
+    with pytest.raises(ValueError, match="alpha > 0"):
+        ms(m, case="updated", alpha=0.0)
+    with pytest.raises(ValueError, match="test_target"):
+        ms(m)(h.dataset(m["xf"], m["yf"]), test_target="max")
+    with pytest.raises(ValueError, match="unknown HVP mode"):
+        tfi.HessianOperator(tfi.Objective(m["pre"], h.sce()), h.dataset(m["xp"], m["yp"]),
+                            tfi.ParameterGroup("all", tuple(m["pre"].trainable_variables)), mode="fd")
+
+
+def test_nonconverging_solver_raises_with_residual(m):
+    cfg = tfi.SolverConfig("cg_squared", damping=0.0, tol=1e-14, max_iter=2, on_nonconvergence="raise")
+    with pytest.raises(tfi.SolverNotConvergedError, match="relative residual"):
+        ms(m, pretrain_solver=cfg)(h.dataset(m["xf"], m["yf"]))
+    with pytest.warns(tfi.SolverNotConvergedWarning):
+        ms(m, pretrain_solver=tfi.SolverConfig("cg_squared", damping=0.0, tol=1e-14, max_iter=2))(
+            h.dataset(m["xf"], m["yf"]))
