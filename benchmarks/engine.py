@@ -46,9 +46,11 @@ def main(argv=None):
     ap.add_argument("--cg-iters", type=int, default=50)
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import numpy as np
     import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
 
     import tf_influence as tfi
     from tf_influence import digits

@@ -30,10 +30,12 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
     import numpy as np
     import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
     import keras
 
     import tf_influence as tfi
