@@ -1,0 +1,488 @@
+"""Reproduction of the multi-stage paper's experiments on the embedded digits data.
+
+    python -m tf_influence.reproduce [--quick] [--only case1_fixed,cleansing,...] [--out reports/reproduction]
+
+Writes ``<out>/results.json`` (one object per experiment; keys below), ``<out>/report.md``
+(paper value vs ours, with wall times) and one PNG per figure. Leave-one-out results are
+cached in ``<out>/loo_cache.json`` so a rerun only recomputes what changed.
+
+Experiments (keys of results.json):
+
+* ``case1_fixed`` — Section 4.1, embedding fixed: Pearson / Spearman between predicted and
+  leave-one-out loss differences over the 100 largest-|score| pretraining examples (Figure 2a).
+* ``case2_updated`` — the same with the embedding finetuned, α = 0.01 (Figure 2b).
+* ``identity_baseline`` — every inverse Hessian replaced by I, on case 1's examples (Figure 2c).
+* ``loss_baseline`` — pretraining loss as the score, on case 1's examples (rebuttal).
+* ``cleansing`` — Section 4.2: drop the top 10 % positive-score pretraining examples, retrain
+  both stages; finetune test accuracy vs the original and vs dropping a random 10 % (seeds).
+* ``task_similarity`` — Section 4.3: mean |score| with the finetuning task equal to the
+  pretraining task vs a different task.
+* ``finetune_size`` — Section 4.4: mean |score| with n vs 3n finetuning examples and steps.
+* ``cross_task`` — rebuttal: scores computed for finetune task (4, 5, 6), correlated with the
+  leave-one-out loss differences of finetune task (7, 8, 9).
+* ``figure3`` — misclassified finetune test images next to the pretraining image with the
+  largest positive score (Figure 3/4 of the paper).
+
+The leave-one-out protocol and why it uses gradient-descent continuation are documented in
+:class:`ReproConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+
+EXPERIMENTS = ("case1_fixed", "case2_updated", "identity_baseline", "loss_baseline", "cleansing",
+               "task_similarity", "finetune_size", "cross_task", "figure3")
+
+PAPER = {  # what the paper (MNIST unless noted) and its rebuttal report
+    "case1_fixed": "r = 0.6 (MNIST; CIFAR similar)",
+    "case2_updated": "r = 0.40–0.46 (CIFAR)",
+    "identity_baseline": "r = 0.17 (MNIST)",
+    "loss_baseline": "r = 0.10 (MNIST), 0.09 (CIFAR)",
+    "cleansing": "58.15 % → 58.36 % (drop top 10 %), 58.08 % (drop random 10 %) (CIFAR)",
+    "task_similarity": "mean \\|score\\| 0.055 (same task) vs 0.025 (different task) (CIFAR)",
+    "finetune_size": "mean \\|score\\| larger with n than with 3n (0.15 for 3n) (CIFAR)",
+    "cross_task": "r = 0.13 (MNIST 4-5-6 → 7-8-9)",
+    "figure3": "misclassified test images traced to low-quality pretraining images",
+}
+
+
+@dataclass
+class ReproConfig:
+    """Sizes and hyper-parameters. Defaults are the full run; :meth:`quick` the CI run.
+
+    Original models are trained to convergence with full-batch Adam (the paper: Adam, "trained
+    to converge"), with a small L2 penalty so that an optimum exists. The leave-one-out
+    protocol continues training from those weights with full-batch **gradient descent**:
+    restarting Adam at an optimum takes sign-like steps of size ``lr`` in every coordinate,
+    a perturbation far larger than removing one of 576 examples, and the correlation dropped
+    from ≈0.78 to ≈0.5 in our measurements when we used it (README, "Reproduction").
+    """
+
+    dataset: str = "sklearn_digits"
+    data_dir: str | None = None
+    n_finetune: int = 400
+    n_loo: int = 100
+    l2: float = 1e-4
+    init_steps: int = 1500            # full-batch Adam steps to train the original models
+    init_lr: float = 1e-2
+    loo_steps: int = 500              # gradient-descent continuation steps per stage
+    loo_lr: float = 0.1
+    case2_finetune_steps: int = 300   # case 2 re-runs finetuning of (W, Θ) from Θ₀ with Adam
+    case2_finetune_lr: float = 1e-2
+    alpha: float = 0.01
+    damping_pretrain: float = 1e-3
+    damping_finetune: float = 1e-6
+    cg_iters: int = 300
+    hessian_samples: int | None = None  # all 576 pretraining examples (the paper samples 1,000 of ~24k)
+    seeds: tuple = (0, 1, 2, 3, 4)      # cleansing
+    seed: int = 0
+    quick: bool = False
+
+    @classmethod
+    def quick_config(cls, **kw):
+        return cls(n_finetune=200, n_loo=8, init_steps=400, loo_steps=50, case2_finetune_steps=100, cg_iters=50,
+                   seeds=(0,), quick=True, **kw)
+
+
+def _setup_tf():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import tensorflow as tf
+    tf.get_logger().setLevel("ERROR")
+    tf.config.experimental.enable_op_determinism()
+    return tf
+
+
+class Repro:
+    """Shared state of one reproduction run (data, trained models, caches)."""
+
+    def __init__(self, cfg: ReproConfig, out_dir: str, progress: bool = True):
+        self.tf = _setup_tf()
+        import numpy as np
+
+        import tf_influence as tfi
+        from tf_influence import data as data_mod
+        from tf_influence import loo, models, training
+        self.np, self.tfi, self.data_mod, self.loo, self.models, self.training = np, tfi, data_mod, loo, models, training
+        self.cfg, self.out, self.progress = cfg, out_dir, progress
+        os.makedirs(out_dir, exist_ok=True)
+        self.cache = loo.LOOCache(os.path.join(out_dir, "loo_cache.json"))
+        self._main = {}
+
+    # -- data and models ---------------------------------------------------------------------------
+    def data(self, finetune_classes=None, n_finetune=None, pretrain_classes=None, seed=None):
+        return self.data_mod.load_two_stage(
+            self.cfg.dataset, pretrain_classes or self.data_mod.PRETRAIN_CLASSES,
+            finetune_classes or self.data_mod.FINETUNE_CLASSES,
+            n_finetune=n_finetune if n_finetune is not None else min(self.cfg.n_finetune, 861),
+            seed=self.cfg.seed if seed is None else seed, data_dir=self.cfg.data_dir)
+
+    def _trainer(self, model, x, y, group, steps, lr):
+        t = self.training.WeightedTrainer(self.tfi.Objective(model, self.models.sparse_ce()), x, y, group, "adam",
+                                          lr)
+        t.run(steps)
+
+    def train_pretrain(self, d, seed, weights=None):
+        """Pretraining model (W, U) trained to convergence; returns (pre, ft, emb) with a shared embedding."""
+        pre, ft, emb = self.models.build_two_stage_models(d.x_pre.shape[1:], len(d.pretrain_classes),
+                                                          len(d.finetune_classes), seed=seed, l2=self.cfg.l2)
+        t = self.training.WeightedTrainer(self.tfi.Objective(pre, self.models.sparse_ce()), d.x_pre, d.y_pre,
+                                          self.tfi.ParameterGroup("(W,U)", tuple(pre.trainable_variables)), "adam",
+                                          self.cfg.init_lr)
+        t.run(self.cfg.init_steps, weights)
+        return pre, ft, emb
+
+    def finetune_fixed(self, ft, d, steps=None):
+        W = self.tfi.group_from_layers(ft, ["embedding"])
+        self._trainer(ft, d.x_ft, d.y_ft, self.tfi.complement_group(ft, W), steps or self.cfg.init_steps,
+                      self.cfg.init_lr)
+
+    def finetune_updated(self, pre, d, seed, steps=None):
+        """Separate finetuning model: embedding copied from ``pre`` (W̄), head Θ₀ seeded; trains (W, Θ).
+
+        Returns (ft, theta0)."""
+        _, ft, emb = self.models.build_two_stage_models(d.x_pre.shape[1:], len(d.pretrain_classes),
+                                                        len(d.finetune_classes), seed=seed + 1000, l2=self.cfg.l2)
+        for dst, src in zip(emb.weights, self.tfi.group_from_layers(pre, ["embedding"]).variables):
+            dst.assign(src)
+        W = self.tfi.group_from_layers(ft, ["embedding"])
+        theta0 = [v.numpy().copy() for v in self.tfi.complement_group(ft, W).tf_variables]
+        self._trainer(ft, d.x_ft, d.y_ft, self.tfi.ParameterGroup("all", tuple(ft.trainable_variables)),
+                      steps or self.cfg.case2_finetune_steps, self.cfg.case2_finetune_lr)
+        return ft, theta0
+
+    def influence(self, pre, ft, d, case, test_target="sum", x_test=None, y_test=None, identity=False):
+        tf, tfi = self.tf, self.tfi
+        pre_ds, ft_ds, test_ds = d.datasets()
+        if x_test is not None:
+            test_ds = tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(256)
+        mk = lambda lam: tfi.SolverConfig("cg_squared", damping=lam, max_iter=self.cfg.cg_iters,  # noqa: E731
+                                          dtype=tf.float64, tol=1e-5)
+        kw = dict(embedding=["embedding"], case=case, alpha=self.cfg.alpha, pretrain_solver=mk(self.cfg.damping_pretrain),
+                  finetune_solver=mk(self.cfg.damping_finetune), pretrain_hessian_samples=self.cfg.hessian_samples,
+                  progress=self.progress)
+        pre_obj, ft_obj = tfi.Objective(pre, self.models.sparse_ce()), tfi.Objective(ft, self.models.sparse_ce())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", tfi.SolverNotConvergedWarning)
+            if identity:
+                return tfi.identity_hessian_influence(pre_obj, pre_ds, ft_obj, ft_ds, test_ds, test_target=test_target,
+                                                      **kw)
+            return tfi.multi_stage_influence(pre_obj, pre_ds, ft_obj, ft_ds, test_ds, test_target=test_target, **kw)
+
+    def retrainer(self, pre, ft, d, case, theta0=None):
+        c = self.cfg
+        if case == "fixed":
+            protocol = self.loo.RetrainProtocol(case="fixed", pretrain_steps=c.loo_steps, finetune_steps=c.loo_steps,
+                                                pretrain_lr=c.loo_lr, finetune_lr=c.loo_lr, optimizer="sgd")
+        else:
+            protocol = self.loo.RetrainProtocol(case="updated", pretrain_steps=c.loo_steps, pretrain_lr=c.loo_lr,
+                                                optimizer="sgd", finetune_optimizer="adam",
+                                                finetune_steps=c.case2_finetune_steps, finetune_lr=c.case2_finetune_lr)
+        return self.loo.TwoStageRetrainer(pre, ft, self.models.sparse_ce(), ["embedding"], d.x_pre, d.y_pre, d.x_ft,
+                                          d.y_ft, d.x_test, d.y_test, protocol, finetune_start_weights=theta0)
+
+    def main_case(self, case):
+        """The Section 4.1 setting (trained once per case and reused)."""
+        if case not in self._main:
+            d = self.data()
+            pre, ft, emb = self.train_pretrain(d, self.cfg.seed)
+            theta0 = None
+            if case == "fixed":
+                self.finetune_fixed(ft, d)
+            else:
+                ft, theta0 = self.finetune_updated(pre, d, self.cfg.seed)
+            self._main[case] = dict(data=d, pre=pre, ft=ft, theta0=theta0)
+        return self._main[case]
+
+    def accuracy(self, model, x, y):
+        return float(self.np.mean(self.np.argmax(model.predict(x, verbose=0, batch_size=512), axis=1) == y))
+
+    # -- experiments ---------------------------------------------------------------------------------
+    def correlation_experiment(self, case, name, title):
+        np = self.np
+        m = self.main_case(case)
+        d = m["data"]
+        res = self.influence(m["pre"], m["ft"], d, case)
+        idx = self.loo.top_by_magnitude(res.scores, self.cfg.n_loo)
+        rt = self.retrainer(m["pre"], m["ft"], d, case, m["theta0"])
+        actual = rt.leave_one_out(idx, self.cache, progress=self.progress)
+        pred = res.predicted_loss_change_on_removal()[idx]
+        out = self.loo.correlation_report(pred, actual, self.out, name, title,
+                                          extra={"indices": idx.tolist(), "solves": res.solves,
+                                                 "test_accuracy": self.accuracy(m["ft"], d.x_test, d.y_test)})
+        m[f"loo_{case}"] = (idx, actual)
+        m[f"scores_{case}"] = res.scores
+        return {**out, "solves": res.solves, "test_accuracy": self.accuracy(m["ft"], d.x_test, d.y_test)}
+
+    def case1_fixed(self):
+        return self.correlation_experiment("fixed", "case1_fixed", "Case 1: embedding fixed")
+
+    def case2_updated(self):
+        return self.correlation_experiment("updated", "case2_updated",
+                                           f"Case 2: embedding updated (α = {self.cfg.alpha})")
+
+    def _case1_loo(self):
+        m = self.main_case("fixed")
+        if "loo_fixed" not in m:
+            self.case1_fixed()
+        return m
+
+    def identity_baseline(self):
+        m = self._case1_loo()
+        idx, actual = m["loo_fixed"]
+        res = self.influence(m["pre"], m["ft"], m["data"], "fixed", identity=True)
+        pred = res.predicted_loss_change_on_removal()[idx]
+        return self.loo.correlation_report(pred, actual, self.out, "identity_baseline",
+                                           "Identity-Hessian baseline (case 1 examples)")
+
+    def loss_baseline(self):
+        m = self._case1_loo()
+        idx, actual = m["loo_fixed"]
+        d = m["data"]
+        losses = self.tfi.pretraining_loss_scores(self.tfi.Objective(m["pre"], self.models.sparse_ce()),
+                                                  d.datasets()[0])
+        # larger pretraining loss read as more harmful: predicted Δ on removal ∝ −loss
+        return self.loo.correlation_report(-losses[idx], actual, self.out, "loss_baseline",
+                                           "Pretraining-loss baseline (case 1 examples)",
+                                           xlabel="−pretraining loss (larger loss = predicted more harmful)")
+
+    def cleansing(self):
+        np = self.np
+        rows = []
+        it = self.cfg.seeds
+        for seed in it:
+            d = self.data(seed=seed)
+            pre, ft, _ = self.train_pretrain(d, seed)
+            self.finetune_fixed(ft, d)
+            res = self.influence(pre, ft, d, "fixed")
+            m = len(d.x_pre)
+            k = int(round(0.1 * m))
+            top = np.argsort(-res.scores)[:k]
+            rand = np.random.default_rng(seed + 123).choice(m, size=k, replace=False)
+            row = {"seed": seed, "n_dropped": k, "n_positive_dropped": int(np.sum(res.scores[top] > 0)),
+                   "acc_original": self.accuracy(ft, d.x_test, d.y_test),
+                   "loss_original": self._test_loss_mean(ft, d)}
+            for label, drop in (("drop_top", top), ("drop_random", rand)):
+                w = np.ones(m, np.float32)
+                w[drop] = 0.0
+                p2, f2, _ = self.train_pretrain(d, seed, weights=w)
+                self.finetune_fixed(f2, d)
+                row[f"acc_{label}"] = self.accuracy(f2, d.x_test, d.y_test)
+                row[f"loss_{label}"] = self._test_loss_mean(f2, d)
+            rows.append(row)
+        out = {"per_seed": rows, "n_seeds": len(rows)}
+        for key in ("acc_original", "acc_drop_top", "acc_drop_random", "loss_original", "loss_drop_top",
+                    "loss_drop_random"):
+            vals = np.array([r[key] for r in rows])
+            out[key] = float(vals.mean())
+            out[f"{key}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+        return out
+
+    def _test_loss_mean(self, model, d):
+        obj = self.tfi.Objective(model, self.models.sparse_ce())
+        return float(self.np.mean(obj.per_example_losses(d.x_test, d.y_test).numpy()))
+
+    def task_similarity(self):
+        """Same pretraining model (classes 0–3, half of their examples); finetune task A = the same
+        classes (the other half), task B = digits 4–9 with as many train / test examples."""
+        np = self.np
+        same = self.data(finetune_classes=self.data_mod.PRETRAIN_CLASSES, n_finetune=None)
+        n_ft = min(len(same.x_ft), self.cfg.n_finetune)
+        rng = np.random.default_rng(self.cfg.seed)
+        pick = np.sort(rng.choice(len(same.x_ft), n_ft, replace=False))
+        same.x_ft, same.y_ft = same.x_ft[pick], same.y_ft[pick]
+        other = self.data(n_finetune=n_ft)
+        n_test = min(len(same.x_test), len(other.x_test))
+        same.x_test, same.y_test = same.x_test[:n_test], same.y_test[:n_test]
+        other.x_pre, other.y_pre = same.x_pre, same.y_pre  # identical pretraining set
+        other.x_test, other.y_test = other.x_test[:n_test], other.y_test[:n_test]
+        pre, ft_a, emb = self.train_pretrain(same, self.cfg.seed)
+        self.finetune_fixed(ft_a, same)
+        s_a = self.influence(pre, ft_a, same, "fixed").scores
+        ft_b = self.models.attach_head(emb, self.models.build_head(int(emb.output_shape[-1]), 6, l2=self.cfg.l2,
+                                                                   name="finetune_head"), "finetune_b")
+        self.finetune_fixed(ft_b, other)
+        s_b = self.influence(pre, ft_b, other, "fixed").scores
+        self._hist({"same task (0–3 → 0–3)": s_a, "different task (0–3 → 4–9)": s_b}, "task_similarity",
+                   "Score distribution by finetuning task")
+        return {"mean_abs_same_task": float(np.mean(np.abs(s_a))), "mean_abs_different_task": float(np.mean(np.abs(s_b))),
+                "n_test": int(n_test), "n_finetune": int(n_ft), "n_pretrain": int(len(same.x_pre)),
+                "acc_same_task": self.accuracy(ft_a, same.x_test, same.y_test),
+                "acc_different_task": self.accuracy(ft_b, other.x_test, other.y_test)}
+
+    def finetune_size(self):
+        np = self.np
+        n = max(50, self.cfg.n_finetune // 2)
+        out = {}
+        scores = {}
+        for label, mult in (("n", 1), ("3n", 3)):
+            d = self.data(n_finetune=min(mult * n, 861))
+            pre, _, _ = self.train_pretrain(d, self.cfg.seed)
+            ft, _ = self.finetune_updated(pre, d, self.cfg.seed, steps=mult * self.cfg.case2_finetune_steps)
+            s = self.influence(pre, ft, d, "updated").scores
+            scores[f"{label}: {len(d.x_ft)} examples, {mult * self.cfg.case2_finetune_steps} steps"] = s
+            out[f"mean_abs_{label}"] = float(np.mean(np.abs(s)))
+            out[f"n_finetune_{label}"] = int(len(d.x_ft))
+        self._hist(scores, "finetune_size", "Score distribution by finetuning size (case 2)")
+        return out
+
+    def cross_task(self):
+        np = self.np
+        d_a = self.data(finetune_classes=(4, 5, 6))
+        d_b = self.data(finetune_classes=(7, 8, 9))
+        pre, ft_a, emb = self.train_pretrain(d_a, self.cfg.seed)
+        self.finetune_fixed(ft_a, d_a)
+        s_a = self.influence(pre, ft_a, d_a, "fixed").scores
+        ft_b = self.models.attach_head(emb, self.models.build_head(int(emb.output_shape[-1]), 3, l2=self.cfg.l2,
+                                                                   name="finetune_head"), "finetune_b")
+        self.finetune_fixed(ft_b, d_b)
+        idx = self.loo.top_by_magnitude(s_a, self.cfg.n_loo)
+        actual = self.retrainer(pre, ft_b, d_b, "fixed").leave_one_out(idx, self.cache, progress=self.progress)
+        pred = -s_a[idx] / len(d_a.x_pre)
+        out = self.loo.correlation_report(pred, actual, self.out, "cross_task",
+                                          "Scores for task 4-5-6 vs leave-one-out on task 7-8-9")
+        s_b = self.influence(pre, ft_b, d_b, "fixed").scores
+        out["same_examples_own_task"] = self.loo.correlation(-s_b[idx] / len(d_b.x_pre), actual)
+        return out
+
+    def figure3(self):
+        np = self.np
+        m = self.main_case("fixed")
+        d = m["data"]
+        pred = np.argmax(m["ft"].predict(d.x_test, verbose=0), axis=1)
+        wrong = np.flatnonzero(pred != d.y_test)[:6]
+        if len(wrong) == 0:
+            return {"n_misclassified": 0, "path": None}
+        res = self.influence(m["pre"], m["ft"], d, "fixed", test_target="each", x_test=d.x_test[wrong],
+                             y_test=d.y_test[wrong])
+        best = np.argmax(res.scores, axis=0)  # most harmful pretraining example per test point
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(2, len(wrong), figsize=(1.7 * len(wrong), 3.9), squeeze=False)
+        ft_cls, pre_cls = np.array(d.finetune_classes), np.array(d.pretrain_classes)
+        for j, (t, z) in enumerate(zip(wrong, best)):
+            axes[0, j].imshow(d.x_test[t, :, :, 0], cmap="gray_r")
+            axes[0, j].set_title(f"test '{ft_cls[d.y_test[t]]}'\npredicted '{ft_cls[pred[t]]}'", fontsize=7)
+            axes[1, j].imshow(d.x_pre[z, :, :, 0], cmap="gray_r")
+            axes[1, j].set_title(f"pretrain '{pre_cls[d.y_pre[z]]}'\nscore {res.scores[z, j]:+.2f}", fontsize=7)
+            for a in axes[:, j]:
+                a.axis("off")
+        fig.suptitle("Misclassified finetune test images (top) and their most harmful pretraining image", fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(self.out, "figure3.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return {"n_misclassified": int(np.sum(pred != d.y_test)), "shown": int(len(wrong)), "path": path,
+                "test_indices": wrong.tolist(), "pretrain_indices": best.tolist()}
+
+    def _hist(self, groups: dict, name: str, title: str):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        for label, s in groups.items():
+            ax.hist(s, bins=40, alpha=0.55, label=f"{label}: mean |s| = {self.np.mean(self.np.abs(s)):.3g}")
+        ax.set_xlabel("influence score (sum over the test set)")
+        ax.set_ylabel("pretraining examples")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(self.out, f"{name}.png"), dpi=120)
+        plt.close(fig)
+
+
+def _fmt(name, r):
+    if r is None:
+        return "not run"
+    if "error" in r:
+        return f"FAILED: {r['error']}"
+    if "pearson" in r:
+        return f"r = {r['pearson']:.2f} (Spearman {r['spearman']:.2f}, n = {r['n_examples']})"
+    if name == "cleansing":
+        return (f"acc {100 * r['acc_original']:.2f} ± {100 * r['acc_original_std']:.2f} % → "
+                f"{100 * r['acc_drop_top']:.2f} ± {100 * r['acc_drop_top_std']:.2f} % (drop top 10 %), "
+                f"{100 * r['acc_drop_random']:.2f} ± {100 * r['acc_drop_random_std']:.2f} % (drop random 10 %); "
+                f"test loss {r['loss_original']:.4f} → {r['loss_drop_top']:.4f} / {r['loss_drop_random']:.4f} "
+                f"({r['n_seeds']} seeds)")
+    if name == "task_similarity":
+        return f"mean \\|score\\| {r['mean_abs_same_task']:.3g} (same task) vs {r['mean_abs_different_task']:.3g} (different)"
+    if name == "finetune_size":
+        return (f"mean \\|score\\| {r['mean_abs_n']:.3g} (n = {r['n_finetune_n']}) vs {r['mean_abs_3n']:.3g} "
+                f"(3n = {r['n_finetune_3n']})")
+    if name == "figure3":
+        return f"{r.get('shown', 0)} of {r['n_misclassified']} misclassified test images, `figure3.png`"
+    return json.dumps(r)
+
+
+def write_report(results: dict, cfg: ReproConfig, out_dir: str, total_seconds: float) -> str:
+    lines = ["| experiment | paper | ours | seconds |", "|---|---|---|---|"]
+    for name in EXPERIMENTS:
+        r = results.get(name)
+        secs = f"{r['seconds']:.0f}" if r and "seconds" in r else "–"
+        lines.append(f"| `{name}` | {PAPER[name]} | {_fmt(name, r)} | {secs} |")
+    table = "\n".join(lines)
+    md = [f"# Multi-stage influence: reproduction on `{cfg.dataset}`", "",
+          f"Command: `python -m tf_influence.reproduce{' --quick' if cfg.quick else ''}` — "
+          f"total wall time {total_seconds:.0f} s.", "", table, "",
+          "Figures: " + ", ".join(f"`{n}.png`" for n in ("case1_fixed", "case2_updated", "identity_baseline",
+                                                         "loss_baseline", "task_similarity", "finetune_size",
+                                                         "cross_task", "figure3")), "",
+          "Configuration:", "", "```json", json.dumps(dataclasses.asdict(cfg), indent=1), "```"]
+    with open(os.path.join(out_dir, "report.md"), "w") as fh:
+        fh.write("\n".join(md) + "\n")
+    return table
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="reduced sizes (CI): checks the harness, not the numbers")
+    ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(EXPERIMENTS)}")
+    ap.add_argument("--out", default="reports/reproduction")
+    ap.add_argument("--data-dir", default=None, help="TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    only = [e for e in args.only.split(",") if e] or list(EXPERIMENTS)
+    unknown = sorted(set(only) - set(EXPERIMENTS))
+    if unknown:
+        ap.error(f"unknown experiment(s) {unknown}; choose from {EXPERIMENTS}")
+    cfg = ReproConfig.quick_config(data_dir=args.data_dir) if args.quick else ReproConfig(data_dir=args.data_dir)
+    t0 = time.perf_counter()
+    repro = Repro(cfg, args.out, progress=not args.no_progress)
+    path = os.path.join(args.out, "results.json")
+    results = {}
+    if os.path.exists(path) and args.only:
+        with open(path) as fh:
+            results = json.load(fh)  # keep the other experiments of an earlier run
+    failures = []
+    for name in only:
+        t = time.perf_counter()
+        print(f"[reproduce] {name} …", flush=True)
+        try:
+            r = getattr(repro, name)()
+        except Exception as err:  # report and continue with the other experiments
+            import traceback
+            traceback.print_exc()
+            failures.append(name)
+            r = {"error": f"{type(err).__name__}: {err}"}
+        r["seconds"] = time.perf_counter() - t
+        results[name] = r
+        print(f"[reproduce] {name}: {_fmt(name, r)} ({r['seconds']:.0f} s)", flush=True)
+        with open(path, "w") as fh:
+            json.dump(results, fh, indent=1, default=float)
+    table = write_report(results, cfg, args.out, time.perf_counter() - t0)
+    print(table)
+    print(f"wrote {path} and {os.path.join(args.out, 'report.md')}")
+    if failures:
+        raise SystemExit(f"experiments failed: {failures}")
+
+
+if __name__ == "__main__":
+    main()
