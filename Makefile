@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench bazel-test clean
+.PHONY: install test demo bench bazel-test reproduce reproduce-quick clean
 
 install: $(STAMP)
 
@@ -25,6 +25,12 @@ demo: install
 
 bench: install
 	$(PY) -m benchmarks.engine --out reports/benchmarks/engine.json
+
+reproduce: install
+	$(PY) -m tf_influence.reproduce --out reports/reproduction
+
+reproduce-quick: install
+	$(PY) -m tf_influence.reproduce --quick --out reports/reproduction
 
 bazel-test: install
 	tools/bazel_offline.sh //:all

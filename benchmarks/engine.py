@@ -3,7 +3,7 @@
     python -m benchmarks.engine --out reports/benchmarks/engine.json [--batch 512] [--repeats 20]
 
 All numbers are measured in this one run on the same model (the digits CNN pretraining
-model of ``tf_influence.digits``, float32) and the same batch, so the ratios compare like
+model of ``tf_influence.models``, float32) and the same batch, so the ratios compare like
 with like:
 
 * ``hvp_fob_over_grad`` / ``hvp_rr_over_grad``: one Hessian-vector product of the batch mean
@@ -53,16 +53,18 @@ def main(argv=None):
     tf.get_logger().setLevel("ERROR")
 
     import tf_influence as tfi
-    from tf_influence import digits
+    from tf_influence import data as data_mod
+    from tf_influence import models
     from tf_influence.gradients import _fns
+    from tf_influence.training import WeightedTrainer
 
-    data = digits.load_digits_two_stage(n_finetune=400)
-    pre, ft, emb = digits.build_two_stage_models(4, 6)
-    digits.fit(pre, data.x_pre, data.y_pre, 20)
-    emb.trainable = False
-    digits.fit(ft, data.x_ft, data.y_ft, 20)
-    emb.trainable = True
-    obj = tfi.Objective(pre, digits.loss())
+    data = data_mod.load_two_stage(n_finetune=400)
+    pre, ft, emb = models.build_two_stage_models(data.x_pre.shape[1:], 4, 6, l2=1e-4)
+    WeightedTrainer(tfi.Objective(pre, models.sparse_ce()), data.x_pre, data.y_pre,
+                    tfi.ParameterGroup("all", tuple(pre.trainable_variables)), "adam", 1e-2).run(300)
+    WeightedTrainer(tfi.Objective(ft, models.sparse_ce()), data.x_ft, data.y_ft,
+                    tfi.complement_group(ft, tfi.group_from_layers(ft, ["embedding"])), "adam", 1e-2).run(300)
+    obj = tfi.Objective(pre, models.sparse_ce())
     g = tfi.ParameterGroup("all", tuple(pre.trainable_variables))
     x, y = tf.constant(data.x_pre[:args.batch]), tf.constant(data.y_pre[:args.batch])
     B = int(x.shape[0])
@@ -90,7 +92,7 @@ def main(argv=None):
     cfg = lambda lam: tfi.SolverConfig("cg_squared", damping=lam, max_iter=args.cg_iters, tol=0.0,  # noqa: E731
                                        on_nonconvergence="ignore", dtype=tf.float64)
     t = time.perf_counter()
-    res = tfi.multi_stage_influence(obj, pre_ds, tfi.Objective(ft, digits.loss()), ft_ds, test_ds,
+    res = tfi.multi_stage_influence(obj, pre_ds, tfi.Objective(ft, models.sparse_ce()), ft_ds, test_ds,
                                     embedding=["embedding"], pretrain_solver=cfg(1e-2), finetune_solver=cfg(1e-3))
     score_all = time.perf_counter() - t
 

@@ -22,8 +22,8 @@ def main(argv=None):
     ap.add_argument("--case", choices=["fixed", "updated"], default="fixed")
     ap.add_argument("--alpha", type=float, default=0.01)
     ap.add_argument("--top", type=int, default=5)
-    ap.add_argument("--pretrain-epochs", type=int, default=60)
-    ap.add_argument("--finetune-epochs", type=int, default=60)
+    ap.add_argument("--pretrain-steps", type=int, default=1500)
+    ap.add_argument("--finetune-steps", type=int, default=1500)
     ap.add_argument("--n-finetune", type=int, default=400)
     ap.add_argument("--cg-iters", type=int, default=200)
     ap.add_argument("--out", default="reports/demo")
@@ -39,34 +39,39 @@ def main(argv=None):
     import keras
 
     import tf_influence as tfi
-    from tf_influence import digits
+    from tf_influence import data as data_mod
+    from tf_influence import models
+    from tf_influence.training import WeightedTrainer
 
     t0 = time.perf_counter()
-    data = digits.load_digits_two_stage(n_finetune=args.n_finetune, seed=args.seed)
-    pre, ft, emb = digits.build_two_stage_models(len(data.pretrain_classes), len(data.finetune_classes),
-                                                 seed=args.seed)
-    print(f"data: {len(data.x_pre)} pretraining digits {data.pretrain_classes}, {len(data.x_ft)} finetuning / "
-          f"{len(data.x_test)} test digits {data.finetune_classes}")
-    digits.fit(pre, data.x_pre, data.y_pre, args.pretrain_epochs, seed=args.seed)
-    if args.case == "fixed":
-        emb.trainable = False
-        digits.fit(ft, data.x_ft, data.y_ft, args.finetune_epochs, seed=args.seed)
-        emb.trainable = True
+    data = data_mod.load_two_stage(n_finetune=args.n_finetune, seed=args.seed)
+    print(data.summary())
+    pre, ft, emb = models.build_two_stage_models(data.x_pre.shape[1:], len(data.pretrain_classes),
+                                                 len(data.finetune_classes), seed=args.seed, l2=1e-4)
+
+    def train(model, x, y, group, steps):  # full-batch Adam, deterministic
+        WeightedTrainer(tfi.Objective(model, models.sparse_ce()), x, y, group, "adam", 1e-2).run(steps)
+
+    everything = lambda m: tfi.ParameterGroup("all", tuple(m.trainable_variables))  # noqa: E731
+    train(pre, data.x_pre, data.y_pre, everything(pre), args.pretrain_steps)
+    if args.case == "fixed":  # finetune the head Θ on the fixed embedding
+        train(ft, data.x_ft, data.y_ft, tfi.complement_group(ft, tfi.group_from_layers(ft, ["embedding"])),
+              args.finetune_steps)
         pretrain_model = pre
-    else:  # keep a copy of the pretrained model (W̄, Ū) and finetune everything
+    else:  # keep the pretrained model (W̄, Ū) and finetune a copy of everything
         pretrain_model = keras.models.clone_model(pre)
         pretrain_model.set_weights(pre.get_weights())
-        digits.fit(ft, data.x_ft, data.y_ft, args.finetune_epochs, seed=args.seed, lr=1e-3)
-    print(f"pretrain accuracy {digits.accuracy(pretrain_model, data.x_pre, data.y_pre):.3f}, "
-          f"finetune test accuracy {digits.accuracy(ft, data.x_test, data.y_test):.3f} "
-          f"({time.perf_counter() - t0:.1f}s)")
+        train(ft, data.x_ft, data.y_ft, everything(ft), args.finetune_steps // 5)
+    acc = lambda m, x, y: float(np.mean(np.argmax(m.predict(x, verbose=0), 1) == y))  # noqa: E731
+    print(f"pretrain accuracy {acc(pretrain_model, data.x_pre, data.y_pre):.3f}, "
+          f"finetune test accuracy {acc(ft, data.x_test, data.y_test):.3f} ({time.perf_counter() - t0:.1f}s)")
 
     pre_ds, ft_ds, test_ds = data.datasets()
     solver = lambda lam: tfi.SolverConfig("cg_squared", damping=lam, max_iter=args.cg_iters, dtype=tf.float64)  # noqa
     result = tfi.multi_stage_influence(
-        tfi.Objective(pretrain_model, digits.loss()), pre_ds, tfi.Objective(ft, digits.loss()), ft_ds, test_ds,
-        embedding=["embedding"], case=args.case, alpha=args.alpha, pretrain_solver=solver(1e-2),
-        finetune_solver=solver(1e-3), pretrain_hessian_samples=1000, progress=True)
+        tfi.Objective(pretrain_model, models.sparse_ce()), pre_ds, tfi.Objective(ft, models.sparse_ce()), ft_ds, test_ds,
+        embedding=["embedding"], case=args.case, alpha=args.alpha, pretrain_solver=solver(1e-3),
+        finetune_solver=solver(1e-6), pretrain_hessian_samples=1000, progress=True)
     scores = result.scores
     print(f"influence of {len(scores)} pretraining examples on the sum of {len(data.x_test)} test losses "
           f"(test side {result.seconds['test_side']:.1f}s, scoring {result.seconds['scoring']:.1f}s)")

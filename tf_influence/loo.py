@@ -70,7 +70,7 @@ class RetrainProtocol:
 
 def _hash_arrays(*arrays) -> str:
     h = hashlib.sha1()
-    for a in arrays:
+    for a in (leaf for arr in arrays for leaf in tf.nest.flatten(arr)):
         a = np.ascontiguousarray(a)
         h.update(str(a.shape).encode())
         h.update(str(a.dtype).encode())
@@ -84,7 +84,8 @@ class TwoStageRetrainer:
     Args:
       pretrain_model, finetune_model: the trained models (their current weights are the
         starting point of every run and are restored after each run).
-      loss: the per-example loss of both stages.
+      loss: the per-example loss of the pretraining stage (and of finetuning, unless
+        ``finetune_loss`` is given).
       embedding: layer / sub-model name(s) of W in both models.
       x_pre, y_pre, x_ft, y_ft, x_test, y_test: the data of the two stages.
       protocol: :class:`RetrainProtocol`.
@@ -93,16 +94,17 @@ class TwoStageRetrainer:
     """
 
     def __init__(self, pretrain_model, finetune_model, loss, embedding, x_pre, y_pre, x_ft, y_ft, x_test, y_test,
-                 protocol: RetrainProtocol, finetune_start_weights=None):
+                 protocol: RetrainProtocol, finetune_start_weights=None, finetune_loss=None):
         self.protocol = protocol
         self.pre, self.ft = pretrain_model, finetune_model
-        self.pre_obj, self.ft_obj = Objective(pretrain_model, loss), Objective(finetune_model, loss)
+        self.pre_obj = Objective(pretrain_model, loss)
+        self.ft_obj = Objective(finetune_model, finetune_loss if finetune_loss is not None else loss)
         self.W_pre = group_from_layers(pretrain_model, embedding, name="W (pretrain)")
         self.W_ft = group_from_layers(finetune_model, embedding, name="W (finetune)")
         self.Theta = complement_group(finetune_model, self.W_ft, name="Θ")
         self.shared = [id(v) for v in self.W_pre.tf_variables] == [id(v) for v in self.W_ft.tf_variables]
-        self.x_test, self.y_test = tf.constant(x_test), tf.constant(y_test)
-        self.n_pre = len(x_pre)
+        self.x_test, self.y_test = tf.nest.map_structure(tf.constant, x_test), tf.constant(y_test)
+        self.n_pre = len(y_pre)
         p = protocol
         self.pre_trainer = WeightedTrainer(self.pre_obj, x_pre, y_pre,
                                            ParameterGroup("(W,U)", tuple(pretrain_model.trainable_variables)),

@@ -40,8 +40,9 @@ class WeightedTrainer:
         if optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got '{optimizer}'")
         self.objective, self.group = objective, group
-        self.x, self.y = tf.constant(x), tf.constant(y)
-        self.n = int(self.x.shape[0])
+        self.x = tf.nest.map_structure(tf.constant, x)  # arrays, or tuples / dicts of arrays
+        self.y = tf.constant(y)
+        self.n = int(self.y.shape[0])
         if self.n == 0:
             raise ValueError("WeightedTrainer got no training examples")
         self.optimizer, self.lr = optimizer, float(learning_rate)
