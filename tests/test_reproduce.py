@@ -43,3 +43,15 @@ def test_rerun_of_one_experiment_reuses_the_loo_cache(quick_results, tmp_path_fa
     assert again["case1_fixed"]["pearson"] == pytest.approx(res["case1_fixed"]["pearson"])
     assert json.load(open(out / "loo_cache.json")) == before  # nothing new had to be computed
     assert set(again) == set(reproduce.EXPERIMENTS)  # the other experiments' results are kept
+
+
+def test_config_overrides_from_the_command_line():
+    import argparse
+    ap = argparse.ArgumentParser()
+    cfg = reproduce._apply_overrides(reproduce.ReproConfig(), ["case2_finetune_steps=1000", "seeds=0,1",
+                                                                "alpha=0.1", "sensitivity=false"], ap)
+    assert (cfg.case2_finetune_steps, cfg.seeds, cfg.alpha, cfg.sensitivity) == (1000, (0, 1), 0.1, False)
+    with pytest.raises(SystemExit):
+        reproduce._apply_overrides(reproduce.ReproConfig(), ["no_such_field=1"], ap)
+    with pytest.raises(SystemExit):
+        reproduce._apply_overrides(reproduce.ReproConfig(), ["alpha=abc"], ap)

@@ -269,6 +269,7 @@ def correlation_report(predicted, actual, out_dir: str, name: str, title: str = 
         ax.plot(xs, slope * xs + icept, color="C3", lw=1)
     ax.axhline(0, color="grey", lw=0.5)
     ax.axvline(0, color="grey", lw=0.5)
+    ax.ticklabel_format(style="sci", scilimits=(-2, 3), axis="both")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("actual loss difference (leave-one-out)")
     ax.set_title(f"{title}\nPearson r = {stats_['pearson']:.2f}, Spearman = {stats_['spearman']:.2f}, "

@@ -79,6 +79,8 @@ class ReproConfig:
     alpha: float = 0.01
     damping_pretrain: float = 1e-3
     damping_finetune: float = 1e-6
+    damping_finetune_case2: float = 1e-3  # the (W, Θ) block of eq. 15 (see README: 1e-6 gave r ≈ 0.43)
+    sensitivity: bool = True            # re-score the same leave-one-out examples with other dampings / α
     cg_iters: int = 300
     hessian_samples: int | None = None  # all 576 pretraining examples (the paper samples 1,000 of ~24k)
     seeds: tuple = (0, 1, 2, 3, 4)      # cleansing
@@ -88,7 +90,7 @@ class ReproConfig:
     @classmethod
     def quick_config(cls, **kw):
         return cls(n_finetune=200, n_loo=8, init_steps=400, loo_steps=50, case2_finetune_steps=100, cg_iters=50,
-                   seeds=(0,), quick=True, **kw)
+                   seeds=(0,), quick=True, sensitivity=False, **kw)
 
 
 def _setup_tf():
@@ -117,11 +119,12 @@ class Repro:
         self._main = {}
 
     # -- data and models ---------------------------------------------------------------------------
-    def data(self, finetune_classes=None, n_finetune=None, pretrain_classes=None, seed=None):
+    def data(self, finetune_classes=None, n_finetune="default", pretrain_classes=None, seed=None):
+        """The two-stage split; ``n_finetune="default"`` = the configured size, ``None`` = all."""
         return self.data_mod.load_two_stage(
             self.cfg.dataset, pretrain_classes or self.data_mod.PRETRAIN_CLASSES,
             finetune_classes or self.data_mod.FINETUNE_CLASSES,
-            n_finetune=n_finetune if n_finetune is not None else min(self.cfg.n_finetune, 861),
+            n_finetune=self.cfg.n_finetune if n_finetune == "default" else n_finetune,
             seed=self.cfg.seed if seed is None else seed, data_dir=self.cfg.data_dir)
 
     def _trainer(self, model, x, y, group, steps, lr):
@@ -158,15 +161,20 @@ class Repro:
                       steps or self.cfg.case2_finetune_steps, self.cfg.case2_finetune_lr)
         return ft, theta0
 
-    def influence(self, pre, ft, d, case, test_target="sum", x_test=None, y_test=None, identity=False):
+    def influence(self, pre, ft, d, case, test_target="sum", x_test=None, y_test=None, identity=False,
+                  damping_pretrain=None, damping_finetune=None, alpha=None):
         tf, tfi = self.tf, self.tfi
         pre_ds, ft_ds, test_ds = d.datasets()
         if x_test is not None:
             test_ds = tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(256)
         mk = lambda lam: tfi.SolverConfig("cg_squared", damping=lam, max_iter=self.cfg.cg_iters,  # noqa: E731
                                           dtype=tf.float64, tol=1e-5)
-        kw = dict(embedding=["embedding"], case=case, alpha=self.cfg.alpha, pretrain_solver=mk(self.cfg.damping_pretrain),
-                  finetune_solver=mk(self.cfg.damping_finetune), pretrain_hessian_samples=self.cfg.hessian_samples,
+        c = self.cfg
+        if damping_finetune is None:
+            damping_finetune = c.damping_finetune if case == "fixed" else c.damping_finetune_case2
+        kw = dict(embedding=["embedding"], case=case, alpha=c.alpha if alpha is None else alpha,
+                  pretrain_solver=mk(c.damping_pretrain if damping_pretrain is None else damping_pretrain),
+                  finetune_solver=mk(damping_finetune), pretrain_hessian_samples=c.hessian_samples,
                   progress=self.progress)
         pre_obj, ft_obj = tfi.Objective(pre, self.models.sparse_ce()), tfi.Objective(ft, self.models.sparse_ce())
         with warnings.catch_warnings():
@@ -219,7 +227,36 @@ class Repro:
                                                  "test_accuracy": self.accuracy(m["ft"], d.x_test, d.y_test)})
         m[f"loo_{case}"] = (idx, actual)
         m[f"scores_{case}"] = res.scores
-        return {**out, "solves": res.solves, "test_accuracy": self.accuracy(m["ft"], d.x_test, d.y_test)}
+        out = {**out, "solves": res.solves, "test_accuracy": self.accuracy(m["ft"], d.x_test, d.y_test)}
+        if self.cfg.sensitivity:
+            out["sensitivity"] = self.sensitivity(m, case, idx, actual)
+        return out
+
+    def sensitivity(self, m, case, idx, actual):
+        """Pearson r on the same leave-one-out examples for other solver settings (the LOO ground
+        truth does not depend on them): dampings for case 1, α × finetuning damping for case 2."""
+        rows = []
+        if case == "fixed":
+            grid = [dict(damping_pretrain=a, damping_finetune=b) for a in (1e-2, 1e-3, 1e-4) for b in (1e-6, 1e-3)]
+        else:
+            grid = [dict(alpha=a, damping_finetune=b) for a in (1e-3, 1e-2, 1e-1) for b in (1e-6, 1e-3)]
+        for kw in grid:
+            res = self.influence(m["pre"], m["ft"], m["data"], case, **kw)
+            rows.append({**kw, **self.loo.correlation(res.predicted_loss_change_on_removal()[idx], actual)})
+        if case == "fixed":
+            # the same scores against a different ground truth: the paper's Adam continuation
+            # (100 steps per stage, lr 1e-3) instead of gradient descent, on the top 40 examples
+            d, c = m["data"], self.cfg
+            sub = idx[:40]
+            adam = self.loo.TwoStageRetrainer(
+                m["pre"], m["ft"], self.models.sparse_ce(), ["embedding"], d.x_pre, d.y_pre, d.x_ft, d.y_ft, d.x_test,
+                d.y_test, self.loo.RetrainProtocol(case="fixed", optimizer="adam", pretrain_steps=100,
+                                                   finetune_steps=100, pretrain_lr=1e-3, finetune_lr=1e-3))
+            truth = adam.leave_one_out(sub, self.cache, progress=self.progress)
+            pred = self.influence(m["pre"], m["ft"], d, case).predicted_loss_change_on_removal()[sub]
+            rows.append({"ground_truth": "adam_continuation_100_steps", **self.loo.correlation(pred, truth)})
+            rows.append({"ground_truth": "gradient_descent_same_40", **self.loo.correlation(pred, actual[:40])})
+        return rows
 
     def case1_fixed(self):
         return self.correlation_experiment("fixed", "case1_fixed", "Case 1: embedding fixed")
@@ -315,7 +352,9 @@ class Repro:
         return {"mean_abs_same_task": float(np.mean(np.abs(s_a))), "mean_abs_different_task": float(np.mean(np.abs(s_b))),
                 "n_test": int(n_test), "n_finetune": int(n_ft), "n_pretrain": int(len(same.x_pre)),
                 "acc_same_task": self.accuracy(ft_a, same.x_test, same.y_test),
-                "acc_different_task": self.accuracy(ft_b, other.x_test, other.y_test)}
+                "acc_different_task": self.accuracy(ft_b, other.x_test, other.y_test),
+                "test_loss_same_task": self._test_loss_mean(ft_a, same),
+                "test_loss_different_task": self._test_loss_mean(ft_b, other)}
 
     def finetune_size(self):
         np = self.np
@@ -323,7 +362,7 @@ class Repro:
         out = {}
         scores = {}
         for label, mult in (("n", 1), ("3n", 3)):
-            d = self.data(n_finetune=min(mult * n, 861))
+            d = self.data(n_finetune=mult * n)
             pre, _, _ = self.train_pretrain(d, self.cfg.seed)
             ft, _ = self.finetune_updated(pre, d, self.cfg.seed, steps=mult * self.cfg.case2_finetune_steps)
             s = self.influence(pre, ft, d, "updated").scores
@@ -366,7 +405,7 @@ class Repro:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(2, len(wrong), figsize=(1.7 * len(wrong), 3.9), squeeze=False)
+        fig, axes = plt.subplots(2, len(wrong), figsize=(1.7 * len(wrong), 4.6), squeeze=False)
         ft_cls, pre_cls = np.array(d.finetune_classes), np.array(d.pretrain_classes)
         for j, (t, z) in enumerate(zip(wrong, best)):
             axes[0, j].imshow(d.x_test[t, :, :, 0], cmap="gray_r")
@@ -441,6 +480,28 @@ def write_report(results: dict, cfg: ReproConfig, out_dir: str, total_seconds: f
     return table
 
 
+def _apply_overrides(cfg: ReproConfig, items, ap) -> ReproConfig:
+    fields = {f.name: f for f in dataclasses.fields(ReproConfig)}
+    changes = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            ap.error(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+        current = getattr(cfg, key)
+        try:
+            if isinstance(current, bool):
+                changes[key] = value.lower() in ("1", "true", "yes")
+            elif isinstance(current, tuple):
+                changes[key] = tuple(int(v) for v in value.split(","))
+            elif current is None:
+                changes[key] = None if value.lower() == "none" else (int(value) if value.isdigit() else value)
+            else:
+                changes[key] = type(current)(value)
+        except ValueError:
+            ap.error(f"--set {item!r}: cannot convert {value!r} to {type(current).__name__}")
+    return dataclasses.replace(cfg, **changes)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="reduced sizes (CI): checks the harness, not the numbers")
@@ -448,12 +509,15 @@ def main(argv=None):
     ap.add_argument("--out", default="reports/reproduction")
     ap.add_argument("--data-dir", default=None, help="TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a ReproConfig field, e.g. --set case2_finetune_steps=1000 (repeatable)")
     args = ap.parse_args(argv)
     only = [e for e in args.only.split(",") if e] or list(EXPERIMENTS)
     unknown = sorted(set(only) - set(EXPERIMENTS))
     if unknown:
         ap.error(f"unknown experiment(s) {unknown}; choose from {EXPERIMENTS}")
     cfg = ReproConfig.quick_config(data_dir=args.data_dir) if args.quick else ReproConfig(data_dir=args.data_dir)
+    cfg = _apply_overrides(cfg, args.set, ap)
     t0 = time.perf_counter()
     repro = Repro(cfg, args.out, progress=not args.no_progress)
     path = os.path.join(args.out, "results.json")
