@@ -1,0 +1,179 @@
+"""PRESENCE: eq. 7–9 against a hand computation, τ behaviour, schedules, callback, Keras fit,
+TracIn self-influence and PRESENCE-Sequential."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_influence as tfi
+from tf_influence import presence, tracin
+from tests import helpers as h
+
+
+def toy(seed=0):
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((5,))
+    hid = keras.layers.Dense(6, activation="tanh", name="first")(inp)
+    return keras.Model(inp, keras.layers.Dense(3, name="last")(hid), name="toy")
+
+
+def data(n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 5)).astype(np.float32), rng.integers(0, 3, n)
+
+
+def test_weights_equal_hand_computation():
+    si = np.array([1.0, 4.0, 2.0, 9.0])
+    tau = 0.7
+    s = (si - si.mean()) / np.sqrt(si.var() + 1e-6)
+    expected = np.exp(tau * s) / np.exp(tau * s).sum()
+    np.testing.assert_allclose(presence.presence_weights(tf.constant(si), tau).numpy(), expected, rtol=1e-12)
+    assert np.argmax(expected) == 3
+    w_neg = presence.presence_weights(tf.constant(si), -1.0).numpy()
+    assert np.argmax(w_neg) == 0 and np.argmin(w_neg) == 3
+    np.testing.assert_allclose(presence.presence_weights(tf.constant(si), 0.0).numpy(), 0.25)
+
+
+def test_microbatch_gradients_and_si_equal_a_loop_over_microbatches():
+    model = toy()
+    x, y = data()
+    obj = tfi.Objective(model, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    losses, grads = presence.microbatch_gradients(obj, x, y, model.trainable_variables, 4)
+    K = tfi.group_from_layers(model, ["first"])
+    mask = presence.layer_set_mask(model.trainable_variables, K.variables)
+    si = presence.self_influence_from_gradients(grads, mask).numpy()
+    for i in range(4):
+        sl = slice(6 * i, 6 * (i + 1))
+        with tf.GradientTape() as tape:
+            l = tf.reduce_mean(obj.per_example_losses(x[sl], y[sl]))
+        g = tape.gradient(l, [v.value for v in model.trainable_variables])
+        for gi, ref in zip(grads, g):
+            np.testing.assert_allclose(gi[i].numpy(), ref.numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(losses[i].numpy(), l.numpy(), rtol=1e-6)
+        ref_si = sum(float(tf.reduce_sum(gg * gg)) for gg, m in zip(g, mask) if m)
+        np.testing.assert_allclose(si[i], ref_si, rtol=1e-5)
+    np.testing.assert_allclose(tracin.microbatch_self_influence(obj, x, y, ["first"], 4), si, rtol=1e-6)
+
+
+def one_step(tau, n=4, seed=0):
+    model = toy(seed)
+    x, y = data()
+    pm = presence.PresenceModel(model, num_microbatches=n, si_layers=["first"], tau=tau)
+    pm.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    pm.fit(x, y, batch_size=24, epochs=1, verbose=0, shuffle=False)
+    after = [v.numpy() for v in model.trainable_variables]
+    return model, x, y, before, after, pm
+
+
+def test_update_is_the_weighted_sum_of_microbatch_gradients():
+    model, x, y, before, after, pm = one_step(tau=1.5)
+    ref = toy(0)
+    obj = tfi.Objective(ref, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    _, grads = presence.microbatch_gradients(obj, x, y, ref.trainable_variables, 4)
+    mask = presence.layer_set_mask(ref.trainable_variables, tfi.group_from_layers(ref, ["first"]).variables)
+    si = presence.self_influence_from_gradients(grads, mask).numpy().astype(np.float64)
+    s = (si - si.mean()) / np.sqrt(si.var() + 1e-6)
+    w = np.exp(1.5 * s) / np.exp(1.5 * s).sum()
+    np.testing.assert_allclose(pm.presence_last_weights.numpy(), w, rtol=1e-4)
+    for b, a, g in zip(before, after, grads):
+        np.testing.assert_allclose(a, b - 0.1 * np.tensordot(w, g.numpy(), axes=1), rtol=1e-4, atol=1e-6)
+
+
+def test_tau_zero_reproduces_the_unweighted_update():
+    model, x, y, before, after, _ = one_step(tau=0.0)
+    plain = toy(0)
+    plain.compile(optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    plain.fit(x, y, batch_size=24, epochs=1, verbose=0, shuffle=False)
+    for a, p in zip(after, plain.get_weights()):
+        np.testing.assert_allclose(a, p, rtol=1e-5, atol=1e-7)
+
+
+def test_positive_tau_upweights_high_si_and_negative_downweights():
+    for tau in (1.0, -1.0):
+        _, _, _, _, _, pm = one_step(tau=tau)
+        w, si = pm.presence_last_weights.numpy(), pm.presence_last_si.numpy()
+        hi, lo = np.argmax(si), np.argmin(si)
+        assert (w[hi] > 0.25 > w[lo]) if tau > 0 else (w[hi] < 0.25 < w[lo])
+
+
+def test_schedules():
+    s = presence.two_stage(switch_step=10, tau1=1.0, tau2=-2.0)
+    assert [s(1), s(10), s(11)] == [1.0, 1.0, -2.0]
+    assert presence.direct()(5) == 1.0 and presence.inverse()(5) == -1.0
+    idr = presence.inverse_then_direct(3)
+    assert [idr(3), idr(4)] == [-1.0, 1.0]
+
+
+def test_callback_switches_at_I_and_logs_what_it_claims(tmp_path):
+    model = toy()
+    x, y = data(48)
+    pm = presence.PresenceModel(model, num_microbatches=4, si_layers=["first"])
+    pm.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    cb = presence.PresenceCallback(presence.two_stage(switch_step=3), log_dir=str(tmp_path / "tb"))
+    hist = pm.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+    assert [r["step"] for r in cb.records] == [1, 2, 3, 4, 5, 6]
+    assert [r["tau"] for r in cb.records] == [1.0, 1.0, 1.0, -1.0, -1.0, -1.0]
+    for r in cb.records:
+        assert len(r["weights"]) == 4 and abs(sum(r["weights"]) - 1) < 1e-5
+        np.testing.assert_allclose(r["weights"], presence.presence_weights(tf.constant(r["si"]), r["tau"]).numpy(),
+                                   rtol=1e-4)
+    assert hist.history["presence_tau"] == [-1.0]
+    assert {"si_mean", "si_std", "weight_max", "weight_min", "weight_entropy", "loss"} <= set(hist.history)
+    assert any(p.name.startswith("events") for p in (tmp_path / "tb").iterdir())
+
+
+def test_bad_input():
+    model = toy()
+    x, y = data(24)
+    pm = presence.PresenceModel(model, num_microbatches=5, si_layers=["first"])
+    pm.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    with pytest.raises(ValueError, match="not divisible by num_microbatches=5"):
+        pm.fit(x, y, batch_size=24, epochs=1, verbose=0)
+    with pytest.raises(tfi.ParameterGroupError, match="non-empty layer set"):
+        presence.PresenceModel(model, num_microbatches=4, si_layers=[])
+    with pytest.raises(tfi.ParameterGroupError, match="no layer named 'encoder'"):
+        presence.PresenceModel(model, num_microbatches=4, si_layers=["encoder"])
+    bad = x.copy()
+    bad[3, 0] = np.nan
+    pm2 = presence.PresenceModel(model, num_microbatches=4, si_layers=["first"])
+    pm2.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="NaN/Inf in microbatch gradients"):
+        pm2.fit(bad, y, batch_size=24, epochs=1, verbose=0)
+    with pytest.raises(TypeError, match="PresenceModel"):
+        model.compile(optimizer="sgd", loss="mse")
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[presence.PresenceCallback(presence.direct())])
+
+
+def test_tracin_self_influence_and_sequential_filter():
+    model = toy()
+    x, y = data(30)
+    obj = tfi.Objective(model, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(7)
+    K = tfi.group_from_layers(model, ["first"])
+    ref = (h.one_at_a_time_gradients(obj, x, y, K) ** 2).sum(axis=1)
+    si = tracin.self_influence(obj, ds, ["first"])
+    np.testing.assert_allclose(si, ref, rtol=1e-5)
+    # two checkpoints with learning rates: Σ η_c ‖g_c‖²
+    ck2 = [w * 0.5 for w in model.get_weights()]
+    before = model.get_weights()
+    si2 = tracin.self_influence(obj, ds, ["first"], checkpoints=[model.get_weights(), ck2], learning_rates=[0.1, 0.2])
+    model.set_weights(ck2)
+    ref2 = (h.one_at_a_time_gradients(obj, x, y, K) ** 2).sum(axis=1)
+    model.set_weights(before)
+    np.testing.assert_allclose(si2, 0.1 * ref + 0.2 * ref2, rtol=1e-5)
+    # influence matrix diagonal = self-influence
+    np.testing.assert_allclose(np.diag(tracin.tracin(obj, ds, ds, ["first"])), si, rtol=1e-5)
+    res = tracin.presence_sequential(obj, ds, ["first"], keep=20)
+    assert len(res.kept) == 20 and len(res.dropped) == 10
+    assert si[res.kept].max() <= si[res.dropped].min()
+    rev = tracin.presence_sequential(obj, ds, ["first"], keep=20, reverse=True)
+    assert si[rev.kept].min() >= si[rev.dropped].max()
+    kept = np.concatenate([b[0].numpy() for b in res.take(ds, "kept", batch_size=8)])
+    dropped = np.concatenate([b[0].numpy() for b in res.take(ds, "dropped", batch_size=8)])
+    np.testing.assert_array_equal(np.concatenate([kept, dropped])[np.argsort(np.r_[res.kept, res.dropped])], x)
+    with pytest.raises(ValueError, match="keep=40"):
+        tracin.presence_sequential(obj, ds, ["first"], keep=40)
+    with pytest.raises(tfi.ParameterGroupError, match="layer set K is empty"):
+        tracin.self_influence(obj, ds, [])

@@ -1,0 +1,150 @@
+"""TracIn influence and self-influence (Pruthi et al. 2020; PRESENCE, Thakkar et al. 2023).
+
+* ``TracIn(z, z') = Σ_c η_c g_c(z) · g_c(z')`` over checkpoints ``c`` with learning rates
+  ``η_c`` (eq. 1; one checkpoint with η = 1 is the paper's PRESENCE form);
+* ``TracInSI_K(z) = Σ_c η_c Σ_{k∈K} ‖g_{c,k}(z)‖²`` restricted to a layer set ``K`` (eq. 2–3);
+* :func:`microbatch_self_influence` — eq. 11: the same with the microbatch's mean loss.
+
+Per-example gradients come from :func:`tf_influence.gradients.per_example_gradients`
+(vectorised, bounded memory). Checkpoints are weight snapshots — lists of arrays in
+``model.get_weights()`` order, or paths of ``model.save_weights`` files; the model's own
+weights are restored afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from .gradients import per_example_gradients
+from .objective import EmptyDatasetError, Objective, split_batch
+from .params import ParameterGroup, ParameterGroupError, group_from_layers
+
+
+def layer_set(model, layers) -> ParameterGroup:
+    """The layer set K as a parameter group; ``layers`` = layer / sub-model names (non-empty)."""
+    if layers is None or (not isinstance(layers, str) and len(list(layers)) == 0):
+        raise ParameterGroupError("the layer set K is empty: name at least one layer for self-influence")
+    return group_from_layers(model, layers, name=f"K={layers}")
+
+
+def _checkpoints(model, checkpoints, learning_rates):
+    if checkpoints is None:
+        return [(None, 1.0 if learning_rates is None else float(np.ravel(learning_rates)[0]))]
+    checkpoints = list(checkpoints)
+    if not checkpoints:
+        raise ValueError("checkpoints is empty")
+    lrs = [1.0] * len(checkpoints) if learning_rates is None else [float(v) for v in learning_rates]
+    if len(lrs) != len(checkpoints):
+        raise ValueError(f"{len(checkpoints)} checkpoints but {len(lrs)} learning rates")
+    return list(zip(checkpoints, lrs))
+
+
+class _AtCheckpoint:
+    """Context manager: load a checkpoint into ``model`` and restore the weights afterwards."""
+
+    def __init__(self, model, ckpt):
+        self.model, self.ckpt = model, ckpt
+
+    def __enter__(self):
+        if self.ckpt is not None:
+            self.saved = self.model.get_weights()
+            if isinstance(self.ckpt, str):
+                self.model.load_weights(self.ckpt)
+            else:
+                self.model.set_weights(self.ckpt)
+        return self.model
+
+    def __exit__(self, *exc):
+        if self.ckpt is not None:
+            self.model.set_weights(self.saved)
+
+
+def self_influence(objective: Objective, dataset, layers, checkpoints=None, learning_rates=None,
+                   chunk_size: int | None = 512, progress: bool = False, name: str = "dataset") -> np.ndarray:
+    """TracInSI_K of every example of a batched ``(x, y)`` dataset, in dataset order (eq. 3)."""
+    group = layers if isinstance(layers, ParameterGroup) else layer_set(objective.model, layers)
+    total = None
+    for ckpt, lr in _checkpoints(objective.model, checkpoints, learning_rates):
+        with _AtCheckpoint(objective.model, ckpt):
+            parts = [tf.reduce_sum(tf.square(b), axis=1).numpy()
+                     for b in per_example_gradients(objective, dataset, group, chunk_size, progress, name)]
+        s = lr * np.concatenate(parts)
+        total = s if total is None else total + s
+    return total
+
+
+def tracin(objective: Objective, train_data, test_data, layers, checkpoints=None, learning_rates=None,
+           chunk_size: int | None = 512) -> np.ndarray:
+    """TracIn influence matrix ``[n_train, n_test]`` (eq. 1 summed over checkpoints)."""
+    group = layers if isinstance(layers, ParameterGroup) else layer_set(objective.model, layers)
+    total = None
+    for ckpt, lr in _checkpoints(objective.model, checkpoints, learning_rates):
+        with _AtCheckpoint(objective.model, ckpt):
+            test = tf.concat(list(per_example_gradients(objective, test_data, group, chunk_size, name="test data")),
+                             0)
+            rows = [(b @ tf.transpose(test)).numpy()
+                    for b in per_example_gradients(objective, train_data, group, chunk_size, name="training data")]
+        m = lr * np.concatenate(rows, axis=0)
+        total = m if total is None else total + m
+    return total
+
+
+def microbatch_self_influence(objective: Objective, x, y, layers, num_microbatches: int) -> np.ndarray:
+    """MicrobatchSI_K (eq. 11) of the ``n`` contiguous microbatches of one batch ``(x, y)``."""
+    from .presence import microbatch_gradients
+    group = layers if isinstance(layers, ParameterGroup) else layer_set(objective.model, layers)
+    _, grads = microbatch_gradients(objective, x, y, group.variables, num_microbatches)
+    return np.sum([tf.reduce_sum(tf.reshape(tf.square(g), [num_microbatches, -1]), axis=1).numpy() for g in grads],
+                  axis=0)
+
+
+@dataclass
+class FilterResult:
+    """PRESENCE-Sequential output: indices (dataset order) kept and dropped, and every score."""
+
+    kept: np.ndarray
+    dropped: np.ndarray
+    scores: np.ndarray
+    reverse: bool
+
+    def __post_init__(self):
+        n = len(self.scores)
+        both = np.concatenate([self.kept, self.dropped])
+        if len(both) != n or len(np.unique(both)) != n:
+            raise AssertionError("kept and dropped must partition the input")
+
+    def take(self, dataset, which: str = "kept", batch_size: int | None = None):
+        """The kept (or dropped) examples of ``dataset`` as a new dataset (same element order)."""
+        idx = self.kept if which == "kept" else self.dropped
+        mask = np.zeros(len(self.scores), bool)
+        mask[idx] = True
+        mask = tf.constant(mask)
+        ds = dataset.unbatch().enumerate().filter(lambda i, e: tf.gather(mask, i)).map(lambda i, e: e)
+        return ds.batch(batch_size) if batch_size else ds
+
+
+def presence_sequential(objective: Objective, dataset, layers, keep: int, reverse: bool = False,
+                        checkpoints=None, learning_rates=None, progress: bool = False) -> FilterResult:
+    """PRESENCE-Sequential (Section 3, eq. 4–5): keep the ``keep`` examples with the lowest
+    self-influence (``reverse=True``: drop the lowest, i.e. keep the highest).
+
+    Streams ``dataset`` (batched ``(x, y)``) once per checkpoint; ties are broken by position."""
+    scores = self_influence(objective, dataset, layers, checkpoints, learning_rates, progress=progress)
+    n = len(scores)
+    if n == 0:
+        raise EmptyDatasetError("PRESENCE-Sequential got an empty dataset")
+    if not 0 <= keep <= n:
+        raise ValueError(f"keep={keep} but the dataset has {n} examples")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("self-influence scores contain NaN/Inf")
+    order = np.argsort(scores, kind="stable")
+    kept = order[n - keep:] if reverse else order[:keep]
+    dropped = order[:n - keep] if reverse else order[keep:]
+    return FilterResult(np.sort(kept), np.sort(dropped), scores, reverse)
+
+
+__all__ = ["layer_set", "self_influence", "tracin", "microbatch_self_influence", "presence_sequential",
+           "FilterResult", "split_batch"]
