@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench bazel-test reproduce reproduce-quick clean
+.PHONY: install test demo bench bench-presence presence presence-quick bazel-test reproduce reproduce-quick clean
 
 install: $(STAMP)
 
@@ -25,6 +25,15 @@ demo: install
 
 bench: install
 	$(PY) -m benchmarks.engine --out reports/benchmarks/engine.json
+
+bench-presence: install
+	$(PY) -m benchmarks.presence --out reports/benchmarks/presence.json
+
+presence: install
+	$(PY) -m tf_influence.presence_experiment --out reports/presence
+
+presence-quick: install
+	$(PY) -m tf_influence.presence_experiment --quick --out reports/presence
 
 reproduce: install
 	$(PY) -m tf_influence.reproduce --out reports/reproduction

@@ -1,0 +1,117 @@
+"""Embedded English text and a small character-level language model for the PRESENCE experiments.
+
+Corpus (no download): the docstrings of a fixed list of Python standard-library modules — real
+English prose written by people, shipped with every Python installation. Out-of-domain text:
+the *source code* of the same modules with docstrings and comments removed (same characters,
+different "language"). Jumbled text: clean samples with their words randomly permuted (the
+noise type of the PRESENCE paper's Figure 1).
+
+Samples are fixed-length character windows (default 64 + 1 characters); the model predicts
+every next character (causal dilated convolutions). Its first layer, ``embedding``, is the
+natural layer set K for self-influence (the paper uses the first encoder / decoder layers).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import re
+
+import keras
+import numpy as np
+
+MODULES = ("argparse", "collections", "csv", "datetime", "decimal", "difflib", "email.message", "fractions",
+           "functools", "heapq", "http.client", "inspect", "ipaddress", "itertools", "json", "logging",
+           "mailbox", "pathlib", "pickle", "random", "shutil", "smtplib", "statistics", "string", "subprocess",
+           "tarfile", "textwrap", "threading", "unittest.case", "urllib.parse", "uuid", "zipfile", "typing",
+           "asyncio.tasks", "calendar", "configparser", "contextlib", "dataclasses", "enum", "gettext")
+
+VOCAB = [chr(c) for c in range(32, 127)]  # printable ASCII; index 0 = padding / unknown
+CHAR_TO_ID = {c: i + 1 for i, c in enumerate(VOCAB)}
+VOCAB_SIZE = len(VOCAB) + 1
+
+
+def _clean(text: str) -> str:
+    text = text.replace("\t", " ").replace("\n", " ")
+    text = "".join(ch for ch in text if ch in CHAR_TO_ID)
+    return re.sub(r" {2,}", " ", text).strip()
+
+
+def _docstrings(module) -> list:
+    out = []
+    objs = [module] + [obj for _, obj in sorted(vars(module).items())
+                       if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", None)
+                       == module.__name__]
+    for obj in objs:
+        doc = inspect.getdoc(obj)
+        if doc:
+            for para in doc.split("\n\n"):
+                para = _clean(para)
+                # prose, not signatures / examples: mostly letters and spaces, several words
+                if len(para.split()) >= 6 and not para.startswith(">>>") and sum(c.isalpha() for c in para) > 0.7 * len(
+                        para):
+                    out.append(para)
+    return out
+
+
+def _code(module) -> str:
+    try:
+        tree = ast.parse(inspect.getsource(module))
+    except (OSError, TypeError, SyntaxError):
+        return ""
+    for node in ast.walk(tree):  # drop docstrings: keep the code only
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(
+                getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
+            body[0] = ast.Pass()
+    return _clean(" ".join(line.split("#")[0] for line in ast.unparse(tree).splitlines()))
+
+
+def load_corpus():
+    """``(prose_paragraphs, code_text)`` from the standard library (deterministic order)."""
+    prose, code = [], []
+    for name in MODULES:
+        module = importlib.import_module(name)
+        prose.extend(_docstrings(module))
+        code.append(_code(module))
+    return prose, " ".join(code)
+
+
+def windows(text: str, length: int) -> list:
+    """Non-overlapping windows of ``length`` characters."""
+    return [text[i:i + length] for i in range(0, len(text) - length + 1, length)]
+
+
+def jumble(sample: str, rng) -> str:
+    """Permute the words of a sample (keeps its characters, destroys its syntax)."""
+    words = sample.split(" ")
+    rng.shuffle(words)
+    out = " ".join(words)
+    return out[:len(sample)].ljust(len(sample))
+
+
+def encode(samples) -> np.ndarray:
+    return np.array([[CHAR_TO_ID.get(c, 0) for c in s] for s in samples], dtype=np.int32)
+
+
+def lm_pairs(ids: np.ndarray):
+    """``(inputs, targets)`` for next-character prediction."""
+    return ids[:, :-1], ids[:, 1:]
+
+
+def build_lm(seq_len: int = 64, embed: int = 24, channels: int = 64, seed: int = 0) -> keras.Model:
+    """Causal dilated-convolution character LM: embedding (K) → 3 causal convs → logits."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((seq_len,), dtype="int32")
+    h = keras.layers.Embedding(VOCAB_SIZE, embed, name="embedding")(inp)
+    for i, d in enumerate((1, 2, 4)):
+        h = keras.layers.Conv1D(channels, 3, padding="causal", dilation_rate=d, activation="relu", name=f"conv{i}")(h)
+    out = keras.layers.Dense(VOCAB_SIZE, name="logits")(h)
+    return keras.Model(inp, out, name="char_lm")
+
+
+def lm_loss():
+    """Per-position cross-entropy; :class:`~tf_influence.objective.Objective` and
+    :class:`~tf_influence.presence.PresenceModel` average it to one value per sample."""
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
