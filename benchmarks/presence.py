@@ -1,6 +1,6 @@
 """PRESENCE benchmark: reweighted step time vs a plain step, and self-influence throughput.
 
-    python -m benchmarks.presence --out reports/benchmarks/presence.json [--batch 64] [--microbatches 4]
+    python -m benchmarks.presence --out reports/benchmarks/presence.json [--batch 256] [--microbatches 4]
 
 Measured in one run on the same model (the character LM of ``tf_influence.text``) and the same
 batch: ``presence_step_over_plain_step`` is the median time of ``PresenceModel.train_on_batch``
@@ -22,7 +22,7 @@ import warnings
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="reports/benchmarks/presence.json")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--microbatches", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--si-examples", type=int, default=2048)
@@ -59,7 +59,7 @@ def main(argv=None):
                                 tau=1.0)
     pm.compile(optimizer=keras.optimizers.Adam(1e-3), loss=text.lm_loss())
     t_plain, t_pres = [], []
-    for _ in range(3):
+    for _ in range(5):
         t_plain.append(timed(lambda: plain.train_on_batch(xb, yb)))
         t_pres.append(timed(lambda: pm.train_on_batch(xb, yb)))
     tp, tr = min(t_plain), min(t_pres)

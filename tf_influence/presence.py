@@ -76,12 +76,13 @@ def split_microbatches(x, num_microbatches: int):
 
 
 def microbatch_gradients(objective_or_loss, x, y, variables, num_microbatches: int, sample_weight=None,
-                         training: bool = False):
+                         training: bool = False, return_outputs: bool = False):
     """Per-microbatch mean losses ``[n]`` and gradients (one ``[n, *shape]`` tensor per variable),
     in one ``tf.vectorized_map`` pass.
 
     ``objective_or_loss`` is an :class:`~tf_influence.objective.Objective` or a callable
-    ``loss(x_mb, y_mb, sample_weight_mb) -> scalar``.
+    ``loss(x_mb, y_mb, sample_weight_mb) -> scalar`` (or ``-> (scalar, outputs)`` with
+    ``return_outputs=True``, which also returns the outputs re-joined to ``[B, ...]``).
     """
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches must be ≥ 1, got {num_microbatches}")
@@ -102,11 +103,19 @@ def microbatch_gradients(objective_or_loss, x, y, variables, num_microbatches: i
     def one(args):
         xm, ym, wm = args if ws is not None else (*args, None)
         with tf.GradientTape() as tape:
-            loss = loss_fn(xm, ym, wm)
-        return loss, tape.gradient(loss, tf_vars, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            out = loss_fn(xm, ym, wm)
+            loss, aux = out if isinstance(out, tuple) else (out, None)
+        grads = tape.gradient(loss, tf_vars, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return (loss, grads) if aux is None else (loss, grads, aux)
 
-    losses, grads = tf.vectorized_map(one, (xs, ys, ws) if ws is not None else (xs, ys))
-    return losses, grads
+    res = tf.vectorized_map(one, (xs, ys, ws) if ws is not None else (xs, ys))
+    if return_outputs:
+        if len(res) != 3:
+            raise ValueError("return_outputs=True needs a loss function returning (loss, outputs)")
+        losses, grads, aux = res
+        merge = lambda t: tf.reshape(t, tf.concat([[-1], tf.shape(t)[2:]], 0))  # noqa: E731
+        return losses, grads, tf.nest.map_structure(merge, aux)
+    return res[0], res[1]
 
 
 def layer_set_mask(variables, layer_variables) -> list:
@@ -232,7 +241,8 @@ class PresenceModel(keras.Model):
         if w is not None:
             losses = losses * tf.cast(w, losses.dtype)
         reg = self.inner.losses
-        return tf.reduce_mean(losses) + (tf.add_n([tf.cast(r, losses.dtype) for r in reg]) if reg else 0.0)
+        loss = tf.reduce_mean(losses) + (tf.add_n([tf.cast(r, losses.dtype) for r in reg]) if reg else 0.0)
+        return loss, y_pred
 
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -242,8 +252,8 @@ class PresenceModel(keras.Model):
             self._per_example_loss = _as_per_example_loss(self.loss)
         variables = self.inner.trainable_variables
         mask = layer_set_mask(variables, self._k_vars)
-        losses, grads = microbatch_gradients(self._microbatch_loss, x, y, variables, self.num_microbatches,
-                                             sample_weight)
+        losses, grads, y_pred = microbatch_gradients(self._microbatch_loss, x, y, variables, self.num_microbatches,
+                                                     sample_weight, return_outputs=True)
         si = self_influence_from_gradients(grads, mask)
         ctx = tf.distribute.get_replica_context()
         n_rep = ctx.num_replicas_in_sync if ctx is not None else 1
@@ -261,8 +271,7 @@ class PresenceModel(keras.Model):
         self.optimizer.apply_gradients(zip(G, variables))
         self.presence_last_weights.assign(tf.cast(w_all, self.presence_last_weights.dtype))
         self.presence_last_si.assign(tf.cast(all_si, self.presence_last_si.dtype))
-        # metrics on the (unweighted) batch, as a plain step would report them
-        y_pred = self.inner(x, training=False)
+        # metrics on the (unweighted) batch, from the microbatch forward passes (no extra pass)
         loss = tf.reduce_mean(losses)
         self._loss_tracker.update_state(loss)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
