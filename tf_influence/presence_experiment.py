@@ -99,10 +99,10 @@ def run(cfg: TextConfig, out_dir: str, progress: bool = True) -> dict:
             pm.compile(optimizer=keras.optimizers.Adam(cfg.lr), loss=text.lm_loss())
             cb = presence.PresenceCallback(presence.two_stage(int(cfg.switch_fraction * cfg.steps)),
                                            keep_weights=False)
-            pm.fit(ds, steps_per_epoch=cfg.steps, epochs=1, verbose=0, callbacks=[cb])
+            pm.fit(ds, steps_per_epoch=cfg.steps, epochs=1, verbose=0, callbacks=[cb], shuffle=False)
             return model, cb.records
         model.compile(optimizer=keras.optimizers.Adam(cfg.lr), loss=text.lm_loss())
-        model.fit(ds, steps_per_epoch=cfg.steps, epochs=1, verbose=0)
+        model.fit(ds, steps_per_epoch=cfg.steps, epochs=1, verbose=0, shuffle=False)
         return model, None
 
     def heldout_loss(model):
