@@ -147,6 +147,14 @@ class Repro:
         self._trainer(ft, d.x_ft, d.y_ft, self.tfi.complement_group(ft, W), steps or self.cfg.init_steps,
                       self.cfg.init_lr)
 
+    def second_head(self, emb, d):
+        """A fresh finetuning head on the shared (fixed) embedding, finetuned on ``d``."""
+        head = self.models.build_head(int(emb.output_shape[-1]), len(d.finetune_classes), l2=self.cfg.l2,
+                                      name="finetune_head")
+        ft = self.models.attach_head(emb, head, "finetune_b")
+        self.finetune_fixed(ft, d)
+        return ft
+
     def finetune_updated(self, pre, d, seed, steps=None):
         """Separate finetuning model: embedding copied from ``pre`` (W̄), head Θ₀ seeded; trains (W, Θ).
 
@@ -343,9 +351,7 @@ class Repro:
         pre, ft_a, emb = self.train_pretrain(same, self.cfg.seed)
         self.finetune_fixed(ft_a, same)
         s_a = self.influence(pre, ft_a, same, "fixed").scores
-        ft_b = self.models.attach_head(emb, self.models.build_head(int(emb.output_shape[-1]), 6, l2=self.cfg.l2,
-                                                                   name="finetune_head"), "finetune_b")
-        self.finetune_fixed(ft_b, other)
+        ft_b = self.second_head(emb, other)
         s_b = self.influence(pre, ft_b, other, "fixed").scores
         self._hist({"same task (0–3 → 0–3)": s_a, "different task (0–3 → 4–9)": s_b}, "task_similarity",
                    "Score distribution by finetuning task")
@@ -379,9 +385,7 @@ class Repro:
         pre, ft_a, emb = self.train_pretrain(d_a, self.cfg.seed)
         self.finetune_fixed(ft_a, d_a)
         s_a = self.influence(pre, ft_a, d_a, "fixed").scores
-        ft_b = self.models.attach_head(emb, self.models.build_head(int(emb.output_shape[-1]), 3, l2=self.cfg.l2,
-                                                                   name="finetune_head"), "finetune_b")
-        self.finetune_fixed(ft_b, d_b)
+        ft_b = self.second_head(emb, d_b)
         idx = self.loo.top_by_magnitude(s_a, self.cfg.n_loo)
         actual = self.retrainer(pre, ft_b, d_b, "fixed").leave_one_out(idx, self.cache, progress=self.progress)
         pred = -s_a[idx] / len(d_a.x_pre)
