@@ -135,7 +135,8 @@ def single_stage_influence(objective: Objective, train_data, test_data, group: P
     t1 = time.perf_counter()
     scores = score_examples(objective, train_data, group, s, progress=progress)
     t2 = time.perf_counter()
-    return InfluenceResult(scores, s, group, count_examples(train_data, "training data"), "single_stage",
+    m = H.num_examples if hessian_sample_size is None else count_examples(train_data, "training data")
+    return InfluenceResult(scores, s, group, m, "single_stage",
                            {"hessian": res.summary()}, {"test_side": t1 - t0, "scoring": t2 - t1})
 
 

@@ -134,18 +134,16 @@ class TwoStageRetrainer:
         if p.mode == "continue":
             trainer.run(steps, weights)
             return
-        grad_obj = trainer.objective
+        w = tf.constant(np.ones(trainer.n, np.float32) if weights is None else np.asarray(weights, np.float32))
         done = 0
         while done < p.max_steps:
             trainer.run(p.check_every, weights)
             done += p.check_every
             with tf.GradientTape() as tape:
-                loss = trainer._loss(trainer.x, trainer.y, tf.constant(
-                    np.ones(trainer.n, np.float32) if weights is None else np.asarray(weights, np.float32)))
+                loss = trainer._loss(trainer.x, trainer.y, w)
             g = tape.gradient(loss, trainer.group.tf_variables, unconnected_gradients="zero")
             if float(tf.linalg.global_norm(g)) < p.grad_tol:
                 return
-        del grad_obj
 
     def run(self, weights=None) -> float:
         """One protocol run with pretraining example weights; returns L_test, restores the start."""

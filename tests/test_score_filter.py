@@ -1,0 +1,140 @@
+"""ScoreFilter: executor on real TFRecord artifacts, and a real LocalDagRunner pipeline
+(sqlite MLMD, DirectRunner in multi-processing mode)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tfx")
+
+from tfx import v1 as tfx  # noqa: E402
+from tfx.dsl.components.base.base_beam_executor import BaseBeamExecutor  # noqa: E402
+from tfx.types import artifact_utils, standard_artifacts  # noqa: E402
+
+from tf_influence import scores_io  # noqa: E402
+from tfx_components.artifacts import InfluenceScores  # noqa: E402
+from tfx_components.score_filter.component import ScoreFilter  # noqa: E402
+from tfx_components.score_filter.executor import Executor  # noqa: E402
+from tests import tfx_helpers as th  # noqa: E402
+
+BEAM_ARGS = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+
+
+def artifacts(tmp_path, splits=("train", "eval"), score_splits=("train",), n_train=60):
+    ex_uri, sc_uri, out_uri = (str(tmp_path / n) for n in ("examples", "scores", "out"))
+    written = th.write_examples(ex_uri, {k: v for k, v in th.digits_splits(n_train).items() if k in splits})
+    rng = np.random.default_rng(1)
+    keys = sorted(written["train"])
+    scores = rng.normal(size=len(keys))
+    for s in score_splits:
+        th.write_scores(sc_uri, s, keys, scores)
+    ex = standard_artifacts.Examples()
+    ex.uri, ex.split_names = ex_uri, artifact_utils.encode_split_names(list(splits))
+    ex.span, ex.version = 3, 1
+    sc = InfluenceScores()
+    sc.uri, sc.split_names, sc.score_kind = sc_uri, artifact_utils.encode_split_names(list(score_splits)), "test"
+    out = standard_artifacts.Examples()
+    out.uri = out_uri
+    return ex, sc, out, written, dict(zip(keys, scores))
+
+
+def run_executor(tmp_path, ex, sc, out, mode="drop_top_fraction", value=0.1, key_feature="key"):
+    ctx = BaseBeamExecutor.Context(beam_pipeline_args=["--direct_num_workers=1"], tmp_dir=str(tmp_path / "tmp"),
+                                   unique_id="1")
+    Executor(ctx).Do({"examples": [ex], "scores": [sc]}, {"filtered_examples": [out]},
+                     {"mode": mode, "value": value, "key_feature": key_feature})
+
+
+def test_executor_filters_and_conserves(tmp_path):
+    ex, sc, out, written, table = artifacts(tmp_path)
+    run_executor(tmp_path, ex, sc, out)
+    kept = th.read_examples(os.path.join(out.uri, "Split-train"))
+    expected = scores_io.select_kept(table, "drop_top_fraction", 0.1)
+    assert len(kept) == 54 and {written["train"][k] for k in expected} == set(kept)  # every byte of every feature
+    assert sorted(th.read_examples(os.path.join(out.uri, "Split-eval"))) == sorted(written["eval"].values())
+    counts = json.loads(out.get_string_custom_property("filter_counts"))
+    assert counts["train"] == {"in": 60, "kept": 54, "dropped": 6, "filtered": True}
+    assert counts["eval"]["filtered"] is False and counts["eval"]["kept"] == 20
+    assert (out.get_int_custom_property("num_in"), out.get_int_custom_property("num_kept"),
+            out.get_int_custom_property("num_dropped")) == (80, 74, 6)
+    assert artifact_utils.decode_split_names(out.split_names) == ["train", "eval"]
+    assert (out.span, out.version) == (3, 1)
+    # the dropped examples are the 6 highest scores
+    top = sorted(table, key=lambda k: -table[k])[:6]
+    assert not {written["train"][k] for k in top} & set(kept)
+
+
+@pytest.mark.parametrize("mode,value,n_kept", [("keep_lowest", 20, 20), ("keep_highest", 20, 20),
+                                               ("drop_above", 0.0, None)])
+def test_executor_modes(tmp_path, mode, value, n_kept):
+    ex, sc, out, written, table = artifacts(tmp_path)
+    run_executor(tmp_path, ex, sc, out, mode, value)
+    kept = set(th.read_examples(os.path.join(out.uri, "Split-train")))
+    expected = scores_io.select_kept(table, mode, value)
+    assert kept == {written["train"][k] for k in expected}
+    if n_kept is not None:
+        assert len(kept) == n_kept
+    if mode == "keep_lowest":
+        assert max(table[k] for k in expected) <= min(table[k] for k in set(table) - expected)
+
+
+def test_bad_input_names_the_artifact(tmp_path):
+    ex, sc, out, written, table = artifacts(tmp_path, score_splits=("train", "test"))
+    with pytest.raises(ValueError, match=r"split\(s\) \['test'\].*Examples artifact"):
+        run_executor(tmp_path, ex, sc, out)
+    # an example without a score
+    ex, sc, out, written, table = artifacts(tmp_path / "b")
+    keys = sorted(table)[1:]
+    for f in os.listdir(os.path.join(sc.uri, "Split-train")):
+        os.remove(os.path.join(sc.uri, "Split-train", f))
+    th.write_scores(sc.uri, "train", keys, [table[k] for k in keys])
+    with pytest.raises(Exception, match="has no score"):
+        run_executor(tmp_path / "b", ex, sc, out)
+    # a missing key feature
+    ex, sc, out, written, table = artifacts(tmp_path / "c")
+    with pytest.raises(Exception, match="no bytes feature 'example_id'"):
+        run_executor(tmp_path / "c", ex, sc, out, key_feature="example_id")
+    # a score without an example
+    ex, sc, out, written, table = artifacts(tmp_path / "d")
+    scores_io.write_scores(os.path.join(sc.uri, "Split-train"), [b"ghost"], [1.0], shard=1)
+    with pytest.raises(ValueError, match="1 score\\(s\\).*have no example"):
+        run_executor(tmp_path / "d", ex, sc, out)
+    # an empty split directory
+    ex, sc, out, written, table = artifacts(tmp_path / "e")
+    for f in os.listdir(os.path.join(ex.uri, "Split-eval")):
+        os.remove(os.path.join(ex.uri, "Split-eval", f))
+    with pytest.raises(ValueError, match="split 'eval' has no files"):
+        run_executor(tmp_path / "e", ex, sc, out)
+    with pytest.raises(ValueError, match="unknown ScoreFilter mode"):
+        ScoreFilter(examples=None, scores=None, mode="drop_everything", value=1)
+
+
+def test_local_dag_runner_pipeline_with_cache(tmp_path):
+    from tfx.orchestration import metadata
+    from tfx.orchestration import pipeline as tfx_pipeline
+    from tfx.orchestration.local.local_dag_runner import LocalDagRunner
+
+    ex, sc, _, written, table = artifacts(tmp_path)
+    ex_imp = tfx.dsl.Importer(source_uri=ex.uri, artifact_type=standard_artifacts.Examples,
+                              properties={"split_names": ex.split_names}).with_id("import_examples")
+    sc_imp = tfx.dsl.Importer(source_uri=sc.uri, artifact_type=InfluenceScores,
+                              properties={"split_names": sc.split_names, "score_kind": "test"}).with_id("import_scores")
+    flt = ScoreFilter(examples=ex_imp.outputs["result"], scores=sc_imp.outputs["result"], mode="keep_lowest",
+                      value=45)
+    db = str(tmp_path / "mlmd.sqlite")
+    pipe = tfx_pipeline.Pipeline(pipeline_name="score_filter_test", pipeline_root=str(tmp_path / "root"),
+                                 components=[ex_imp, sc_imp, flt], enable_cache=True,
+                                 metadata_connection_config=metadata.sqlite_metadata_connection_config(db),
+                                 beam_pipeline_args=BEAM_ARGS)
+    LocalDagRunner().run(pipe)
+    LocalDagRunner().run(pipe)  # cached: no second ScoreFilter output
+    with metadata.Metadata(metadata.sqlite_metadata_connection_config(db)) as m:
+        outs = [a for a in m.store.get_artifacts_by_type("Examples") if "num_kept" in a.custom_properties]
+        assert len(outs) == 1
+        a = outs[0]
+        assert a.custom_properties["num_kept"].int_value == 65  # 45 of train + 20 eval
+        assert a.custom_properties["num_dropped"].int_value == 15
+        kept = set(th.read_examples(os.path.join(a.uri, "Split-train")))
+    assert kept == {written["train"][k] for k in scores_io.select_kept(table, "keep_lowest", 45)}
