@@ -1,0 +1,171 @@
+"""InfluenceScorer and SelfInfluenceScorer executors on real artifacts (scores equal the in-process
+library), bad input, and a LocalDagRunner PRESENCE-Sequential pipeline (scorer → ScoreFilter)."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+pytest.importorskip("tfx")
+
+from tfx import v1 as tfx  # noqa: E402
+from tfx.dsl.components.base.base_beam_executor import BaseBeamExecutor  # noqa: E402
+from tfx.types import artifact_utils, standard_artifacts  # noqa: E402
+
+import tf_influence as tfi  # noqa: E402
+from tf_influence import models, scores_io, tracin  # noqa: E402
+from tfx_components.influence_scorer.component import InfluenceScorer  # noqa: E402
+from tfx_components.influence_scorer.executor import Executor as InfluenceExecutor  # noqa: E402
+from tfx_components.score_filter.component import ScoreFilter  # noqa: E402
+from tfx_components.self_influence_scorer.component import SelfInfluenceScorer  # noqa: E402
+from tfx_components.self_influence_scorer.executor import Executor as SIExecutor  # noqa: E402
+from tests import tfx_helpers as th  # noqa: E402
+
+SPEC = {"x": {"name": "image", "shape": [8, 8, 1]}, "y": {"name": "label"}}
+BEAM = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+
+
+def examples_artifact(uri, splits):
+    a = standard_artifacts.Examples()
+    a.uri, a.split_names = uri, artifact_utils.encode_split_names(list(splits))
+    return a
+
+
+def model_artifact(uri, model):
+    d = os.path.join(uri, "Format-Serving")
+    os.makedirs(d, exist_ok=True)
+    model.save(os.path.join(d, "model.keras"))
+    a = standard_artifacts.Model()
+    a.uri = uri
+    return a
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scorers")
+    rng = np.random.default_rng(0)
+    mk = lambda n, tag, classes: ([f"{tag}-{i:04d}".encode() for i in range(n)],  # noqa: E731
+                                  rng.random((n, 8, 8)).astype(np.float32), rng.integers(0, classes, n))
+    pre_data = {"train": mk(80, "pre", 4)}
+    ft_data = {"train": mk(50, "ft", 3), "test": mk(20, "test", 3)}
+    th.write_examples(str(root / "pre_examples"), pre_data)
+    th.write_examples(str(root / "ft_examples"), ft_data)
+    pre, ft, emb = models.build_two_stage_models((8, 8, 1), 4, 3, seed=0, l2=1e-3)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    for m, (k, x, y) in ((pre, pre_data["train"]), (ft, ft_data["train"])):
+        m.compile(optimizer=keras.optimizers.Adam(1e-2), loss=loss)
+        if m is ft:
+            emb.trainable = False
+            m.compile(optimizer=keras.optimizers.Adam(1e-2), loss=loss)
+        m.fit(x[..., None], y, epochs=5, batch_size=32, verbose=0)
+        emb.trainable = True
+    arts = dict(pre_ex=examples_artifact(str(root / "pre_examples"), ["train"]),
+                ft_ex=examples_artifact(str(root / "ft_examples"), ["train", "test"]),
+                pre_m=model_artifact(str(root / "pre_model"), pre), ft_m=model_artifact(str(root / "ft_model"), ft))
+    return root, arts, pre_data, ft_data
+
+
+def ctx(tmp):
+    return BaseBeamExecutor.Context(beam_pipeline_args=BEAM, tmp_dir=str(tmp), unique_id="1")
+
+
+def ds(k_x_y):
+    k, x, y = k_x_y
+    return tf.data.Dataset.from_tensor_slices((x[..., None], y)).batch(256)
+
+
+def test_influence_scorer_equals_the_library(world, tmp_path):
+    root, a, pre_data, ft_data = world
+    from tfx_components import beam_scoring, common
+    from tfx_components.artifacts import InfluenceScores
+    out = InfluenceScores()
+    out.uri = str(tmp_path / "scores")
+    props = dict(feature_spec=json.dumps(SPEC), embedding=json.dumps(["embedding"]), case="fixed", alpha=0.01,
+                 damping_pretrain=1e-2, damping_finetune=1e-3, solver="cg_squared", max_iter=100,
+                 hessian_samples=None, finetune_train_split="train", test_split="test")
+    InfluenceExecutor(ctx(tmp_path / "tmp")).Do(
+        {"pretrain_examples": [a["pre_ex"]], "finetune_examples": [a["ft_ex"]], "pretrain_model": [a["pre_m"]],
+         "finetune_model": [a["ft_m"]]}, {"scores": [out]}, props)
+    got = scores_io.read_scores(os.path.join(out.uri, "Split-train"))
+    pre = keras.models.load_model(os.path.join(a["pre_m"].uri, "Format-Serving", "model.keras"))
+    ft = keras.models.load_model(os.path.join(a["ft_m"].uri, "Format-Serving", "model.keras"))
+    cfg = lambda lam: tfi.SolverConfig("cg_squared", damping=lam, max_iter=100, dtype=tf.float64)  # noqa: E731
+    # the same data in the same (artifact) order, so the iterative solves see identical sums
+    spec = beam_scoring.parse_feature_spec(SPEC)
+    pk, px, py = common.load_split(a["pre_ex"], "train", spec)
+    _, fx, fy = common.load_split(a["ft_ex"], "train", spec)
+    _, tx, ty = common.load_split(a["ft_ex"], "test", spec)
+    mk = lambda x, y: tf.data.Dataset.from_tensor_slices((x, y)).batch(256)  # noqa: E731
+    ref = tfi.multi_stage_influence(tfi.Objective(pre, pre.loss), mk(px, py), tfi.Objective(ft, ft.loss),
+                                    mk(fx, fy), mk(tx, ty), embedding=["embedding"],
+                                    pretrain_solver=cfg(1e-2), finetune_solver=cfg(1e-3),
+                                    pretrain_hessian_samples=None).scores
+    assert sorted(pk) == sorted(pre_data["train"][0])
+    for i, k in enumerate(pk):
+        assert got[k] == pytest.approx(ref[i], rel=1e-5, abs=1e-7)
+    assert out.score_kind == "multi_stage_fixed"
+    summary = json.loads(out.get_string_custom_property("summary"))
+    assert summary["train"]["count"] == 80 and len(summary["train"]["top_keys"]) == 10
+    assert json.loads(out.get_string_custom_property("solves"))["pretrain"]["method"] == "cg_squared"
+
+
+def test_self_influence_scorer_equals_the_library_and_names_bad_input(world, tmp_path):
+    root, a, pre_data, _ = world
+    from tfx_components.artifacts import InfluenceScores
+    out = InfluenceScores()
+    out.uri = str(tmp_path / "si")
+    SIExecutor(ctx(tmp_path / "tmp")).Do({"examples": [a["pre_ex"]], "model": [a["pre_m"]]}, {"scores": [out]},
+                                         {"feature_spec": json.dumps(SPEC), "layers": json.dumps(["embedding"])})
+    got = scores_io.read_scores(os.path.join(out.uri, "Split-train"))
+    pre = keras.models.load_model(os.path.join(a["pre_m"].uri, "Format-Serving", "model.keras"))
+    ref = tracin.self_influence(tfi.Objective(pre, pre.loss), ds(pre_data["train"]), ["embedding"])
+    for i, k in enumerate(pre_data["train"][0]):
+        assert got[k] == pytest.approx(float(ref[i]), rel=1e-5)
+    assert out.score_kind == "self_influence"
+    with pytest.raises(ValueError, match=f"Model artifact {a['pre_m'].uri}.*no layer named 'encoder'"):
+        SIExecutor(ctx(tmp_path / "t2")).Do({"examples": [a["pre_ex"]], "model": [a["pre_m"]]}, {"scores": [out]},
+                                            {"feature_spec": json.dumps(SPEC), "layers": json.dumps(["encoder"])})
+    with pytest.raises(ValueError, match="has no split 'validation'"):
+        SIExecutor(ctx(tmp_path / "t3")).Do({"examples": [a["pre_ex"]], "model": [a["pre_m"]]}, {"scores": [out]},
+                                            {"feature_spec": json.dumps(SPEC), "layers": json.dumps(["embedding"]),
+                                             "splits": json.dumps(["validation"])})
+    empty = standard_artifacts.Model()
+    empty.uri = str(tmp_path / "nomodel")
+    with pytest.raises(FileNotFoundError, match="no Keras model file"):
+        SIExecutor(ctx(tmp_path / "t4")).Do({"examples": [a["pre_ex"]], "model": [empty]}, {"scores": [out]},
+                                            {"feature_spec": json.dumps(SPEC), "layers": json.dumps(["embedding"])})
+
+
+def test_presence_sequential_pipeline_local_dag_runner(world, tmp_path):
+    from tfx.orchestration import metadata
+    from tfx.orchestration import pipeline as tfx_pipeline
+    from tfx.orchestration.local.local_dag_runner import LocalDagRunner
+
+    root, a, pre_data, _ = world
+    ex = tfx.dsl.Importer(source_uri=a["pre_ex"].uri, artifact_type=standard_artifacts.Examples,
+                          properties={"split_names": a["pre_ex"].split_names}).with_id("examples")
+    model = tfx.dsl.Importer(source_uri=a["pre_m"].uri, artifact_type=standard_artifacts.Model).with_id("model")
+    si = SelfInfluenceScorer(examples=ex.outputs["result"], model=model.outputs["result"], feature_spec=SPEC,
+                             layers=["embedding"])
+    flt = ScoreFilter(examples=ex.outputs["result"], scores=si.outputs["scores"], mode="keep_lowest", value=60)
+    db = str(tmp_path / "mlmd.sqlite")
+    LocalDagRunner().run(tfx_pipeline.Pipeline(
+        pipeline_name="presence_sequential_test", pipeline_root=str(tmp_path / "root"),
+        components=[ex, model, si, flt], enable_cache=True,
+        metadata_connection_config=metadata.sqlite_metadata_connection_config(db), beam_pipeline_args=BEAM))
+    with metadata.Metadata(metadata.sqlite_metadata_connection_config(db)) as m:
+        outs = [x for x in m.store.get_artifacts_by_type("Examples") if "num_kept" in x.custom_properties]
+        scores = m.store.get_artifacts_by_type("tf_influence.InfluenceScores")
+        assert len(outs) == 1 and len(scores) == 1
+        assert outs[0].custom_properties["num_kept"].int_value == 60
+        assert outs[0].custom_properties["num_dropped"].int_value == 20
+        table = scores_io.read_scores(os.path.join(scores[0].uri, "Split-train"))
+        kept_uri = outs[0].uri
+    kept = set(th.read_examples(os.path.join(kept_uri, "Split-train")))
+    lowest = sorted(table, key=lambda k: (table[k], k))[:60]
+    originals = dict(zip(pre_data["train"][0], range(80)))
+    assert len(kept) == 60 and all(k in originals for k in lowest)
+    assert {tf.train.Example.FromString(r).features.feature["key"].bytes_list.value[0] for r in kept} == set(lowest)

@@ -1,0 +1,59 @@
+"""Helpers shared by the tf-influence TFX executors (artifact layout, decoding, summaries)."""
+
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+from tfx.types import artifact_utils
+
+from tf_influence import scores_io
+from tfx_components import beam_scoring
+
+
+def split_pattern(examples, split: str) -> str:
+    """File pattern of one split of an Examples artifact; raises naming the artifact if absent."""
+    names = artifact_utils.decode_split_names(examples.split_names)
+    if split not in names:
+        raise ValueError(f"Examples artifact {examples.uri} has no split '{split}' (it has {names})")
+    d = os.path.join(examples.uri, f"Split-{split}")
+    files = [f for f in tf.io.gfile.glob(os.path.join(d, "*")) if not tf.io.gfile.isdir(f)]
+    if not files:
+        raise ValueError(f"Examples artifact {examples.uri}: split '{split}' has no files in {d}")
+    return os.path.join(d, "*")
+
+
+def load_split(examples, split: str, spec: dict):
+    """``(keys, x, y)`` of a whole split (driver side: finetuning data, test points, Hessian samples)."""
+    pattern = split_pattern(examples, split)
+    files = tf.io.gfile.glob(pattern)
+    try:
+        records = list(tf.data.TFRecordDataset(files, compression_type="GZIP").as_numpy_iterator())
+    except tf.errors.DataLossError as err:
+        raise ValueError(f"Examples artifact {examples.uri}, split '{split}': corrupt TFRecord ({err.message})") from None
+    if not records:
+        raise ValueError(f"Examples artifact {examples.uri}, split '{split}' is empty")
+    return beam_scoring.decode_batch(records, spec, f"Examples artifact {examples.uri}, split '{split}'")
+
+
+def model_path(model) -> str:
+    return os.path.join(model.uri, "Format-Serving")
+
+
+def summarize(scores_dir: str, top_k: int = 10) -> dict:
+    """Count, mean, std, min, max, a 20-bin histogram and the top-k / bottom-k keys of a split."""
+    table = scores_io.read_scores(scores_dir)
+    keys = list(table)
+    vals = np.array([table[k] for k in keys])
+    hist, edges = np.histogram(vals, bins=20)
+    order = np.argsort(vals)
+    return {"count": int(len(vals)), "mean": float(vals.mean()), "std": float(vals.std()),
+            "min": float(vals.min()), "max": float(vals.max()),
+            "histogram": {"counts": hist.tolist(), "edges": edges.tolist()},
+            "top_keys": [keys[i].decode(errors="replace") for i in order[::-1][:top_k]],
+            "bottom_keys": [keys[i].decode(errors="replace") for i in order[:top_k]]}
+
+
+def record_summary(artifact, summaries: dict):
+    artifact.set_string_custom_property("summary", json.dumps(summaries, sort_keys=True))
+    artifact.set_int_custom_property("num_scored", int(sum(s["count"] for s in summaries.values())))

@@ -1,0 +1,77 @@
+"""Executor of InfluenceScorer: test-side vector in the driver (library), per-example products in Beam."""
+
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+from tfx.dsl.components.base import base_beam_executor
+from tfx.types import artifact_utils
+
+import tf_influence as tfi
+from tfx_components import beam_scoring, common
+
+
+def _ds(x, y, batch=256):
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
+
+
+class Executor(base_beam_executor.BaseBeamExecutor):
+
+    def Do(self, input_dict, output_dict, exec_properties):
+        pre_ex = artifact_utils.get_single_instance(input_dict["pretrain_examples"])
+        ft_ex = artifact_utils.get_single_instance(input_dict["finetune_examples"])
+        pre_m = artifact_utils.get_single_instance(input_dict["pretrain_model"])
+        ft_m = artifact_utils.get_single_instance(input_dict["finetune_model"])
+        out = artifact_utils.get_single_instance(output_dict["scores"])
+        e = exec_properties
+        spec = beam_scoring.parse_feature_spec(e["feature_spec"])
+        embedding = json.loads(e["embedding"])
+        pre_model = beam_scoring.load_keras_model(common.model_path(pre_m))
+        ft_model = beam_scoring.load_keras_model(common.model_path(ft_m))
+        pre_loss = beam_scoring.resolve_loss(pre_model, e.get("loss"))
+        ft_loss = beam_scoring.resolve_loss(ft_model, e.get("loss"))
+        pre_splits = artifact_utils.decode_split_names(pre_ex.split_names)
+        # driver side: the data the two Hessians and the test gradient need
+        _, xf, yf = common.load_split(ft_ex, e["finetune_train_split"], spec)
+        tkeys, xt, yt = common.load_split(ft_ex, e["test_split"], spec)
+        if e.get("test_keys"):
+            wanted = [k.encode() for k in json.loads(e["test_keys"])]
+            index = {k: i for i, k in enumerate(tkeys)}
+            absent = [k for k in wanted if k not in index]
+            if absent:
+                raise ValueError(f"Examples artifact {ft_ex.uri}, split '{e['test_split']}': no test example with "
+                                 f"key(s) {absent[:5]}")
+            sel = np.array([index[k] for k in wanted])
+            xt, yt = xt[sel], yt[sel]
+        _, xp, yp = common.load_split(pre_ex, pre_splits[0], spec)
+        solver = lambda lam: tfi.SolverConfig(e["solver"], damping=lam, max_iter=int(e["max_iter"]),  # noqa: E731
+                                              dtype=tf.float64)
+        try:
+            ms = tfi.MultiStageInfluence(
+                tfi.Objective(pre_model, pre_loss), _ds(xp, yp), tfi.Objective(ft_model, ft_loss), _ds(xf, yf),
+                embedding=embedding, case=e["case"], alpha=float(e["alpha"]),
+                pretrain_solver=solver(float(e["damping_pretrain"])),
+                finetune_solver=solver(float(e["damping_finetune"])),
+                pretrain_hessian_samples=e.get("hessian_samples"))
+        except tfi.ParameterGroupError as err:
+            raise ValueError(f"Model artifacts {pre_m.uri} / {ft_m.uri}: {err}") from None
+        s, solves, seconds = ms.test_vectors(_ds(xt, yt), "sum")
+        # the per-example products: (W, U) named by layers so every worker rebuilds the same group
+        head_layers = [l.name for l in pre_model.layers if l.trainable_weights and l.name not in embedding]
+        group_layers = [embedding, head_layers]
+        check = tfi.concat_groups("(W,U)", *[tfi.group_from_layers(pre_model, g) for g in group_layers])
+        if check.size != ms.WU.size:
+            raise ValueError(f"Model artifact {pre_m.uri}: the pretraining head is not a set of top-level layers; "
+                             "cannot rebuild (W, U) in the workers")
+        with self._make_beam_pipeline() as p:
+            for split in pre_splits:
+                beam_scoring.score_examples(
+                    p, common.split_pattern(pre_ex, split), common.model_path(pre_m), spec, "influence",
+                    os.path.join(out.uri, f"Split-{split}"), loss_config=e.get("loss"), group_layers=group_layers,
+                    vector=s.numpy(), batch_size=int(e.get("batch_size") or 256), label=f"[{split}]")
+        out.split_names = artifact_utils.encode_split_names(pre_splits)
+        out.score_kind = f"multi_stage_{e['case']}"
+        out.set_string_custom_property("solves", json.dumps(solves, sort_keys=True, default=float))
+        out.set_string_custom_property("num_test_points", str(len(xt)))
+        common.record_summary(out, {sp: common.summarize(os.path.join(out.uri, f"Split-{sp}")) for sp in pre_splits})

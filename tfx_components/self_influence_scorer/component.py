@@ -1,0 +1,48 @@
+"""SelfInfluenceScorer: TracIn self-influence of every example (PRESENCE-Sequential's score).
+
+Inputs: ``examples`` (Examples), ``model`` (Model whose ``Format-Serving`` directory holds
+``model.keras``). Parameters: ``feature_spec`` (JSON: how to decode x / y / key, see
+``tfx_components.beam_scoring.parse_feature_spec``), ``layers`` (JSON list: the layer set K),
+``splits`` (JSON list, default all), ``loss`` (Keras loss config JSON, default the model's
+compiled loss), ``batch_size``. Output: ``scores`` (InfluenceScores, ``score_kind =
+"self_influence"``) with a per-split summary in its custom properties.
+"""
+
+import json
+from typing import Optional
+
+from tfx import types
+from tfx.dsl.components.base import base_beam_component, executor_spec
+from tfx.types import channel_utils, standard_artifacts
+from tfx.types.component_spec import ChannelParameter, ExecutionParameter
+
+from tfx_components.artifacts import InfluenceScores
+from tfx_components.self_influence_scorer import executor
+
+
+class SelfInfluenceScorerSpec(types.ComponentSpec):
+    PARAMETERS = {
+        "feature_spec": ExecutionParameter(type=str),
+        "layers": ExecutionParameter(type=str),
+        "splits": ExecutionParameter(type=str, optional=True),
+        "loss": ExecutionParameter(type=str, optional=True),
+        "batch_size": ExecutionParameter(type=int, optional=True),
+    }
+    INPUTS = {"examples": ChannelParameter(type=standard_artifacts.Examples),
+              "model": ChannelParameter(type=standard_artifacts.Model)}
+    OUTPUTS = {"scores": ChannelParameter(type=InfluenceScores)}
+
+
+class SelfInfluenceScorer(base_beam_component.BaseBeamComponent):
+    SPEC_CLASS = SelfInfluenceScorerSpec
+    EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(executor.Executor)
+
+    def __init__(self, examples: types.BaseChannel, model: types.BaseChannel, feature_spec: dict, layers,
+                 splits=None, loss: Optional[dict] = None, batch_size: int = 256):
+        if not layers:
+            raise ValueError("SelfInfluenceScorer needs a non-empty layer set K (layers)")
+        spec = SelfInfluenceScorerSpec(
+            examples=examples, model=model, feature_spec=json.dumps(feature_spec), layers=json.dumps(list(layers)),
+            splits=json.dumps(list(splits)) if splits else None, loss=json.dumps(loss) if loss else None,
+            batch_size=batch_size, scores=channel_utils.as_channel([InfluenceScores()]))
+        super().__init__(spec=spec)

@@ -1,0 +1,41 @@
+"""Beam executor of SelfInfluenceScorer: reads each split, scores it with
+``tf_influence.tracin.self_influence`` (through ``tfx_components.beam_scoring``), writes InfluenceScores."""
+
+import json
+import os
+
+from tfx.dsl.components.base import base_beam_executor
+from tfx.types import artifact_utils
+
+from tfx_components import beam_scoring, common
+
+
+class Executor(base_beam_executor.BaseBeamExecutor):
+
+    def Do(self, input_dict, output_dict, exec_properties):
+        examples = artifact_utils.get_single_instance(input_dict["examples"])
+        model = artifact_utils.get_single_instance(input_dict["model"])
+        out = artifact_utils.get_single_instance(output_dict["scores"])
+        spec = beam_scoring.parse_feature_spec(exec_properties["feature_spec"])
+        layers = json.loads(exec_properties["layers"])
+        splits = json.loads(exec_properties["splits"]) if exec_properties.get("splits") else \
+            artifact_utils.decode_split_names(examples.split_names)
+        path = common.model_path(model)
+        # fail early, in the driver, with the artifact named: model file, layer set, features
+        keras_model = beam_scoring.load_keras_model(path)
+        from tf_influence import tracin
+        try:
+            tracin.layer_set(keras_model, layers)
+        except ValueError as err:
+            raise ValueError(f"Model artifact {model.uri}: {err}") from None
+        patterns = {s: common.split_pattern(examples, s) for s in splits}
+        with self._make_beam_pipeline() as p:
+            for split, pattern in patterns.items():
+                beam_scoring.score_examples(p, pattern, path, spec, "self_influence",
+                                            os.path.join(out.uri, f"Split-{split}"), layers=layers,
+                                            loss_config=exec_properties.get("loss"),
+                                            batch_size=int(exec_properties.get("batch_size") or 256),
+                                            label=f"[{split}]")
+        out.split_names = artifact_utils.encode_split_names(list(splits))
+        out.score_kind = "self_influence"
+        common.record_summary(out, {s: common.summarize(os.path.join(out.uri, f"Split-{s}")) for s in splits})
