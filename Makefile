@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench bench-presence presence presence-quick bazel-test reproduce reproduce-quick clean
+.PHONY: install test pipeline pipeline-compile demo bench bench-presence presence presence-quick bazel-test reproduce reproduce-quick clean
 
 install: $(STAMP)
 
@@ -19,6 +19,12 @@ $(STAMP): requirements.txt requirements-tfx.txt pyproject.toml
 
 test: install
 	$(PY) -m pytest -q tests
+
+pipeline: install
+	$(PY) -m pipelines.influence_pipeline --root reports/pipelines/influence
+
+pipeline-compile: install
+	$(PY) -m pipelines.influence_pipeline --root reports/pipelines/influence --runner kubeflow_v2
 
 demo: install
 	$(PY) -m tf_influence.demo

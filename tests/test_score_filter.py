@@ -14,7 +14,7 @@ from tfx.dsl.components.base.base_beam_executor import BaseBeamExecutor  # noqa:
 from tfx.types import artifact_utils, standard_artifacts  # noqa: E402
 
 from tf_influence import scores_io  # noqa: E402
-from tfx_components.artifacts import InfluenceScores  # noqa: E402
+from tfx_components.artifacts import InfluenceScores, set_scores_metadata  # noqa: E402
 from tfx_components.score_filter.component import ScoreFilter  # noqa: E402
 from tfx_components.score_filter.executor import Executor  # noqa: E402
 from tests import tfx_helpers as th  # noqa: E402
@@ -34,7 +34,8 @@ def artifacts(tmp_path, splits=("train", "eval"), score_splits=("train",), n_tra
     ex.uri, ex.split_names = ex_uri, artifact_utils.encode_split_names(list(splits))
     ex.span, ex.version = 3, 1
     sc = InfluenceScores()
-    sc.uri, sc.split_names, sc.score_kind = sc_uri, artifact_utils.encode_split_names(list(score_splits)), "test"
+    sc.uri = sc_uri
+    set_scores_metadata(sc, score_splits, "test")
     out = standard_artifacts.Examples()
     out.uri = out_uri
     return ex, sc, out, written, dict(zip(keys, scores))
@@ -120,7 +121,8 @@ def test_local_dag_runner_pipeline_with_cache(tmp_path):
     ex_imp = tfx.dsl.Importer(source_uri=ex.uri, artifact_type=standard_artifacts.Examples,
                               properties={"split_names": ex.split_names}).with_id("import_examples")
     sc_imp = tfx.dsl.Importer(source_uri=sc.uri, artifact_type=InfluenceScores,
-                              properties={"split_names": sc.split_names, "score_kind": "test"}).with_id("import_scores")
+                              custom_properties={"split_names": json.dumps(["train"]), "score_kind": "test"}
+                              ).with_id("import_scores")
     flt = ScoreFilter(examples=ex_imp.outputs["result"], scores=sc_imp.outputs["result"], mode="keep_lowest",
                       value=45)
     db = str(tmp_path / "mlmd.sqlite")

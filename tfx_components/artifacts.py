@@ -1,7 +1,8 @@
 """Custom TFX artifact types of tf-influence."""
 
+import json
+
 from tfx import v1 as tfx
-from tfx.types import artifact
 
 
 class InfluenceScores(tfx.dsl.Artifact):
@@ -9,13 +10,26 @@ class InfluenceScores(tfx.dsl.Artifact):
     each holding GZIP TFRecord shards of ``tf.train.Example(key, score[, row])``
     (see ``tf_influence.scores_io``).
 
-    Properties: ``split_names`` (JSON list, as for Examples), ``score_kind``
-    (``multi_stage_fixed``, ``multi_stage_updated``, ``self_influence``, …). Custom properties
-    hold a small summary (count, mean, min/max, histogram, top-k keys).
+    Metadata lives in *custom* properties — ``split_names`` (JSON list, as for Examples),
+    ``score_kind`` (``multi_stage_fixed``, ``multi_stage_updated``, ``self_influence``, ``random``),
+    ``summary`` (count, mean, min/max, histogram, top-k keys per split) — because Kubeflow V2 /
+    Vertex compiles custom artifact types with the generic schema, which has no typed properties.
     """
 
     TYPE_NAME = "tf_influence.InfluenceScores"
-    PROPERTIES = {
-        "split_names": artifact.Property(type=artifact.PropertyType.STRING),
-        "score_kind": artifact.Property(type=artifact.PropertyType.STRING),
-    }
+
+
+def set_scores_metadata(artifact, split_names, score_kind: str) -> None:
+    artifact.set_string_custom_property("split_names", json.dumps(list(split_names)))
+    artifact.set_string_custom_property("score_kind", score_kind)
+
+
+def scores_split_names(artifact) -> list:
+    raw = artifact.get_string_custom_property("split_names")
+    if not raw:
+        raise ValueError(f"InfluenceScores artifact {artifact.uri} has no 'split_names' custom property")
+    return json.loads(raw)
+
+
+def scores_kind(artifact) -> str:
+    return artifact.get_string_custom_property("score_kind")

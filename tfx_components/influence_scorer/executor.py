@@ -10,6 +10,7 @@ from tfx.types import artifact_utils
 
 import tf_influence as tfi
 from tfx_components import beam_scoring, common
+from tfx_components.artifacts import set_scores_metadata
 
 
 def _ds(x, y, batch=256):
@@ -70,8 +71,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                     p, common.split_pattern(pre_ex, split), common.model_path(pre_m), spec, "influence",
                     os.path.join(out.uri, f"Split-{split}"), loss_config=e.get("loss"), group_layers=group_layers,
                     vector=s.numpy(), batch_size=int(e.get("batch_size") or 256), label=f"[{split}]")
-        out.split_names = artifact_utils.encode_split_names(pre_splits)
-        out.score_kind = f"multi_stage_{e['case']}"
+        set_scores_metadata(out, pre_splits, f"multi_stage_{e['case']}")
         out.set_string_custom_property("solves", json.dumps(solves, sort_keys=True, default=float))
         out.set_string_custom_property("num_test_points", str(len(xt)))
         common.record_summary(out, {sp: common.summarize(os.path.join(out.uri, f"Split-{sp}")) for sp in pre_splits})

@@ -9,6 +9,7 @@ from tfx.dsl.components.base import base_beam_executor
 from tfx.types import artifact_utils
 
 from tf_influence import scores_io
+from tfx_components.artifacts import scores_split_names
 
 _DATA = "data_tfrecord"
 
@@ -50,7 +51,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         mode, value = exec_properties["mode"], float(exec_properties["value"])
         key_feature = exec_properties.get("key_feature") or "key"
         ex_splits = artifact_utils.decode_split_names(examples.split_names)
-        sc_splits = artifact_utils.decode_split_names(scores.split_names)
+        sc_splits = scores_split_names(scores)
         missing = [s for s in sc_splits if s not in ex_splits]
         if missing:
             raise ValueError(f"InfluenceScores artifact {scores.uri} has scores for split(s) {missing} that the "

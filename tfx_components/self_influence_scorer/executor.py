@@ -8,6 +8,7 @@ from tfx.dsl.components.base import base_beam_executor
 from tfx.types import artifact_utils
 
 from tfx_components import beam_scoring, common
+from tfx_components.artifacts import set_scores_metadata
 
 
 class Executor(base_beam_executor.BaseBeamExecutor):
@@ -36,6 +37,5 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                                             loss_config=exec_properties.get("loss"),
                                             batch_size=int(exec_properties.get("batch_size") or 256),
                                             label=f"[{split}]")
-        out.split_names = artifact_utils.encode_split_names(list(splits))
-        out.score_kind = "self_influence"
+        set_scores_metadata(out, splits, "self_influence")
         common.record_summary(out, {s: common.summarize(os.path.join(out.uri, f"Split-{s}")) for s in splits})

@@ -1,0 +1,55 @@
+"""Pipeline glue components (Python-function components): random scores for the random-drop
+control, and the accuracy comparison that closes ``influence_pipeline``."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tfx import v1 as tfx
+from tfx.dsl.component.experimental.annotations import InputArtifact, OutputArtifact, Parameter
+from tfx.dsl.component.experimental.decorators import component
+from tfx.types import artifact_utils, standard_artifacts
+
+from tf_influence import scores_io
+from tfx_components import beam_scoring
+from tfx_components.artifacts import InfluenceScores, set_scores_metadata
+
+
+@component
+def RandomScores(examples: InputArtifact[standard_artifacts.Examples], scores: OutputArtifact[InfluenceScores],
+                 seed: Parameter[int] = 0, key_feature: Parameter[str] = "key"):
+    """Uniform random scores for every example (the "drop a random 10 %" control)."""
+    splits = artifact_utils.decode_split_names(examples.split_names)
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        files = tf.io.gfile.glob(os.path.join(examples.uri, f"Split-{split}", "*"))
+        keys = [tf.train.Example.FromString(r).features.feature[key_feature].bytes_list.value[0]
+                for r in tf.data.TFRecordDataset(files, compression_type="GZIP").as_numpy_iterator()]
+        scores_io.write_scores(os.path.join(scores.uri, f"Split-{split}"), keys, rng.random(len(keys)))
+    set_scores_metadata(scores, splits, "random")
+
+
+@component
+def CompareModels(test_examples: InputArtifact[standard_artifacts.Examples],
+                  original: InputArtifact[standard_artifacts.Model],
+                  dropped_top: InputArtifact[standard_artifacts.Model],
+                  dropped_random: InputArtifact[standard_artifacts.Model],
+                  report: OutputArtifact[standard_artifacts.ModelEvaluation],
+                  feature_spec: Parameter[str], test_split: Parameter[str] = "test"):
+    """Finetuning test accuracy and mean loss of the three finetuned models."""
+    spec = beam_scoring.parse_feature_spec(feature_spec)
+    files = tf.io.gfile.glob(os.path.join(test_examples.uri, f"Split-{test_split}", "*"))
+    records = list(tf.data.TFRecordDataset(files, compression_type="GZIP").as_numpy_iterator())
+    _, x, y = beam_scoring.decode_batch(records, spec, f"Examples artifact {test_examples.uri}")
+    out = {}
+    for name, m in (("original", original), ("drop_top", dropped_top), ("drop_random", dropped_random)):
+        model = beam_scoring.load_keras_model(os.path.join(m.uri, "Format-Serving"))
+        logits = model.predict(x, verbose=0)
+        loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        out[name] = {"accuracy": float(np.mean(np.argmax(logits, 1) == y)), "loss": float(np.mean(loss))}
+    out["n_test"] = int(len(y))
+    with tf.io.gfile.GFile(os.path.join(report.uri, "comparison.json"), "w") as fh:
+        fh.write(json.dumps(out, indent=1))
+    report.set_string_custom_property("comparison", json.dumps(out, sort_keys=True))

@@ -1,0 +1,87 @@
+"""``run_fn`` module for the stock ``tfx.components.Trainer`` (GenericExecutor).
+
+TFX users expect the stock Trainer with a module file, so the reweighted training is a
+``run_fn`` rather than a separate component: it gets TFX's orchestration, caching, base-model
+wiring and ``Format-Serving`` layout for free. ``custom_config`` selects the stage:
+
+* ``{"stage": "pretrain", ...}`` — the Table-A CNN on pretraining examples;
+* ``{"stage": "finetune", "case": "fixed"|"updated", ...}`` — a new head on the embedding of
+  ``fn_args.base_model`` (the pretraining Trainer's model); ``fixed`` freezes the embedding;
+* ``presence: {"num_microbatches": n, "si_layers": [...], "tau1", "tau2", "switch_fraction"}`` —
+  train with the PRESENCE reweighted step (``tf_influence.presence``) and two-stage τ schedule,
+  under ``presence.get_strategy()`` (TPUStrategy when a TPU is configured, else Mirrored / default).
+
+Every stage writes a SavedModel (``model.export``) and ``model.keras`` (for the scorers) to
+``fn_args.serving_model_dir``. Data is read from ``fn_args.train_files`` as GZIP TFRecords with
+the feature spec in ``custom_config["feature_spec"]``.
+"""
+
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tf_influence import models, presence
+from tfx_components.beam_scoring import decode_batch, load_keras_model, parse_feature_spec
+
+
+def _load(patterns, spec):
+    files = []
+    for p in patterns if isinstance(patterns, (list, tuple)) else [patterns]:
+        files.extend(tf.io.gfile.glob(p if any(ch in p for ch in "*?[") else os.path.join(p, "*")))
+    if not files:
+        raise ValueError(f"no training files at {patterns}")
+    records = list(tf.data.TFRecordDataset(files, compression_type="GZIP").as_numpy_iterator())
+    return decode_batch(records, spec, f"training files {patterns}")
+
+
+def build(cfg: dict, input_shape, base_model=None):
+    if cfg["stage"] == "pretrain":
+        pre, _, _ = models.build_two_stage_models(input_shape, cfg["n_classes"], 1, seed=cfg.get("seed", 0),
+                                                  l2=cfg.get("l2", 1e-4))
+        return pre
+    if base_model is None:
+        raise ValueError("the finetune stage needs base_model (the pretraining Trainer's model)")
+    keras.utils.set_random_seed(cfg.get("seed", 0) + 1)
+    emb = base_model.get_layer("embedding")
+    head = models.build_head(int(emb.output_shape[-1]), cfg["n_classes"], l2=cfg.get("l2", 1e-4),
+                             name="finetune_head")
+    emb.trainable = cfg.get("case", "fixed") == "updated"
+    return models.attach_head(emb, head, "finetune")
+
+
+def run_fn(fn_args):
+    cfg = dict(fn_args.custom_config or {})
+    spec = parse_feature_spec(cfg["feature_spec"])
+    _, x, y = _load(fn_args.train_files, spec)
+    base = load_keras_model(fn_args.base_model) if getattr(fn_args, "base_model", None) else None
+    strategy = presence.get_strategy(tpu=cfg.get("tpu", ""))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    with strategy.scope():
+        model = build(cfg, x.shape[1:], base)
+        opts = cfg.get("presence")
+        if opts:
+            trainer = presence.PresenceModel(model, num_microbatches=opts.get("num_microbatches", 4),
+                                             si_layers=opts.get("si_layers", ["embedding"]))
+        else:
+            trainer = model
+        trainer.compile(optimizer=keras.optimizers.Adam(cfg.get("learning_rate", 1e-2)), loss=loss,
+                        metrics=["accuracy"])
+    batch = cfg.get("batch_size", 64)
+    steps = int(cfg.get("steps", 300))
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=cfg.get("seed", 0)).repeat().batch(
+        batch, drop_remainder=True)
+    callbacks = []
+    if cfg.get("presence"):
+        o = cfg["presence"]
+        callbacks.append(presence.PresenceCallback(presence.two_stage(int(o.get("switch_fraction", 0.3) * steps),
+                                                                      o.get("tau1", 1.0), o.get("tau2", -1.0)),
+                                                   keep_weights=False))
+    trainer.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=callbacks, shuffle=False)
+    for layer in model.layers:  # W is a parameter group of the saved model even if it was frozen here
+        layer.trainable = True
+    model.compile(optimizer="adam", loss=loss, metrics=["accuracy"])  # so model.keras carries the loss
+    tf.io.gfile.makedirs(fn_args.serving_model_dir)
+    model.export(fn_args.serving_model_dir)
+    model.save(os.path.join(fn_args.serving_model_dir, "model.keras"))
