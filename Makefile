@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test pipeline pipeline-compile demo bench bench-presence presence presence-quick bazel-test reproduce reproduce-quick clean
+.PHONY: install test pipeline pipeline-compile presence-pipeline demo bench bench-presence presence presence-quick bazel-test reproduce reproduce-quick clean
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ pipeline: install
 
 pipeline-compile: install
 	$(PY) -m pipelines.influence_pipeline --root reports/pipelines/influence --runner kubeflow_v2
+
+presence-pipeline: install
+	$(PY) -m pipelines.presence_pipeline --root reports/pipelines/presence
 
 demo: install
 	$(PY) -m tf_influence.demo

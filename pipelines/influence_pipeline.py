@@ -19,9 +19,9 @@ import json
 import os
 import sys
 import time
-import warnings
 
-BEAM_DEFAULT = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+from pipelines.summary import BEAM_DEFAULT, quiet, summarize
+
 
 
 def create_pipeline(root: str, data_root: str, quick: bool = False, beam_args=None, drop_fraction: float = 0.1,
@@ -89,30 +89,6 @@ def create_pipeline(root: str, data_root: str, quick: bool = False, beam_args=No
                             beam_pipeline_args=list(beam_args if beam_args is not None else BEAM_DEFAULT), **kwargs)
 
 
-def _summary(metadata_path: str) -> dict:
-    from tfx.orchestration import metadata
-    out = {"components": {}}
-    with metadata.Metadata(metadata.sqlite_metadata_connection_config(metadata_path)) as m:
-        store = m.store
-        types = {t.id: t.name for t in store.get_execution_types()}
-        state = {1: "NEW", 2: "RUNNING", 3: "COMPLETE", 4: "FAILED", 5: "CACHED", 6: "CANCELED"}
-        for ex in store.get_executions():
-            node = ex.custom_properties.get("__node_id__") or ex.properties.get("__node_id__")
-            name = types.get(ex.type_id, "?")
-            key = name.split(".")[-1]
-            out["components"].setdefault(key, []).append(state.get(ex.last_known_state, str(ex.last_known_state)))
-            del node
-        for a in store.get_artifacts_by_type("Examples"):
-            if "filter_counts" in a.custom_properties:
-                counts = json.loads(a.custom_properties["filter_counts"].string_value)
-                mode = a.custom_properties["filter_mode"].string_value
-                out.setdefault("filters", []).append({"uri": a.uri, "mode": mode, "counts": counts})
-        for a in store.get_artifacts_by_type("ModelEvaluation"):
-            if "comparison" in a.custom_properties:
-                out["comparison"] = json.loads(a.custom_properties["comparison"].string_value)
-    return out
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="reduced sizes (CI)")
@@ -123,8 +99,7 @@ def main(argv=None):
     ap.add_argument("--data-dir", default=None, help="TFDS data dir for the embedded digits")
     ap.add_argument("--image", default="tf-influence:latest", help="container image (kubeflow_v2)")
     args = ap.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    warnings.filterwarnings("ignore")
+    quiet()
     from pipelines import digits_data
     t0 = time.perf_counter()
     data_root = os.path.join(os.path.abspath(args.root), "data")
@@ -142,7 +117,7 @@ def main(argv=None):
     md = os.path.join(os.path.abspath(args.root), "metadata.sqlite")
     pipe = create_pipeline(os.path.abspath(args.root), data_root, args.quick, args.beam_arg, metadata_path=md)
     tfx.orchestration.LocalDagRunner().run(pipe)
-    summary = {"pipeline": "influence_pipeline", "quick": args.quick, "data": counts, **_summary(md),
+    summary = {"pipeline": "influence_pipeline", "quick": args.quick, "data": counts, **summarize(md),
                "wall_seconds": time.perf_counter() - t0}
     report = args.report or os.path.join("reports", "pipelines", "influence_pipeline.json")
     os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)

@@ -53,3 +53,34 @@ def CompareModels(test_examples: InputArtifact[standard_artifacts.Examples],
     with tf.io.gfile.GFile(os.path.join(report.uri, "comparison.json"), "w") as fh:
         fh.write(json.dumps(out, indent=1))
     report.set_string_custom_property("comparison", json.dumps(out, sort_keys=True))
+
+
+@component
+def CompareLMs(examples: InputArtifact[standard_artifacts.Examples],
+               uniform: InputArtifact[standard_artifacts.Model],
+               presence_sequential: InputArtifact[standard_artifacts.Model],
+               presence: InputArtifact[standard_artifacts.Model],
+               filtered: InputArtifact[standard_artifacts.Examples],
+               report: OutputArtifact[standard_artifacts.ModelEvaluation],
+               feature_spec: Parameter[str], test_split: Parameter[str] = "test"):
+    """Held-out clean loss of the three language models, and how much injected noise the filter kept."""
+    spec = beam_scoring.parse_feature_spec(feature_spec)
+
+    def records(artifact, split):
+        files = tf.io.gfile.glob(os.path.join(artifact.uri, f"Split-{split}", "*"))
+        return list(tf.data.TFRecordDataset(files, compression_type="GZIP").as_numpy_iterator())
+
+    _, x, y = beam_scoring.decode_batch(records(examples, test_split), spec, f"Examples artifact {examples.uri}")
+    out = {}
+    for name, m in (("uniform", uniform), ("presence_sequential", presence_sequential), ("presence", presence)):
+        model = beam_scoring.load_keras_model(os.path.join(m.uri, "Format-Serving"))
+        loss = keras.losses.sparse_categorical_crossentropy(y, model.predict(x, verbose=0), from_logits=True)
+        out[name] = {"heldout_loss": float(np.mean(loss))}
+    keys_all, _, _ = beam_scoring.decode_batch(records(examples, "train"), spec, "pool")
+    keys_kept, _, _ = beam_scoring.decode_batch(records(filtered, "train"), spec, "kept")
+    noise = lambda ks: sum(k.startswith(b"noise-") for k in ks)  # noqa: E731
+    out["filter"] = {"pool": len(keys_all), "kept": len(keys_kept), "noise_in_pool": noise(keys_all),
+                     "noise_kept": noise(keys_kept)}
+    with tf.io.gfile.GFile(os.path.join(report.uri, "comparison.json"), "w") as fh:
+        fh.write(json.dumps(out, indent=1))
+    report.set_string_custom_property("comparison", json.dumps(out, sort_keys=True))

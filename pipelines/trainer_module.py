@@ -5,6 +5,7 @@ TFX users expect the stock Trainer with a module file, so the reweighted trainin
 wiring and ``Format-Serving`` layout for free. ``custom_config`` selects the stage:
 
 * ``{"stage": "pretrain", ...}`` — the Table-A CNN on pretraining examples;
+* ``{"stage": "lm", ...}`` — the character LM of ``tf_influence.text`` (presence_pipeline);
 * ``{"stage": "finetune", "case": "fixed"|"updated", ...}`` — a new head on the embedding of
   ``fn_args.base_model`` (the pretraining Trainer's model); ``fixed`` freezes the embedding;
 * ``presence: {"num_microbatches": n, "si_layers": [...], "tau1", "tau2", "switch_fraction"}`` —
@@ -37,6 +38,9 @@ def _load(patterns, spec):
 
 
 def build(cfg: dict, input_shape, base_model=None):
+    if cfg["stage"] == "lm":
+        from tf_influence import text
+        return text.build_lm(int(input_shape[0]), seed=cfg.get("seed", 0))
     if cfg["stage"] == "pretrain":
         pre, _, _ = models.build_two_stage_models(input_shape, cfg["n_classes"], 1, seed=cfg.get("seed", 0),
                                                   l2=cfg.get("l2", 1e-4))
@@ -83,5 +87,5 @@ def run_fn(fn_args):
         layer.trainable = True
     model.compile(optimizer="adam", loss=loss, metrics=["accuracy"])  # so model.keras carries the loss
     tf.io.gfile.makedirs(fn_args.serving_model_dir)
-    model.export(fn_args.serving_model_dir)
+    model.export(fn_args.serving_model_dir, verbose=False)
     model.save(os.path.join(fn_args.serving_model_dir, "model.keras"))

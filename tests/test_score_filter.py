@@ -140,3 +140,36 @@ def test_local_dag_runner_pipeline_with_cache(tmp_path):
         assert a.custom_properties["num_dropped"].int_value == 15
         kept = set(th.read_examples(os.path.join(a.uri, "Split-train")))
     assert kept == {written["train"][k] for k in scores_io.select_kept(table, "keep_lowest", 45)}
+
+
+def test_a_failed_component_registers_no_output(tmp_path):
+    """ScoreFilter fails (an example has no score): the run raises and MLMD holds no published
+    output of it — nothing partial is registered as a successful artifact."""
+    from tfx.orchestration import metadata
+    from tfx.orchestration import pipeline as tfx_pipeline
+    from tfx.orchestration.local.local_dag_runner import LocalDagRunner
+
+    ex, sc, _, written, table = artifacts(tmp_path)
+    keys = sorted(table)[1:]
+    for f in os.listdir(os.path.join(sc.uri, "Split-train")):
+        os.remove(os.path.join(sc.uri, "Split-train", f))
+    th.write_scores(sc.uri, "train", keys, [table[k] for k in keys])
+    ex_imp = tfx.dsl.Importer(source_uri=ex.uri, artifact_type=standard_artifacts.Examples,
+                              properties={"split_names": ex.split_names}).with_id("import_examples")
+    sc_imp = tfx.dsl.Importer(source_uri=sc.uri, artifact_type=InfluenceScores,
+                              custom_properties={"split_names": json.dumps(["train"]), "score_kind": "test"}
+                              ).with_id("import_scores")
+    flt = ScoreFilter(examples=ex_imp.outputs["result"], scores=sc_imp.outputs["result"], mode="keep_lowest", value=5)
+    db = str(tmp_path / "mlmd.sqlite")
+    pipe = tfx_pipeline.Pipeline(pipeline_name="score-filter-fail", pipeline_root=str(tmp_path / "root"),
+                                 components=[ex_imp, sc_imp, flt], enable_cache=False,
+                                 metadata_connection_config=metadata.sqlite_metadata_connection_config(db),
+                                 beam_pipeline_args=BEAM_ARGS)
+    with pytest.raises(Exception, match="has no score"):
+        LocalDagRunner().run(pipe)
+    from ml_metadata.proto import metadata_store_pb2
+    with metadata.Metadata(metadata.sqlite_metadata_connection_config(db)) as m:
+        live = [a for a in m.store.get_artifacts_by_type("Examples")
+                if a.state == metadata_store_pb2.Artifact.LIVE and "/ScoreFilter/" in a.uri]
+        failed = [e for e in m.store.get_executions() if e.last_known_state == metadata_store_pb2.Execution.FAILED]
+    assert live == [] and len(failed) == 1

@@ -1,0 +1,31 @@
+"""presence_pipeline end to end with LocalDagRunner (reduced size) and its Kubeflow V2 compilation."""
+
+import json
+
+import pytest
+
+pytest.importorskip("tfx")
+
+from pipelines import presence_pipeline  # noqa: E402
+
+
+def test_presence_pipeline_runs_end_to_end(tmp_path):
+    report = tmp_path / "summary.json"
+    presence_pipeline.main(["--quick", "--root", str(tmp_path / "root"), "--report", str(report)])
+    s = json.load(open(report))
+    for name in ("ImportExampleGen", "Trainer", "SelfInfluenceScorer", "ScoreFilter", "CompareLMs"):
+        assert s["components"][name] and all(st == "COMPLETE" for st in s["components"][name]), name
+    assert len(s["components"]["Trainer"]) == 3
+    (f,) = s["filters"]
+    assert f["mode"] == "keep_lowest"
+    assert f["counts"]["train"] == {"in": 480, "kept": 384, "dropped": 96, "filtered": True}
+    assert f["counts"]["test"]["filtered"] is False
+    c = s["comparison"]
+    for v in ("uniform", "presence_sequential", "presence"):
+        assert c[v]["heldout_loss"] > 0
+    assert c["filter"]["kept"] == 384 and c["filter"]["noise_in_pool"] == 96
+
+
+def test_presence_pipeline_compiles_for_kubeflow_v2(tmp_path):
+    spec = json.load(open(presence_pipeline.main(["--quick", "--root", str(tmp_path), "--runner", "kubeflow_v2"])))
+    assert {"SelfInfluenceScorer", "ScoreFilter", "presence_trainer"} <= set(spec["pipelineSpec"]["root"]["dag"]["tasks"])
