@@ -173,3 +173,13 @@ def test_a_failed_component_registers_no_output(tmp_path):
                 if a.state == metadata_store_pb2.Artifact.LIVE and "/ScoreFilter/" in a.uri]
         failed = [e for e in m.store.get_executions() if e.last_known_state == metadata_store_pb2.Execution.FAILED]
     assert live == [] and len(failed) == 1
+
+
+def test_corrupt_tfrecord_names_the_artifact(tmp_path):
+    ex, sc, out, written, table = artifacts(tmp_path)
+    path = os.path.join(ex.uri, "Split-train", "data_tfrecord-00000-of-00002.gz")
+    with open(path, "r+b") as fh:  # keep the gzip header, garble the payload
+        fh.seek(20)
+        fh.write(b"\x00garbage\x00" * 20)
+    with pytest.raises(Exception, match=f"ScoreFilter on Examples artifact {ex.uri}"):
+        run_executor(tmp_path, ex, sc, out)

@@ -36,6 +36,22 @@ def load_split(examples, split: str, spec: dict):
     return beam_scoring.decode_batch(records, spec, f"Examples artifact {examples.uri}, split '{split}'")
 
 
+class BeamStageError(RuntimeError):
+    """A Beam stage of a component failed; the message names the component's input artifacts."""
+
+
+def run_beam(executor, build, what: str):
+    """Run ``build(pipeline)`` in the executor's Beam pipeline; re-raise failures naming ``what``
+    (e.g. a corrupt TFRecord in an Examples artifact)."""
+    try:
+        with executor._make_beam_pipeline() as p:
+            build(p)
+    except Exception as err:  # Beam wraps worker errors in several layers; keep the root message
+        msg = str(err).strip().splitlines()
+        root = next((line for line in reversed(msg) if "Error" in line), msg[-1] if msg else repr(err))
+        raise BeamStageError(f"{what}: {root}") from err
+
+
 def model_path(model) -> str:
     return os.path.join(model.uri, "Format-Serving")
 

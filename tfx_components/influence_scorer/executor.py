@@ -65,12 +65,15 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         if check.size != ms.WU.size:
             raise ValueError(f"Model artifact {pre_m.uri}: the pretraining head is not a set of top-level layers; "
                              "cannot rebuild (W, U) in the workers")
-        with self._make_beam_pipeline() as p:
+        def build(p):
             for split in pre_splits:
                 beam_scoring.score_examples(
                     p, common.split_pattern(pre_ex, split), common.model_path(pre_m), spec, "influence",
                     os.path.join(out.uri, f"Split-{split}"), loss_config=e.get("loss"), group_layers=group_layers,
                     vector=s.numpy(), batch_size=int(e.get("batch_size") or 256), label=f"[{split}]")
+
+        common.run_beam(self, build, f"InfluenceScorer on Examples artifact {pre_ex.uri} "
+                                     f"with Model artifact {pre_m.uri}")
         set_scores_metadata(out, pre_splits, f"multi_stage_{e['case']}")
         out.set_string_custom_property("solves", json.dumps(solves, sort_keys=True, default=float))
         out.set_string_custom_property("num_test_points", str(len(xt)))

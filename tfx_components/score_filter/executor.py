@@ -9,6 +9,7 @@ from tfx.dsl.components.base import base_beam_executor
 from tfx.types import artifact_utils
 
 from tf_influence import scores_io
+from tfx_components import common
 from tfx_components.artifacts import scores_split_names
 
 _DATA = "data_tfrecord"
@@ -33,15 +34,6 @@ class _Route(beam.DoFn):
         yield beam.pvalue.TaggedOutput("keys", key)
 
 
-def _split_files(uri, split, desc):
-    """The split directory ``<uri>/Split-<split>`` and its files; raises if it has none."""
-    d = os.path.join(uri, f"Split-{split}")
-    files = [f for f in tf.io.gfile.glob(os.path.join(d, "*")) if not tf.io.gfile.isdir(f)]
-    if not files:
-        raise ValueError(f"{desc}: split '{split}' has no files in {d}")
-    return d, files
-
-
 class Executor(base_beam_executor.BaseBeamExecutor):
 
     def Do(self, input_dict, output_dict, exec_properties):
@@ -62,7 +54,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         plan = []
         for split in ex_splits:
             desc = f"Examples artifact {examples.uri}, split '{split}'"
-            src_dir, files = _split_files(examples.uri, split, desc)
+            pattern = common.split_pattern(examples, split)
             dst = os.path.join(out.uri, f"Split-{split}")
             if split in sc_splits:
                 sdesc = f"InfluenceScores artifact {scores.uri}, split '{split}'"
@@ -71,14 +63,15 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                 except (FileNotFoundError, ValueError) as err:
                     raise ValueError(f"{sdesc}: {err}") from None
                 kept = scores_io.select_kept(table, mode, value)
-                plan.append((split, desc, src_dir, dst, {k: (k in kept) for k in table}))
+                plan.append((split, desc, pattern, dst, {k: (k in kept) for k in table}))
             else:
-                plan.append((split, desc, src_dir, dst, None))
+                plan.append((split, desc, pattern, dst, None))
         tmp = self._get_tmp_dir()
-        with self._make_beam_pipeline() as p:
-            for split, desc, src_dir, dst, decisions in plan:
+
+        def build(p):
+            for split, desc, pattern, dst, decisions in plan:
                 records = (p | f"Read[{split}]" >> beam.io.ReadFromTFRecord(
-                    os.path.join(src_dir, "*"), coder=beam.coders.BytesCoder(),
+                    pattern, coder=beam.coders.BytesCoder(),
                     compression_type=beam.io.filesystem.CompressionTypes.AUTO))
                 if decisions is None:
                     _write(records, dst, f"Copy[{split}]")
@@ -91,6 +84,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                 _count(routed.kept, tmp, split, "kept")
                 _count(routed.dropped, tmp, split, "dropped")
                 _count(routed.keys | f"Distinct[{split}]" >> beam.Distinct(), tmp, split, "distinct_keys")
+        common.run_beam(self, build, f"ScoreFilter on Examples artifact {examples.uri} and InfluenceScores "
+                                     f"artifact {scores.uri}")
         total = {"in": 0, "kept": 0, "dropped": 0}
         for split, desc, _, _, decisions in plan:
             if decisions is None:

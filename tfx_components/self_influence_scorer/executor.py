@@ -30,12 +30,15 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         except ValueError as err:
             raise ValueError(f"Model artifact {model.uri}: {err}") from None
         patterns = {s: common.split_pattern(examples, s) for s in splits}
-        with self._make_beam_pipeline() as p:
+        def build(p):
             for split, pattern in patterns.items():
                 beam_scoring.score_examples(p, pattern, path, spec, "self_influence",
                                             os.path.join(out.uri, f"Split-{split}"), layers=layers,
                                             loss_config=exec_properties.get("loss"),
                                             batch_size=int(exec_properties.get("batch_size") or 256),
                                             label=f"[{split}]")
+
+        common.run_beam(self, build, f"SelfInfluenceScorer on Examples artifact {examples.uri} "
+                                     f"with Model artifact {model.uri}")
         set_scores_metadata(out, splits, "self_influence")
         common.record_summary(out, {s: common.summarize(os.path.join(out.uri, f"Split-{s}")) for s in splits})
