@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from pipelines.summary import BEAM_DEFAULT, quiet, summarize
+from pipelines.summary import BEAM_DEFAULT, execute, quiet
 
 
 
@@ -104,29 +104,10 @@ def main(argv=None):
     t0 = time.perf_counter()
     data_root = os.path.join(os.path.abspath(args.root), "data")
     counts = digits_data.write(data_root, n_finetune=200 if args.quick else 400, data_dir=args.data_dir)
-    if args.runner == "kubeflow_v2":
-        from tfx.orchestration.kubeflow.v2 import kubeflow_v2_dag_runner as kfv2
-        pipe = create_pipeline(os.path.abspath(args.root), data_root, args.quick, args.beam_arg)
-        path = os.path.join(args.root, "influence_pipeline.json")
-        runner = kfv2.KubeflowV2DagRunner(config=kfv2.KubeflowV2DagRunnerConfig(default_image=args.image),
-                                          output_dir=args.root, output_filename="influence_pipeline.json")
-        runner.run(pipe)
-        print(f"wrote {path}")
-        return path
-    from tfx import v1 as tfx
-    md = os.path.join(os.path.abspath(args.root), "metadata.sqlite")
-    pipe = create_pipeline(os.path.abspath(args.root), data_root, args.quick, args.beam_arg, metadata_path=md)
-    tfx.orchestration.LocalDagRunner().run(pipe)
-    summary = {"pipeline": "influence_pipeline", "quick": args.quick, "data": counts, **summarize(md),
-               "wall_seconds": time.perf_counter() - t0}
-    report = args.report or os.path.join("reports", "pipelines", "influence_pipeline.json")
-    os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
-    with open(report, "w") as fh:
-        json.dump(summary, fh, indent=1)
-    print(json.dumps(summary.get("comparison", {}), indent=1))
-    print(f"wrote {report} ({summary['wall_seconds']:.0f} s)")
-    return report
-
+    root = os.path.abspath(args.root)
+    return execute("influence_pipeline",
+                   lambda md: create_pipeline(root, data_root, args.quick, args.beam_arg, metadata_path=md),
+                   root, args.runner, args.image, args.report, {"quick": args.quick, "data": counts}, t0)
 
 if __name__ == "__main__":
     sys.exit(0 if main() else 1)

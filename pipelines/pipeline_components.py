@@ -17,6 +17,12 @@ from tfx_components import beam_scoring
 from tfx_components.artifacts import InfluenceScores, set_scores_metadata
 
 
+def _split_records(artifact, split: str) -> list:
+    """Serialized examples of one split of an Examples artifact."""
+    files = tf.io.gfile.glob(os.path.join(artifact.uri, f"Split-{split}", "*"))
+    return list(tf.data.TFRecordDataset(files, compression_type="GZIP").as_numpy_iterator())
+
+
 @component
 def RandomScores(examples: InputArtifact[standard_artifacts.Examples], scores: OutputArtifact[InfluenceScores],
                  seed: Parameter[int] = 0, key_feature: Parameter[str] = "key"):
@@ -24,9 +30,8 @@ def RandomScores(examples: InputArtifact[standard_artifacts.Examples], scores: O
     splits = artifact_utils.decode_split_names(examples.split_names)
     rng = np.random.default_rng(seed)
     for split in splits:
-        files = tf.io.gfile.glob(os.path.join(examples.uri, f"Split-{split}", "*"))
         keys = [tf.train.Example.FromString(r).features.feature[key_feature].bytes_list.value[0]
-                for r in tf.data.TFRecordDataset(files, compression_type="GZIP").as_numpy_iterator()]
+                for r in _split_records(examples, split)]
         scores_io.write_scores(os.path.join(scores.uri, f"Split-{split}"), keys, rng.random(len(keys)))
     set_scores_metadata(scores, splits, "random")
 
@@ -40,9 +45,8 @@ def CompareModels(test_examples: InputArtifact[standard_artifacts.Examples],
                   feature_spec: Parameter[str], test_split: Parameter[str] = "test"):
     """Finetuning test accuracy and mean loss of the three finetuned models."""
     spec = beam_scoring.parse_feature_spec(feature_spec)
-    files = tf.io.gfile.glob(os.path.join(test_examples.uri, f"Split-{test_split}", "*"))
-    records = list(tf.data.TFRecordDataset(files, compression_type="GZIP").as_numpy_iterator())
-    _, x, y = beam_scoring.decode_batch(records, spec, f"Examples artifact {test_examples.uri}")
+    _, x, y = beam_scoring.decode_batch(_split_records(test_examples, test_split), spec,
+                                        f"Examples artifact {test_examples.uri}")
     out = {}
     for name, m in (("original", original), ("drop_top", dropped_top), ("drop_random", dropped_random)):
         model = beam_scoring.load_keras_model(os.path.join(m.uri, "Format-Serving"))
@@ -65,19 +69,15 @@ def CompareLMs(examples: InputArtifact[standard_artifacts.Examples],
                feature_spec: Parameter[str], test_split: Parameter[str] = "test"):
     """Held-out clean loss of the three language models, and how much injected noise the filter kept."""
     spec = beam_scoring.parse_feature_spec(feature_spec)
-
-    def records(artifact, split):
-        files = tf.io.gfile.glob(os.path.join(artifact.uri, f"Split-{split}", "*"))
-        return list(tf.data.TFRecordDataset(files, compression_type="GZIP").as_numpy_iterator())
-
-    _, x, y = beam_scoring.decode_batch(records(examples, test_split), spec, f"Examples artifact {examples.uri}")
+    _, x, y = beam_scoring.decode_batch(_split_records(examples, test_split), spec,
+                                        f"Examples artifact {examples.uri}")
     out = {}
     for name, m in (("uniform", uniform), ("presence_sequential", presence_sequential), ("presence", presence)):
         model = beam_scoring.load_keras_model(os.path.join(m.uri, "Format-Serving"))
         loss = keras.losses.sparse_categorical_crossentropy(y, model.predict(x, verbose=0), from_logits=True)
         out[name] = {"heldout_loss": float(np.mean(loss))}
-    keys_all, _, _ = beam_scoring.decode_batch(records(examples, "train"), spec, "pool")
-    keys_kept, _, _ = beam_scoring.decode_batch(records(filtered, "train"), spec, "kept")
+    keys_all, _, _ = beam_scoring.decode_batch(_split_records(examples, "train"), spec, "pool")
+    keys_kept, _, _ = beam_scoring.decode_batch(_split_records(filtered, "train"), spec, "kept")
     noise = lambda ks: sum(k.startswith(b"noise-") for k in ks)  # noqa: E731
     out["filter"] = {"pool": len(keys_all), "kept": len(keys_kept), "noise_in_pool": noise(keys_all),
                      "noise_kept": noise(keys_kept)}

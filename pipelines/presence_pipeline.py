@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from pipelines.summary import BEAM_DEFAULT, quiet, summarize
+from pipelines.summary import BEAM_DEFAULT, execute, quiet
 
 
 def create_pipeline(root: str, data_root: str, n_train: int, quick: bool = False, beam_args=None,
@@ -82,27 +82,9 @@ def main(argv=None):
     n_train = 480 if args.quick else 2400
     data_root = os.path.join(root, "data")
     counts = text_data.write(data_root, n_train=n_train, n_test=96 if args.quick else 500)
-    if args.runner == "kubeflow_v2":
-        from tfx.orchestration.kubeflow.v2 import kubeflow_v2_dag_runner as kfv2
-        pipe = create_pipeline(root, data_root, n_train, args.quick, args.beam_arg)
-        kfv2.KubeflowV2DagRunner(config=kfv2.KubeflowV2DagRunnerConfig(default_image=args.image), output_dir=root,
-                                 output_filename="presence_pipeline.json").run(pipe)
-        path = os.path.join(root, "presence_pipeline.json")
-        print(f"wrote {path}")
-        return path
-    from tfx import v1 as tfx
-    md = os.path.join(root, "metadata.sqlite")
-    tfx.orchestration.LocalDagRunner().run(create_pipeline(root, data_root, n_train, args.quick, args.beam_arg, md))
-    summary = {"pipeline": "presence_pipeline", "quick": args.quick, "data": counts, **summarize(md),
-               "wall_seconds": time.perf_counter() - t0}
-    report = args.report or os.path.join("reports", "pipelines", "presence_pipeline.json")
-    os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
-    with open(report, "w") as fh:
-        json.dump(summary, fh, indent=1)
-    print(json.dumps(summary.get("comparison", {}), indent=1))
-    print(f"wrote {report} ({summary['wall_seconds']:.0f} s)")
-    return report
-
+    return execute("presence_pipeline",
+                   lambda md: create_pipeline(root, data_root, n_train, args.quick, args.beam_arg, md),
+                   root, args.runner, args.image, args.report, {"quick": args.quick, "data": counts}, t0)
 
 if __name__ == "__main__":
     sys.exit(0 if main() else 1)

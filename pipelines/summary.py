@@ -4,6 +4,7 @@
 import json
 import logging
 import os
+import time
 import warnings
 
 BEAM_DEFAULT = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
@@ -42,3 +43,28 @@ def summarize(metadata_path: str) -> dict:
     return out
 
 
+
+
+def execute(name: str, make_pipeline, root: str, runner: str, image: str, report: str | None, extra: dict,
+            t0: float) -> str:
+    """Compile (``kubeflow_v2``: ``<root>/<name>.json`` for Vertex AI Pipelines) or run (``local``:
+    LocalDagRunner with sqlite MLMD at ``<root>/metadata.sqlite``) a pipeline built by
+    ``make_pipeline(metadata_path)``; a local run writes its summary JSON. Returns the written path."""
+    if runner == "kubeflow_v2":
+        from tfx.orchestration.kubeflow.v2 import kubeflow_v2_dag_runner as kfv2
+        kfv2.KubeflowV2DagRunner(config=kfv2.KubeflowV2DagRunnerConfig(default_image=image), output_dir=root,
+                                 output_filename=f"{name}.json").run(make_pipeline(None))
+        path = os.path.join(root, f"{name}.json")
+        print(f"wrote {path}")
+        return path
+    from tfx import v1 as tfx
+    md = os.path.join(root, "metadata.sqlite")
+    tfx.orchestration.LocalDagRunner().run(make_pipeline(md))
+    summary = {"pipeline": name, **extra, **summarize(md), "wall_seconds": time.perf_counter() - t0}
+    report = report or os.path.join("reports", "pipelines", f"{name}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
+    with open(report, "w") as fh:
+        json.dump(summary, fh, indent=1)
+    print(json.dumps(summary.get("comparison", {}), indent=1))
+    print(f"wrote {report} ({summary['wall_seconds']:.0f} s)")
+    return report
