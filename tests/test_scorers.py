@@ -125,6 +125,22 @@ def test_self_influence_scorer_equals_the_library_and_names_bad_input(world, tmp
     for i, k in enumerate(pre_data["train"][0]):
         assert got[k] == pytest.approx(float(ref[i]), rel=1e-5)
     assert out.get_string_custom_property("score_kind") == "self_influence"
+    # TracIn over two checkpoints with learning rates
+    ck = [str(tmp_path / "c1.weights.h5"), str(tmp_path / "c2.weights.h5")]
+    pre.save_weights(ck[0])
+    saved = pre.get_weights()
+    pre.set_weights([w * 0.5 for w in saved])
+    pre.save_weights(ck[1])
+    ref2 = tracin.self_influence(tfi.Objective(pre, pre.loss), ds(pre_data["train"]), ["embedding"])
+    pre.set_weights(saved)
+    out2 = InfluenceScores()
+    out2.uri = str(tmp_path / "si2")
+    SIExecutor(ctx(tmp_path / "tmpc")).Do({"examples": [a["pre_ex"]], "model": [a["pre_m"]]}, {"scores": [out2]},
+                                          {"feature_spec": json.dumps(SPEC), "layers": json.dumps(["embedding"]),
+                                           "checkpoints": json.dumps(ck), "learning_rates": json.dumps([0.1, 0.2])})
+    got2 = scores_io.read_scores(os.path.join(out2.uri, "Split-train"))
+    for i, k in enumerate(pre_data["train"][0]):
+        assert got2[k] == pytest.approx(0.1 * float(ref[i]) + 0.2 * float(ref2[i]), rel=1e-5)
     with pytest.raises(ValueError, match=f"Model artifact {a['pre_m'].uri}.*no layer named 'encoder'"):
         SIExecutor(ctx(tmp_path / "t2")).Do({"examples": [a["pre_ex"]], "model": [a["pre_m"]]}, {"scores": [out]},
                                             {"feature_spec": json.dumps(SPEC), "layers": json.dumps(["encoder"])})

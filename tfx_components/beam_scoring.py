@@ -99,9 +99,10 @@ class ScoreBatch(beam.DoFn):
     """Batch of serialized examples → ``(key, score)`` with one library call per batch."""
 
     def __init__(self, model_path, feature_spec, kind, layers=None, loss_config=None, group_layers=None,
-                 desc="examples"):
+                 desc="examples", checkpoints=None, learning_rates=None):
         self.model_path, self.spec, self.kind = model_path, parse_feature_spec(feature_spec), kind
         self.layers, self.loss_config, self.group_layers, self.desc = layers, loss_config, group_layers, desc
+        self.checkpoints, self.learning_rates = checkpoints, learning_rates
 
     def setup(self):
         import tf_influence as tfi
@@ -121,7 +122,8 @@ class ScoreBatch(beam.DoFn):
         keys, x, y = decode_batch(records, self.spec, self.desc)
         ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(len(keys))
         if self.kind == "self_influence":
-            scores = tracin.self_influence(self.objective, ds, self.group)
+            scores = tracin.self_influence(self.objective, ds, self.group, checkpoints=self.checkpoints,
+                                           learning_rates=self.learning_rates)
         else:
             scores = gradients.per_example_dot(self.objective, ds, self.group, np.asarray(vector))
         for k, s in zip(keys, scores):
@@ -144,13 +146,15 @@ class WriteScores(beam.PTransform):
 
 
 def score_examples(pipeline, examples_pattern, model_path, feature_spec, kind, output_dir, layers=None,
-                   loss_config=None, group_layers=None, vector=None, batch_size=256, label="Score"):
+                   loss_config=None, group_layers=None, vector=None, batch_size=256, label="Score",
+                   checkpoints=None, learning_rates=None):
     """Add the read → batch → score → write steps to ``pipeline``; returns the scores PCollection."""
     records = pipeline | f"{label}Read" >> beam.io.ReadFromTFRecord(
         examples_pattern, coder=beam.coders.BytesCoder(), compression_type=beam.io.filesystem.CompressionTypes.AUTO)
     batches = records | f"{label}Batch" >> beam.BatchElements(min_batch_size=min(32, batch_size),
                                                              max_batch_size=batch_size)
-    fn = ScoreBatch(model_path, feature_spec, kind, layers, loss_config, group_layers, desc=examples_pattern)
+    fn = ScoreBatch(model_path, feature_spec, kind, layers, loss_config, group_layers, desc=examples_pattern,
+                    checkpoints=checkpoints, learning_rates=learning_rates)
     if vector is not None:
         side = pipeline | f"{label}Vector" >> beam.Create([np.asarray(vector)])
         scores = batches | f"{label}Score" >> beam.ParDo(fn, beam.pvalue.AsSingleton(side))
@@ -173,6 +177,9 @@ def main(argv=None):
     ap.add_argument("--vector", default=None, help=".npy file with the test-side vector s (influence)")
     ap.add_argument("--loss", default=None, help="Keras loss config JSON (default: the model's compiled loss)")
     ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--checkpoints", nargs="+", default=None,
+                    help="TracIn checkpoints (.weights.h5 files) summed with --learning-rates (self_influence)")
+    ap.add_argument("--learning-rates", nargs="+", type=float, default=None)
     args, beam_args = ap.parse_known_args(argv)
     if args.kind == "self_influence" and not args.layers:
         ap.error("--layers is required for --kind self_influence")
@@ -183,7 +190,7 @@ def main(argv=None):
     with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
         score_examples(p, args.examples, args.model, args.feature_spec, args.kind, args.output, args.layers,
                        args.loss, json.loads(args.group_layers) if args.group_layers else None, vector,
-                       args.batch_size)
+                       args.batch_size, checkpoints=args.checkpoints, learning_rates=args.learning_rates)
     print(f"wrote scores to {args.output}")
 
 

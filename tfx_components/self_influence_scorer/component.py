@@ -4,7 +4,9 @@ Inputs: ``examples`` (Examples), ``model`` (Model whose ``Format-Serving`` direc
 ``model.keras``). Parameters: ``feature_spec`` (JSON: how to decode x / y / key, see
 ``tfx_components.beam_scoring.parse_feature_spec``), ``layers`` (JSON list: the layer set K),
 ``splits`` (JSON list, default all), ``loss`` (Keras loss config JSON, default the model's
-compiled loss), ``batch_size``. Output: ``scores`` (InfluenceScores, ``score_kind =
+compiled loss), ``batch_size``, ``checkpoints`` / ``learning_rates`` (TracIn over several
+checkpoints: ``.weights.h5`` files of the same model, summed with their learning rates; default
+the model itself with η = 1). Output: ``scores`` (InfluenceScores, ``score_kind =
 "self_influence"``) with a per-split summary in its custom properties.
 """
 
@@ -27,6 +29,8 @@ class SelfInfluenceScorerSpec(types.ComponentSpec):
         "splits": ExecutionParameter(type=str, optional=True),
         "loss": ExecutionParameter(type=str, optional=True),
         "batch_size": ExecutionParameter(type=int, optional=True),
+        "checkpoints": ExecutionParameter(type=str, optional=True),
+        "learning_rates": ExecutionParameter(type=str, optional=True),
     }
     INPUTS = {"examples": ChannelParameter(type=standard_artifacts.Examples),
               "model": ChannelParameter(type=standard_artifacts.Model)}
@@ -38,11 +42,16 @@ class SelfInfluenceScorer(base_beam_component.BaseBeamComponent):
     EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(executor.Executor)
 
     def __init__(self, examples: types.BaseChannel, model: types.BaseChannel, feature_spec: dict, layers,
-                 splits=None, loss: Optional[dict] = None, batch_size: int = 256):
+                 splits=None, loss: Optional[dict] = None, batch_size: int = 256, checkpoints=None,
+                 learning_rates=None):
         if not layers:
             raise ValueError("SelfInfluenceScorer needs a non-empty layer set K (layers)")
+        if checkpoints and learning_rates and len(checkpoints) != len(learning_rates):
+            raise ValueError(f"{len(checkpoints)} checkpoints but {len(learning_rates)} learning rates")
         spec = SelfInfluenceScorerSpec(
             examples=examples, model=model, feature_spec=json.dumps(feature_spec), layers=json.dumps(list(layers)),
             splits=json.dumps(list(splits)) if splits else None, loss=json.dumps(loss) if loss else None,
-            batch_size=batch_size, scores=channel_utils.as_channel([InfluenceScores()]))
+            batch_size=batch_size, checkpoints=json.dumps(list(checkpoints)) if checkpoints else None,
+            learning_rates=json.dumps([float(v) for v in learning_rates]) if learning_rates else None,
+            scores=channel_utils.as_channel([InfluenceScores()]))
         super().__init__(spec=spec)

@@ -30,13 +30,21 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         except ValueError as err:
             raise ValueError(f"Model artifact {model.uri}: {err}") from None
         patterns = {s: common.split_pattern(examples, s) for s in splits}
+        checkpoints = json.loads(exec_properties["checkpoints"]) if exec_properties.get("checkpoints") else None
+        learning_rates = json.loads(exec_properties["learning_rates"]) if exec_properties.get("learning_rates") \
+            else None
+        import tensorflow as tf
+        for c in checkpoints or []:
+            if not tf.io.gfile.exists(c):
+                raise FileNotFoundError(f"SelfInfluenceScorer: checkpoint {c} does not exist")
         def build(p):
             for split, pattern in patterns.items():
                 beam_scoring.score_examples(p, pattern, path, spec, "self_influence",
                                             os.path.join(out.uri, f"Split-{split}"), layers=layers,
                                             loss_config=exec_properties.get("loss"),
                                             batch_size=int(exec_properties.get("batch_size") or 256),
-                                            label=f"[{split}]")
+                                            label=f"[{split}]", checkpoints=checkpoints,
+                                            learning_rates=learning_rates)
 
         common.run_beam(self, build, f"SelfInfluenceScorer on Examples artifact {examples.uri} "
                                      f"with Model artifact {model.uri}")
