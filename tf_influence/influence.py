@@ -203,15 +203,16 @@ class MultiStageInfluence:
         self.num_pretrain = count_examples(pretrain_data, "pretraining data")
         self.H_G = HessianOperator(pretrain_objective, pretrain_data, self.WU, mode=hvp_mode,
                                    sample_size=pretrain_hessian_samples, seed=seed,
-                                   name="pretraining Hessian ∂²G/∂(W,U)²")
+                                   name="pretraining Hessian ∂²G/∂(W,U)²",
+                                   _num_examples=self.num_pretrain if pretrain_hessian_samples is None else None)
         n_ft = count_examples(finetune_data, "finetuning data")
+        self.TW = concat_groups("(Θ,W)", self.Theta, self.W_ft)  # one pass gives both test gradients
         if case == "fixed":
             self.H_TT = HessianOperator(finetune_objective, finetune_data, self.Theta, mode=hvp_mode,
                                         name="finetuning Hessian ∂²F/∂Θ²", _num_examples=n_ft)
             self.H_WT = HessianOperator(finetune_objective, finetune_data, self.W_ft, self.Theta, mode=hvp_mode,
                                         name="mixed block ∂²F/∂W∂Θ", _num_examples=n_ft)
         else:
-            self.TW = concat_groups("(Θ,W)", self.Theta, self.W_ft)
             diag = tf.concat([tf.zeros([self.Theta.size], self.TW.dtype),
                               tf.fill([self.W_ft.size], tf.cast(2.0 * self.alpha, self.TW.dtype))], 0)
             self.K = HessianOperator(finetune_objective, finetune_data, self.TW, mode=hvp_mode, extra_diagonal=diag,
@@ -253,8 +254,9 @@ class MultiStageInfluence:
         t0 = time.perf_counter()
         solves = {}
         if self.case == "fixed":
-            b_T = test_gradients(self.f, test_data, self.Theta, test_target)
-            b_W = test_gradients(self.f, test_data, self.W_ft, test_target)
+            b = test_gradients(self.f, test_data, self.TW, test_target)
+            b_T = tf.gather(b, self.TW.slices(self.Theta), axis=0)
+            b_W = tf.gather(b, self.TW.slices(self.W_ft), axis=0)
             r1 = _solve(self.H_TT, b_T, self.finetune_solver, "IHVP 1 (∂²F/∂Θ²)", self.progress)
             solves["finetune"] = r1.summary()
             v_W = b_W - self.H_WT.matvec(r1.x)
