@@ -13,7 +13,7 @@ from tfx.dsl.component.experimental.decorators import component
 from tfx.types import artifact_utils, standard_artifacts
 
 from tf_influence import scores_io
-from tfx_components import beam_scoring
+from tfx_components import beam_scoring, common
 from tfx_components.artifacts import InfluenceScores, set_scores_metadata
 
 
@@ -21,6 +21,17 @@ def _split_records(artifact, split: str) -> list:
     """Serialized examples of one split of an Examples artifact."""
     files = tf.io.gfile.glob(os.path.join(artifact.uri, f"Split-{split}", "*"))
     return list(tf.data.TFRecordDataset(files, compression_type="GZIP").as_numpy_iterator())
+
+
+def _predict(model_artifact, x):
+    """Outputs of the Keras model of a Model artifact (``Format-Serving/model.keras``)."""
+    return beam_scoring.load_keras_model(common.model_path(model_artifact)).predict(x, verbose=0)
+
+
+def _save_report(report, out: dict):
+    with tf.io.gfile.GFile(os.path.join(report.uri, "comparison.json"), "w") as fh:
+        fh.write(json.dumps(out, indent=1))
+    report.set_string_custom_property("comparison", json.dumps(out, sort_keys=True))
 
 
 @component
@@ -49,14 +60,11 @@ def CompareModels(test_examples: InputArtifact[standard_artifacts.Examples],
                                         f"Examples artifact {test_examples.uri}")
     out = {}
     for name, m in (("original", original), ("drop_top", dropped_top), ("drop_random", dropped_random)):
-        model = beam_scoring.load_keras_model(os.path.join(m.uri, "Format-Serving"))
-        logits = model.predict(x, verbose=0)
+        logits = _predict(m, x)
         loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
         out[name] = {"accuracy": float(np.mean(np.argmax(logits, 1) == y)), "loss": float(np.mean(loss))}
     out["n_test"] = int(len(y))
-    with tf.io.gfile.GFile(os.path.join(report.uri, "comparison.json"), "w") as fh:
-        fh.write(json.dumps(out, indent=1))
-    report.set_string_custom_property("comparison", json.dumps(out, sort_keys=True))
+    _save_report(report, out)
 
 
 @component
@@ -73,14 +81,11 @@ def CompareLMs(examples: InputArtifact[standard_artifacts.Examples],
                                         f"Examples artifact {examples.uri}")
     out = {}
     for name, m in (("uniform", uniform), ("presence_sequential", presence_sequential), ("presence", presence)):
-        model = beam_scoring.load_keras_model(os.path.join(m.uri, "Format-Serving"))
-        loss = keras.losses.sparse_categorical_crossentropy(y, model.predict(x, verbose=0), from_logits=True)
+        loss = keras.losses.sparse_categorical_crossentropy(y, _predict(m, x), from_logits=True)
         out[name] = {"heldout_loss": float(np.mean(loss))}
     keys_all, _, _ = beam_scoring.decode_batch(_split_records(examples, "train"), spec, "pool")
     keys_kept, _, _ = beam_scoring.decode_batch(_split_records(filtered, "train"), spec, "kept")
     noise = lambda ks: sum(k.startswith(b"noise-") for k in ks)  # noqa: E731
     out["filter"] = {"pool": len(keys_all), "kept": len(keys_kept), "noise_in_pool": noise(keys_all),
                      "noise_kept": noise(keys_kept)}
-    with tf.io.gfile.GFile(os.path.join(report.uri, "comparison.json"), "w") as fh:
-        fh.write(json.dumps(out, indent=1))
-    report.set_string_custom_property("comparison", json.dumps(out, sort_keys=True))
+    _save_report(report, out)
