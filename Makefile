@@ -30,7 +30,7 @@ presence-pipeline: install
 	$(PY) -m pipelines.presence_pipeline --root reports/pipelines/presence
 
 demo: install
-	$(PY) -m tf_influence.demo
+	$(PY) -m experiments.demo
 
 bench: install
 	$(PY) -m benchmarks.engine --out reports/benchmarks/engine.json
@@ -39,16 +39,16 @@ bench-presence: install
 	$(PY) -m benchmarks.presence --out reports/benchmarks/presence.json
 
 presence: install
-	$(PY) -m tf_influence.presence_experiment --out reports/presence
+	$(PY) -m experiments.presence_text --out reports/presence
 
 presence-quick: install
-	$(PY) -m tf_influence.presence_experiment --quick --out reports/presence
+	$(PY) -m experiments.presence_text --quick --out reports/presence
 
 reproduce: install
-	$(PY) -m tf_influence.reproduce --out reports/reproduction
+	$(PY) -m experiments.reproduce --out reports/reproduction
 
 reproduce-quick: install
-	$(PY) -m tf_influence.reproduce --quick --out reports/reproduction
+	$(PY) -m experiments.reproduce --quick --out reports/reproduction
 
 bazel-test: install
 	tools/bazel_offline.sh //:all

@@ -15,20 +15,21 @@ import json
 import os
 import tempfile
 import time
-import warnings
+
+from tf_influence import console
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="reports/benchmarks/beam_scoring.json")
     ap.add_argument("--examples", type=int, default=20000)
+    console.add_verbose_flag(ap)
     args = ap.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    warnings.filterwarnings("ignore")
+    console.quiet(args.verbose)
     import numpy as np
     import tensorflow as tf
 
-    from tf_influence import models
+    from experiments import models
     from tfx_components import beam_scoring
 
     tmp = tempfile.mkdtemp(prefix="beam_bench_")
@@ -54,7 +55,7 @@ def main(argv=None):
     for workers in (1, 2):
         t = time.perf_counter()
         beam_scoring.main(["--examples", os.path.join(path, "*"), "--model", model, "--feature-spec", spec,
-                           "--layers", "embedding", "--output", os.path.join(tmp, f"out{workers}"),
+                           "--si-layers", "embedding", "--output", os.path.join(tmp, f"out{workers}"),
                            "--batch-size", "512", "--direct_running_mode=multi_processing",
                            f"--direct_num_workers={workers}"])
         times[workers] = time.perf_counter() - t

@@ -2,7 +2,7 @@
 
     python -m benchmarks.presence --out reports/benchmarks/presence.json [--batch 256] [--microbatches 4]
 
-Measured in one run on the same model (the character LM of ``tf_influence.text``) and the same
+Measured in one run on the same model (the character LM of ``experiments.text``) and the same
 batch: ``presence_step_over_plain_step`` is the median time of ``PresenceModel.train_on_batch``
 (microbatch gradients in one vectorised pass, SI over K = embedding, softmax weights, weighted
 update) over the median time of a plain ``model.train_on_batch``; ``si_examples_per_second`` is
@@ -16,7 +16,8 @@ import json
 import os
 import statistics
 import time
-import warnings
+
+from tf_influence import console
 
 
 def main(argv=None):
@@ -26,16 +27,16 @@ def main(argv=None):
     ap.add_argument("--microbatches", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--si-examples", type=int, default=2048)
+    console.add_verbose_flag(ap)
     args = ap.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    warnings.filterwarnings("ignore")
+    console.quiet(args.verbose)
     import keras
     import numpy as np
     import tensorflow as tf
-    tf.get_logger().setLevel("ERROR")
 
     import tf_influence as tfi
-    from tf_influence import presence, text, tracin
+    from experiments import text
+    from tf_influence import presence, tracin
 
     prose, _ = text.load_corpus()
     wins = text.windows(" ".join(prose), 65)

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from tf_influence import data as data_mod
+from experiments import digits as data_mod
 
 FEATURE_SPEC = {"x": {"name": "image", "shape": [8, 8, 1]}, "y": {"name": "label"}, "key": "key"}
 

@@ -20,7 +20,8 @@ import os
 import sys
 import time
 
-from pipelines.summary import BEAM_DEFAULT, execute, quiet
+from pipelines.summary import BEAM_DEFAULT, execute
+from tf_influence import console
 
 
 
@@ -53,14 +54,13 @@ def create_pipeline(root: str, data_root: str, quick: bool = False, beam_args=No
         pre = tfx.components.Trainer(
             module_file=module, examples=examples, train_args=tfx.proto.TrainArgs(num_steps=steps, splits=["train"]),
             eval_args=tfx.proto.EvalArgs(num_steps=0, splits=["train"]),
-            custom_config={"stage": "pretrain", "n_classes": 4, "steps": steps, "feature_spec": spec}
+            custom_config={"stage": "pretrain", "n_classes": 4, "feature_spec": spec}
         ).with_id(f"pretrain_trainer{suffix}")
         ft = tfx.components.Trainer(
             module_file=module, examples=ft_gen.outputs["examples"], base_model=pre.outputs["model"],
             train_args=tfx.proto.TrainArgs(num_steps=steps, splits=["train"]),
             eval_args=tfx.proto.EvalArgs(num_steps=0, splits=["test"]),
-            custom_config={"stage": "finetune", "case": "fixed", "n_classes": 6, "steps": steps,
-                           "feature_spec": spec}).with_id(f"finetune_trainer{suffix}")
+            custom_config={"stage": "finetune", "case": "fixed", "n_classes": 6, "feature_spec": spec}).with_id(f"finetune_trainer{suffix}")
         return pre, ft
 
     pre_t, ft_t = trainers("", pre_gen.outputs["examples"])
@@ -98,8 +98,9 @@ def main(argv=None):
     ap.add_argument("--beam-arg", action="append", default=None, help="a Beam pipeline argument (repeatable)")
     ap.add_argument("--data-dir", default=None, help="TFDS data dir for the embedded digits")
     ap.add_argument("--image", default="tf-influence:latest", help="container image (kubeflow_v2)")
+    console.add_verbose_flag(ap)
     args = ap.parse_args(argv)
-    quiet()
+    console.quiet(args.verbose)
     from pipelines import digits_data
     t0 = time.perf_counter()
     data_root = os.path.join(os.path.abspath(args.root), "data")

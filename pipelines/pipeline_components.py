@@ -7,7 +7,6 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
-from tfx import v1 as tfx
 from tfx.dsl.component.experimental.annotations import InputArtifact, OutputArtifact, Parameter
 from tfx.dsl.component.experimental.decorators import component
 from tfx.types import artifact_utils, standard_artifacts
@@ -15,12 +14,6 @@ from tfx.types import artifact_utils, standard_artifacts
 from tf_influence import scores_io
 from tfx_components import beam_scoring, common
 from tfx_components.artifacts import InfluenceScores, set_scores_metadata
-
-
-def _split_records(artifact, split: str) -> list:
-    """Serialized examples of one split of an Examples artifact."""
-    files = tf.io.gfile.glob(os.path.join(artifact.uri, f"Split-{split}", "*"))
-    return list(tf.data.TFRecordDataset(files, compression_type="GZIP").as_numpy_iterator())
 
 
 def _predict(model_artifact, x):
@@ -42,7 +35,7 @@ def RandomScores(examples: InputArtifact[standard_artifacts.Examples], scores: O
     rng = np.random.default_rng(seed)
     for split in splits:
         keys = [tf.train.Example.FromString(r).features.feature[key_feature].bytes_list.value[0]
-                for r in _split_records(examples, split)]
+                for r in common.read_split(examples, split)]
         scores_io.write_scores(os.path.join(scores.uri, f"Split-{split}"), keys, rng.random(len(keys)))
     set_scores_metadata(scores, splits, "random")
 
@@ -56,7 +49,7 @@ def CompareModels(test_examples: InputArtifact[standard_artifacts.Examples],
                   feature_spec: Parameter[str], test_split: Parameter[str] = "test"):
     """Finetuning test accuracy and mean loss of the three finetuned models."""
     spec = beam_scoring.parse_feature_spec(feature_spec)
-    _, x, y = beam_scoring.decode_batch(_split_records(test_examples, test_split), spec,
+    _, x, y = beam_scoring.decode_batch(common.read_split(test_examples, test_split), spec,
                                         f"Examples artifact {test_examples.uri}")
     out = {}
     for name, m in (("original", original), ("drop_top", dropped_top), ("drop_random", dropped_random)):
@@ -77,14 +70,14 @@ def CompareLMs(examples: InputArtifact[standard_artifacts.Examples],
                feature_spec: Parameter[str], test_split: Parameter[str] = "test"):
     """Held-out clean loss of the three language models, and how much injected noise the filter kept."""
     spec = beam_scoring.parse_feature_spec(feature_spec)
-    _, x, y = beam_scoring.decode_batch(_split_records(examples, test_split), spec,
+    _, x, y = beam_scoring.decode_batch(common.read_split(examples, test_split), spec,
                                         f"Examples artifact {examples.uri}")
     out = {}
     for name, m in (("uniform", uniform), ("presence_sequential", presence_sequential), ("presence", presence)):
         loss = keras.losses.sparse_categorical_crossentropy(y, _predict(m, x), from_logits=True)
         out[name] = {"heldout_loss": float(np.mean(loss))}
-    keys_all, _, _ = beam_scoring.decode_batch(_split_records(examples, "train"), spec, "pool")
-    keys_kept, _, _ = beam_scoring.decode_batch(_split_records(filtered, "train"), spec, "kept")
+    keys_all, _, _ = beam_scoring.decode_batch(common.read_split(examples, "train"), spec, "pool")
+    keys_kept, _, _ = beam_scoring.decode_batch(common.read_split(filtered, "train"), spec, "kept")
     noise = lambda ks: sum(k.startswith(b"noise-") for k in ks)  # noqa: E731
     out["filter"] = {"pool": len(keys_all), "kept": len(keys_kept), "noise_in_pool": noise(keys_all),
                      "noise_kept": noise(keys_kept)}

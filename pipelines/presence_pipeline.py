@@ -18,7 +18,8 @@ import os
 import sys
 import time
 
-from pipelines.summary import BEAM_DEFAULT, execute, quiet
+from pipelines.summary import BEAM_DEFAULT, execute
+from tf_influence import console
 
 
 def create_pipeline(root: str, data_root: str, n_train: int, quick: bool = False, beam_args=None,
@@ -42,12 +43,12 @@ def create_pipeline(root: str, data_root: str, n_train: int, quick: bool = False
         return tfx.components.Trainer(
             module_file=module, examples=examples, train_args=tfx.proto.TrainArgs(num_steps=steps, splits=["train"]),
             eval_args=tfx.proto.EvalArgs(num_steps=0, splits=["test"]),
-            custom_config={"stage": "lm", "steps": steps, "batch_size": 32, "learning_rate": 3e-3,
+            custom_config={"stage": "lm", "batch_size": 32, "learning_rate": 3e-3,
                            "feature_spec": spec, **(extra or {})}).with_id(name)
 
     uniform = trainer("uniform_trainer", gen.outputs["examples"])
     si = SelfInfluenceScorer(examples=gen.outputs["examples"], model=uniform.outputs["model"], feature_spec=spec,
-                             layers=["embedding"], splits=["train"])
+                             si_layers=["embedding"], splits=["train"])
     flt = ScoreFilter(examples=gen.outputs["examples"], scores=si.outputs["scores"], mode="keep_lowest",
                       value=int(round(keep_fraction * n_train)))
     sequential = trainer("presence_sequential_trainer", flt.outputs["filtered_examples"])
@@ -74,8 +75,9 @@ def main(argv=None):
     ap.add_argument("--runner", choices=["local", "kubeflow_v2"], default="local")
     ap.add_argument("--beam-arg", action="append", default=None)
     ap.add_argument("--image", default="tf-influence:latest", help="container image (kubeflow_v2)")
+    console.add_verbose_flag(ap)
     args = ap.parse_args(argv)
-    quiet()
+    console.quiet(args.verbose)
     from pipelines import text_data
     t0 = time.perf_counter()
     root = os.path.abspath(args.root)

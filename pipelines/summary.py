@@ -1,21 +1,11 @@
-"""Shared pipeline helpers: Beam defaults, log quieting, and the MLMD summary written to
-``reports/pipelines/<pipeline>.json``."""
+"""Shared pipeline helpers: Beam defaults and the MLMD summary written to
+``reports/pipelines/<pipeline>.json``. (Log quieting: ``tf_influence.console``.)"""
 
 import json
-import logging
 import os
 import time
-import warnings
 
 BEAM_DEFAULT = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
-
-
-def quiet():
-    """Hide TensorFlow / Beam / absl chatter (warnings of google-cloud packages included)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    warnings.filterwarnings("ignore")
-    for name in ("apache_beam", "absl", "tensorflow"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def summarize(metadata_path: str) -> dict:
@@ -27,11 +17,8 @@ def summarize(metadata_path: str) -> dict:
         types = {t.id: t.name for t in store.get_execution_types()}
         state = {1: "NEW", 2: "RUNNING", 3: "COMPLETE", 4: "FAILED", 5: "CACHED", 6: "CANCELED"}
         for ex in store.get_executions():
-            node = ex.custom_properties.get("__node_id__") or ex.properties.get("__node_id__")
-            name = types.get(ex.type_id, "?")
-            key = name.split(".")[-1]
+            key = types.get(ex.type_id, "?").split(".")[-1]
             out["components"].setdefault(key, []).append(state.get(ex.last_known_state, str(ex.last_known_state)))
-            del node
         for a in store.get_artifacts_by_type("Examples"):
             if "filter_counts" in a.custom_properties:
                 counts = json.loads(a.custom_properties["filter_counts"].string_value)
@@ -45,16 +32,21 @@ def summarize(metadata_path: str) -> dict:
 
 
 
+def compile_kubeflow_v2(pipeline, name: str, root: str, image: str) -> str:
+    """Compile ``pipeline`` to ``<root>/<name>.json`` for Vertex AI Pipelines (Kubeflow V2)."""
+    from tfx.orchestration.kubeflow.v2 import kubeflow_v2_dag_runner as kfv2
+    kfv2.KubeflowV2DagRunner(config=kfv2.KubeflowV2DagRunnerConfig(default_image=image), output_dir=root,
+                             output_filename=f"{name}.json").run(pipeline)
+    return os.path.join(root, f"{name}.json")
+
+
 def execute(name: str, make_pipeline, root: str, runner: str, image: str, report: str | None, extra: dict,
             t0: float) -> str:
     """Compile (``kubeflow_v2``: ``<root>/<name>.json`` for Vertex AI Pipelines) or run (``local``:
     LocalDagRunner with sqlite MLMD at ``<root>/metadata.sqlite``) a pipeline built by
     ``make_pipeline(metadata_path)``; a local run writes its summary JSON. Returns the written path."""
     if runner == "kubeflow_v2":
-        from tfx.orchestration.kubeflow.v2 import kubeflow_v2_dag_runner as kfv2
-        kfv2.KubeflowV2DagRunner(config=kfv2.KubeflowV2DagRunnerConfig(default_image=image), output_dir=root,
-                                 output_filename=f"{name}.json").run(make_pipeline(None))
-        path = os.path.join(root, f"{name}.json")
+        path = compile_kubeflow_v2(make_pipeline(None), name, root, image)
         print(f"wrote {path}")
         return path
     from tfx import v1 as tfx

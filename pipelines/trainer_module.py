@@ -5,13 +5,14 @@ TFX users expect the stock Trainer with a module file, so the reweighted trainin
 wiring and ``Format-Serving`` layout for free. ``custom_config`` selects the stage:
 
 * ``{"stage": "pretrain", ...}`` — the Table-A CNN on pretraining examples;
-* ``{"stage": "lm", ...}`` — the character LM of ``tf_influence.text`` (presence_pipeline);
+* ``{"stage": "lm", ...}`` — the character LM of ``experiments.text`` (presence_pipeline);
 * ``{"stage": "finetune", "case": "fixed"|"updated", ...}`` — a new head on the embedding of
   ``fn_args.base_model`` (the pretraining Trainer's model); ``fixed`` freezes the embedding;
 * ``presence: {"num_microbatches": n, "si_layers": [...], "tau1", "tau2", "switch_fraction"}`` —
   train with the PRESENCE reweighted step (``tf_influence.presence``) and two-stage τ schedule,
   under ``presence.get_strategy()`` (TPUStrategy when a TPU is configured, else Mirrored / default).
 
+The number of optimizer steps is the Trainer's ``TrainArgs(num_steps=…)`` (``fn_args.train_steps``).
 Every stage writes a SavedModel (``model.export``) and ``model.keras`` (for the scorers) to
 ``fn_args.serving_model_dir``. Data is read from ``fn_args.train_files`` as GZIP TFRecords with
 the feature spec in ``custom_config["feature_spec"]``.
@@ -20,26 +21,41 @@ the feature spec in ``custom_config["feature_spec"]``.
 import os
 
 import keras
-import numpy as np
 import tensorflow as tf
 
-from tf_influence import models, presence
+from experiments import models
+from tf_influence import presence
 from tfx_components.beam_scoring import decode_batch, load_keras_model, parse_feature_spec
+from tfx_components.common import glob_files, read_records
+
+#: The finetuning head is initialised from ``seed + 1`` (not the pretraining model's draw).
+FINETUNE_HEAD_SEED_OFFSET = 1
 
 
 def _load(patterns, spec):
-    files = []
-    for p in patterns if isinstance(patterns, (list, tuple)) else [patterns]:
-        files.extend(tf.io.gfile.glob(p if any(ch in p for ch in "*?[") else os.path.join(p, "*")))
-    if not files:
-        raise ValueError(f"no training files at {patterns}")
-    records = list(tf.data.TFRecordDataset(files, compression_type="GZIP").as_numpy_iterator())
-    return decode_batch(records, spec, f"training files {patterns}")
+    desc = f"training files {patterns}"
+    return decode_batch(read_records(glob_files(patterns), desc), spec, desc)
+
+
+def check_labels(y, n_classes: int, desc: str) -> None:
+    """Labels must index the model's classes; name the file set and the offending value otherwise."""
+    bad = y[(y < 0) | (y >= n_classes)]
+    if bad.size:
+        raise ValueError(f"{desc}: label value {int(bad.flat[0])} is outside the model's classes [0, {n_classes}) "
+                         f"({bad.size} such labels)")
+
+
+def train_steps(fn_args) -> int:
+    """``TrainArgs(num_steps)`` of the Trainer; refuses a missing or non-positive value."""
+    steps = getattr(fn_args, "train_steps", None)
+    if not steps or int(steps) <= 0:
+        raise ValueError(f"the Trainer needs train_args=TrainArgs(num_steps=N) with N > 0, got {steps!r}")
+    return int(steps)
 
 
 def build(cfg: dict, input_shape, base_model=None):
     if cfg["stage"] == "lm":
-        from tf_influence import text
+        from experiments import text
         return text.build_lm(int(input_shape[0]), seed=cfg.get("seed", 0))
     if cfg["stage"] == "pretrain":
         pre, _, _ = models.build_two_stage_models(input_shape, cfg["n_classes"], 1, seed=cfg.get("seed", 0),
@@ -47,7 +63,7 @@ def build(cfg: dict, input_shape, base_model=None):
         return pre
     if base_model is None:
         raise ValueError("the finetune stage needs base_model (the pretraining Trainer's model)")
-    keras.utils.set_random_seed(cfg.get("seed", 0) + 1)
+    keras.utils.set_random_seed(cfg.get("seed", 0) + FINETUNE_HEAD_SEED_OFFSET)
     emb = base_model.get_layer("embedding")
     head = models.build_head(int(emb.output_shape[-1]), cfg["n_classes"], l2=cfg.get("l2", 1e-4),
                              name="finetune_head")
@@ -64,6 +80,8 @@ def run_fn(fn_args):
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     with strategy.scope():
         model = build(cfg, x.shape[1:], base)
+    check_labels(y, int(model.output_shape[-1]), f"training files {fn_args.train_files}")
+    with strategy.scope():
         opts = cfg.get("presence")
         if opts:
             trainer = presence.PresenceModel(model, num_microbatches=opts.get("num_microbatches", 4),
@@ -73,7 +91,7 @@ def run_fn(fn_args):
         trainer.compile(optimizer=keras.optimizers.Adam(cfg.get("learning_rate", 1e-2)), loss=loss,
                         metrics=["accuracy"])
     batch = cfg.get("batch_size", 64)
-    steps = int(cfg.get("steps", 300))
+    steps = train_steps(fn_args)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=cfg.get("seed", 0)).repeat().batch(
         batch, drop_remainder=True)
     callbacks = []

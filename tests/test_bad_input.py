@@ -22,7 +22,7 @@ def ms(m, xp=None, xf=None, **kw):
     xf = m["xf"] if xf is None else xf
     return tfi.MultiStageInfluence(tfi.Objective(m["pre"], h.sce()), h.dataset(xp, m["yp"][:len(xp)]),
                                    tfi.Objective(m["ft"], h.sce()), h.dataset(xf, m["yf"][:len(xf)]),
-                                   **{"embedding": ["embedding"], "pretrain_hessian_samples": None, **kw})
+                                   **{"embedding": ["embedding"], "hessian_samples": None, **kw})
 
 
 def test_missing_layer_is_named(m):
@@ -56,7 +56,7 @@ def test_nan_losses(m):
     bad = m["xp"].copy()
     bad[3, 1] = np.nan
     obj = tfi.Objective(m["pre"], h.sce())
-    g = tfi.ParameterGroup("all", tuple(m["pre"].trainable_variables))
+    g = tfi.ParameterGroup.from_model(m["pre"], "all")
     ds = h.dataset(bad, m["yp"])
     with pytest.raises(tfi.NonFiniteError, match="NaN or Inf"):
         tfi.HessianOperator(obj, ds, g).matvec(np.ones(g.size))
@@ -72,7 +72,7 @@ def test_nan_losses(m):
 
 def test_empty_datasets(m):
     obj = tfi.Objective(m["pre"], h.sce())
-    g = tfi.ParameterGroup("all", tuple(m["pre"].trainable_variables))
+    g = tfi.ParameterGroup.from_model(m["pre"], "all")
     empty = h.dataset(m["xp"][:0], m["yp"][:0])
     with pytest.raises(tfi.EmptyDatasetError, match="empty"):
         tfi.HessianOperator(obj, empty, g)
@@ -88,9 +88,40 @@ def test_empty_datasets(m):
 
 def test_wrong_dataset_layout(m):
     obj = tfi.Objective(m["pre"], h.sce())
-    g = tfi.ParameterGroup("all", tuple(m["pre"].trainable_variables))
+    g = tfi.ParameterGroup.from_model(m["pre"], "all")
     with pytest.raises(ValueError, match=r"\(features, labels\) pairs"):
         tfi.mean_gradient(obj, tf.data.Dataset.from_tensor_slices(m["xp"]).batch(4), g)
+
+
+def test_labels_outside_the_models_classes_are_named(m):
+    yp = m["yp"].copy()
+    yp[4] = 7  # the pretraining model has 3 classes
+    bad = tfi.MultiStageInfluence(tfi.Objective(m["pre"], h.sce()), h.dataset(m["xp"], yp),
+                                  tfi.Objective(m["ft"], h.sce()), h.dataset(m["xf"], m["yf"]),
+                                  embedding=["embedding"], hessian_samples=None)
+    with pytest.raises(tfi.DatasetError, match=r"pretraining Hessian.*label value 7 is outside the model's "
+                                               r"classes \[0, 3\)"):
+        bad(h.dataset(m["xf"], m["yf"]))
+    yt = m["yf"].copy()
+    yt[0] = 5
+    with pytest.raises(tfi.DatasetError, match=r"test data.*label value 5 is outside the model's classes \[0, 2\)"):
+        ms(m)(h.dataset(m["xf"], yt))
+    with pytest.raises(tfi.DatasetError, match=r"pretraining data.*label value 7"):
+        tfi.pretraining_loss_scores(tfi.Objective(m["pre"], h.sce()), h.dataset(m["xp"], yp))
+
+
+def test_unbatched_datasets_are_named(m):
+    unbatched = tf.data.Dataset.from_tensor_slices((m["xf"], m["yf"]))
+    with pytest.raises(tfi.DatasetError, match=r"finetuning data.* is not batched: its features have shape \[5\] "
+                                               r"but model 'finetune' takes a batch of rank 2; call dataset.batch"):
+        tfi.MultiStageInfluence(tfi.Objective(m["pre"], h.sce()), h.dataset(m["xp"], m["yp"]),
+                                tfi.Objective(m["ft"], h.sce()), unbatched, embedding=["embedding"])
+    with pytest.raises(tfi.DatasetError, match="test data is not batched"):
+        ms(m)(unbatched)
+    with pytest.raises(tfi.DatasetError, match="must be a tf.data.Dataset"):
+        ms(m)((m["xf"], m["yf"]))
+    with pytest.raises(tfi.DatasetError, match="rank 3"):
+        ms(m)(h.dataset(m["xf"][:, :, None], m["yf"]))
 
 
 def test_bad_arguments(m):
@@ -102,7 +133,7 @@ def test_bad_arguments(m):
         ms(m)(h.dataset(m["xf"], m["yf"]), test_target="max")
     with pytest.raises(ValueError, match="unknown HVP mode"):
         tfi.HessianOperator(tfi.Objective(m["pre"], h.sce()), h.dataset(m["xp"], m["yp"]),
-                            tfi.ParameterGroup("all", tuple(m["pre"].trainable_variables)), mode="fd")
+                            tfi.ParameterGroup.from_model(m["pre"], "all"), mode="fd")
 
 
 def test_nonconverging_solver_raises_with_residual(m):

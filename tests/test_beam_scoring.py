@@ -10,7 +10,8 @@ import pytest
 import tensorflow as tf
 
 import tf_influence as tfi
-from tf_influence import models, scores_io, tracin
+from experiments import models
+from tf_influence import scores_io, tracin
 from tests import tfx_helpers as th
 
 beam_scoring = pytest.importorskip("tfx_components.beam_scoring")
@@ -37,7 +38,7 @@ def test_direct_runner_two_workers_equals_in_process(setup):
     root, path, index, x, y, pre = setup
     out = str(root / "si_scores")
     beam_scoring.main(["--examples", str(root / "examples" / "Split-train" / "*"), "--model", path,
-                       "--feature-spec", json.dumps(SPEC), "--layers", "embedding", "--output", out,
+                       "--feature-spec", json.dumps(SPEC), "--si-layers", "embedding", "--output", out,
                        "--batch-size", "16", "--direct_running_mode=multi_processing", "--direct_num_workers=2"])
     got = scores_io.read_scores(out)
     assert set(got) == set(index)
@@ -48,17 +49,18 @@ def test_direct_runner_two_workers_equals_in_process(setup):
         assert got[k] == pytest.approx(float(ref[i]), rel=1e-5)
 
 
-def test_influence_kind_with_a_side_input_vector(setup):
+def test_influence_kind_reads_a_saved_result_as_side_input(setup):
     root, path, index, x, y, pre = setup
-    group = tfi.concat_groups("(W,U)", tfi.group_from_layers(pre, ["embedding"]),
-                              tfi.group_from_layers(pre, ["pretrain_head"]))
+    # (W, U) with U before W: the workers must rebuild this exact layout from the saved group spec
+    group = tfi.concat_groups("(U,W)", tfi.group_from_layers(pre, ["pretrain_head"]),
+                              tfi.group_from_layers(pre, ["embedding"]))
     v = np.random.default_rng(0).normal(size=group.size).astype(np.float32)
-    np.save(str(root / "v.npy"), v)
+    saved = tfi.InfluenceResult(np.zeros(len(index)), tf.constant(v), group, len(index), "test", group_spec=group.spec(pre))
+    saved.save(str(root / "result"))
     out = str(root / "inf_scores")
     beam_scoring.main(["--examples", str(root / "examples" / "Split-train" / "*"), "--model", path,
-                       "--feature-spec", json.dumps(SPEC), "--kind", "influence", "--vector", str(root / "v.npy"),
-                       "--group-layers", json.dumps([["embedding"], ["pretrain_head"]]), "--output", out,
-                       "--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+                       "--feature-spec", json.dumps(SPEC), "--kind", "influence", "--result", str(root / "result"),
+                       "--output", out, "--direct_running_mode=in_memory"])
     got = scores_io.read_scores(out)
     ref = tfi.per_example_dot(tfi.Objective(pre, pre.loss), tf.data.Dataset.from_tensor_slices((x, y)).batch(90),
                               group, v)
@@ -71,10 +73,24 @@ def test_bad_input(setup, tmp_path):
     bad_spec = {"x": {"name": "pixels", "shape": [8, 8, 1]}, "y": {"name": "label"}}
     with pytest.raises(Exception, match="no feature 'pixels'"):
         beam_scoring.main(["--examples", str(root / "examples" / "Split-train" / "*"), "--model", path,
-                           "--feature-spec", json.dumps(bad_spec), "--layers", "embedding",
+                           "--feature-spec", json.dumps(bad_spec), "--si-layers", "embedding",
                            "--output", str(tmp_path / "o")])
     with pytest.raises(FileNotFoundError, match="no Keras model file"):
         beam_scoring.load_keras_model(str(tmp_path))
+    # a group spec of another model: the worker names the variable that does not match
+    other, _, _ = models.build_two_stage_models((8, 8, 1), 4, 6, filters=(4, 16))
+    spec = tfi.ParameterGroup.from_model(other).spec(other).to_json()
+    with pytest.raises(Exception, match="conv1/kernel .*spec expects conv1/kernel"):
+        beam_scoring.main(["--examples", str(root / "examples" / "Split-train" / "*"), "--model", path,
+                           "--feature-spec", json.dumps(SPEC), "--kind", "influence", "--group-spec", spec,
+                           "--vector", str(_save_vector(tmp_path, spec)), "--output", str(tmp_path / "g")])
     with pytest.raises(Exception, match="no layer named 'encoder'"):
         beam_scoring.main(["--examples", str(root / "examples" / "Split-train" / "*"), "--model", path,
-                           "--feature-spec", json.dumps(SPEC), "--layers", "encoder", "--output", str(tmp_path / "p")])
+                           "--feature-spec", json.dumps(SPEC), "--si-layers", "encoder", "--output", str(tmp_path / "p")])
+
+
+def _save_vector(tmp_path, spec_json):
+    size = sum(int(np.prod(shape)) for _, _, shape in tfi.GroupSpec.from_json(spec_json).variables)
+    path = tmp_path / "v.npy"
+    np.save(str(path), np.ones(size, np.float32))
+    return path

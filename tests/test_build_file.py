@@ -13,7 +13,7 @@ def build_sources():
 
 def test_every_library_module_is_in_build():
     listed = build_sources()
-    for pkg in ("tf_influence", "tfx_components", "pipelines"):
+    for pkg in ("tf_influence", "experiments", "tfx_components", "pipelines", "benchmarks"):
         for path in (ROOT / pkg).rglob("*.py"):
             rel = path.relative_to(ROOT).as_posix()
             assert rel in listed, f"{rel} is missing from BUILD"

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from tf_influence import data
+from experiments import digits as data
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
+def data_dir(tfds_dir):
+    return tfds_dir
 
 
 def test_builder_serves_sklearn_digits(data_dir):

@@ -20,7 +20,7 @@ def mlp_setup():
 @pytest.mark.parametrize("mode", ["fob", "rr"])
 def test_hvp_matches_explicit_hessian_mlp(mlp_setup, mode):
     model, obj, x, y = mlp_setup
-    g = tfi.ParameterGroup("all", tuple(model.trainable_variables))
+    g = tfi.ParameterGroup.from_model(model, "all")
     H = h.explicit_hessian(obj, x, y, g)
     V = np.random.default_rng(1).normal(size=(g.size, 3))
     op = tfi.HessianOperator(obj, h.dataset(x, y, 8), g, mode=mode)  # 37 = 4 full batches + a partial one
@@ -34,7 +34,7 @@ def test_hvp_matches_explicit_hessian_cnn(mode):
     x, y = rng.normal(size=(20, 6, 6, 1)), rng.integers(0, 3, 20)
     model = h.small_cnn()
     obj = tfi.Objective(model, h.sce())
-    g = tfi.ParameterGroup("all", tuple(model.trainable_variables))
+    g = tfi.ParameterGroup.from_model(model, "all")
     H = h.explicit_hessian(obj, x, y, g)
     v = rng.normal(size=g.size)
     op = tfi.HessianOperator(obj, h.dataset(x, y, 6), g, mode=mode)
@@ -81,7 +81,7 @@ def test_logistic_regression_closed_form_hessian():
     w = model.trainable_variables[0].numpy()[:, 0]
     s = 1 / (1 + np.exp(-x @ w))
     H = x.T @ (x * (s * (1 - s))[:, None]) / len(x) + 2 * lam * np.eye(4)
-    g = tfi.ParameterGroup("w", tuple(model.trainable_variables))
+    g = tfi.ParameterGroup.from_model(model, "w")
     v = rng.normal(size=4)
     for mode in ("fob", "rr"):
         np.testing.assert_allclose(tfi.hvp(obj, h.dataset(x, y[:, None]), g, v, mode).numpy(), H @ v, rtol=1e-10)
@@ -89,8 +89,8 @@ def test_logistic_regression_closed_form_hessian():
 
 def test_subsampled_hessian_is_hessian_of_the_subset(mlp_setup):
     model, obj, x, y = mlp_setup
-    g = tfi.ParameterGroup("all", tuple(model.trainable_variables))
-    op = tfi.HessianOperator(obj, h.dataset(x, y, 8), g, sample_size=10, seed=3)
+    g = tfi.ParameterGroup.from_model(model, "all")
+    op = tfi.HessianOperator(obj, h.dataset(x, y, 8), g, hessian_samples=10, seed=3)
     assert op.num_examples == 10
     xs, ys = [], []
     for bx, by in op.dataset:
@@ -101,15 +101,15 @@ def test_subsampled_hessian_is_hessian_of_the_subset(mlp_setup):
     v = np.random.default_rng(0).normal(size=g.size)
     np.testing.assert_allclose(op.matvec(v).numpy(), h.explicit_hessian(obj, xs, ys, g) @ v, rtol=1e-10)
     # deterministic for a seed, different for another
-    op2 = tfi.HessianOperator(obj, h.dataset(x, y, 8), g, sample_size=10, seed=3)
+    op2 = tfi.HessianOperator(obj, h.dataset(x, y, 8), g, hessian_samples=10, seed=3)
     np.testing.assert_allclose(op2.matvec(v).numpy(), op.matvec(v).numpy())
-    op3 = tfi.HessianOperator(obj, h.dataset(x, y, 8), g, sample_size=10, seed=4)
+    op3 = tfi.HessianOperator(obj, h.dataset(x, y, 8), g, hessian_samples=10, seed=4)
     assert not np.allclose(op3.matvec(v).numpy(), op.matvec(v).numpy())
 
 
 def test_extra_diagonal(mlp_setup):
     model, obj, x, y = mlp_setup
-    g = tfi.ParameterGroup("all", tuple(model.trainable_variables))
+    g = tfi.ParameterGroup.from_model(model, "all")
     d = np.linspace(0.1, 1.0, g.size)
     op = tfi.HessianOperator(obj, h.dataset(x, y), g, extra_diagonal=d)
     v = np.ones(g.size)
@@ -118,8 +118,15 @@ def test_extra_diagonal(mlp_setup):
 
 def test_to_dense_refuses_large(mlp_setup):
     model, obj, x, y = mlp_setup
-    g = tfi.ParameterGroup("all", tuple(model.trainable_variables))
+    g = tfi.ParameterGroup.from_model(model, "all")
     op = tfi.HessianOperator(obj, h.dataset(x, y), g)
     with pytest.raises(ValueError, match="refusing to build the dense"):
         op.to_dense(max_params=10)
-    np.testing.assert_allclose(op.to_dense(), h.explicit_hessian(obj, x, y, g), rtol=1e-10, atol=1e-12)
+    H = h.explicit_hessian(obj, x, y, g)
+    np.testing.assert_allclose(op.to_dense(), H, rtol=1e-10, atol=1e-12)
+    # vectorised column blocks (with a partial last block), regularisation included
+    np.testing.assert_allclose(op.to_dense(block_size=7), H, rtol=1e-10, atol=1e-12)
+    mixed = tfi.HessianOperator(obj, h.dataset(x, y), tfi.group_from_layers(model, ["out"]),
+                                tfi.group_from_layers(model, ["hidden"]))
+    rows, cols = g.slices(mixed.rows), g.slices(mixed.cols)
+    np.testing.assert_allclose(mixed.to_dense(block_size=5), H[np.ix_(rows, cols)], rtol=1e-10, atol=1e-12)

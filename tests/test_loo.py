@@ -10,8 +10,8 @@ import pytest
 import tensorflow as tf
 
 import tf_influence as tfi
-from tf_influence import loo
-from tf_influence.training import WeightedTrainer, restore, snapshot
+from tf_influence.evaluation import loo
+from tf_influence.evaluation.retraining import WeightedTrainer, restore, snapshot
 from tests import helpers as h
 from tests.test_convex_loo import D, TwoStageLinear, logistic_loss
 
@@ -25,11 +25,11 @@ def test_zero_weight_equals_training_without_the_example():
         start = snapshot(a)
         w = np.ones(30, np.float32)
         w[7] = 0.0
-        WeightedTrainer(tfi.Objective(a, h.sce()), x, y, tfi.ParameterGroup("a", tuple(a.trainable_variables)), opt,
+        WeightedTrainer(tfi.Objective(a, h.sce()), x, y, tfi.ParameterGroup.from_model(a, "a"), opt,
                         0.05).run(40, w)
         keep = np.arange(30) != 7
         WeightedTrainer(tfi.Objective(b, h.sce()), x[keep], y[keep],
-                        tfi.ParameterGroup("b", tuple(b.trainable_variables)), opt, 0.05).run(40)
+                        tfi.ParameterGroup.from_model(b, "b"), opt, 0.05).run(40)
         for va, vb in zip(a.get_weights(), b.get_weights()):
             np.testing.assert_allclose(va, vb, rtol=1e-9, atol=1e-12)
         restore(a, start)
@@ -40,7 +40,7 @@ def test_minibatch_runs_are_deterministic_and_only_differ_by_the_removed_example
     x, y = rng.normal(size=(40, 5)), rng.integers(0, 3, 40)
     m = h.mlp(seed=2)
     start = snapshot(m)
-    tr = WeightedTrainer(tfi.Objective(m, h.sce()), x, y, tfi.ParameterGroup("a", tuple(m.trainable_variables)),
+    tr = WeightedTrainer(tfi.Objective(m, h.sce()), x, y, tfi.ParameterGroup.from_model(m, "a"),
                          "adam", 0.01, batch_size=8, seed=5)
     order = tr._order(10)
     assert order.shape == (10, 8) and sorted(order[:5].ravel().tolist()) == list(range(40))

@@ -34,8 +34,9 @@ def groups(m):
     return W_pre, U, W_ft, T
 
 
-def dense_case1(m, test_cols, damping_pre=0.0):
+def dense_case1(m, test_cols, damping_pre=0.0, measurement=None):
     pre_obj, ft_obj = tfi.Objective(m["pre"], h.sce()), tfi.Objective(m["ft"], h.sce())
+    meas_obj = ft_obj if measurement is None else tfi.Objective(m["ft"], measurement, include_model_losses=False)
     W_pre, U, W_ft, T = groups(m)
     WU = tfi.concat_groups("WU", W_pre, U)
     TW = tfi.concat_groups("TW", T, W_ft)
@@ -46,8 +47,8 @@ def dense_case1(m, test_cols, damping_pre=0.0):
     G = h.one_at_a_time_gradients(pre_obj, m["xp"], m["yp"], WU)
     out = []
     for xt, yt in test_cols:
-        b_T = h.loss_gradient(ft_obj, xt, yt, T)
-        b_W = h.loss_gradient(ft_obj, xt, yt, W_ft)
+        b_T = h.loss_gradient(meas_obj, xt, yt, T)
+        b_W = h.loss_gradient(meas_obj, xt, yt, W_ft)
         v = b_W - H_WT @ np.linalg.solve(H_TT, b_T)
         x = np.linalg.solve(H_G + damping_pre * np.eye(WU.size), np.r_[v, np.zeros(U.size)])
         out.append(-G @ x)
@@ -60,7 +61,7 @@ def run(m, **kw):
                                                       on_nonconvergence="raise"))
     kw.setdefault("finetune_solver", tfi.SolverConfig("cg_squared", damping=0.0, tol=1e-11, max_iter=2000,
                                                       on_nonconvergence="raise"))
-    kw.setdefault("pretrain_hessian_samples", None)
+    kw.setdefault("hessian_samples", None)
     target = kw.pop("test_target", "sum")
     xt, yt = kw.pop("test", (m["xt"], m["yt"]))
     return tfi.multi_stage_influence(pre_obj, h.dataset(m["xp"], m["yp"], 16), ft_obj,
@@ -82,6 +83,29 @@ def test_case1_matrix_equals_dense_per_test_point(models):
     cols = [(models["xt"][j:j + 1], models["yt"][j:j + 1]) for j in range(7)]
     np.testing.assert_allclose(res.scores, dense_case1(models, cols), rtol=1e-6, atol=1e-9)
     assert res.scores.shape == (40, 7)
+
+
+def margin(y_true, logits):
+    """A test measurement other than the training loss: the correct-class logit minus the other one."""
+    onehot = tf.one_hot(tf.cast(y_true, tf.int32), 2, dtype=logits.dtype)
+    return tf.reduce_sum(onehot * logits, -1) - tf.reduce_sum((1 - onehot) * logits, -1)
+
+
+def test_case1_with_a_measurement_equals_dense(models, tmp_path):
+    ref = dense_case1(models, [(models["xt"], models["yt"])], measurement=margin)[:, 0]
+    res = run(models, measurement=margin)
+    np.testing.assert_allclose(res.scores, ref, rtol=1e-6, atol=1e-9)
+    assert not np.allclose(res.scores, run(models).scores, rtol=1e-2)  # the measurement changes the scores
+    # saved and loaded: scores, test vector and the group spec that rebuilds (W, U) on the model
+    res.save(str(tmp_path / "r"))
+    back = tfi.InfluenceResult.load(str(tmp_path / "r"))
+    np.testing.assert_array_equal(back.scores, res.scores)
+    np.testing.assert_array_equal(back.test_vector.numpy(), res.test_vector.numpy())
+    assert (back.method, back.num_train, back.solves) == (res.method, res.num_train, res.solves)
+    rebuilt = tfi.ParameterGroup.from_spec(models["pre"], back.group_spec)
+    assert [id(v) for v in rebuilt.tf_variables] == [id(v) for v in res.group.tf_variables]
+    with pytest.raises(FileNotFoundError, match="no saved InfluenceResult"):
+        tfi.InfluenceResult.load(str(tmp_path))
 
 
 def test_case1_with_damping_and_dense_solver(models):
@@ -111,7 +135,7 @@ def test_identity_baseline_equals_dense(models):
 
 def test_subsampled_pretrain_hessian_equals_dense_on_that_subset(models):
     m = models
-    res = run(m, pretrain_hessian_samples=15, seed=5)
+    res = run(m, hessian_samples=15, seed=5)
     # rebuild the subset the operator used and redo the dense computation with it
     pre_obj = tfi.Objective(m["pre"], h.sce())
     sub = tfi.subsample(h.dataset(m["xp"], m["yp"], 16), 15, seed=5)

@@ -8,15 +8,18 @@ import pytest
 pytest.importorskip("tfx")
 
 from pipelines import influence_pipeline  # noqa: E402
+from tests.tfx_helpers import BEAM_IN_PROCESS  # noqa: E402
+
+# Beam in process: multi-processing is exercised by test_beam_scoring / test_score_filter / test_scorers
+BEAM = [f"--beam-arg={a}" for a in BEAM_IN_PROCESS]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, tfds_dir):
     root = tmp_path_factory.mktemp("influence_pipeline")
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
     report = root / "summary.json"
-    influence_pipeline.main(["--quick", "--root", str(root), "--report", str(report), "--data-dir", data_dir])
-    return root, report, data_dir
+    influence_pipeline.main(["--quick", "--root", str(root), "--report", str(report), "--data-dir", tfds_dir, *BEAM])
+    return root, report, tfds_dir
 
 
 def test_influence_pipeline_runs_end_to_end(run):
@@ -38,14 +41,14 @@ def test_influence_pipeline_runs_end_to_end(run):
 
 def test_rerun_is_served_from_the_tfx_cache(run):
     root, report, data_dir = run
-    influence_pipeline.main(["--quick", "--root", str(root), "--report", str(report), "--data-dir", data_dir])
+    influence_pipeline.main(["--quick", "--root", str(root), "--report", str(report), "--data-dir", data_dir, *BEAM])
     s = json.load(open(report))
     assert "CACHED" in s["components"]["Trainer"] and "CACHED" in s["components"]["InfluenceScorer"]
 
 
 def test_compiles_for_kubeflow_v2(tmp_path):
-    path = influence_pipeline.main(["--quick", "--root", str(tmp_path), "--runner", "kubeflow_v2",
-                                    "--data-dir", str(tmp_path / "tfds")])
-    spec = json.load(open(path))
+    from pipelines.summary import compile_kubeflow_v2
+    pipeline = influence_pipeline.create_pipeline(str(tmp_path), str(tmp_path / "data"), quick=True)
+    spec = json.load(open(compile_kubeflow_v2(pipeline, "influence_pipeline", str(tmp_path), "tf-influence:test")))
     tasks = spec["pipelineSpec"]["root"]["dag"]["tasks"]
     assert {"InfluenceScorer", "drop_top", "drop_random", "CompareModels"} <= set(tasks)

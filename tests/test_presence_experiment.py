@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from tf_influence import presence_experiment, text
+from experiments import presence_text as presence_experiment, text
 
 
 def test_corpus_is_real_deterministic_english():
@@ -16,7 +16,9 @@ def test_corpus_is_real_deterministic_english():
     assert "def " in code and "return" in code
     w = text.windows(joined, 65)[3]
     j = text.jumble(w, np.random.default_rng(0))
-    assert len(j) == 65 and sorted(w.split()) != w.split() or j != w
+    # the jumbled window: the same words (so the same characters), another order
+    assert len(j) == len(w) == 65 and j != w
+    assert sorted(j.split(" ")) == sorted(w.split(" ")) and j.split(" ") != w.split(" ")
     ids = text.encode([w])
     assert ids.shape == (1, 65) and ids.min() >= 1 and ids.max() < text.VOCAB_SIZE
     x, y = text.lm_pairs(ids)

@@ -7,11 +7,13 @@ import pytest
 pytest.importorskip("tfx")
 
 from pipelines import presence_pipeline  # noqa: E402
+from tests.tfx_helpers import BEAM_IN_PROCESS  # noqa: E402
 
 
 def test_presence_pipeline_runs_end_to_end(tmp_path):
     report = tmp_path / "summary.json"
-    presence_pipeline.main(["--quick", "--root", str(tmp_path / "root"), "--report", str(report)])
+    presence_pipeline.main(["--quick", "--root", str(tmp_path / "root"), "--report", str(report),
+                            *[f"--beam-arg={a}" for a in BEAM_IN_PROCESS]])
     s = json.load(open(report))
     for name in ("ImportExampleGen", "Trainer", "SelfInfluenceScorer", "ScoreFilter", "CompareLMs"):
         assert s["components"][name] and all(st == "COMPLETE" for st in s["components"][name]), name
@@ -27,5 +29,7 @@ def test_presence_pipeline_runs_end_to_end(tmp_path):
 
 
 def test_presence_pipeline_compiles_for_kubeflow_v2(tmp_path):
-    spec = json.load(open(presence_pipeline.main(["--quick", "--root", str(tmp_path), "--runner", "kubeflow_v2"])))
+    from pipelines.summary import compile_kubeflow_v2
+    pipeline = presence_pipeline.create_pipeline(str(tmp_path), str(tmp_path / "data"), n_train=480, quick=True)
+    spec = json.load(open(compile_kubeflow_v2(pipeline, "presence_pipeline", str(tmp_path), "tf-influence:test")))
     assert {"SelfInfluenceScorer", "ScoreFilter", "presence_trainer"} <= set(spec["pipelineSpec"]["root"]["dag"]["tasks"])

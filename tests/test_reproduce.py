@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tf_influence import reproduce
+from experiments import reproduce
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from tfx_components.score_filter.component import ScoreFilter  # noqa: E402
 from tfx_components.score_filter.executor import Executor  # noqa: E402
 from tests import tfx_helpers as th  # noqa: E402
 
-BEAM_ARGS = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+from tests.tfx_helpers import BEAM_IN_PROCESS, BEAM_MULTIPROCESSING  # noqa: E402
 
 
 def artifacts(tmp_path, splits=("train", "eval"), score_splits=("train",), n_train=60):
@@ -42,7 +42,7 @@ def artifacts(tmp_path, splits=("train", "eval"), score_splits=("train",), n_tra
 
 
 def run_executor(tmp_path, ex, sc, out, mode="drop_top_fraction", value=0.1, key_feature="key"):
-    ctx = BaseBeamExecutor.Context(beam_pipeline_args=["--direct_num_workers=1"], tmp_dir=str(tmp_path / "tmp"),
+    ctx = BaseBeamExecutor.Context(beam_pipeline_args=BEAM_IN_PROCESS, tmp_dir=str(tmp_path / "tmp"),
                                    unique_id="1")
     Executor(ctx).Do({"examples": [ex], "scores": [sc]}, {"filtered_examples": [out]},
                      {"mode": mode, "value": value, "key_feature": key_feature})
@@ -108,7 +108,7 @@ def test_bad_input_names_the_artifact(tmp_path):
         os.remove(os.path.join(ex.uri, "Split-eval", f))
     with pytest.raises(ValueError, match="split 'eval' has no files"):
         run_executor(tmp_path / "e", ex, sc, out)
-    with pytest.raises(ValueError, match="unknown ScoreFilter mode"):
+    with pytest.raises(ValueError, match="unknown filter mode"):
         ScoreFilter(examples=None, scores=None, mode="drop_everything", value=1)
 
 
@@ -129,7 +129,7 @@ def test_local_dag_runner_pipeline_with_cache(tmp_path):
     pipe = tfx_pipeline.Pipeline(pipeline_name="score_filter_test", pipeline_root=str(tmp_path / "root"),
                                  components=[ex_imp, sc_imp, flt], enable_cache=True,
                                  metadata_connection_config=metadata.sqlite_metadata_connection_config(db),
-                                 beam_pipeline_args=BEAM_ARGS)
+                                 beam_pipeline_args=BEAM_MULTIPROCESSING)
     LocalDagRunner().run(pipe)
     LocalDagRunner().run(pipe)  # cached: no second ScoreFilter output
     with metadata.Metadata(metadata.sqlite_metadata_connection_config(db)) as m:
@@ -164,7 +164,7 @@ def test_a_failed_component_registers_no_output(tmp_path):
     pipe = tfx_pipeline.Pipeline(pipeline_name="score-filter-fail", pipeline_root=str(tmp_path / "root"),
                                  components=[ex_imp, sc_imp, flt], enable_cache=False,
                                  metadata_connection_config=metadata.sqlite_metadata_connection_config(db),
-                                 beam_pipeline_args=BEAM_ARGS)
+                                 beam_pipeline_args=BEAM_IN_PROCESS)
     with pytest.raises(Exception, match="has no score"):
         LocalDagRunner().run(pipe)
     from ml_metadata.proto import metadata_store_pb2

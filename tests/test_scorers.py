@@ -16,7 +16,8 @@ from tfx.dsl.components.base.base_beam_executor import BaseBeamExecutor  # noqa:
 from tfx.types import artifact_utils, standard_artifacts  # noqa: E402
 
 import tf_influence as tfi  # noqa: E402
-from tf_influence import models, scores_io, tracin  # noqa: E402
+from experiments import models
+from tf_influence import scores_io, tracin  # noqa: E402
 from tfx_components.influence_scorer.component import InfluenceScorer  # noqa: E402
 from tfx_components.influence_scorer.executor import Executor as InfluenceExecutor  # noqa: E402
 from tfx_components.score_filter.component import ScoreFilter  # noqa: E402
@@ -25,7 +26,7 @@ from tfx_components.self_influence_scorer.executor import Executor as SIExecutor
 from tests import tfx_helpers as th  # noqa: E402
 
 SPEC = {"x": {"name": "image", "shape": [8, 8, 1]}, "y": {"name": "label"}}
-BEAM = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+from tests.tfx_helpers import BEAM_IN_PROCESS, BEAM_MULTIPROCESSING  # noqa: E402
 
 
 def examples_artifact(uri, splits):
@@ -69,7 +70,7 @@ def world(tmp_path_factory):
 
 
 def ctx(tmp):
-    return BaseBeamExecutor.Context(beam_pipeline_args=BEAM, tmp_dir=str(tmp), unique_id="1")
+    return BaseBeamExecutor.Context(beam_pipeline_args=BEAM_IN_PROCESS, tmp_dir=str(tmp), unique_id="1")
 
 
 def ds(k_x_y):
@@ -102,7 +103,7 @@ def test_influence_scorer_equals_the_library(world, tmp_path):
     ref = tfi.multi_stage_influence(tfi.Objective(pre, pre.loss), mk(px, py), tfi.Objective(ft, ft.loss),
                                     mk(fx, fy), mk(tx, ty), embedding=["embedding"],
                                     pretrain_solver=cfg(1e-2), finetune_solver=cfg(1e-3),
-                                    pretrain_hessian_samples=None).scores
+                                    hessian_samples=None).scores
     assert sorted(pk) == sorted(pre_data["train"][0])
     for i, k in enumerate(pk):  # float32 agreement: Beam batches the per-example products differently
         assert got[k] == pytest.approx(ref[i], rel=1e-4, abs=1e-6)
@@ -110,6 +111,9 @@ def test_influence_scorer_equals_the_library(world, tmp_path):
     summary = json.loads(out.get_string_custom_property("summary"))
     assert summary["train"]["count"] == 80 and len(summary["train"]["top_keys"]) == 10
     assert json.loads(out.get_string_custom_property("solves"))["pretrain"]["method"] == "cg_squared"
+    # the (W, U) layout the workers used is recorded and rebuilds on the model file
+    rebuilt = tfi.ParameterGroup.from_spec(pre, out.get_string_custom_property("group_spec"))
+    assert rebuilt.size == sum(v.numpy().size for v in pre.trainable_variables)
 
 
 def test_self_influence_scorer_equals_the_library_and_names_bad_input(world, tmp_path):
@@ -118,7 +122,7 @@ def test_self_influence_scorer_equals_the_library_and_names_bad_input(world, tmp
     out = InfluenceScores()
     out.uri = str(tmp_path / "si")
     SIExecutor(ctx(tmp_path / "tmp")).Do({"examples": [a["pre_ex"]], "model": [a["pre_m"]]}, {"scores": [out]},
-                                         {"feature_spec": json.dumps(SPEC), "layers": json.dumps(["embedding"])})
+                                         {"feature_spec": json.dumps(SPEC), "si_layers": json.dumps(["embedding"])})
     got = scores_io.read_scores(os.path.join(out.uri, "Split-train"))
     pre = keras.models.load_model(os.path.join(a["pre_m"].uri, "Format-Serving", "model.keras"))
     ref = tracin.self_influence(tfi.Objective(pre, pre.loss), ds(pre_data["train"]), ["embedding"])
@@ -136,23 +140,23 @@ def test_self_influence_scorer_equals_the_library_and_names_bad_input(world, tmp
     out2 = InfluenceScores()
     out2.uri = str(tmp_path / "si2")
     SIExecutor(ctx(tmp_path / "tmpc")).Do({"examples": [a["pre_ex"]], "model": [a["pre_m"]]}, {"scores": [out2]},
-                                          {"feature_spec": json.dumps(SPEC), "layers": json.dumps(["embedding"]),
+                                          {"feature_spec": json.dumps(SPEC), "si_layers": json.dumps(["embedding"]),
                                            "checkpoints": json.dumps(ck), "learning_rates": json.dumps([0.1, 0.2])})
     got2 = scores_io.read_scores(os.path.join(out2.uri, "Split-train"))
     for i, k in enumerate(pre_data["train"][0]):
         assert got2[k] == pytest.approx(0.1 * float(ref[i]) + 0.2 * float(ref2[i]), rel=1e-5)
     with pytest.raises(ValueError, match=f"Model artifact {a['pre_m'].uri}.*no layer named 'encoder'"):
         SIExecutor(ctx(tmp_path / "t2")).Do({"examples": [a["pre_ex"]], "model": [a["pre_m"]]}, {"scores": [out]},
-                                            {"feature_spec": json.dumps(SPEC), "layers": json.dumps(["encoder"])})
+                                            {"feature_spec": json.dumps(SPEC), "si_layers": json.dumps(["encoder"])})
     with pytest.raises(ValueError, match="has no split 'validation'"):
         SIExecutor(ctx(tmp_path / "t3")).Do({"examples": [a["pre_ex"]], "model": [a["pre_m"]]}, {"scores": [out]},
-                                            {"feature_spec": json.dumps(SPEC), "layers": json.dumps(["embedding"]),
+                                            {"feature_spec": json.dumps(SPEC), "si_layers": json.dumps(["embedding"]),
                                              "splits": json.dumps(["validation"])})
     empty = standard_artifacts.Model()
     empty.uri = str(tmp_path / "nomodel")
     with pytest.raises(FileNotFoundError, match="no Keras model file"):
         SIExecutor(ctx(tmp_path / "t4")).Do({"examples": [a["pre_ex"]], "model": [empty]}, {"scores": [out]},
-                                            {"feature_spec": json.dumps(SPEC), "layers": json.dumps(["embedding"])})
+                                            {"feature_spec": json.dumps(SPEC), "si_layers": json.dumps(["embedding"])})
 
 
 def test_presence_sequential_pipeline_local_dag_runner(world, tmp_path):
@@ -165,13 +169,14 @@ def test_presence_sequential_pipeline_local_dag_runner(world, tmp_path):
                           properties={"split_names": a["pre_ex"].split_names}).with_id("examples")
     model = tfx.dsl.Importer(source_uri=a["pre_m"].uri, artifact_type=standard_artifacts.Model).with_id("model")
     si = SelfInfluenceScorer(examples=ex.outputs["result"], model=model.outputs["result"], feature_spec=SPEC,
-                             layers=["embedding"])
+                             si_layers=["embedding"])
     flt = ScoreFilter(examples=ex.outputs["result"], scores=si.outputs["scores"], mode="keep_lowest", value=60)
     db = str(tmp_path / "mlmd.sqlite")
     LocalDagRunner().run(tfx_pipeline.Pipeline(
         pipeline_name="presence_sequential_test", pipeline_root=str(tmp_path / "root"),
         components=[ex, model, si, flt], enable_cache=True,
-        metadata_connection_config=metadata.sqlite_metadata_connection_config(db), beam_pipeline_args=BEAM))
+        metadata_connection_config=metadata.sqlite_metadata_connection_config(db),
+        beam_pipeline_args=BEAM_MULTIPROCESSING))
     with metadata.Metadata(metadata.sqlite_metadata_connection_config(db)) as m:
         outs = [x for x in m.store.get_artifacts_by_type("Examples") if "num_kept" in x.custom_properties]
         scores = m.store.get_artifacts_by_type("tf_influence.InfluenceScores")

@@ -110,7 +110,7 @@ def test_solvers_on_a_real_hessian_operator():
     model = h.mlp(l2=0.05)
     h.train(model, h.sce(), x, y, steps=200)
     obj = tfi.Objective(model, h.sce())
-    g = tfi.ParameterGroup("all", tuple(model.trainable_variables))
+    g = tfi.ParameterGroup.from_model(model, "all")
     H = h.explicit_hessian(obj, x, y, g)
     op = tfi.HessianOperator(obj, h.dataset(x, y), g)
     b = rng.normal(size=(g.size, 2))

@@ -7,6 +7,11 @@ import tensorflow as tf
 
 from tf_influence import scores_io
 
+#: Beam in this process: for tests whose subject is not Beam's multi-processing mode.
+BEAM_IN_PROCESS = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
+#: The DirectRunner's multi-processing mode with 2 workers: for the tests that exist to exercise it.
+BEAM_MULTIPROCESSING = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+
 
 def example(key: bytes, image, label: int) -> bytes:
     f = {"key": tf.train.Feature(bytes_list=tf.train.BytesList(value=[key])),

@@ -1,22 +1,56 @@
 """tf-influence: multi-stage influence functions and self-influence tools for TensorFlow / Keras 3.
 
-The library does not import TFX; TFX shells live in ``tfx_components/``.
+>>> import tf_influence as tfi
+>>> tfi.SolverConfig("cg_squared", damping=tfi.DEFAULT_PRETRAIN_DAMPING).damping
+0.001
+
+The library does not import TFX; TFX shells live in ``tfx_components/``, experiments and demos in
+the top-level ``experiments/`` package. ``tf_influence.evaluation`` holds the leave-one-out
+harness users call. Names are loaded on first use (PEP 562), so ``import tf_influence`` is cheap
+and an entry point can call :func:`tf_influence.console.quiet` before TensorFlow is imported.
 """
 
+import importlib as _importlib
 import os as _os
 
-_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # hide TensorFlow's C++ info/warning chatter unless asked
+# TensorFlow's C++ INFO/WARNING lines stay hidden unless the user chose a level (this only takes
+# effect when tf_influence is imported before TensorFlow).
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from .baselines import identity_hessian_influence, pretraining_loss_scores
-from .gradients import mean_gradient, per_example_dot, per_example_gradients, per_example_losses, \
-    stack_per_example_gradients
-from .hvp import HessianOperator, hvp, mixed_hvp
-from .influence import (InfluenceResult, MultiStageInfluence, multi_stage_influence, predicted_loss_change_on_removal,
-                        score_examples, single_stage_influence, test_gradients)
-from .objective import EmptyDatasetError, NonFiniteError, Objective, count_examples, subsample
-from .params import (ParameterGroup, ParameterGroupError, complement_group, concat_groups, find_layer,
-                     group_from_layers)
-from .solvers import (DenseOperator, SolveResult, SolverConfig, SolverNotConvergedError, SolverNotConvergedWarning,
-                      cg, cg_squared, dense, identity, lissa, solve)
+__version__ = "0.2.0"
 
-__version__ = "0.1.0"
+_EXPORTS = {
+    "baselines": ["identity_hessian_influence", "pretraining_loss_scores"],
+    "gradients": ["mean_gradient", "per_example_dot", "per_example_gradients", "per_example_losses",
+                  "stack_per_example_gradients"],
+    "hessian": ["HessianOperator", "hvp", "mixed_hvp"],
+    "influence": ["DEFAULT_FINETUNE_DAMPING", "DEFAULT_PRETRAIN_DAMPING", "InfluenceResult", "MultiStageInfluence",
+                  "default_solvers", "multi_stage_influence", "predicted_loss_change_on_removal", "score_examples",
+                  "single_stage_influence", "test_gradients"],
+    "objective": ["DatasetError", "EmptyDatasetError", "NonFiniteError", "Objective", "count_examples",
+                  "per_example_loss_fn", "reduce_per_example", "subsample"],
+    "params": ["GroupSpec", "ParameterGroup", "ParameterGroupError", "complement_group", "concat_groups",
+               "find_layer", "group_from_layers"],
+    "solvers": ["DenseOperator", "SolveResult", "SolverConfig", "SolverNotConvergedError",
+                "SolverNotConvergedWarning", "cg", "cg_squared", "dense", "identity", "lissa", "solve"],
+    "tracin": ["FilterResult", "presence_sequential", "self_influence"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+_SUBMODULES = {"baselines", "compiled", "console", "evaluation", "gradients", "hessian", "influence", "objective",
+               "params", "presence", "scores_io", "selection", "solvers", "tracin"}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        value = getattr(_importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return _importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'tf_influence' has no attribute '{name}'")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE) | _SUBMODULES)

@@ -21,8 +21,9 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 
-from .objective import EmptyDatasetError, Objective, check_finite, count_examples, finite_check, split_batch
-from .params import ParameterGroup
+from .compiled import cached_kernel
+from .objective import EmptyDatasetError, Objective, batches, check_finite, finite_check
+from .params import ParameterGroup, densify
 
 
 def _progress(iterable, desc: str, enabled: bool, total=None):
@@ -32,8 +33,8 @@ def _progress(iterable, desc: str, enabled: bool, total=None):
     return tqdm(iterable, desc=desc, total=total, leave=False)
 
 
-class _GradFns:
-    """Compiled per-batch gradient functions for one (objective, group); cached on the objective."""
+class GradientKernels:
+    """Compiled per-batch gradient kernels of one (objective, group), cached per model (see :mod:`compiled`)."""
 
     def __init__(self, objective: Objective, group: ParameterGroup):
         self.objective, self.group = objective, group
@@ -41,6 +42,10 @@ class _GradFns:
         self.jacobian = tf.function(self._jacobian, reduce_retracing=True)
         self.jvp = tf.function(self._jvp, reduce_retracing=True)
         self.reg_grad = tf.function(self._reg_grad)
+
+    @classmethod
+    def get(cls, objective: Objective, group: ParameterGroup) -> "GradientKernels":
+        return cached_kernel(objective, "gradients", (group,), lambda: cls(objective, group))
 
     def _losses(self, x, y):
         losses = self.objective.per_example_losses(x, y, training=False)
@@ -50,7 +55,7 @@ class _GradFns:
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(self._losses(x, y))
         g = tape.gradient(loss, self.group.tf_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        return self.group.flatten(g)
+        return self.group.flatten(densify(g))
 
     def _reg_grad(self):
         with tf.GradientTape() as tape:
@@ -70,7 +75,8 @@ class _GradFns:
             yi = tf.nest.map_structure(lambda t: t[None], yi)
             with tf.GradientTape() as tape:
                 loss = tf.reduce_sum(self.objective.per_example_losses(xi, yi, training=False))
-            return self.group.flatten(tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+            return self.group.flatten(densify(tape.gradient(loss, variables,
+                                                           unconnected_gradients=tf.UnconnectedGradients.ZERO)))
 
         block = tf.vectorized_map(one, (x, y))
         return check_finite(block, f"per-example gradient of {self.objective.name}")
@@ -79,14 +85,6 @@ class _GradFns:
         with tf.autodiff.ForwardAccumulator(self.group.tf_variables, self.group.unflatten(tangent)) as acc:
             losses = self._losses(x, y)
         return acc.jvp(losses, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-
-
-def _fns(objective: Objective, group: ParameterGroup) -> _GradFns:
-    cache = objective.__dict__.setdefault("_grad_fn_cache", {})
-    key = tuple(id(v) for v in group.tf_variables)
-    if key not in cache:
-        cache[key] = _GradFns(objective, group)
-    return cache[key]
 
 
 def _chunks(x, y, chunk: int | None):
@@ -107,12 +105,11 @@ def mean_gradient(objective: Objective, dataset, group: ParameterGroup, reductio
     """
     if reduction not in ("mean", "sum"):
         raise ValueError("reduction must be 'mean' or 'sum'")
-    fns = _fns(objective, group)
+    fns = GradientKernels.get(objective, group)
     total = tf.zeros([group.size], group.dtype)
     n = 0
     with finite_check(f"gradient of {objective.name} on {name}"):
-        for batch in dataset:
-            x, y = split_batch(batch)
+        for x, y in batches(dataset, name, objective.model):
             total = total + fns.sum_grad(x, y)
             n += int(tf.shape(tf.nest.flatten(y)[0])[0])
     if n == 0:
@@ -133,11 +130,10 @@ def per_example_gradients(objective: Objective, dataset, group: ParameterGroup, 
     Memory is bounded by ``chunk_size × p`` floats per block (batches larger than
     ``chunk_size`` are split).
     """
-    fns = _fns(objective, group)
+    fns = GradientKernels.get(objective, group)
     seen = 0
     with finite_check(f"per-example gradients of {objective.name} on {name}"):
-        for batch in _progress(dataset, f"per-example grads ({name})", progress):
-            x, y = split_batch(batch)
+        for x, y in _progress(batches(dataset, name, objective.model), f"per-example grads ({name})", progress):
             for xc, yc in _chunks(x, y, chunk_size):
                 block = fns.jacobian(xc, yc)
                 seen += int(block.shape[0])
@@ -170,12 +166,11 @@ def per_example_dot(objective: Objective, dataset, group: ParameterGroup, V, met
         method = "jvp" if k <= 4 else "jacobian"
     if method not in ("jvp", "jacobian"):
         raise ValueError("method must be 'auto', 'jvp' or 'jacobian'")
-    fns = _fns(objective, group)
+    fns = GradientKernels.get(objective, group)
     rows = []
     with finite_check(f"scores of {objective.name} on {name}"):
         if method == "jvp":
-            for batch in _progress(dataset, f"scoring ({name})", progress):
-                x, y = split_batch(batch)
+            for x, y in _progress(batches(dataset, name, objective.model), f"scoring ({name})", progress):
                 rows.append(tf.stack([fns.jvp(x, y, V[:, j]) for j in range(k)], axis=1))
         else:
             for block in per_example_gradients(objective, dataset, group, chunk_size, progress, name):
@@ -191,13 +186,15 @@ def per_example_dot(objective: Objective, dataset, group: ParameterGroup, V, met
 def per_example_losses(objective: Objective, dataset, name: str = "dataset") -> np.ndarray:
     """``l(z)`` for every example in dataset order (the rebuttal's pretraining-loss baseline)."""
     out = []
-    fn = tf.function(lambda x, y: objective.per_example_losses(x, y, training=False), reduce_retracing=True)
-    for batch in dataset:
-        out.append(fn(*split_batch(batch)).numpy())
+    fn = cached_kernel(objective, "losses", (), lambda: tf.function(
+        lambda x, y: objective.per_example_losses(x, y, training=False), reduce_retracing=True))
+    with finite_check(f"losses of {objective.name} on {name}"):
+        for x, y in batches(dataset, name, objective.model):
+            out.append(fn(x, y).numpy())
     if not out:
         raise EmptyDatasetError(f"{name} is empty: it yielded no examples")
     return np.concatenate(out)
 
 
-__all__ = ["mean_gradient", "per_example_gradients", "stack_per_example_gradients", "per_example_dot",
-           "per_example_losses", "count_examples"]
+__all__ = ["GradientKernels", "mean_gradient", "per_example_gradients", "stack_per_example_gradients",
+           "per_example_dot", "per_example_losses"]

@@ -14,6 +14,7 @@ converts between that flat layout and the per-variable tensors that autodiff nee
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -29,7 +30,8 @@ def tf_variable(v):
     """The ``tf.Variable`` behind a Keras 3 variable (or ``v`` itself if it already is one).
 
     Keras 3 variables are not ``tf.Variable`` instances; ``GradientTape.gradient`` and
-    ``ForwardAccumulator`` need the backing TensorFlow variable (see ENVIRONMENT.md).
+    ``ForwardAccumulator`` need the backing TensorFlow variable (passing a Keras variable
+    fails with ``'str' object has no attribute 'is_floating'``).
     """
     inner = getattr(v, "value", None)
     if isinstance(inner, tf.Variable):
@@ -40,11 +42,87 @@ def tf_variable(v):
 
 
 @dataclass(frozen=True)
+class GroupSpec:
+    """A serialisable description of a :class:`ParameterGroup` of a model: for each variable its
+    position in ``model.trainable_variables``, its Keras path and its shape.
+
+    A driver builds the group, sends ``spec.to_json()`` to its workers, and every worker that
+    loads the same model file rebuilds exactly the same flat layout with
+    :meth:`ParameterGroup.from_spec` (which checks path and shape of every variable).
+
+    >>> spec = GroupSpec.from_json('{"name": "W", "variables": [[0, "conv1/kernel", [3, 3, 1, 8]]]}')
+    >>> spec.variables[0]
+    (0, 'conv1/kernel', (3, 3, 1, 8))
+    """
+
+    name: str
+    variables: tuple  # ((index, path, shape), ...)
+
+    def to_json(self) -> str:
+        return json.dumps({"name": self.name, "variables": [[i, p, list(s)] for i, p, s in self.variables]})
+
+    @classmethod
+    def from_json(cls, text) -> "GroupSpec":
+        d = json.loads(text) if isinstance(text, (str, bytes)) else dict(text)
+        try:
+            variables = tuple((int(i), str(p), tuple(int(n) for n in s)) for i, p, s in d["variables"])
+            return cls(str(d["name"]), variables)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ParameterGroupError(f"not a parameter group spec ({err}): {str(text)[:200]}") from None
+
+
+@dataclass(frozen=True)
 class ParameterGroup:
-    """An ordered list of trainable variables treated as one flat parameter vector."""
+    """An ordered list of trainable variables treated as one flat parameter vector.
+
+    >>> import keras
+    >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="out")])
+    >>> ParameterGroup.from_model(model).size   # every trainable variable: 3·2 kernel + 2 bias
+    8
+    """
 
     name: str
     variables: tuple
+
+    @classmethod
+    def from_model(cls, model, name: str = "all") -> "ParameterGroup":
+        """Every trainable variable of ``model``, in ``model.trainable_variables`` order."""
+        variables = tuple(model.trainable_variables)
+        if not variables:
+            raise ParameterGroupError(f"model '{model.name}' has no trainable variables (is it built?)")
+        return cls(name, variables)
+
+    def spec(self, model) -> GroupSpec:
+        """This group as a :class:`GroupSpec` over ``model`` (every variable must belong to it)."""
+        index = {id(tf_variable(v)): i for i, v in enumerate(model.trainable_variables)}
+        out = []
+        for v, shape in zip(self.variables, self.shapes):
+            i = index.get(id(tf_variable(v)))
+            if i is None:
+                raise ParameterGroupError(f"variable {_path(v)} of group '{self.name}' is not a trainable variable "
+                                          f"of model '{model.name}'")
+            out.append((i, _path(v), tuple(shape)))
+        return GroupSpec(self.name, tuple(out))
+
+    @classmethod
+    def from_spec(cls, model, spec) -> "ParameterGroup":
+        """Rebuild a group from a :class:`GroupSpec` (or its JSON) on a model loaded from the same file;
+        raises :class:`ParameterGroupError` naming the first variable whose position, path or shape differs."""
+        spec = spec if isinstance(spec, GroupSpec) else GroupSpec.from_json(spec)
+        pool = list(model.trainable_variables)
+        variables = []
+        for i, path, shape in spec.variables:
+            if i >= len(pool):
+                raise ParameterGroupError(f"group '{spec.name}' names trainable variable #{i} ({path}) but model "
+                                          f"'{model.name}' has only {len(pool)}")
+            v = pool[i]
+            got_shape = tuple(tf_variable(v).shape)
+            if _path(v) != path or got_shape != shape:
+                raise ParameterGroupError(
+                    f"group '{spec.name}': trainable variable #{i} of model '{model.name}' is {_path(v)} {got_shape}, "
+                    f"the spec expects {path} {shape} (was the model file changed?)")
+            variables.append(v)
+        return cls(spec.name, tuple(variables))
 
     def __post_init__(self):
         if len(self.variables) == 0:
@@ -75,7 +153,7 @@ class ParameterGroup:
 
     @property
     def variable_names(self) -> list:
-        return [getattr(v, "path", None) or tf_variable(v).name for v in self.variables]
+        return [_path(v) for v in self.variables]
 
     def flatten(self, tensors: Sequence) -> tf.Tensor:
         """Concatenate per-variable tensors (e.g. gradients) into one ``[p]`` vector.
@@ -132,10 +210,20 @@ class ParameterGroup:
             key = id(tf_variable(v))
             if key not in offsets:
                 raise ParameterGroupError(
-                    f"variable {getattr(v, 'path', v)} of group '{other.name}' is not in group '{self.name}'")
+                    f"variable {_path(v)} of group '{other.name}' is not in group '{self.name}'")
             s, n = offsets[key]
             idx.extend(range(s, s + n))
         return idx
+
+
+def densify(tensors) -> list:
+    """Gradients as dense tensors: a Keras ``Embedding``'s ``tf.IndexedSlices`` gradient becomes a
+    dense tensor (``ForwardAccumulator`` and Jacobians cannot handle ``IndexedSlices``); ``None`` stays."""
+    return [None if t is None else tf.convert_to_tensor(t) for t in tensors]
+
+
+def _path(v) -> str:
+    return getattr(v, "path", None) or tf_variable(v).name
 
 
 def concat_groups(name: str, *groups: ParameterGroup) -> ParameterGroup:

@@ -37,7 +37,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from .objective import _as_per_example_loss
+from .objective import per_example_loss_fn, reduce_per_example
 from .params import ParameterGroupError, find_layer, tf_variable
 
 EPS = 1e-6
@@ -235,9 +235,7 @@ class PresenceModel(keras.Model):
 
     def _microbatch_loss(self, x, y, w):
         y_pred = self.inner(x, training=True)
-        losses = tf.convert_to_tensor(self._per_example_loss(y, y_pred))
-        if losses.shape.rank is not None and losses.shape.rank > 1:
-            losses = tf.reduce_mean(tf.reshape(losses, [tf.shape(losses)[0], -1]), axis=1)
+        losses = reduce_per_example(self._per_example_loss(y, y_pred))
         if w is not None:
             losses = losses * tf.cast(w, losses.dtype)
         reg = self.inner.losses
@@ -249,7 +247,7 @@ class PresenceModel(keras.Model):
         if self._per_example_loss is None:
             if self.loss is None:
                 raise ValueError("compile the PresenceModel with a loss")
-            self._per_example_loss = _as_per_example_loss(self.loss)
+            self._per_example_loss = per_example_loss_fn(self.loss)
         variables = self.inner.trainable_variables
         mask = layer_set_mask(variables, self._k_vars)
         losses, grads, y_pred = microbatch_gradients(self._microbatch_loss, x, y, variables, self.num_microbatches,

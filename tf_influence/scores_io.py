@@ -7,11 +7,12 @@ Files are GZIP-compressed; a directory holds ``scores-*.tfrecord.gz`` shards. No
 
 from __future__ import annotations
 
-import glob
 import os
 
 import numpy as np
 import tensorflow as tf
+
+from . import selection
 
 PATTERN = "scores-*.tfrecord.gz"
 
@@ -63,29 +64,8 @@ def read_scores(directory: str) -> dict:
     return out
 
 
-SELECT_MODES = ("drop_top_fraction", "drop_above", "keep_lowest", "keep_highest")
-
-
 def select_kept(scores: dict, mode: str, value: float) -> set:
-    """Keys to keep under a filtering rule (ties broken by key, so the result is deterministic).
-
-    * ``drop_top_fraction`` — drop the ``round(value × n)`` highest scores (e.g. the most harmful
-      10 % of pretraining examples: ``value=0.1``);
-    * ``drop_above`` — drop every score ``> value``;
-    * ``keep_lowest`` — keep the ``int(value)`` lowest scores (PRESENCE-Sequential);
-    * ``keep_highest`` — keep the ``int(value)`` highest (PRESENCE-Sequential-reverse).
-    """
-    if mode not in SELECT_MODES:
-        raise ValueError(f"unknown filter mode '{mode}'; choose one of {SELECT_MODES}")
-    n = len(scores)
-    order = sorted(scores, key=lambda k: (scores[k], k))  # ascending score
-    if mode == "drop_above":
-        return {k for k, s in scores.items() if s <= value}
-    if mode == "drop_top_fraction":
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"drop_top_fraction needs 0 ≤ value ≤ 1, got {value}")
-        return set(order[:n - int(round(value * n))])
-    k = int(value)
-    if k != value or not 0 <= k <= n:
-        raise ValueError(f"{mode} needs an integer 0 ≤ value ≤ {n}, got {value}")
-    return set(order[:k]) if mode == "keep_lowest" else set(order[n - k:])
+    """Keys to keep from a ``{key: score}`` table (:func:`tf_influence.selection.select_kept`, ties by key)."""
+    keys = list(scores)
+    mask = selection.select_kept([scores[k] for k in keys], mode, value, keys=keys)
+    return {k for k, keep in zip(keys, mask) if keep}

@@ -1,7 +1,7 @@
 """Inverse Hessian-vector product solvers.
 
 Every solver takes a symmetric linear operator ``H`` (anything with ``matvec([p, k]) -> [p, k]``
-and ``shape``, e.g. :class:`~tf_influence.hvp.HessianOperator`, or a dense matrix) and one or
+and ``shape``, e.g. :class:`~tf_influence.hessian.HessianOperator`, or a dense matrix) and one or
 several right-hand sides ``B`` (``[p]`` or ``[p, k]``), and returns a :class:`SolveResult`.
 
 * ``cg``          — conjugate gradients on ``(H + λI) x = b`` (``H`` positive definite).

@@ -19,15 +19,19 @@ import numpy as np
 import tensorflow as tf
 
 from .gradients import per_example_gradients
-from .objective import EmptyDatasetError, Objective, split_batch
+from .objective import EmptyDatasetError, Objective
 from .params import ParameterGroup, ParameterGroupError, group_from_layers
+from .selection import select_kept
 
 
-def layer_set(model, layers) -> ParameterGroup:
-    """The layer set K as a parameter group; ``layers`` = layer / sub-model names (non-empty)."""
-    if layers is None or (not isinstance(layers, str) and len(list(layers)) == 0):
-        raise ParameterGroupError("the layer set K is empty: name at least one layer for self-influence")
-    return group_from_layers(model, layers, name=f"K={layers}")
+def layer_set(model, si_layers) -> ParameterGroup:
+    """The layer set K as a parameter group; ``si_layers`` = layer / sub-model names (non-empty),
+    or a :class:`ParameterGroup` (returned as is)."""
+    if isinstance(si_layers, ParameterGroup):
+        return si_layers
+    if si_layers is None or (not isinstance(si_layers, str) and len(list(si_layers)) == 0):
+        raise ParameterGroupError("the layer set K is empty: name at least one layer in si_layers for self-influence")
+    return group_from_layers(model, si_layers, name=f"K={si_layers}")
 
 
 def _checkpoints(model, checkpoints, learning_rates):
@@ -62,10 +66,12 @@ class _AtCheckpoint:
             self.model.set_weights(self.saved)
 
 
-def self_influence(objective: Objective, dataset, layers, checkpoints=None, learning_rates=None,
+def self_influence(objective: Objective, dataset, si_layers, checkpoints=None, learning_rates=None,
                    chunk_size: int | None = 512, progress: bool = False, name: str = "dataset") -> np.ndarray:
-    """TracInSI_K of every example of a batched ``(x, y)`` dataset, in dataset order (eq. 3)."""
-    group = layers if isinstance(layers, ParameterGroup) else layer_set(objective.model, layers)
+    """TracInSI_K of every example of a batched ``(x, y)`` dataset, in dataset order (eq. 3).
+
+    ``si_layers``: the layer set K (layer names or a :class:`ParameterGroup`)."""
+    group = layer_set(objective.model, si_layers)
     total = None
     for ckpt, lr in _checkpoints(objective.model, checkpoints, learning_rates):
         with _AtCheckpoint(objective.model, ckpt):
@@ -76,10 +82,10 @@ def self_influence(objective: Objective, dataset, layers, checkpoints=None, lear
     return total
 
 
-def tracin(objective: Objective, train_data, test_data, layers, checkpoints=None, learning_rates=None,
+def tracin(objective: Objective, train_data, test_data, si_layers, checkpoints=None, learning_rates=None,
            chunk_size: int | None = 512) -> np.ndarray:
-    """TracIn influence matrix ``[n_train, n_test]`` (eq. 1 summed over checkpoints)."""
-    group = layers if isinstance(layers, ParameterGroup) else layer_set(objective.model, layers)
+    """TracIn influence matrix ``[n_train, n_test]`` (eq. 1 summed over checkpoints) over the layer set K."""
+    group = layer_set(objective.model, si_layers)
     total = None
     for ckpt, lr in _checkpoints(objective.model, checkpoints, learning_rates):
         with _AtCheckpoint(objective.model, ckpt):
@@ -92,10 +98,10 @@ def tracin(objective: Objective, train_data, test_data, layers, checkpoints=None
     return total
 
 
-def microbatch_self_influence(objective: Objective, x, y, layers, num_microbatches: int) -> np.ndarray:
+def microbatch_self_influence(objective: Objective, x, y, si_layers, num_microbatches: int) -> np.ndarray:
     """MicrobatchSI_K (eq. 11) of the ``n`` contiguous microbatches of one batch ``(x, y)``."""
     from .presence import microbatch_gradients
-    group = layers if isinstance(layers, ParameterGroup) else layer_set(objective.model, layers)
+    group = layer_set(objective.model, si_layers)
     _, grads = microbatch_gradients(objective, x, y, group.variables, num_microbatches)
     return np.sum([tf.reduce_sum(tf.reshape(tf.square(g), [num_microbatches, -1]), axis=1).numpy() for g in grads],
                   axis=0)
@@ -126,13 +132,15 @@ class FilterResult:
         return ds.batch(batch_size) if batch_size else ds
 
 
-def presence_sequential(objective: Objective, dataset, layers, keep: int, reverse: bool = False,
-                        checkpoints=None, learning_rates=None, progress: bool = False) -> FilterResult:
+def presence_sequential(objective: Objective, dataset, si_layers, keep: int, reverse: bool = False,
+                        checkpoints=None, learning_rates=None, keys=None, progress: bool = False) -> FilterResult:
     """PRESENCE-Sequential (Section 3, eq. 4–5): keep the ``keep`` examples with the lowest
     self-influence (``reverse=True``: drop the lowest, i.e. keep the highest).
 
-    Streams ``dataset`` (batched ``(x, y)``) once per checkpoint; ties are broken by position."""
-    scores = self_influence(objective, dataset, layers, checkpoints, learning_rates, progress=progress)
+    Streams ``dataset`` (batched ``(x, y)``) once per checkpoint. Selection is
+    :func:`tf_influence.selection.select_kept` — the rule the ``ScoreFilter`` component applies —
+    with ties broken by ``keys`` (one per example, dataset order) or, without keys, by position."""
+    scores = self_influence(objective, dataset, si_layers, checkpoints, learning_rates, progress=progress)
     n = len(scores)
     if n == 0:
         raise EmptyDatasetError("PRESENCE-Sequential got an empty dataset")
@@ -140,11 +148,9 @@ def presence_sequential(objective: Objective, dataset, layers, keep: int, revers
         raise ValueError(f"keep={keep} but the dataset has {n} examples")
     if not np.all(np.isfinite(scores)):
         raise ValueError("self-influence scores contain NaN/Inf")
-    order = np.argsort(scores, kind="stable")
-    kept = order[n - keep:] if reverse else order[:keep]
-    dropped = order[:n - keep] if reverse else order[keep:]
-    return FilterResult(np.sort(kept), np.sort(dropped), scores, reverse)
+    mask = select_kept(scores, "keep_highest" if reverse else "keep_lowest", keep, keys=keys)
+    return FilterResult(np.flatnonzero(mask), np.flatnonzero(~mask), scores, reverse)
 
 
 __all__ = ["layer_set", "self_influence", "tracin", "microbatch_self_influence", "presence_sequential",
-           "FilterResult", "split_batch"]
+           "FilterResult"]

@@ -3,9 +3,11 @@ the standalone Beam job.
 
 The per-example work is one library call per batch (no formula here):
 
-* ``self_influence`` — :func:`tf_influence.tracin.self_influence` over a layer set K;
+* ``self_influence`` — :func:`tf_influence.tracin.self_influence` over the layer set K (``si_layers``);
 * ``influence`` — :func:`tf_influence.gradients.per_example_dot` with the test-side vector
-  ``s`` (computed once by the driver, passed as a side input), i.e. ``I(z) = ∇g(z) · s``.
+  ``s`` (computed once by the driver, passed as a side input), i.e. ``I(z) = ∇g(z) · s``, over
+  the parameter group of ``s``, rebuilt in every worker from its serialised
+  :class:`tf_influence.params.GroupSpec` (checked variable by variable).
 
 Each worker loads the Keras model once (``DoFn.setup``); examples are batched
 (``beam.BatchElements``). Output: ``(key, score)`` pairs, written as GZIP TFRecords in the
@@ -15,8 +17,11 @@ Standalone job (plain Beam, no TFX)::
 
     python -m tfx_components.beam_scoring --examples 'data/Split-train/*' --model model.keras \\
         --feature-spec '{"x": {"name": "image", "shape": [8, 8, 1]}, "y": {"name": "label"}}' \\
-        --layers embedding --output out/scores --runner DirectRunner \\
+        --si-layers embedding --output out/scores --runner DirectRunner \\
         --direct_running_mode=multi_processing --direct_num_workers=2
+
+    # influence scores from a saved InfluenceResult (test_vector.npy + result.json's group spec):
+    python -m tfx_components.beam_scoring --kind influence --result saved_result/ ...
 
 On Dataflow: ``--runner DataflowRunner --project P --region R --temp_location gs://B/tmp
 --requirements_file requirements.txt`` with ``--examples``/``--model``/``--output`` on GCS.
@@ -60,9 +65,18 @@ def decode_batch(records, spec, desc="examples"):
         keys.append(feats[spec["key"]].bytes_list.value[0])
         xs.append(_values(feats[spec["x"]["name"]]))
         ys.append(_values(feats[spec["y"]["name"]]))
-    x = np.asarray(xs, dtype=spec["x"]["dtype"]).reshape([len(xs)] + list(spec["x"]["shape"]))
-    y = np.asarray(ys, dtype=spec["y"]["dtype"]).reshape([len(ys)] + list(spec["y"]["shape"]))
-    return keys, x, y
+    return keys, _stack(xs, spec["x"], desc), _stack(ys, spec["y"], desc)
+
+
+def _stack(values, part: dict, desc: str):
+    """One feature of every example as ``[n, *shape]``; names the feature when its size is wrong."""
+    shape = [int(d) for d in part["shape"]]
+    want = int(np.prod(shape)) if shape else 1
+    sizes = {len(v) for v in values}
+    if sizes != {want}:
+        raise ValueError(f"{desc}: feature '{part['name']}' has {sorted(sizes)} value(s) per example but the feature "
+                         f"spec's shape {shape} needs {want}")
+    return np.asarray(values, dtype=part["dtype"]).reshape([len(values)] + shape)
 
 
 def _values(feature):
@@ -95,13 +109,19 @@ def resolve_loss(model, loss_config):
     return loss
 
 
+KINDS = ("self_influence", "influence")
+
+
 class ScoreBatch(beam.DoFn):
     """Batch of serialized examples → ``(key, score)`` with one library call per batch."""
 
-    def __init__(self, model_path, feature_spec, kind, layers=None, loss_config=None, group_layers=None,
+    def __init__(self, model_path, feature_spec, kind, si_layers=None, loss_config=None, group_spec=None,
                  desc="examples", checkpoints=None, learning_rates=None):
+        if kind not in KINDS:
+            raise ValueError(f"unknown score kind '{kind}'; choose one of {KINDS}")
         self.model_path, self.spec, self.kind = model_path, parse_feature_spec(feature_spec), kind
-        self.layers, self.loss_config, self.group_layers, self.desc = layers, loss_config, group_layers, desc
+        self.si_layers, self.loss_config, self.desc = si_layers, loss_config, desc
+        self.group_spec = group_spec if group_spec is None or isinstance(group_spec, str) else group_spec.to_json()
         self.checkpoints, self.learning_rates = checkpoints, learning_rates
 
     def setup(self):
@@ -110,11 +130,9 @@ class ScoreBatch(beam.DoFn):
         self.objective = tfi.Objective(self.model, resolve_loss(self.model, self.loss_config))
         if self.kind == "self_influence":
             from tf_influence import tracin
-            self.group = tracin.layer_set(self.model, self.layers)
-        elif self.kind == "influence":
-            self.group = tfi.concat_groups("(W,U)", *[tfi.group_from_layers(self.model, g) for g in self.group_layers])
+            self.group = tracin.layer_set(self.model, self.si_layers)
         else:
-            raise ValueError(f"unknown score kind '{self.kind}'")
+            self.group = tfi.ParameterGroup.from_spec(self.model, self.group_spec)
 
     def process(self, records, vector=None):
         import tensorflow as tf
@@ -145,15 +163,22 @@ class WriteScores(beam.PTransform):
                                                      compression_type=beam.io.filesystem.CompressionTypes.GZIP))
 
 
-def score_examples(pipeline, examples_pattern, model_path, feature_spec, kind, output_dir, layers=None,
-                   loss_config=None, group_layers=None, vector=None, batch_size=256, label="Score",
+def score_examples(pipeline, examples_pattern, model_path, feature_spec, kind, output_dir, si_layers=None,
+                   loss_config=None, group_spec=None, vector=None, batch_size=256, label="Score",
                    checkpoints=None, learning_rates=None):
-    """Add the read → batch → score → write steps to ``pipeline``; returns the scores PCollection."""
+    """Add the read → batch → score → write steps to ``pipeline``; returns the scores PCollection.
+
+    ``kind="self_influence"`` needs ``si_layers``; ``kind="influence"`` needs ``vector`` (the
+    test-side ``s``) and ``group_spec`` (the :class:`~tf_influence.params.GroupSpec` of ``s``)."""
+    if kind == "influence" and (vector is None or group_spec is None):
+        raise ValueError("influence scoring needs the test-side vector and its parameter group spec")
+    if kind == "self_influence" and not si_layers:
+        raise ValueError("self-influence scoring needs the layer set K (si_layers)")
     records = pipeline | f"{label}Read" >> beam.io.ReadFromTFRecord(
         examples_pattern, coder=beam.coders.BytesCoder(), compression_type=beam.io.filesystem.CompressionTypes.AUTO)
     batches = records | f"{label}Batch" >> beam.BatchElements(min_batch_size=min(32, batch_size),
                                                              max_batch_size=batch_size)
-    fn = ScoreBatch(model_path, feature_spec, kind, layers, loss_config, group_layers, desc=examples_pattern,
+    fn = ScoreBatch(model_path, feature_spec, kind, si_layers, loss_config, group_spec, desc=examples_pattern,
                     checkpoints=checkpoints, learning_rates=learning_rates)
     if vector is not None:
         side = pipeline | f"{label}Vector" >> beam.Create([np.asarray(vector)])
@@ -165,32 +190,50 @@ def score_examples(pipeline, examples_pattern, model_path, feature_spec, kind, o
 
 
 def main(argv=None):
+    from tf_influence import console
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", required=True, help="file pattern of GZIP TFRecord tf.Examples")
     ap.add_argument("--model", required=True, help=".keras file or a directory holding model.keras")
     ap.add_argument("--feature-spec", required=True, help="JSON, see parse_feature_spec")
     ap.add_argument("--output", required=True, help="directory for scores-*.tfrecord.gz")
-    ap.add_argument("--kind", choices=["self_influence", "influence"], default="self_influence")
-    ap.add_argument("--layers", nargs="+", default=None, help="layer set K (self_influence)")
-    ap.add_argument("--group-layers", default=None,
-                    help="JSON list of layer-name lists forming the (W, U) group (influence)")
-    ap.add_argument("--vector", default=None, help=".npy file with the test-side vector s (influence)")
+    ap.add_argument("--kind", choices=KINDS, default="self_influence")
+    ap.add_argument("--si-layers", nargs="+", default=None, help="layer set K (self_influence)")
+    ap.add_argument("--result", default=None,
+                    help="directory of a saved InfluenceResult: its test_vector.npy and group spec (influence)")
+    ap.add_argument("--vector", default=None, help=".npy file with the test-side vector s (influence; or --result)")
+    ap.add_argument("--group-spec", default=None,
+                    help="GroupSpec JSON (or a .json file) of the parameters of s (influence; or --result)")
     ap.add_argument("--loss", default=None, help="Keras loss config JSON (default: the model's compiled loss)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--checkpoints", nargs="+", default=None,
                     help="TracIn checkpoints (.weights.h5 files) summed with --learning-rates (self_influence)")
     ap.add_argument("--learning-rates", nargs="+", type=float, default=None)
+    console.add_verbose_flag(ap)
     args, beam_args = ap.parse_known_args(argv)
-    if args.kind == "self_influence" and not args.layers:
-        ap.error("--layers is required for --kind self_influence")
-    if args.kind == "influence" and (not args.vector or not args.group_layers):
-        ap.error("--vector and --group-layers are required for --kind influence")
+    console.quiet(args.verbose)
+    vector, group_spec = None, None
+    if args.kind == "self_influence" and not args.si_layers:
+        ap.error("--si-layers is required for --kind self_influence")
+    if args.kind == "influence":
+        if args.result:
+            import tf_influence as tfi
+            saved = tfi.InfluenceResult.load(args.result)
+            if saved.group_spec is None:
+                ap.error(f"--result {args.result}: the saved result has no group spec")
+            vector, group_spec = np.asarray(saved.test_vector), saved.group_spec.to_json()
+        if args.vector:
+            vector = np.load(args.vector)
+        if args.group_spec:
+            group_spec = open(args.group_spec).read() if args.group_spec.endswith(".json") else args.group_spec
+        if vector is None or group_spec is None:
+            ap.error("--kind influence needs --result, or --vector and --group-spec")
+        if vector.ndim != 1:
+            ap.error(f"the test vector must be one vector (test target 'sum'), got shape {vector.shape}")
     from apache_beam.options.pipeline_options import PipelineOptions
-    vector = np.load(args.vector) if args.vector else None
     with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
-        score_examples(p, args.examples, args.model, args.feature_spec, args.kind, args.output, args.layers,
-                       args.loss, json.loads(args.group_layers) if args.group_layers else None, vector,
-                       args.batch_size, checkpoints=args.checkpoints, learning_rates=args.learning_rates)
+        score_examples(p, args.examples, args.model, args.feature_spec, args.kind, args.output, args.si_layers,
+                       args.loss, group_spec, vector, args.batch_size, checkpoints=args.checkpoints,
+                       learning_rates=args.learning_rates)
     print(f"wrote scores to {args.output}")
 
 

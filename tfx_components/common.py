@@ -23,17 +23,39 @@ def split_pattern(examples, split: str) -> str:
     return os.path.join(d, "*")
 
 
-def load_split(examples, split: str, spec: dict):
-    """``(keys, x, y)`` of a whole split (driver side: finetuning data, test points, Hessian samples)."""
-    pattern = split_pattern(examples, split)
-    files = tf.io.gfile.glob(pattern)
+def read_records(files, desc: str) -> list:
+    """Serialized records of GZIP TFRecord ``files`` (the one reader of example files outside Beam);
+    raises naming ``desc`` if there are no files, a file is corrupt or nothing is in them."""
+    files = list(files)
+    if not files:
+        raise ValueError(f"{desc}: no files")
     try:
         records = list(tf.data.TFRecordDataset(files, compression_type="GZIP").as_numpy_iterator())
     except tf.errors.DataLossError as err:
-        raise ValueError(f"Examples artifact {examples.uri}, split '{split}': corrupt TFRecord ({err.message})") from None
+        raise ValueError(f"{desc}: corrupt TFRecord ({err.message})") from None
     if not records:
-        raise ValueError(f"Examples artifact {examples.uri}, split '{split}' is empty")
-    return beam_scoring.decode_batch(records, spec, f"Examples artifact {examples.uri}, split '{split}'")
+        raise ValueError(f"{desc} is empty")
+    return records
+
+
+def glob_files(patterns) -> list:
+    """Files of one or several patterns or directories (a directory means all files in it)."""
+    files = []
+    for p in patterns if isinstance(patterns, (list, tuple)) else [patterns]:
+        files.extend(tf.io.gfile.glob(p if any(ch in p for ch in "*?[") else os.path.join(p, "*")))
+    return sorted(f for f in files if not tf.io.gfile.isdir(f))
+
+
+def read_split(examples, split: str) -> list:
+    """Serialized ``tf.train.Example``s of one split of an Examples artifact."""
+    return read_records(tf.io.gfile.glob(split_pattern(examples, split)),
+                        f"Examples artifact {examples.uri}, split '{split}'")
+
+
+def load_split(examples, split: str, spec: dict):
+    """``(keys, x, y)`` of a whole split (driver side: finetuning data, test points, Hessian samples)."""
+    return beam_scoring.decode_batch(read_split(examples, split), spec,
+                                     f"Examples artifact {examples.uri}, split '{split}'")
 
 
 class BeamStageError(RuntimeError):

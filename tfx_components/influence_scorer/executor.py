@@ -46,30 +46,30 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             sel = np.array([index[k] for k in wanted])
             xt, yt = xt[sel], yt[sel]
         _, xp, yp = common.load_split(pre_ex, pre_splits[0], spec)
-        solver = lambda lam: tfi.SolverConfig(e["solver"], damping=lam, max_iter=int(e["max_iter"]),  # noqa: E731
-                                              dtype=tf.float64)
+        pre_solver, ft_solver = tfi.default_solvers(e["case"])
+        for cfg, key in ((pre_solver, "damping_pretrain"), (ft_solver, "damping_finetune")):
+            cfg.method, cfg.max_iter, cfg.dtype = e["solver"], int(e["max_iter"]), tf.float64
+            if e.get(key) is not None:
+                cfg.damping = float(e[key])
         try:
             ms = tfi.MultiStageInfluence(
                 tfi.Objective(pre_model, pre_loss), _ds(xp, yp), tfi.Objective(ft_model, ft_loss), _ds(xf, yf),
-                embedding=embedding, case=e["case"], alpha=float(e["alpha"]),
-                pretrain_solver=solver(float(e["damping_pretrain"])),
-                finetune_solver=solver(float(e["damping_finetune"])),
-                pretrain_hessian_samples=e.get("hessian_samples"))
+                embedding=embedding, case=e["case"], alpha=float(e["alpha"]), pretrain_solver=pre_solver,
+                finetune_solver=ft_solver, hessian_samples=e.get("hessian_samples"))
+            s, solves, seconds = ms.test_vectors(_ds(xt, yt), "sum")
         except tfi.ParameterGroupError as err:
             raise ValueError(f"Model artifacts {pre_m.uri} / {ft_m.uri}: {err}") from None
-        s, solves, seconds = ms.test_vectors(_ds(xt, yt), "sum")
-        # the per-example products: (W, U) named by layers so every worker rebuilds the same group
-        head_layers = [l.name for l in pre_model.layers if l.trainable_weights and l.name not in embedding]
-        group_layers = [embedding, head_layers]
-        check = tfi.concat_groups("(W,U)", *[tfi.group_from_layers(pre_model, g) for g in group_layers])
-        if check.size != ms.WU.size:
-            raise ValueError(f"Model artifact {pre_m.uri}: the pretraining head is not a set of top-level layers; "
-                             "cannot rebuild (W, U) in the workers")
+        except (tfi.DatasetError, tfi.NonFiniteError) as err:  # e.g. labels outside the models' classes
+            raise ValueError(f"InfluenceScorer on Examples artifacts {pre_ex.uri} (pretraining) / {ft_ex.uri} "
+                             f"(finetuning, test): {err}") from None
+        # the per-example products run in the workers over the same (W, U), rebuilt from its spec
+        group_spec = ms.WU.spec(pre_model).to_json()
+
         def build(p):
             for split in pre_splits:
                 beam_scoring.score_examples(
                     p, common.split_pattern(pre_ex, split), common.model_path(pre_m), spec, "influence",
-                    os.path.join(out.uri, f"Split-{split}"), loss_config=e.get("loss"), group_layers=group_layers,
+                    os.path.join(out.uri, f"Split-{split}"), loss_config=e.get("loss"), group_spec=group_spec,
                     vector=s.numpy(), batch_size=int(e.get("batch_size") or 256), label=f"[{split}]")
 
         common.run_beam(self, build, f"InfluenceScorer on Examples artifact {pre_ex.uri} "
@@ -77,4 +77,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         set_scores_metadata(out, pre_splits, f"multi_stage_{e['case']}")
         out.set_string_custom_property("solves", json.dumps(solves, sort_keys=True, default=float))
         out.set_string_custom_property("num_test_points", str(len(xt)))
+        out.set_string_custom_property("group_spec", group_spec)
+        out.set_string_custom_property("dampings", json.dumps({"pretrain": pre_solver.damping,
+                                                               "finetune": ft_solver.damping}))
         common.record_summary(out, {sp: common.summarize(os.path.join(out.uri, f"Split-{sp}")) for sp in pre_splits})

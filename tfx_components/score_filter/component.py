@@ -35,17 +35,17 @@ class ScoreFilterSpec(types.ComponentSpec):
 
 
 class ScoreFilter(base_beam_component.BaseBeamComponent):
-    """Filter Examples by per-example scores (modes of ``tf_influence.scores_io.select_kept``:
-    ``drop_top_fraction``, ``drop_above``, ``keep_lowest`` — PRESENCE-Sequential —, ``keep_highest``)."""
+    """Filter Examples by per-example scores with the library's one selection rule
+    (``tf_influence.selection.select_kept``, ties broken by key): ``drop_top_fraction``,
+    ``drop_above``, ``keep_lowest`` — PRESENCE-Sequential —, ``keep_highest``."""
 
     SPEC_CLASS = ScoreFilterSpec
     EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(executor.Executor)
 
     def __init__(self, examples: types.BaseChannel, scores: types.BaseChannel, mode: str, value: float,
                  key_feature: Optional[str] = "key"):
-        from tf_influence.scores_io import SELECT_MODES
-        if mode not in SELECT_MODES:
-            raise ValueError(f"unknown ScoreFilter mode '{mode}'; choose one of {SELECT_MODES}")
+        from tf_influence.selection import check_mode
+        check_mode(mode, value)
         spec = ScoreFilterSpec(examples=examples, scores=scores, mode=mode, value=float(value),
                                key_feature=key_feature,
                                filtered_examples=channel_utils.as_channel([standard_artifacts.Examples()]))

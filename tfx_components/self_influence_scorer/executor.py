@@ -18,7 +18,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         model = artifact_utils.get_single_instance(input_dict["model"])
         out = artifact_utils.get_single_instance(output_dict["scores"])
         spec = beam_scoring.parse_feature_spec(exec_properties["feature_spec"])
-        layers = json.loads(exec_properties["layers"])
+        si_layers = json.loads(exec_properties["si_layers"])
         splits = json.loads(exec_properties["splits"]) if exec_properties.get("splits") else \
             artifact_utils.decode_split_names(examples.split_names)
         path = common.model_path(model)
@@ -26,7 +26,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         keras_model = beam_scoring.load_keras_model(path)
         from tf_influence import tracin
         try:
-            tracin.layer_set(keras_model, layers)
+            tracin.layer_set(keras_model, si_layers)
         except ValueError as err:
             raise ValueError(f"Model artifact {model.uri}: {err}") from None
         patterns = {s: common.split_pattern(examples, s) for s in splits}
@@ -40,7 +40,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         def build(p):
             for split, pattern in patterns.items():
                 beam_scoring.score_examples(p, pattern, path, spec, "self_influence",
-                                            os.path.join(out.uri, f"Split-{split}"), layers=layers,
+                                            os.path.join(out.uri, f"Split-{split}"), si_layers=si_layers,
                                             loss_config=exec_properties.get("loss"),
                                             batch_size=int(exec_properties.get("batch_size") or 256),
                                             label=f"[{split}]", checkpoints=checkpoints,

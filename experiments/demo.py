@@ -1,6 +1,6 @@
 """Demo: multi-stage influence of pretraining digits (0–3) on a finetuned classifier (4–9).
 
-    python -m tf_influence.demo [--case fixed|updated] [--top 5] [--out reports/demo]
+    python -m experiments.demo [--case fixed|updated] [--top 5] [--out reports/demo]
 
 Trains the pretraining model, finetunes the head on the fixed embedding (case 1, or the whole
 model for ``--case updated``), computes every pretraining example's influence on the sum of
@@ -14,7 +14,8 @@ import argparse
 import json
 import os
 import time
-import warnings
+
+from tf_influence import console
 
 
 def main(argv=None):
@@ -28,20 +29,18 @@ def main(argv=None):
     ap.add_argument("--cg-iters", type=int, default=200)
     ap.add_argument("--out", default="reports/demo")
     ap.add_argument("--seed", type=int, default=0)
+    console.add_verbose_flag(ap)
     args = ap.parse_args(argv)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    console.quiet(args.verbose)
 
+    import keras
     import numpy as np
     import tensorflow as tf
 
-    tf.get_logger().setLevel("ERROR")
-    import keras
-
     import tf_influence as tfi
-    from tf_influence import data as data_mod
-    from tf_influence import models
-    from tf_influence.training import WeightedTrainer
+    from experiments import digits as data_mod
+    from experiments import models
+    from tf_influence.evaluation import WeightedTrainer
 
     t0 = time.perf_counter()
     data = data_mod.load_two_stage(n_finetune=args.n_finetune, seed=args.seed)
@@ -52,7 +51,7 @@ def main(argv=None):
     def train(model, x, y, group, steps):  # full-batch Adam, deterministic
         WeightedTrainer(tfi.Objective(model, models.sparse_ce()), x, y, group, "adam", 1e-2).run(steps)
 
-    everything = lambda m: tfi.ParameterGroup("all", tuple(m.trainable_variables))  # noqa: E731
+    everything = lambda m: tfi.ParameterGroup.from_model(m, "all")  # noqa: E731
     train(pre, data.x_pre, data.y_pre, everything(pre), args.pretrain_steps)
     if args.case == "fixed":  # finetune the head Θ on the fixed embedding
         train(ft, data.x_ft, data.y_ft, tfi.complement_group(ft, tfi.group_from_layers(ft, ["embedding"])),
@@ -67,11 +66,13 @@ def main(argv=None):
           f"finetune test accuracy {acc(ft, data.x_test, data.y_test):.3f} ({time.perf_counter() - t0:.1f}s)")
 
     pre_ds, ft_ds, test_ds = data.datasets()
-    solver = lambda lam: tfi.SolverConfig("cg_squared", damping=lam, max_iter=args.cg_iters, dtype=tf.float64)  # noqa
+    pre_solver, ft_solver = tfi.default_solvers(args.case)  # cg_squared with the documented dampings
+    for cfg in (pre_solver, ft_solver):
+        cfg.max_iter, cfg.dtype = args.cg_iters, tf.float64
     result = tfi.multi_stage_influence(
         tfi.Objective(pretrain_model, models.sparse_ce()), pre_ds, tfi.Objective(ft, models.sparse_ce()), ft_ds, test_ds,
-        embedding=["embedding"], case=args.case, alpha=args.alpha, pretrain_solver=solver(1e-3),
-        finetune_solver=solver(1e-6), pretrain_hessian_samples=1000, progress=True)
+        embedding=["embedding"], case=args.case, alpha=args.alpha, pretrain_solver=pre_solver,
+        finetune_solver=ft_solver, hessian_samples=1000, progress=True)
     scores = result.scores
     print(f"influence of {len(scores)} pretraining examples on the sum of {len(data.x_test)} test losses "
           f"(test side {result.seconds['test_side']:.1f}s, scoring {result.seconds['scoring']:.1f}s)")

@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from .objective import NonFiniteError, Objective
-from .params import ParameterGroup
+from ..objective import NonFiniteError, Objective
+from ..params import ParameterGroup
 
 
 class WeightedTrainer:
@@ -66,7 +66,8 @@ class WeightedTrainer:
             self._orders[key] = np.concatenate(perms)[:need].reshape(steps, self.batch_size).astype(np.int32)
         return self._orders[key]
 
-    def _loss(self, x, y, w):
+    def weighted_loss(self, x, y, w):
+        """``Σ w_i l(z_i) / Σ w_i + R`` on one batch."""
         losses = self.objective.per_example_losses(x, y, training=False)
         w = tf.cast(w, losses.dtype)
         return tf.reduce_sum(w * losses) / tf.maximum(tf.reduce_sum(w), 1e-12) + self.objective.regularization()
@@ -82,7 +83,7 @@ class WeightedTrainer:
                 x = tf.nest.map_structure(lambda t: tf.gather(t, idx), self.x)
                 y, w = tf.gather(self.y, idx), tf.gather(weights, idx)
             with tf.GradientTape() as tape:
-                loss = self._loss(x, y, w)
+                loss = self.weighted_loss(x, y, w)
             grads = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             t = tf.cast(s + 1, dtype)
             for var, g, m, v in zip(variables, grads, self._m, self._v):
@@ -94,7 +95,7 @@ class WeightedTrainer:
                     mhat = m / (1 - tf.pow(tf.cast(self.b1, dtype), t))
                     vhat = v / (1 - tf.pow(tf.cast(self.b2, dtype), t))
                     var.assign_sub(self.lr * mhat / (tf.sqrt(vhat) + self.eps))
-        return self._loss(self.x, self.y, weights)
+        return self.weighted_loss(self.x, self.y, weights)
 
     def run(self, steps: int, weights=None) -> float:
         """Take ``steps`` optimizer steps from the current weights (fresh optimizer state).
@@ -113,6 +114,15 @@ class WeightedTrainer:
         if not np.isfinite(loss):
             raise NonFiniteError(f"training of {self.objective.name} diverged (loss {loss}); lower the learning rate")
         return loss
+
+
+    def gradient_norm(self, weights=None) -> float:
+        """Global norm of the gradient of the weighted full-data loss over the trained group."""
+        w = tf.constant(np.ones(self.n, np.float32) if weights is None else np.asarray(weights, np.float32))
+        with tf.GradientTape() as tape:
+            loss = self.weighted_loss(self.x, self.y, w)
+        g = tape.gradient(loss, self.group.tf_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return float(tf.linalg.global_norm(g))
 
 
 def snapshot(model) -> list:

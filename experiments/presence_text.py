@@ -1,6 +1,6 @@
 """PRESENCE evidence on embedded English text (standard-library docstrings).
 
-    python -m tf_influence.presence_experiment [--quick] [--out reports/presence]
+    python -m experiments.presence_text [--quick] [--out reports/presence]
 
 1. *Self-influence as a quality signal* (the paper's Figure 1): a character LM trained on clean
    docstring text scores held-out clean windows, the same windows with their words permuted
@@ -24,10 +24,17 @@ import argparse
 import json
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass
 
+from tf_influence import console
+
 VARIANTS = ("uniform", "presence", "presence_sequential", "presence_sequential_reverse")
+
+#: Fixed seeds of the experiment's data and scoring models (training seeds are ``cfg.seeds``):
+CORPUS_SEED = 1234          # shuffling the corpus windows and drawing the injected noise
+JUMBLE_PROBE_SEED = 7       # jumbling the clean probe windows for the SI comparison
+CLEAN_SCORER_SEED = 100     # the scoring model trained on clean text (SI of clean / jumbled / code)
+POOL_SCORER_SEED = 200      # the scoring model trained on the noisy pool (PRESENCE-Sequential)
 
 
 @dataclass
@@ -52,21 +59,19 @@ class TextConfig:
 
 
 def run(cfg: TextConfig, out_dir: str, progress: bool = True) -> dict:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    warnings.filterwarnings("ignore", category=FutureWarning)
     import keras
     import numpy as np
     import tensorflow as tf
-    tf.get_logger().setLevel("ERROR")
 
     import tf_influence as tfi
-    from tf_influence import presence, text, tracin
+    from experiments import text
+    from tf_influence import presence, tracin
 
     t_start = time.perf_counter()
     os.makedirs(out_dir, exist_ok=True)
     prose, code = text.load_corpus()
     L = cfg.seq_len + 1
-    rng = np.random.default_rng(1234)
+    rng = np.random.default_rng(CORPUS_SEED)
     clean = text.windows(" ".join(prose), L)
     clean = [clean[i] for i in rng.permutation(len(clean))]
     code_w = text.windows(code, L)
@@ -118,9 +123,9 @@ def run(cfg: TextConfig, out_dir: str, progress: bool = True) -> dict:
     results = {"config": asdict(cfg)}
     # 1. SI of clean vs jumbled vs out-of-domain text, scoring model trained on clean text
     t = time.perf_counter()
-    scorer, _ = train(clean[2 * cfg.n_heldout:2 * cfg.n_heldout + cfg.n_train], seed=100)
+    scorer, _ = train(clean[2 * cfg.n_heldout:2 * cfg.n_heldout + cfg.n_train], seed=CLEAN_SCORER_SEED)
     s_clean = si(scorer, probe)
-    s_jumbled = si(scorer, [text.jumble(s, np.random.default_rng(7)) for s in probe])
+    s_jumbled = si(scorer, [text.jumble(s, np.random.default_rng(JUMBLE_PROBE_SEED)) for s in probe])
     s_ood = si(scorer, code_w[:cfg.n_heldout])
     results.update(mean_si_clean=float(s_clean.mean()), mean_si_jumbled=float(s_jumbled.mean()),
                    mean_si_out_of_domain=float(s_ood.mean()),
@@ -134,7 +139,7 @@ def run(cfg: TextConfig, out_dir: str, progress: bool = True) -> dict:
 
     # 2. training variants on the noisy pool
     t = time.perf_counter()
-    pool_scorer, _ = train(pool, seed=200)
+    pool_scorer, _ = train(pool, seed=POOL_SCORER_SEED)
     pool_si = si(pool_scorer, pool)
     keep = int(round(cfg.keep_fraction * len(pool)))
     pool_x, pool_y = xy(pool)
@@ -214,7 +219,7 @@ def _bars(results, path):
 
 def _report(r, out_dir):
     lines = [f"# PRESENCE on embedded text{' (quick)' if r['config']['quick'] else ''}", "",
-             f"Command: `python -m tf_influence.presence_experiment{' --quick' if r['config']['quick'] else ''}` "
+             f"Command: `python -m experiments.presence_text{' --quick' if r['config']['quick'] else ''}` "
              f"({r['seconds']:.0f} s).", "",
              "| text | mean self-influence | median |", "|---|---|---|",
              f"| clean (held-out docstrings) | {r['mean_si_clean']:.4g} | {r['median_si']['clean']:.4g} |",
@@ -236,9 +241,11 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default="reports/presence")
     ap.add_argument("--no-progress", action="store_true")
+    console.add_verbose_flag(ap)
     args = ap.parse_args(argv)
+    console.quiet(args.verbose)
     cfg = TextConfig.quick_config() if args.quick else TextConfig()
-    r = run(cfg, args.out, progress=not args.no_progress)
+    run(cfg, args.out, progress=not args.no_progress)
     print(open(os.path.join(args.out, "report.md")).read())
 
 

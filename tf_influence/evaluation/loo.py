@@ -9,7 +9,7 @@ difference of removing ``z`` is
     Δ(z) = L_test(protocol run without z) − L_test(the same protocol run with all examples)
 
 so the drift of the continued training itself cancels; both runs share the minibatch order and
-optimizer trajectory (see :mod:`training`). ``L_test`` is the sum of the finetuning test losses
+optimizer trajectory (see :mod:`retraining`). ``L_test`` is the sum of the finetuning test losses
 (the test target of eq. 8). The protocol (:class:`RetrainProtocol`):
 
 1. restore the original pretraining weights (W̄, Ū) and continue pretraining (W, U) for
@@ -31,15 +31,19 @@ import dataclasses
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
 
-from .objective import Objective
-from .params import ParameterGroup, complement_group, group_from_layers
-from .training import WeightedTrainer, restore, snapshot
+from ..objective import Objective
+from ..params import ParameterGroup, complement_group, group_from_layers
+from .retraining import WeightedTrainer, restore, snapshot
+
+
+#: The finetuning stage draws its minibatch order from ``seed + 1`` so that the two stages do not
+#: share one permutation sequence (only matters with minibatches).
+FINETUNE_ORDER_SEED_OFFSET = 1
 
 
 @dataclass
@@ -107,13 +111,13 @@ class TwoStageRetrainer:
         self.n_pre = len(y_pre)
         p = protocol
         self.pre_trainer = WeightedTrainer(self.pre_obj, x_pre, y_pre,
-                                           ParameterGroup("(W,U)", tuple(pretrain_model.trainable_variables)),
+                                           ParameterGroup.from_model(pretrain_model, "(W,U)"),
                                            p.optimizer, p.pretrain_lr, p.pretrain_batch_size, p.seed)
         ft_group = self.Theta if p.case == "fixed" else ParameterGroup(
             "(W,Θ)", tuple(self.W_ft.variables) + tuple(self.Theta.variables))
         self.ft_trainer = WeightedTrainer(self.ft_obj, x_ft, y_ft, ft_group, p.finetune_optimizer or p.optimizer,
                                           p.finetune_lr,
-                                          p.finetune_batch_size, p.seed + 1)
+                                          p.finetune_batch_size, p.seed + FINETUNE_ORDER_SEED_OFFSET)
         self.start_pre, self.start_ft = snapshot(pretrain_model), snapshot(finetune_model)
         self.theta_start = (list(finetune_start_weights) if finetune_start_weights is not None
                             else [v.numpy().copy() for v in self.Theta.tf_variables])
@@ -134,15 +138,11 @@ class TwoStageRetrainer:
         if p.mode == "continue":
             trainer.run(steps, weights)
             return
-        w = tf.constant(np.ones(trainer.n, np.float32) if weights is None else np.asarray(weights, np.float32))
         done = 0
         while done < p.max_steps:
             trainer.run(p.check_every, weights)
             done += p.check_every
-            with tf.GradientTape() as tape:
-                loss = trainer._loss(trainer.x, trainer.y, w)
-            g = tape.gradient(loss, trainer.group.tf_variables, unconnected_gradients="zero")
-            if float(tf.linalg.global_norm(g)) < p.grad_tol:
+            if trainer.gradient_norm(weights) < p.grad_tol:
                 return
 
     def run(self, weights=None) -> float:
