@@ -108,7 +108,8 @@ def main(argv=None):
     root = os.path.abspath(args.root)
     return execute("influence_pipeline",
                    lambda md: create_pipeline(root, data_root, args.quick, args.beam_arg, metadata_path=md),
-                   root, args.runner, args.image, args.report, {"quick": args.quick, "data": counts}, t0)
+                   root, args.runner, args.image, args.report, {"quick": args.quick, "data": counts}, t0,
+                   verbose=args.verbose)
 
 if __name__ == "__main__":
     sys.exit(0 if main() else 1)

@@ -86,7 +86,8 @@ def main(argv=None):
     counts = text_data.write(data_root, n_train=n_train, n_test=96 if args.quick else 500)
     return execute("presence_pipeline",
                    lambda md: create_pipeline(root, data_root, n_train, args.quick, args.beam_arg, md),
-                   root, args.runner, args.image, args.report, {"quick": args.quick, "data": counts}, t0)
+                   root, args.runner, args.image, args.report, {"quick": args.quick, "data": counts}, t0,
+                   verbose=args.verbose)
 
 if __name__ == "__main__":
     sys.exit(0 if main() else 1)

@@ -41,7 +41,7 @@ def compile_kubeflow_v2(pipeline, name: str, root: str, image: str) -> str:
 
 
 def execute(name: str, make_pipeline, root: str, runner: str, image: str, report: str | None, extra: dict,
-            t0: float) -> str:
+            t0: float, verbose: bool = False) -> str:
     """Compile (``kubeflow_v2``: ``<root>/<name>.json`` for Vertex AI Pipelines) or run (``local``:
     LocalDagRunner with sqlite MLMD at ``<root>/metadata.sqlite``) a pipeline built by
     ``make_pipeline(metadata_path)``; a local run writes its summary JSON. Returns the written path."""
@@ -50,8 +50,13 @@ def execute(name: str, make_pipeline, root: str, runner: str, image: str, report
         print(f"wrote {path}")
         return path
     from tfx import v1 as tfx
+
+    from tf_influence import console
     md = os.path.join(root, "metadata.sqlite")
-    tfx.orchestration.LocalDagRunner().run(make_pipeline(md))
+    pipeline = make_pipeline(md)
+    print(f"running {name}: {len(pipeline.components)} components (LocalDagRunner, MLMD {md})", flush=True)
+    with console.component_progress(total=len(pipeline.components), verbose=verbose):
+        tfx.orchestration.LocalDagRunner().run(pipeline)
     summary = {"pipeline": name, **extra, **summarize(md), "wall_seconds": time.perf_counter() - t0}
     report = report or os.path.join("reports", "pipelines", f"{name}.json")
     os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)

@@ -104,6 +104,7 @@ def run_fn(fn_args):
     for layer in model.layers:  # W is a parameter group of the saved model even if it was frozen here
         layer.trainable = True
     model.compile(optimizer="adam", loss=loss, metrics=["accuracy"])  # so model.keras carries the loss
+    model.optimizer.build(model.trainable_variables)  # saved with all its slots: loads without a mismatch warning
     tf.io.gfile.makedirs(fn_args.serving_model_dir)
     model.export(fn_args.serving_model_dir, verbose=False)
     model.save(os.path.join(fn_args.serving_model_dir, "model.keras"))

@@ -26,7 +26,7 @@ from tfx_components.self_influence_scorer.executor import Executor as SIExecutor
 from tests import tfx_helpers as th  # noqa: E402
 
 SPEC = {"x": {"name": "image", "shape": [8, 8, 1]}, "y": {"name": "label"}}
-from tests.tfx_helpers import BEAM_IN_PROCESS, BEAM_MULTIPROCESSING  # noqa: E402
+from tests.tfx_helpers import BEAM_IN_PROCESS  # noqa: E402
 
 
 def examples_artifact(uri, splits):
@@ -176,7 +176,7 @@ def test_presence_sequential_pipeline_local_dag_runner(world, tmp_path):
         pipeline_name="presence_sequential_test", pipeline_root=str(tmp_path / "root"),
         components=[ex, model, si, flt], enable_cache=True,
         metadata_connection_config=metadata.sqlite_metadata_connection_config(db),
-        beam_pipeline_args=BEAM_MULTIPROCESSING))
+        beam_pipeline_args=BEAM_IN_PROCESS))  # multi-processing under LocalDagRunner: test_score_filter
     with metadata.Metadata(metadata.sqlite_metadata_connection_config(db)) as m:
         outs = [x for x in m.store.get_artifacts_by_type("Examples") if "num_kept" in x.custom_properties]
         scores = m.store.get_artifacts_by_type("tf_influence.InfluenceScores")

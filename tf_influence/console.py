@@ -64,3 +64,55 @@ def add_verbose_flag(parser) -> None:
     """``--verbose``: show every third-party warning and log line (see :func:`quiet`)."""
     parser.add_argument("--verbose", action="store_true",
                         help="show third-party warnings and TensorFlow / Beam / TFX logs (hidden by default)")
+
+
+class _ComponentProgress(logging.Handler):
+    """Prints one line per TFX component from LocalDagRunner's own "Component … is running /
+    finished" records; every other record of the logger is dropped."""
+
+    def __init__(self, total: int | None, stream):
+        super().__init__(logging.INFO)
+        self.total, self.stream, self.done, self.started = total, stream, 0, {}
+
+    def emit(self, record):
+        import time
+        msg = record.msg if isinstance(record.msg, str) else ""
+        if not msg.startswith("Component %s is") or not record.args:
+            return
+        node = record.args[0]
+        if msg.endswith("running."):
+            self.started[node] = time.perf_counter()
+        elif msg.endswith("finished."):
+            self.done += 1
+            seconds = time.perf_counter() - self.started.pop(node, time.perf_counter())
+            of = f"/{self.total}" if self.total else ""
+            print(f"  [{self.done:2d}{of}] {node:32s} {seconds:6.1f} s", file=self.stream, flush=True)
+
+
+class component_progress:
+    """Context manager: a progress line per finished TFX component during a ``LocalDagRunner`` run
+    (quiet mode only; with ``verbose`` TFX's full logs are shown instead).
+
+    >>> with component_progress(total=3):   # doctest: +SKIP
+    ...     LocalDagRunner().run(pipeline)
+    """
+
+    def __init__(self, total: int | None = None, verbose: bool = False, stream=None):
+        self.total, self.verbose, self.stream = total, verbose, stream or sys.stdout
+
+    def __enter__(self):
+        if self.verbose:
+            return self
+        self.logger = logging.getLogger("absl")
+        self.saved = (self.logger.level, self.logger.propagate)
+        self.handler = _ComponentProgress(self.total, self.stream)
+        self.logger.addHandler(self.handler)
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False  # the INFO records go to the progress handler only
+        return self
+
+    def __exit__(self, *exc):
+        if not self.verbose:
+            self.logger.removeHandler(self.handler)
+            self.logger.setLevel(self.saved[0])
+            self.logger.propagate = self.saved[1]

@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 import apache_beam as beam
 import numpy as np
@@ -93,7 +94,10 @@ def load_keras_model(path: str):
                                                          os.path.join(path, "Format-Serving", "model.keras")]
     for c in candidates:
         if tf.io.gfile.exists(c):
-            return keras.models.load_model(c, compile=True)
+            with warnings.catch_warnings():
+                # scoring never uses the optimizer: a saved optimizer whose slots were not built is harmless
+                warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+                return keras.models.load_model(c, compile=True)
     raise FileNotFoundError(f"no Keras model file at {path} (looked for {candidates}); the training run_fn must "
                             "save `model.save(<serving_dir>/model.keras)` next to the SavedModel")
 
