@@ -94,12 +94,12 @@ def main(argv=None):
     t = time.perf_counter()
     res = tfi.multi_stage_influence(obj, pre_ds, tfi.Objective(ft, models.sparse_ce()), ft_ds, test_ds,
                                     embedding=["embedding"], pretrain_solver=cfg(tfi.DEFAULT_PRETRAIN_DAMPING),
-                                    finetune_solver=cfg(tfi.DEFAULT_FINETUNE_DAMPING["fixed"]))
+                                    finetune_solver=cfg(tfi.DEFAULT_FINETUNE_DAMPING))
     score_all = time.perf_counter() - t
 
     # the dense solver's explicit Hessian: 650-parameter logistic regression on every digit (64 pixels
     # → 10 classes), built by vectorised column blocks (to_dense) vs one Hessian-vector product per column
-    xd, yd = data_mod.load_split_arrays("sklearn_digits", "train")
+    xd, yd, _ = data_mod.load_split_arrays("sklearn_digits", "train")
     xd = xd.reshape(len(xd), -1)
     keras.utils.set_random_seed(0)
     logreg = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10, kernel_regularizer=keras.regularizers.L2(1e-3))])

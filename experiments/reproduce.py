@@ -89,8 +89,8 @@ class ReproConfig:
     case2_finetune_lr: float = 1e-2
     alpha: float = 0.01
     damping_pretrain: float = tfi.DEFAULT_PRETRAIN_DAMPING          # the library defaults (chosen here)
-    damping_finetune: float = tfi.DEFAULT_FINETUNE_DAMPING["fixed"]
-    damping_finetune_case2: float = tfi.DEFAULT_FINETUNE_DAMPING["updated"]  # eq. 15 block (1e-6 gave r ≈ 0.43)
+    damping_finetune: float = tfi.DEFAULT_FINETUNE_DAMPING
+    damping_finetune_case2: float = tfi.DEFAULT_FINETUNE_DAMPING  # eq. 15 block (1e-6 gave r ≈ 0.43)
     sensitivity: bool = True            # re-score the same leave-one-out examples with other dampings / α
     cg_iters: int = 300
     hessian_samples: int | None = None  # all 576 pretraining examples (the paper samples 1,000 of ~24k)

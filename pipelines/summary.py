@@ -32,6 +32,46 @@ def summarize(metadata_path: str) -> dict:
 
 
 
+class component_progress:
+    """One line per TFX component as LocalDagRunner finishes it (wraps ``Launcher.launch``, which
+    LocalDagRunner calls once per node, in this process)."""
+
+    def __init__(self, say, total: int):
+        self.say, self.total, self.done = say, total, 0
+
+    def __enter__(self):
+        from tfx.orchestration.portable import launcher
+        self.cls, self.original = launcher.Launcher, launcher.Launcher.launch
+        progress = self
+
+        def launch(launcher_self, *args, **kwargs):
+            node = launcher_self._pipeline_node.node_info.id  # noqa: SLF001 (TFX's own attribute)
+            t = time.perf_counter()
+            result = progress.original(launcher_self, *args, **kwargs)
+            progress.done += 1
+            progress.say(f"  [{progress.done:2d}/{progress.total}] {node:32s} {time.perf_counter() - t:6.1f} s")
+            return result
+        self.cls.launch = launch
+        return self
+
+    def __exit__(self, *exc):
+        self.cls.launch = self.original
+        return False
+
+
+def format_comparison(comparison: dict) -> str:
+    """The comparison report as aligned lines: one per model (its metrics), then the other entries."""
+    lines = []
+    for name, value in comparison.items():
+        if isinstance(value, dict):
+            metrics = ", ".join(f"{k} {100 * v:.2f} %" if k == "accuracy" else f"{k} {v:.4g}"
+                                for k, v in value.items())
+            lines.append(f"  {name:22s} {metrics}")
+        else:
+            lines.append(f"  {name:22s} {value}")
+    return "\n".join(lines)
+
+
 def compile_kubeflow_v2(pipeline, name: str, root: str, image: str) -> str:
     """Compile ``pipeline`` to ``<root>/<name>.json`` for Vertex AI Pipelines (Kubeflow V2)."""
     from tfx.orchestration.kubeflow.v2 import kubeflow_v2_dag_runner as kfv2
@@ -54,14 +94,17 @@ def execute(name: str, make_pipeline, root: str, runner: str, image: str, report
     from tf_influence import console
     md = os.path.join(root, "metadata.sqlite")
     pipeline = make_pipeline(md)
-    print(f"running {name}: {len(pipeline.components)} components (LocalDagRunner, MLMD {md})", flush=True)
-    with console.component_progress(total=len(pipeline.components), verbose=verbose):
+    log = os.path.join(root, f"{name}.log")
+    print(f"running {name}: {len(pipeline.components)} components (LocalDagRunner, MLMD {md})"
+          + ("" if verbose else f"; library logs → {log}"), flush=True)
+    with console.redirect_output(log, enabled=not verbose) as out, component_progress(out.print,
+                                                                                        len(pipeline.components)):
         tfx.orchestration.LocalDagRunner().run(pipeline)
     summary = {"pipeline": name, **extra, **summarize(md), "wall_seconds": time.perf_counter() - t0}
     report = report or os.path.join("reports", "pipelines", f"{name}.json")
     os.makedirs(os.path.dirname(os.path.abspath(report)), exist_ok=True)
     with open(report, "w") as fh:
         json.dump(summary, fh, indent=1)
-    print(json.dumps(summary.get("comparison", {}), indent=1))
+    print(format_comparison(summary.get("comparison", {})))
     print(f"wrote {report} ({summary['wall_seconds']:.0f} s)")
     return report

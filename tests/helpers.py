@@ -89,3 +89,50 @@ def loss_gradient(objective, x, y, group, reduction="sum"):
 
 def one_at_a_time_gradients(objective, x, y, group):
     return np.stack([loss_gradient(objective, x[i:i + 1], y[i:i + 1], group) for i in range(len(x))])
+
+
+def tiny_encoder(vocab=20, width=4, heads=2, seq_len=5, dict_inputs=False, name="embedding", seed=0):
+    """A tiny transformer encoder (float64): token Embedding → MultiHeadAttention (EinsumDense
+    projections, padding mask) + residual → LayerNormalization → Dense FFN → Dropout → mean pool.
+
+    ``dict_inputs=True`` takes ``{"tokens": int32 [B, T], "mask": float64 [B, T]}``."""
+    keras.utils.set_random_seed(seed)
+    tokens = keras.Input((seq_len,), dtype="int32", name="tokens")
+    mask = keras.Input((seq_len,), dtype=F64, name="mask") if dict_inputs else None
+    h = keras.layers.Embedding(vocab, width, dtype=F64, name="tok_emb")(tokens)
+    attn_mask = None
+    if mask is not None:
+        attn_mask = keras.ops.cast(keras.ops.expand_dims(mask, 1) * keras.ops.expand_dims(mask, 2), "bool")
+    a = keras.layers.MultiHeadAttention(heads, key_dim=width // heads, dtype=F64, name="attention")(
+        h, h, attention_mask=attn_mask)
+    h = keras.layers.LayerNormalization(dtype=F64, name="norm")(h + a)
+    h = keras.layers.Dense(width, activation="tanh", dtype=F64, name="ffn")(h)
+    h = keras.layers.Dropout(0.1, dtype=F64, name="dropout")(h)
+    out = keras.layers.GlobalAveragePooling1D(dtype=F64, name="pool")(h)
+    inputs = {"tokens": tokens, "mask": mask} if dict_inputs else tokens
+    return keras.Model(inputs, out, name=name)
+
+
+def two_stage_transformers(n_pre=3, n_ft=2, l2=1e-2, dict_inputs=False, seq_len=5, **kw):
+    """Pretrain (encoder → U) and finetune (the same encoder → Θ) transformer classifiers."""
+    enc = tiny_encoder(dict_inputs=dict_inputs, seq_len=seq_len, **kw)
+    reg = keras.regularizers.L2(l2)
+
+    def attach(n, head, model_name):
+        inputs = ({"tokens": keras.Input((seq_len,), dtype="int32", name="tokens"),
+                   "mask": keras.Input((seq_len,), dtype=F64, name="mask")} if dict_inputs
+                  else keras.Input((seq_len,), dtype="int32"))
+        out = keras.layers.Dense(n, dtype=F64, name=head, kernel_regularizer=reg, bias_regularizer=reg)(enc(inputs))
+        return keras.Model(inputs, out, name=model_name)
+    return attach(n_pre, "U", "pretrain"), attach(n_ft, "theta", "finetune"), enc
+
+
+def token_data(n, vocab=20, seq_len=5, n_classes=3, seed=0, with_mask=False):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, vocab, size=(n, seq_len)).astype(np.int32)
+    y = (x[:, 0] % n_classes).astype(np.int64)  # a learnable rule
+    if with_mask:
+        lengths = rng.integers(2, seq_len + 1, size=n)
+        mask = (np.arange(seq_len)[None, :] < lengths[:, None]).astype(np.float64)
+        return {"tokens": x, "mask": mask}, y
+    return x, y

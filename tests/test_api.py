@@ -6,7 +6,6 @@ import json
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import tf_influence as tfi
 from tf_influence import scores_io, selection, tracin

@@ -66,53 +66,46 @@ def add_verbose_flag(parser) -> None:
                         help="show third-party warnings and TensorFlow / Beam / TFX logs (hidden by default)")
 
 
-class _ComponentProgress(logging.Handler):
-    """Prints one line per TFX component from LocalDagRunner's own "Component … is running /
-    finished" records; every other record of the logger is dropped."""
+class redirect_output:
+    """Send everything written to file descriptors 1 and 2 — by this process *and* the processes it
+    starts (Beam workers, ``pip`` / ``setup.py`` runs of TFX's module packaging) — to ``log_path``;
+    :meth:`print` writes to the terminal. Nothing is lost: the log keeps every line, and an
+    exception still reaches the terminal (the descriptors are restored before it propagates).
 
-    def __init__(self, total: int | None, stream):
-        super().__init__(logging.INFO)
-        self.total, self.stream, self.done, self.started = total, stream, 0, {}
-
-    def emit(self, record):
-        import time
-        msg = record.msg if isinstance(record.msg, str) else ""
-        if not msg.startswith("Component %s is") or not record.args:
-            return
-        node = record.args[0]
-        if msg.endswith("running."):
-            self.started[node] = time.perf_counter()
-        elif msg.endswith("finished."):
-            self.done += 1
-            seconds = time.perf_counter() - self.started.pop(node, time.perf_counter())
-            of = f"/{self.total}" if self.total else ""
-            print(f"  [{self.done:2d}{of}] {node:32s} {seconds:6.1f} s", file=self.stream, flush=True)
-
-
-class component_progress:
-    """Context manager: a progress line per finished TFX component during a ``LocalDagRunner`` run
-    (quiet mode only; with ``verbose`` TFX's full logs are shown instead).
-
-    >>> with component_progress(total=3):   # doctest: +SKIP
-    ...     LocalDagRunner().run(pipeline)
+    With ``enabled=False`` it does nothing and :meth:`print` is ``print``.
     """
 
-    def __init__(self, total: int | None = None, verbose: bool = False, stream=None):
-        self.total, self.verbose, self.stream = total, verbose, stream or sys.stdout
+    def __init__(self, log_path: str, enabled: bool = True):
+        self.log_path, self.enabled = log_path, enabled
 
     def __enter__(self):
-        if self.verbose:
+        if not self.enabled:
+            self.terminal = sys.stdout
             return self
-        self.logger = logging.getLogger("absl")
-        self.saved = (self.logger.level, self.logger.propagate)
-        self.handler = _ComponentProgress(self.total, self.stream)
-        self.logger.addHandler(self.handler)
-        self.logger.setLevel(logging.INFO)
-        self.logger.propagate = False  # the INFO records go to the progress handler only
+        os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.saved = (os.dup(1), os.dup(2))
+        self.log = open(self.log_path, "ab")
+        os.dup2(self.log.fileno(), 1)
+        os.dup2(self.log.fileno(), 2)
+        self.terminal = os.fdopen(os.dup(self.saved[0]), "w", buffering=1)
         return self
 
+    def print(self, *args, **kwargs):
+        print(*args, file=self.terminal, flush=True, **kwargs)
+
     def __exit__(self, *exc):
-        if not self.verbose:
-            self.logger.removeHandler(self.handler)
-            self.logger.setLevel(self.saved[0])
-            self.logger.propagate = self.saved[1]
+        if not self.enabled:
+            return False
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(self.saved[0], 1)
+        os.dup2(self.saved[1], 2)
+        for fd in self.saved:
+            os.close(fd)
+        self.terminal.close()
+        self.log.close()
+        if exc[0] is not None:
+            print(f"(full log: {self.log_path})", file=sys.stderr, flush=True)
+        return False

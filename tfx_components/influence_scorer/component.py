@@ -6,7 +6,7 @@ and a test split), ``pretrain_model`` and ``finetune_model`` (Model artifacts wh
 ``pipelines/``). Parameters: ``feature_spec`` (JSON, see ``beam_scoring.parse_feature_spec``),
 ``embedding`` (JSON list of layer names of W, present in both models), ``case`` (``fixed`` /
 ``updated``) and ``alpha``, ``damping_pretrain`` / ``damping_finetune`` (default: the library's
-``tf_influence.DEFAULT_PRETRAIN_DAMPING`` / ``DEFAULT_FINETUNE_DAMPING[case]``), ``solver``, ``max_iter``,
+``tf_influence.DEFAULT_PRETRAIN_DAMPING`` / ``DEFAULT_FINETUNE_DAMPING``), ``solver``, ``max_iter``,
 ``hessian_samples``, ``finetune_train_split`` / ``test_split``, ``test_keys`` (JSON list: score
 against these test examples only; default the sum over the whole test split, eq. 8),
 ``loss`` (Keras loss config JSON; default the models' compiled losses).
