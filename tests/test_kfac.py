@@ -1,0 +1,151 @@
+"""K-FAC / EK-FAC (tf_influence.kfac) against exact computations: the corrected eigenvalues are the
+exact Fisher diagonal in the Kronecker eigenbasis (Dense, EinsumDense attention projections,
+Embedding); K-FAC is exact on one example; the true Fisher's label sampling has the right
+covariance; the solver plugs into single- and multi-stage influence; factors save and load."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy import stats
+
+import tf_influence as tfi
+from tf_influence import kfac
+from tests import helpers as h
+
+
+def ds(x, y, batch=7):
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
+
+
+def per_example_block_matrices(obj, block, x, y):
+    """``G_n`` of every example from one-at-a-time gradients (independent of the captured activations)."""
+    bg = tfi.ParameterGroup("block", tuple(block.variables))
+    out = []
+    for i in range(len(y)):
+        xi = tf.nest.map_structure(lambda t: t[i:i + 1], x)
+        g = h.loss_gradient(obj, xi, y[i:i + 1], bg)
+        out.append(block.to_matrix(bg.unflatten(tf.constant(g))).numpy())
+    return out
+
+
+@pytest.mark.parametrize("which", ["mlp", "transformer"])
+def test_ekfac_eigenvalues_are_the_exact_fisher_diagonal_in_the_kronecker_basis(which):
+    if which == "mlp":
+        model = h.mlp(l2=0.01)
+        x, y = np.random.default_rng(0).normal(size=(20, 5)), np.random.default_rng(1).integers(0, 3, 20)
+    else:
+        model, _, _ = h.two_stage_transformers(dict_inputs=True)
+        x, y = h.token_data(14, n_classes=3, seed=1, with_mask=True)
+    obj = tfi.Objective(model, h.sce())
+    group = tfi.ParameterGroup.from_model(model)
+    factors = kfac.fit_factors(obj, ds(x, y), group, kind="ekfac", fisher="empirical")
+    blocks, _ = kfac._make_blocks(model, group)
+    kinds = {b.kind for b in blocks}
+    assert kinds == ({"dense"} if which == "mlp" else {"dense", "einsum", "embedding"})
+    for b in blocks:
+        f = factors.blocks[b.name]
+        Gs = per_example_block_matrices(obj, b, x, y)
+        if b.kind == "embedding":
+            ref = np.mean([(G @ f["QS"]) ** 2 for G in Gs], axis=0)
+        else:
+            ref = np.mean([(f["QA"].T @ G @ f["QS"]) ** 2 for G in Gs], axis=0)
+        np.testing.assert_allclose(f["eig"], ref, rtol=1e-9, atol=1e-14 * np.abs(ref).max())
+    if which == "transformer":  # LayerNormalization has no Kronecker block: diagonal, and reported
+        assert factors.summary()["diagonal_variables"] == ["norm/beta", "norm/gamma"]
+
+
+def test_kfac_is_exact_on_one_example():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,), dtype="float64"), keras.layers.Dense(3, dtype="float64", name="out")])
+    obj = tfi.Objective(model, h.sce())
+    group = tfi.ParameterGroup.from_model(model)
+    x, y = np.random.default_rng(0).normal(size=(1, 4)), np.array([2])
+    g = h.loss_gradient(obj, x, y, group)
+    F = np.outer(g, g)  # the empirical Fisher of one example = its GGN-free curvature: vec(G) vec(G)ᵀ
+    v = np.random.default_rng(1).normal(size=group.size)
+    for kind in ("kfac", "ekfac"):
+        factors = kfac.fit_factors(obj, ds(x, y), group, kind=kind, fisher="empirical")
+        inv = kfac.KFACInverse(factors, model, group, damping=0.3)
+        np.testing.assert_allclose(inv(v).numpy(), np.linalg.solve(F + 0.3 * np.eye(group.size), v), rtol=1e-10)
+
+
+def test_true_fisher_samples_labels_from_the_model():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,), dtype="float64"),
+                              keras.layers.Dense(4, use_bias=False, dtype="float64", name="out")])
+    obj = tfi.Objective(model, h.sce())
+    x = np.tile(np.random.default_rng(0).normal(size=(1, 3)), (4000, 1))
+    factors = kfac.fit_factors(obj, ds(x, np.zeros(4000, np.int64), 500), tfi.ParameterGroup.from_model(model),
+                               kind="kfac", fisher="true")
+    p = tf.nn.softmax(model(x[:1]))[0].numpy()
+    # every example is the same x, so A = x xᵀ (one non-zero eigenvalue |x|²) and the K-FAC eigenvalues
+    # in that row are |x|² · eig(S); S = E_ŷ[g gᵀ] with g = softmax − onehot(ŷ) is diag(p) − p pᵀ,
+    # estimated here from 4,000 sampled labels
+    row = factors.blocks["out"]["eig"][-1] / float(x[0] @ x[0])  # eigh: the largest A eigenvalue last
+    expected = np.linalg.eigvalsh(np.diag(p) - np.outer(p, p))
+    np.testing.assert_allclose(np.sort(row), expected, atol=0.05 * expected.max())
+    # the observed labels (all 0) would give a different, rank-one S: the sampling is what is measured
+    emp = kfac.fit_factors(obj, ds(x[:500], np.zeros(500, np.int64)), tfi.ParameterGroup.from_model(model),
+                           kind="kfac", fisher="empirical").blocks["out"]["eig"][-1] / float(x[0] @ x[0])
+    assert np.sum(np.sort(emp) > 1e-9) == 1 and np.sum(np.sort(row) > 1e-3) == 3
+    with pytest.raises(ValueError, match="fisher='empirical'"):
+        kfac.fit_factors(tfi.Objective(model, "mse"), ds(x[:8], np.zeros((8, 4))), tfi.ParameterGroup.from_model(model),
+                         fisher="true")
+
+
+@pytest.fixture(scope="module")
+def logreg():
+    rng = np.random.default_rng(0)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((6,), dtype="float64"),
+                              keras.layers.Dense(3, dtype="float64", kernel_regularizer=keras.regularizers.L2(1e-2),
+                                                 bias_regularizer=keras.regularizers.L2(1e-2), name="out")])
+    x = rng.normal(size=(120, 6))
+    y = np.argmax(x[:, :3] + 0.5 * rng.normal(size=(120, 3)), axis=1)
+    h.train(model, h.sce(), x, y, steps=400)
+    return model, x, y
+
+
+def test_solver_plugs_into_single_stage_influence(logreg, tmp_path):
+    model, x, y = logreg
+    obj = tfi.Objective(model, h.sce())
+    test = ds(x[:9], y[:9])
+    exact = tfi.single_stage_influence(obj, ds(x, y, 40), test, solver=tfi.SolverConfig("dense"), test_target="each")
+    res = tfi.single_stage_influence(obj, ds(x, y, 40), test, solver=tfi.SolverConfig("ekfac", damping=0.0),
+                                     test_target="each")
+    assert res.scores.shape == exact.scores.shape == (120, 9)
+    r = stats.pearsonr(res.scores.ravel(), exact.scores.ravel())[0]
+    ident = tfi.single_stage_influence(obj, ds(x, y, 40), test, solver=tfi.SolverConfig("identity"),
+                                       test_target="each")
+    r_ident = stats.pearsonr(ident.scores.ravel(), exact.scores.ravel())[0]
+    assert r > 0.95 and r > r_ident
+    assert res.solves["hessian"]["method"] == "ekfac" and res.solves["hessian"]["kronecker_blocks"] == {"out": [7, 3]}
+    # factors saved and reloaded give the same solve
+    group = tfi.ParameterGroup.from_model(model)
+    factors = kfac.fit_factors(obj, ds(x, y, 40), group)
+    factors.save(str(tmp_path / "f"))
+    again = tfi.single_stage_influence(obj, ds(x, y, 40), test, solver=tfi.SolverConfig(
+        "ekfac", damping=0.0, options={"factors": str(tmp_path / "f")}), test_target="each")
+    direct = tfi.single_stage_influence(obj, ds(x, y, 40), test, solver=tfi.SolverConfig(
+        "ekfac", damping=0.0, options={"factors": factors}), test_target="each")
+    np.testing.assert_allclose(again.scores, direct.scores, rtol=1e-12)
+    with pytest.raises(FileNotFoundError, match="no K-FAC factors"):
+        kfac.KFACFactors.load(str(tmp_path))
+
+
+def test_bad_input(logreg):
+    model, x, y = logreg
+    obj = tfi.Objective(model, h.sce())
+    group = tfi.ParameterGroup.from_model(model)
+    kernel = tfi.ParameterGroup("kernel", (model.trainable_variables[0],))
+    mixed = tfi.HessianOperator(obj, ds(x, y), group, kernel)
+    with pytest.raises(ValueError, match="needs a square Hessian block"):
+        tfi.solve(mixed, np.ones(kernel.size), tfi.SolverConfig("ekfac"))
+    with pytest.raises(ValueError, match="square Hessian block"):
+        tfi.solve(tfi.DenseOperator(np.eye(3)), np.ones(3), tfi.SolverConfig("kfac"))
+    factors = kfac.fit_factors(obj, ds(x, y), group)
+    with pytest.raises(tfi.ParameterGroupError, match="fitted for another parameter group"):
+        kfac.KFACInverse(factors, model, kernel)
+    with pytest.raises(ValueError, match="kind must be"):
+        kfac.fit_factors(obj, ds(x, y), group, kind="shampoo")

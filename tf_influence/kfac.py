@@ -1,0 +1,525 @@
+"""K-FAC and EK-FAC inverse-Hessian approximations for Keras 3 models (TensorFlow).
+
+The Hessian of ``L = 1/N Σ_n l_n + R`` is replaced by a block-diagonal curvature: one block per
+layer that owns variables of the parameter group, plus the exact Hessian of the L2 regularisers
+and of any extra diagonal (the ``2α I`` of case 2, eq. 15).
+
+Per layer (Martens & Grosse 2015; George et al. 2018 for the eigenvalue correction):
+
+* a Kronecker block for ``Dense``, ``EinsumDense`` (the query / key / value / output projections of
+  ``MultiHeadAttention``) and ``Embedding``. With ``a`` the layer's input (plus a constant 1 for the
+  bias) and ``g = ∂l_n/∂s`` the gradient of an example's loss with respect to the layer's
+  *pre-activation* output ``s``, the example's kernel gradient is ``G_n = Σ_t a_t g_tᵀ`` (``t`` runs
+  over sequence positions) and::
+
+      A = 1/(N T) Σ_{n,t} a_t a_tᵀ,     S = 1/N Σ_{n,t} g_t g_tᵀ,     F_layer ≈ A ⊗ S
+
+  For ``Embedding`` ``a`` is the one-hot token, so ``A`` is diagonal (token frequencies) and is
+  never materialised as a dense ``[vocab, vocab]`` matrix's eigendecomposition.
+* ``kind="kfac"``: eigenvalues of the block are ``λ_A ⊗ λ_S``;
+  ``kind="ekfac"``: the eigenbasis of ``A ⊗ S`` is kept and the eigenvalues are refit in a second
+  pass, ``Λ_ij = 1/N Σ_n ((Q_Aᵀ G_n Q_S)_ij)²`` — the exact diagonal of the Fisher in that basis.
+* variables of other layers (``LayerNormalization``, convolutions, biases that do not cover a
+  kernel's outputs) get a diagonal block ``1/N Σ_n g_n²`` (the Fisher's diagonal). They are listed
+  in :meth:`KFACFactors.summary` — nothing is silently approximated.
+
+``fisher="true"`` samples the labels from the model's predictive distribution (the Fisher then
+equals the Gauss-Newton matrix of a softmax cross-entropy, the Hessian's positive part);
+``fisher="empirical"`` uses the observed labels. The true Fisher needs a loss whose predictive
+distribution is known: sparse categorical cross-entropy (logits or probabilities).
+
+Inverse: ``(F + D + λ)⁻¹ v`` with ``D`` the regulariser / extra diagonal projected on the
+eigenbasis (``(Q_A²)ᵀ D (Q_S²)``; exact when ``D`` is constant over a block, e.g. an L2 penalty on
+a kernel without bias) and ``λ = damping + relative_damping × mean(Λ)`` per block
+(kronfluence's heuristic is ``relative_damping = 0.1``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from .objective import batches, finite_check, reduce_per_example
+from .params import GroupSpec, ParameterGroup, ParameterGroupError, densify, tf_variable
+
+KINDS = ("ekfac", "kfac")
+FISHERS = ("true", "empirical")
+
+
+# -- the layers --------------------------------------------------------------------------------
+def _layers(model) -> list:
+    return list(model._flatten_layers(include_self=False, recursive=True))  # noqa: SLF001 (Keras 3 API)
+
+
+def _owners(model) -> dict:
+    """``id(tf variable) → the innermost layer owning it``."""
+    owner = {}
+    for layer in _layers(model):
+        for v in layer.trainable_weights:
+            key = id(tf_variable(v))
+            if key not in owner or len(owner[key].trainable_weights) > len(layer.trainable_weights):
+                owner[key] = layer
+    return owner
+
+
+def _l2(regularizer) -> float | None:
+    """The coefficient ``c`` of an L2 penalty ``c Σ w²`` (Hessian ``2c I``), 0 for none, None if unknown."""
+    if regularizer is None:
+        return 0.0
+    if isinstance(regularizer, keras.regularizers.L2):
+        return float(regularizer.l2)
+    if isinstance(regularizer, keras.regularizers.L1L2) and float(regularizer.l1) == 0.0:
+        return float(regularizer.l2)
+    return None
+
+
+class _Block:
+    """One Kronecker block: a layer's kernel (and bias) seen as a ``[d_in(+1), d_out]`` matrix."""
+
+    def __init__(self, layer, kind: str, kernel, bias):
+        self.layer, self.kind, self.kernel, self.bias = layer, kind, kernel, bias
+        self.name = layer.name
+        if kind == "dense":
+            self.d_in, self.d_out = int(kernel.shape[0]), int(kernel.shape[1])
+        elif kind == "embedding":
+            self.d_in, self.d_out = int(kernel.shape[0]), int(kernel.shape[1])
+        else:  # einsum
+            in_spec, rest = layer.equation.split(",")
+            k_spec, out_spec = rest.split("->")
+            if "." in layer.equation:
+                raise ParameterGroupError("ellipsis")
+            self.batch = in_spec[0]
+            self.contract = [c for c in k_spec if c in in_spec]
+            self.kout = [c for c in k_spec if c in out_spec]
+            self.pos = [c for c in in_spec[1:] if c not in k_spec]
+            if (set(self.contract) & set(self.kout) or len(self.contract) + len(self.kout) != len(k_spec)
+                    or [c for c in out_spec[1:] if c not in k_spec] != self.pos or out_spec[0] != self.batch):
+                raise ParameterGroupError("unsupported equation")
+            sizes = dict(zip(k_spec, kernel.shape))
+            self.k_spec, self.in_spec, self.out_spec = k_spec, in_spec, out_spec
+            self.d_in = int(np.prod([sizes[c] for c in self.contract]))
+            self.d_out = int(np.prod([sizes[c] for c in self.kout]))
+            self.k_shape = [int(s) for s in kernel.shape]
+        self.rows = self.d_in + (1 if bias is not None else 0)
+        self.variables = [kernel] + ([bias] if bias is not None else [])
+
+    # activations and output gradients as [B, P, d] -------------------------------------------
+    def activations(self, inputs):
+        if self.kind == "dense":
+            a = tf.reshape(inputs, [tf.shape(inputs)[0], -1, self.d_in])
+        elif self.kind == "einsum":
+            order = self.batch + "".join(self.pos) + "".join(self.contract)
+            a = tf.einsum(f"{self.in_spec}->{order}", inputs)
+            a = tf.reshape(a, [tf.shape(inputs)[0], -1, self.d_in])
+        else:
+            return tf.reshape(tf.cast(inputs, tf.int32), [tf.shape(inputs)[0], -1])  # token ids [B, P]
+        if self.bias is not None:
+            a = tf.concat([a, tf.ones_like(a[..., :1])], axis=-1)
+        return a
+
+    def out_grads(self, g):
+        if self.kind == "einsum":
+            order = self.batch + "".join(self.pos) + "".join(self.kout)
+            g = tf.einsum(f"{self.out_spec}->{order}", g)
+        return tf.reshape(g, [tf.shape(g)[0], -1, self.d_out])
+
+    # kernel (+ bias) ↔ matrix [rows, d_out] ------------------------------------------------------
+    def to_matrix(self, parts):
+        """Per-variable tensors (kernel[, bias]) with an optional leading batch axis → ``[..., rows, d_out]``."""
+        k = parts[0]
+        lead = k.shape.rank - len(self.kernel.shape)
+        if self.kind == "einsum":
+            letters = string.ascii_uppercase[:lead]
+            src = letters + self.k_spec
+            dst = letters + "".join(self.contract) + "".join(self.kout)
+            k = tf.einsum(f"{src}->{dst}", k)
+        k = tf.reshape(k, tf.concat([tf.shape(k)[:lead], [self.d_in, self.d_out]], 0))
+        if self.bias is not None:
+            b = tf.reshape(parts[1], tf.concat([tf.shape(parts[1])[:lead], [1, self.d_out]], 0))
+            k = tf.concat([k, b], axis=-2)
+        return k
+
+    def from_matrix(self, m):
+        lead = m.shape.rank - 2
+        k = m[..., :self.d_in, :]
+        out = []
+        if self.kind == "einsum":
+            sizes = dict(zip(self.k_spec, self.k_shape))
+            shape = [sizes[c] for c in self.contract] + [sizes[c] for c in self.kout]
+            k = tf.reshape(k, tf.concat([tf.shape(k)[:lead], shape], 0))
+            letters = string.ascii_uppercase[:lead]
+            k = tf.einsum(f"{letters}{''.join(self.contract)}{''.join(self.kout)}->{letters}{self.k_spec}", k)
+        else:
+            k = tf.reshape(k, tf.concat([tf.shape(k)[:lead], self.kernel.shape], 0))
+        out.append(k)
+        if self.bias is not None:
+            out.append(tf.reshape(m[..., self.d_in, :], tf.concat([tf.shape(m)[:lead], self.bias.shape], 0)))
+        return out
+
+
+def _make_blocks(model, group: ParameterGroup):
+    """Kronecker blocks for the group's variables where the layer supports one; the rest are diagonal."""
+    owner = _owners(model)
+    in_group = {id(tf_variable(v)) for v in group.variables}
+    blocks, covered, seen = [], set(), set()
+    for v in group.variables:
+        layer = owner.get(id(tf_variable(v)))
+        if layer is None or id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        kernel = getattr(layer, "embeddings" if isinstance(layer, keras.layers.Embedding) else "kernel", None)
+        if kernel is None or id(tf_variable(kernel)) not in in_group:
+            continue
+        bias = getattr(layer, "bias", None)
+        if bias is not None and id(tf_variable(bias)) not in in_group:
+            bias = None
+        try:
+            if isinstance(layer, keras.layers.Embedding):
+                block = _Block(layer, "embedding", kernel, None)
+            elif isinstance(layer, keras.layers.EinsumDense):
+                block = _Block(layer, "einsum", kernel, None)
+                if bias is not None and "".join(block.kout) == (layer.bias_axes or ""):
+                    block = _Block(layer, "einsum", kernel, bias)
+            elif type(layer).__name__ == "Dense":
+                block = _Block(layer, "dense", kernel, bias)
+            else:
+                continue
+        except ParameterGroupError:
+            continue
+        blocks.append(block)
+        covered.update(id(tf_variable(x)) for x in block.variables)
+    diagonal = [v for v in group.variables if id(tf_variable(v)) not in covered]
+    return blocks, diagonal
+
+
+class _Capture:
+    """Patch the blocks' layers so a forward pass records each layer's input and pre-activation output."""
+
+    def __init__(self, blocks):
+        self.blocks, self.records = blocks, {b.name: [] for b in blocks}
+
+    def __enter__(self):
+        for b in self.blocks:
+            layer, original, rec = b.layer, b.layer.call, self.records[b.name]
+
+            def call(inputs, *args, _layer=layer, _original=original, _rec=rec, **kwargs):
+                act = getattr(_layer, "activation", None)
+                if act is not None:
+                    object.__setattr__(_layer, "activation", None)
+                try:
+                    pre = _original(inputs, *args, **kwargs)
+                finally:
+                    if act is not None:
+                        object.__setattr__(_layer, "activation", act)
+                _rec.append((inputs, pre))
+                return act(pre) if act is not None else pre
+            object.__setattr__(layer, "call", call)
+        return self
+
+    def __exit__(self, *exc):
+        for b in self.blocks:
+            object.__delattr__(b.layer, "call")
+        return False
+
+
+def _sample_labels(loss, y_pred, y, fisher: str, seed):
+    if fisher == "empirical":
+        return y
+    name = type(loss).__name__ if isinstance(loss, keras.losses.Loss) else getattr(loss, "__name__", str(loss))
+    cfg = loss.get_config() if isinstance(loss, keras.losses.Loss) else {}
+    if "SparseCategoricalCrossentropy" not in name and "sparse_categorical_crossentropy" not in str(name):
+        raise ValueError(f"fisher='true' samples labels from the model's predictive distribution, which is only "
+                         f"known for sparse categorical cross-entropy (got {name}); use fisher='empirical'")
+    logits = y_pred if cfg.get("from_logits", False) else tf.math.log(tf.maximum(y_pred, 1e-12))
+    flat = tf.reshape(logits, [-1, tf.shape(logits)[-1]])
+    sample = tf.random.stateless_categorical(tf.cast(flat, tf.float32), 1, seed=seed)[:, 0]
+    return tf.cast(tf.reshape(sample, tf.shape(logits)[:-1]), y.dtype)
+
+
+# -- the factors ---------------------------------------------------------------------------------
+@dataclass
+class KFACFactors:
+    """Fitted factors of one (model, loss, group): per block ``Q_A``, ``Q_S`` and the eigenvalues
+    ``Λ`` ([rows, d_out]); per diagonal variable its Fisher diagonal. Built by :func:`fit_factors`."""
+
+    kind: str
+    fisher: str
+    num_examples: int
+    group_spec: GroupSpec
+    blocks: dict = field(default_factory=dict)      # name → {"QA", "QS", "eig", "A_diag"(embedding)}
+    diagonal: dict = field(default_factory=dict)    # variable path → Fisher diagonal (variable shape)
+
+    def summary(self) -> dict:
+        return {"kind": self.kind, "fisher": self.fisher, "num_examples": self.num_examples,
+                "kronecker_blocks": {k: list(np.shape(v["eig"])) for k, v in self.blocks.items()},
+                "diagonal_variables": sorted(self.diagonal)}
+
+    def save(self, directory: str) -> str:
+        os.makedirs(directory, exist_ok=True)
+        arrays = {}
+        for name, blk in self.blocks.items():
+            for key, val in blk.items():
+                arrays[f"block/{name}/{key}"] = val
+        for path, val in self.diagonal.items():
+            arrays[f"diag/{path}"] = val
+        np.savez(os.path.join(directory, "factors.npz"), **arrays)
+        with open(os.path.join(directory, "factors.json"), "w") as fh:
+            json.dump({"kind": self.kind, "fisher": self.fisher, "num_examples": self.num_examples,
+                       "group_spec": json.loads(self.group_spec.to_json())}, fh, indent=1)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str) -> "KFACFactors":
+        meta_path = os.path.join(directory, "factors.json")
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"no K-FAC factors in {directory} (missing factors.json)")
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+        data = np.load(os.path.join(directory, "factors.npz"))
+        blocks, diagonal = {}, {}
+        for key in data.files:
+            kind, rest = key.split("/", 1)
+            if kind == "block":
+                name, field_ = rest.rsplit("/", 1)
+                blocks.setdefault(name, {})[field_] = data[key]
+            else:
+                diagonal[rest] = data[key]
+        return cls(meta["kind"], meta["fisher"], meta["num_examples"], GroupSpec.from_json(meta["group_spec"]),
+                   blocks, diagonal)
+
+
+def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", fisher: str = "true",
+                seed: int = 0, progress: bool = False, name: str = "dataset") -> KFACFactors:
+    """Fit (E)K-FAC factors of ``objective`` on ``dataset`` for ``group`` (one pass, two for EK-FAC).
+
+    >>> import keras, tensorflow as tf                                    # doctest: +SKIP
+    >>> factors = fit_factors(Objective(model), train_ds, ParameterGroup.from_model(model))
+    >>> factors.summary()["diagonal_variables"]      # what has no Kronecker block
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got '{kind}'")
+    if fisher not in FISHERS:
+        raise ValueError(f"fisher must be one of {FISHERS}, got '{fisher}'")
+    model = objective.model
+    blocks, diag_vars = _make_blocks(model, group)
+    dtype = tf.float64
+
+    def forward(x, y, step):
+        cap = _Capture(blocks)
+        with cap, tf.GradientTape() as tape:
+            y_pred = model(x, training=False)
+            ys = _sample_labels(objective.loss, y_pred, y, fisher, tf.stack([seed, step]))
+            losses = reduce_per_example(objective.loss_fn(ys, y_pred))
+            total = tf.reduce_sum(losses)
+        outs = {b.name: [r[1] for r in cap.records[b.name]] for b in blocks}
+        grads = tape.gradient(total, [t for b in blocks for t in outs[b.name]])
+        res, i = {}, 0
+        for b in blocks:
+            pairs = []
+            for inp, _ in cap.records[b.name]:
+                pairs.append((b.activations(inp), tf.cast(b.out_grads(grads[i]), dtype)))
+                i += 1
+            res[b.name] = pairs
+        return res, ys
+
+    def diag_pass(x, ys):
+        vars_ = [tf_variable(v) for v in diag_vars]
+
+        def one(example):
+            xi, yi = example
+            xi = tf.nest.map_structure(lambda t: t[None], xi)
+            yi = yi[None]
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(objective.per_example_losses(xi, yi))
+            return densify(tape.gradient(loss, vars_, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+        per = tf.vectorized_map(one, (x, ys))
+        return [tf.reduce_sum(tf.square(tf.cast(g, dtype)), axis=0) for g in per]
+
+    @tf.function(reduce_retracing=True)
+    def stats(x, y, step):
+        res, ys = forward(x, y, step)
+        out = {}
+        for b in blocks:
+            A = tf.zeros([b.rows] if b.kind == "embedding" else [b.rows, b.rows], dtype)
+            S = tf.zeros([b.d_out, b.d_out], dtype)
+            tokens = tf.constant(0.0, dtype)
+            for a, g in res[b.name]:
+                if b.kind == "embedding":
+                    ids = tf.reshape(a, [-1])
+                    A += tf.math.unsorted_segment_sum(tf.ones_like(ids, dtype), ids, b.rows)
+                else:
+                    a = tf.cast(a, dtype)
+                    A += tf.einsum("bpi,bpj->ij", a, a)
+                tokens += tf.cast(tf.shape(g)[0] * tf.shape(g)[1], dtype)
+                S += tf.einsum("bpi,bpj->ij", g, g)
+            out[b.name] = (A, S, tokens)
+        diag = diag_pass(x, ys) if diag_vars else []
+        return out, diag
+
+    @tf.function(reduce_retracing=True)
+    def correction(x, y, step, bases):
+        res, _ = forward(x, y, step)
+        out = {}
+        for b in blocks:
+            QA, QS = bases[b.name]
+            lam = tf.zeros([b.rows, b.d_out], dtype)
+            for a, g in res[b.name]:
+                gq = tf.einsum("bpo,oc->bpc", g, QS)
+                if b.kind == "embedding":  # G_n Q_S row v = Σ_{t: token v} (g_t Q_S)
+                    n = tf.shape(a)[0]
+                    seg = tf.reshape(a + tf.range(n)[:, None] * b.rows, [-1])
+                    rows = tf.math.unsorted_segment_sum(tf.reshape(gq, [-1, b.d_out]), seg, n * b.rows)
+                    lam += tf.reduce_sum(tf.reshape(tf.square(rows), [n, b.rows, b.d_out]), axis=0)
+                else:
+                    aq = tf.einsum("bpi,ia->bpa", tf.cast(a, dtype), QA)
+                    lam += tf.reduce_sum(tf.square(tf.einsum("bpa,bpc->bac", aq, gq)), axis=0)
+            out[b.name] = lam
+        return out
+
+    def loop(desc):
+        it = batches(dataset, name, model)
+        if progress:
+            from tqdm.auto import tqdm
+            it = tqdm(it, desc=desc, leave=False)
+        return enumerate(it)
+
+    acc, diag_acc, n = {}, None, 0
+    with finite_check(f"K-FAC factors of {objective.name} on {name}"):
+        for step, (x, y) in loop("K-FAC covariances"):
+            out, diag = stats(x, y, tf.constant(step, tf.int64))
+            n += int(tf.shape(tf.nest.flatten(y)[0])[0])
+            for k, (A, S, t) in out.items():
+                if k in acc:
+                    acc[k] = (acc[k][0] + A, acc[k][1] + S, acc[k][2] + t)
+                else:
+                    acc[k] = (A, S, t)
+            diag_acc = diag if diag_acc is None else [d0 + d1 for d0, d1 in zip(diag_acc, diag)]
+    if n == 0:
+        from .objective import EmptyDatasetError
+        raise EmptyDatasetError(f"{name} is empty: it yielded no examples")
+    fitted = {}
+    for b in blocks:
+        A, S, tokens = (t.numpy() for t in acc[b.name])
+        A = A / tokens
+        S = S / n
+        eS, QS = np.linalg.eigh(0.5 * (S + S.T))
+        if b.kind == "embedding":
+            eA, QA = A, None
+        else:
+            eA, QA = np.linalg.eigh(0.5 * (A + A.T))
+        fitted[b.name] = {"QA": QA if QA is not None else np.zeros((0, 0)), "QS": QS,
+                          "eig": np.outer(np.maximum(eA, 0), np.maximum(eS, 0))}
+    if kind == "ekfac" and blocks:
+        bases = {b.name: (tf.constant(fitted[b.name]["QA"] if b.kind != "embedding" else np.zeros((0, 0))),
+                          tf.constant(fitted[b.name]["QS"])) for b in blocks}
+        lam = None
+        with finite_check(f"EK-FAC eigenvalue correction of {objective.name} on {name}"):
+            for step, (x, y) in loop("EK-FAC eigenvalue correction"):
+                out = correction(x, y, tf.constant(10_000_019 + step, tf.int64), bases)
+                lam = out if lam is None else {k: lam[k] + out[k] for k in out}
+        for b in blocks:
+            fitted[b.name]["eig"] = lam[b.name].numpy() / n
+    diagonal = {}
+    for v, d in zip(diag_vars, diag_acc or []):
+        diagonal[getattr(v, "path", tf_variable(v).name)] = d.numpy() / n
+    return KFACFactors(kind, fisher, n, group.spec(model), fitted, diagonal)
+
+
+# -- the inverse -----------------------------------------------------------------------------------
+def regularizer_diagonal(model, group: ParameterGroup):
+    """``(diag, unmodelled)``: the Hessian diagonal of the L2 penalties on the group's variables
+    (``2c`` per entry for ``L2(c)`` / ``L1L2(0, c)``) and the layers whose penalty is not an L2."""
+    owner = _owners(model)
+    parts, unmodelled = [], []
+    for v in group.variables:
+        layer = owner.get(id(tf_variable(v)))
+        coef = 0.0
+        if layer is not None:
+            for attr, reg_attr in (("kernel", "kernel_regularizer"), ("bias", "bias_regularizer"),
+                                   ("embeddings", "embeddings_regularizer"), ("gamma", "gamma_regularizer"),
+                                   ("beta", "beta_regularizer")):
+                w = getattr(layer, attr, None)
+                if w is not None and id(tf_variable(w)) == id(tf_variable(v)):
+                    c = _l2(getattr(layer, reg_attr, None))
+                    if c is None:
+                        unmodelled.append(layer.name)
+                        c = 0.0
+                    coef = c
+        parts.append(np.full(tf_variable(v).shape, 2.0 * coef))
+    return [p for p in parts], unmodelled
+
+
+class KFACInverse:
+    """``v ↦ (F̂ + D + λ)⁻¹ v`` for fitted factors over a group (flat ``[p]`` or ``[p, k]``)."""
+
+    def __init__(self, factors: KFACFactors, model, group: ParameterGroup, damping: float = 0.0,
+                 relative_damping: float = 0.0, extra_diagonal=None, include_regularizers: bool = True):
+        if group.spec(model).variables != factors.group_spec.variables:
+            raise ParameterGroupError("the K-FAC factors were fitted for another parameter group "
+                                      f"('{factors.group_spec.name}'); refit them for '{group.name}'")
+        self.group, self.model = group, model
+        self.blocks, _ = _make_blocks(model, group)
+        diag_parts = [np.zeros(s) for s in group.shapes]
+        self.unmodelled = []
+        if include_regularizers:
+            reg, self.unmodelled = regularizer_diagonal(model, group)
+            diag_parts = [d + r for d, r in zip(diag_parts, reg)]
+        if extra_diagonal is not None:
+            extra = group.unflatten(tf.cast(tf.reshape(extra_diagonal, [-1]), group.dtype))
+            diag_parts = [d + e.numpy() for d, e in zip(diag_parts, extra)]
+        index = {id(tf_variable(v)): i for i, v in enumerate(group.variables)}
+        self.denominators = {}
+        for b in self.blocks:
+            f = factors.blocks[b.name]
+            D = b.to_matrix([tf.constant(diag_parts[index[id(tf_variable(x))]]) for x in b.variables]).numpy()
+            QS2 = f["QS"] ** 2
+            projected = (D @ QS2) if b.kind == "embedding" else (f["QA"] ** 2).T @ D @ QS2
+            lam = damping + relative_damping * float(np.mean(f["eig"]))
+            self.denominators[b.name] = tf.constant(f["eig"] + projected + lam)
+            b.QA = None if b.kind == "embedding" else tf.constant(f["QA"])
+            b.QS = tf.constant(f["QS"])
+        self.diag = {}
+        for v in group.variables:
+            path = getattr(v, "path", tf_variable(v).name)
+            if path in factors.diagonal:
+                d = factors.diagonal[path]
+                lam = damping + relative_damping * float(np.mean(d))
+                self.diag[id(tf_variable(v))] = tf.constant(d + diag_parts[index[id(tf_variable(v))]] + lam)
+        self.index = index
+
+    def __call__(self, V):
+        V = tf.cast(tf.convert_to_tensor(V), tf.float64)
+        was_vector = V.shape.rank == 1
+        M = V[:, None] if was_vector else V                       # [p, k]
+        cols = tf.transpose(M)                                      # [k, p]
+        sizes = self.group.sizes
+        pieces = tf.split(cols, sizes, axis=1)
+        per_var = [tf.reshape(pc, [-1] + list(s)) for pc, s in zip(pieces, self.group.shapes)]  # [k, *shape]
+        out = list(per_var)
+        for b in self.blocks:
+            idx = [self.index[id(tf_variable(x))] for x in b.variables]
+            m = b.to_matrix([per_var[i] for i in idx])              # [k, rows, d_out]
+            if b.kind == "embedding":
+                r = tf.einsum("kro,oc->krc", m, b.QS) / self.denominators[b.name]
+                m = tf.einsum("krc,oc->kro", r, b.QS)
+            else:
+                r = tf.einsum("ra,kro,oc->kac", b.QA, m, b.QS) / self.denominators[b.name]
+                m = tf.einsum("ra,kac,oc->kro", b.QA, r, b.QS)
+            for i, piece in zip(idx, b.from_matrix(m)):
+                out[i] = piece
+        for i, v in enumerate(self.group.variables):
+            key = id(tf_variable(v))
+            if key in self.diag:
+                out[i] = per_var[i] / self.diag[key]
+        flat = tf.concat([tf.reshape(o, [tf.shape(o)[0], -1]) for o in out], axis=1)  # [k, p]
+        res = tf.transpose(flat)
+        return res[:, 0] if was_vector else res
+
+
+__all__ = ["KFACFactors", "KFACInverse", "fit_factors", "regularizer_diagonal", "KINDS", "FISHERS"]
