@@ -149,3 +149,35 @@ def test_bad_input(logreg):
         kfac.KFACInverse(factors, model, kernel)
     with pytest.raises(ValueError, match="kind must be"):
         kfac.fit_factors(obj, ds(x, y), group, kind="shampoo")
+
+
+def test_both_multi_stage_chains_take_ekfac():
+    """Case 1 with EK-FAC on both inverses equals Algorithm 1 composed by hand from fitted factors:
+    v_W = b_W − F_WΘ F̂_ΘΘ⁻¹ b_Θ (mixed block exact), s = −Ĝ⁻¹ [v_W, 0], I(z) = ∇g(z)·s."""
+    rng = np.random.default_rng(0)
+    pre, ft, emb = h.two_stage_mlps()
+    xp, yp = rng.normal(size=(40, 5)), rng.integers(0, 3, 40)
+    xf, yf = rng.normal(size=(30, 5)), rng.integers(0, 2, 30)
+    xt, yt = rng.normal(size=(6, 5)), rng.integers(0, 2, 6)
+    h.train(pre, h.sce(), xp, yp, steps=200)
+    emb.trainable = False
+    h.train(ft, h.sce(), xf, yf, steps=200)
+    emb.trainable = True
+    pre_obj, ft_obj = tfi.Objective(pre, h.sce()), tfi.Objective(ft, h.sce())
+    cfg = tfi.SolverConfig("ekfac", damping=1e-3)
+    res = tfi.multi_stage_influence(pre_obj, ds(xp, yp, 16), ft_obj, ds(xf, yf, 16), ds(xt, yt), embedding=["embedding"],
+                                    hessian_samples=None, pretrain_solver=cfg, finetune_solver=cfg, test_target="each")
+    assert res.solves["pretrain"]["method"] == res.solves["finetune"]["method"] == "ekfac"
+    W_pre, W_ft = tfi.group_from_layers(pre, ["embedding"]), tfi.group_from_layers(ft, ["embedding"])
+    U, T = tfi.complement_group(pre, W_pre), tfi.complement_group(ft, W_ft)
+    WU = tfi.concat_groups("WU", W_pre, U)
+    G_inv = kfac.KFACInverse(kfac.fit_factors(pre_obj, ds(xp, yp, 16), WU), pre, WU, damping=1e-3)
+    F_inv = kfac.KFACInverse(kfac.fit_factors(ft_obj, ds(xf, yf, 16), T), ft, T, damping=1e-3)
+    H_WT = h.explicit_hessian(ft_obj, xf, yf, W_ft, T)
+    G = h.one_at_a_time_gradients(pre_obj, xp, yp, WU)
+    for j in range(len(yt)):
+        b_T = h.loss_gradient(ft_obj, xt[j:j + 1], yt[j:j + 1], T)
+        b_W = h.loss_gradient(ft_obj, xt[j:j + 1], yt[j:j + 1], W_ft)
+        v = b_W - H_WT @ F_inv(b_T).numpy()
+        s = -G_inv(np.r_[v, np.zeros(U.size)]).numpy()
+        np.testing.assert_allclose(res.scores[:, j], G @ s, rtol=1e-6, atol=1e-10 * np.abs(G @ s).max())
