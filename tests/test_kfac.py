@@ -29,20 +29,37 @@ def per_example_block_matrices(obj, block, x, y):
     return out
 
 
-@pytest.mark.parametrize("which", ["mlp", "transformer"])
+def conv1d_lm(seed=0):
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((6,), dtype="int32")
+    z = keras.layers.Embedding(7, 3, dtype="float64", name="emb")(inp)
+    z = keras.layers.Conv1D(4, 3, padding="causal", dilation_rate=2, activation="relu", dtype="float64", name="c1")(z)
+    z = keras.layers.Conv1D(3, 2, strides=2, dtype="float64", name="c2")(z)
+    return keras.Model(inp, keras.layers.Dense(5, dtype="float64", name="out")(z))
+
+
+@pytest.mark.parametrize("which", ["mlp", "cnn", "conv1d", "transformer"])
 def test_ekfac_eigenvalues_are_the_exact_fisher_diagonal_in_the_kronecker_basis(which):
+    rng = np.random.default_rng(0)
     if which == "mlp":
         model = h.mlp(l2=0.01)
-        x, y = np.random.default_rng(0).normal(size=(20, 5)), np.random.default_rng(1).integers(0, 3, 20)
+        x, y = rng.normal(size=(20, 5)), rng.integers(0, 3, 20)
+    elif which == "cnn":
+        model = h.small_cnn()
+        x, y = rng.normal(size=(12, 6, 6, 1)), rng.integers(0, 3, 12)
+    elif which == "conv1d":  # per-position labels: a sequence loss averaged per example
+        model = conv1d_lm()
+        x, y = rng.integers(0, 7, size=(10, 6)).astype(np.int32), rng.integers(0, 5, size=(10, 3))
     else:
         model, _, _ = h.two_stage_transformers(dict_inputs=True)
         x, y = h.token_data(14, n_classes=3, seed=1, with_mask=True)
     obj = tfi.Objective(model, h.sce())
     group = tfi.ParameterGroup.from_model(model)
     factors = kfac.fit_factors(obj, ds(x, y), group, kind="ekfac", fisher="empirical")
-    blocks, _ = kfac._make_blocks(model, group)
+    blocks, _ = kfac.kronecker_blocks(model, group)
     kinds = {b.kind for b in blocks}
-    assert kinds == ({"dense"} if which == "mlp" else {"dense", "einsum", "embedding"})
+    assert kinds == {"mlp": {"dense"}, "cnn": {"conv", "dense"}, "conv1d": {"embedding", "conv", "dense"},
+                     "transformer": {"dense", "einsum", "embedding"}}[which]
     for b in blocks:
         f = factors.blocks[b.name]
         Gs = per_example_block_matrices(obj, b, x, y)
@@ -156,12 +173,12 @@ def test_both_multi_stage_chains_take_ekfac():
     v_W = b_W − F_WΘ F̂_ΘΘ⁻¹ b_Θ (mixed block exact), s = −Ĝ⁻¹ [v_W, 0], I(z) = ∇g(z)·s."""
     rng = np.random.default_rng(0)
     pre, ft, emb = h.two_stage_mlps()
-    xp, yp = rng.normal(size=(40, 5)), rng.integers(0, 3, 40)
-    xf, yf = rng.normal(size=(30, 5)), rng.integers(0, 2, 30)
-    xt, yt = rng.normal(size=(6, 5)), rng.integers(0, 2, 6)
-    h.train(pre, h.sce(), xp, yp, steps=200)
+    xp, yp = rng.normal(size=(24, 5)), rng.integers(0, 3, 24)
+    xf, yf = rng.normal(size=(16, 5)), rng.integers(0, 2, 16)
+    xt, yt = rng.normal(size=(3, 5)), rng.integers(0, 2, 3)
+    h.train(pre, h.sce(), xp, yp, steps=80)
     emb.trainable = False
-    h.train(ft, h.sce(), xf, yf, steps=200)
+    h.train(ft, h.sce(), xf, yf, steps=80)
     emb.trainable = True
     pre_obj, ft_obj = tfi.Objective(pre, h.sce()), tfi.Objective(ft, h.sce())
     cfg = tfi.SolverConfig("ekfac", damping=1e-3)

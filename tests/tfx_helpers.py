@@ -39,8 +39,9 @@ def write_examples(uri: str, splits: dict, shards: int = 2) -> dict:
 
 
 def read_examples(split_dir: str) -> list:
-    files = tf.io.gfile.glob(os.path.join(split_dir, "*"))
-    return list(tf.data.TFRecordDataset(files, compression_type="GZIP").as_numpy_iterator())
+    """Serialized examples of a split directory, through the components' one reader."""
+    from tfx_components.common import glob_files, read_records
+    return read_records(glob_files(split_dir), split_dir)
 
 
 def digits_splits(n_train=60, n_eval=20, seed=0):

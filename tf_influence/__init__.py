@@ -36,7 +36,7 @@ _EXPORTS = {
     "tracin": ["FilterResult", "presence_sequential", "self_influence"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-_SUBMODULES = {"baselines", "compiled", "console", "evaluation", "gradients", "hessian", "influence", "objective",
+_SUBMODULES = {"baselines", "compiled", "console", "evaluation", "gradients", "hessian", "influence", "kfac", "objective",
                "params", "presence", "scores_io", "selection", "solvers", "tracin"}
 
 __all__ = sorted(_WHERE)

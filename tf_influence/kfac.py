@@ -7,7 +7,8 @@ and of any extra diagonal (the ``2α I`` of case 2, eq. 15).
 Per layer (Martens & Grosse 2015; George et al. 2018 for the eigenvalue correction):
 
 * a Kronecker block for ``Dense``, ``EinsumDense`` (the query / key / value / output projections of
-  ``MultiHeadAttention``) and ``Embedding``. With ``a`` the layer's input (plus a constant 1 for the
+  ``MultiHeadAttention``), ``Conv1D`` / ``Conv2D`` (inputs expanded into patches, each output
+  position a "token"; ``valid`` / ``same`` / ``causal`` padding, strides, dilation) and ``Embedding``. With ``a`` the layer's input (plus a constant 1 for the
   bias) and ``g = ∂l_n/∂s`` the gradient of an example's loss with respect to the layer's
   *pre-activation* output ``s``, the example's kernel gradient is ``G_n = Σ_t a_t g_tᵀ`` (``t`` runs
   over sequence positions) and::
@@ -19,7 +20,7 @@ Per layer (Martens & Grosse 2015; George et al. 2018 for the eigenvalue correcti
 * ``kind="kfac"``: eigenvalues of the block are ``λ_A ⊗ λ_S``;
   ``kind="ekfac"``: the eigenbasis of ``A ⊗ S`` is kept and the eigenvalues are refit in a second
   pass, ``Λ_ij = 1/N Σ_n ((Q_Aᵀ G_n Q_S)_ij)²`` — the exact diagonal of the Fisher in that basis.
-* variables of other layers (``LayerNormalization``, convolutions, biases that do not cover a
+* variables of other layers (``LayerNormalization``, grouped convolutions, biases that do not cover a
   kernel's outputs) get a diagonal block ``1/N Σ_n g_n²`` (the Fisher's diagonal). They are listed
   in :meth:`KFACFactors.summary` — nothing is silently approximated.
 
@@ -87,6 +88,10 @@ class _Block:
         self.name = layer.name
         if kind == "dense":
             self.d_in, self.d_out = int(kernel.shape[0]), int(kernel.shape[1])
+        elif kind == "conv":  # kernel [k..., c_in, c_out] → [prod(k...)·c_in, c_out], rows in patch order
+            if getattr(layer, "groups", 1) != 1 or getattr(layer, "data_format", "channels_last") != "channels_last":
+                raise ParameterGroupError("grouped or channels_first convolution")
+            self.d_in, self.d_out = int(np.prod(kernel.shape[:-1])), int(kernel.shape[-1])
         elif kind == "embedding":
             self.d_in, self.d_out = int(kernel.shape[0]), int(kernel.shape[1])
         else:  # einsum
@@ -110,9 +115,26 @@ class _Block:
         self.variables = [kernel] + ([bias] if bias is not None else [])
 
     # activations and output gradients as [B, P, d] -------------------------------------------
+    def _patches(self, inputs):
+        """Input patches ``[B, P, k·c_in]`` in the kernel's ``(k..., c_in)`` order (Conv1D / Conv2D)."""
+        layer = self.layer
+        x = inputs if len(layer.kernel_size) == 2 else inputs[:, None]  # Conv1D as a 1×k Conv2D
+        size = list(layer.kernel_size) if len(layer.kernel_size) == 2 else [1, layer.kernel_size[0]]
+        strides = list(layer.strides) if len(layer.strides) == 2 else [1, layer.strides[0]]
+        rates = list(layer.dilation_rate) if len(layer.dilation_rate) == 2 else [1, layer.dilation_rate[0]]
+        padding = layer.padding.upper()
+        if padding == "CAUSAL":
+            x = tf.pad(x, [[0, 0], [0, 0], [rates[1] * (size[1] - 1), 0], [0, 0]])
+            padding = "VALID"
+        p = tf.image.extract_patches(x, sizes=[1, *size, 1], strides=[1, *strides, 1], rates=[1, *rates, 1],
+                                     padding=padding)
+        return tf.reshape(p, [tf.shape(inputs)[0], -1, self.d_in])
+
     def activations(self, inputs):
         if self.kind == "dense":
             a = tf.reshape(inputs, [tf.shape(inputs)[0], -1, self.d_in])
+        elif self.kind == "conv":
+            a = self._patches(inputs)
         elif self.kind == "einsum":
             order = self.batch + "".join(self.pos) + "".join(self.contract)
             a = tf.einsum(f"{self.in_spec}->{order}", inputs)
@@ -139,7 +161,7 @@ class _Block:
             src = letters + self.k_spec
             dst = letters + "".join(self.contract) + "".join(self.kout)
             k = tf.einsum(f"{src}->{dst}", k)
-        k = tf.reshape(k, tf.concat([tf.shape(k)[:lead], [self.d_in, self.d_out]], 0))
+        k = tf.reshape(k, tf.concat([tf.shape(k)[:lead], [self.d_in, self.d_out]], 0))  # dense, conv (patch order)
         if self.bias is not None:
             b = tf.reshape(parts[1], tf.concat([tf.shape(parts[1])[:lead], [1, self.d_out]], 0))
             k = tf.concat([k, b], axis=-2)
@@ -163,8 +185,10 @@ class _Block:
         return out
 
 
-def _make_blocks(model, group: ParameterGroup):
-    """Kronecker blocks for the group's variables where the layer supports one; the rest are diagonal."""
+def kronecker_blocks(model, group: ParameterGroup):
+    """``(blocks, diagonal_variables)``: a Kronecker block for each layer of the group that supports
+    one (``Dense``, ``EinsumDense`` with a Dense-like equation, ``Embedding``); the group's other
+    variables get a diagonal block."""
     owner = _owners(model)
     in_group = {id(tf_variable(v)) for v in group.variables}
     blocks, covered, seen = [], set(), set()
@@ -188,6 +212,8 @@ def _make_blocks(model, group: ParameterGroup):
                     block = _Block(layer, "einsum", kernel, bias)
             elif type(layer).__name__ == "Dense":
                 block = _Block(layer, "dense", kernel, bias)
+            elif type(layer).__name__ in ("Conv1D", "Conv2D"):
+                block = _Block(layer, "conv", kernel, bias)
             else:
                 continue
         except ParameterGroupError:
@@ -307,7 +333,7 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
     if fisher not in FISHERS:
         raise ValueError(f"fisher must be one of {FISHERS}, got '{fisher}'")
     model = objective.model
-    blocks, diag_vars = _make_blocks(model, group)
+    blocks, diag_vars = kronecker_blocks(model, group)
     dtype = tf.float64
 
     def forward(x, y, step):
@@ -464,7 +490,7 @@ class KFACInverse:
             raise ParameterGroupError("the K-FAC factors were fitted for another parameter group "
                                       f"('{factors.group_spec.name}'); refit them for '{group.name}'")
         self.group, self.model = group, model
-        self.blocks, _ = _make_blocks(model, group)
+        self.blocks, _ = kronecker_blocks(model, group)
         diag_parts = [np.zeros(s) for s in group.shapes]
         self.unmodelled = []
         if include_regularizers:
@@ -522,4 +548,5 @@ class KFACInverse:
         return res[:, 0] if was_vector else res
 
 
-__all__ = ["KFACFactors", "KFACInverse", "fit_factors", "regularizer_diagonal", "KINDS", "FISHERS"]
+__all__ = ["KFACFactors", "KFACInverse", "fit_factors", "kronecker_blocks", "regularizer_diagonal", "KINDS",
+           "FISHERS"]
