@@ -10,7 +10,7 @@ import pytest
 
 from experiments import reproduce
 
-SUBSET = ("case1_fixed", "case2_updated", "identity_baseline", "loss_baseline")
+SUBSET = ("case1_fixed", "case2_updated", "case1_fixed_ekfac", "identity_baseline", "loss_baseline")
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,11 @@ def test_loo_experiments_report_their_keys(quick_results):
     for case in ("case1_fixed", "case2_updated"):
         solves = res[case]["solves"]
         assert solves["pretrain"]["method"] == "cg_squared" and solves["finetune"]["iterations"] > 0
+    # EK-FAC on the same leave-one-out examples: the conv embedding and dense heads all get Kronecker blocks
+    ek = res["case1_fixed_ekfac"]
+    assert ek["solves"]["pretrain"]["method"] == "ekfac" and ek["solves"]["pretrain"]["diagonal_variables"] == []
+    assert set(ek["solves"]["pretrain"]["kronecker_blocks"]) == {"conv1", "conv2", "fc", "logits"}
+    assert ek["cg_pearson_same_examples"] == pytest.approx(res["case1_fixed"]["pearson"])
     assert (out / "report.md").read_text().count("| `") == len(reproduce.EXPERIMENTS)  # "not run" rows too
 
 
