@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test pipeline pipeline-compile presence-pipeline demo bench bench-presence presence presence-quick bazel-test reproduce reproduce-quick clean
+.PHONY: install test pipeline pipeline-compile presence-pipeline demo bench bench-presence bench-kfac presence presence-quick bazel-test reproduce reproduce-quick clean
 
 install: $(STAMP)
 
@@ -18,7 +18,7 @@ $(STAMP): requirements.txt requirements-tfx.txt pyproject.toml
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests   # two workers (2 cores); loadfile keeps module fixtures together
 
 pipeline: install
 	$(PY) -m pipelines.influence_pipeline --root reports/pipelines/influence
@@ -37,6 +37,9 @@ bench: install
 
 bench-presence: install
 	$(PY) -m benchmarks.presence --out reports/benchmarks/presence.json
+
+bench-kfac: install
+	$(PY) -m benchmarks.kfac_digits --out reports/benchmarks/kfac_digits.json
 
 presence: install
 	$(PY) -m experiments.presence_text --out reports/presence
