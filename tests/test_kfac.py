@@ -138,6 +138,12 @@ def test_solver_plugs_into_single_stage_influence(logreg, tmp_path):
     r_ident = stats.pearsonr(ident.scores.ravel(), exact.scores.ravel())[0]
     assert r > 0.95 and r > r_ident
     assert res.solves["hessian"]["method"] == "ekfac" and res.solves["hessian"]["kronecker_blocks"] == {"out": [7, 3]}
+    # the true Fisher recognises the loss however it is spelled: class, wrapped function (with from_logits)
+    from keras.src.losses.losses import LossFunctionWrapper  # what Keras wraps function losses in
+    wrapped = LossFunctionWrapper(keras.losses.sparse_categorical_crossentropy, from_logits=True)
+    f_wrapped = kfac.fit_factors(tfi.Objective(model, wrapped), ds(x, y, 40), tfi.ParameterGroup.from_model(model))
+    f_direct = kfac.fit_factors(obj, ds(x, y, 40), tfi.ParameterGroup.from_model(model))
+    np.testing.assert_allclose(f_wrapped.blocks["out"]["eig"], f_direct.blocks["out"]["eig"], rtol=1e-10)
     # factors saved and reloaded give the same solve
     group = tfi.ParameterGroup.from_model(model)
     factors = kfac.fit_factors(obj, ds(x, y, 40), group)

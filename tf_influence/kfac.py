@@ -257,12 +257,17 @@ class _Capture:
 def _sample_labels(loss, y_pred, y, fisher: str, seed):
     if fisher == "empirical":
         return y
-    name = type(loss).__name__ if isinstance(loss, keras.losses.Loss) else getattr(loss, "__name__", str(loss))
+    if isinstance(loss, str):
+        loss = keras.losses.get(loss)
     cfg = loss.get_config() if isinstance(loss, keras.losses.Loss) else {}
-    if "SparseCategoricalCrossentropy" not in name and "sparse_categorical_crossentropy" not in str(name):
+    fn = getattr(loss, "fn", loss)  # a compiled / loaded model's loss is a LossFunctionWrapper around the function
+    names = {type(loss).__name__, getattr(fn, "__name__", ""), str(cfg.get("name", ""))}
+    if not any(n.replace("_", "").lower() == "sparsecategoricalcrossentropy" for n in names):
         raise ValueError(f"fisher='true' samples labels from the model's predictive distribution, which is only "
-                         f"known for sparse categorical cross-entropy (got {name}); use fisher='empirical'")
-    logits = y_pred if cfg.get("from_logits", False) else tf.math.log(tf.maximum(y_pred, 1e-12))
+                         f"known for sparse categorical cross-entropy (got {sorted(n for n in names if n)}); "
+                         "use fisher='empirical'")
+    from_logits = cfg.get("from_logits", getattr(loss, "_fn_kwargs", {}).get("from_logits", False))
+    logits = y_pred if from_logits else tf.math.log(tf.maximum(y_pred, 1e-12))
     flat = tf.reshape(logits, [-1, tf.shape(logits)[-1]])
     sample = tf.random.stateless_categorical(tf.cast(flat, tf.float32), 1, seed=seed)[:, 0]
     return tf.cast(tf.reshape(sample, tf.shape(logits)[:-1]), y.dtype)
