@@ -88,7 +88,8 @@ def loss_gradient(objective, x, y, group, reduction="sum"):
 
 
 def one_at_a_time_gradients(objective, x, y, group):
-    return np.stack([loss_gradient(objective, x[i:i + 1], y[i:i + 1], group) for i in range(len(x))])
+    one = lambda i: tf.nest.map_structure(lambda t: t[i:i + 1], x)  # noqa: E731  (arrays or dicts of arrays)
+    return np.stack([loss_gradient(objective, one(i), y[i:i + 1], group) for i in range(len(y))])
 
 
 def tiny_encoder(vocab=20, width=4, heads=2, seq_len=5, dict_inputs=False, name="embedding", seed=0):

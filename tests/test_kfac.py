@@ -204,3 +204,29 @@ def test_both_multi_stage_chains_take_ekfac():
         v = b_W - H_WT @ F_inv(b_T).numpy()
         s = -G_inv(np.r_[v, np.zeros(U.size)]).numpy()
         np.testing.assert_allclose(res.scores[:, j], G @ s, rtol=1e-6, atol=1e-10 * np.abs(G @ s).max())
+
+
+@pytest.mark.parametrize("which", ["cnn", "conv1d", "transformer_with_norm"])
+def test_ghost_norms_equal_one_at_a_time_squared_gradient_norms(which):
+    """Self-influence from ghost norms (no per-example gradients) = ‖one-at-a-time gradient‖² over K."""
+    from tf_influence import tracin
+    rng = np.random.default_rng(3)
+    if which == "cnn":  # conv: explicit G_n (36 positions² > 10·2 rows·outputs); dense: the P² form
+        model, K = h.small_cnn(), ["conv", "out"]
+        x, y = rng.normal(size=(9, 6, 6, 1)), rng.integers(0, 3, 9)
+    elif which == "conv1d":  # embedding + causal dilated / strided conv + dense, a per-position loss
+        model, K = conv1d_lm(), ["emb", "c1", "c2", "out"]
+        x, y = rng.integers(0, 7, size=(8, 6)).astype(np.int32), rng.integers(0, 5, size=(8, 3))
+    else:  # LayerNormalization has no block: per-example gradients for it, ghost norms for the rest
+        model, _, _ = h.two_stage_transformers(dict_inputs=True)
+        K = ["tok_emb", "query", "norm", "ffn"]
+        x, y = h.token_data(8, n_classes=3, seed=4, with_mask=True)
+    obj = tfi.Objective(model, h.sce() if which != "conv1d" else keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction=None))
+    group = tracin.layer_set(model, K)
+    ref = (h.one_at_a_time_gradients(obj, x, y, group) ** 2).sum(axis=1)
+    ghost = tracin.self_influence(obj, ds(x, y, 4), K, method="ghost")
+    np.testing.assert_allclose(ghost, ref, rtol=1e-9)
+    np.testing.assert_allclose(tracin.self_influence(obj, ds(x, y, 4), K, method="per_example"), ref, rtol=1e-9)
+    with pytest.raises(ValueError, match="method must be one of"):
+        tracin.self_influence(obj, ds(x, y, 4), K, method="exact")

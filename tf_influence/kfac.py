@@ -462,6 +462,73 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
     return KFACFactors(kind, fisher, n, group.spec(model), fitted, diagonal)
 
 
+# -- per-example squared gradient norms without per-example gradients ("ghost norms") --------------
+class GhostNorms:
+    """``‖∇_K l(z)‖²`` for every example of a batch over a parameter group K, from one ordinary
+    forward / backward pass. For a block with per-example gradient ``G_n = Σ_t a_t g_tᵀ``::
+
+        ‖G_n‖²_F = Σ_{t,t'} (a_t·a_t') (g_t·g_t')
+
+    (``a`` = input, plus 1 for the bias; for ``Embedding`` ``a_t·a_t' = [token_t = token_t']``), or
+    ``‖G_n‖²`` from the explicit ``G_n`` when ``d_in·d_out`` is smaller than ``P²``. Variables without
+    a block (e.g. ``LayerNormalization``) fall back to vectorised per-example gradients. Compiled once
+    per (model, loss, group) through :mod:`compiled`.
+    """
+
+    def __init__(self, objective, group: ParameterGroup):
+        self.objective, self.group = objective, group
+        self.blocks, self.diagonal = kronecker_blocks(objective.model, group)
+        self.fn = tf.function(self._norms, reduce_retracing=True)
+
+    @classmethod
+    def get(cls, objective, group):
+        from .compiled import cached_kernel
+        return cached_kernel(objective, "ghost_norms", (group,), lambda: cls(objective, group))
+
+    def _norms(self, x, y):
+        model, obj = self.objective.model, self.objective
+        cap = _Capture(self.blocks)
+        with cap, tf.GradientTape() as tape:
+            losses = reduce_per_example(obj.loss_fn(y, model(x, training=False)))
+            total = tf.reduce_sum(losses)
+        outs = [r[1] for b in self.blocks for r in cap.records[b.name]]
+        grads = tape.gradient(total, outs)
+        sq = tf.zeros_like(losses)
+        i = 0
+        for b in self.blocks:
+            # a layer called several times in one forward pass: G_n sums over its calls
+            acts, gs = [], []
+            for inp, _ in cap.records[b.name]:
+                acts.append(b.activations(inp))
+                gs.append(tf.cast(b.out_grads(grads[i]), losses.dtype))
+                i += 1
+            a = tf.concat(acts, axis=1)
+            g = tf.concat(gs, axis=1)
+            if b.kind == "embedding":
+                same = tf.cast(tf.equal(a[:, :, None], a[:, None, :]), g.dtype)      # [B, P, P]
+                sq += tf.einsum("bpq,bpq->b", same, tf.einsum("bpo,bqo->bpq", g, g))
+                continue
+            a = tf.cast(a, g.dtype)
+            positions = a.shape[1]
+            if positions is not None and positions * positions <= b.rows * b.d_out:
+                sq += tf.einsum("bpq,bpq->b", tf.einsum("bpi,bqi->bpq", a, a), tf.einsum("bpo,bqo->bpq", g, g))
+            else:
+                sq += tf.reduce_sum(tf.square(tf.einsum("bpi,bpo->bio", a, g)), axis=[1, 2])
+        if self.diagonal:
+            vars_ = [tf_variable(v) for v in self.diagonal]
+
+            def one(example):
+                xi, yi = example
+                xi = tf.nest.map_structure(lambda t: t[None], xi)
+                yi = tf.nest.map_structure(lambda t: t[None], yi)
+                with tf.GradientTape() as t2:
+                    loss = tf.reduce_sum(obj.per_example_losses(xi, yi))
+                gr = densify(t2.gradient(loss, vars_, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+                return tf.add_n([tf.reduce_sum(tf.square(tf.cast(gg, losses.dtype))) for gg in gr])
+            sq += tf.vectorized_map(one, (x, y))
+        return sq
+
+
 # -- the inverse -----------------------------------------------------------------------------------
 def regularizer_diagonal(model, group: ParameterGroup):
     """``(diag, unmodelled)``: the Hessian diagonal of the L2 penalties on the group's variables
@@ -553,5 +620,5 @@ class KFACInverse:
         return res[:, 0] if was_vector else res
 
 
-__all__ = ["KFACFactors", "KFACInverse", "fit_factors", "kronecker_blocks", "regularizer_diagonal", "KINDS",
-           "FISHERS"]
+__all__ = ["GhostNorms", "KFACFactors", "KFACInverse", "fit_factors", "kronecker_blocks", "regularizer_diagonal",
+           "KINDS", "FISHERS"]

@@ -234,16 +234,25 @@ def concat_groups(name: str, *groups: ParameterGroup) -> ParameterGroup:
     return ParameterGroup(name, tuple(variables))
 
 
+def _children(layer) -> list:
+    """Direct sub-layers: a model's ``layers``, and the tracked sub-layers of composite layers
+    (e.g. the ``query`` / ``key`` / ``value`` / ``attention_output`` projections of ``MultiHeadAttention``)."""
+    flatten = getattr(layer, "_flatten_layers", None)  # Keras 3
+    if flatten is not None:
+        return list(flatten(include_self=False, recursive=False))
+    return list(getattr(layer, "layers", []))
+
+
 def _all_layers(model) -> list:
-    """Every layer reachable from ``model`` (depth first, including nested sub-models)."""
-    seen, out, stack = set(), [], list(getattr(model, "layers", []))[::-1]
+    """Every layer reachable from ``model`` (depth first, nested sub-models and sub-layers included)."""
+    seen, out, stack = set(), [], _children(model)[::-1]
     while stack:
         layer = stack.pop()
         if id(layer) in seen:
             continue
         seen.add(id(layer))
         out.append(layer)
-        stack.extend(list(getattr(layer, "layers", []))[::-1])
+        stack.extend(_children(layer)[::-1])
     return out
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from .gradients import per_example_gradients
-from .objective import EmptyDatasetError, Objective
+from .objective import EmptyDatasetError, Objective, batches, finite_check
 from .params import ParameterGroup, ParameterGroupError, group_from_layers
 from .selection import select_kept
 
@@ -66,20 +66,56 @@ class _AtCheckpoint:
             self.model.set_weights(self.saved)
 
 
+SI_METHODS = ("ghost", "per_example")
+
+
 def self_influence(objective: Objective, dataset, si_layers, checkpoints=None, learning_rates=None,
-                   chunk_size: int | None = 512, progress: bool = False, name: str = "dataset") -> np.ndarray:
+                   chunk_size: int | None = 512, progress: bool = False, name: str = "dataset",
+                   method: str = "ghost") -> np.ndarray:
     """TracInSI_K of every example of a batched ``(x, y)`` dataset, in dataset order (eq. 3).
 
-    ``si_layers``: the layer set K (layer names or a :class:`ParameterGroup`)."""
+    ``si_layers``: the layer set K (layer names or a :class:`ParameterGroup`). ``method``:
+    ``"ghost"`` (default) computes ``‖∇_K l(z)‖²`` from one ordinary forward / backward pass per
+    batch (:class:`tf_influence.kfac.GhostNorms`: exact for ``Dense``, ``EinsumDense``, ``Conv1D`` /
+    ``Conv2D`` and ``Embedding`` layers, per-example gradients for the rest of K);
+    ``"per_example"`` materialises vectorised per-example gradients (chunks of ``chunk_size``)."""
+    if method not in SI_METHODS:
+        raise ValueError(f"method must be one of {SI_METHODS}, got '{method}'")
     group = layer_set(objective.model, si_layers)
     total = None
     for ckpt, lr in _checkpoints(objective.model, checkpoints, learning_rates):
         with _AtCheckpoint(objective.model, ckpt):
-            parts = [tf.reduce_sum(tf.square(b), axis=1).numpy()
-                     for b in per_example_gradients(objective, dataset, group, chunk_size, progress, name)]
-        s = lr * np.concatenate(parts)
+            if method == "ghost":
+                s = lr * _ghost_self_influence(objective, dataset, group, progress, name)
+            else:
+                parts = [tf.reduce_sum(tf.square(b), axis=1).numpy()
+                         for b in per_example_gradients(objective, dataset, group, chunk_size, progress, name)]
+                s = lr * np.concatenate(parts)
         total = s if total is None else total + s
     return total
+
+
+def _ghost_self_influence(objective: Objective, dataset, group: ParameterGroup, progress: bool, name: str):
+    from .kfac import GhostNorms
+    norms = GhostNorms.get(objective, group)
+    it = batches(dataset, name, objective.model)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc=f"self-influence ({name})", leave=False)
+    out = []
+    with finite_check(f"self-influence of {objective.name} on {name}"):
+        for x, y in it:
+            out.append(check_finite_np(norms.fn(x, y).numpy(), f"self-influence of {objective.name} on {name}"))
+    if not out:
+        raise EmptyDatasetError(f"{name} is empty: it yielded no examples")
+    return np.concatenate(out)
+
+
+def check_finite_np(values: np.ndarray, what: str) -> np.ndarray:
+    if not np.all(np.isfinite(values)):
+        from .objective import NonFiniteError
+        raise NonFiniteError(f"{what}: NaN or Inf encountered")
+    return values
 
 
 def tracin(objective: Objective, train_data, test_data, si_layers, checkpoints=None, learning_rates=None,
