@@ -470,7 +470,8 @@ class GhostNorms:
         ‖G_n‖²_F = Σ_{t,t'} (a_t·a_t') (g_t·g_t')
 
     (``a`` = input, plus 1 for the bias; for ``Embedding`` ``a_t·a_t' = [token_t = token_t']``), or
-    ``‖G_n‖²`` from the explicit ``G_n`` when ``d_in·d_out`` is smaller than ``P²``. Variables without
+    ``‖G_n‖²`` from the explicit ``G_n`` when ``d_in·d_out`` is smaller than ``P²`` (for ``Embedding``
+    a segment sum of ``g`` per token). Variables without
     a block (e.g. ``LayerNormalization``) fall back to vectorised per-example gradients. Compiled once
     per (model, loss, group) through :mod:`compiled`.
     """
@@ -504,13 +505,20 @@ class GhostNorms:
                 i += 1
             a = tf.concat(acts, axis=1)
             g = tf.concat(gs, axis=1)
-            if b.kind == "embedding":
+            positions = a.shape[1]
+            pairwise = positions is not None and positions * positions <= b.rows * b.d_out
+            if b.kind == "embedding" and pairwise:
                 same = tf.cast(tf.equal(a[:, :, None], a[:, None, :]), g.dtype)      # [B, P, P]
                 sq += tf.einsum("bpq,bpq->b", same, tf.einsum("bpo,bqo->bpq", g, g))
                 continue
+            if b.kind == "embedding":  # G_n row v = Σ_{t: token v} g_t: a segment sum per example
+                n = tf.shape(a)[0]
+                seg = tf.reshape(a + tf.range(n)[:, None] * b.rows, [-1])
+                rows = tf.math.unsorted_segment_sum(tf.reshape(g, [-1, b.d_out]), seg, n * b.rows)
+                sq += tf.reduce_sum(tf.reshape(tf.square(rows), [n, -1]), axis=1)
+                continue
             a = tf.cast(a, g.dtype)
-            positions = a.shape[1]
-            if positions is not None and positions * positions <= b.rows * b.d_out:
+            if pairwise:
                 sq += tf.einsum("bpq,bpq->b", tf.einsum("bpi,bqi->bpq", a, a), tf.einsum("bpo,bqo->bpq", g, g))
             else:
                 sq += tf.reduce_sum(tf.square(tf.einsum("bpi,bpo->bio", a, g)), axis=[1, 2])
