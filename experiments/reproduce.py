@@ -48,8 +48,19 @@ import tf_influence as tfi  # noqa: E402
 from experiments import digits, models  # noqa: E402
 from tf_influence.evaluation import loo, retraining  # noqa: E402
 
-EXPERIMENTS = ("case1_fixed", "case2_updated", "case1_fixed_ekfac", "case2_updated_ekfac", "identity_baseline",
-               "loss_baseline", "cleansing", "task_similarity", "finetune_size", "cross_task", "figure3")
+EXPERIMENTS = (
+    "case1_fixed",
+    "case2_updated",
+    "case1_fixed_ekfac",
+    "case2_updated_ekfac",
+    "identity_baseline",
+    "loss_baseline",
+    "cleansing",
+    "task_similarity",
+    "finetune_size",
+    "cross_task",
+    "figure3",
+)
 
 PAPER = {  # what the paper (MNIST unless noted) and its rebuttal report
     "case1_fixed": "r = 0.6 (MNIST; CIFAR similar)",
@@ -83,27 +94,37 @@ class ReproConfig:
     n_finetune: int = 400
     n_loo: int = 100
     l2: float = 1e-4
-    init_steps: int = 1500            # full-batch Adam steps to train the original models
+    init_steps: int = 1500  # full-batch Adam steps to train the original models
     init_lr: float = 1e-2
-    loo_steps: int = 500              # gradient-descent continuation steps per stage
+    loo_steps: int = 500  # gradient-descent continuation steps per stage
     loo_lr: float = 0.1
-    case2_finetune_steps: int = 300   # case 2 re-runs finetuning of (W, Θ) from Θ₀ with Adam
+    case2_finetune_steps: int = 300  # case 2 re-runs finetuning of (W, Θ) from Θ₀ with Adam
     case2_finetune_lr: float = 1e-2
     alpha: float = 0.01
-    damping_pretrain: float = tfi.DEFAULT_PRETRAIN_DAMPING          # the library defaults (chosen here)
+    damping_pretrain: float = tfi.DEFAULT_PRETRAIN_DAMPING  # the library defaults (chosen here)
     damping_finetune: float = tfi.DEFAULT_FINETUNE_DAMPING
     damping_finetune_case2: float = tfi.DEFAULT_FINETUNE_DAMPING  # eq. 15 block (1e-6 gave r ≈ 0.43)
-    sensitivity: bool = True            # re-score the same leave-one-out examples with other dampings / α
+    sensitivity: bool = True  # re-score the same leave-one-out examples with other dampings / α
     cg_iters: int = 300
     hessian_samples: int | None = None  # all 576 pretraining examples (the paper samples 1,000 of ~24k)
-    seeds: tuple = (0, 1, 2, 3, 4)      # cleansing
+    seeds: tuple = (0, 1, 2, 3, 4)  # cleansing
     seed: int = 0
     quick: bool = False
 
     @classmethod
     def quick_config(cls, **kw):
-        return cls(n_finetune=200, n_loo=8, init_steps=400, loo_steps=50, case2_finetune_steps=100, cg_iters=50,
-                   seeds=(0,), quick=True, sensitivity=False, **kw)
+        return cls(
+            n_finetune=200,
+            n_loo=8,
+            init_steps=400,
+            loo_steps=50,
+            case2_finetune_steps=100,
+            cg_iters=50,
+            seeds=(0,),
+            quick=True,
+            sensitivity=False,
+            **kw,
+        )
 
 
 @dataclass
@@ -132,42 +153,43 @@ RANDOM_DROP_SEED_OFFSET = 123
 
 # -- data and models: small functions over the run's Context ----------------------------------
 
+
 def data(ctx, finetune_classes=None, n_finetune="default", pretrain_classes=None, seed=None):
     """The two-stage split; ``n_finetune="default"`` = the configured size, ``None`` = all."""
     return digits.load_two_stage(
-        ctx.cfg.dataset, pretrain_classes or digits.PRETRAIN_CLASSES,
+        ctx.cfg.dataset,
+        pretrain_classes or digits.PRETRAIN_CLASSES,
         finetune_classes or digits.FINETUNE_CLASSES,
         n_finetune=ctx.cfg.n_finetune if n_finetune == "default" else n_finetune,
-        seed=ctx.cfg.seed if seed is None else seed, data_dir=ctx.cfg.data_dir)
+        seed=ctx.cfg.seed if seed is None else seed,
+        data_dir=ctx.cfg.data_dir,
+    )
 
 
-def _trainer(ctx, model, x, y, group, steps, lr):
-    t = retraining.WeightedTrainer(tfi.Objective(model, models.sparse_ce()), x, y, group, "adam",
-                                      lr)
-    t.run(steps)
+def _trainer(ctx, model, x, y, group, steps, lr, weights=None):
+    """Full-batch Adam on ``group`` of ``model`` (deterministic), optionally with example weights."""
+    t = retraining.WeightedTrainer(tfi.Objective(model, models.sparse_ce()), x, y, group, "adam", lr)
+    t.run(steps, weights)
 
 
 def train_pretrain(ctx, d, seed, weights=None):
     """Pretraining model (W, U) trained to convergence; returns (pre, ft, emb) with a shared embedding."""
-    pre, ft, emb = models.build_two_stage_models(d.x_pre.shape[1:], len(d.pretrain_classes),
-                                                      len(d.finetune_classes), seed=seed, l2=ctx.cfg.l2)
-    t = retraining.WeightedTrainer(tfi.Objective(pre, models.sparse_ce()), d.x_pre, d.y_pre,
-                                      tfi.ParameterGroup.from_model(pre, "(W,U)"), "adam",
-                                      ctx.cfg.init_lr)
-    t.run(ctx.cfg.init_steps, weights)
+    pre, ft, emb = models.build_two_stage_models(
+        d.x_pre.shape[1:], len(d.pretrain_classes), len(d.finetune_classes), seed=seed, l2=ctx.cfg.l2
+    )
+    _trainer(ctx, pre, d.x_pre, d.y_pre, tfi.ParameterGroup.from_model(pre, "(W,U)"), ctx.cfg.init_steps,
+             ctx.cfg.init_lr, weights)
     return pre, ft, emb
 
 
 def finetune_fixed(ctx, ft, d, steps=None):
     W = tfi.group_from_layers(ft, ["embedding"])
-    _trainer(ctx, ft, d.x_ft, d.y_ft, tfi.complement_group(ft, W), steps or ctx.cfg.init_steps,
-                  ctx.cfg.init_lr)
+    _trainer(ctx, ft, d.x_ft, d.y_ft, tfi.complement_group(ft, W), steps or ctx.cfg.init_steps, ctx.cfg.init_lr)
 
 
 def second_head(ctx, emb, d):
     """A fresh finetuning head on the shared (fixed) embedding, finetuned on ``d``."""
-    head = models.build_head(int(emb.output_shape[-1]), len(d.finetune_classes), l2=ctx.cfg.l2,
-                                  name="finetune_head")
+    head = models.build_head(int(emb.output_shape[-1]), len(d.finetune_classes), l2=ctx.cfg.l2, name="finetune_head")
     ft = models.attach_head(emb, head, "finetune_b")
     finetune_fixed(ctx, ft, d)
     return ft
@@ -177,51 +199,108 @@ def finetune_updated(ctx, pre, d, seed, steps=None):
     """Separate finetuning model: embedding copied from ``pre`` (W̄), head Θ₀ seeded; trains (W, Θ).
 
     Returns (ft, theta0)."""
-    _, ft, emb = models.build_two_stage_models(d.x_pre.shape[1:], len(d.pretrain_classes),
-                                                    len(d.finetune_classes), seed=seed + FINETUNE_HEAD_SEED_OFFSET, l2=ctx.cfg.l2)
+    _, ft, emb = models.build_two_stage_models(
+        d.x_pre.shape[1:],
+        len(d.pretrain_classes),
+        len(d.finetune_classes),
+        seed=seed + FINETUNE_HEAD_SEED_OFFSET,
+        l2=ctx.cfg.l2,
+    )
     for dst, src in zip(emb.weights, tfi.group_from_layers(pre, ["embedding"]).variables):
         dst.assign(src)
     W = tfi.group_from_layers(ft, ["embedding"])
     theta0 = [v.numpy().copy() for v in tfi.complement_group(ft, W).tf_variables]
-    _trainer(ctx, ft, d.x_ft, d.y_ft, tfi.ParameterGroup.from_model(ft, "all"),
-                  steps or ctx.cfg.case2_finetune_steps, ctx.cfg.case2_finetune_lr)
+    _trainer(
+        ctx,
+        ft,
+        d.x_ft,
+        d.y_ft,
+        tfi.ParameterGroup.from_model(ft, "all"),
+        steps or ctx.cfg.case2_finetune_steps,
+        ctx.cfg.case2_finetune_lr,
+    )
     return ft, theta0
 
 
-def influence(ctx, pre, ft, d, case, test_target="sum", x_test=None, y_test=None, identity=False,
-              damping_pretrain=None, damping_finetune=None, alpha=None, solver="cg_squared", finetune_solver=None):
+def influence(
+    ctx,
+    pre,
+    ft,
+    d,
+    case,
+    test_target="sum",
+    x_test=None,
+    y_test=None,
+    identity=False,
+    damping_pretrain=None,
+    damping_finetune=None,
+    alpha=None,
+    solver="cg_squared",
+    finetune_solver=None,
+):
     pre_ds, ft_ds, test_ds = d.datasets()
     if x_test is not None:
         test_ds = tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(256)
-    mk = lambda lam, method=solver: tfi.SolverConfig(method, damping=lam, max_iter=ctx.cfg.cg_iters,  # noqa: E731
-                                                     dtype=tf.float64, tol=1e-5)
+    mk = lambda lam, method=solver: tfi.SolverConfig(
+        method, damping=lam, max_iter=ctx.cfg.cg_iters, dtype=tf.float64, tol=1e-5  # noqa: E731
+    )
     c = ctx.cfg
     if damping_finetune is None:
         damping_finetune = c.damping_finetune if case == "fixed" else c.damping_finetune_case2
-    kw = dict(embedding=["embedding"], case=case, alpha=c.alpha if alpha is None else alpha,
-              pretrain_solver=mk(c.damping_pretrain if damping_pretrain is None else damping_pretrain),
-              finetune_solver=mk(damping_finetune, finetune_solver or solver), hessian_samples=c.hessian_samples,
-              progress=ctx.progress)
+    kw = dict(
+        embedding=["embedding"],
+        case=case,
+        alpha=c.alpha if alpha is None else alpha,
+        pretrain_solver=mk(c.damping_pretrain if damping_pretrain is None else damping_pretrain),
+        finetune_solver=mk(damping_finetune, finetune_solver or solver),
+        hessian_samples=c.hessian_samples,
+        progress=ctx.progress,
+    )
     pre_obj, ft_obj = tfi.Objective(pre, models.sparse_ce()), tfi.Objective(ft, models.sparse_ce())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", tfi.SolverNotConvergedWarning)
         if identity:
-            return tfi.identity_hessian_influence(pre_obj, pre_ds, ft_obj, ft_ds, test_ds, test_target=test_target,
-                                                  **kw)
+            return tfi.identity_hessian_influence(
+                pre_obj, pre_ds, ft_obj, ft_ds, test_ds, test_target=test_target, **kw
+            )
         return tfi.multi_stage_influence(pre_obj, pre_ds, ft_obj, ft_ds, test_ds, test_target=test_target, **kw)
 
 
 def retrainer(ctx, pre, ft, d, case, theta0=None):
     c = ctx.cfg
     if case == "fixed":
-        protocol = loo.RetrainProtocol(case="fixed", pretrain_steps=c.loo_steps, finetune_steps=c.loo_steps,
-                                            pretrain_lr=c.loo_lr, finetune_lr=c.loo_lr, optimizer="sgd")
+        protocol = loo.RetrainProtocol(
+            case="fixed",
+            pretrain_steps=c.loo_steps,
+            finetune_steps=c.loo_steps,
+            pretrain_lr=c.loo_lr,
+            finetune_lr=c.loo_lr,
+            optimizer="sgd",
+        )
     else:
-        protocol = loo.RetrainProtocol(case="updated", pretrain_steps=c.loo_steps, pretrain_lr=c.loo_lr,
-                                            optimizer="sgd", finetune_optimizer="adam",
-                                            finetune_steps=c.case2_finetune_steps, finetune_lr=c.case2_finetune_lr)
-    return loo.TwoStageRetrainer(pre, ft, models.sparse_ce(), ["embedding"], d.x_pre, d.y_pre, d.x_ft,
-                                      d.y_ft, d.x_test, d.y_test, protocol, finetune_start_weights=theta0)
+        protocol = loo.RetrainProtocol(
+            case="updated",
+            pretrain_steps=c.loo_steps,
+            pretrain_lr=c.loo_lr,
+            optimizer="sgd",
+            finetune_optimizer="adam",
+            finetune_steps=c.case2_finetune_steps,
+            finetune_lr=c.case2_finetune_lr,
+        )
+    return loo.TwoStageRetrainer(
+        pre,
+        ft,
+        models.sparse_ce(),
+        ["embedding"],
+        d.x_pre,
+        d.y_pre,
+        d.x_ft,
+        d.y_ft,
+        d.x_test,
+        d.y_test,
+        protocol,
+        finetune_start_weights=theta0,
+    )
 
 
 def main_case(ctx, case):
@@ -241,7 +320,9 @@ def main_case(ctx, case):
 def accuracy(ctx, model, x, y):
     return float(np.mean(np.argmax(model.predict(x, verbose=0, batch_size=512), axis=1) == y))
 
+
 # -- experiments ---------------------------------------------------------------------------------
+
 
 def correlation_experiment(ctx, case, name, title):
     m = main_case(ctx, case)
@@ -251,9 +332,18 @@ def correlation_experiment(ctx, case, name, title):
     rt = retrainer(ctx, m["pre"], m["ft"], d, case, m["theta0"])
     actual = rt.leave_one_out(idx, ctx.cache, progress=ctx.progress)
     pred = res.predicted_loss_change_on_removal()[idx]
-    out = loo.correlation_report(pred, actual, ctx.out, name, title,
-                                      extra={"indices": idx.tolist(), "solves": res.solves,
-                                             "test_accuracy": accuracy(ctx, m["ft"], d.x_test, d.y_test)})
+    out = loo.correlation_report(
+        pred,
+        actual,
+        ctx.out,
+        name,
+        title,
+        extra={
+            "indices": idx.tolist(),
+            "solves": res.solves,
+            "test_accuracy": accuracy(ctx, m["ft"], d.x_test, d.y_test),
+        },
+    )
     m[f"loo_{case}"] = (idx, actual)
     m[f"scores_{case}"] = res.scores
     out = {**out, "solves": res.solves, "test_accuracy": accuracy(ctx, m["ft"], d.x_test, d.y_test)}
@@ -279,9 +369,25 @@ def sensitivity(ctx, m, case, idx, actual):
         d = m["data"]
         sub = idx[:40]
         adam = loo.TwoStageRetrainer(
-            m["pre"], m["ft"], models.sparse_ce(), ["embedding"], d.x_pre, d.y_pre, d.x_ft, d.y_ft, d.x_test,
-            d.y_test, loo.RetrainProtocol(case="fixed", optimizer="adam", pretrain_steps=100,
-                                               finetune_steps=100, pretrain_lr=1e-3, finetune_lr=1e-3))
+            m["pre"],
+            m["ft"],
+            models.sparse_ce(),
+            ["embedding"],
+            d.x_pre,
+            d.y_pre,
+            d.x_ft,
+            d.y_ft,
+            d.x_test,
+            d.y_test,
+            loo.RetrainProtocol(
+                case="fixed",
+                optimizer="adam",
+                pretrain_steps=100,
+                finetune_steps=100,
+                pretrain_lr=1e-3,
+                finetune_lr=1e-3,
+            ),
+        )
         truth = adam.leave_one_out(sub, ctx.cache, progress=ctx.progress)
         pred = influence(ctx, m["pre"], m["ft"], d, case).predicted_loss_change_on_removal()[sub]
         rows.append({"ground_truth": "adam_continuation_100_steps", **loo.correlation(pred, truth)})
@@ -294,8 +400,7 @@ def case1_fixed(ctx):
 
 
 def case2_updated(ctx):
-    return correlation_experiment(ctx, "updated", "case2_updated",
-                                       f"Case 2: embedding updated (α = {ctx.cfg.alpha})")
+    return correlation_experiment(ctx, "updated", "case2_updated", f"Case 2: embedding updated (α = {ctx.cfg.alpha})")
 
 
 def _ekfac_row(ctx, case, name):
@@ -315,8 +420,13 @@ def _ekfac_row(ctx, case, name):
     title = f"EK-FAC ({'pretraining Hessian; CG head' if case == 'fixed' else 'both inverses'}), case {case}"
     out = loo.correlation_report(res.predicted_loss_change_on_removal()[idx], actual, ctx.out, name, title)
     cg = loo.correlation(-m[f"scores_{case}"][idx] / len(d.x_pre), actual)
-    out = {**out, "finetune_solver": head, "cg_pearson_same_examples": cg["pearson"],
-           "ratio_to_cg": out["pearson"] / cg["pearson"], "solves": res.solves}
+    out = {
+        **out,
+        "finetune_solver": head,
+        "cg_pearson_same_examples": cg["pearson"],
+        "ratio_to_cg": out["pearson"] / cg["pearson"],
+        "solves": res.solves,
+    }
     if case == "fixed":
         both = influence(ctx, m["pre"], m["ft"], d, case, solver="ekfac")
         out["all_ekfac"] = loo.correlation(both.predicted_loss_change_on_removal()[idx], actual)
@@ -343,20 +453,25 @@ def identity_baseline(ctx):
     idx, actual = m["loo_fixed"]
     res = influence(ctx, m["pre"], m["ft"], m["data"], "fixed", identity=True)
     pred = res.predicted_loss_change_on_removal()[idx]
-    return loo.correlation_report(pred, actual, ctx.out, "identity_baseline",
-                                       "Identity-Hessian baseline (case 1 examples)")
+    return loo.correlation_report(
+        pred, actual, ctx.out, "identity_baseline", "Identity-Hessian baseline (case 1 examples)"
+    )
 
 
 def loss_baseline(ctx):
     m = _case1_loo(ctx)
     idx, actual = m["loo_fixed"]
     d = m["data"]
-    losses = tfi.pretraining_loss_scores(tfi.Objective(m["pre"], models.sparse_ce()),
-                                              d.datasets()[0])
+    losses = tfi.pretraining_loss_scores(tfi.Objective(m["pre"], models.sparse_ce()), d.datasets()[0])
     # larger pretraining loss read as more harmful: predicted Δ on removal ∝ −loss
-    return loo.correlation_report(-losses[idx], actual, ctx.out, "loss_baseline",
-                                       "Pretraining-loss baseline (case 1 examples)",
-                                       xlabel="−pretraining loss (larger loss = predicted more harmful)")
+    return loo.correlation_report(
+        -losses[idx],
+        actual,
+        ctx.out,
+        "loss_baseline",
+        "Pretraining-loss baseline (case 1 examples)",
+        xlabel="−pretraining loss (larger loss = predicted more harmful)",
+    )
 
 
 def cleansing(ctx):
@@ -371,9 +486,13 @@ def cleansing(ctx):
         k = int(round(0.1 * m))
         top = np.argsort(-res.scores)[:k]
         rand = np.random.default_rng(seed + RANDOM_DROP_SEED_OFFSET).choice(m, size=k, replace=False)
-        row = {"seed": seed, "n_dropped": k, "n_positive_dropped": int(np.sum(res.scores[top] > 0)),
-               "acc_original": accuracy(ctx, ft, d.x_test, d.y_test),
-               "loss_original": _test_loss_mean(ctx, ft, d)}
+        row = {
+            "seed": seed,
+            "n_dropped": k,
+            "n_positive_dropped": int(np.sum(res.scores[top] > 0)),
+            "acc_original": accuracy(ctx, ft, d.x_test, d.y_test),
+            "loss_original": _test_loss_mean(ctx, ft, d),
+        }
         for label, drop in (("drop_top", top), ("drop_random", rand)):
             w = np.ones(m, np.float32)
             w[drop] = 0.0
@@ -383,8 +502,14 @@ def cleansing(ctx):
             row[f"loss_{label}"] = _test_loss_mean(ctx, f2, d)
         rows.append(row)
     out = {"per_seed": rows, "n_seeds": len(rows)}
-    for key in ("acc_original", "acc_drop_top", "acc_drop_random", "loss_original", "loss_drop_top",
-                "loss_drop_random"):
+    for key in (
+        "acc_original",
+        "acc_drop_top",
+        "acc_drop_random",
+        "loss_original",
+        "loss_drop_top",
+        "loss_drop_random",
+    ):
         vals = np.array([r[key] for r in rows])
         out[key] = float(vals.mean())
         out[f"{key}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
@@ -414,14 +539,23 @@ def task_similarity(ctx):
     s_a = influence(ctx, pre, ft_a, same, "fixed").scores
     ft_b = second_head(ctx, emb, other)
     s_b = influence(ctx, pre, ft_b, other, "fixed").scores
-    _hist(ctx, {"same task (0–3 → 0–3)": s_a, "different task (0–3 → 4–9)": s_b}, "task_similarity",
-               "Score distribution by finetuning task")
-    return {"mean_abs_same_task": float(np.mean(np.abs(s_a))), "mean_abs_different_task": float(np.mean(np.abs(s_b))),
-            "n_test": int(n_test), "n_finetune": int(n_ft), "n_pretrain": int(len(same.x_pre)),
-            "acc_same_task": accuracy(ctx, ft_a, same.x_test, same.y_test),
-            "acc_different_task": accuracy(ctx, ft_b, other.x_test, other.y_test),
-            "test_loss_same_task": _test_loss_mean(ctx, ft_a, same),
-            "test_loss_different_task": _test_loss_mean(ctx, ft_b, other)}
+    _hist(
+        ctx,
+        {"same task (0–3 → 0–3)": s_a, "different task (0–3 → 4–9)": s_b},
+        "task_similarity",
+        "Score distribution by finetuning task",
+    )
+    return {
+        "mean_abs_same_task": float(np.mean(np.abs(s_a))),
+        "mean_abs_different_task": float(np.mean(np.abs(s_b))),
+        "n_test": int(n_test),
+        "n_finetune": int(n_ft),
+        "n_pretrain": int(len(same.x_pre)),
+        "acc_same_task": accuracy(ctx, ft_a, same.x_test, same.y_test),
+        "acc_different_task": accuracy(ctx, ft_b, other.x_test, other.y_test),
+        "test_loss_same_task": _test_loss_mean(ctx, ft_a, same),
+        "test_loss_different_task": _test_loss_mean(ctx, ft_b, other),
+    }
 
 
 def finetune_size(ctx):
@@ -450,8 +584,9 @@ def cross_task(ctx):
     idx = loo.top_by_magnitude(s_a, ctx.cfg.n_loo)
     actual = retrainer(ctx, pre, ft_b, d_b, "fixed").leave_one_out(idx, ctx.cache, progress=ctx.progress)
     pred = -s_a[idx] / len(d_a.x_pre)
-    out = loo.correlation_report(pred, actual, ctx.out, "cross_task",
-                                      "Scores for task 4-5-6 vs leave-one-out on task 7-8-9")
+    out = loo.correlation_report(
+        pred, actual, ctx.out, "cross_task", "Scores for task 4-5-6 vs leave-one-out on task 7-8-9"
+    )
     s_b = influence(ctx, pre, ft_b, d_b, "fixed").scores
     out["same_examples_own_task"] = loo.correlation(-s_b[idx] / len(d_b.x_pre), actual)
     return out
@@ -464,12 +599,15 @@ def figure3(ctx):
     wrong = np.flatnonzero(pred != d.y_test)[:6]
     if len(wrong) == 0:
         return {"n_misclassified": 0, "path": None}
-    res = influence(ctx, m["pre"], m["ft"], d, "fixed", test_target="each", x_test=d.x_test[wrong],
-                         y_test=d.y_test[wrong])
+    res = influence(
+        ctx, m["pre"], m["ft"], d, "fixed", test_target="each", x_test=d.x_test[wrong], y_test=d.y_test[wrong]
+    )
     best = np.argmax(res.scores, axis=0)  # most harmful pretraining example per test point
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(2, len(wrong), figsize=(1.7 * len(wrong), 4.6), squeeze=False)
     ft_cls, pre_cls = np.array(d.finetune_classes), np.array(d.pretrain_classes)
     for j, (t, z) in enumerate(zip(wrong, best)):
@@ -484,14 +622,21 @@ def figure3(ctx):
     path = os.path.join(ctx.out, "figure3.png")
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return {"n_misclassified": int(np.sum(pred != d.y_test)), "shown": int(len(wrong)), "path": path,
-            "test_indices": wrong.tolist(), "pretrain_indices": best.tolist()}
+    return {
+        "n_misclassified": int(np.sum(pred != d.y_test)),
+        "shown": int(len(wrong)),
+        "path": path,
+        "test_indices": wrong.tolist(),
+        "pretrain_indices": best.tolist(),
+    }
 
 
 def _hist(ctx, groups: dict, name: str, title: str):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for label, s in groups.items():
         ax.hist(s, bins=40, alpha=0.55, label=f"{label}: mean |s| = {np.mean(np.abs(s)):.3g}")
@@ -504,12 +649,19 @@ def _hist(ctx, groups: dict, name: str, title: str):
     plt.close(fig)
 
 
-
-EXPERIMENT_FUNCTIONS = {"case1_fixed": case1_fixed, "case2_updated": case2_updated,
-                        "case1_fixed_ekfac": case1_fixed_ekfac, "case2_updated_ekfac": case2_updated_ekfac,
-                        "identity_baseline": identity_baseline, "loss_baseline": loss_baseline,
-                        "cleansing": cleansing, "task_similarity": task_similarity, "finetune_size": finetune_size,
-                        "cross_task": cross_task, "figure3": figure3}
+EXPERIMENT_FUNCTIONS = {
+    "case1_fixed": case1_fixed,
+    "case2_updated": case2_updated,
+    "case1_fixed_ekfac": case1_fixed_ekfac,
+    "case2_updated_ekfac": case2_updated_ekfac,
+    "identity_baseline": identity_baseline,
+    "loss_baseline": loss_baseline,
+    "cleansing": cleansing,
+    "task_similarity": task_similarity,
+    "finetune_size": finetune_size,
+    "cross_task": cross_task,
+    "figure3": figure3,
+}
 assert tuple(EXPERIMENT_FUNCTIONS) == EXPERIMENTS
 
 
@@ -521,16 +673,20 @@ def _fmt(name, r):
     if "pearson" in r:
         return f"r = {r['pearson']:.2f} (Spearman {r['spearman']:.2f}, n = {r['n_examples']})"
     if name == "cleansing":
-        return (f"acc {100 * r['acc_original']:.2f} ± {100 * r['acc_original_std']:.2f} % → "
-                f"{100 * r['acc_drop_top']:.2f} ± {100 * r['acc_drop_top_std']:.2f} % (drop top 10 %), "
-                f"{100 * r['acc_drop_random']:.2f} ± {100 * r['acc_drop_random_std']:.2f} % (drop random 10 %); "
-                f"test loss {r['loss_original']:.4f} → {r['loss_drop_top']:.4f} / {r['loss_drop_random']:.4f} "
-                f"({r['n_seeds']} seeds)")
+        return (
+            f"acc {100 * r['acc_original']:.2f} ± {100 * r['acc_original_std']:.2f} % → "
+            f"{100 * r['acc_drop_top']:.2f} ± {100 * r['acc_drop_top_std']:.2f} % (drop top 10 %), "
+            f"{100 * r['acc_drop_random']:.2f} ± {100 * r['acc_drop_random_std']:.2f} % (drop random 10 %); "
+            f"test loss {r['loss_original']:.4f} → {r['loss_drop_top']:.4f} / {r['loss_drop_random']:.4f} "
+            f"({r['n_seeds']} seeds)"
+        )
     if name == "task_similarity":
         return f"mean \\|score\\| {r['mean_abs_same_task']:.3g} (same task) vs {r['mean_abs_different_task']:.3g} (different)"
     if name == "finetune_size":
-        return (f"mean \\|score\\| {r['mean_abs_n']:.3g} (n = {r['n_finetune_n']}) vs {r['mean_abs_3n']:.3g} "
-                f"(3n = {r['n_finetune_3n']})")
+        return (
+            f"mean \\|score\\| {r['mean_abs_n']:.3g} (n = {r['n_finetune_n']}) vs {r['mean_abs_3n']:.3g} "
+            f"(3n = {r['n_finetune_3n']})"
+        )
     if name == "figure3":
         return f"{r.get('shown', 0)} of {r['n_misclassified']} misclassified test images, `figure3.png`"
     return json.dumps(r)
@@ -543,14 +699,37 @@ def write_report(results: dict, cfg: ReproConfig, out_dir: str, total_seconds: f
         secs = f"{r['seconds']:.0f}" if r and "seconds" in r else "–"
         lines.append(f"| `{name}` | {PAPER[name]} | {_fmt(name, r)} | {secs} |")
     table = "\n".join(lines)
-    md = [f"# Multi-stage influence: reproduction on `{cfg.dataset}`", "",
-          f"Command: `python -m experiments.reproduce{' --quick' if cfg.quick else ''}` — "
-          f"total wall time {total_seconds:.0f} s.", "", table, "",
-          "Figures: " + ", ".join(f"`{n}.png`" for n in ("case1_fixed", "case2_updated", "case1_fixed_ekfac",
-                                                         "case2_updated_ekfac", "identity_baseline",
-                                                         "loss_baseline", "task_similarity", "finetune_size",
-                                                         "cross_task", "figure3")), "",
-          "Configuration:", "", "```json", json.dumps(dataclasses.asdict(cfg), indent=1), "```"]
+    md = [
+        f"# Multi-stage influence: reproduction on `{cfg.dataset}`",
+        "",
+        f"Command: `python -m experiments.reproduce{' --quick' if cfg.quick else ''}` — "
+        f"total wall time {total_seconds:.0f} s.",
+        "",
+        table,
+        "",
+        "Figures: "
+        + ", ".join(
+            f"`{n}.png`"
+            for n in (
+                "case1_fixed",
+                "case2_updated",
+                "case1_fixed_ekfac",
+                "case2_updated_ekfac",
+                "identity_baseline",
+                "loss_baseline",
+                "task_similarity",
+                "finetune_size",
+                "cross_task",
+                "figure3",
+            )
+        ),
+        "",
+        "Configuration:",
+        "",
+        "```json",
+        json.dumps(dataclasses.asdict(cfg), indent=1),
+        "```",
+    ]
     with open(os.path.join(out_dir, "report.md"), "w") as fh:
         fh.write("\n".join(md) + "\n")
     return table
@@ -585,8 +764,13 @@ def main(argv=None):
     ap.add_argument("--out", default="reports/reproduction")
     ap.add_argument("--data-dir", default=None, help="TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
     ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="override a ReproConfig field, e.g. --set case2_finetune_steps=1000 (repeatable)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a ReproConfig field, e.g. --set case2_finetune_steps=1000 (repeatable)",
+    )
     console.add_verbose_flag(ap)
     args = ap.parse_args(argv)
     only = [e for e in args.only.split(",") if e] or list(EXPERIMENTS)
@@ -611,6 +795,7 @@ def main(argv=None):
             r = EXPERIMENT_FUNCTIONS[name](ctx)
         except Exception as err:  # report and continue with the other experiments
             import traceback
+
             traceback.print_exc()
             failures.append(name)
             r = {"error": f"{type(err).__name__}: {err}"}
