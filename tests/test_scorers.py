@@ -111,6 +111,20 @@ def test_influence_scorer_equals_the_library(world, tmp_path):
     summary = json.loads(out.get_string_custom_property("summary"))
     assert summary["train"]["count"] == 80 and len(summary["train"]["top_keys"]) == 10
     assert json.loads(out.get_string_custom_property("solves"))["pretrain"]["method"] == "cg_squared"
+    # EK-FAC through the component: the same scores as the library with the same solver
+    out_ek = InfluenceScores()
+    out_ek.uri = str(tmp_path / "scores_ekfac")
+    InfluenceExecutor(ctx(tmp_path / "tmp_ek")).Do(
+        {"pretrain_examples": [a["pre_ex"]], "finetune_examples": [a["ft_ex"]], "pretrain_model": [a["pre_m"]],
+         "finetune_model": [a["ft_m"]]}, {"scores": [out_ek]}, {**props, "solver": "ekfac"})
+    got_ek = scores_io.read_scores(os.path.join(out_ek.uri, "Split-train"))
+    ek = lambda lam: tfi.SolverConfig("ekfac", damping=lam)  # noqa: E731
+    ref_ek = tfi.multi_stage_influence(tfi.Objective(pre, pre.loss), mk(px, py), tfi.Objective(ft, ft.loss),
+                                       mk(fx, fy), mk(tx, ty), embedding=["embedding"], pretrain_solver=ek(1e-2),
+                                       finetune_solver=ek(1e-3), hessian_samples=None).scores
+    for i, k in enumerate(pk):
+        assert got_ek[k] == pytest.approx(ref_ek[i], rel=1e-4, abs=1e-6)
+    assert json.loads(out_ek.get_string_custom_property("solves"))["pretrain"]["method"] == "ekfac"
     # the (W, U) layout the workers used is recorded and rebuilds on the model file
     rebuilt = tfi.ParameterGroup.from_spec(pre, out.get_string_custom_property("group_spec"))
     assert rebuilt.size == sum(v.numpy().size for v in pre.trainable_variables)
