@@ -266,9 +266,10 @@ def influence(
         return tfi.multi_stage_influence(pre_obj, pre_ds, ft_obj, ft_ds, test_ds, test_target=test_target, **kw)
 
 
-def retrainer(ctx, pre, ft, d, case, theta0=None):
+def retrainer(ctx, pre, ft, d, case, theta0=None, protocol=None):
+    """The leave-one-out retrainer of a case (the configured protocol unless ``protocol`` is given)."""
     c = ctx.cfg
-    if case == "fixed":
+    if protocol is None and case == "fixed":
         protocol = loo.RetrainProtocol(
             case="fixed",
             pretrain_steps=c.loo_steps,
@@ -277,7 +278,7 @@ def retrainer(ctx, pre, ft, d, case, theta0=None):
             finetune_lr=c.loo_lr,
             optimizer="sgd",
         )
-    else:
+    elif protocol is None:
         protocol = loo.RetrainProtocol(
             case="updated",
             pretrain_steps=c.loo_steps,
@@ -368,26 +369,9 @@ def sensitivity(ctx, m, case, idx, actual):
         # (100 steps per stage, lr 1e-3) instead of gradient descent, on the top 40 examples
         d = m["data"]
         sub = idx[:40]
-        adam = loo.TwoStageRetrainer(
-            m["pre"],
-            m["ft"],
-            models.sparse_ce(),
-            ["embedding"],
-            d.x_pre,
-            d.y_pre,
-            d.x_ft,
-            d.y_ft,
-            d.x_test,
-            d.y_test,
-            loo.RetrainProtocol(
-                case="fixed",
-                optimizer="adam",
-                pretrain_steps=100,
-                finetune_steps=100,
-                pretrain_lr=1e-3,
-                finetune_lr=1e-3,
-            ),
-        )
+        adam = retrainer(ctx, m["pre"], m["ft"], d, "fixed", protocol=loo.RetrainProtocol(
+            case="fixed", optimizer="adam", pretrain_steps=100, finetune_steps=100, pretrain_lr=1e-3,
+            finetune_lr=1e-3))
         truth = adam.leave_one_out(sub, ctx.cache, progress=ctx.progress)
         pred = influence(ctx, m["pre"], m["ft"], d, case).predicted_loss_change_on_removal()[sub]
         rows.append({"ground_truth": "adam_continuation_100_steps", **loo.correlation(pred, truth)})

@@ -31,7 +31,7 @@ _LOGGERS = ("absl", "tensorflow", "apache_beam", "tfx", "ml_metadata", "h5py", "
 def quiet(verbose: bool = False) -> None:
     """Hide known-harmless third-party output (see module docstring); no-op with ``verbose=True``."""
     if verbose:
-        os.environ["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("TF_INFLUENCE_TF_LOG_LEVEL", "0")
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
         return
     if "tensorflow" not in sys.modules:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"

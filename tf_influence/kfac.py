@@ -575,7 +575,7 @@ def regularizer_diagonal(model, group: ParameterGroup):
                         c = 0.0
                     coef = c
         parts.append(np.full(tf_variable(v).shape, 2.0 * coef))
-    return [p for p in parts], unmodelled
+    return parts, unmodelled
 
 
 class KFACInverse:
