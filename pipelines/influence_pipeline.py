@@ -2,10 +2,10 @@
 retrain, and compare finetuning test accuracy (against dropping a random set of the same size).
 
     python -m pipelines.influence_pipeline [--quick] [--root reports/pipelines/influence]
-        [--runner local|kubeflow_v2] [--beam-arg=--direct_num_workers=2 ...]
+        [--runner local|kubeflow_v2] [--beam-arg=--direct_num_workers=2 ...] [--pretrain-solver ekfac]
 
 DAG: ImportExampleGen (pretrain digits 0–3) and ImportExampleGen (finetune digits 4–9, train/test)
-→ Trainer (pretrain) → Trainer (finetune, embedding fixed) → InfluenceScorer → ScoreFilter
+→ Trainer (pretrain) → Trainer (finetune, embedding fixed) → [FactorFitter →] InfluenceScorer → ScoreFilter
 (drop the top 10 % scores) → Trainer (pretrain) → Trainer (finetune); RandomScores → ScoreFilter
 → Trainer → Trainer (the control); CompareModels. ``--runner local`` runs it with LocalDagRunner
 and sqlite MLMD and writes ``reports/pipelines/influence_pipeline.json``; ``--runner kubeflow_v2``
@@ -26,12 +26,13 @@ from tf_influence import console
 
 
 def create_pipeline(root: str, data_root: str, quick: bool = False, beam_args=None, drop_fraction: float = 0.1,
-                    enable_cache: bool = True, metadata_path: str | None = None):
+                    enable_cache: bool = True, metadata_path: str | None = None, pretrain_solver: str = "cg_squared"):
     from tfx import v1 as tfx
     from tfx.proto import example_gen_pb2
 
     from pipelines import digits_data
     from pipelines.pipeline_components import CompareModels, RandomScores
+    from tfx_components.factor_fitter.component import FactorFitter
     from tfx_components.influence_scorer.component import InfluenceScorer
     from tfx_components.score_filter.component import ScoreFilter
 
@@ -64,10 +65,17 @@ def create_pipeline(root: str, data_root: str, quick: bool = False, beam_args=No
         return pre, ft
 
     pre_t, ft_t = trainers("", pre_gen.outputs["examples"])
+    extra = []
+    if pretrain_solver in ("ekfac", "kfac"):  # the pretraining curvature fitted over the corpus in Beam
+        extra = [FactorFitter(examples=pre_gen.outputs["examples"], model=pre_t.outputs["model"], feature_spec=spec,
+                              kind=pretrain_solver)]
+    elif pretrain_solver != "cg_squared":
+        raise ValueError(f"pretrain_solver must be 'cg_squared', 'ekfac' or 'kfac', got '{pretrain_solver}'")
     scorer = InfluenceScorer(pretrain_examples=pre_gen.outputs["examples"], finetune_examples=ft_gen.outputs["examples"],
                              pretrain_model=pre_t.outputs["model"], finetune_model=ft_t.outputs["model"],
                              feature_spec=spec, embedding=["embedding"], case="fixed",
-                             max_iter=50 if quick else 200, hessian_samples=None)
+                             max_iter=50 if quick else 200, hessian_samples=None,
+                             pretrain_factors=extra[0].outputs["factors"] if extra else None)
     top = ScoreFilter(examples=pre_gen.outputs["examples"], scores=scorer.outputs["scores"],
                       mode="drop_top_fraction", value=drop_fraction).with_id("drop_top")
     rnd_scores = RandomScores(examples=pre_gen.outputs["examples"], seed=0)
@@ -78,7 +86,7 @@ def create_pipeline(root: str, data_root: str, quick: bool = False, beam_args=No
     compare = CompareModels(test_examples=ft_gen.outputs["examples"], original=ft_t.outputs["model"],
                             dropped_top=ft_top.outputs["model"], dropped_random=ft_rnd.outputs["model"],
                             feature_spec=json.dumps(spec))
-    components = [pre_gen, ft_gen, pre_t, ft_t, scorer, top, rnd_scores, rnd, pre_top, ft_top, pre_rnd, ft_rnd,
+    components = [pre_gen, ft_gen, pre_t, ft_t, *extra, scorer, top, rnd_scores, rnd, pre_top, ft_top, pre_rnd, ft_rnd,
                   compare]
     kwargs = {}
     if metadata_path:
@@ -98,6 +106,9 @@ def main(argv=None):
     ap.add_argument("--beam-arg", action="append", default=None, help="a Beam pipeline argument (repeatable)")
     ap.add_argument("--data-dir", default=None, help="TFDS data dir for the embedded digits")
     ap.add_argument("--image", default="tf-influence:latest", help="container image (kubeflow_v2)")
+    ap.add_argument("--pretrain-solver", choices=["cg_squared", "ekfac", "kfac"], default="cg_squared",
+                    help="inverse of the pretraining Hessian: CG (eq. 16), or (E)K-FAC factors fitted over the "
+                         "pretraining corpus by a FactorFitter component")
     console.add_verbose_flag(ap)
     args = ap.parse_args(argv)
     console.quiet(args.verbose)
@@ -107,7 +118,8 @@ def main(argv=None):
     counts = digits_data.write(data_root, n_finetune=200 if args.quick else 400, data_dir=args.data_dir)
     root = os.path.abspath(args.root)
     return execute("influence_pipeline",
-                   lambda md: create_pipeline(root, data_root, args.quick, args.beam_arg, metadata_path=md),
+                   lambda md: create_pipeline(root, data_root, args.quick, args.beam_arg, metadata_path=md,
+                                              pretrain_solver=args.pretrain_solver),
                    root, args.runner, args.image, args.report, {"quick": args.quick, "data": counts}, t0,
                    verbose=args.verbose)
 

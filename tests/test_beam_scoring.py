@@ -94,3 +94,33 @@ def _save_vector(tmp_path, spec_json):
     path = tmp_path / "v.npy"
     np.save(str(path), np.ones(size, np.float32))
     return path
+
+
+def test_factors_as_a_beam_combiner_equal_the_in_process_fit(setup):
+    """Two worker processes each sum their batches; the combined factors equal ``fit_factors``."""
+    from tf_influence import kfac
+    from tfx_components import beam_factors
+    root, path, index, x, y, pre = setup
+    out = str(root / "factors")
+    beam_factors.main(["--examples", str(root / "examples" / "Split-train" / "*"), "--model", path,
+                       "--feature-spec", json.dumps(SPEC), "--output", out, "--fisher", "empirical",
+                       "--batch-size", "16", "--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+    got = kfac.KFACFactors.load(out)
+    group = tfi.ParameterGroup.from_model(pre)
+    ref = kfac.fit_factors(tfi.Objective(pre), tf.data.Dataset.from_tensor_slices((x, y)).batch(32), group,
+                           fisher="empirical")
+    assert got.num_examples == len(x) and set(got.blocks) == set(ref.blocks)
+    for name, blk in ref.blocks.items():
+        np.testing.assert_allclose(got.blocks[name]["eig"], blk["eig"], rtol=1e-6, atol=1e-9 * blk["eig"].max())
+    # the inverse they define is the same operator (eigenbases are unique up to sign / rotation)
+    v = np.random.default_rng(1).normal(size=group.size)
+    a = kfac.KFACInverse(got, pre, group, damping=1e-3)(v).numpy()
+    b = kfac.KFACInverse(ref, pre, group, damping=1e-3)(v).numpy()
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7 * np.abs(b).max())  # float32 batch sums differ
+    empty = str(root / "empty.tfrecord.gz")
+    with tf.io.TFRecordWriter(empty, options="GZIP"):
+        pass
+    with pytest.raises(Exception, match="no examples to fit"):
+        beam_factors.main(["--examples", empty, "--model", path, "--feature-spec", json.dumps(SPEC),
+                           "--output", str(root / "f2"), "--direct_running_mode=in_memory"])
+    assert not os.path.exists(str(root / "f2" / "factors.json"))

@@ -48,7 +48,10 @@ def test_rerun_is_served_from_the_tfx_cache(run):
 
 def test_compiles_for_kubeflow_v2(tmp_path):
     from pipelines.summary import compile_kubeflow_v2
-    pipeline = influence_pipeline.create_pipeline(str(tmp_path), str(tmp_path / "data"), quick=True)
+    pipeline = influence_pipeline.create_pipeline(str(tmp_path), str(tmp_path / "data"), quick=True,
+                                                  pretrain_solver="ekfac")
     spec = json.load(open(compile_kubeflow_v2(pipeline, "influence_pipeline", str(tmp_path), "tf-influence:test")))
     tasks = spec["pipelineSpec"]["root"]["dag"]["tasks"]
-    assert {"InfluenceScorer", "drop_top", "drop_random", "CompareModels"} <= set(tasks)
+    assert {"FactorFitter", "InfluenceScorer", "drop_top", "drop_random", "CompareModels"} <= set(tasks)
+    # the factors flow from FactorFitter into InfluenceScorer
+    assert "pretrain_factors" in tasks["InfluenceScorer"]["inputs"]["artifacts"]

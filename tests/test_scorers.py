@@ -130,6 +130,60 @@ def test_influence_scorer_equals_the_library(world, tmp_path):
     assert rebuilt.size == sum(v.numpy().size for v in pre.trainable_variables)
 
 
+def test_factor_fitter_feeds_the_influence_scorer(world, tmp_path):
+    """FactorFitter (Beam combiner over the pretraining artifact) → InfluenceScorer(pretrain_factors=…)
+    equals the library with EK-FAC fitted in process on the same data (empirical Fisher: deterministic)."""
+    from tfx_components import beam_scoring, common
+    from tfx_components.artifacts import InfluenceScores, KFACFactors
+    from tfx_components.factor_fitter.component import FactorFitter
+    from tfx_components.factor_fitter.executor import Executor as FactorExecutor
+    root, a, pre_data, ft_data = world
+    factors = KFACFactors()
+    factors.uri = str(tmp_path / "factors")
+    fprops = dict(feature_spec=json.dumps(SPEC), kind="ekfac", fisher="empirical", batch_size=16)
+    FactorExecutor(ctx(tmp_path / "tmp_f")).Do({"examples": [a["pre_ex"]], "model": [a["pre_m"]]},
+                                               {"factors": [factors]}, fprops)
+    assert factors.get_int_custom_property("num_examples") == 80
+    out = InfluenceScores()
+    out.uri = str(tmp_path / "scores")
+    props = dict(feature_spec=json.dumps(SPEC), embedding=json.dumps(["embedding"]), case="fixed", alpha=0.01,
+                 damping_pretrain=1e-2, damping_finetune=1e-3, solver="cg_squared", max_iter=100,
+                 hessian_samples=None, finetune_train_split="train", test_split="test")
+    InfluenceExecutor(ctx(tmp_path / "tmp")).Do(
+        {"pretrain_examples": [a["pre_ex"]], "finetune_examples": [a["ft_ex"]], "pretrain_model": [a["pre_m"]],
+         "finetune_model": [a["ft_m"]], "pretrain_factors": [factors]}, {"scores": [out]}, props)
+    assert json.loads(out.get_string_custom_property("solves"))["pretrain"]["method"] == "ekfac"
+    got = scores_io.read_scores(os.path.join(out.uri, "Split-train"))
+    pre = keras.models.load_model(os.path.join(a["pre_m"].uri, "Format-Serving", "model.keras"))
+    ft = keras.models.load_model(os.path.join(a["ft_m"].uri, "Format-Serving", "model.keras"))
+    spec = beam_scoring.parse_feature_spec(SPEC)
+    mk = lambda k_x_y: tf.data.Dataset.from_tensor_slices(k_x_y[1:]).batch(256)  # noqa: E731
+    pk, *pre_xy = common.load_split(a["pre_ex"], "train", spec)
+    ref = tfi.multi_stage_influence(
+        tfi.Objective(pre, pre.loss), mk((pk, *pre_xy)), tfi.Objective(ft, ft.loss),
+        mk(common.load_split(a["ft_ex"], "train", spec)), mk(common.load_split(a["ft_ex"], "test", spec)),
+        embedding=["embedding"], hessian_samples=None,
+        pretrain_solver=tfi.SolverConfig("ekfac", damping=1e-2, options={"fisher": "empirical"}),
+        finetune_solver=tfi.SolverConfig("cg_squared", damping=1e-3, max_iter=100, dtype=tf.float64)).scores
+    for i, k in enumerate(pk):
+        assert got[k] == pytest.approx(ref[i], rel=1e-3, abs=1e-6)
+    # factors of another model's parameters are refused, naming the artifact
+    other = KFACFactors()
+    other.uri = str(tmp_path / "factors_ft")
+    FactorExecutor(ctx(tmp_path / "tmp_g")).Do({"examples": [a["ft_ex"]], "model": [a["ft_m"]]},
+                                               {"factors": [other]}, {**fprops, "splits": json.dumps(["train"])})
+    with pytest.raises(ValueError, match="KFACFactors artifact .*another parameter group"):
+        InfluenceExecutor(ctx(tmp_path / "tmp2")).Do(
+            {"pretrain_examples": [a["pre_ex"]], "finetune_examples": [a["ft_ex"]], "pretrain_model": [a["pre_m"]],
+             "finetune_model": [a["ft_m"]], "pretrain_factors": [other]}, {"scores": [InfluenceScores()]}, props)
+    with pytest.raises(ValueError, match="Model artifact .*no_such_layer"):
+        FactorExecutor(ctx(tmp_path / "tmp_h")).Do({"examples": [a["pre_ex"]], "model": [a["pre_m"]]},
+                                                   {"factors": [KFACFactors()]},
+                                                   {**fprops, "layers": json.dumps(["no_such_layer"])})
+    with pytest.raises(ValueError, match="kind must be"):
+        FactorFitter(examples=None, model=None, feature_spec=SPEC, kind="diagonal")
+
+
 def test_self_influence_scorer_equals_the_library_and_names_bad_input(world, tmp_path):
     root, a, pre_data, _ = world
     from tfx_components.artifacts import InfluenceScores

@@ -33,6 +33,7 @@ _EXPORTS = {
                "find_layer", "group_from_layers"],
     "solvers": ["DenseOperator", "SolveResult", "SolverConfig", "SolverNotConvergedError",
                 "SolverNotConvergedWarning", "cg", "cg_squared", "dense", "identity", "lissa", "solve"],
+    "kfac": ["FactorStatistics", "KFACFactors", "fit_factors"],
     "tracin": ["FilterResult", "presence_sequential", "self_influence"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

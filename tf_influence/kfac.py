@@ -292,27 +292,35 @@ class KFACFactors:
                 "diagonal_variables": sorted(self.diagonal)}
 
     def save(self, directory: str) -> str:
-        os.makedirs(directory, exist_ok=True)
+        """Write ``factors.npz`` + ``factors.json`` to ``directory`` (a local path or any
+        ``tf.io.gfile`` URL, e.g. ``gs://``)."""
+        import io
+        tf.io.gfile.makedirs(directory)
         arrays = {}
         for name, blk in self.blocks.items():
             for key, val in blk.items():
                 arrays[f"block/{name}/{key}"] = val
         for path, val in self.diagonal.items():
             arrays[f"diag/{path}"] = val
-        np.savez(os.path.join(directory, "factors.npz"), **arrays)
-        with open(os.path.join(directory, "factors.json"), "w") as fh:
-            json.dump({"kind": self.kind, "fisher": self.fisher, "num_examples": self.num_examples,
-                       "group_spec": json.loads(self.group_spec.to_json())}, fh, indent=1)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        with tf.io.gfile.GFile(os.path.join(directory, "factors.npz"), "wb") as fh:
+            fh.write(buf.getvalue())
+        with tf.io.gfile.GFile(os.path.join(directory, "factors.json"), "w") as fh:
+            fh.write(json.dumps({"kind": self.kind, "fisher": self.fisher, "num_examples": self.num_examples,
+                                 "group_spec": json.loads(self.group_spec.to_json())}, indent=1))
         return directory
 
     @classmethod
     def load(cls, directory: str) -> "KFACFactors":
+        import io
         meta_path = os.path.join(directory, "factors.json")
-        if not os.path.exists(meta_path):
+        if not tf.io.gfile.exists(meta_path):
             raise FileNotFoundError(f"no K-FAC factors in {directory} (missing factors.json)")
-        with open(meta_path) as fh:
+        with tf.io.gfile.GFile(meta_path) as fh:
             meta = json.load(fh)
-        data = np.load(os.path.join(directory, "factors.npz"))
+        with tf.io.gfile.GFile(os.path.join(directory, "factors.npz"), "rb") as fh:
+            data = np.load(io.BytesIO(fh.read()))
         blocks, diagonal = {}, {}
         for key in data.files:
             kind, rest = key.split("/", 1)
@@ -325,32 +333,43 @@ class KFACFactors:
                    blocks, diagonal)
 
 
-def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", fisher: str = "true",
-                seed: int = 0, progress: bool = False, name: str = "dataset", strategy=None) -> KFACFactors:
-    """Fit (E)K-FAC factors of ``objective`` on ``dataset`` for ``group`` (one pass, two for EK-FAC).
+class FactorStatistics:
+    """The two streaming passes of :func:`fit_factors` as separate, mergeable steps — what a
+    distributed engine (a Beam combiner, ``tf.distribute``) needs to fit factors over a corpus that
+    no single process holds.
 
-    With a ``tf.distribute`` ``strategy`` each replica accumulates the covariances (and the
-    eigenvalue sums) of its share of every global batch and the sums are all-reduced: the factors
-    equal the single-device ones (tested with MirroredStrategy on two logical CPUs; with
-    ``fisher="true"`` each replica draws its own labels, an equally valid Monte Carlo sample).
+    Sums are plain numpy (picklable) dicts that add with :func:`add_statistics`; every step is a
+    pure function of the model's weights, the batch and ``step`` (the sampling seed of the batch)::
 
-    >>> import keras, tensorflow as tf                                    # doctest: +SKIP
-    >>> factors = fit_factors(Objective(model), train_ds, ParameterGroup.from_model(model))
-    >>> factors.summary()["diagonal_variables"]      # what has no Kronecker block
+        stats = FactorStatistics(objective, group)
+        sums = add_statistics(stats.covariances(x1, y1, 0), stats.covariances(x2, y2, 1))
+        bases = stats.eigenbases(sums)                               # pass 1 → eigenbases
+        corr = add_statistics(stats.correction(x1, y1, 0, bases), stats.correction(x2, y2, 1, bases))
+        factors = stats.factors(sums, bases, corr)                   # EK-FAC (kind="kfac": corr=None)
+
+    ``strategy``: covariances / corrections of a distributed batch are summed across replicas.
     """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got '{kind}'")
-    if fisher not in FISHERS:
-        raise ValueError(f"fisher must be one of {FISHERS}, got '{fisher}'")
-    model = objective.model
-    blocks, diag_vars = kronecker_blocks(model, group)
-    dtype = tf.float64
 
-    def forward(x, y, step):
+    def __init__(self, objective, group: ParameterGroup, kind: str = "ekfac", fisher: str = "true",
+                 seed: int = 0, strategy=None):
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got '{kind}'")
+        if fisher not in FISHERS:
+            raise ValueError(f"fisher must be one of {FISHERS}, got '{fisher}'")
+        self.objective, self.group, self.kind, self.fisher = objective, group, kind, fisher
+        self.seed, self.strategy = int(seed), strategy
+        self.blocks, self.diag_vars = kronecker_blocks(objective.model, group)
+        self._stats = tf.function(self._stats_fn, reduce_retracing=True)
+        self._correction = tf.function(self._correction_fn, reduce_retracing=True)
+
+    # -- compiled per-batch kernels ---------------------------------------------------------------
+    def _forward(self, x, y, step):
+        model, objective, blocks = self.objective.model, self.objective, self.blocks
         cap = _Capture(blocks)
         with cap, tf.GradientTape() as tape:
             y_pred = model(x, training=False)
-            ys = _sample_labels(objective.loss, y_pred, y, fisher, tf.stack([seed, step]))
+            ys = _sample_labels(objective.loss, y_pred, y, self.fisher, tf.stack([tf.constant(self.seed, tf.int64),
+                                                                                  tf.cast(step, tf.int64)]))
             losses = reduce_per_example(objective.loss_fn(ys, y_pred))
             total = tf.reduce_sum(losses)
         outs = {b.name: [r[1] for r in cap.records[b.name]] for b in blocks}
@@ -359,13 +378,13 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
         for b in blocks:
             pairs = []
             for inp, _ in cap.records[b.name]:
-                pairs.append((b.activations(inp), tf.cast(b.out_grads(grads[i]), dtype)))
+                pairs.append((b.activations(inp), tf.cast(b.out_grads(grads[i]), tf.float64)))
                 i += 1
             res[b.name] = pairs
         return res, ys
 
-    def diag_pass(x, ys):
-        vars_ = [tf_variable(v) for v in diag_vars]
+    def _diag_pass(self, x, ys):
+        vars_, objective = [tf_variable(v) for v in self.diag_vars], self.objective
 
         def one(example):
             xi, yi = example
@@ -375,13 +394,13 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
                 loss = tf.reduce_sum(objective.per_example_losses(xi, yi))
             return densify(tape.gradient(loss, vars_, unconnected_gradients=tf.UnconnectedGradients.ZERO))
         per = tf.vectorized_map(one, (x, ys))
-        return [tf.reduce_sum(tf.square(tf.cast(g, dtype)), axis=0) for g in per]
+        return [tf.reduce_sum(tf.square(tf.cast(g, tf.float64)), axis=0) for g in per]
 
-    @tf.function(reduce_retracing=True)
-    def stats(x, y, step):
-        res, ys = forward(x, y, step)
+    def _stats_fn(self, x, y, step):
+        dtype = tf.float64
+        res, ys = self._forward(x, y, step)
         out = {}
-        for b in blocks:
+        for b in self.blocks:
             A = tf.zeros([b.rows] if b.kind == "embedding" else [b.rows, b.rows], dtype)
             S = tf.zeros([b.d_out, b.d_out], dtype)
             tokens = tf.constant(0.0, dtype)
@@ -395,14 +414,14 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
                 tokens += tf.cast(tf.shape(g)[0] * tf.shape(g)[1], dtype)
                 S += tf.einsum("bpi,bpj->ij", g, g)
             out[b.name] = (A, S, tokens)
-        diag = diag_pass(x, ys) if diag_vars else []
-        return out, diag, tf.shape(tf.nest.flatten(y)[0])[0]
+        diag = self._diag_pass(x, ys) if self.diag_vars else []
+        return out, diag, tf.cast(tf.shape(tf.nest.flatten(y)[0])[0], dtype)
 
-    @tf.function(reduce_retracing=True)
-    def correction(x, y, step, bases):
-        res, _ = forward(x, y, step)
+    def _correction_fn(self, x, y, step, bases):
+        dtype = tf.float64
+        res, _ = self._forward(x, y, step)
         out = {}
-        for b in blocks:
+        for b in self.blocks:
             QA, QS = bases[b.name]
             lam = tf.zeros([b.rows, b.d_out], dtype)
             for a, g in res[b.name]:
@@ -418,13 +437,95 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
             out[b.name] = lam
         return out
 
-    def on_replicas(fn, *args):
-        """``fn`` on every replica's share of the batch, results summed across replicas."""
-        if strategy is None:
-            return fn(*args)
-        per_replica = strategy.run(fn, args=args)
-        return tf.nest.map_structure(
-            lambda t: strategy.reduce(tf.distribute.ReduceOp.SUM, t, axis=None), per_replica)
+    def _run(self, fn, *args):
+        """``fn`` on the batch (on every replica's share of it, summed across replicas)."""
+        if self.strategy is None:
+            out = fn(*args)
+        else:
+            per_replica = self.strategy.run(fn, args=args)
+            out = tf.nest.map_structure(
+                lambda t: self.strategy.reduce(tf.distribute.ReduceOp.SUM, t, axis=None), per_replica)
+        return tf.nest.map_structure(lambda t: t.numpy(), out)
+
+    # -- the steps ------------------------------------------------------------------------------------
+    def covariances(self, x, y, step: int) -> dict:
+        """Pass 1 sums of one batch: ``{"n", "blocks": {name: (Σ aaᵀ, Σ ggᵀ, tokens)}, "diag": [Σ g²]}``."""
+        out, diag, n = self._run(self._stats, x, y, tf.constant(step, tf.int64))
+        return {"n": float(n), "blocks": {k: tuple(v) for k, v in out.items()}, "diag": list(diag)}
+
+    def eigenbases(self, sums: dict) -> dict:
+        """Eigendecomposition of the pass-1 averages (see :func:`eigenbases`)."""
+        return eigenbases(sums)
+
+    def correction(self, x, y, step: int, bases: dict) -> dict:
+        """Pass 2 sums of one batch (EK-FAC): ``{name: Σ_n ((Q_Aᵀ G_n Q_S)_ij)²}``."""
+        tb = {k: (tf.constant(v["QA"]), tf.constant(v["QS"])) for k, v in bases.items()}
+        return self._run(self._correction, x, y, tf.constant(CORRECTION_SEED_OFFSET + step, tf.int64), tb)
+
+    def factors(self, sums: dict, bases: dict, correction: dict | None = None) -> KFACFactors:
+        """The fitted :class:`KFACFactors` (``correction`` required for ``kind="ekfac"`` with blocks)."""
+        n = sums["n"]
+        fitted = {k: dict(v) for k, v in bases.items()}
+        if self.kind == "ekfac" and self.blocks:
+            if correction is None:
+                raise ValueError("EK-FAC needs the eigenvalue-correction sums of the second pass")
+            for b in self.blocks:
+                fitted[b.name]["eig"] = correction[b.name] / n
+        diagonal = {getattr(v, "path", tf_variable(v).name): d / n for v, d in zip(self.diag_vars, sums["diag"])}
+        return KFACFactors(self.kind, self.fisher, int(round(n)), self.group.spec(self.objective.model), fitted,
+                           diagonal)
+
+
+def eigenbases(sums: dict) -> dict:
+    """Pass-1 sums of :class:`FactorStatistics` → ``{block: {"QA", "QS", "eig"}}`` with the K-FAC
+    eigenvalues ``λ_A ⊗ λ_S`` (an ``Embedding`` block's ``A`` is diagonal: its ``QA`` is empty and
+    its eigenvalues are the token frequencies). Needs only the sums, not the model."""
+    n = sums["n"]
+    if n == 0:
+        from .objective import EmptyDatasetError
+        raise EmptyDatasetError("no examples: the K-FAC covariances are empty")
+    fitted = {}
+    for name, (A, S, tokens) in sums["blocks"].items():
+        A = A / tokens
+        S = S / n
+        eS, QS = np.linalg.eigh(0.5 * (S + S.T))
+        if A.ndim == 1:  # Embedding
+            eA, QA = A, np.zeros((0, 0))
+        else:
+            eA, QA = np.linalg.eigh(0.5 * (A + A.T))
+        fitted[name] = {"QA": QA, "QS": QS, "eig": np.outer(np.maximum(eA, 0), np.maximum(eS, 0))}
+    return fitted
+
+
+CORRECTION_SEED_OFFSET = 10_000_019  # the second pass draws its labels with other seeds than the first
+
+
+def add_statistics(a, b):
+    """Sum of two (nested) statistics of :class:`FactorStatistics`; ``None`` is the empty sum."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return tf.nest.map_structure(lambda u, v: u + v, a, b)
+
+
+def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", fisher: str = "true",
+                seed: int = 0, progress: bool = False, name: str = "dataset", strategy=None) -> KFACFactors:
+    """Fit (E)K-FAC factors of ``objective`` on ``dataset`` for ``group`` (one pass, two for EK-FAC).
+
+    The passes are :class:`FactorStatistics`' steps, summed batch by batch in bounded memory (the
+    same steps run as a Beam combiner in ``tfx_components.beam_factors``).
+    With a ``tf.distribute`` ``strategy`` each replica accumulates the covariances (and the
+    eigenvalue sums) of its share of every global batch and the sums are all-reduced: the factors
+    equal the single-device ones (tested with MirroredStrategy on two logical CPUs; with
+    ``fisher="true"`` each replica draws its own labels, an equally valid Monte Carlo sample).
+
+    >>> import keras, tensorflow as tf                                    # doctest: +SKIP
+    >>> factors = fit_factors(Objective(model), train_ds, ParameterGroup.from_model(model))
+    >>> factors.summary()["diagonal_variables"]      # what has no Kronecker block
+    """
+    stats = FactorStatistics(objective, group, kind, fisher, seed, strategy)
+    model = objective.model
 
     def loop(desc):
         if strategy is not None:
@@ -437,46 +538,20 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
             it = tqdm(it, desc=desc, leave=False)
         return enumerate(it)
 
-    acc, diag_acc, n = {}, None, 0
+    sums = None
     with finite_check(f"K-FAC factors of {objective.name} on {name}"):
         for step, (x, y) in loop("K-FAC covariances"):
-            out, diag, count = on_replicas(stats, x, y, tf.constant(step, tf.int64))
-            n += int(count)
-            for k, (A, S, t) in out.items():
-                if k in acc:
-                    acc[k] = (acc[k][0] + A, acc[k][1] + S, acc[k][2] + t)
-                else:
-                    acc[k] = (A, S, t)
-            diag_acc = diag if diag_acc is None else [d0 + d1 for d0, d1 in zip(diag_acc, diag)]
-    if n == 0:
+            sums = add_statistics(sums, stats.covariances(x, y, step))
+    if sums is None or sums["n"] == 0:
         from .objective import EmptyDatasetError
         raise EmptyDatasetError(f"{name} is empty: it yielded no examples")
-    fitted = {}
-    for b in blocks:
-        A, S, tokens = (t.numpy() for t in acc[b.name])
-        A = A / tokens
-        S = S / n
-        eS, QS = np.linalg.eigh(0.5 * (S + S.T))
-        if b.kind == "embedding":
-            eA, QA = A, None
-        else:
-            eA, QA = np.linalg.eigh(0.5 * (A + A.T))
-        fitted[b.name] = {"QA": QA if QA is not None else np.zeros((0, 0)), "QS": QS,
-                          "eig": np.outer(np.maximum(eA, 0), np.maximum(eS, 0))}
-    if kind == "ekfac" and blocks:
-        bases = {b.name: (tf.constant(fitted[b.name]["QA"] if b.kind != "embedding" else np.zeros((0, 0))),
-                          tf.constant(fitted[b.name]["QS"])) for b in blocks}
-        lam = None
+    bases = stats.eigenbases(sums)
+    corr = None
+    if kind == "ekfac" and stats.blocks:
         with finite_check(f"EK-FAC eigenvalue correction of {objective.name} on {name}"):
             for step, (x, y) in loop("EK-FAC eigenvalue correction"):
-                out = on_replicas(correction, x, y, tf.constant(10_000_019 + step, tf.int64), bases)
-                lam = out if lam is None else {k: lam[k] + out[k] for k in out}
-        for b in blocks:
-            fitted[b.name]["eig"] = lam[b.name].numpy() / n
-    diagonal = {}
-    for v, d in zip(diag_vars, diag_acc or []):
-        diagonal[getattr(v, "path", tf_variable(v).name)] = d.numpy() / n
-    return KFACFactors(kind, fisher, n, group.spec(model), fitted, diagonal)
+                corr = add_statistics(corr, stats.correction(x, y, step, bases))
+    return stats.factors(sums, bases, corr)
 
 
 # -- per-example squared gradient norms without per-example gradients ("ghost norms") --------------
@@ -583,7 +658,8 @@ class KFACInverse:
 
     def __init__(self, factors: KFACFactors, model, group: ParameterGroup, damping: float = 0.0,
                  relative_damping: float = 0.0, extra_diagonal=None, include_regularizers: bool = True):
-        if group.spec(model).variables != factors.group_spec.variables:
+        # the inverse works per layer / variable, so only the set of variables must match (not their order)
+        if sorted(group.spec(model).variables) != sorted(factors.group_spec.variables):
             raise ParameterGroupError("the K-FAC factors were fitted for another parameter group "
                                       f"('{factors.group_spec.name}'); refit them for '{group.name}'")
         self.group, self.model = group, model
@@ -645,5 +721,6 @@ class KFACInverse:
         return res[:, 0] if was_vector else res
 
 
-__all__ = ["GhostNorms", "KFACFactors", "KFACInverse", "fit_factors", "kronecker_blocks", "regularizer_diagonal",
+__all__ = ["FactorStatistics", "GhostNorms", "KFACFactors", "KFACInverse", "add_statistics", "eigenbases",
+           "fit_factors", "kronecker_blocks", "regularizer_diagonal",
            "KINDS", "FISHERS"]

@@ -33,3 +33,15 @@ def scores_split_names(artifact) -> list:
 
 def scores_kind(artifact) -> str:
     return artifact.get_string_custom_property("score_kind")
+
+
+class KFACFactors(tfx.dsl.Artifact):
+    """(E)K-FAC curvature factors of a model (``tf_influence.kfac.KFACFactors``): ``factors.npz`` and
+    ``factors.json`` in the artifact's directory, loadable with ``KFACFactors.load(artifact.uri)``.
+
+    Custom properties: ``kind`` (``ekfac`` / ``kfac``), ``fisher`` (``true`` / ``empirical``),
+    ``num_examples``, ``group_spec`` (the parameters covered) and ``summary`` (blocks and diagonal
+    variables, JSON).
+    """
+
+    TYPE_NAME = "tf_influence.KFACFactors"

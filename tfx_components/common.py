@@ -1,5 +1,7 @@
 """Helpers shared by the tf-influence TFX executors (artifact layout, decoding, summaries)."""
 
+from __future__ import annotations
+
 import json
 import os
 
@@ -23,14 +25,16 @@ def split_pattern(examples, split: str) -> str:
     return os.path.join(d, "*")
 
 
-def read_records(files, desc: str) -> list:
-    """Serialized records of GZIP TFRecord ``files`` (the one reader of example files outside Beam);
+def read_records(files, desc: str, limit: int | None = None) -> list:
+    """Serialized records of GZIP TFRecord ``files`` (the one reader of example files outside Beam),
+    the first ``limit`` only if given (streamed: the rest is never read);
     raises naming ``desc`` if there are no files, a file is corrupt or nothing is in them."""
     files = list(files)
     if not files:
         raise ValueError(f"{desc}: no files")
     try:
-        records = list(tf.data.TFRecordDataset(files, compression_type="GZIP").as_numpy_iterator())
+        ds = tf.data.TFRecordDataset(files, compression_type="GZIP")
+        records = list((ds.take(limit) if limit is not None else ds).as_numpy_iterator())
     except tf.errors.DataLossError as err:
         raise ValueError(f"{desc}: corrupt TFRecord ({err.message})") from None
     if not records:
@@ -46,15 +50,16 @@ def glob_files(patterns) -> list:
     return sorted(f for f in files if not tf.io.gfile.isdir(f))
 
 
-def read_split(examples, split: str) -> list:
-    """Serialized ``tf.train.Example``s of one split of an Examples artifact."""
-    return read_records(tf.io.gfile.glob(split_pattern(examples, split)),
-                        f"Examples artifact {examples.uri}, split '{split}'")
+def read_split(examples, split: str, limit: int | None = None) -> list:
+    """Serialized ``tf.train.Example``s of one split of an Examples artifact (the first ``limit``)."""
+    return read_records(sorted(tf.io.gfile.glob(split_pattern(examples, split))),
+                        f"Examples artifact {examples.uri}, split '{split}'", limit)
 
 
-def load_split(examples, split: str, spec: dict):
-    """``(keys, x, y)`` of a whole split (driver side: finetuning data, test points, Hessian samples)."""
-    return beam_scoring.decode_batch(read_split(examples, split), spec,
+def load_split(examples, split: str, spec: dict, limit: int | None = None):
+    """``(keys, x, y)`` of a split, or of its first ``limit`` examples (driver side: finetuning data,
+    test points, Hessian samples)."""
+    return beam_scoring.decode_batch(read_split(examples, split, limit), spec,
                                      f"Examples artifact {examples.uri}, split '{split}'")
 
 

@@ -9,7 +9,10 @@ and a test split), ``pretrain_model`` and ``finetune_model`` (Model artifacts wh
 ``tf_influence.DEFAULT_PRETRAIN_DAMPING`` / ``DEFAULT_FINETUNE_DAMPING``), ``solver``, ``max_iter``,
 ``hessian_samples``, ``finetune_train_split`` / ``test_split``, ``test_keys`` (JSON list: score
 against these test examples only; default the sum over the whole test split, eq. 8),
-``loss`` (Keras loss config JSON; default the models' compiled losses).
+``loss`` (Keras loss config JSON; default the models' compiled losses). Optional input
+``pretrain_factors`` (KFACFactors from ``FactorFitter`` over the pretraining Examples and model):
+the pretraining Hessian ∂²G/∂(W,U)² is then inverted with those (E)K-FAC factors (the solver's
+kind is the factors'), and the driver reads no pretraining corpus.
 
 The driver computes the test-side vector once (both IHVP chains, ``MultiStageInfluence.test_vectors``);
 the per-example products run in Beam with the vector as a side input, over the (W, U) group
@@ -26,7 +29,7 @@ from tfx.dsl.components.base import base_beam_component, executor_spec
 from tfx.types import channel_utils, standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ExecutionParameter
 
-from tfx_components.artifacts import InfluenceScores
+from tfx_components.artifacts import InfluenceScores, KFACFactors
 from tfx_components.influence_scorer import executor
 
 
@@ -50,7 +53,8 @@ class InfluenceScorerSpec(types.ComponentSpec):
     INPUTS = {"pretrain_examples": ChannelParameter(type=standard_artifacts.Examples),
               "finetune_examples": ChannelParameter(type=standard_artifacts.Examples),
               "pretrain_model": ChannelParameter(type=standard_artifacts.Model),
-              "finetune_model": ChannelParameter(type=standard_artifacts.Model)}
+              "finetune_model": ChannelParameter(type=standard_artifacts.Model),
+              "pretrain_factors": ChannelParameter(type=KFACFactors, optional=True)}
     OUTPUTS = {"scores": ChannelParameter(type=InfluenceScores)}
 
 
@@ -63,7 +67,8 @@ class InfluenceScorer(base_beam_component.BaseBeamComponent):
                  embedding, case: str = "fixed", alpha: float = 0.01, damping_pretrain: Optional[float] = None,
                  damping_finetune: Optional[float] = None, solver: str = "cg_squared", max_iter: int = 200,
                  hessian_samples: Optional[int] = 1000, finetune_train_split: str = "train",
-                 test_split: str = "test", test_keys=None, loss: Optional[dict] = None, batch_size: int = 256):
+                 test_split: str = "test", test_keys=None, loss: Optional[dict] = None, batch_size: int = 256,
+                 pretrain_factors: Optional[types.BaseChannel] = None):
         if case not in ("fixed", "updated"):
             raise ValueError(f"case must be 'fixed' or 'updated', got '{case}'")
         for name, value in (("damping_pretrain", damping_pretrain), ("damping_finetune", damping_finetune)):
@@ -77,6 +82,6 @@ class InfluenceScorer(base_beam_component.BaseBeamComponent):
             damping_finetune=None if damping_finetune is None else float(damping_finetune), solver=solver, max_iter=int(max_iter),
             hessian_samples=hessian_samples, finetune_train_split=finetune_train_split, test_split=test_split,
             test_keys=json.dumps([k if isinstance(k, str) else k.decode() for k in test_keys]) if test_keys else None,
-            loss=json.dumps(loss) if loss else None, batch_size=batch_size,
+            loss=json.dumps(loss) if loss else None, batch_size=batch_size, pretrain_factors=pretrain_factors,
             scores=channel_utils.as_channel([InfluenceScores()]))
         super().__init__(spec=spec)

@@ -1,4 +1,7 @@
-"""Executor of InfluenceScorer: test-side vector in the driver (library), per-example products in Beam."""
+"""Executor of InfluenceScorer: test-side vector in the driver (library), per-example products in Beam.
+
+With a ``pretrain_factors`` input (FactorFitter's KFACFactors) the pretraining Hessian is inverted
+with those factors and the driver never loads the pretraining corpus."""
 
 import json
 import os
@@ -45,20 +48,36 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                                  f"key(s) {absent[:5]}")
             sel = np.array([index[k] for k in wanted])
             xt, yt = xt[sel], yt[sel]
-        _, xp, yp = common.load_split(pre_ex, pre_splits[0], spec)
         pre_solver, ft_solver = tfi.default_solvers(e["case"])
         for cfg, key in ((pre_solver, "damping_pretrain"), (ft_solver, "damping_finetune")):
             cfg.method, cfg.max_iter, cfg.dtype = e["solver"], int(e["max_iter"]), tf.float64
             if e.get(key) is not None:
                 cfg.damping = float(e[key])
+        factors_art = input_dict.get("pretrain_factors") or []
+        hessian_samples = e.get("hessian_samples")
+        if factors_art:
+            # the pretraining Hessian is the fitted (E)K-FAC curvature: the driver reads no pretraining
+            # corpus, only one batch of it to build the operator the factors are checked against
+            from tf_influence import kfac
+            factors_uri = artifact_utils.get_single_instance(factors_art).uri
+            factors = kfac.KFACFactors.load(factors_uri)
+            pre_solver.method = factors.kind
+            pre_solver.options = {**pre_solver.options, "factors": factors}
+            _, xp, yp = common.load_split(pre_ex, pre_splits[0], spec, limit=int(e.get("batch_size") or 256))
+            hessian_samples = None
+        else:
+            _, xp, yp = common.load_split(pre_ex, pre_splits[0], spec)
         try:
             ms = tfi.MultiStageInfluence(
                 tfi.Objective(pre_model, pre_loss), _ds(xp, yp), tfi.Objective(ft_model, ft_loss), _ds(xf, yf),
                 embedding=embedding, case=e["case"], alpha=float(e["alpha"]), pretrain_solver=pre_solver,
-                finetune_solver=ft_solver, hessian_samples=e.get("hessian_samples"))
+                finetune_solver=ft_solver, hessian_samples=hessian_samples)
             s, solves, seconds = ms.test_vectors(_ds(xt, yt), "sum")
         except tfi.ParameterGroupError as err:
-            raise ValueError(f"Model artifacts {pre_m.uri} / {ft_m.uri}: {err}") from None
+            what = f"Model artifacts {pre_m.uri} / {ft_m.uri}"
+            if factors_art:
+                what += f" with KFACFactors artifact {factors_uri}"
+            raise ValueError(f"{what}: {err}") from None
         except (tfi.DatasetError, tfi.NonFiniteError) as err:  # e.g. labels outside the models' classes
             raise ValueError(f"InfluenceScorer on Examples artifacts {pre_ex.uri} (pretraining) / {ft_ex.uri} "
                              f"(finetuning, test): {err}") from None
