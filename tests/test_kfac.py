@@ -70,6 +70,11 @@ def test_ekfac_eigenvalues_are_the_exact_fisher_diagonal_in_the_kronecker_basis(
         np.testing.assert_allclose(f["eig"], ref, rtol=1e-9, atol=1e-14 * np.abs(ref).max())
     if which == "transformer":  # LayerNormalization has no Kronecker block: diagonal, and reported
         assert factors.summary()["diagonal_variables"] == ["norm/beta", "norm/gamma"]
+        # its diagonal (from the captured input and output gradient) = the exact Fisher diagonal
+        norm = tfi.group_from_layers(model, ["norm"])
+        G = h.one_at_a_time_gradients(obj, x, y, norm)
+        for v, part in zip(norm.variables, np.split(G, np.cumsum(norm.sizes)[:-1], axis=1)):
+            np.testing.assert_allclose(factors.diagonal[v.path], np.mean(part ** 2, axis=0), rtol=1e-9)
 
 
 def test_kfac_is_exact_on_one_example():
@@ -217,7 +222,7 @@ def test_ghost_norms_equal_one_at_a_time_squared_gradient_norms(which):
     elif which == "conv1d":  # embedding + causal dilated / strided conv + dense, a per-position loss
         model, K = conv1d_lm(), ["emb", "c1", "c2", "out"]
         x, y = rng.integers(0, 7, size=(8, 6)).astype(np.int32), rng.integers(0, 5, size=(8, 3))
-    else:  # LayerNormalization has no block: per-example gradients for it, ghost norms for the rest
+    else:  # LayerNormalization: ∂l/∂γ = Σ_t g_t ⊙ x̂_t from the captured input, ghost norms for the rest
         model, _, _ = h.two_stage_transformers(dict_inputs=True)
         K = ["tok_emb", "query", "norm", "ffn"]
         x, y = h.token_data(8, n_classes=3, seed=4, with_mask=True)

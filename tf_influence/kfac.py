@@ -224,6 +224,95 @@ def kronecker_blocks(model, group: ParameterGroup):
     return blocks, diagonal
 
 
+class _NormBlock:
+    """A ``LayerNormalization`` over the last axis: its ``γ`` / ``β`` keep a *diagonal* curvature, but
+    their per-example gradients come from the captured input and output gradient —
+    ``∂l/∂γ = Σ_t g_t ⊙ x̂_t``, ``∂l/∂β = Σ_t g_t`` (``x̂`` the normalised input) — instead of
+    vectorised per-example backward passes."""
+
+    kind = "norm"
+
+    def __init__(self, layer, gamma, beta):
+        self.layer, self.name, self.gamma, self.beta = layer, layer.name, gamma, beta
+        self.variables = [v for v in (gamma, beta) if v is not None]
+
+    def per_example(self, inputs, g, dtype):
+        """Per-example gradients ``[B, d]`` of (γ, β) present in the group, in ``variables`` order."""
+        x = tf.cast(inputs, dtype)
+        mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
+        xhat = (x - mean) * tf.math.rsqrt(var + self.layer.epsilon)
+        d = int(x.shape[-1])
+        g = tf.reshape(tf.cast(g, dtype), [tf.shape(g)[0], -1, d])
+        xhat = tf.reshape(xhat, [tf.shape(g)[0], -1, d])
+        out = []
+        if self.gamma is not None:
+            out.append(tf.reduce_sum(g * xhat, axis=1))
+        if self.beta is not None:
+            out.append(tf.reduce_sum(g, axis=1))
+        return out
+
+
+def norm_blocks(model, variables):
+    """``(norm_blocks, rest)``: the ``LayerNormalization`` layers (last axis, no RMS scaling) owning
+    some of ``variables``, and the variables no such layer covers."""
+    owner = _owners(model)
+    wanted = {id(tf_variable(v)) for v in variables}
+    blocks, covered, seen = [], set(), set()
+    for v in variables:
+        layer = owner.get(id(tf_variable(v)))
+        if layer is None or id(layer) in seen or not isinstance(layer, keras.layers.LayerNormalization):
+            continue
+        seen.add(id(layer))
+        axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+        gamma_var = getattr(layer, "gamma", None)
+        last = gamma_var is not None and len(gamma_var.shape) == 1
+        if getattr(layer, "rms_scaling", False) or len(axis) != 1 or not (axis[0] == -1 or last):
+            continue
+        gamma = layer.gamma if getattr(layer, "gamma", None) is not None and id(tf_variable(layer.gamma)) in wanted \
+            else None
+        beta = layer.beta if getattr(layer, "beta", None) is not None and id(tf_variable(layer.beta)) in wanted \
+            else None
+        if gamma is None and beta is None:
+            continue
+        blk = _NormBlock(layer, gamma, beta)
+        blocks.append(blk)
+        covered.update(id(tf_variable(x)) for x in blk.variables)
+    return blocks, [v for v in variables if id(tf_variable(v)) not in covered]
+
+
+def _norm_per_example(nb, records, grads, dtype):
+    """Per-example (γ, β) gradients of a norm layer, summed over its calls in the forward pass."""
+    total = None
+    for (inp, _), g in zip(records, grads):
+        pe = nb.per_example(inp, g, dtype)
+        total = pe if total is None else [a + b for a, b in zip(total, pe)]
+    return total
+
+
+def _diagonal_squares(objective, norms, records, grads_of, rest, x, y, dtype):
+    """``{id(variable): Σ_n (∂l_n/∂v)²}`` for the diagonal variables: from the captured
+    ``LayerNormalization`` records, and by vectorised per-example gradients for the ``rest``."""
+    out = {}
+    for nb in norms:
+        per = _norm_per_example(nb, records[nb.name], grads_of[nb.name], dtype)
+        for v, pe in zip(nb.variables, per):
+            out[id(tf_variable(v))] = tf.reduce_sum(tf.square(pe), axis=0)
+    if rest:
+        vars_ = [tf_variable(v) for v in rest]
+
+        def one(example):
+            xi, yi = example
+            xi = tf.nest.map_structure(lambda t: t[None], xi)
+            yi = tf.nest.map_structure(lambda t: t[None], yi)
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(objective.per_example_losses(xi, yi))
+            return densify(tape.gradient(loss, vars_, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+        per = tf.vectorized_map(one, (x, y))
+        for v, gv in zip(rest, per):
+            out[id(tf_variable(v))] = tf.reduce_sum(tf.square(tf.cast(gv, dtype)), axis=0)
+    return out
+
+
 class _Capture:
     """Patch the blocks' layers so a forward pass records each layer's input and pre-activation output."""
 
@@ -359,12 +448,14 @@ class FactorStatistics:
         self.objective, self.group, self.kind, self.fisher = objective, group, kind, fisher
         self.seed, self.strategy = int(seed), strategy
         self.blocks, self.diag_vars = kronecker_blocks(objective.model, group)
+        self.norms, self.rest = norm_blocks(objective.model, self.diag_vars)
         self._stats = tf.function(self._stats_fn, reduce_retracing=True)
         self._correction = tf.function(self._correction_fn, reduce_retracing=True)
 
     # -- compiled per-batch kernels ---------------------------------------------------------------
-    def _forward(self, x, y, step):
-        model, objective, blocks = self.objective.model, self.objective, self.blocks
+    def _forward(self, x, y, step, with_norms=False):
+        model, objective = self.objective.model, self.objective
+        blocks = self.blocks + (self.norms if with_norms else [])
         cap = _Capture(blocks)
         with cap, tf.GradientTape() as tape:
             y_pred = model(x, training=False)
@@ -374,31 +465,24 @@ class FactorStatistics:
             total = tf.reduce_sum(losses)
         outs = {b.name: [r[1] for r in cap.records[b.name]] for b in blocks}
         grads = tape.gradient(total, [t for b in blocks for t in outs[b.name]])
-        res, i = {}, 0
+        res, norm_grads, i = {}, {}, 0
         for b in blocks:
+            if b.kind == "norm":
+                norm_grads[b.name] = grads[i:i + len(outs[b.name])]
+                i += len(outs[b.name])
+                continue
             pairs = []
             for inp, _ in cap.records[b.name]:
                 pairs.append((b.activations(inp), tf.cast(b.out_grads(grads[i]), tf.float64)))
                 i += 1
             res[b.name] = pairs
+        if with_norms:
+            return res, ys, (cap.records, norm_grads)
         return res, ys
-
-    def _diag_pass(self, x, ys):
-        vars_, objective = [tf_variable(v) for v in self.diag_vars], self.objective
-
-        def one(example):
-            xi, yi = example
-            xi = tf.nest.map_structure(lambda t: t[None], xi)
-            yi = yi[None]
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_sum(objective.per_example_losses(xi, yi))
-            return densify(tape.gradient(loss, vars_, unconnected_gradients=tf.UnconnectedGradients.ZERO))
-        per = tf.vectorized_map(one, (x, ys))
-        return [tf.reduce_sum(tf.square(tf.cast(g, tf.float64)), axis=0) for g in per]
 
     def _stats_fn(self, x, y, step):
         dtype = tf.float64
-        res, ys = self._forward(x, y, step)
+        res, ys, (records, norm_grads) = self._forward(x, y, step, with_norms=True)
         out = {}
         for b in self.blocks:
             A = tf.zeros([b.rows] if b.kind == "embedding" else [b.rows, b.rows], dtype)
@@ -414,7 +498,8 @@ class FactorStatistics:
                 tokens += tf.cast(tf.shape(g)[0] * tf.shape(g)[1], dtype)
                 S += tf.einsum("bpi,bpj->ij", g, g)
             out[b.name] = (A, S, tokens)
-        diag = self._diag_pass(x, ys) if self.diag_vars else []
+        sq = _diagonal_squares(self.objective, self.norms, records, norm_grads, self.rest, x, ys, dtype)
+        diag = [sq[id(tf_variable(v))] for v in self.diag_vars]
         return out, diag, tf.cast(tf.shape(tf.nest.flatten(y)[0])[0], dtype)
 
     def _correction_fn(self, x, y, step, bases):
@@ -571,6 +656,7 @@ class GhostNorms:
     def __init__(self, objective, group: ParameterGroup):
         self.objective, self.group = objective, group
         self.blocks, self.diagonal = kronecker_blocks(objective.model, group)
+        self.norms, self.rest = norm_blocks(objective.model, self.diagonal)
         self.fn = tf.function(self._norms, reduce_retracing=True)
 
     @classmethod
@@ -580,12 +666,18 @@ class GhostNorms:
 
     def _norms(self, x, y):
         model, obj = self.objective.model, self.objective
-        cap = _Capture(self.blocks)
+        cap = _Capture(self.blocks + self.norms)
         with cap, tf.GradientTape() as tape:
             losses = reduce_per_example(obj.loss_fn(y, model(x, training=False)))
             total = tf.reduce_sum(losses)
         outs = [r[1] for b in self.blocks for r in cap.records[b.name]]
+        n_block_outs = len(outs)
+        outs += [r[1] for b in self.norms for r in cap.records[b.name]]
         grads = tape.gradient(total, outs)
+        norm_grads, j = {}, n_block_outs
+        for b in self.norms:
+            norm_grads[b.name] = grads[j:j + len(cap.records[b.name])]
+            j += len(cap.records[b.name])
         sq = tf.zeros_like(losses)
         i = 0
         for b in self.blocks:
@@ -614,18 +706,22 @@ class GhostNorms:
                 sq += tf.einsum("bpq,bpq->b", tf.einsum("bpi,bqi->bpq", a, a), tf.einsum("bpo,bqo->bpq", g, g))
             else:
                 sq += tf.reduce_sum(tf.square(tf.einsum("bpi,bpo->bio", a, g)), axis=[1, 2])
-        if self.diagonal:
-            vars_ = [tf_variable(v) for v in self.diagonal]
+        if self.diagonal:  # per example: Σ over each variable of (Σ_t ...)², not summed over the batch
+            for nb in self.norms:
+                for pe in _norm_per_example(nb, cap.records[nb.name], norm_grads[nb.name], losses.dtype):
+                    sq += tf.reduce_sum(tf.square(pe), axis=1)
+            if self.rest:
+                vars_ = [tf_variable(v) for v in self.rest]
 
-            def one(example):
-                xi, yi = example
-                xi = tf.nest.map_structure(lambda t: t[None], xi)
-                yi = tf.nest.map_structure(lambda t: t[None], yi)
-                with tf.GradientTape() as t2:
-                    loss = tf.reduce_sum(obj.per_example_losses(xi, yi))
-                gr = densify(t2.gradient(loss, vars_, unconnected_gradients=tf.UnconnectedGradients.ZERO))
-                return tf.add_n([tf.reduce_sum(tf.square(tf.cast(gg, losses.dtype))) for gg in gr])
-            sq += tf.vectorized_map(one, (x, y))
+                def one(example):
+                    xi, yi = example
+                    xi = tf.nest.map_structure(lambda t: t[None], xi)
+                    yi = tf.nest.map_structure(lambda t: t[None], yi)
+                    with tf.GradientTape() as t2:
+                        loss = tf.reduce_sum(obj.per_example_losses(xi, yi))
+                    gr = densify(t2.gradient(loss, vars_, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+                    return tf.add_n([tf.reduce_sum(tf.square(tf.cast(gg, losses.dtype))) for gg in gr])
+                sq += tf.vectorized_map(one, (x, y))
         return sq
 
 
