@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test pipeline pipeline-compile presence-pipeline demo bench bench-presence bench-kfac presence presence-quick bazel-test reproduce reproduce-quick clean
+.PHONY: install test pipeline pipeline-compile presence-pipeline demo bench bench-presence bench-kfac bench-scale presence presence-quick bazel-test reproduce reproduce-quick clean
 
 install: $(STAMP)
 
@@ -40,6 +40,9 @@ bench-presence: install
 
 bench-kfac: install
 	$(PY) -m benchmarks.kfac_digits --out reports/benchmarks/kfac_digits.json
+
+bench-scale: install
+	$(PY) -m benchmarks.scale --out reports/benchmarks/scale.json
 
 presence: install
 	$(PY) -m experiments.presence_text --out reports/presence

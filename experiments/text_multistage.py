@@ -6,8 +6,9 @@ Tasks (character tokens of :mod:`experiments.text`, windows of ``seq_len`` chara
 
 * pretraining (3 classes): is a window English prose, Python code, or prose with its words
   jumbled — a pretext task that needs character and word-order features;
-* finetuning (2 classes, disjoint windows): which group of standard-library modules a *prose*
-  window comes from (networking / mail / files vs numbers / time / text utilities) — a topic task.
+* finetuning (2 classes, prose windows disjoint from the pretraining ones): is a window clean prose
+  or prose with the letters of every word reversed — a new task whose labels the pretext never saw,
+  solvable with the features the pretext taught (as the paper's digits 0–3 → 4–9).
 
 Model: the shared ``embedding`` (token ``Embedding`` + fixed sinusoidal positions →
 ``MultiHeadAttention`` (its ``EinsumDense`` projections) + residual → ``LayerNormalization`` → ``Dense``
@@ -35,11 +36,6 @@ import tf_influence as tfi
 from experiments import text
 from tf_influence.evaluation import loo, retraining
 
-#: Module groups of the finetuning topic task (prose windows only).
-TOPIC_A = ("email.message", "http.client", "mailbox", "smtplib", "urllib.parse", "shutil", "tarfile", "zipfile",
-           "pathlib", "subprocess", "ipaddress", "uuid")
-TOPIC_B = ("decimal", "fractions", "statistics", "random", "datetime", "calendar", "heapq", "itertools",
-           "functools", "string", "textwrap", "difflib")
 F64 = "float64"
 
 
@@ -53,11 +49,11 @@ class TextConfig:
     n_finetune: int = 200
     n_test: int = 100
     l2: float = 1e-3
-    init_steps: int = 1500
+    init_steps: int = 3000
     init_lr: float = 1e-2
     loo_steps: int = 300
-    loo_lr: float = 0.1
-    n_loo: int = 40
+    loo_lr: float = 0.03
+    n_loo: int = 30
     cg_iters: int = 300
     seed: int = 0
 
@@ -66,50 +62,39 @@ class TextConfig:
         return cls(n_pretrain=150, n_finetune=80, n_test=40, init_steps=300, loo_steps=40, n_loo=6, cg_iters=50)
 
 
-def _prose_by_module():
-    import importlib
-    out = {}
-    for name in TOPIC_A + TOPIC_B:
-        out[name] = text._docstrings(importlib.import_module(name))  # noqa: SLF001 (same package)
-    return out
-
-
-def _windows_of(paragraphs, length):
-    return [w for p in paragraphs for w in text.windows(p, length)]
+def reverse_words(sample: str) -> str:
+    """Reverse the letters of every word (keeps length, spaces and the character set)."""
+    return " ".join(w[::-1] for w in sample.split(" "))
 
 
 def make_tasks(cfg: TextConfig):
     """``(x_pre, y_pre), (x_ft, y_ft), (x_test, y_test)`` as int32 token windows and int64 labels."""
     rng = np.random.default_rng(cfg.seed)
     L = cfg.seq_len
-    by_module = _prose_by_module()
-    topic = {m: 0 for m in TOPIC_A} | {m: 1 for m in TOPIC_B}
-    ft_windows = [(w, topic[m]) for m, paras in by_module.items() for w in _windows_of(paras, L)]
-    rng.shuffle(ft_windows)
     prose_all, code = text.load_corpus()
-    ft_set = set(w for w, _ in ft_windows)
-    prose = [w for w in _windows_of(prose_all, L) if w not in ft_set]
+    prose = text.windows(" ".join(prose_all), L)
     code_w = text.windows(code, L)
+    order = rng.permutation(len(prose))
     per = cfg.n_pretrain // 3
-    pick = lambda items, k: [items[i] for i in rng.choice(len(items), k, replace=False)]  # noqa: E731
-    clean = pick(prose, 2 * per)
-    samples = clean[:per] + pick(code_w, per) + [text.jumble(s, rng) for s in clean[per:]]
-    labels = [0] * per + [1] * per + [2] * per
-    order = rng.permutation(len(samples))
-    x_pre = text.encode([samples[i] for i in order]) - 1  # printable ASCII → 0..94
-    y_pre = np.array([labels[i] for i in order], np.int64)
-    # balanced finetuning / test windows of the two topics
-    a = [w for w, t in ft_windows if t == 0]
-    b = [w for w, t in ft_windows if t == 1]
-    need = (cfg.n_finetune + cfg.n_test) // 2
-    if min(len(a), len(b)) < need:
-        raise ValueError(f"the corpus has {len(a)} / {len(b)} topic windows, fewer than the {need} per topic needed")
-    both = [(w, 0) for w in a[:need]] + [(w, 1) for w in b[:need]]
-    both = [both[i] for i in rng.permutation(len(both))]
-    x = np.clip(text.encode([w for w, _ in both]) - 1, 0, None)
-    y = np.array([t for _, t in both], np.int64)
+    n_ft = cfg.n_finetune + cfg.n_test
+    if len(prose) < 2 * per + n_ft:
+        raise ValueError(f"the corpus has {len(prose)} prose windows of {L} characters, fewer than the "
+                         f"{2 * per + n_ft} needed")
+    pre_prose = [prose[i] for i in order[:2 * per]]
+    ft_prose = [prose[i] for i in order[2 * per:2 * per + n_ft]]
+    code_pick = [code_w[i] for i in rng.choice(len(code_w), per, replace=False)]
+    samples = pre_prose[:per] + code_pick + [text.jumble(s, rng) for s in pre_prose[per:]]
+    labels = np.repeat(np.arange(3), per)
+    perm = rng.permutation(len(samples))
+    x_pre = text.encode([samples[i] for i in perm])
+    y_pre = labels[perm].astype(np.int64)
+    flip = rng.random(n_ft) < 0.5
+    ft_samples = [reverse_words(s) if f else s for s, f in zip(ft_prose, flip)]
+    x = text.encode(ft_samples)
+    y = flip.astype(np.int64)
     n = cfg.n_finetune
-    return (np.clip(x_pre, 0, None), y_pre), (x[:n], y[:n]), (x[n:n + cfg.n_test], y[n:n + cfg.n_test])
+    # token ids: printable ASCII 1..95 → 0..94 (the embedding has no padding row)
+    return (x_pre - 1, y_pre), (x[:n] - 1, y[:n]), (x[n:] - 1, y[n:])
 
 
 def _positions(seq_len, width):

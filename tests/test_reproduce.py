@@ -63,10 +63,13 @@ def test_report_rows_of_every_experiment(tmp_path):
         "finetune_size": {"mean_abs_n": 0.3, "n_finetune_n": 200, "mean_abs_3n": 0.1, "n_finetune_3n": 600},
         "figure3": {"shown": 6, "n_misclassified": 9},
         "cross_task": {"error": "ValueError: boom"},
+        "text_multistage": {**{m: {"pearson": p} for m, p in (("cg", 0.5), ("ekfac", 0.4), ("identity", 0.1))},
+                            "n_examples": 30, "finetune_test_accuracy": 0.9},
     }
     table = reproduce.write_report(fake, reproduce.ReproConfig(), str(tmp_path), 12.0)
     assert "r = 0.80 (Spearman 0.70, n = 100)" in table and "97.00 ± 1.00 % → 98.00 ± 1.00 %" in table
     assert "0.1 (same task) vs 0.2" in table and "0.3 (n = 200) vs 0.1 (3n = 600)" in table
+    assert "cg r = 0.50, ekfac r = 0.40, identity r = 0.10 (n = 30; finetune test accuracy 90 %)" in table
     assert "FAILED: ValueError: boom" in table and "not run" in table  # case2_updated etc. absent
 
 
