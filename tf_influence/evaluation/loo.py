@@ -202,7 +202,8 @@ class TwoStageRetrainer:
 
 
 class LOOCache:
-    """JSON file of leave-one-out results: ``{key: {index: Δ}}``."""
+    """JSON file of retraining results: ``{key: {index: value}}`` — a leave-one-out Δ, or (for the
+    LDS) the measurements of every test point as a list."""
 
     def __init__(self, path: str):
         self.path = path
@@ -216,7 +217,8 @@ class LOOCache:
         return self.data.get(key, {}).get(str(index))
 
     def put(self, key: str, index: int, value: float):
-        self.data.setdefault(key, {})[str(index)] = float(value)
+        self.data.setdefault(key, {})[str(index)] = (np.asarray(value, float).tolist() if np.ndim(value)
+                                                      else float(value))
         self._dirty += 1
         if self._dirty >= 10:
             self.save()

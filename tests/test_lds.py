@@ -1,0 +1,120 @@
+"""The linear datamodeling score: on L2 logistic regression (convex; every retrain solved exactly by
+Newton's method) exact influence reaches a high LDS and a random score none; the statistics equal
+scipy's; retrains are cached and an interrupted run resumes."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy import stats
+
+import tf_influence as tfi
+from tf_influence.evaluation import LOOCache, lds as lds_mod
+
+C = 0.05  # L2 coefficient: loss = mean BCE + C‖w‖² (kernel and bias)
+
+
+def _data(n=160, n_test=24, d=4, seed=0):
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=d)
+    x = rng.normal(size=(n + n_test, d))
+    y = (rng.random(n + n_test) < 1 / (1 + np.exp(-(x @ w)))).astype(np.float64)
+    return x[:n], y[:n], x[n:], y[n:]
+
+
+def _newton(x, y, iters=30):
+    """argmin_θ mean_i BCE(x_i θ) + C‖θ‖² with θ = (w, b)."""
+    X = np.hstack([x, np.ones((len(x), 1))])
+    th = np.zeros(X.shape[1])
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-X @ th))
+        g = X.T @ (p - y) / len(y) + 2 * C * th
+        H = (X * (p * (1 - p))[:, None]).T @ X / len(y) + 2 * C * np.eye(len(th))
+        th -= np.linalg.solve(H, g)
+    return th
+
+
+def _test_losses(th, x, y):
+    z = np.hstack([x, np.ones((len(x), 1))]) @ th
+    return np.logaddexp(0, z) - y * z
+
+
+@pytest.fixture(scope="module")
+def convex():
+    x, y, xt, yt = _data()
+    th = _newton(x, y)
+    reg = keras.regularizers.L2(C)
+    model = keras.Sequential([keras.Input((x.shape[1],), dtype="float64"),
+                              keras.layers.Dense(1, dtype="float64", kernel_regularizer=reg, bias_regularizer=reg)])
+    model.layers[0].kernel.assign(th[:-1, None])
+    model.layers[0].bias.assign(th[-1:])
+    obj = tfi.Objective(model, keras.losses.BinaryCrossentropy(from_logits=True))
+    ds = lambda a, b: tf.data.Dataset.from_tensor_slices((a, b[:, None])).batch(64)  # noqa: E731
+    res = tfi.single_stage_influence(obj, ds(x, y), ds(xt, yt), solver=tfi.SolverConfig("dense"),
+                                     test_target="each")
+    calls = []
+
+    def retrain(mask, seed):
+        calls.append(1)
+        return _test_losses(_newton(x[mask], y[mask]), xt, yt)
+    return res.scores, retrain, calls, len(x)
+
+
+def test_exact_influence_has_a_high_lds_and_a_random_score_none(convex, tmp_path):
+    scores, retrain, calls, n = convex
+    assert scores.shape == (n, 24)
+    cache = LOOCache(str(tmp_path / "cache.json"))
+    exact = lds_mod.evaluate_lds(retrain, scores, num_subsets=60, alpha=0.5, cache=cache, key="logreg", progress=False)
+    assert exact.mean >= 0.8 and exact.ci_low < exact.mean < exact.ci_high
+    assert exact.summary()["num_subsets"] == 60 and exact.summary()["alpha"] == 0.5
+    random = lds_mod.evaluate_lds(retrain, np.random.default_rng(5).normal(size=scores.shape), num_subsets=60, alpha=0.5,
+                         cache=cache, key="logreg", progress=False)
+    assert abs(random.mean) <= 0.1
+    # the opposite sign convention gives the opposite LDS (the score's meaning matters, documented)
+    assert lds_mod.evaluate_lds(retrain, -scores, num_subsets=60, cache=cache, key="logreg", progress=False).mean <= -0.8
+    assert len(calls) == 60  # the random and negated scores reused every cached retrain
+    print(f"LDS exact {exact.mean:.3f} [{exact.ci_low:.3f}, {exact.ci_high:.3f}], random {random.mean:.3f}")
+    # one summed score vector against the summed test loss
+    total = lds_mod.evaluate_lds(retrain, scores.sum(axis=1), num_subsets=60, cache=cache, key="logreg", progress=False)
+    assert total.per_test.shape == (1,) and total.mean > 0.8
+
+
+def test_statistics_equal_scipy():
+    rng = np.random.default_rng(0)
+    scores, masks = rng.normal(size=(30, 5)), lds_mod.draw_subsets(30, 20, 0.3, seed=1)
+    assert (masks.sum(axis=1) == 9).all()
+    measured = masks.astype(float) @ scores + rng.normal(size=(20, 5))
+    r = lds_mod.linear_datamodeling_score(scores, masks, measured)
+    ref = [stats.spearmanr(masks.astype(float) @ scores[:, t], measured[:, t])[0] for t in range(5)]
+    np.testing.assert_allclose(r.per_test, ref)
+    lo, hi = stats.t.interval(0.95, 4, loc=np.mean(ref), scale=stats.sem(ref))
+    assert (r.mean, r.ci_low, r.ci_high) == pytest.approx((np.mean(ref), lo, hi))
+    with pytest.raises(ValueError, match="masks have shape"):
+        lds_mod.linear_datamodeling_score(scores[:10], masks, measured)
+    with pytest.raises(ValueError, match="NaN"):
+        lds_mod.linear_datamodeling_score(np.full_like(scores, np.nan), masks, measured)
+    with pytest.raises(ValueError, match="alpha"):
+        lds_mod.draw_subsets(30, 20, 1.5)
+
+
+def test_an_interrupted_run_resumes_from_the_cache(tmp_path):
+    masks = lds_mod.draw_subsets(12, 6, 0.5, seed=0)
+    done = []
+
+    def flaky(mask, seed):
+        if len(done) == 4:
+            raise KeyboardInterrupt
+        done.append((mask.sum(), seed))
+        return np.array([mask[:3].sum() + seed, 1.0])
+    path = str(tmp_path / "c.json")
+    with pytest.raises(KeyboardInterrupt):
+        lds_mod.measure_subsets(flaky, masks, num_seeds=2, cache=LOOCache(path), key="k", progress=False)
+    calls = []
+    out = lds_mod.measure_subsets(lambda m, s: calls.append(1) or np.array([m[:3].sum() + s, 1.0]), masks,
+                                  num_seeds=2, cache=LOOCache(path), key="k", progress=False)
+    assert len(calls) == 12 - 4 and out.shape == (6, 2)  # the 4 retrains before the interruption are reused
+    np.testing.assert_allclose(out[:, 0], masks[:, :3].sum(axis=1) + 0.5)  # mean over seeds 0 and 1
+    calls.clear()
+    again = lds_mod.measure_subsets(lambda m, s: calls.append(1), masks, num_seeds=2, cache=LOOCache(path),
+                                    key="k", progress=False)
+    assert calls == [] and np.array_equal(again, out)

@@ -1,0 +1,165 @@
+"""The linear datamodeling score (LDS; Park et al. 2023, TRAK) — how the field judges attribution
+scores by what users do with them: removing many training examples at once.
+
+1. Draw ``num_subsets`` random subsets ``S_j`` of the training set (for multi-stage influence: of
+   the **pretraining** set), each a fraction ``alpha`` of it (:func:`draw_subsets`).
+2. Retrain on each subset (multi-stage: pretrain on ``S_j``, then finetune exactly as the
+   original pipeline does) with ``num_seeds`` seeds and average the measurement of every test
+   point (e.g. its loss) — :func:`measure_subsets`, cached on disk and resumable.
+3. The attribution's prediction for ``S_j`` is the sum of the scores of its examples,
+   ``Σ_{z ∈ S_j} τ(z, x)``; the LDS of test point ``x`` is the Spearman correlation over the
+   subsets between prediction and measurement, and the reported LDS is the mean over test points
+   with a 95 % confidence interval (Student t over test points) — :func:`linear_datamodeling_score`.
+
+Sign convention: ``τ(z, x)`` must grow with what *including* ``z`` does to the measurement of
+``x`` — the library's ``InfluenceResult.scores`` (the derivative of the test loss with respect to
+the example's weight) are such scores; so is ``−`` a pretraining loss or any score in which a
+larger value means "this example raises the test loss". A score that means the opposite gives
+an LDS of the opposite sign.
+
+>>> import numpy as np
+>>> masks = draw_subsets(num_train=6, num_subsets=4, alpha=0.5, seed=0)
+>>> masks.shape, masks.sum(axis=1).tolist()
+((4, 6), [3, 3, 3, 3])
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class LDSResult:
+    """Mean LDS over test points with its 95 % confidence interval, and what it was computed from."""
+
+    mean: float
+    ci_low: float
+    ci_high: float
+    per_test: np.ndarray            # Spearman per test point (NaN where undefined)
+    num_subsets: int
+    alpha: float | None = None
+    num_seeds: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        finite = self.per_test[np.isfinite(self.per_test)]
+        return {"lds": float(self.mean), "ci95": [float(self.ci_low), float(self.ci_high)],
+                "num_test_points": int(len(finite)), "num_undefined": int(len(self.per_test) - len(finite)),
+                "num_subsets": int(self.num_subsets), "alpha": self.alpha, "num_seeds": self.num_seeds,
+                **self.extra}
+
+
+def draw_subsets(num_train: int, num_subsets: int = 100, alpha: float = 0.5, seed: int = 0) -> np.ndarray:
+    """``[num_subsets, num_train]`` boolean masks, each keeping exactly ``round(alpha · num_train)``
+    examples drawn uniformly without replacement (reproducible from ``seed``)."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha (the fraction of the training set in each subset) must be in (0, 1), got {alpha}")
+    if num_subsets < 3:
+        raise ValueError(f"num_subsets must be at least 3 for a rank correlation, got {num_subsets}")
+    keep = int(round(alpha * num_train))
+    if not 0 < keep < num_train:
+        raise ValueError(f"alpha={alpha} keeps {keep} of {num_train} training examples; need 0 < kept < all")
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((num_subsets, num_train), bool)
+    for j in range(num_subsets):
+        masks[j, rng.choice(num_train, keep, replace=False)] = True
+    return masks
+
+
+def mean_ci95(values) -> tuple:
+    """``(mean, low, high)`` of the finite values: Student-t 95 % interval of the mean."""
+    from scipy import stats
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return float("nan"), float("nan"), float("nan")
+    m = float(v.mean())
+    if len(v) < 2:
+        return m, float("nan"), float("nan")
+    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    return m, m - half, m + half
+
+
+def linear_datamodeling_score(scores, masks, measured, alpha: float | None = None,
+                              num_seeds: int | None = None) -> LDSResult:
+    """LDS of ``scores`` (``[num_train]`` for one test target or ``[num_train, num_test]``) given the
+    subset ``masks`` (``[num_subsets, num_train]``) and the ``measured`` outputs of the models
+    retrained on them (``[num_subsets]`` or ``[num_subsets, num_test]``)."""
+    from scipy import stats
+    scores = np.asarray(scores, float)
+    masks = np.asarray(masks, bool)
+    measured = np.asarray(measured, float)
+    s2 = scores[:, None] if scores.ndim == 1 else scores
+    m2 = measured[:, None] if measured.ndim == 1 else measured
+    if masks.ndim != 2 or masks.shape[1] != s2.shape[0]:
+        raise ValueError(f"masks have shape {masks.shape} but there are {s2.shape[0]} scored training examples")
+    if m2.shape != (masks.shape[0], s2.shape[1]):
+        raise ValueError(f"measured outputs have shape {measured.shape}; expected {(masks.shape[0], s2.shape[1])} "
+                         "(one row per subset, one column per test point)")
+    for name, arr in (("scores", s2), ("measured outputs", m2)):
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{name} contain NaN/Inf")
+    predicted = masks.astype(float) @ s2                                # [num_subsets, num_test]
+    per_test = np.full(s2.shape[1], np.nan)
+    for t in range(s2.shape[1]):
+        if np.std(predicted[:, t]) > 0 and np.std(m2[:, t]) > 0:
+            per_test[t] = stats.spearmanr(predicted[:, t], m2[:, t])[0]
+    mean, lo, hi = mean_ci95(per_test)
+    return LDSResult(mean, lo, hi, per_test, masks.shape[0], alpha, num_seeds)
+
+
+def _hash_masks(masks) -> str:
+    return hashlib.sha1(np.packbits(np.asarray(masks, bool)).tobytes() + str(np.shape(masks)).encode()).hexdigest()[:12]
+
+
+def measure_subsets(retrain, masks, num_seeds: int = 1, cache=None, key: str = "", progress: bool = True):
+    """``[num_subsets, num_test]``: ``retrain(mask, seed) → measurements of the test points`` for every
+    subset, averaged over ``seeds 0..num_seeds-1``.
+
+    ``cache`` (a :class:`~tf_influence.evaluation.loo.LOOCache`) keeps every (subset, seed) result
+    under ``key`` + a hash of the masks as soon as it is computed, so an interrupted run resumes
+    where it stopped and a rerun retrains nothing. ``key`` must identify the retraining protocol,
+    starting weights and data (e.g. ``TwoStageRetrainer.key``)."""
+    masks = np.asarray(masks, bool)
+    full_key = f"lds-{key}-{_hash_masks(masks)}"
+    todo = [(j, s) for j in range(len(masks)) for s in range(num_seeds)
+            if cache is None or cache.get(full_key, f"{j}:{s}") is None]
+    results = {}
+    it = todo
+    if progress and todo:
+        from tqdm.auto import tqdm
+        it = tqdm(todo, desc=f"LDS retraining ({len(masks)} subsets × {num_seeds} seeds)", leave=False)
+    try:
+        for j, s in it:
+            out = np.atleast_1d(np.asarray(retrain(masks[j], s), float))
+            if not np.all(np.isfinite(out)):
+                raise ValueError(f"retraining on subset {j} (seed {s}) gave NaN/Inf measurements")
+            results[(j, s)] = out
+            if cache is not None:
+                cache.put(full_key, f"{j}:{s}", out)
+    finally:  # also on an interruption: what was retrained is kept for the resumed run
+        if cache is not None and results:
+            cache.save()
+    rows = []
+    for j in range(len(masks)):
+        per_seed = [results[(j, s)] if (j, s) in results else np.asarray(cache.get(full_key, f"{j}:{s}"), float)
+                    for s in range(num_seeds)]
+        rows.append(np.mean(per_seed, axis=0))
+    return np.stack(rows)
+
+
+def evaluate_lds(retrain, scores, num_subsets: int = 100, alpha: float = 0.5, num_seeds: int = 1, seed: int = 0,
+        cache=None, key: str = "", progress: bool = True) -> LDSResult:
+    """Draw the subsets, retrain (cached), and score: the whole LDS in one call.
+
+    ``retrain(mask, seed)`` trains on the examples where ``mask`` is true and returns the
+    measurement of every test point; ``scores`` has one row per training example."""
+    scores = np.asarray(scores, float)
+    masks = draw_subsets(scores.shape[0], num_subsets, alpha, seed)
+    measured = measure_subsets(retrain, masks, num_seeds, cache, key, progress)
+    if scores.ndim == 1 and measured.shape[1] > 1:
+        measured = measured.sum(axis=1)  # one score vector: the summed test target
+    return linear_datamodeling_score(scores, masks, measured, alpha, num_seeds)
