@@ -19,8 +19,6 @@ with like:
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 
@@ -143,11 +141,8 @@ def main(argv=None):
         "dense_hessian_columnwise_over_block": t_dense_cols / t_dense_block,
         "tensorflow": tf.__version__,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(out, fh, indent=2)
-    for k, val in out.items():
-        print(f"{k:45s} {val:.4g}" if isinstance(val, float) else f"{k:45s} {val}")
+    from benchmarks import report
+    report.write(out, args.out, width=45)
     print(f"targets: HVP ≤ 3× gradient ({'met' if out['hvp_fob_over_grad'] <= 3 else 'MISSED'}), "
           f"vectorised per-example ≥ 10× loop ({'met' if out['per_example_vectorized_over_loop'] >= 10 else 'MISSED'}), "
           f"self-influence ≥ 0.5× batched gradient ({'met' if out['si_over_batched_gradient'] >= 0.5 else 'MISSED'})")

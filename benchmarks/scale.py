@@ -29,8 +29,6 @@ windowed with overlap to reach that count). Measured in this one run, on the sam
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import resource
 import time
 
@@ -194,11 +192,8 @@ def main(argv=None):
         "wall_seconds": time.perf_counter() - t0,
         "tensorflow": tf.__version__,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(out, fh, indent=2)
-    for k, val in out.items():
-        print(f"{k:36s} {val:.4g}" if isinstance(val, float) else f"{k:36s} {val}")
+    from benchmarks import report
+    report.write(out, args.out, width=36)
     print(f"targets: EK-FAC all ≤ 3 epochs ({'met' if out['ekfac_score_all_over_epoch'] <= 3 else 'MISSED'}), "
           f"EK-FAC ≥ 10× CG ({'met' if out['ekfac_over_cg_speedup'] >= 10 else 'MISSED'}), "
           f"self-influence ≥ 0.5× batched gradient ({'met' if out['si_over_batched_gradient'] >= 0.5 else 'MISSED'})")

@@ -28,6 +28,10 @@ from tests import tfx_helpers as th  # noqa: E402
 SPEC = {"x": {"name": "image", "shape": [8, 8, 1]}, "y": {"name": "label"}}
 from tests.tfx_helpers import BEAM_IN_PROCESS  # noqa: E402
 
+INFLUENCE_PROPS = dict(feature_spec=json.dumps(SPEC), embedding=json.dumps(["embedding"]), case="fixed", alpha=0.01,
+                       damping_pretrain=1e-2, damping_finetune=1e-3, solver="cg_squared", max_iter=100,
+                       hessian_samples=None, finetune_train_split="train", test_split="test")
+
 
 def examples_artifact(uri, splits):
     a = standard_artifacts.Examples()
@@ -84,9 +88,7 @@ def test_influence_scorer_equals_the_library(world, tmp_path):
     from tfx_components.artifacts import InfluenceScores
     out = InfluenceScores()
     out.uri = str(tmp_path / "scores")
-    props = dict(feature_spec=json.dumps(SPEC), embedding=json.dumps(["embedding"]), case="fixed", alpha=0.01,
-                 damping_pretrain=1e-2, damping_finetune=1e-3, solver="cg_squared", max_iter=100,
-                 hessian_samples=None, finetune_train_split="train", test_split="test")
+    props = dict(INFLUENCE_PROPS)
     InfluenceExecutor(ctx(tmp_path / "tmp")).Do(
         {"pretrain_examples": [a["pre_ex"]], "finetune_examples": [a["ft_ex"]], "pretrain_model": [a["pre_m"]],
          "finetune_model": [a["ft_m"]]}, {"scores": [out]}, props)
@@ -146,9 +148,7 @@ def test_factor_fitter_feeds_the_influence_scorer(world, tmp_path):
     assert factors.get_int_custom_property("num_examples") == 80
     out = InfluenceScores()
     out.uri = str(tmp_path / "scores")
-    props = dict(feature_spec=json.dumps(SPEC), embedding=json.dumps(["embedding"]), case="fixed", alpha=0.01,
-                 damping_pretrain=1e-2, damping_finetune=1e-3, solver="cg_squared", max_iter=100,
-                 hessian_samples=None, finetune_train_split="train", test_split="test")
+    props = dict(INFLUENCE_PROPS)
     InfluenceExecutor(ctx(tmp_path / "tmp")).Do(
         {"pretrain_examples": [a["pre_ex"]], "finetune_examples": [a["ft_ex"]], "pretrain_model": [a["pre_m"]],
          "finetune_model": [a["ft_m"]], "pretrain_factors": [factors]}, {"scores": [out]}, props)

@@ -289,6 +289,21 @@ def _norm_per_example(nb, records, grads, dtype):
     return total
 
 
+def _vectorized_gradients(objective, variables, x, y):
+    """Per-example gradients ``[B, *shape]`` of ``variables`` (one-example gradients under
+    ``tf.vectorized_map``): the fallback for variables no captured layer covers."""
+    vars_ = [tf_variable(v) for v in variables]
+
+    def one(example):
+        xi, yi = example
+        xi = tf.nest.map_structure(lambda t: t[None], xi)
+        yi = tf.nest.map_structure(lambda t: t[None], yi)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(objective.per_example_losses(xi, yi))
+        return densify(tape.gradient(loss, vars_, unconnected_gradients=tf.UnconnectedGradients.ZERO))
+    return tf.vectorized_map(one, (x, y))
+
+
 def _diagonal_squares(objective, norms, records, grads_of, rest, x, y, dtype):
     """``{id(variable): Σ_n (∂l_n/∂v)²}`` for the diagonal variables: from the captured
     ``LayerNormalization`` records, and by vectorised per-example gradients for the ``rest``."""
@@ -298,17 +313,7 @@ def _diagonal_squares(objective, norms, records, grads_of, rest, x, y, dtype):
         for v, pe in zip(nb.variables, per):
             out[id(tf_variable(v))] = tf.reduce_sum(tf.square(pe), axis=0)
     if rest:
-        vars_ = [tf_variable(v) for v in rest]
-
-        def one(example):
-            xi, yi = example
-            xi = tf.nest.map_structure(lambda t: t[None], xi)
-            yi = tf.nest.map_structure(lambda t: t[None], yi)
-            with tf.GradientTape() as tape:
-                loss = tf.reduce_sum(objective.per_example_losses(xi, yi))
-            return densify(tape.gradient(loss, vars_, unconnected_gradients=tf.UnconnectedGradients.ZERO))
-        per = tf.vectorized_map(one, (x, y))
-        for v, gv in zip(rest, per):
+        for v, gv in zip(rest, _vectorized_gradients(objective, rest, x, y)):
             out[id(tf_variable(v))] = tf.reduce_sum(tf.square(tf.cast(gv, dtype)), axis=0)
     return out
 
@@ -714,17 +719,9 @@ class GhostNorms:
                 for pe in _norm_per_example(nb, cap.records[nb.name], norm_grads[nb.name], losses.dtype):
                     sq += tf.reduce_sum(tf.square(pe), axis=1)
             if self.rest:
-                vars_ = [tf_variable(v) for v in self.rest]
-
-                def one(example):
-                    xi, yi = example
-                    xi = tf.nest.map_structure(lambda t: t[None], xi)
-                    yi = tf.nest.map_structure(lambda t: t[None], yi)
-                    with tf.GradientTape() as t2:
-                        loss = tf.reduce_sum(obj.per_example_losses(xi, yi))
-                    gr = densify(t2.gradient(loss, vars_, unconnected_gradients=tf.UnconnectedGradients.ZERO))
-                    return tf.add_n([tf.reduce_sum(tf.square(tf.cast(gg, losses.dtype))) for gg in gr])
-                sq += tf.vectorized_map(one, (x, y))
+                for gv in _vectorized_gradients(obj, self.rest, x, y):
+                    gv = tf.cast(gv, losses.dtype)
+                    sq += tf.reduce_sum(tf.reshape(tf.square(gv), [tf.shape(gv)[0], -1]), axis=1)
         return sq
 
 
