@@ -16,6 +16,7 @@ import os
 import tempfile
 import time
 
+from benchmarks.common import write_report
 from tf_influence import console
 
 
@@ -61,11 +62,7 @@ def main(argv=None):
         times[workers] = time.perf_counter() - t
     out = {"two_workers_over_one_worker_speedup": times[1] / times[2], "seconds_one_worker": times[1],
            "seconds_two_workers": times[2], "n_examples": args.examples, "machine_cores": os.cpu_count()}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(out, fh, indent=2)
-    for k, v in out.items():
-        print(f"{k:40s} {v:.4g}" if isinstance(v, float) else f"{k:40s} {v}")
+    write_report(out, args.out, width=40)
 
 
 if __name__ == "__main__":

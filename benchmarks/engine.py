@@ -19,21 +19,10 @@ with like:
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
+from benchmarks.common import median_seconds, write_report
 from tf_influence import console
-
-
-def _time(fn, repeats):
-    fn()  # warm-up / trace
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        _ = out.numpy() if hasattr(out, "numpy") else out
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def main(argv=None):
@@ -72,12 +61,12 @@ def main(argv=None):
     fns = GradientKernels.get(obj, g)
     total = tf.constant(float(B))
 
-    t_grad = _time(lambda: fns.sum_grad(x, y), args.repeats)
+    t_grad = median_seconds(lambda: fns.sum_grad(x, y), args.repeats)
     kern = {m: HvpKernels.get(obj, g, g, m) for m in ("fob", "rr")}
-    t_hvp = {m: _time(lambda m=m: kern[m].batch(x, y, v, total), args.repeats) for m in kern}
-    t_vec = _time(lambda: fns.jacobian(x, y), max(3, args.repeats // 4))
+    t_hvp = {m: median_seconds(lambda m=m: kern[m].batch(x, y, v, total), args.repeats) for m in kern}
+    t_vec = median_seconds(lambda: fns.jacobian(x, y), max(3, args.repeats // 4))
     ghost = GhostNorms.get(obj, g)  # self-influence over every layer without per-example gradients
-    t_ghost = _time(lambda: ghost.fn(x, y), max(3, args.repeats // 4))
+    t_ghost = median_seconds(lambda: ghost.fn(x, y), max(3, args.repeats // 4))
     n_loop = min(args.loop_examples, B)
 
     def loop():
@@ -86,7 +75,7 @@ def main(argv=None):
             out = fns.sum_grad(x[i:i + 1], y[i:i + 1])
         return out
 
-    t_loop = _time(loop, 3)
+    t_loop = median_seconds(loop, 3)
     vec_rate, loop_rate, batched_rate = B / t_vec, n_loop / t_loop, B / t_grad
 
     pre_ds, ft_ds, test_ds = data.datasets()
@@ -141,8 +130,7 @@ def main(argv=None):
         "dense_hessian_columnwise_over_block": t_dense_cols / t_dense_block,
         "tensorflow": tf.__version__,
     }
-    from benchmarks import report
-    report.write(out, args.out, width=45)
+    write_report(out, args.out, width=45)
     print(f"targets: HVP ≤ 3× gradient ({'met' if out['hvp_fob_over_grad'] <= 3 else 'MISSED'}), "
           f"vectorised per-example ≥ 10× loop ({'met' if out['per_example_vectorized_over_loop'] >= 10 else 'MISSED'}), "
           f"self-influence ≥ 0.5× batched gradient ({'met' if out['si_over_batched_gradient'] >= 0.5 else 'MISSED'})")

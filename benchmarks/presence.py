@@ -12,11 +12,10 @@ the TracIn self-influence scoring rate (``tracin.self_influence``).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
 
+from benchmarks.common import median_seconds, write_report
 from tf_influence import console
 
 
@@ -44,14 +43,7 @@ def main(argv=None):
     xb, yb = x[:args.batch], y[:args.batch]
 
     def timed(fn):
-        for _ in range(3):
-            fn()
-        ts = []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return statistics.median(ts)
+        return median_seconds(fn, args.repeats, warmup=3)
 
     # interleave the two measurements to share any machine-load drift
     plain = text.build_lm(seed=0)
@@ -84,11 +76,7 @@ def main(argv=None):
            "num_microbatches": args.microbatches, "n_params": int(sum(np.prod(v.shape) for v in
                                                                      plain.trainable_variables)),
            "si_layer_set": ["embedding"], "tensorflow": tf.__version__}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(out, fh, indent=2)
-    for k, v in out.items():
-        print(f"{k:35s} {v:.4g}" if isinstance(v, float) else f"{k:35s} {v}")
+    write_report(out, args.out, width=35)
     print(f"target: PRESENCE step ≤ 1.15× plain step "
           f"({'met' if out['presence_step_over_plain_step'] <= 1.15 else 'MISSED'})")
 

@@ -32,6 +32,7 @@ import argparse
 import resource
 import time
 
+from benchmarks.common import median_seconds, write_report
 from tf_influence import console
 
 console.quiet_for_cli()
@@ -155,17 +156,7 @@ def main(argv=None):
     # self-influence (ghost norms over every layer) vs one batched gradient
     xb, yb = tf.constant(x_tr[:args.batch]), tf.constant(y_tr[:args.batch])
     ghost, fns = GhostNorms.get(obj, group), GradientKernels.get(obj, group)
-
-    def timed(fn, repeats=5):
-        fn()
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            out = fn()
-            _ = [o.numpy() for o in tf.nest.flatten(out)]
-            ts.append(time.perf_counter() - t)
-        return float(np.median(ts))
-    t_si, t_grad = timed(lambda: ghost.fn(xb, yb)), timed(lambda: fns.sum_grad(xb, yb))
+    t_si, t_grad = median_seconds(lambda: ghost.fn(xb, yb), 5), median_seconds(lambda: fns.sum_grad(xb, yb), 5)
     out = {
         "n_params": n_params,
         "n_pretrain_examples": int(len(x_tr)),
@@ -192,8 +183,7 @@ def main(argv=None):
         "wall_seconds": time.perf_counter() - t0,
         "tensorflow": tf.__version__,
     }
-    from benchmarks import report
-    report.write(out, args.out, width=36)
+    write_report(out, args.out, width=36)
     print(f"targets: EK-FAC all ≤ 3 epochs ({'met' if out['ekfac_score_all_over_epoch'] <= 3 else 'MISSED'}), "
           f"EK-FAC ≥ 10× CG ({'met' if out['ekfac_over_cg_speedup'] >= 10 else 'MISSED'}), "
           f"self-influence ≥ 0.5× batched gradient ({'met' if out['si_over_batched_gradient'] >= 0.5 else 'MISSED'})")

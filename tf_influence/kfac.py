@@ -264,14 +264,11 @@ def norm_blocks(model, variables):
             continue
         seen.add(id(layer))
         axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
-        gamma_var = getattr(layer, "gamma", None)
-        last = gamma_var is not None and len(gamma_var.shape) == 1
+        gamma, beta = (getattr(layer, attr, None) for attr in ("gamma", "beta"))
+        last = gamma is not None and len(gamma.shape) == 1
         if getattr(layer, "rms_scaling", False) or len(axis) != 1 or not (axis[0] == -1 or last):
             continue
-        gamma = layer.gamma if getattr(layer, "gamma", None) is not None and id(tf_variable(layer.gamma)) in wanted \
-            else None
-        beta = layer.beta if getattr(layer, "beta", None) is not None and id(tf_variable(layer.beta)) in wanted \
-            else None
+        gamma, beta = (w if w is not None and id(tf_variable(w)) in wanted else None for w in (gamma, beta))
         if gamma is None and beta is None:
             continue
         blk = _NormBlock(layer, gamma, beta)
@@ -316,6 +313,17 @@ def _diagonal_squares(objective, norms, records, grads_of, rest, x, y, dtype):
         for v, gv in zip(rest, _vectorized_gradients(objective, rest, x, y)):
             out[id(tf_variable(v))] = tf.reduce_sum(tf.square(tf.cast(gv, dtype)), axis=0)
     return out
+
+
+def _output_grads(tape, total, cap, layers) -> dict:
+    """``{layer name: [∂total/∂output of each call]}`` for the captured ``layers`` (one gradient call)."""
+    outs = [r[1] for b in layers for r in cap.records[b.name]]
+    grads = tape.gradient(total, outs)
+    per, i = {}, 0
+    for b in layers:
+        k = len(cap.records[b.name])
+        per[b.name], i = grads[i:i + k], i + k
+    return per
 
 
 class _Capture:
@@ -462,35 +470,27 @@ class FactorStatistics:
 
     # -- compiled per-batch kernels ---------------------------------------------------------------
     def _forward(self, x, y, step, with_norms=False):
+        """Kronecker blocks' ``(activations, output gradients)`` per call, the sampled labels, and
+        (``with_norms``) the captured ``LayerNormalization`` records with their output gradients."""
         model, objective = self.objective.model, self.objective
-        blocks = self.blocks + (self.norms if with_norms else [])
-        cap = _Capture(blocks)
+        layers = self.blocks + (self.norms if with_norms else [])
+        cap = _Capture(layers)
         with cap, tf.GradientTape() as tape:
             y_pred = model(x, training=False)
             ys = _sample_labels(objective.loss, y_pred, y, self.fisher, tf.stack([tf.constant(self.seed, tf.int64),
                                                                                   tf.cast(step, tf.int64)]))
             losses = reduce_per_example(objective.loss_fn(ys, y_pred))
             total = tf.reduce_sum(losses)
-        outs = {b.name: [r[1] for r in cap.records[b.name]] for b in blocks}
-        grads = tape.gradient(total, [t for b in blocks for t in outs[b.name]])
-        res, norm_grads, i = {}, {}, 0
-        for b in blocks:
-            if b.kind == "norm":
-                norm_grads[b.name] = grads[i:i + len(outs[b.name])]
-                i += len(outs[b.name])
-                continue
-            pairs = []
-            for inp, _ in cap.records[b.name]:
-                pairs.append((b.activations(inp), tf.cast(b.out_grads(grads[i]), self.compute)))
-                i += 1
-            res[b.name] = pairs
+        grads = _output_grads(tape, total, cap, layers)
+        res = {b.name: [(b.activations(inp), tf.cast(b.out_grads(g), self.compute))
+                        for (inp, _), g in zip(cap.records[b.name], grads[b.name])] for b in self.blocks}
         if with_norms:
-            return res, ys, (cap.records, norm_grads)
+            return res, ys, (cap.records, grads)
         return res, ys
 
     def _stats_fn(self, x, y, step):
         dtype = tf.float64
-        res, ys, (records, norm_grads) = self._forward(x, y, step, with_norms=True)
+        res, ys, (records, layer_grads) = self._forward(x, y, step, with_norms=True)
         out = {}
         for b in self.blocks:
             A = tf.zeros([b.rows] if b.kind == "embedding" else [b.rows, b.rows], dtype)
@@ -506,7 +506,7 @@ class FactorStatistics:
                 tokens += tf.cast(tf.shape(g)[0] * tf.shape(g)[1], dtype)
                 S += tf.cast(tf.einsum("bpi,bpj->ij", g, g), dtype)
             out[b.name] = (A, S, tokens)
-        sq = _diagonal_squares(self.objective, self.norms, records, norm_grads, self.rest, x, ys, dtype)
+        sq = _diagonal_squares(self.objective, self.norms, records, layer_grads, self.rest, x, ys, dtype)
         diag = [sq[id(tf_variable(v))] for v in self.diag_vars]
         return out, diag, tf.cast(tf.shape(tf.nest.flatten(y)[0])[0], dtype)
 
@@ -678,25 +678,12 @@ class GhostNorms:
         with cap, tf.GradientTape() as tape:
             losses = reduce_per_example(obj.loss_fn(y, model(x, training=False)))
             total = tf.reduce_sum(losses)
-        outs = [r[1] for b in self.blocks for r in cap.records[b.name]]
-        n_block_outs = len(outs)
-        outs += [r[1] for b in self.norms for r in cap.records[b.name]]
-        grads = tape.gradient(total, outs)
-        norm_grads, j = {}, n_block_outs
-        for b in self.norms:
-            norm_grads[b.name] = grads[j:j + len(cap.records[b.name])]
-            j += len(cap.records[b.name])
+        grads = _output_grads(tape, total, cap, self.blocks + self.norms)
         sq = tf.zeros_like(losses)
-        i = 0
         for b in self.blocks:
             # a layer called several times in one forward pass: G_n sums over its calls
-            acts, gs = [], []
-            for inp, _ in cap.records[b.name]:
-                acts.append(b.activations(inp))
-                gs.append(tf.cast(b.out_grads(grads[i]), losses.dtype))
-                i += 1
-            a = tf.concat(acts, axis=1)
-            g = tf.concat(gs, axis=1)
+            a = tf.concat([b.activations(inp) for inp, _ in cap.records[b.name]], axis=1)
+            g = tf.concat([tf.cast(b.out_grads(gr), losses.dtype) for gr in grads[b.name]], axis=1)
             positions = a.shape[1]
             pairwise = positions is not None and positions * positions <= b.rows * b.d_out
             if b.kind == "embedding" and pairwise:
@@ -714,14 +701,14 @@ class GhostNorms:
                 sq += tf.einsum("bpq,bpq->b", tf.einsum("bpi,bqi->bpq", a, a), tf.einsum("bpo,bqo->bpq", g, g))
             else:
                 sq += tf.reduce_sum(tf.square(tf.einsum("bpi,bpo->bio", a, g)), axis=[1, 2])
-        if self.diagonal:  # per example: Σ over each variable of (Σ_t ...)², not summed over the batch
-            for nb in self.norms:
-                for pe in _norm_per_example(nb, cap.records[nb.name], norm_grads[nb.name], losses.dtype):
-                    sq += tf.reduce_sum(tf.square(pe), axis=1)
-            if self.rest:
-                for gv in _vectorized_gradients(obj, self.rest, x, y):
-                    gv = tf.cast(gv, losses.dtype)
-                    sq += tf.reduce_sum(tf.reshape(tf.square(gv), [tf.shape(gv)[0], -1]), axis=1)
+        # diagonal variables, per example: Σ over each variable of (Σ_t ...)², not summed over the batch
+        for nb in self.norms:
+            for pe in _norm_per_example(nb, cap.records[nb.name], grads[nb.name], losses.dtype):
+                sq += tf.reduce_sum(tf.square(pe), axis=1)
+        if self.rest:
+            for gv in _vectorized_gradients(obj, self.rest, x, y):
+                gv = tf.cast(gv, losses.dtype)
+                sq += tf.reduce_sum(tf.reshape(tf.square(gv), [tf.shape(gv)[0], -1]), axis=1)
         return sq
 
 

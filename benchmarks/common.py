@@ -1,0 +1,32 @@
+"""Shared pieces of the benchmark scripts: timing and the output (JSON file + readable table)."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+
+def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` untimed calls (tracing);
+    every tensor ``fn`` returns is fetched inside the timing."""
+    import tensorflow as tf
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        _ = [o.numpy() for o in tf.nest.flatten(out) if hasattr(o, "numpy")]
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def write_report(out: dict, path: str, width: int = 45, indent: int = 2) -> None:
+    """Write ``out`` to ``path`` (JSON) and print one ``key value`` line per entry."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(out, fh, indent=indent)
+    for k, val in out.items():
+        print(f"{k:{width}s} {val:.4g}" if isinstance(val, float) else f"{k:{width}s} {val}")
