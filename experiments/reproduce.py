@@ -22,9 +22,14 @@ Experiments (keys of results.json):
   leave-one-out loss differences of finetune task (7, 8, 9).
 * ``figure3`` — misclassified finetune test images next to the pretraining image with the
   largest positive score (Figure 3/4 of the paper).
+* ``lds`` — the linear datamodeling score of every method (:mod:`tf_influence.evaluation.lds`):
+  random halves of the pretraining set (of the finetuning set for single-stage influence), both
+  stages retrained **from scratch** on each with several seeds (TRAK's protocol, not the
+  continuation of the leave-one-out rows), Spearman per test point with a 95 % CI, and the noise
+  floor of that ground truth (seed-to-seed LDS); retrains run as a Beam job (``lds.png``).
 * ``text_multistage`` — the paper's setting in miniature on text (:mod:`experiments.text_multistage`):
-  a transformer pretrained on English prose / code / jumbled prose, finetuned to spot reversed
-  words; leave-one-out correlation of case-1 scores with CG, EK-FAC and the identity baseline
+  a transformer character LM pretrained on English prose and code, finetuned (frozen features) to
+  tell prose from code; leave-one-out correlation of case-1 scores with CG, EK-FAC and the identity baseline
   (one entry per method: ``cg``, ``ekfac``, ``identity``).
 
 The leave-one-out protocol and why it uses gradient-descent continuation are documented in
@@ -65,6 +70,7 @@ EXPERIMENTS = (
     "cross_task",
     "figure3",
     "text_multistage",
+    "lds",
 )
 
 NO_FIGURE = ("cleansing",)  # every other experiment writes <name>.png
@@ -81,8 +87,10 @@ PAPER = {  # what the paper (MNIST unless noted) and its rebuttal report
     "finetune_size": "mean \\|score\\| larger with n than with 3n (0.15 for 3n) (CIFAR)",
     "cross_task": "r = 0.13 (MNIST 4-5-6 → 7-8-9)",
     "figure3": "misclassified test images traced to low-quality pretraining images",
-    "text_multistage": "— (ELMo / BERT in the paper; ours: a small transformer on English text; "
+    "text_multistage": "— (ELMo / BERT in the paper; ours: a small transformer LM on English text and code; "
                        "target: CG and EK-FAC r ≥ 2 × identity's)",
+    "lds": "— (not reported by the paper; kronfluence EK-FAC 0.44 on GPT-2/WikiText-2; target: CG ≥ 0.4, "
+           "identity below)",
 }
 
 
@@ -117,6 +125,11 @@ class ReproConfig:
     cg_iters: int = 300
     hessian_samples: int | None = None  # all 576 pretraining examples (the paper samples 1,000 of ~24k)
     seeds: tuple = (0, 1, 2, 3, 4)  # cleansing
+    lds_num_subsets: int = 24  # LDS: random pretraining (single-stage: finetuning) subsets …
+    lds_alpha: float = 0.5  # … each this fraction of the set,
+    lds_num_seeds: int = 2  # retrained from scratch with this many seeds (≥ 2 gives the noise floor)
+    lds_test_points: int = 60  # finetuning test points measured (the first of the test split)
+    lds_workers: int = 2  # Beam DirectRunner processes for the retrains (0 = in-process)
     seed: int = 0
     quick: bool = False
 
@@ -130,6 +143,10 @@ class ReproConfig:
             case2_finetune_steps=100,
             cg_iters=50,
             seeds=(0,),
+            lds_num_subsets=4,
+            lds_num_seeds=2,
+            lds_test_points=8,
+            lds_workers=0,
             quick=True,
             sensitivity=False,
             **kw,
@@ -662,6 +679,175 @@ def text_multistage(ctx):
     return r
 
 
+# -- linear datamodeling score ---------------------------------------------------------------------
+
+
+@dataclass
+class DigitsRetrain:
+    """One LDS retrain, picklable for Beam workers: ``(mask, seed) → test losses``.
+
+    ``stage="pretrain"``, ``protocol="scratch"`` (TRAK's): pretrain from scratch (init seed
+    ``cfg.seed + seed``) on the pretraining examples where ``mask`` is true, then finetune exactly
+    as the original pipeline — case 1 (head on the fixed embedding) and case 2 (embedding and head,
+    head Θ₀ from the case-2 seed); returns the case-1 losses of the measured test points followed by
+    the case-2 losses. ``protocol="continue"``: the leave-one-out protocol of the correlation rows
+    (gradient-descent continuation of both stages from the trained models, :func:`retrainer`) with
+    the subset as example weights — deterministic, so ``seed`` is ignored.
+    ``stage="finetune"`` (single-stage influence): the original pretrained embedding (seed
+    ``cfg.seed``, all examples), a fresh head (init seed ``cfg.seed + seed``) finetuned on the
+    finetuning examples where ``mask`` is true; returns the test losses."""
+
+    cfg: ReproConfig
+    stage: str = "pretrain"
+    protocol: str = "scratch"
+
+    def _setup(self):
+        if getattr(self, "_ctx", None) is None:
+            tf.config.experimental.enable_op_determinism()  # as the driver: same weights in every worker
+            self._ctx = Context.__new__(Context)
+            self._ctx.cfg = self.cfg
+            self._ctx.main = {}
+            self._d = data(self._ctx)
+            k = self.cfg.lds_test_points
+            self._test = (self._d.x_test[:k], self._d.y_test[:k])
+            self._emb = None
+            self._retrainers = None
+        return self._ctx, self._d
+
+    def _losses(self, model):
+        return tfi.Objective(model, models.sparse_ce()).per_example_losses(*self._test).numpy()
+
+    def __call__(self, mask, seed):
+        ctx, d = self._setup()
+        w = np.asarray(mask, np.float32)
+        s = self.cfg.seed + int(seed)
+        if self.stage == "pretrain" and self.protocol == "continue":
+            if self._retrainers is None:
+                self._retrainers = []
+                for case in ("fixed", "updated"):
+                    m = main_case(ctx, case)
+                    self._retrainers.append(retrainer(ctx, m["pre"], m["ft"], d, case, m["theta0"]))
+            return np.concatenate([rt.run(w, self._losses) for rt in self._retrainers])
+        if self.stage == "pretrain":
+            pre, ft, _ = train_pretrain(ctx, d, s, weights=w)
+            finetune_fixed(ctx, ft, d)
+            ft2, _ = finetune_updated(ctx, pre, d, s)
+            return np.concatenate([self._losses(ft), self._losses(ft2)])
+        if self._emb is None:
+            self._emb = train_pretrain(ctx, d, self.cfg.seed)[2]
+        import keras
+        keras.utils.set_random_seed(s)
+        head = models.build_head(int(self._emb.output_shape[-1]), len(d.finetune_classes), l2=self.cfg.l2,
+                                 name="finetune_head")
+        ft = models.attach_head(self._emb, head, "finetune_lds")
+        W = tfi.group_from_layers(ft, ["embedding"])
+        _trainer(ctx, ft, d.x_ft, d.y_ft, tfi.complement_group(ft, W), ctx.cfg.init_steps, ctx.cfg.init_lr, w)
+        return self._losses(ft)
+
+
+def _lds_measure(ctx, stage, num_train, protocol="scratch", num_seeds=None):
+    """``[num_seeds, num_subsets, outputs]`` retrain measurements (cached, Beam-parallel) and the masks."""
+    from tf_influence.evaluation import lds
+    c = ctx.cfg
+    masks = lds.draw_subsets(num_train, c.lds_num_subsets, c.lds_alpha, seed=c.seed)
+    key = "digits-{}-{}-{}".format(stage, protocol, loo._hash_arrays(np.frombuffer(json.dumps(
+        {k: v for k, v in dataclasses.asdict(c).items() if k not in ("lds_workers", "lds_num_seeds", "sensitivity",
+                                                                      "seeds", "n_loo", "cg_iters")},
+        sort_keys=True, default=str).encode(), np.uint8)))
+    beam = (None if c.lds_workers <= 0 else
+            ["--direct_running_mode=multi_processing", f"--direct_num_workers={c.lds_workers}"])
+    # built from the importable module (not __main__ under `python -m`) so Beam workers can unpickle it
+    from experiments import reproduce as module
+    retrain = module.DigitsRetrain(module.ReproConfig(**dataclasses.asdict(c)), stage, protocol)
+    meas = lds.measure_subsets(retrain, masks, num_seeds or c.lds_num_seeds, ctx.cache, key, ctx.progress, beam,
+                               per_seed=True)
+    return masks, meas
+
+
+def lds(ctx):
+    """LDS of each score source on the digits protocol under two ground truths — retraining from
+    scratch (TRAK's; several seeds, with its noise floor) and the leave-one-out rows' warm-started
+    continuation (deterministic) — with 95 % CIs."""
+    from tf_influence.evaluation import lds as L
+    c = ctx.cfg
+    t = c.lds_test_points
+    m1, m2 = main_case(ctx, "fixed"), main_case(ctx, "updated")
+    d = m1["data"]
+    x_t, y_t = d.x_test[:t], d.y_test[:t]
+    scores = {
+        "case1_cg": ("fixed", influence(ctx, m1["pre"], m1["ft"], d, "fixed", "each", x_t, y_t).scores),
+        "case1_ekfac": ("fixed", influence(ctx, m1["pre"], m1["ft"], d, "fixed", "each", x_t, y_t, solver="ekfac",
+                                           finetune_solver="cg_squared").scores),
+        "case1_identity": ("fixed", influence(ctx, m1["pre"], m1["ft"], d, "fixed", "each", x_t, y_t,
+                                              identity=True).scores),
+        "case2_cg": ("updated", influence(ctx, m2["pre"], m2["ft"], d, "updated", "each", x_t, y_t).scores),
+        "case2_identity": ("updated", influence(ctx, m2["pre"], m2["ft"], d, "updated", "each", x_t, y_t,
+                                                identity=True).scores),
+        "pretraining_loss": ("fixed", np.repeat(tfi.pretraining_loss_scores(
+            tfi.Objective(m1["pre"], models.sparse_ce()), d.datasets()[0])[:, None], t, axis=1)),
+    }
+    out = {"protocol": "scratch: retrain both stages from scratch on each subset (TRAK), seeds averaged; "
+                       "continue: the leave-one-out rows' gradient-descent continuation with the subset as "
+                       "example weights (deterministic)",
+           "num_subsets": c.lds_num_subsets, "alpha": c.lds_alpha, "num_seeds": c.lds_num_seeds,
+           "num_test_points": t}
+    for protocol, key, seeds in (("scratch", "methods", c.lds_num_seeds), ("continue", "methods_continue", 1)):
+        masks, meas = _lds_measure(ctx, "pretrain", len(d.x_pre), protocol, seeds)     # [seeds, subsets, 2t]
+        parts = {"fixed": meas[:, :, :t], "updated": meas[:, :, t:]}
+        rows = {}
+        for name, (case, sc) in scores.items():
+            r = L.linear_datamodeling_score(sc, masks, parts[case].mean(0), c.lds_alpha, seeds)
+            floor = L.seed_noise(parts[case]) if seeds > 1 else {"deterministic": True}
+            rows[name] = {**r.summary(), "ground_truth": f"{protocol} ({case})", "noise_floor": floor}
+        out[key] = rows
+    # single-stage: finetuning examples, the head retrained from scratch on their subsets (embedding fixed)
+    ft = m1["ft"]
+    theta = tfi.complement_group(ft, tfi.group_from_layers(ft, ["embedding"]))
+    _, ft_ds, _ = d.datasets()
+    test_ds = tf.data.Dataset.from_tensor_slices((x_t, y_t)).batch(256)
+    masks_ft, meas_ft = _lds_measure(ctx, "finetune", len(d.x_ft))
+    noise_ft = L.seed_noise(meas_ft)
+    for name, method in (("single_stage_cg", "cg"), ("single_stage_identity", "identity")):
+        res = tfi.single_stage_influence(tfi.Objective(ft, models.sparse_ce()), ft_ds, test_ds, theta,
+                                         tfi.SolverConfig(method, damping=c.damping_finetune, tol=1e-8,
+                                                          max_iter=c.cg_iters, dtype=tf.float64),
+                                         test_target="each")
+        r = L.linear_datamodeling_score(res.scores, masks_ft, meas_ft.mean(0), c.lds_alpha, c.lds_num_seeds)
+        out["methods"][name] = {**r.summary(), "ground_truth": "scratch (finetuning subsets, head only)",
+                                "noise_floor": noise_ft}
+    _lds_plot(ctx, out)
+    return out
+
+
+def _lds_plot(ctx, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    names = list(out["methods"])
+    x = np.arange(len(names))
+    for k, (key, label, color) in enumerate((("methods", "retrained from scratch (TRAK)", "C0"),
+                                             ("methods_continue", "warm-started continuation", "C1"))):
+        rows = out[key]
+        mean = np.array([rows[n]["lds"] if n in rows else np.nan for n in names])
+        lo = np.array([rows[n]["ci95"][0] if n in rows else np.nan for n in names])
+        hi = np.array([rows[n]["ci95"][1] if n in rows else np.nan for n in names])
+        ax.bar(x + (k - 0.5) * 0.38, mean, 0.38, yerr=np.nan_to_num(np.stack([mean - lo, hi - mean])), capsize=3,
+               color=color, label=label)
+    floor = [out["methods"][n]["noise_floor"].get("seed_to_seed_lds", np.nan) for n in names]
+    ax.scatter(x - 0.19, floor, marker="_", s=300, color="C3", zorder=3,
+               label="noise floor of the scratch retrains (seed-to-seed LDS)")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xticks(x, names, rotation=30, fontsize=7)
+    ax.set_ylabel("LDS (Spearman, mean ± 95 % CI)")
+    ax.set_title(f"Digits: {out['num_subsets']} subsets at α = {out['alpha']}, {out['num_test_points']} test points",
+                 fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(ctx.out, "lds.png"), dpi=120)
+    plt.close(fig)
+
+
 EXPERIMENT_FUNCTIONS = {
     "case1_fixed": case1_fixed,
     "case2_updated": case2_updated,
@@ -675,6 +861,7 @@ EXPERIMENT_FUNCTIONS = {
     "cross_task": cross_task,
     "figure3": figure3,
     "text_multistage": text_multistage,
+    "lds": lds,
 }
 assert tuple(EXPERIMENT_FUNCTIONS) == EXPERIMENTS
 
@@ -704,6 +891,14 @@ def _fmt(name, r):
     if name == "text_multistage":
         return ", ".join(f"{m} r = {r[m]['pearson']:.2f}" for m in ("cg", "ekfac", "identity")) + (
             f" (n = {r['n_examples']}; finetune test accuracy {100 * r['finetune_test_accuracy']:.0f} %)")
+    if name == "lds":
+        fmt = lambda rows: "; ".join(f"{m} {v['lds']:.2f} [{v['ci95'][0]:.2f}, {v['ci95'][1]:.2f}]"  # noqa: E731
+                                     for m, v in rows.items())
+        text = f"from scratch: {fmt(r['methods'])} (noise floor: seed-to-seed LDS " \
+               f"{r['methods']['case1_cg']['noise_floor']['seed_to_seed_lds']:.2f})"
+        if r.get("methods_continue"):
+            text += f". Warm-started: {fmt(r['methods_continue'])}"
+        return text + f" ({r['num_subsets']} subsets × {r['num_seeds']} seeds, α = {r['alpha']}, `lds.png`)"
     if name == "figure3":
         return f"{r.get('shown', 0)} of {r['n_misclassified']} misclassified test images, `figure3.png`"
     return json.dumps(r)

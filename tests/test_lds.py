@@ -118,3 +118,70 @@ def test_an_interrupted_run_resumes_from_the_cache(tmp_path):
     again = lds_mod.measure_subsets(lambda m, s: calls.append(1), masks, num_seeds=2, cache=LOOCache(path),
                                     key="k", progress=False)
     assert calls == [] and np.array_equal(again, out)
+
+
+def _logreg_retrain(mask, seed):
+    """Module-level (picklable) retrain for the Beam test: Newton on the kept examples; ``seed``
+    perturbs the measurement so seeds are distinguishable."""
+    x, y, xt, yt = _data()
+    return _test_losses(_newton(x[mask], y[mask]), xt[:5], yt[:5]) + 1e-3 * seed
+
+
+def test_retrains_as_a_beam_job_equal_the_in_process_ones(tmp_path):
+    """Each (subset, seed) is one element of a DirectRunner job with 2 worker processes; the workers'
+    results land in the cache, and a rerun (in process) retrains nothing."""
+    masks = lds_mod.draw_subsets(160, 5, 0.5, seed=3)
+    cache = LOOCache(str(tmp_path / "beam.json"))
+    beam = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+    got = lds_mod.measure_subsets(_logreg_retrain, masks, num_seeds=2, cache=cache, key="b", progress=False,
+                                  beam_options=beam, per_seed=True)
+    want = np.stack([[_logreg_retrain(m, s) for m in masks] for s in range(2)])
+    assert got.shape == (2, 5, 5)
+    np.testing.assert_allclose(got, want, rtol=1e-12)
+    again = lds_mod.measure_subsets(lambda m, s: pytest.fail("retrained a cached subset"), masks, num_seeds=2,
+                                    cache=LOOCache(cache.path), key="b", progress=False)
+    np.testing.assert_allclose(again, want.mean(axis=0), rtol=1e-12)
+    with pytest.raises(ValueError, match="needs a cache"):
+        lds_mod.measure_subsets(_logreg_retrain, masks, beam_options=beam, progress=False)
+
+
+def test_seed_noise_equals_scipy():
+    rng = np.random.default_rng(1)
+    signal = rng.normal(size=(12, 4))
+    m = np.stack([signal + 0.5 * rng.normal(size=signal.shape) for _ in range(3)])
+    out = lds_mod.seed_noise(m)
+    ref = [stats.spearmanr(m[0, :, t], m[1, :, t])[0] for t in range(4)]
+    assert out["seed_to_seed_lds"] == pytest.approx(np.mean(ref)) and out["num_seeds"] == 3
+    ratio = m.std(axis=0, ddof=1).mean(axis=0) / m.mean(axis=0).std(axis=0, ddof=1)
+    assert out["seed_std_over_subset_std"] == pytest.approx(ratio.mean())
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        lds_mod.seed_noise(m[:1])
+
+
+def test_calibration_picks_the_damping_that_predicts_retraining(convex):
+    """Logistic regression (Hessian eigenvalues ≥ 2C = 0.1): an exact solve (damping 0) predicts the
+    Newton retrains; a damping far above λ_max turns the scores into the identity baseline."""
+    from tf_influence.evaluation import calibrate_damping
+    _, retrain, _, n = convex
+    x, y, xt, yt = _data()
+    reg = keras.regularizers.L2(C)
+    model = keras.Sequential([keras.Input((x.shape[1],), dtype="float64"),
+                              keras.layers.Dense(1, dtype="float64", kernel_regularizer=reg, bias_regularizer=reg)])
+    th = _newton(x, y)
+    model.layers[0].kernel.assign(th[:-1, None])
+    model.layers[0].bias.assign(th[-1:])
+    obj = tfi.Objective(model, keras.losses.BinaryCrossentropy(from_logits=True))
+    ds = lambda a, b: tf.data.Dataset.from_tensor_slices((a, b[:, None])).batch(64)  # noqa: E731
+
+    def scores(lam):
+        return tfi.single_stage_influence(obj, ds(x, y), ds(xt, yt), solver=tfi.SolverConfig(
+            "dense", damping=lam, curvature_iterations=0), test_target="each").scores
+
+    def noisy(mask, seed):  # a second "seed" that perturbs the measurement a little
+        return retrain(mask, seed) + 1e-4 * np.random.default_rng(seed).normal(size=len(yt))
+    result = calibrate_damping(scores, noisy, n, grid=[0.0, 100.0], num_subsets=12, progress=False)
+    by = {r["damping"]: r["lds"] for r in result.rows}
+    assert result.best_damping == 0.0 and by[0.0] > 0.8 and by[100.0] < by[0.0]
+    assert result.num_retrains == 24 and result.noise_floor["seed_to_seed_lds"] > 0.9
+    with pytest.raises(ValueError, match="num_seeds ≥ 2"):
+        calibrate_damping(scores, noisy, n, num_seeds=1)

@@ -21,6 +21,7 @@ __version__ = "0.2.0"
 
 _EXPORTS = {
     "baselines": ["identity_hessian_influence", "pretraining_loss_scores"],
+    "diagnostics": ["CurvatureWarning", "curvature_diagnostics", "lanczos_extremes"],
     "gradients": ["mean_gradient", "per_example_dot", "per_example_gradients", "per_example_losses",
                   "stack_per_example_gradients"],
     "hessian": ["HessianOperator", "hvp", "mixed_hvp"],
@@ -37,7 +38,7 @@ _EXPORTS = {
     "tracin": ["FilterResult", "presence_sequential", "self_influence"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-_SUBMODULES = {"baselines", "compiled", "console", "evaluation", "gradients", "hessian", "influence", "kfac", "objective",
+_SUBMODULES = {"baselines", "compiled", "console", "diagnostics", "evaluation", "gradients", "hessian", "influence", "kfac", "objective",
                "params", "presence", "scores_io", "selection", "solvers", "tracin"}
 
 __all__ = sorted(_WHERE)

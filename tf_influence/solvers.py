@@ -21,6 +21,12 @@ Residuals are relative: ``‖A x − r‖ / ‖r‖`` of the system actually sol
 ``r = b`` for cg / lissa / dense; ``A = H² + λI``, ``r = H b`` for cg_squared). A solve whose
 residual exceeds ``tol`` warns with :class:`SolverNotConvergedWarning`, or raises
 :class:`SolverNotConvergedError` with ``on_nonconvergence="raise"``.
+
+:func:`solve` also runs the curvature diagnostics of :mod:`tf_influence.diagnostics` after every
+solve that uses a Hessian (``SolverConfig.curvature_iterations`` Lanczos steps, default 10, on at
+most 1,000 examples): ``SolveResult.extra["curvature"]`` holds the extreme eigenvalues and the
+damping relative to them, and a :class:`~tf_influence.diagnostics.CurvatureWarning` says when the
+Hessian is indefinite at a scale that matters or the damping dominates it.
 """
 
 from __future__ import annotations
@@ -298,6 +304,9 @@ class SolverConfig:
     dtype: object = None
     on_nonconvergence: str = "warn"
     options: dict = field(default_factory=dict)
+    #: Lanczos steps of the curvature diagnostics (:mod:`tf_influence.diagnostics`) run after the
+    #: solve — extreme eigenvalues, damping relative to them, :class:`CurvatureWarning`; 0 = off.
+    curvature_iterations: int = 10
 
     def __post_init__(self):
         if self.method not in SOLVERS:
@@ -318,4 +327,9 @@ def solve(op, b, config: SolverConfig | None = None, progress=None) -> SolveResu
         kwargs.update(max_iter=config.max_iter, dtype=config.dtype, progress=progress)
     if config.method in ("ekfac", "kfac"):
         kwargs.update(progress=progress)
-    return fn(op, b, **kwargs)
+    result = fn(op, b, **kwargs)
+    if config.curvature_iterations > 0 and config.method != "identity" and op.shape[0] == op.shape[1]:
+        from .diagnostics import curvature_diagnostics
+        result.extra["curvature"] = curvature_diagnostics(op, config.method, config.damping,
+                                                          config.curvature_iterations)
+    return result

@@ -115,19 +115,88 @@ def _hash_masks(masks) -> str:
     return hashlib.sha1(np.packbits(np.asarray(masks, bool)).tobytes() + str(np.shape(masks)).encode()).hexdigest()[:12]
 
 
-def measure_subsets(retrain, masks, num_seeds: int = 1, cache=None, key: str = "", progress: bool = True):
+def _part_name(j: int, s: int) -> str:
+    return f"{j}-{s}.json"
+
+
+def _beam_retrain(retrain, masks, todo, parts_dir: str, beam_options=None):
+    """Run the ``todo`` (subset, seed) retrains as one Beam job, one element each. Every worker
+    writes its result to ``parts_dir`` as soon as it has it (write-then-rename), so an interrupted
+    job keeps what finished; the caller merges the parts into the cache."""
+    import json
+    import os
+
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    os.makedirs(parts_dir, exist_ok=True)
+    elements = [(int(j), int(s), np.flatnonzero(masks[j]).tolist(), len(masks[j])) for j, s in todo]
+
+    def run_one(element):
+        j, s, kept, n = element
+        mask = np.zeros(n, bool)
+        mask[kept] = True
+        out = np.atleast_1d(np.asarray(retrain(mask, s), float))
+        path = os.path.join(parts_dir, _part_name(j, s))
+        with open(path + ".tmp", "w") as fh:
+            json.dump(out.tolist(), fh)
+        os.replace(path + ".tmp", path)
+        return j
+
+    options = beam_options if beam_options is not None else PipelineOptions(
+        ["--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+    if isinstance(options, (list, tuple)):
+        options = PipelineOptions(list(options))
+    with beam.Pipeline(options=options) as p:
+        _ = (p | "subsets × seeds" >> beam.Create(elements, reshuffle=False)
+             | "retrain" >> beam.Map(run_one))
+
+
+def measure_subsets(retrain, masks, num_seeds: int = 1, cache=None, key: str = "", progress: bool = True,
+                    beam_options=None, per_seed: bool = False):
     """``[num_subsets, num_test]``: ``retrain(mask, seed) → measurements of the test points`` for every
-    subset, averaged over ``seeds 0..num_seeds-1``.
+    subset, averaged over ``seeds 0..num_seeds-1`` (``per_seed=True``: not averaged,
+    ``[num_seeds, num_subsets, num_test]``, e.g. for :func:`seed_noise`).
 
     ``cache`` (a :class:`~tf_influence.evaluation.loo.LOOCache`) keeps every (subset, seed) result
     under ``key`` + a hash of the masks as soon as it is computed, so an interrupted run resumes
     where it stopped and a rerun retrains nothing. ``key`` must identify the retraining protocol,
-    starting weights and data (e.g. ``TwoStageRetrainer.key``)."""
+    starting weights and data (e.g. ``TwoStageRetrainer.key``).
+
+    ``beam_options`` (a ``PipelineOptions`` or its argument list) runs the retrains as one Apache
+    Beam job instead, each (subset, seed) one element — they are independent, so they parallelise
+    over workers (``["--direct_running_mode=multi_processing", "--direct_num_workers=2"]`` on one
+    machine, or any runner). ``retrain`` must then be picklable (a module-level function or an
+    object that builds its model and data on first call), and ``cache`` is required: the workers
+    write each result next to it (``<cache path>.parts/``) as it finishes, and the parts are merged
+    into the cache after the job (also after an interruption)."""
     masks = np.asarray(masks, bool)
     full_key = f"lds-{key}-{_hash_masks(masks)}"
     todo = [(j, s) for j in range(len(masks)) for s in range(num_seeds)
             if cache is None or cache.get(full_key, f"{j}:{s}") is None]
     results = {}
+    if beam_options is not None and todo:
+        import json
+        import os
+        if cache is None:
+            raise ValueError("measure_subsets with beam_options needs a cache (the workers write their results "
+                             "next to it)")
+        parts = f"{cache.path}.parts/{full_key}"
+        try:
+            _beam_retrain(retrain, masks, todo, parts, beam_options)
+        finally:  # merge whatever finished, also when the job failed or was interrupted
+            for j, s in todo:
+                path = os.path.join(parts, _part_name(j, s))
+                if os.path.exists(path):
+                    with open(path) as fh:
+                        out = np.asarray(json.load(fh), float)
+                    if not np.all(np.isfinite(out)):
+                        raise ValueError(f"retraining on subset {j} (seed {s}) gave NaN/Inf measurements")
+                    results[(j, s)] = out
+                    cache.put(full_key, f"{j}:{s}", out)
+            if results:
+                cache.save()
+        todo = []
     it = todo
     if progress and todo:
         from tqdm.auto import tqdm
@@ -143,23 +212,47 @@ def measure_subsets(retrain, masks, num_seeds: int = 1, cache=None, key: str = "
     finally:  # also on an interruption: what was retrained is kept for the resumed run
         if cache is not None and results:
             cache.save()
-    rows = []
-    for j in range(len(masks)):
-        per_seed = [results[(j, s)] if (j, s) in results else np.asarray(cache.get(full_key, f"{j}:{s}"), float)
-                    for s in range(num_seeds)]
-        rows.append(np.mean(per_seed, axis=0))
-    return np.stack(rows)
+    out = np.stack([np.stack([results[(j, s)] if (j, s) in results
+                              else np.asarray(cache.get(full_key, f"{j}:{s}"), float) for j in range(len(masks))])
+                    for s in range(num_seeds)])
+    return out if per_seed else out.mean(axis=0)
+
+
+def seed_noise(retrain_measurements) -> dict:
+    """The noise floor of a retraining protocol, from ``[num_seeds, num_subsets, num_test]``
+    measurements of the *same* subsets with different seeds (at least 2):
+
+    * ``seed_to_seed_lds``: mean over test points of the Spearman correlation across subsets between
+      seed 0's and seed 1's measurements — what the best possible attribution could reach against a
+      single-seed ground truth (an LDS ceiling);
+    * ``seed_std_over_subset_std``: the seed-to-seed standard deviation of a measurement relative
+      to its spread across subsets (≥ 1: retraining noise is as large as the effect of the data).
+    """
+    from scipy import stats
+    m = np.asarray(retrain_measurements, float)
+    if m.ndim == 2:
+        m = m[:, :, None]
+    if m.shape[0] < 2:
+        raise ValueError("seed_noise needs measurements of at least 2 seeds")
+    rho = [stats.spearmanr(m[0, :, t], m[1, :, t])[0] for t in range(m.shape[2])
+           if np.std(m[0, :, t]) > 0 and np.std(m[1, :, t]) > 0]
+    mean, lo, hi = mean_ci95(rho)
+    seed_std = m.std(axis=0, ddof=1).mean(axis=0)            # per (subset, test) → mean over subsets
+    subset_std = m.mean(axis=0).std(axis=0, ddof=1)
+    ratio = seed_std / np.where(subset_std > 0, subset_std, np.nan)
+    return {"seed_to_seed_lds": mean, "seed_to_seed_ci95": [lo, hi],
+            "seed_std_over_subset_std": float(np.nanmean(ratio)), "num_seeds": int(m.shape[0])}
 
 
 def evaluate_lds(retrain, scores, num_subsets: int = 100, alpha: float = 0.5, num_seeds: int = 1, seed: int = 0,
-        cache=None, key: str = "", progress: bool = True) -> LDSResult:
+                 cache=None, key: str = "", progress: bool = True, beam_options=None) -> LDSResult:
     """Draw the subsets, retrain (cached), and score: the whole LDS in one call.
 
     ``retrain(mask, seed)`` trains on the examples where ``mask`` is true and returns the
     measurement of every test point; ``scores`` has one row per training example."""
     scores = np.asarray(scores, float)
     masks = draw_subsets(scores.shape[0], num_subsets, alpha, seed)
-    measured = measure_subsets(retrain, masks, num_seeds, cache, key, progress)
+    measured = measure_subsets(retrain, masks, num_seeds, cache, key, progress, beam_options)
     if scores.ndim == 1 and measured.shape[1] > 1:
         measured = measured.sum(axis=1)  # one score vector: the summed test target
     return linear_datamodeling_score(scores, masks, measured, alpha, num_seeds)

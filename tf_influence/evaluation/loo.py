@@ -145,8 +145,9 @@ class TwoStageRetrainer:
             if trainer.gradient_norm(weights) < p.grad_tol:
                 return
 
-    def run(self, weights=None) -> float:
-        """One protocol run with pretraining example weights; returns L_test, restores the start."""
+    def run(self, weights=None, measure=None):
+        """One protocol run with pretraining example weights; returns L_test (or ``measure(finetune_model)``,
+        e.g. every test point's loss for the LDS) and restores the start."""
         p = self.protocol
         try:
             restore(self.pre, self.start_pre)
@@ -160,7 +161,7 @@ class TwoStageRetrainer:
                     v.assign(val)
             self._stage(self.ft_trainer, p.finetune_steps)
             self.runs += 1
-            return self.test_loss()
+            return self.test_loss() if measure is None else measure(self.ft)
         finally:
             restore(self.pre, self.start_pre)
             restore(self.ft, self.start_ft)
