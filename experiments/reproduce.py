@@ -24,9 +24,14 @@ Experiments (keys of results.json):
   largest positive score (Figure 3/4 of the paper).
 * ``lds`` — the linear datamodeling score of every method (:mod:`tf_influence.evaluation.lds`):
   random halves of the pretraining set (of the finetuning set for single-stage influence), both
-  stages retrained **from scratch** on each with several seeds (TRAK's protocol, not the
-  continuation of the leave-one-out rows), Spearman per test point with a 95 % CI, and the noise
-  floor of that ground truth (seed-to-seed LDS); retrains run as a Beam job (``lds.png``).
+  stages retrained on each — ``methods``: **from scratch** with several seeds (TRAK's protocol),
+  with the noise floor of that ground truth (seed-to-seed LDS); ``methods_continue``: the
+  leave-one-out rows' warm-started gradient-descent continuation (deterministic) — Spearman per
+  test point with a 95 % CI; retrains run as a Beam job (``lds.png``).
+
+Every correlation row carries ``noise_floor``: its protocol is deterministic (no seed noise), so
+the floor is the leave-one-out difference of random pretraining examples next to that of the
+top-scored ones (``random_over_top``).
 * ``text_multistage`` — the paper's setting in miniature on text (:mod:`experiments.text_multistage`):
   a transformer character LM pretrained on English prose and code, finetuned (frozen features) to
   tell prose from code; leave-one-out correlation of case-1 scores with CG, EK-FAC and the identity baseline
@@ -373,10 +378,31 @@ def correlation_experiment(ctx, case, name, title):
     )
     m[f"loo_{case}"] = (idx, actual)
     m[f"scores_{case}"] = res.scores
-    out = {**out, "solves": res.solves, "test_accuracy": accuracy(ctx, m["ft"], d.x_test, d.y_test)}
+    out = {**out, "solves": res.solves, "test_accuracy": accuracy(ctx, m["ft"], d.x_test, d.y_test),
+           "noise_floor": noise_floor(ctx, rt, idx, actual)}
     if ctx.cfg.sensitivity:
         out["sensitivity"] = sensitivity(ctx, m, case, idx, actual)
     return out
+
+
+#: Seed of the random examples whose leave-one-out differences make the noise floor of a row.
+NOISE_FLOOR_SEED_OFFSET = 77
+
+
+def noise_floor(ctx, rt, idx, actual) -> dict:
+    """What the leave-one-out ground truth looks like without a signal: the protocol is
+    deterministic (full-batch gradient descent from fixed weights), so retraining with another seed
+    changes nothing; the floor is what removing *random* pretraining examples does. When random
+    removals move the test loss as much as the top-scored ones (ratio near 1), the correlation is
+    measured on noise."""
+    n_random = max(2, ctx.cfg.n_loo // 4)
+    rng = np.random.default_rng(ctx.cfg.seed + NOISE_FLOOR_SEED_OFFSET)
+    pool = np.setdiff1d(np.arange(rt.n_pre), idx)
+    rand = rng.choice(pool, size=min(n_random, len(pool)), replace=False)
+    delta = rt.leave_one_out(rand, ctx.cache, progress=ctx.progress)
+    top, other = float(np.mean(np.abs(actual))), float(np.mean(np.abs(delta)))
+    return {"deterministic_protocol": True, "loo_abs_mean_top": top, "loo_abs_mean_random": other,
+            "random_over_top": other / top if top > 0 else float("nan"), "n_random": int(len(rand))}
 
 
 def sensitivity(ctx, m, case, idx, actual):
@@ -872,7 +898,10 @@ def _fmt(name, r):
     if "error" in r:
         return f"FAILED: {r['error']}"
     if "pearson" in r:
-        return f"r = {r['pearson']:.2f} (Spearman {r['spearman']:.2f}, n = {r['n_examples']})"
+        floor = r.get("noise_floor")
+        return f"r = {r['pearson']:.2f} (Spearman {r['spearman']:.2f}, n = {r['n_examples']})" + (
+            f"; noise floor: random removals move the test loss {floor['random_over_top']:.2f}× as much as the "
+            "top-scored ones" if floor else "")
     if name == "cleansing":
         return (
             f"acc {100 * r['acc_original']:.2f} ± {100 * r['acc_original_std']:.2f} % → "

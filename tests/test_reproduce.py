@@ -34,6 +34,10 @@ def test_loo_experiments_report_their_keys(quick_results):
     for case in ("case1_fixed", "case2_updated"):
         solves = res[case]["solves"]
         assert solves["pretrain"]["method"] == "cg_squared" and solves["finetune"]["iterations"] > 0
+        assert "lambda_max" in solves["pretrain"]["curvature"]  # diagnostics travel with every result
+        floor = res[case]["noise_floor"]  # random removals, retrained by the same protocol
+        assert floor["n_random"] == 2 and floor["loo_abs_mean_random"] > 0
+        assert floor["random_over_top"] == pytest.approx(floor["loo_abs_mean_random"] / floor["loo_abs_mean_top"])
     # EK-FAC on the same leave-one-out examples: the conv embedding and dense heads all get Kronecker blocks
     ek = res["case1_fixed_ekfac"]
     assert ek["solves"]["pretrain"]["method"] == "ekfac" and ek["solves"]["pretrain"]["diagonal_variables"] == []
@@ -70,7 +74,9 @@ def test_report_rows_of_every_experiment(tmp_path):
                 "num_subsets": 40, "num_seeds": 2, "alpha": 0.5},
     }
     table = reproduce.write_report(fake, reproduce.ReproConfig(), str(tmp_path), 12.0)
-    assert "r = 0.80 (Spearman 0.70, n = 100)" in table and "97.00 ± 1.00 % → 98.00 ± 1.00 %" in table
+    fake["case1_fixed"]["noise_floor"] = {"random_over_top": 0.12}
+    table = reproduce.write_report(fake, reproduce.ReproConfig(), str(tmp_path), 12.0)
+    assert "r = 0.80 (Spearman 0.70, n = 100); noise floor: random removals move the test loss 0.12× as much" in table and "97.00 ± 1.00 % → 98.00 ± 1.00 %" in table
     assert "0.1 (same task) vs 0.2" in table and "0.3 (n = 200) vs 0.1 (3n = 600)" in table
     assert "cg r = 0.50, ekfac r = 0.40, identity r = 0.10 (n = 30; finetune test accuracy 90 %)" in table
     assert "from scratch: case1_cg 0.45 [0.30, 0.60]; case1_identity 0.10 [0.00, 0.20] (noise floor: " \

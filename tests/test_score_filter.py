@@ -81,6 +81,24 @@ def test_executor_modes(tmp_path, mode, value, n_kept):
         assert max(table[k] for k in expected) <= min(table[k] for k in set(table) - expected)
 
 
+@pytest.mark.parametrize("mode,value", [("drop_top_fraction", 0.1), ("keep_highest", 50), ("keep_lowest", 0)])
+def test_the_beam_cut_equals_the_library_with_ties(tmp_path, mode, value):
+    """The boundary is found on either side of the cut (the smaller one) and ties are broken by key,
+    exactly as ``select_kept`` on the whole table — here with many tied scores."""
+    ex, sc, out, written, table = artifacts(tmp_path)
+    keys = sorted(table)
+    tied = {k: float(np.round(table[k])) for k in keys}  # scores in {-2, ..., 2}: many ties
+    for f in os.listdir(os.path.join(sc.uri, "Split-train")):
+        os.remove(os.path.join(sc.uri, "Split-train", f))
+    th.write_scores(sc.uri, "train", keys, [tied[k] for k in keys])
+    run_executor(tmp_path, ex, sc, out, mode, value)
+    expected = {written["train"][k] for k in scores_io.select_kept(tied, mode, value)}
+    counts = json.loads(out.get_string_custom_property("filter_counts"))["train"]
+    assert counts["kept"] == len(expected) and counts["dropped"] == 60 - len(expected)
+    if expected:
+        assert set(th.read_examples(os.path.join(out.uri, "Split-train"))) == expected
+
+
 def test_bad_input_names_the_artifact(tmp_path):
     ex, sc, out, written, table = artifacts(tmp_path, score_splits=("train", "test"))
     with pytest.raises(ValueError, match=r"split\(s\) \['test'\].*Examples artifact"):
@@ -110,6 +128,27 @@ def test_bad_input_names_the_artifact(tmp_path):
         run_executor(tmp_path / "e", ex, sc, out)
     with pytest.raises(ValueError, match="unknown filter mode"):
         ScoreFilter(examples=None, scores=None, mode="drop_everything", value=1)
+    # two examples with one key, a key scored twice, a NaN score
+    ex, sc, out, written, table = artifacts(tmp_path / "f")
+    k0 = sorted(written["train"])[0]
+    import tensorflow as tf
+    with tf.io.TFRecordWriter(os.path.join(ex.uri, "Split-train", "data_tfrecord-00009-of-00010.gz"),
+                              options="GZIP") as w:
+        w.write(written["train"][k0])
+    with pytest.raises(ValueError, match="1 examples share a key"):
+        run_executor(tmp_path / "f", ex, sc, out)
+    ex, sc, out, written, table = artifacts(tmp_path / "g")
+    scores_io.write_scores(os.path.join(sc.uri, "Split-train"), [k0], [0.5], shard=1)
+    with pytest.raises(Exception, match="duplicate score for key"):
+        run_executor(tmp_path / "g", ex, sc, out)
+    ex, sc, out, written, table = artifacts(tmp_path / "h")
+    for f in os.listdir(os.path.join(sc.uri, "Split-train")):
+        os.remove(os.path.join(sc.uri, "Split-train", f))
+    with tf.io.TFRecordWriter(os.path.join(sc.uri, "Split-train", "scores-00000.tfrecord.gz"), options="GZIP") as w:
+        for k in sorted(table):  # write_scores refuses NaN; a foreign writer might not
+            w.write(scores_io.encode_score(k, float("nan") if k == k0 else table[k]))
+    with pytest.raises(Exception, match="score of key .* is nan"):
+        run_executor(tmp_path / "h", ex, sc, out)
 
 
 def test_local_dag_runner_pipeline_with_cache(tmp_path):

@@ -132,6 +132,64 @@ def test_influence_scorer_equals_the_library(world, tmp_path):
     assert rebuilt.size == sum(v.numpy().size for v in pre.trainable_variables)
 
 
+def test_influence_scorer_streams_the_pretraining_corpus(world, tmp_path, monkeypatch):
+    """The driver never loads the pretraining split: it streams it from the files, and its Hessian
+    subsample is the library's (same positions), so scores equal ``multi_stage_influence`` with
+    ``hessian_samples`` on the split held in memory."""
+    root, a, pre_data, ft_data = world
+    from tfx_components import beam_scoring, common
+    from tfx_components.artifacts import InfluenceScores
+    spec = beam_scoring.parse_feature_spec(SPEC)
+    pk, px, py = common.load_split(a["pre_ex"], "train", spec)
+    streamed = list(common.stream_split(a["pre_ex"], "train", spec, batch_size=32))
+    np.testing.assert_array_equal(np.concatenate([b[0].numpy() for b in streamed]), px)
+    np.testing.assert_array_equal(np.concatenate([b[1].numpy() for b in streamed]), py)
+    assert common.count_split(a["pre_ex"], "train") == 80
+    real_load = common.load_split
+
+    def guarded(examples, split, spec_, limit=None):
+        assert examples.uri != a["pre_ex"].uri, "the driver loaded the pretraining split"
+        return real_load(examples, split, spec_, limit)
+    monkeypatch.setattr(common, "load_split", guarded)
+    out = InfluenceScores()
+    out.uri = str(tmp_path / "scores")
+    InfluenceExecutor(ctx(tmp_path / "tmp")).Do(
+        {"pretrain_examples": [a["pre_ex"]], "finetune_examples": [a["ft_ex"]], "pretrain_model": [a["pre_m"]],
+         "finetune_model": [a["ft_m"]]}, {"scores": [out]}, {**INFLUENCE_PROPS, "hessian_samples": 30})
+    monkeypatch.setattr(common, "load_split", real_load)
+    got = scores_io.read_scores(os.path.join(out.uri, "Split-train"))
+    pre = keras.models.load_model(os.path.join(a["pre_m"].uri, "Format-Serving", "model.keras"))
+    ft = keras.models.load_model(os.path.join(a["ft_m"].uri, "Format-Serving", "model.keras"))
+    cfg = lambda lam: tfi.SolverConfig("cg_squared", damping=lam, max_iter=100, dtype=tf.float64)  # noqa: E731
+    _, fx, fy = common.load_split(a["ft_ex"], "train", spec)
+    _, tx, ty = common.load_split(a["ft_ex"], "test", spec)
+    mk = lambda x, y: tf.data.Dataset.from_tensor_slices((x, y)).batch(256)  # noqa: E731
+    ref = tfi.multi_stage_influence(tfi.Objective(pre, pre.loss), mk(px, py), tfi.Objective(ft, ft.loss),
+                                    mk(fx, fy), mk(tx, ty), embedding=["embedding"], pretrain_solver=cfg(1e-2),
+                                    finetune_solver=cfg(1e-3), hessian_samples=30).scores
+    full = tfi.multi_stage_influence(tfi.Objective(pre, pre.loss), mk(px, py), tfi.Objective(ft, ft.loss),
+                                     mk(fx, fy), mk(tx, ty), embedding=["embedding"], pretrain_solver=cfg(1e-2),
+                                     finetune_solver=cfg(1e-3), hessian_samples=None).scores
+    assert not np.allclose(ref, full, rtol=1e-3)  # the subsample matters, so agreement below is not vacuous
+    for i, k in enumerate(pk):
+        assert got[k] == pytest.approx(ref[i], rel=1e-4, abs=1e-6)
+    # a corrupt shard in the middle of the streamed corpus fails naming the artifact and split
+    import shutil
+    bad_dir = tmp_path / "bad_pre"
+    shutil.copytree(a["pre_ex"].uri, bad_dir)
+    with open(bad_dir / "Split-train" / "data_tfrecord-00001-of-00002.gz", "r+b") as fh:
+        fh.seek(40)
+        fh.write(b"\x00garbage\xff" * 8)
+    bad = examples_artifact(str(bad_dir), ["train"])
+    for samples in (30, None):
+        with pytest.raises(ValueError, match=f"Examples artifact {bad_dir}.*split 'train'"):
+            InfluenceExecutor(ctx(tmp_path / "tmp2")).Do(
+                {"pretrain_examples": [bad], "finetune_examples": [a["ft_ex"]], "pretrain_model": [a["pre_m"]],
+                 "finetune_model": [a["ft_m"]]}, {"scores": [InfluenceScores()]},
+                {**INFLUENCE_PROPS, "hessian_samples": samples})
+
+
+
 def test_factor_fitter_feeds_the_influence_scorer(world, tmp_path):
     """FactorFitter (Beam combiner over the pretraining artifact) → InfluenceScorer(pretrain_factors=…)
     equals the library with EK-FAC fitted in process on the same data (empirical Fisher: deterministic)."""

@@ -206,6 +206,14 @@ def count_examples(dataset, name: str = "dataset", model=None) -> int:
     return n
 
 
+def subsample_mask(total: int, n: int, seed: int = 0) -> np.ndarray:
+    """``[total]`` booleans marking the ``n`` positions :func:`subsample` keeps (the one sampling rule,
+    also used by pipelines that stream a corpus from files instead of holding it)."""
+    mask = np.zeros(total, dtype=bool)
+    mask[np.random.default_rng(seed).choice(total, size=min(n, total), replace=False)] = True
+    return mask
+
+
 def subsample(dataset, n: int, seed: int = 0, batch_size: int | None = None, name: str = "dataset"):
     """A fixed random subset of ``n`` examples of a batched dataset (the paper samples 1,000
     pretraining examples for the pretraining Hessian). Deterministic for a given seed."""
@@ -217,9 +225,7 @@ def subsample(dataset, n: int, seed: int = 0, batch_size: int | None = None, nam
     if batch_size is None:
         first = next(iter(dataset))
         batch_size = int(tf.shape(tf.nest.flatten(split_batch(first)[1])[0])[0])
-    mask = np.zeros(total, dtype=bool)
-    mask[np.random.default_rng(seed).choice(total, size=n, replace=False)] = True
-    mask = tf.constant(mask)
+    mask = tf.constant(subsample_mask(total, n, seed))
     ds = dataset.unbatch().enumerate().filter(lambda i, e: tf.gather(mask, i)).map(lambda i, e: e)
     return ds.batch(batch_size)
 

@@ -50,6 +50,45 @@ def check_mode(mode: str, value: float, n: int | None = None) -> None:
             raise ValueError(f"{mode} needs an integer 0 ≤ value ≤ {bound}, got {value}")
 
 
+def order_cut(mode: str, value: float, n: int) -> tuple:
+    """The order-statistics modes as one cut of the ascending ``(score, key)`` order:
+    ``(keep_first, q)`` — the first ``q`` examples are kept (``keep_first``) or dropped.
+
+    A corpus that no process holds is filtered by this cut: find the boundary element among the
+    smaller side (``min(q, n − q)`` elements, :func:`first_set_boundary`), then decide every example
+    alone with :func:`kept_by_cut` — the same examples as :func:`select_kept`.
+
+    >>> order_cut("drop_top_fraction", 0.1, 60), order_cut("keep_highest", 20, 60)
+    ((True, 54), (False, 40))
+    """
+    check_mode(mode, value, n)
+    if mode == "drop_top_fraction":
+        return True, n - int(round(value * n))
+    if mode == "keep_lowest":
+        return True, int(value)
+    if mode == "keep_highest":
+        return False, n - int(value)
+    raise ValueError("drop_above is a threshold on the score, not an order cut")
+
+
+def first_set_boundary(q: int, n: int) -> tuple:
+    """How to find the first ``q`` of ``n`` in ascending order while holding the smaller side:
+    ``("smallest", q)`` — the first set is ``e ≤`` the largest of the ``q`` smallest; or
+    ``("largest", n − q)`` — it is ``e <`` the smallest of the ``n − q`` largest."""
+    return ("smallest", q) if q <= n - q else ("largest", n - q)
+
+
+def kept_by_cut(score: float, key, keep_first: bool, side: str, boundary) -> bool:
+    """Whether the example ``(score, key)`` is kept under an :func:`order_cut` whose boundary element
+    (``None`` when that side is empty) was found as :func:`first_set_boundary` says."""
+    e = (float(score), key)
+    if boundary is None:  # the side searched is empty: the first set is nothing ("smallest") or everything
+        in_first = side == "largest"
+    else:
+        in_first = e <= boundary if side == "smallest" else e < boundary
+    return in_first if keep_first else not in_first
+
+
 def select_kept(scores, mode: str, value: float, keys=None) -> np.ndarray:
     """Boolean mask (input order) of the examples to keep under ``mode`` / ``value``."""
     scores = np.asarray(scores, dtype=np.float64)

@@ -63,6 +63,60 @@ def load_split(examples, split: str, spec: dict, limit: int | None = None):
                                      f"Examples artifact {examples.uri}, split '{split}'")
 
 
+def _split_files(examples, split: str) -> list:
+    files = sorted(tf.io.gfile.glob(split_pattern(examples, split)))
+    if not files:
+        raise ValueError(f"Examples artifact {examples.uri}, split '{split}': no files")
+    return files
+
+
+def _parse_spec(spec: dict) -> dict:
+    """tf.Example parsing spec of the x / y features (floats as float32, integers as int64)."""
+    out = {}
+    for part in ("x", "y"):
+        f = spec[part]
+        kind = tf.float32 if np.issubdtype(np.dtype(f["dtype"]), np.floating) else tf.int64
+        out[f["name"]] = tf.io.FixedLenFeature([int(d) for d in f["shape"]], kind)
+    return out
+
+
+def count_split(examples, split: str) -> int:
+    """Number of examples in a split, streamed (no record is kept)."""
+    desc = f"Examples artifact {examples.uri}, split '{split}'"
+    try:
+        n = int(tf.data.TFRecordDataset(_split_files(examples, split), compression_type="GZIP").reduce(
+            np.int64(0), lambda c, _: c + 1))
+    except tf.errors.DataLossError as err:
+        raise ValueError(f"{desc}: corrupt TFRecord ({err.message})") from None
+    if n == 0:
+        raise ValueError(f"{desc} is empty")
+    return n
+
+
+def stream_split(examples, split: str, spec: dict, batch_size: int = 256, hessian_samples: int | None = None,
+                 seed: int = 0):
+    """A ``tf.data.Dataset`` of batched ``(x, y)`` read from the split's files as it is iterated —
+    the driver holds one batch, never the split. With ``hessian_samples`` only that many examples,
+    at the positions :func:`tf_influence.objective.subsample_mask` draws (the same subset
+    ``subsample`` takes of the split loaded in memory). The first record is decoded up front so a
+    missing or misshaped feature is named before any pass starts."""
+    from tf_influence.objective import subsample_mask
+    desc = f"Examples artifact {examples.uri}, split '{split}'"
+    beam_scoring.decode_batch(read_split(examples, split, limit=1), spec, desc)  # clear feature errors
+    ds = tf.data.TFRecordDataset(_split_files(examples, split), compression_type="GZIP")
+    if hessian_samples is not None:
+        total = count_split(examples, split)
+        if hessian_samples < total:
+            mask = tf.constant(subsample_mask(total, hessian_samples, seed))
+            ds = ds.enumerate().filter(lambda i, _: tf.gather(mask, i)).map(lambda i, r: r)
+    parse, xs, ys = _parse_spec(spec), spec["x"], spec["y"]
+
+    def decode(records):
+        f = tf.io.parse_example(records, parse)
+        return tf.cast(f[xs["name"]], xs["dtype"]), tf.cast(f[ys["name"]], ys["dtype"])
+    return ds.batch(batch_size).map(decode)
+
+
 class BeamStageError(RuntimeError):
     """A Beam stage of a component failed; the message names the component's input artifacts."""
 

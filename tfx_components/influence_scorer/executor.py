@@ -63,15 +63,19 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             factors = kfac.KFACFactors.load(factors_uri)
             pre_solver.method = factors.kind
             pre_solver.options = {**pre_solver.options, "factors": factors}
+            pre_solver.curvature_iterations = 0  # the driver holds one batch: nothing to diagnose here
             _, xp, yp = common.load_split(pre_ex, pre_splits[0], spec, limit=int(e.get("batch_size") or 256))
-            hessian_samples = None
+            pre_ds = _ds(xp, yp)
         else:
-            _, xp, yp = common.load_split(pre_ex, pre_splits[0], spec)
+            # streamed from the files (the driver holds one batch, never the corpus); the Hessian
+            # subsample is drawn by the library's rule over the split's positions
+            pre_ds = common.stream_split(pre_ex, pre_splits[0], spec, int(e.get("batch_size") or 256),
+                                         hessian_samples=hessian_samples)
         try:
             ms = tfi.MultiStageInfluence(
-                tfi.Objective(pre_model, pre_loss), _ds(xp, yp), tfi.Objective(ft_model, ft_loss), _ds(xf, yf),
+                tfi.Objective(pre_model, pre_loss), pre_ds, tfi.Objective(ft_model, ft_loss), _ds(xf, yf),
                 embedding=embedding, case=e["case"], alpha=float(e["alpha"]), pretrain_solver=pre_solver,
-                finetune_solver=ft_solver, hessian_samples=hessian_samples)
+                finetune_solver=ft_solver, hessian_samples=None)
             s, solves, seconds = ms.test_vectors(_ds(xt, yt), "sum")
         except tfi.ParameterGroupError as err:
             what = f"Model artifacts {pre_m.uri} / {ft_m.uri}"
@@ -81,6 +85,9 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         except (tfi.DatasetError, tfi.NonFiniteError) as err:  # e.g. labels outside the models' classes
             raise ValueError(f"InfluenceScorer on Examples artifacts {pre_ex.uri} (pretraining) / {ft_ex.uri} "
                              f"(finetuning, test): {err}") from None
+        except tf.errors.OpError as err:  # streamed pretraining split: a corrupt shard, a misshaped record
+            raise ValueError(f"InfluenceScorer: Examples artifact {pre_ex.uri}, split '{pre_splits[0]}': "
+                             f"{type(err).__name__}: {err.message.splitlines()[0]}") from None
         # the per-example products run in the workers over the same (W, U), rebuilt from its spec
         group_spec = ms.WU.spec(pre_model).to_json()
 
