@@ -109,3 +109,22 @@ def test_repeated_calls_do_not_retrace():
     assert [hvp_kern.batch.experimental_get_tracing_count(), grad_kern.jvp.experimental_get_tracing_count(),
             grad_kern.sum_grad.experimental_get_tracing_count()] == counts  # ... without retracing
     np.testing.assert_allclose(first.scores, second.scores, rtol=1e-12)
+
+
+def test_the_order_cut_keeps_what_select_kept_keeps():
+    """ScoreFilter's bounded-memory rule (one cut of the (score, key) order, boundary found on the
+    smaller side) keeps exactly the examples of ``select_kept`` on the whole table, ties included."""
+    S = selection
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(1, 30))
+        scores = np.round(rng.normal(size=n), 1)  # many ties
+        keys = [f"k{i:03d}".encode() for i in rng.permutation(n)]
+        mode = str(rng.choice(["drop_top_fraction", "keep_lowest", "keep_highest"]))
+        value = float(rng.random()) if mode == "drop_top_fraction" else int(rng.integers(0, n + 1))
+        keep_first, q = S.order_cut(mode, value, n)
+        side, k = S.first_set_boundary(q, n)
+        ordered = sorted(zip(scores.tolist(), keys))
+        boundary = None if k == 0 else (max(ordered[:k]) if side == "smallest" else min(ordered[n - k:]))
+        got = [S.kept_by_cut(s, key, keep_first, side, boundary) for s, key in zip(scores, keys)]
+        assert got == S.select_kept(scores, mode, value, keys).tolist(), (mode, value, n)

@@ -80,14 +80,19 @@ def _parse_spec(spec: dict) -> dict:
     return out
 
 
-def count_split(examples, split: str) -> int:
-    """Number of examples in a split, streamed (no record is kept)."""
-    desc = f"Examples artifact {examples.uri}, split '{split}'"
+def count_records(files, desc: str) -> int:
+    """Records in GZIP TFRecord ``files``, streamed (one record at a time, none kept)."""
     try:
-        n = int(tf.data.TFRecordDataset(_split_files(examples, split), compression_type="GZIP").reduce(
+        return int(tf.data.TFRecordDataset(list(files), compression_type="GZIP").reduce(
             np.int64(0), lambda c, _: c + 1))
     except tf.errors.DataLossError as err:
         raise ValueError(f"{desc}: corrupt TFRecord ({err.message})") from None
+
+
+def count_split(examples, split: str) -> int:
+    """Number of examples in a split, streamed (no record is kept)."""
+    desc = f"Examples artifact {examples.uri}, split '{split}'"
+    n = count_records(_split_files(examples, split), desc)
     if n == 0:
         raise ValueError(f"{desc} is empty")
     return n

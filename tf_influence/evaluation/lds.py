@@ -119,7 +119,7 @@ def _part_name(j: int, s: int) -> str:
     return f"{j}-{s}.json"
 
 
-def _beam_retrain(retrain, masks, todo, parts_dir: str, beam_options=None):
+def _beam_retrain(retrain, masks, todo, parts_dir: str, beam_options):
     """Run the ``todo`` (subset, seed) retrains as one Beam job, one element each. Every worker
     writes its result to ``parts_dir`` as soon as it has it (write-then-rename), so an interrupted
     job keeps what finished; the caller merges the parts into the cache."""
@@ -143,10 +143,7 @@ def _beam_retrain(retrain, masks, todo, parts_dir: str, beam_options=None):
         os.replace(path + ".tmp", path)
         return j
 
-    options = beam_options if beam_options is not None else PipelineOptions(
-        ["--direct_running_mode=multi_processing", "--direct_num_workers=2"])
-    if isinstance(options, (list, tuple)):
-        options = PipelineOptions(list(options))
+    options = PipelineOptions(list(beam_options)) if isinstance(beam_options, (list, tuple)) else beam_options
     with beam.Pipeline(options=options) as p:
         _ = (p | "subsets × seeds" >> beam.Create(elements, reshuffle=False)
              | "retrain" >> beam.Map(run_one))

@@ -134,8 +134,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         for split, _, _, _, sdir in plan:
             if sdir is None or mode == "drop_above":
                 continue
-            n = _count_records(os.path.join(sdir, scores_io.PATTERN),
-                               f"InfluenceScores artifact {scores.uri}, split '{split}'")
+            n = common.count_records(sorted(tf.io.gfile.glob(os.path.join(sdir, scores_io.PATTERN))),
+                                     f"InfluenceScores artifact {scores.uri}, split '{split}'")
             try:
                 keep_first, q = selection.order_cut(mode, value, n)
             except ValueError as err:
@@ -208,15 +208,6 @@ def _count(pcoll, tmp, split, what):
     (pcoll | f"Count[{split},{what}]" >> beam.combiners.Count.Globally()
      | f"Save[{split},{what}]" >> beam.io.WriteToText(os.path.join(tmp, f"count-{split}-{what}"),
                                                        shard_name_template=""))
-
-
-def _count_records(pattern, desc) -> int:
-    """Records in the files of ``pattern``, streamed (one record at a time, none kept)."""
-    try:
-        return int(tf.data.TFRecordDataset(sorted(tf.io.gfile.glob(pattern)), compression_type="GZIP").reduce(
-            tf.constant(0, tf.int64), lambda c, _: c + 1))
-    except tf.errors.DataLossError as err:
-        raise ValueError(f"{desc}: corrupt TFRecord ({err.message})") from None
 
 
 def _read_count(tmp, split, what) -> int:
