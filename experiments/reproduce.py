@@ -213,16 +213,21 @@ def train_pretrain(ctx, d, seed, weights=None):
     return pre, ft, emb
 
 
-def finetune_fixed(ctx, ft, d, steps=None):
+def finetune_fixed(ctx, ft, d, steps=None, weights=None):
     W = tfi.group_from_layers(ft, ["embedding"])
-    _trainer(ctx, ft, d.x_ft, d.y_ft, tfi.complement_group(ft, W), steps or ctx.cfg.init_steps, ctx.cfg.init_lr)
+    _trainer(ctx, ft, d.x_ft, d.y_ft, tfi.complement_group(ft, W), steps or ctx.cfg.init_steps, ctx.cfg.init_lr,
+             weights)
 
 
-def second_head(ctx, emb, d):
-    """A fresh finetuning head on the shared (fixed) embedding, finetuned on ``d``."""
+def second_head(ctx, emb, d, weights=None, seed=None):
+    """A fresh finetuning head on the shared (fixed) embedding, finetuned on ``d`` (optionally with
+    finetuning example weights, the head initialised from ``seed``)."""
+    if seed is not None:
+        import keras
+        keras.utils.set_random_seed(seed)
     head = models.build_head(int(emb.output_shape[-1]), len(d.finetune_classes), l2=ctx.cfg.l2, name="finetune_head")
     ft = models.attach_head(emb, head, "finetune_b")
-    finetune_fixed(ctx, ft, d)
+    finetune_fixed(ctx, ft, d, weights=weights)
     return ft
 
 
@@ -761,14 +766,7 @@ class DigitsRetrain:
             return np.concatenate([self._losses(ft), self._losses(ft2)])
         if self._emb is None:
             self._emb = train_pretrain(ctx, d, self.cfg.seed)[2]
-        import keras
-        keras.utils.set_random_seed(s)
-        head = models.build_head(int(self._emb.output_shape[-1]), len(d.finetune_classes), l2=self.cfg.l2,
-                                 name="finetune_head")
-        ft = models.attach_head(self._emb, head, "finetune_lds")
-        W = tfi.group_from_layers(ft, ["embedding"])
-        _trainer(ctx, ft, d.x_ft, d.y_ft, tfi.complement_group(ft, W), ctx.cfg.init_steps, ctx.cfg.init_lr, w)
-        return self._losses(ft)
+        return self._losses(second_head(ctx, self._emb, d, weights=w, seed=s))
 
 
 def _lds_measure(ctx, stage, num_train, protocol="scratch", num_seeds=None):

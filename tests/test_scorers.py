@@ -144,7 +144,11 @@ def test_influence_scorer_streams_the_pretraining_corpus(world, tmp_path, monkey
     streamed = list(common.stream_split(a["pre_ex"], "train", spec, batch_size=32))
     np.testing.assert_array_equal(np.concatenate([b[0].numpy() for b in streamed]), px)
     np.testing.assert_array_equal(np.concatenate([b[1].numpy() for b in streamed]), py)
-    assert common.count_split(a["pre_ex"], "train") == 80
+    sx, sy = common.sample_split(a["pre_ex"], "train", spec, 30)
+    keep = tfi.objective.subsample_mask(80, 30)
+    np.testing.assert_array_equal(sx, px[keep])
+    np.testing.assert_array_equal(sy, py[keep])
+    assert common.count_records(common.split_files(a["pre_ex"], "train"), "pre") == 80
     real_load = common.load_split
 
     def guarded(examples, split, spec_, limit=None):

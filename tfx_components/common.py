@@ -50,10 +50,14 @@ def glob_files(patterns) -> list:
     return sorted(f for f in files if not tf.io.gfile.isdir(f))
 
 
+def split_files(examples, split: str) -> list:
+    """The files of one split of an Examples artifact, sorted (raises naming the artifact if none)."""
+    return sorted(tf.io.gfile.glob(split_pattern(examples, split)))
+
+
 def read_split(examples, split: str, limit: int | None = None) -> list:
     """Serialized ``tf.train.Example``s of one split of an Examples artifact (the first ``limit``)."""
-    return read_records(sorted(tf.io.gfile.glob(split_pattern(examples, split))),
-                        f"Examples artifact {examples.uri}, split '{split}'", limit)
+    return read_records(split_files(examples, split), f"Examples artifact {examples.uri}, split '{split}'", limit)
 
 
 def load_split(examples, split: str, spec: dict, limit: int | None = None):
@@ -61,13 +65,6 @@ def load_split(examples, split: str, spec: dict, limit: int | None = None):
     test points, Hessian samples)."""
     return beam_scoring.decode_batch(read_split(examples, split, limit), spec,
                                      f"Examples artifact {examples.uri}, split '{split}'")
-
-
-def _split_files(examples, split: str) -> list:
-    files = sorted(tf.io.gfile.glob(split_pattern(examples, split)))
-    if not files:
-        raise ValueError(f"Examples artifact {examples.uri}, split '{split}': no files")
-    return files
 
 
 def _parse_spec(spec: dict) -> dict:
@@ -89,37 +86,39 @@ def count_records(files, desc: str) -> int:
         raise ValueError(f"{desc}: corrupt TFRecord ({err.message})") from None
 
 
-def count_split(examples, split: str) -> int:
-    """Number of examples in a split, streamed (no record is kept)."""
-    desc = f"Examples artifact {examples.uri}, split '{split}'"
-    n = count_records(_split_files(examples, split), desc)
-    if n == 0:
-        raise ValueError(f"{desc} is empty")
-    return n
-
-
-def stream_split(examples, split: str, spec: dict, batch_size: int = 256, hessian_samples: int | None = None,
-                 seed: int = 0):
-    """A ``tf.data.Dataset`` of batched ``(x, y)`` read from the split's files as it is iterated —
-    the driver holds one batch, never the split. With ``hessian_samples`` only that many examples,
-    at the positions :func:`tf_influence.objective.subsample_mask` draws (the same subset
-    ``subsample`` takes of the split loaded in memory). The first record is decoded up front so a
-    missing or misshaped feature is named before any pass starts."""
+def sample_split(examples, split: str, spec: dict, n: int, seed: int = 0):
+    """``(x, y)`` of the ``n`` examples of a split at the positions
+    :func:`tf_influence.objective.subsample_mask` draws — the subset ``subsample`` takes of the split
+    loaded in memory — in two streamed passes (count, pick); only the ``n`` picked records are held
+    (the Hessian subsample, iterated by every Hessian-vector product, then lives in memory)."""
     from tf_influence.objective import subsample_mask
     desc = f"Examples artifact {examples.uri}, split '{split}'"
+    files = split_files(examples, split)
+    total = count_records(files, desc)
+    if total == 0:
+        raise ValueError(f"{desc} is empty")
+    mask = subsample_mask(total, n, seed)
+    try:
+        picked = [r for i, r in enumerate(tf.data.TFRecordDataset(files, compression_type="GZIP").as_numpy_iterator())
+                  if mask[i]]
+    except tf.errors.DataLossError as err:
+        raise ValueError(f"{desc}: corrupt TFRecord ({err.message})") from None
+    _, x, y = beam_scoring.decode_batch(picked, spec, desc)
+    return x, y
+
+
+def stream_split(examples, split: str, spec: dict, batch_size: int = 256):
+    """A ``tf.data.Dataset`` of batched ``(x, y)`` read from the split's files as it is iterated —
+    the driver holds one batch, never the split. The first record is decoded up front so a missing
+    or misshaped feature is named before any pass starts."""
+    desc = f"Examples artifact {examples.uri}, split '{split}'"
     beam_scoring.decode_batch(read_split(examples, split, limit=1), spec, desc)  # clear feature errors
-    ds = tf.data.TFRecordDataset(_split_files(examples, split), compression_type="GZIP")
-    if hessian_samples is not None:
-        total = count_split(examples, split)
-        if hessian_samples < total:
-            mask = tf.constant(subsample_mask(total, hessian_samples, seed))
-            ds = ds.enumerate().filter(lambda i, _: tf.gather(mask, i)).map(lambda i, r: r)
     parse, xs, ys = _parse_spec(spec), spec["x"], spec["y"]
 
     def decode(records):
         f = tf.io.parse_example(records, parse)
         return tf.cast(f[xs["name"]], xs["dtype"]), tf.cast(f[ys["name"]], ys["dtype"])
-    return ds.batch(batch_size).map(decode)
+    return tf.data.TFRecordDataset(split_files(examples, split), compression_type="GZIP").batch(batch_size).map(decode)
 
 
 class BeamStageError(RuntimeError):

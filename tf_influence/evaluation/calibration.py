@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .lds import draw_subsets, linear_datamodeling_score, measure_subsets, seed_noise
+from .lds import draw_subsets, linear_datamodeling_score, measure_subsets, seed_noise, target_of
 
 
 @dataclass
@@ -87,8 +87,7 @@ def calibrate_damping(score_fn, retrain, num_train: int, grid=(1e-6, 1e-4, 1e-3,
     rows = []
     for lam in grid:
         scores = np.asarray(score_fn(lam), float)
-        target = mean.sum(axis=1) if scores.ndim == 1 and mean.shape[1] > 1 else mean
-        r = linear_datamodeling_score(scores, masks, target, alpha, num_seeds)
+        r = linear_datamodeling_score(scores, masks, target_of(scores, mean), alpha, num_seeds)
         rows.append({"damping": lam, "lds": r.mean, "ci95": [r.ci_low, r.ci_high],
                      "num_test_points": int(np.isfinite(r.per_test).sum())})
     finite = [r for r in rows if np.isfinite(r["lds"])]

@@ -241,6 +241,13 @@ def seed_noise(retrain_measurements) -> dict:
             "seed_std_over_subset_std": float(np.nanmean(ratio)), "num_seeds": int(m.shape[0])}
 
 
+def target_of(scores, measured):
+    """The measurements ``scores`` predict: one score vector (``[num_train]``) is for the summed
+    test target, so several test points' measurements are summed; a score matrix keeps them."""
+    scores, measured = np.asarray(scores), np.asarray(measured)
+    return measured.sum(axis=1) if scores.ndim == 1 and measured.ndim == 2 and measured.shape[1] > 1 else measured
+
+
 def evaluate_lds(retrain, scores, num_subsets: int = 100, alpha: float = 0.5, num_seeds: int = 1, seed: int = 0,
                  cache=None, key: str = "", progress: bool = True, beam_options=None) -> LDSResult:
     """Draw the subsets, retrain (cached), and score: the whole LDS in one call.
@@ -250,6 +257,4 @@ def evaluate_lds(retrain, scores, num_subsets: int = 100, alpha: float = 0.5, nu
     scores = np.asarray(scores, float)
     masks = draw_subsets(scores.shape[0], num_subsets, alpha, seed)
     measured = measure_subsets(retrain, masks, num_seeds, cache, key, progress, beam_options)
-    if scores.ndim == 1 and measured.shape[1] > 1:
-        measured = measured.sum(axis=1)  # one score vector: the summed test target
-    return linear_datamodeling_score(scores, masks, measured, alpha, num_seeds)
+    return linear_datamodeling_score(scores, masks, target_of(scores, measured), alpha, num_seeds)

@@ -67,10 +67,11 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             _, xp, yp = common.load_split(pre_ex, pre_splits[0], spec, limit=int(e.get("batch_size") or 256))
             pre_ds = _ds(xp, yp)
         else:
-            # streamed from the files (the driver holds one batch, never the corpus); the Hessian
-            # subsample is drawn by the library's rule over the split's positions
-            pre_ds = common.stream_split(pre_ex, pre_splits[0], spec, int(e.get("batch_size") or 256),
-                                         hessian_samples=hessian_samples)
+            # never the corpus in the driver: the Hessian subsample (at the positions the library's
+            # `subsample` draws) in memory, or — all examples — streamed from the files, one batch held
+            bs = int(e.get("batch_size") or 256)
+            pre_ds = (_ds(*common.sample_split(pre_ex, pre_splits[0], spec, int(hessian_samples)))
+                      if hessian_samples is not None else common.stream_split(pre_ex, pre_splits[0], spec, bs))
         try:
             ms = tfi.MultiStageInfluence(
                 tfi.Objective(pre_model, pre_loss), pre_ds, tfi.Objective(ft_model, ft_loss), _ds(xf, yf),

@@ -120,13 +120,12 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         plan = []
         for split in ex_splits:
             desc = f"Examples artifact {examples.uri}, split '{split}'"
-            common.split_pattern(examples, split)  # names a split without files
+            pattern = common.split_pattern(examples, split)  # names a split without files
             sdir = os.path.join(scores.uri, f"Split-{split}") if split in sc_splits else None
             if sdir is not None and not tf.io.gfile.glob(os.path.join(sdir, scores_io.PATTERN)):
                 raise ValueError(f"InfluenceScores artifact {scores.uri}, split '{split}': no score files "
                                  f"({scores_io.PATTERN}) in {sdir}")
-            plan.append((split, desc, common.split_pattern(examples, split),
-                         os.path.join(out.uri, f"Split-{split}"), sdir))
+            plan.append((split, desc, pattern, os.path.join(out.uri, f"Split-{split}"), sdir))
         tmp = self._get_tmp_dir()
 
         # how many scores each split has (the order-statistics cut needs n): streamed, nothing kept
