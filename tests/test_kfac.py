@@ -38,7 +38,19 @@ def conv1d_lm(seed=0):
     return keras.Model(inp, keras.layers.Dense(5, dtype="float64", name="out")(z))
 
 
-@pytest.mark.parametrize("which", ["mlp", "cnn", "conv1d", "transformer"])
+def two_block_lm(seed=0):
+    """Two attention blocks: their sub-layers share names (``query``, ``key``, …), not paths."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((5,), dtype="int32")
+    z = keras.layers.Embedding(9, 4, dtype="float64", name="emb")(inp)
+    for i in range(2):
+        a = keras.layers.MultiHeadAttention(2, key_dim=2, dtype="float64", name=f"attention{i}")(
+            z, z, use_causal_mask=True)
+        z = keras.layers.LayerNormalization(dtype="float64", name=f"norm{i}")(z + a)
+    return keras.Model(inp, keras.layers.Dense(6, dtype="float64", name="out")(z))
+
+
+@pytest.mark.parametrize("which", ["mlp", "cnn", "conv1d", "transformer", "two_blocks"])
 def test_ekfac_eigenvalues_are_the_exact_fisher_diagonal_in_the_kronecker_basis(which):
     rng = np.random.default_rng(0)
     if which == "mlp":
@@ -50,6 +62,9 @@ def test_ekfac_eigenvalues_are_the_exact_fisher_diagonal_in_the_kronecker_basis(
     elif which == "conv1d":  # per-position labels: a sequence loss averaged per example
         model = conv1d_lm()
         x, y = rng.integers(0, 7, size=(10, 6)).astype(np.int32), rng.integers(0, 5, size=(10, 3))
+    elif which == "two_blocks":
+        model = two_block_lm()
+        x, y = rng.integers(0, 9, size=(8, 5)).astype(np.int32), rng.integers(0, 6, size=(8, 5))
     else:
         model, _, _ = h.two_stage_transformers(dict_inputs=True)
         x, y = h.token_data(14, n_classes=3, seed=1, with_mask=True)
@@ -59,7 +74,9 @@ def test_ekfac_eigenvalues_are_the_exact_fisher_diagonal_in_the_kronecker_basis(
     blocks, _ = kfac.kronecker_blocks(model, group)
     kinds = {b.kind for b in blocks}
     assert kinds == {"mlp": {"dense"}, "cnn": {"conv", "dense"}, "conv1d": {"embedding", "conv", "dense"},
-                     "transformer": {"dense", "einsum", "embedding"}}[which]
+                     "transformer": {"dense", "einsum", "embedding"},
+                     "two_blocks": {"dense", "einsum", "embedding"}}[which]
+    assert len(factors.blocks) == len(blocks)  # one factor per layer, also where layer names repeat
     for b in blocks:
         f = factors.blocks[b.name]
         Gs = per_example_block_matrices(obj, b, x, y)
@@ -211,7 +228,7 @@ def test_both_multi_stage_chains_take_ekfac():
         np.testing.assert_allclose(res.scores[:, j], G @ s, rtol=1e-6, atol=1e-10 * np.abs(G @ s).max())
 
 
-@pytest.mark.parametrize("which", ["cnn", "conv1d", "transformer_with_norm"])
+@pytest.mark.parametrize("which", ["cnn", "conv1d", "transformer_with_norm", "two_blocks"])
 def test_ghost_norms_equal_one_at_a_time_squared_gradient_norms(which):
     """Self-influence from ghost norms (no per-example gradients) = ‖one-at-a-time gradient‖² over K."""
     from tf_influence import tracin
@@ -222,11 +239,16 @@ def test_ghost_norms_equal_one_at_a_time_squared_gradient_norms(which):
     elif which == "conv1d":  # embedding + causal dilated / strided conv + dense, a per-position loss
         model, K = conv1d_lm(), ["emb", "c1", "c2", "out"]
         x, y = rng.integers(0, 7, size=(8, 6)).astype(np.int32), rng.integers(0, 5, size=(8, 3))
+    elif which == "two_blocks":  # two attention layers whose sub-layers share their names
+        model, K = two_block_lm(), ["attention0/query", "attention1/query", "attention1/value", "norm0", "out"]
+        with pytest.raises(tfi.ParameterGroupError, match="2 layers named 'query'.*attention1/query"):
+            tfi.group_from_layers(model, ["query"])
+        x, y = rng.integers(0, 9, size=(8, 5)).astype(np.int32), rng.integers(0, 6, size=(8, 5))
     else:  # LayerNormalization: ∂l/∂γ = Σ_t g_t ⊙ x̂_t from the captured input, ghost norms for the rest
         model, _, _ = h.two_stage_transformers(dict_inputs=True)
         K = ["tok_emb", "query", "norm", "ffn"]
         x, y = h.token_data(8, n_classes=3, seed=4, with_mask=True)
-    obj = tfi.Objective(model, h.sce() if which != "conv1d" else keras.losses.SparseCategoricalCrossentropy(
+    obj = tfi.Objective(model, h.sce() if which not in ("conv1d", "two_blocks") else keras.losses.SparseCategoricalCrossentropy(
         from_logits=True, reduction=None))
     group = tracin.layer_set(model, K)
     ref = (h.one_at_a_time_gradients(obj, x, y, group) ** 2).sum(axis=1)

@@ -85,7 +85,7 @@ class _Block:
 
     def __init__(self, layer, kind: str, kernel, bias):
         self.layer, self.kind, self.kernel, self.bias = layer, kind, kernel, bias
-        self.name = layer.name
+        self.name = layer.name  # made unique by _assign_keys
         if kind == "dense":
             self.d_in, self.d_out = int(kernel.shape[0]), int(kernel.shape[1])
         elif kind == "conv":  # kernel [k..., c_in, c_out] → [prod(k...)·c_in, c_out], rows in patch order
@@ -185,6 +185,19 @@ class _Block:
         return out
 
 
+def _assign_keys(blocks, what: str):
+    """Key each block by its layer's name, or — where names repeat, as the ``query`` / ``key`` / …
+    sub-layers of every ``MultiHeadAttention`` do — by its Keras path (``"attention1/query"``)."""
+    names = [b.layer.name for b in blocks]
+    for b in blocks:
+        b.name = b.layer.name if names.count(b.layer.name) == 1 else (getattr(b.layer, "path", None) or b.layer.name)
+    keys = [b.name for b in blocks]
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise ParameterGroupError(f"two {what} layers share the key(s) {dup}: give the layers distinct names")
+    return blocks
+
+
 def kronecker_blocks(model, group: ParameterGroup):
     """``(blocks, diagonal_variables)``: a Kronecker block for each layer of the group that supports
     one (``Dense``, ``EinsumDense`` with a Dense-like equation, ``Embedding``); the group's other
@@ -220,6 +233,7 @@ def kronecker_blocks(model, group: ParameterGroup):
             continue
         blocks.append(block)
         covered.update(id(tf_variable(x)) for x in block.variables)
+    _assign_keys(blocks, "Kronecker-factored")
     diagonal = [v for v in group.variables if id(tf_variable(v)) not in covered]
     return blocks, diagonal
 
@@ -233,7 +247,7 @@ class _NormBlock:
     kind = "norm"
 
     def __init__(self, layer, gamma, beta):
-        self.layer, self.name, self.gamma, self.beta = layer, layer.name, gamma, beta
+        self.layer, self.name, self.gamma, self.beta = layer, layer.name, gamma, beta  # unique: _assign_keys
         self.variables = [v for v in (gamma, beta) if v is not None]
 
     def per_example(self, inputs, g, dtype):
@@ -274,6 +288,7 @@ def norm_blocks(model, variables):
         blk = _NormBlock(layer, gamma, beta)
         blocks.append(blk)
         covered.update(id(tf_variable(x)) for x in blk.variables)
+    _assign_keys(blocks, "LayerNormalization")
     return blocks, [v for v in variables if id(tf_variable(v)) not in covered]
 
 
@@ -331,6 +346,8 @@ class _Capture:
 
     def __init__(self, blocks):
         self.blocks, self.records = blocks, {b.name: [] for b in blocks}
+        if len(self.records) != len(blocks):
+            raise ParameterGroupError(f"layers share a key: {sorted(b.name for b in blocks)}")
 
     def __enter__(self):
         for b in self.blocks:

@@ -257,14 +257,23 @@ def _all_layers(model) -> list:
 
 
 def find_layer(model, name: str):
-    """The layer (or sub-model) called ``name`` anywhere inside ``model``.
+    """The layer (or sub-model) called ``name`` anywhere inside ``model``; ``name`` is a layer name
+    or a Keras layer path (``"attention1/query"``), which tells apart sub-layers that share a name.
 
-    Raises :class:`ParameterGroupError` naming the missing layer and listing what exists.
+    Raises :class:`ParameterGroupError` naming the missing layer and listing what exists, or, when
+    the name is ambiguous, listing the paths that tell the candidates apart.
     """
-    for layer in _all_layers(model):
-        if layer.name == name:
-            return layer
-    available = sorted({layer.name for layer in _all_layers(model)})
+    layers = _all_layers(model)
+    hits = [layer for layer in layers if getattr(layer, "path", None) == name]
+    if not hits:
+        hits = [layer for layer in layers if layer.name == name]
+    if len(hits) == 1:
+        return hits[0]
+    if len(hits) > 1:
+        paths = ", ".join(str(getattr(layer, "path", None) or layer.name) for layer in hits)
+        raise ParameterGroupError(f"model '{model.name}' has {len(hits)} layers named '{name}' ({paths}): "
+                                  "name the one you mean by its path")
+    available = sorted({layer.name for layer in layers})
     raise ParameterGroupError(
         f"model '{model.name}' has no layer named '{name}'; its layers are: {', '.join(available)}")
 
