@@ -194,6 +194,24 @@ def test_bad_input(logreg):
         kfac.KFACInverse(factors, model, kernel)
     with pytest.raises(ValueError, match="kind must be"):
         kfac.fit_factors(obj, ds(x, y), group, kind="shampoo")
+    with pytest.raises(ValueError, match="max_examples must be a positive"):
+        kfac.fit_factors(obj, ds(x, y), group, max_examples=0)
+
+
+def test_max_examples_fits_on_the_first_examples(logreg):
+    """The cap (a batch cut in the middle) equals fitting on exactly those examples; the solver passes it on."""
+    model, x, y = logreg
+    obj = tfi.Objective(model, h.sce())
+    group = tfi.ParameterGroup.from_model(model)
+    capped = kfac.fit_factors(obj, ds(x, y, 7), group, fisher="empirical", max_examples=17)
+    first = kfac.fit_factors(obj, ds(x[:17], y[:17], 5), group, fisher="empirical")
+    assert capped.num_examples == 17
+    for name, blk in first.blocks.items():
+        np.testing.assert_allclose(capped.blocks[name]["eig"], blk["eig"], rtol=1e-10, atol=1e-12 * blk["eig"].max())
+    op = tfi.HessianOperator(obj, ds(x, y, 7), group)
+    res = tfi.solve(op, np.ones(group.size), tfi.SolverConfig("ekfac", options={"fisher": "empirical",
+                                                                                 "max_examples": 17}))
+    assert res.extra["num_examples"] == 17
 
 
 def test_both_multi_stage_chains_take_ekfac():

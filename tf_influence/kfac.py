@@ -537,10 +537,14 @@ class FactorStatistics:
             for a, g in res[b.name]:
                 gq = tf.einsum("bpo,oc->bpc", g, QS)
                 if b.kind == "embedding":  # G_n Q_S row v = Σ_{t: token v} (g_t Q_S)
+                    # only the (example, token) pairs present in the batch have non-zero rows: sum
+                    # over those (≤ B·P of them, not B·vocabulary), square, then add up by token
                     n = tf.shape(a)[0]
-                    seg = tf.reshape(a + tf.range(n)[:, None] * b.rows, [-1])
-                    rows = tf.math.unsorted_segment_sum(tf.reshape(gq, [-1, b.d_out]), seg, n * b.rows)
-                    lam += tf.cast(tf.reduce_sum(tf.reshape(tf.square(rows), [n, b.rows, b.d_out]), axis=0), dtype)
+                    pairs = tf.reshape(tf.cast(a, tf.int64) + tf.range(tf.cast(n, tf.int64))[:, None] * b.rows, [-1])
+                    present, idx = tf.unique(pairs)
+                    rows = tf.math.unsorted_segment_sum(tf.reshape(gq, [-1, b.d_out]), idx, tf.size(present))
+                    token = tf.cast(present % b.rows, tf.int32)
+                    lam += tf.cast(tf.math.unsorted_segment_sum(tf.square(rows), token, b.rows), dtype)
                 else:
                     aq = tf.einsum("bpi,ia->bpa", tf.cast(a, self.compute), QA)
                     lam += tf.cast(tf.reduce_sum(tf.square(tf.einsum("bpa,bpc->bac", aq, gq)), axis=0), dtype)
@@ -619,8 +623,16 @@ def add_statistics(a, b):
     return tf.nest.map_structure(lambda u, v: u + v, a, b)
 
 
+def _global_batch_size(y, strategy) -> int:
+    t = tf.nest.flatten(y)[0]
+    if strategy is None:
+        return int(tf.shape(t)[0])
+    return int(sum(int(tf.shape(v)[0]) for v in strategy.experimental_local_results(t)))
+
+
 def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", fisher: str = "true",
-                seed: int = 0, progress: bool = False, name: str = "dataset", strategy=None) -> KFACFactors:
+                seed: int = 0, progress: bool = False, name: str = "dataset", strategy=None,
+                max_examples: int | None = None) -> KFACFactors:
     """Fit (E)K-FAC factors of ``objective`` on ``dataset`` for ``group`` (one pass, two for EK-FAC).
 
     The passes are :class:`FactorStatistics`' steps, summed batch by batch in bounded memory (the
@@ -630,12 +642,36 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
     equal the single-device ones (tested with MirroredStrategy on two logical CPUs; with
     ``fisher="true"`` each replica draws its own labels, an equally valid Monte Carlo sample).
 
+    ``max_examples``: fit both passes on the dataset's first ``max_examples`` examples only (shuffle
+    it first), as kronfluence's ``covariance_max_examples`` / ``lambda_max_examples`` (its default:
+    100,000) — the factor passes cost about 1.5 and 2 training epochs over the examples they see
+    (``benchmarks/scale.py``), while the scores of every example still come from one pass; with a
+    ``strategy`` the cap is applied in whole global batches.
+
     >>> import keras, tensorflow as tf                                    # doctest: +SKIP
     >>> factors = fit_factors(Objective(model), train_ds, ParameterGroup.from_model(model))
     >>> factors.summary()["diagonal_variables"]      # what has no Kronecker block
     """
     stats = FactorStatistics(objective, group, kind, fisher, seed, strategy)
     model = objective.model
+    if max_examples is not None and int(max_examples) < 1:
+        raise ValueError(f"max_examples must be a positive number of examples, got {max_examples}")
+
+    def capped(it):
+        seen = 0
+        for x, y in it:
+            if max_examples is not None and seen >= max_examples:
+                return
+            if max_examples is not None and strategy is None:
+                k = int(tf.shape(tf.nest.flatten(y)[0])[0])
+                if seen + k > max_examples:
+                    keep = int(max_examples) - seen
+                    x, y = (tf.nest.map_structure(lambda t: t[:keep], z) for z in (x, y))
+                    k = keep
+            else:
+                k = _global_batch_size(y, strategy)
+            seen += k
+            yield x, y
 
     def loop(desc):
         if strategy is not None:
@@ -643,6 +679,7 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
             it = iter(strategy.experimental_distribute_dataset(dataset))
         else:
             it = batches(dataset, name, model)
+        it = capped(it)
         if progress:
             from tqdm.auto import tqdm
             it = tqdm(it, desc=desc, leave=False)

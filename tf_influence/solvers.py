@@ -15,7 +15,8 @@ several right-hand sides ``B`` (``[p]`` or ``[p, k]``), and returns a :class:`So
 * ``identity``    — replaces ``H⁻¹`` by ``I`` (the paper's identity-Hessian baseline).
 * ``ekfac`` / ``kfac`` — Kronecker-factored curvature (:mod:`tf_influence.kfac`): factors fitted once
   on the operator's data, then every solve is a few small matrix products; options ``fisher``
-  (``"true"`` / ``"empirical"``), ``relative_damping``, ``factors`` (fitted or saved ones).
+  (``"true"`` / ``"empirical"``), ``relative_damping``, ``factors`` (fitted or saved ones),
+  ``max_examples`` (fit the factors on the first N examples only).
 
 Residuals are relative: ``‖A x − r‖ / ‖r‖`` of the system actually solved (``A = H + λI``,
 ``r = b`` for cg / lissa / dense; ``A = H² + λI``, ``r = H b`` for cg_squared). A solve whose
@@ -245,14 +246,15 @@ def dense(op, b, damping: float = 0.0, squared: bool = False, max_params: int = 
 
 def kronecker(op, b, damping: float = 0.0, kind: str = "ekfac", fisher: str = "true", relative_damping: float = 0.0,
               factors=None, seed: int = 0, progress=None, on_nonconvergence: str = "warn", tol: float = 0.0,
-              **_ignored) -> SolveResult:
+              max_examples: int | None = None, **_ignored) -> SolveResult:
     """(E)K-FAC: ``(F̂ + D + λ)⁻¹ b`` with Kronecker-factored curvature fitted on the operator's data
     (:mod:`tf_influence.kfac`); ``D`` = the exact L2-regulariser Hessian and the operator's extra
     diagonal, ``λ = damping + relative_damping × mean eigenvalue`` per block.
 
     ``op`` must be a square :class:`~tf_influence.hessian.HessianOperator` block (the factors need its
     objective, data and parameter group). Factors are fitted once per operator (cached on it) unless
-    ``factors`` (a :class:`~tf_influence.kfac.KFACFactors` or a directory saved by it) is given.
+    ``factors`` (a :class:`~tf_influence.kfac.KFACFactors` or a directory saved by it) is given;
+    ``max_examples`` caps the examples they are fitted on (see :func:`~tf_influence.kfac.fit_factors`).
     No iteration, so no residual: ``relative_residual`` is NaN and ``converged`` True."""
     from . import kfac
     if getattr(op, "rows", None) is None or op.rows.variables != op.cols.variables:
@@ -263,10 +265,11 @@ def kronecker(op, b, damping: float = 0.0, kind: str = "ekfac", fisher: str = "t
         factors = kfac.KFACFactors.load(factors)
     if factors is None:
         cache = op.__dict__.setdefault("kfac_factors", {})
-        key = (kind, fisher, seed)
+        key = (kind, fisher, seed, max_examples)
         if key not in cache:
             cache[key] = kfac.fit_factors(op.objective, op.dataset, op.rows, kind=kind, fisher=fisher, seed=seed,
-                                          progress=progress is not None, name=f"dataset of {op.name}")
+                                          progress=progress is not None, name=f"dataset of {op.name}",
+                                          max_examples=max_examples)
         factors = cache[key]
     inverse = kfac.KFACInverse(factors, model, op.rows, damping=damping, relative_damping=relative_damping,
                                extra_diagonal=op.extra_diagonal)
