@@ -125,3 +125,26 @@ def test_factors_as_a_beam_combiner_equal_the_in_process_fit(setup):
         beam_factors.main(["--examples", empty, "--model", path, "--feature-spec", json.dumps(SPEC),
                            "--output", str(root / "f2"), "--direct_running_mode=in_memory"])
     assert not os.path.exists(str(root / "f2" / "factors.json"))
+
+
+def test_dataflow_job_compiles(setup, tmp_path):
+    """The scoring job translated for Dataflow (``--dry_run``: built, not submitted — no GCP here):
+    the workers get this package from ``setup.py`` (staged as ``workflow.tar.gz``)."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
+    from apache_beam.portability.api import beam_runner_api_pb2
+    root, path, *_ = setup
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    opts = PipelineOptions(["--runner=DataflowRunner", "--project=my-project", "--region=us-central1",
+                            "--temp_location=gs://my-bucket/tmp", f"--setup_file={os.path.join(repo, 'setup.py')}",
+                            "--no_auth", "--dry_run=True"])
+    p = beam.Pipeline(options=opts)
+    beam_scoring.score_examples(p, str(root / "examples" / "Split-train" / "*"), "gs://my-bucket/model.keras",
+                                json.dumps(SPEC), "self_influence", "gs://my-bucket/scores", si_layers=["embedding"])
+    job = p.run().job
+    names = {t.unique_name for t in job.proto_pipeline.components.transforms.values()}
+    assert {"ScoreRead", "ScoreBatch", "ScoreScore", "ScoreWrite"} <= names
+    staged = {beam_runner_api_pb2.ArtifactStagingToRolePayload.FromString(d.role_payload).staged_name
+              for env in job.proto_pipeline.components.environments.values() for d in env.dependencies}
+    assert "workflow.tar.gz" in staged
+    assert job.options.view_as(GoogleCloudOptions).region == "us-central1"

@@ -120,16 +120,24 @@ class ScoreBatch(beam.DoFn):
     """Batch of serialized examples → ``(key, score)`` with one library call per batch."""
 
     def __init__(self, model_path, feature_spec, kind, si_layers=None, loss_config=None, group_spec=None,
-                 desc="examples", checkpoints=None, learning_rates=None):
+                 desc="examples", checkpoints=None, learning_rates=None, worker_threads=None):
         if kind not in KINDS:
             raise ValueError(f"unknown score kind '{kind}'; choose one of {KINDS}")
         self.model_path, self.spec, self.kind = model_path, parse_feature_spec(feature_spec), kind
         self.si_layers, self.loss_config, self.desc = si_layers, loss_config, desc
         self.group_spec = group_spec if group_spec is None or isinstance(group_spec, str) else group_spec.to_json()
         self.checkpoints, self.learning_rates = checkpoints, learning_rates
+        self.worker_threads = worker_threads
 
     def setup(self):
         import tf_influence as tfi
+        if self.worker_threads:  # one process per core (as Dataflow's Python workers): one TF thread each
+            import tensorflow as tf
+            try:
+                tf.config.threading.set_intra_op_parallelism_threads(int(self.worker_threads))
+                tf.config.threading.set_inter_op_parallelism_threads(int(self.worker_threads))
+            except RuntimeError:  # TensorFlow already initialised in this process (in-process runners)
+                pass
         self.model = load_keras_model(self.model_path)
         self.objective = tfi.Objective(self.model, resolve_loss(self.model, self.loss_config))
         if self.kind == "self_influence":
@@ -169,11 +177,13 @@ class WriteScores(beam.PTransform):
 
 def score_examples(pipeline, examples_pattern, model_path, feature_spec, kind, output_dir, si_layers=None,
                    loss_config=None, group_spec=None, vector=None, batch_size=256, label="Score",
-                   checkpoints=None, learning_rates=None):
+                   checkpoints=None, learning_rates=None, worker_threads=None):
     """Add the read → batch → score → write steps to ``pipeline``; returns the scores PCollection.
 
     ``kind="self_influence"`` needs ``si_layers``; ``kind="influence"`` needs ``vector`` (the
-    test-side ``s``) and ``group_spec`` (the :class:`~tf_influence.params.GroupSpec` of ``s``)."""
+    test-side ``s``) and ``group_spec`` (the :class:`~tf_influence.params.GroupSpec` of ``s``).
+    ``worker_threads``: TensorFlow threads per worker process (default: TensorFlow's, all cores —
+    right for one worker per machine; with one worker process per core, 1)."""
     if kind == "influence" and (vector is None or group_spec is None):
         raise ValueError("influence scoring needs the test-side vector and its parameter group spec")
     if kind == "self_influence" and not si_layers:
@@ -183,7 +193,7 @@ def score_examples(pipeline, examples_pattern, model_path, feature_spec, kind, o
     batches = records | f"{label}Batch" >> beam.BatchElements(min_batch_size=min(32, batch_size),
                                                              max_batch_size=batch_size)
     fn = ScoreBatch(model_path, feature_spec, kind, si_layers, loss_config, group_spec, desc=examples_pattern,
-                    checkpoints=checkpoints, learning_rates=learning_rates)
+                    checkpoints=checkpoints, learning_rates=learning_rates, worker_threads=worker_threads)
     if vector is not None:
         side = pipeline | f"{label}Vector" >> beam.Create([np.asarray(vector)])
         scores = batches | f"{label}Score" >> beam.ParDo(fn, beam.pvalue.AsSingleton(side))
@@ -212,6 +222,8 @@ def main(argv=None):
     ap.add_argument("--checkpoints", nargs="+", default=None,
                     help="TracIn checkpoints (.weights.h5 files) summed with --learning-rates (self_influence)")
     ap.add_argument("--learning-rates", nargs="+", type=float, default=None)
+    ap.add_argument("--worker-threads", type=int, default=None,
+                    help="TensorFlow threads per worker process (default all cores; 1 with one worker per core)")
     console.add_verbose_flag(ap)
     args, beam_args = ap.parse_known_args(argv)
     console.quiet(args.verbose)
@@ -237,7 +249,7 @@ def main(argv=None):
     with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
         score_examples(p, args.examples, args.model, args.feature_spec, args.kind, args.output, args.si_layers,
                        args.loss, group_spec, vector, args.batch_size, checkpoints=args.checkpoints,
-                       learning_rates=args.learning_rates)
+                       learning_rates=args.learning_rates, worker_threads=args.worker_threads)
     print(f"wrote scores to {args.output}")
 
 
