@@ -320,3 +320,28 @@ def test_presence_sequential_pipeline_local_dag_runner(world, tmp_path):
     originals = dict(zip(pre_data["train"][0], range(80)))
     assert len(kept) == 60 and all(k in originals for k in lowest)
     assert {tf.train.Example.FromString(r).features.feature["key"].bytes_list.value[0] for r in kept} == set(lowest)
+
+
+def test_summary_streams_and_equals_numpy(tmp_path):
+    """The scores summary is computed in two streamed passes (chunks of 7 here) and equals numpy."""
+    from tfx_components import common
+    rng = np.random.default_rng(0)
+    keys = [f"k{i:03d}".encode() for i in range(100)]
+    vals = rng.normal(size=100).astype(np.float32)
+    th.write_scores(str(tmp_path), "train", keys, vals)
+    got = common.summarize(str(tmp_path / "Split-train"), top_k=5, chunk=7)
+    v = vals.astype(np.float64)
+    hist, edges = np.histogram(v, bins=20)
+    assert got["count"] == 100 and got["histogram"]["counts"] == hist.tolist()
+    np.testing.assert_allclose(got["histogram"]["edges"], edges)
+    np.testing.assert_allclose([got["mean"], got["std"], got["min"], got["max"]], [v.mean(), v.std(), v.min(), v.max()],
+                               rtol=1e-12)
+    order = np.argsort(v)
+    assert got["top_keys"] == [keys[i].decode() for i in order[::-1][:5]]
+    assert got["bottom_keys"] == [keys[i].decode() for i in order[:5]]
+    os.makedirs(tmp_path / "bad")
+    with tf.io.TFRecordWriter(str(tmp_path / "bad" / "scores-0.tfrecord.gz"), options="GZIP") as w:
+        for k, s in ((b"a", 1.0), (b"b", float("nan"))):
+            w.write(scores_io.encode_score(k, s))
+    with pytest.raises(ValueError, match="non-finite score for key b'b'"):
+        common.summarize(str(tmp_path / "bad"))

@@ -141,18 +141,56 @@ def model_path(model) -> str:
     return os.path.join(model.uri, "Format-Serving")
 
 
-def summarize(scores_dir: str, top_k: int = 10) -> dict:
-    """Count, mean, std, min, max, a 20-bin histogram and the top-k / bottom-k keys of a split."""
-    table = scores_io.read_scores(scores_dir)
-    keys = list(table)
-    vals = np.array([table[k] for k in keys])
-    hist, edges = np.histogram(vals, bins=20)
-    order = np.argsort(vals)
-    return {"count": int(len(vals)), "mean": float(vals.mean()), "std": float(vals.std()),
-            "min": float(vals.min()), "max": float(vals.max()),
+def _score_chunks(scores_dir: str, chunk: int = 65536):
+    """``(keys, scores)`` chunks of a split's score files, streamed (one chunk in memory)."""
+    files = sorted(tf.io.gfile.glob(os.path.join(scores_dir, scores_io.PATTERN)))
+    if not files:
+        raise FileNotFoundError(f"no score files ({scores_io.PATTERN}) in {scores_dir}")
+    keys, vals = [], []
+    for rec in tf.data.TFRecordDataset(files, compression_type="GZIP").as_numpy_iterator():
+        k, v, _ = scores_io.decode_score(rec)
+        keys.append(k)
+        vals.append(v)
+        if len(vals) == chunk:
+            yield keys, np.asarray(vals, np.float64)
+            keys, vals = [], []
+    if vals:
+        yield keys, np.asarray(vals, np.float64)
+
+
+def summarize(scores_dir: str, top_k: int = 10, chunk: int = 65536) -> dict:
+    """Count, mean, std, min, max, a 20-bin histogram (``np.histogram``'s bins) and the top-k /
+    bottom-k keys of a split, in two streamed passes over its score files: memory is one chunk and
+    the 2·top_k kept pairs, whatever the corpus size. Ties are ordered by key."""
+    import heapq
+    n, mean, m2 = 0, 0.0, 0.0
+    lo, hi = np.inf, -np.inf
+    top, bottom = [], []  # heaps of (score, key) / (-score, negated order via key)
+    for keys, vals in _score_chunks(scores_dir, chunk):
+        if not np.all(np.isfinite(vals)):
+            bad = keys[int(np.argmin(np.isfinite(vals)))]
+            raise ValueError(f"non-finite score for key {bad!r} in {scores_dir}")
+        k = len(vals)
+        cm = float(vals.mean())
+        cm2 = float(((vals - cm) ** 2).sum())
+        delta = cm - mean
+        tot = n + k
+        mean += delta * k / tot
+        m2 += cm2 + delta * delta * n * k / tot
+        n = tot
+        lo, hi = min(lo, float(vals.min())), max(hi, float(vals.max()))
+        top = heapq.nlargest(top_k, top + [(float(v), key) for v, key in zip(vals, keys)])
+        bottom = heapq.nsmallest(top_k, bottom + [(float(v), key) for v, key in zip(vals, keys)])
+    if n == 0:
+        raise ValueError(f"no scores in {scores_dir}")
+    edges = np.histogram_bin_edges([lo, hi], bins=20)
+    hist = np.zeros(20, dtype=np.int64)
+    for _, vals in _score_chunks(scores_dir, chunk):
+        hist += np.histogram(vals, bins=edges)[0]
+    return {"count": int(n), "mean": mean, "std": float(np.sqrt(m2 / n)), "min": lo, "max": hi,
             "histogram": {"counts": hist.tolist(), "edges": edges.tolist()},
-            "top_keys": [keys[i].decode(errors="replace") for i in order[::-1][:top_k]],
-            "bottom_keys": [keys[i].decode(errors="replace") for i in order[:top_k]]}
+            "top_keys": [key.decode(errors="replace") for _, key in top],
+            "bottom_keys": [key.decode(errors="replace") for _, key in bottom]}
 
 
 def record_summary(artifact, summaries: dict):
