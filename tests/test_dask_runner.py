@@ -45,6 +45,9 @@ def _semantics(p, src, out):
     counts = ((split.even, split.odd) | beam.Flatten() | beam.Map(lambda r: (r[:2], 1))
               | beam.CombinePerKey(sum))                                       # str keys across processes
     lengths = split.odd | "Len" >> beam.Map(len) | "Max" >> beam.CombineGlobally(max)
+    typed = (recs | "Pair" >> beam.Map(lambda r: (r[:2], (len(r), r))) | "G" >> beam.GroupByKey()
+             | "Tuples" >> beam.Map(lambda kv: all(type(v) is tuple for v in kv[1])) | beam.CombineGlobally(all))
+    (typed | "Ty" >> beam.Map(lambda t: f"values stay tuples {t}")) | "WTy" >> beam.io.WriteToText(out + "-types")
     (total | "T" >> beam.Map(lambda t: f"total {t}")) | "WT" >> beam.io.WriteToText(out + "-total")
     (counts | "C" >> beam.MapTuple(lambda k, v: f"{k.decode()} {v}")) | "WC" >> beam.io.WriteToText(out + "-counts")
     (lengths | "L" >> beam.Map(lambda m: f"odd max {m}")) | "WL" >> beam.io.WriteToText(out + "-odd")
@@ -67,9 +70,10 @@ def test_beam_semantics_equal_the_direct_runner(cluster, tmp_path):
     for name, args in (("direct", []), ("dask", cluster)):
         with beam.Pipeline(options=PipelineOptions(args)) as p:
             _semantics(p, src + "*", str(tmp_path / name))
-    for what in ("total", "counts", "odd"):
+    for what in ("total", "counts", "odd", "types"):
         assert _lines(str(tmp_path / f"dask-{what}")) == _lines(str(tmp_path / f"direct-{what}"))
     assert _lines(str(tmp_path / "dask-total")) == ["total 1500"]
+    assert _lines(str(tmp_path / "dask-types")) == ["values stay tuples True"]
     assert "r4 111" in _lines(str(tmp_path / "dask-counts"))   # r4, r40–r49, r400–r499
 
 

@@ -20,7 +20,7 @@ def test_presence_pipeline_runs_end_to_end(tmp_path):
     assert len(s["components"]["Trainer"]) == 3
     (f,) = s["filters"]
     assert f["mode"] == "keep_lowest"
-    assert f["counts"]["train"] == {"in": 480, "kept": 384, "dropped": 96, "filtered": True}
+    assert f["counts"]["train"] == {"in": 480, "kept": 384, "dropped": 96, "filtered": True, "cut": "exact"}
     assert f["counts"]["test"]["filtered"] is False
     c = s["comparison"]
     for v in ("uniform", "presence_sequential", "presence"):

@@ -41,11 +41,11 @@ def artifacts(tmp_path, splits=("train", "eval"), score_splits=("train",), n_tra
     return ex, sc, out, written, dict(zip(keys, scores))
 
 
-def run_executor(tmp_path, ex, sc, out, mode="drop_top_fraction", value=0.1, key_feature="key"):
+def run_executor(tmp_path, ex, sc, out, mode="drop_top_fraction", value=0.1, key_feature="key", **extra):
     ctx = BaseBeamExecutor.Context(beam_pipeline_args=BEAM_IN_PROCESS, tmp_dir=str(tmp_path / "tmp"),
                                    unique_id="1")
     Executor(ctx).Do({"examples": [ex], "scores": [sc]}, {"filtered_examples": [out]},
-                     {"mode": mode, "value": value, "key_feature": key_feature})
+                     {"mode": mode, "value": value, "key_feature": key_feature, **extra})
 
 
 def test_executor_filters_and_conserves(tmp_path):
@@ -56,7 +56,7 @@ def test_executor_filters_and_conserves(tmp_path):
     assert len(kept) == 54 and {written["train"][k] for k in expected} == set(kept)  # every byte of every feature
     assert sorted(th.read_examples(os.path.join(out.uri, "Split-eval"))) == sorted(written["eval"].values())
     counts = json.loads(out.get_string_custom_property("filter_counts"))
-    assert counts["train"] == {"in": 60, "kept": 54, "dropped": 6, "filtered": True}
+    assert counts["train"] == {"in": 60, "kept": 54, "dropped": 6, "filtered": True, "cut": "exact"}
     assert counts["eval"]["filtered"] is False and counts["eval"]["kept"] == 20
     assert (out.get_int_custom_property("num_in"), out.get_int_custom_property("num_kept"),
             out.get_int_custom_property("num_dropped")) == (80, 74, 6)
@@ -97,6 +97,38 @@ def test_the_beam_cut_equals_the_library_with_ties(tmp_path, mode, value):
     assert counts["kept"] == len(expected) and counts["dropped"] == 60 - len(expected)
     if expected:
         assert set(th.read_examples(os.path.join(out.uri, "Split-train"))) == expected
+
+
+def test_approximate_quantile_cut_stays_within_its_bound(tmp_path):
+    """Above ``max_exact_boundary`` the boundary comes from approximate quantiles: on 20,000 scores
+    with ε = 10⁻³ its rank is within 1.5·ε·n of the exact cut's; the executor takes that path, keeps
+    a prefix of the order and records the method."""
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that
+
+    from tfx_components.score_filter import executor as sf
+    n, eps = 20_000, 1e-3
+    rng = np.random.default_rng(0)
+    table = {f"k{i:05d}".encode(): float(v) for i, v in enumerate(rng.normal(size=n))}
+    order = sorted((v, k) for k, v in table.items())
+    for side, k in (("largest", 2_000), ("smallest", 7_000)):
+        def check(got, side=side, k=k):
+            rank = order.index(got[0])
+            exact = k - 1 if side == "smallest" else n - k
+            assert abs(rank - exact) <= 1.5 * eps * n, (rank, exact)
+        with beam.Pipeline(argv=BEAM_IN_PROCESS) as p:
+            scored = p | beam.Create(list(table.items()))
+            assert_that(sf._boundary(scored, side, k, "t", n, max_exact=10, epsilon=eps), check)
+    ex, sc, out, written, table = artifacts(tmp_path)
+    run_executor(tmp_path, ex, sc, out, "drop_top_fraction", 0.1, max_exact_boundary=1, quantile_epsilon=0.02)
+    counts = json.loads(out.get_string_custom_property("filter_counts"))["train"]
+    assert counts["cut"] == "approximate (quantile_epsilon=0.02)" and abs(counts["dropped"] - 6) <= 1.5 * 0.02 * 60 + 1
+    kept = set(th.read_examples(os.path.join(out.uri, "Split-train")))
+    kept_scores = [v for k, v in table.items() if written["train"][k] in kept]
+    dropped_scores = [v for k, v in table.items() if written["train"][k] not in kept]
+    assert max(kept_scores) <= min(dropped_scores)
+    with pytest.raises(ValueError, match="quantile_epsilon must be in"):
+        run_executor(tmp_path, ex, sc, out, quantile_epsilon=2.0)
 
 
 def test_bad_input_names_the_artifact(tmp_path):

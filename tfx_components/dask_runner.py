@@ -199,16 +199,25 @@ def _read_bundle(bundles):
     return out
 
 
-def _stable_key(kv) -> int:
-    return int.from_bytes(hashlib.blake2b(pickle.dumps(kv[0], protocol=4), digest_size=8).digest(), "big")
+def _keyed_bytes(kv):
+    """``(k, v)`` → ``(hash of k, pickled (k, v))``: the shuffle moves opaque bytes (dask's own
+    shuffle turned tuples inside values into lists, which Beam's coders never do) and partitions
+    by a hash that is the same in every process."""
+    h = int.from_bytes(hashlib.blake2b(pickle.dumps(kv[0], protocol=4), digest_size=8).digest(), "big")
+    return h, pickle.dumps(tuple(kv), protocol=5)
+
+
+def _first(item):
+    return item[0]
 
 
 def _regroup(item):
-    """``(hash, [(k, v), ...])`` → ``[(k, [v, ...]), ...]`` (keys that share a hash told apart)."""
-    _, kvs = item
+    """``(hash, [(hash, pickled (k, v)), ...])`` → ``[(k, [v, ...]), ...]`` (keys sharing a hash told apart)."""
+    _, packed = item
     groups: dict = {}
     order = []
-    for k, v in kvs:
+    for _, data in packed:
+        k, v = pickle.loads(data)
         if k not in groups:
             groups[k] = []
             order.append(k)
@@ -258,7 +267,7 @@ class _Translator(PipelineVisitor):
         elif isinstance(t, _ov._Flatten):
             bag = db.concat(inputs) if inputs else db.from_sequence([], npartitions=1)
         elif isinstance(t, _ov._GroupByKeyOnly):
-            bag = inputs[0].groupby(_stable_key).map(_regroup).flatten()
+            bag = inputs[0].map(_keyed_bytes).groupby(_first).map(_regroup).flatten()
         elif isinstance(t, beam.ParDo):
             windowfn = getattr(getattr(t.fn, "windowing", None), "windowfn", None)
             if windowfn is not None and not isinstance(windowfn, _window.GlobalWindows):

@@ -24,6 +24,8 @@ class ScoreFilterSpec(types.ComponentSpec):
         "mode": ExecutionParameter(type=str),
         "value": ExecutionParameter(type=float),
         "key_feature": ExecutionParameter(type=str, optional=True),
+        "max_exact_boundary": ExecutionParameter(type=int, optional=True),
+        "quantile_epsilon": ExecutionParameter(type=float, optional=True),
     }
     INPUTS = {
         "examples": ChannelParameter(type=standard_artifacts.Examples),
@@ -43,10 +45,15 @@ class ScoreFilter(base_beam_component.BaseBeamComponent):
     EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(executor.Executor)
 
     def __init__(self, examples: types.BaseChannel, scores: types.BaseChannel, mode: str, value: float,
-                 key_feature: Optional[str] = "key"):
+                 key_feature: Optional[str] = "key", max_exact_boundary: Optional[int] = None,
+                 quantile_epsilon: Optional[float] = None):
+        """``max_exact_boundary`` / ``quantile_epsilon``: above that many pairs on the smaller side of
+        the cut, the boundary comes from approximate quantiles with error ``ε`` (kept count within
+        ``1.5·ε·n`` of the exact rule's; defaults 10⁶ and 10⁻⁴ — see the executor)."""
         from tf_influence.selection import check_mode
         check_mode(mode, value)
         spec = ScoreFilterSpec(examples=examples, scores=scores, mode=mode, value=float(value),
-                               key_feature=key_feature,
+                               key_feature=key_feature, max_exact_boundary=max_exact_boundary,
+                               quantile_epsilon=quantile_epsilon,
                                filtered_examples=channel_utils.as_channel([standard_artifacts.Examples()]))
         super().__init__(spec=spec)

@@ -8,8 +8,16 @@ each split's scores by streaming their files (nothing kept). For the order-stati
 ``min(kept, dropped)`` ``(score, key)`` pairs, ≈ 100 bytes each — 10⁷ scores at a 10 % cut ≈ 100 MB),
 joins examples and scores by key (``CoGroupByKey``) and decides every key alone with the boundary
 as a side input — the same examples as :func:`tf_influence.selection.select_kept` on the whole
-table. ``drop_above`` needs no global step. (An approximate-quantile cut for cuts whose smaller side
-does not fit a worker is not implemented.)
+table. ``drop_above`` needs no global step.
+
+When the smaller side is larger than ``max_exact_boundary`` pairs (default 10⁶, ≈ 100 MB in one
+worker), the boundary comes from Beam's ``ApproximateQuantilesCombineFn`` instead (``1/ε + 1``
+quantiles of the ``(score, key)`` order, ``ε = quantile_epsilon``, default 10⁻⁴; its memory is
+``O((1/ε)·log²(εn))`` pairs): the element nearest the cut's rank. Beam's bound — each returned
+quantile's rank is within ``ε·n`` of the exact one — plus the ``n/(2/ε)`` rounding to the nearest
+quantile bounds how far the cut moves: the number of kept examples differs from the exact rule's
+by at most ``1.5·ε·n`` (e.g. ±15,000 of 10⁸), every example is still decided by one boundary
+element, and ``filter_counts`` records the method and the actual counts.
 """
 
 import json
@@ -84,12 +92,36 @@ class _Decide(beam.DoFn):
             yield beam.pvalue.TaggedOutput("kept" if keep else "dropped", r)
 
 
-def _boundary(scores, side, k, label):
+MAX_EXACT_BOUNDARY = 1_000_000
+QUANTILE_EPSILON = 1e-4
+
+
+def cut_method(k: int, max_exact: int) -> str:
+    """``"exact"`` (top-k) when the smaller side has at most ``max_exact`` pairs, else ``"approximate"``."""
+    return "exact" if k <= max_exact else "approximate"
+
+
+def _nearest_quantile(quantiles, rank: int, n: int):
+    """The returned quantile nearest ascending ``rank`` (0-based) of ``n``: quantile ``i`` of
+    ``len - 1`` intervals sits at rank ``i·(n − 1)/(len − 1)``."""
+    q = len(quantiles) - 1
+    return quantiles[int(round(rank * q / max(1, n - 1)))]
+
+
+def _boundary(scores, side, k, label, n=None, max_exact=MAX_EXACT_BOUNDARY, epsilon=QUANTILE_EPSILON):
     """The cut's boundary element as a one-element PCollection (``None`` when ``k == 0``): the largest
-    of the ``k`` smallest or the smallest of the ``k`` largest ``(score, key)`` pairs."""
+    of the ``k`` smallest or the smallest of the ``k`` largest ``(score, key)`` pairs — exact by a
+    top-k, or (``k > max_exact``) the nearest of Beam's approximate quantiles (module docstring)."""
     pairs = scores | f"Pairs[{label}]" >> beam.MapTuple(lambda key, score: (score, key))
     if k == 0:
         return pairs.pipeline | f"NoBoundary[{label}]" >> beam.Create([None])
+    if cut_method(k, max_exact) == "approximate":
+        from apache_beam.transforms.stats import ApproximateQuantilesCombineFn
+        num = int(math.ceil(1.0 / epsilon)) + 1
+        fn = ApproximateQuantilesCombineFn.create(num, epsilon=epsilon, max_num_elements=max(int(n), 2))
+        rank = k - 1 if side == "smallest" else n - k
+        return (pairs | f"Quantiles[{label}]" >> beam.CombineGlobally(fn)
+                | f"Boundary[{label}]" >> beam.Map(_nearest_quantile, rank, n))
     top = beam.combiners.Top.Smallest(k) if side == "smallest" else beam.combiners.Top.Largest(k)
     pick = max if side == "smallest" else min
     return pairs | f"Top[{label}]" >> top | f"Boundary[{label}]" >> beam.Map(pick)
@@ -108,6 +140,10 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         out = artifact_utils.get_single_instance(output_dict["filtered_examples"])
         mode, value = exec_properties["mode"], float(exec_properties["value"])
         key_feature = exec_properties.get("key_feature") or "key"
+        max_exact = int(exec_properties.get("max_exact_boundary") or MAX_EXACT_BOUNDARY)
+        epsilon = float(exec_properties.get("quantile_epsilon") or QUANTILE_EPSILON)
+        if not 0.0 < epsilon < 1.0:
+            raise ValueError(f"quantile_epsilon must be in (0, 1), got {epsilon}")
         selection.check_mode(mode, value)
         ex_splits = artifact_utils.decode_split_names(examples.split_names)
         sc_splits = scores_split_names(scores)
@@ -140,7 +176,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             except ValueError as err:
                 raise ValueError(f"InfluenceScores artifact {scores.uri}, split '{split}' ({n} scores): "
                                  f"{err}") from None
-            cuts[split] = (keep_first, *selection.first_set_boundary(q, n))
+            cuts[split] = (keep_first, *selection.first_set_boundary(q, n), n)
 
         # Beam: the boundary element from the smaller side, then every key decided alone
         def build(p):
@@ -155,8 +191,9 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                           | f"DecodeScores[{split}]" >> beam.ParDo(_Score(sdesc)))
                 keyed = records | f"Key[{split}]" >> beam.ParDo(_Key(key_feature, desc))
                 joined = {"examples": keyed, "scores": scored} | f"Join[{split}]" >> beam.CoGroupByKey()
-                keep_first, side, k = cuts.get(split, (True, "smallest", 0))
-                args = [] if mode == "drop_above" else [beam.pvalue.AsSingleton(_boundary(scored, side, k, split))]
+                keep_first, side, k, n = cuts.get(split, (True, "smallest", 0, 0))
+                args = [] if mode == "drop_above" else [
+                    beam.pvalue.AsSingleton(_boundary(scored, side, k, split, n, max_exact, epsilon))]
                 routed = joined | f"Decide[{split}]" >> beam.ParDo(
                     _Decide(desc, mode, value, keep_first, side), *args).with_outputs(
                     "kept", "dropped", "orphans", "extra")
@@ -181,6 +218,9 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                 if c["kept"] + c["dropped"] != c["in"]:
                     raise RuntimeError(f"{desc}: kept + dropped != in ({c})")
                 c = {"in": c["in"], "kept": c["kept"], "dropped": c["dropped"], "filtered": True}
+                if split in cuts:
+                    method = cut_method(cuts[split][2], max_exact)
+                    c["cut"] = method if method == "exact" else f"approximate (quantile_epsilon={epsilon:g})"
             counts[split] = c
             for k in total:
                 total[k] += c[k]
