@@ -137,7 +137,7 @@ def keys_exactly_once(directory: str, n: int) -> bool:
 
 def run_job(corpus: str, model: str, spec: dict, scorer: str, runner: str, workers: int, out: str,
             batch_size: int, vector_files, verbose: bool) -> dict:
-    cmd = [sys.executable, "-m", "tfx_components.beam_scoring", "--examples", os.path.join(corpus, "*"),
+    cmd = [sys.executable, "-m", "tfx_components.beam_scoring", "--examples", os.path.join(corpus, "data-*"),
            "--model", model, "--feature-spec", json.dumps(spec), "--output", out, "--batch-size", str(batch_size),
            "--worker-threads", "1"]
     if scorer == "self_influence":
@@ -179,7 +179,7 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--large-workers", type=int, nargs="+", default=[2],
                     help="worker counts run at sizes after the first (the memory comparison needs one)")
-    ap.add_argument("--examples-per-shard", type=int, default=25_000)
+    ap.add_argument("--examples-per-shard", type=int, default=5_000)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--work-dir", default=None, help="corpora are kept here between runs (default: a temp dir)")
     console.add_verbose_flag(ap)
@@ -207,7 +207,7 @@ def main(argv=None):
                 for w in (args.workers if i == 0 else args.large_workers):
                     out = os.path.join(work, "scores", f"{n}-{runner}-{scorer}-{w}")
                     shutil.rmtree(out, ignore_errors=True)
-                    r = run_job(os.path.join(corpus, "data-*"), model, spec, scorer, runner, w, out, args.batch_size,
+                    r = run_job(corpus, model, spec, scorer, runner, w, out, args.batch_size,
                                 vector_files, args.verbose)
                     r.update(size=n, runner=runner, scorer=scorer, workers=w, examples_per_second=n / r["seconds"],
                              keys_out_equal_keys_in=keys_exactly_once(out, n))

@@ -178,4 +178,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the importable module's main, not this __main__ copy: the DoFns must be pickled as
+    # tfx_components.beam_factors.<class>, which worker processes can import (a __main__ class they cannot)
+    from tfx_components import beam_factors as _module
+    sys.exit(_module.main())

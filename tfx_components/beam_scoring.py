@@ -254,4 +254,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the importable module's main, not this __main__ copy: the DoFns must be pickled as
+    # tfx_components.beam_scoring.<class>, which worker processes can import (a __main__ class they cannot)
+    from tfx_components import beam_scoring as _module
+    sys.exit(_module.main())
