@@ -6,8 +6,9 @@ the DirectRunner (multi-processing) and on a Dask distributed cluster, 1 and 2 w
 For each corpus size a synthetic digits corpus (:mod:`pipelines.synthetic_corpus`, GZIP TFRecord
 shards of ``--examples-per-shard`` examples, so a shard — one read bundle — has the same size at
 every corpus size) is scored by the Beam job the ``SelfInfluenceScorer`` and ``InfluenceScorer``
-components run (:func:`tfx_components.beam_scoring.score_examples`: read → ``BatchElements`` →
-library call per batch → sharded score TFRecords), started as its own process
+components run (:func:`tfx_components.beam_scoring.score_examples`: file names spread over the
+workers → each file read in batches, one library call per batch → one scores file per examples
+file, published at the end), started as its own process
 (``python -m tfx_components.beam_scoring``) exactly as a user runs it:
 
 * ``self_influence``: TracIn self-influence of every example over the whole model (ghost norms);
@@ -177,7 +178,7 @@ def main(argv=None):
     ap.add_argument("--runners", nargs="+", choices=RUNNERS, default=list(RUNNERS))
     ap.add_argument("--scorers", nargs="+", choices=SCORERS, default=list(SCORERS))
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--large-workers", type=int, nargs="+", default=[2],
+    ap.add_argument("--large-workers", type=int, nargs="+", default=[1, 2],
                     help="worker counts run at sizes after the first (the memory comparison needs one)")
     ap.add_argument("--examples-per-shard", type=int, default=5_000)
     ap.add_argument("--batch-size", type=int, default=1024)

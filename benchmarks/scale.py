@@ -79,21 +79,9 @@ def make_sequences(ids, n: int, length: int, seed: int = 0):
 
 
 def build_lm(vocab: int, seq_len: int, width: int, heads: int, blocks: int, ffn: int, seed: int = 0):
-    import keras
-    keras.utils.set_random_seed(seed)
-    tok = keras.Input((seq_len,), dtype="int32")
-    h = keras.layers.Embedding(vocab, width, name="tok_emb")(tok)
-    pos = np.arange(seq_len)[:, None] / np.power(10000.0, (2 * (np.arange(width)[None, :] // 2)) / width)
-    h = h + np.where(np.arange(width)[None, :] % 2 == 0, np.sin(pos), np.cos(pos))[None].astype(np.float32)
-    for i in range(blocks):
-        a = keras.layers.MultiHeadAttention(heads, key_dim=width // heads, name=f"attention{i}")(
-            h, h, use_causal_mask=True)
-        h = keras.layers.LayerNormalization(name=f"norm{i}a")(h + a)
-        f = keras.layers.Dense(ffn, activation="gelu", name=f"ffn{i}_in")(h)
-        f = keras.layers.Dense(width, name=f"ffn{i}_out")(f)
-        h = keras.layers.LayerNormalization(name=f"norm{i}b")(h + f)
-    logits = keras.layers.Dense(vocab, name="logits")(h)
-    return keras.Model(tok, logits, name="transformer_lm")
+    """The benchmark's model: :func:`experiments.text.build_transformer_lm`."""
+    from experiments import text
+    return text.build_transformer_lm(vocab, seq_len, width, heads, blocks, ffn, seed=seed)
 
 
 def main(argv=None):

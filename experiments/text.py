@@ -115,3 +115,25 @@ def lm_loss():
     """Per-position cross-entropy; :class:`~tf_influence.objective.Objective` and
     :class:`~tf_influence.presence.PresenceModel` average it to one value per sample."""
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+
+
+def build_transformer_lm(vocab: int, seq_len: int, width: int = 64, heads: int = 2, blocks: int = 1, ffn: int = 128,
+                         seed: int = 0) -> keras.Model:
+    """Causal word-level transformer LM: token ``Embedding`` (``tok_emb``) + fixed sinusoidal
+    positions → ``blocks`` × [causal ``MultiHeadAttention`` (``attention<i>``) + residual →
+    ``LayerNormalization`` (``norm<i>a``) → ``Dense`` FFN (``ffn<i>_in`` gelu, ``ffn<i>_out``) +
+    residual → ``LayerNormalization`` (``norm<i>b``)] → ``Dense`` logits (``logits``)."""
+    keras.utils.set_random_seed(seed)
+    tok = keras.Input((seq_len,), dtype="int32")
+    h = keras.layers.Embedding(vocab, width, name="tok_emb")(tok)
+    pos = np.arange(seq_len)[:, None] / np.power(10000.0, (2 * (np.arange(width)[None, :] // 2)) / width)
+    h = h + np.where(np.arange(width)[None, :] % 2 == 0, np.sin(pos), np.cos(pos))[None].astype(np.float32)
+    for i in range(blocks):
+        a = keras.layers.MultiHeadAttention(heads, key_dim=width // heads, name=f"attention{i}")(
+            h, h, use_causal_mask=True)
+        h = keras.layers.LayerNormalization(name=f"norm{i}a")(h + a)
+        f = keras.layers.Dense(ffn, activation="gelu", name=f"ffn{i}_in")(h)
+        f = keras.layers.Dense(width, name=f"ffn{i}_out")(f)
+        h = keras.layers.LayerNormalization(name=f"norm{i}b")(h + f)
+    logits = keras.layers.Dense(vocab, name="logits")(h)
+    return keras.Model(tok, logits, name="transformer_lm")

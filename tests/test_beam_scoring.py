@@ -35,11 +35,16 @@ def setup(tmp_path_factory):
 
 
 def test_direct_runner_two_workers_equals_in_process(setup):
+    """The job as users start it (``python -m``, its own process) with 2 worker processes."""
+    import subprocess
+    import sys
     root, path, index, x, y, pre = setup
     out = str(root / "si_scores")
-    beam_scoring.main(["--examples", str(root / "examples" / "Split-train" / "*"), "--model", path,
-                       "--feature-spec", json.dumps(SPEC), "--si-layers", "embedding", "--output", out,
-                       "--batch-size", "16", "--direct_running_mode=multi_processing", "--direct_num_workers=2"])
+    subprocess.run([sys.executable, "-m", "tfx_components.beam_scoring",
+                    "--examples", str(root / "examples" / "Split-train" / "*"), "--model", path,
+                    "--feature-spec", json.dumps(SPEC), "--si-layers", "embedding", "--output", out,
+                    "--batch-size", "16", "--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+                   check=True, capture_output=True)
     got = scores_io.read_scores(out)
     assert set(got) == set(index)
     ref = tracin.self_influence(tfi.Objective(pre, pre.loss), tf.data.Dataset.from_tensor_slices((x, y)).batch(90),
@@ -143,7 +148,7 @@ def test_dataflow_job_compiles(setup, tmp_path):
                                 json.dumps(SPEC), "self_influence", "gs://my-bucket/scores", si_layers=["embedding"])
     job = p.run().job
     names = {t.unique_name for t in job.proto_pipeline.components.transforms.values()}
-    assert {"ScoreRead", "ScoreBatch", "ScoreScore", "ScoreWrite"} <= names
+    assert {"ScoreRead", "ScoreScore", "ScoreCollect", "ScoreWrite"} <= names
     staged = {beam_runner_api_pb2.ArtifactStagingToRolePayload.FromString(d.role_payload).staged_name
               for env in job.proto_pipeline.components.environments.values() for d in env.dependencies}
     assert "workflow.tar.gz" in staged

@@ -39,3 +39,37 @@ def test_quick_experiment_writes_documented_keys(tmp_path):
     assert r["presence_sequential"]["n_train"] == f["kept"]
     assert (tmp_path / "si_distribution.png").stat().st_size > 1000
     assert (tmp_path / "variants.png").stat().st_size > 1000
+
+
+def test_lm_grid_quick_writes_documented_keys_and_resumes(tmp_path):
+    """``presence_lm --quick``: the data (noise of each kind where it says, disjoint held-out and
+    downstream streams), the documented ``lm_grid`` rows next to the earlier keys, and a rerun that
+    trains nothing (every run cached)."""
+    from experiments import presence_lm
+    cfg = presence_lm.LMConfig.quick_config()
+    corpus = presence_lm.Corpus(cfg)
+    clean, _ = corpus.pool("none", 0.0)
+    for kind in presence_lm.NOISE_KINDS:
+        w, is_noise = corpus.pool(kind, 0.3)
+        assert is_noise.sum() == round(0.3 * cfg.n_train) and (w[~is_noise] == clean[~is_noise]).all()
+        assert not (w[is_noise] == clean[is_noise]).all(axis=1).any()
+        if kind == "jumbled":  # same tokens, another order
+            assert (np.sort(w[is_noise], axis=1) == np.sort(clean[is_noise], axis=1)).all()
+    xtr, ytr, xte, yte = corpus.downstream()
+    assert ytr.mean() == 0.5 and yte.mean() == 0.5 and xtr.shape[1] == cfg.seq_len
+    json.dump({"mean_si_clean": 1.0}, open(tmp_path / "results.json", "w"))   # the text experiment's keys stay
+    presence_lm.main(["--quick", "--out", str(tmp_path), "--no-progress"])
+    r = json.load(open(tmp_path / "results.json"))
+    assert r["mean_si_clean"] == 1.0 and r["chosen_default"]
+    keys = {"noise_kind", "noise_fraction", "method", "schedule", "heldout_loss_mean", "heldout_loss_std",
+            "downstream_accuracy_mean", "downstream_accuracy_std", "n_seeds"}
+    assert len(r["lm_grid"]) == 4 * (1 + 3 + 1) and all(keys <= set(row) for row in r["lm_grid"])
+    assert all(np.isfinite(row["heldout_loss_mean"]) and 0 <= row["downstream_accuracy_mean"] <= 1
+               for row in r["lm_grid"])
+    seq = [row for row in r["lm_grid"] if row["method"] == "presence_sequential"]
+    assert all(0 <= row["noise_dropped"] <= row["noise_in_pool"] for row in seq)
+    runs = sorted((tmp_path / "lm_runs").glob("*.json"))
+    stamps = [p.stat().st_mtime_ns for p in runs]
+    presence_lm.main(["--quick", "--out", str(tmp_path), "--no-progress"])
+    assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "lm_runs").glob("*.json"))] == stamps
+    assert (tmp_path / "lm_grid.png").stat().st_size > 1000

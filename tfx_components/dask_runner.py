@@ -35,7 +35,9 @@ partition per bundle; a gzip TFRecord shard is one bundle) and read on the worke
 runs per partition as one bundle (``setup`` once per worker process, ``start_bundle`` →
 ``process`` → ``finish_bundle``, windowed / timestamped / tagged outputs unwrapped and routed,
 ``DoFn.WindowParam`` / ``TimestampParam`` / ``PaneInfoParam`` given the global window's values)
-with its side inputs computed first and passed as their views; ``GroupByKey`` groups by a
+with its side inputs computed first and passed as their views; ``Reshuffle`` repartitions into
+at least 32 partitions (Beam's own makes it a no-op, so a ``Create`` of a few file names stayed
+one task); ``GroupByKey`` groups by a
 process-independent hash of the pickled key; only the pipeline's leaves are computed, and only
 their element counts come back to the driver. Unsupported primitives raise, naming the transform.
 Only the global window is supported (these jobs are batch jobs): a ``WindowInto`` with another
@@ -232,10 +234,11 @@ def _count(part) -> list:
 class _Translator(PipelineVisitor):
     """Pipeline → one ``dask.bag`` per PCollection."""
 
-    def __init__(self, desired_bundle_bytes: int):
+    def __init__(self, desired_bundle_bytes: int, reshuffle_partitions: int = 32):
         self.bags: dict = {}
         self.consumed: set = set()
         self.desired_bundle_bytes = desired_bundle_bytes
+        self.reshuffle_partitions = reshuffle_partitions
 
     def _input_bags(self, node):
         out = []
@@ -262,8 +265,10 @@ class _Translator(PipelineVisitor):
             bundles = list(t.source.split(desired_bundle_size=self.desired_bundle_bytes))
             bag = db.from_sequence(bundles, npartitions=max(1, len(bundles))).map_partitions(_read_bundle) \
                 if bundles else db.from_sequence([], npartitions=1)
-        elif isinstance(t, _ov._Reshuffle):
+        elif isinstance(t, _ov._Reshuffle):  # redistribute: at least `reshuffle_partitions` partitions
             bag = inputs[0]
+            if bag.npartitions < self.reshuffle_partitions:
+                bag = bag.repartition(npartitions=self.reshuffle_partitions)
         elif isinstance(t, _ov._Flatten):
             bag = db.concat(inputs) if inputs else db.from_sequence([], npartitions=1)
         elif isinstance(t, _ov._GroupByKeyOnly):
