@@ -29,6 +29,9 @@ job's wall time), ``speedup_2_over_1_workers`` (same nesting), ``driver_peak_rss
 driver process) and ``worker_peak_rss_mb`` (the largest worker process) per size × runner ×
 scorer × workers, their ratios largest size / smallest size (``*_growth``; target ≤ 1.2 — flat),
 and ``keys_out_equal_keys_in`` (every run's score files hold each input key exactly once).
+Each job's fixed start-up (TensorFlow imports, model load, tracing — about 15–25 s here) is
+measured by the same job on a 1,000-example corpus (``startup_seconds``); ``steady_*`` are the
+throughput and speed-up once it is taken off (``(n − 1000) / (seconds − start-up)``).
 Peak memory is sampled every 0.2 s with ``psutil``.
 """
 
@@ -50,6 +53,7 @@ from tf_influence import console
 console.quiet_for_cli()
 
 RUNNERS = ("direct", "dask")
+STARTUP_N = 1_000  # the start-up probe's corpus
 SCORERS = ("self_influence", "influence")
 
 
@@ -195,6 +199,20 @@ def main(argv=None):
     spec = synthetic_corpus.feature_spec("digits")
     runs, ok = [], True
     t0 = time.perf_counter()
+    small = os.path.join(work, f"digits-{STARTUP_N}")
+    if not os.path.exists(os.path.join(small, "DONE")):
+        synthetic_corpus.write_corpus(small, n=STARTUP_N, kind="digits", shards=2)
+        open(os.path.join(small, "DONE"), "w").close()
+    startup = {}
+    for runner in args.runners:
+        for scorer in args.scorers:
+            for w in sorted(set(args.workers) | set(args.large_workers)):
+                out = os.path.join(work, "scores", f"startup-{runner}-{scorer}-{w}")
+                startup[(runner, scorer, w)] = run_job(small, model, spec, scorer, runner, w, out, args.batch_size,
+                                                       vector_files, args.verbose)["seconds"]
+                shutil.rmtree(out, ignore_errors=True)
+                print(f"[beam_scale] start-up {runner:6s} {scorer:15s} {w} worker(s): "
+                      f"{startup[(runner, scorer, w)]:.1f} s ({STARTUP_N:,} examples)", flush=True)
     for i, n in enumerate(sorted(args.sizes)):
         corpus = os.path.join(work, f"digits-{n}")
         if not os.path.exists(os.path.join(corpus, "DONE")):
@@ -229,6 +247,16 @@ def main(argv=None):
     eps = nest("examples_per_second")
     speedup = {size: {rn: {sc: by_w["2"] / by_w["1"] for sc, by_w in d2.items() if {"1", "2"} <= set(by_w)}
                       for rn, d2 in d1.items()} for size, d1 in eps.items()}
+    # the same after taking off each job's fixed start-up (driver and workers importing TensorFlow,
+    # loading the model, tracing): the wall time of the same job on a 1,000-example corpus
+    steady = {}
+    for r in runs:
+        base = startup.get((r["runner"], r["scorer"], r["workers"]))
+        if base is not None and r["seconds"] > base:
+            r["steady_examples_per_second"] = (r["size"] - STARTUP_N) / (r["seconds"] - base)
+    steady_eps = nest("steady_examples_per_second") if all("steady_examples_per_second" in r for r in runs) else {}
+    steady = {size: {rn: {sc: by_w["2"] / by_w["1"] for sc, by_w in d2.items() if {"1", "2"} <= set(by_w)}
+                     for rn, d2 in d1.items()} for size, d1 in steady_eps.items()}
     growth = {}
     sizes = sorted({r["size"] for r in runs})
     if len(sizes) > 1:
@@ -240,6 +268,8 @@ def main(argv=None):
                 for rn in table[large] for sc in table[large][rn] for w in table[large][rn][sc]
                 if w in table[small].get(rn, {}).get(sc, {})}
     report = {"examples_per_second": eps, "speedup_2_over_1_workers": speedup,
+              "startup_seconds": {f"{rn}/{sc}/{w}": v for (rn, sc, w), v in startup.items()},
+              "steady_examples_per_second": steady_eps, "steady_speedup_2_over_1_workers": steady,
               "driver_peak_rss_mb": nest("driver_peak_rss_mb"), "worker_peak_rss_mb": nest("worker_peak_rss_mb"),
               **growth, "keys_out_equal_keys_in": ok, "seconds": nest("seconds"),
               "examples_per_shard": args.examples_per_shard, "batch_size": args.batch_size,

@@ -73,12 +73,13 @@ class LMConfig:
     si_layers: tuple = ("tok_emb",)
     seeds: tuple = (0, 1, 2)
     fractions: tuple = (0.1, 0.3)
+    kinds: tuple = NOISE_KINDS
     keeps: tuple = (0.7, 0.9)
     quick: bool = False
 
     @classmethod
     def quick_config(cls):
-        return cls(n_train=256, steps=24, seeds=(0,), fractions=(0.3,), keeps=(0.7,), quick=True)
+        return cls(n_train=128, steps=8, seeds=(0,), fractions=(0.3,), kinds=("jumbled",), keeps=(0.7,), quick=True)
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -235,7 +236,7 @@ def sequential_kept(cfg: LMConfig, corpus: Corpus, windows, keep: float, cache_d
 
 def _training(c: LMConfig) -> dict:
     """The fields that change a run's result (not the grid's seeds / fractions / keeps)."""
-    return {k: v for k, v in asdict(c).items() if k not in ("seeds", "fractions", "keeps", "quick")}
+    return {k: v for k, v in asdict(c).items() if k not in ("seeds", "fractions", "kinds", "keeps", "quick")}
 
 
 def _digest(*parts) -> str:
@@ -245,7 +246,7 @@ def _digest(*parts) -> str:
 # -- the grid -----------------------------------------------------------------------------------------------
 def _variants(cfg: LMConfig):
     """``(setting, method, schedule, keep, cfg)`` of the main grid and of the side grid."""
-    settings = [("none", 0.0)] + [(k, f) for k in NOISE_KINDS for f in cfg.fractions]
+    settings = [("none", 0.0)] + [(k, f) for k in cfg.kinds for f in cfg.fractions]
     main = []
     for kind, frac in settings:
         main.append((kind, frac, "uniform", "uniform", None, cfg))

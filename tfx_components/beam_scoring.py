@@ -168,13 +168,19 @@ class ScoreBatch(beam.DoFn):
             yield k, float(s)
 
 
-def _record_batches(path, batch_size):
+def _record_batches(path, batch_size, threads=None):
     """Batches of a TFRecord file's serialized records (TensorFlow's C++ reader; GZIP by the
-    ``.gz`` / ``.gzip`` extension); a corrupt or truncated file fails naming the file."""
+    ``.gz`` / ``.gzip`` extension); a corrupt or truncated file fails naming the file.
+    ``threads``: the size of tf.data's own thread pool (which intra-op settings do not limit)."""
     import tensorflow as tf
     gz = path.endswith((".gz", ".gzip"))
     try:
         ds = tf.data.TFRecordDataset(path, compression_type="GZIP" if gz else "").batch(batch_size)
+        if threads:
+            opts = tf.data.Options()
+            opts.threading.private_threadpool_size = int(threads)
+            opts.threading.max_intra_op_parallelism = 1
+            ds = ds.with_options(opts)
         for batch in ds.as_numpy_iterator():
             yield list(batch)
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError, tf.errors.OutOfRangeError) as e:
@@ -205,7 +211,7 @@ class ScoreFile(ScoreBatch):
         tmp = os.path.join(tmp_dir, "scores.tfrecord.gz")
         n = 0
         with tf.io.TFRecordWriter(tmp, options="GZIP") as writer:
-            for records in _record_batches(path, self.batch_size):
+            for records in _record_batches(path, self.batch_size, self.worker_threads):
                 keys, scores = self.score(records, vector)
                 for k, s in zip(keys, scores):
                     writer.write(scores_io.encode_score(k, float(s)))
