@@ -32,7 +32,10 @@ and ``keys_out_equal_keys_in`` (every run's score files hold each input key exac
 Each job's fixed start-up (TensorFlow imports, model load, tracing — about 15–25 s here) is
 measured by the same job on a 1,000-example corpus (``startup_seconds``); ``steady_*`` are the
 throughput and speed-up once it is taken off (``(n − 1000) / (seconds − start-up)``).
-Peak memory is sampled every 0.2 s with ``psutil``.
+``machine_ceiling_2_over_1_processes``: the same per-file work in 2 plain processes over 1 (no
+Beam, after set-up) — what a second worker can add on this machine at best.
+Peak memory is sampled every 0.2 s with ``psutil``; ``worker_cores_busy`` is the workers' CPU
+time (user + system, summed over worker processes) over the job's wall time.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ class PeakRSS:
         self.psutil, self.driver = psutil, psutil.Process(driver_pid)
         self.extra = [psutil.Process(p) for p in extra_pids]
         self.driver_mb, self.worker_mb, self.interval = 0.0, 0.0, interval
+        self.cpu = {}  # pid → last seen user + system CPU seconds (workers)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -84,6 +88,11 @@ class PeakRSS:
                 workers = self.extra
             for w in workers:
                 self.worker_mb = max(self.worker_mb, self._rss(w))
+                try:
+                    t = w.cpu_times()
+                    self.cpu[w.pid] = t.user + t.system
+                except (self.psutil.NoSuchProcess, self.psutil.AccessDenied):
+                    pass
             self._stop.wait(self.interval)
 
     def __enter__(self):
@@ -121,6 +130,44 @@ def test_vector(model_path: str, directory: str):
     with open(spec, "w") as fh:
         fh.write(group.spec(model).to_json())
     return vec, spec
+
+
+def _ceiling_worker(files, model, spec, scorer, vector_files, barrier, out_q):
+    """One plain process: set up the scoring DoFn, wait for the others, score ``files``, report."""
+    import numpy as np
+
+    from tfx_components import beam_scoring
+    fn = beam_scoring.ScoreFile(model, json.dumps(spec), scorer,
+                                si_layers=["embedding", "pretrain_head"] if scorer == "self_influence" else None,
+                                group_spec=open(vector_files[1]).read() if scorer == "influence" else None,
+                                worker_threads=1, output_dir=tempfile.mkdtemp(prefix="ceiling_"), batch_size=1024)
+    fn.setup()
+    vector = np.load(vector_files[0]) if scorer == "influence" else None
+    list(fn.process(files[0], vector))  # trace
+    barrier.wait()
+    t = time.perf_counter()
+    n = sum(r[2] for f in files for r in fn.process(f, vector))
+    out_q.put((n, time.perf_counter() - t))
+
+
+def machine_ceiling(files, model, spec, scorer, vector_files) -> float:
+    """The same per-file work (``ScoreFile``, one TensorFlow thread) in 2 plain processes on half the
+    files each, over 1 process on all of them, after set-up — no Beam: how much a second process
+    can add on this machine for this work."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    rates = {}
+    for k in (1, 2):
+        barrier, q = ctx.Barrier(k), ctx.Queue()
+        procs = [ctx.Process(target=_ceiling_worker, args=(files[i::k], model, spec, scorer, vector_files, barrier, q))
+                 for i in range(k)]
+        for p in procs:
+            p.start()
+        res = [q.get() for _ in procs]
+        for p in procs:
+            p.join()
+        rates[k] = sum(n for n, _ in res) / max(sec for _, sec in res)
+    return rates[2] / rates[1]
 
 
 def keys_exactly_once(directory: str, n: int) -> bool:
@@ -172,7 +219,8 @@ def run_job(corpus: str, model: str, spec: dict, scorer: str, runner: str, worke
         cluster.close()
     if proc.returncode != 0:
         raise RuntimeError(f"{runner} × {workers} {scorer} failed:\n{(log or b'').decode()[-3000:]}")
-    return {"seconds": seconds, "driver_peak_rss_mb": rss.driver_mb, "worker_peak_rss_mb": rss.worker_mb}
+    return {"seconds": seconds, "driver_peak_rss_mb": rss.driver_mb, "worker_peak_rss_mb": rss.worker_mb,
+            "worker_cpu_seconds": float(sum(rss.cpu.values()))}
 
 
 def main(argv=None):
@@ -186,6 +234,8 @@ def main(argv=None):
                     help="worker counts run at sizes after the first (the memory comparison needs one)")
     ap.add_argument("--examples-per-shard", type=int, default=5_000)
     ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--ceiling-files", type=int, default=20,
+                    help="files of the largest corpus scored by 1 vs 2 plain processes (0: skip)")
     ap.add_argument("--work-dir", default=None, help="corpora are kept here between runs (default: a temp dir)")
     console.add_verbose_flag(ap)
     args = ap.parse_args(argv)
@@ -229,13 +279,15 @@ def main(argv=None):
                     r = run_job(corpus, model, spec, scorer, runner, w, out, args.batch_size,
                                 vector_files, args.verbose)
                     r.update(size=n, runner=runner, scorer=scorer, workers=w, examples_per_second=n / r["seconds"],
+                             worker_cores_busy=r["worker_cpu_seconds"] / r["seconds"],
                              keys_out_equal_keys_in=keys_exactly_once(out, n))
                     ok &= r["keys_out_equal_keys_in"]
                     shutil.rmtree(out, ignore_errors=True)
                     runs.append(r)
                     print(f"[beam_scale] {n:>9,} {runner:6s} {scorer:15s} {w} worker(s): {r['seconds']:7.1f} s, "
                           f"{r['examples_per_second']:7.0f} examples/s, driver {r['driver_peak_rss_mb']:.0f} MB, "
-                          f"largest worker {r['worker_peak_rss_mb']:.0f} MB, keys exactly once: "
+                          f"largest worker {r['worker_peak_rss_mb']:.0f} MB, workers busy "
+                          f"{r['worker_cores_busy']:.2f} cores, keys exactly once: "
                           f"{r['keys_out_equal_keys_in']}", flush=True)
 
     def nest(key):
@@ -267,10 +319,20 @@ def main(argv=None):
                 f"{rn}/{sc}/{w}": table[large][rn][sc][w] / table[small][rn][sc][w]
                 for rn in table[large] for sc in table[large][rn] for w in table[large][rn][sc]
                 if w in table[small].get(rn, {}).get(sc, {})}
+    ceiling = {}
+    if args.ceiling_files:
+        import glob
+        files = sorted(glob.glob(os.path.join(work, f"digits-{sorted(args.sizes)[-1]}", "data-*")))[:args.ceiling_files]
+        for scorer in args.scorers:
+            ceiling[scorer] = machine_ceiling(files, model, spec, scorer, vector_files)
+            print(f"[beam_scale] the same work in 2 plain processes over 1 (no Beam, after set-up), {scorer}: "
+                  f"{ceiling[scorer]:.2f}×", flush=True)
     report = {"examples_per_second": eps, "speedup_2_over_1_workers": speedup,
+              "machine_ceiling_2_over_1_processes": ceiling,
               "startup_seconds": {f"{rn}/{sc}/{w}": v for (rn, sc, w), v in startup.items()},
               "steady_examples_per_second": steady_eps, "steady_speedup_2_over_1_workers": steady,
               "driver_peak_rss_mb": nest("driver_peak_rss_mb"), "worker_peak_rss_mb": nest("worker_peak_rss_mb"),
+              "worker_cores_busy": nest("worker_cores_busy"),
               **growth, "keys_out_equal_keys_in": ok, "seconds": nest("seconds"),
               "examples_per_shard": args.examples_per_shard, "batch_size": args.batch_size,
               "machine_cores": os.cpu_count(), "wall_seconds": time.perf_counter() - t0}

@@ -28,7 +28,8 @@ windowed with overlap to reach that count). Measured in this one run, on the sam
   with the full fit's;
 * ``ekfac_score_all_over_epoch_interleaved``: the same ratio from per-batch medians measured
   round-robin (``per_256_sequences_median_seconds``: training, K-FAC covariance batch, EK-FAC
-  correction batch, scoring batch) — robust to the stretches in which this VM runs a whole phase
+  correction batch, scoring batch, and ``capture`` — the forward + backward both factor passes
+  share, without their products) — robust to the stretches in which this VM runs a whole phase
   slower, which move the end-to-end ratio between runs;
 * ``tracing_seconds``: tracing the test-gradient and scoring functions once, before either method is
   timed (both share them; without the warm-up the first method timed pays it);
@@ -193,9 +194,15 @@ def main(argv=None):
     bases = {k: {"QA": v["QA"], "QS": v["QS"]} for k, v in factors.blocks.items()}
     xs_, ys_ = tf.constant(x_tr[:256]), tf.constant(y_tr[:256])
     one = tf.data.Dataset.from_tensor_slices((x_tr[:256], y_tr[:256])).batch(256)
+    @tf.function
+    def capture(xb, yb):  # the factor passes' forward + backward that captures every layer (no products)
+        res, _ = fs._forward(xb, yb, tf.constant(0, tf.int64))
+        return tf.add_n([tf.reduce_sum(tf.cast(g, tf.float32)) for r in res.values() for _, g in r])
+
     steps = {
         "train": lambda: [model.train_on_batch(x_tr[i:i + args.batch], y_tr[i:i + args.batch])
                           for i in range(0, 256, args.batch)],
+        "capture": lambda: capture(xs_, ys_).numpy(),
         "covariance": lambda: fs.covariances(xs_, ys_, 0),
         "correction": lambda: fs.correction(xs_, ys_, 0, bases),
         "scoring": lambda: tfi.score_examples(obj, one, group, ek.test_vector),

@@ -74,12 +74,14 @@ class LMConfig:
     seeds: tuple = (0, 1, 2)
     fractions: tuple = (0.1, 0.3)
     kinds: tuple = NOISE_KINDS
+    schedules: tuple = SCHEDULES
     keeps: tuple = (0.7, 0.9)
     quick: bool = False
 
     @classmethod
     def quick_config(cls):
-        return cls(n_train=128, steps=8, seeds=(0,), fractions=(0.3,), kinds=("jumbled",), keeps=(0.7,), quick=True)
+        return cls(n_train=128, steps=4, seeds=(0,), fractions=(0.3,), kinds=("jumbled",), schedules=("two_stage",),
+                   keeps=(0.7,), quick=True)
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -236,7 +238,7 @@ def sequential_kept(cfg: LMConfig, corpus: Corpus, windows, keep: float, cache_d
 
 def _training(c: LMConfig) -> dict:
     """The fields that change a run's result (not the grid's seeds / fractions / keeps)."""
-    return {k: v for k, v in asdict(c).items() if k not in ("seeds", "fractions", "kinds", "keeps", "quick")}
+    return {k: v for k, v in asdict(c).items() if k not in ("seeds", "fractions", "kinds", "schedules", "keeps", "quick")}
 
 
 def _digest(*parts) -> str:
@@ -250,7 +252,7 @@ def _variants(cfg: LMConfig):
     main = []
     for kind, frac in settings:
         main.append((kind, frac, "uniform", "uniform", None, cfg))
-        for s in SCHEDULES:
+        for s in cfg.schedules:
             main.append((kind, frac, "presence", s, None, cfg))
         for keep in cfg.keeps:
             main.append((kind, frac, "presence_sequential", f"keep={keep:g}", keep, cfg))
@@ -355,20 +357,21 @@ def choose_default(grid) -> str:
     """The τ schedule with the most settings better than uniform on held-out loss (ties: fewer
     settings worse), with the evidence in one line."""
     base = {(r["noise_kind"], r["noise_fraction"]): r for r in grid if r["method"] == "uniform"}
+    present = [s for s in SCHEDULES if any(r["schedule"] == s for r in grid)]
     score = {}
-    for s in SCHEDULES:
+    for s in present:
         rows = [r for r in grid if r["method"] == "presence" and r["schedule"] == s]
         better = sum(r["heldout_loss_mean"] < base[(r["noise_kind"], r["noise_fraction"])]["heldout_loss_mean"]
                      for r in rows)
         sig = sum(beats(r, base[(r["noise_kind"], r["noise_fraction"])]) for r in rows)
         worse = sum(beats(base[(r["noise_kind"], r["noise_fraction"])], r) for r in rows)
         score[s] = (sig, better, -worse, len(rows))
-    best = max(SCHEDULES, key=lambda s: score[s][:3])
+    best = max(present, key=lambda s: score[s][:3])
     sig, better, neg_worse, n = score[best]
     return (f"{best}: lower held-out loss than uniform in {better} of {n} data settings "
             f"({sig} by ≥ 2 std over seeds, significantly worse in {-neg_worse}); others: "
             + ", ".join(f"{s} {score[s][1]}/{score[s][3]} ({score[s][0]} ≥ 2 std, {-score[s][2]} worse)"
-                        for s in SCHEDULES if s != best))
+                        for s in present if s != best))
 
 
 def _fmt(r):

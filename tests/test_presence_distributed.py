@@ -13,10 +13,11 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-@pytest.mark.parametrize("tau,optimizer", [(1.5, "sgd"), (-1.0, "adam")])
-def test_mirrored_equals_single_device(tau, optimizer):
+@pytest.mark.parametrize("tau,optimizer,model", [(1.5, "sgd", "toy"), (-1.0, "adam", "transformer")])
+def test_mirrored_equals_single_device(tau, optimizer, model):
+    """Also, on the transformer LM: the step under ``jit_compile=True`` (XLA, as on TPUs) equals it."""
     env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
-    out = subprocess.run([sys.executable, os.path.join(HERE, "dist_presence_main.py"), str(tau), optimizer],
+    out = subprocess.run([sys.executable, os.path.join(HERE, "dist_presence_main.py"), str(tau), optimizer, model],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -26,3 +27,6 @@ def test_mirrored_equals_single_device(tau, optimizer):
     assert abs(sum(res["weights_multi"]) - 1) < 1e-5
     # get_strategy(): no TPU here (TPUClusterResolver raises) → MirroredStrategy over the 2 CPUs
     assert res["auto_strategy"] == "MirroredStrategy" and res["auto_replicas"] == 2
+    if model == "transformer":
+        assert res["jit_max_abs_diff"] < 1e-5
+        np.testing.assert_allclose(res["jit_weights"], res["weights_single"], rtol=1e-5)

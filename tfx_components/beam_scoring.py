@@ -212,7 +212,10 @@ class ScoreFile(ScoreBatch):
         n = 0
         with tf.io.TFRecordWriter(tmp, options="GZIP") as writer:
             for records in _record_batches(path, self.batch_size, self.worker_threads):
-                keys, scores = self.score(records, vector)
+                try:
+                    keys, scores = self.score(records, vector)
+                except ValueError as e:  # e.g. an example without the key feature: name the file
+                    raise ValueError(f"{path}: {e}") from None
                 for k, s in zip(keys, scores):
                     writer.write(scores_io.encode_score(k, float(s)))
                 n += len(keys)
