@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test pipeline pipeline-compile presence-pipeline demo bench bench-presence bench-kfac bench-scale bench-beam-scale presence presence-quick bazel-test reproduce reproduce-quick clean
+.PHONY: install test pipeline pipeline-compile presence-pipeline demo bench bench-presence bench-kfac bench-scale bench-beam-scale presence presence-quick presence-lm presence-lm-quick bazel-test reproduce reproduce-quick clean
 
 install: $(STAMP)
 
@@ -52,6 +52,12 @@ presence: install
 
 presence-quick: install
 	$(PY) -m experiments.presence_text --quick --out reports/presence
+
+presence-lm: install
+	$(PY) -m experiments.presence_lm --out reports/presence
+
+presence-lm-quick: install
+	$(PY) -m experiments.presence_lm --quick --out reports/presence-quick
 
 reproduce: install
 	$(PY) -m experiments.reproduce --out reports/reproduction

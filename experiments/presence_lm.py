@@ -66,7 +66,7 @@ class LMConfig:
     ffn: int = 128
     n_train: int = 2000
     batch_size: int = 32
-    steps: int = 500
+    steps: int = 300
     lr: float = 2e-3
     num_microbatches: int = 4
     switch: float = 0.3
@@ -85,6 +85,17 @@ class LMConfig:
 
 
 # -- data ------------------------------------------------------------------------------------------
+_CORPORA: dict = {}
+
+
+def corpus_for(cfg: LMConfig) -> "Corpus":
+    """The :class:`Corpus` of ``cfg`` (built once per process: fitting the vocabulary takes seconds)."""
+    key = (cfg.vocab, cfg.seq_len, cfg.n_train)
+    if key not in _CORPORA:
+        _CORPORA[key] = Corpus(cfg)
+    return _CORPORA[key]
+
+
 class Corpus:
     """Token windows of the embedded corpus (see the module docstring)."""
 
@@ -248,7 +259,7 @@ def _digest(*parts) -> str:
 # -- the grid -----------------------------------------------------------------------------------------------
 def _variants(cfg: LMConfig):
     """``(setting, method, schedule, keep, cfg)`` of the main grid and of the side grid."""
-    settings = [("none", 0.0)] + [(k, f) for k in cfg.kinds for f in cfg.fractions]
+    settings = ([] if cfg.quick else [("none", 0.0)]) + [(k, f) for k in cfg.kinds for f in cfg.fractions]
     main = []
     for kind, frac in settings:
         main.append((kind, frac, "uniform", "uniform", None, cfg))
@@ -273,7 +284,7 @@ def run(cfg: LMConfig, out_dir: str, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     cache = os.path.join(out_dir, "lm_runs")
     os.makedirs(cache, exist_ok=True)
-    corpus = Corpus(cfg)
+    corpus = corpus_for(cfg)
     main, side = _variants(cfg)
     jobs = [(v, seed) for v in main + side for seed in cfg.seeds]
     it = jobs
