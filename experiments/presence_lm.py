@@ -26,7 +26,8 @@ paragraphs, accuracy on the other half).
 
 Variants (same number of optimizer steps each): ``uniform`` (plain ``fit``), ``presence`` with a τ
 schedule — ``two_stage`` (the paper: τ = +1 for the first ``switch`` of the steps, then −1),
-``negative`` (τ = −1 throughout: down-weight high self-influence), ``positive`` (τ = +1) —
+``negative`` (τ = −1 throughout: down-weight high self-influence), ``positive`` (τ = +1), and
+the control ``zero`` (τ = 0: the reweighted training step with uniform weights) —
 ``num_microbatches`` microbatches, layer set K = ``si_layers``; and ``presence_sequential``
 (drop the highest self-influence windows of the pool, scored by a model trained on the pool, keep
 ``keep`` of them, then uniform training). A side grid on 30 % jumbled noise varies the switch
@@ -199,7 +200,8 @@ def train(cfg: LMConfig, corpus: Corpus, windows, seed: int, schedule: str = "un
         model.fit(ds, steps_per_epoch=cfg.steps, epochs=1, verbose=0, shuffle=False)
         return model
     sched = {"two_stage": lambda: presence.two_stage(int(cfg.switch * cfg.steps)),
-             "negative": lambda: presence.inverse(1.0), "positive": lambda: presence.direct(1.0)}[schedule]()
+             "negative": lambda: presence.inverse(1.0), "positive": lambda: presence.direct(1.0),
+             "zero": lambda: presence.ConstantSchedule(0.0)}[schedule]()
     pm = presence.PresenceModel(model, num_microbatches=cfg.num_microbatches, si_layers=list(cfg.si_layers))
     pm.compile(optimizer=keras.optimizers.Adam(cfg.lr), loss=_loss())
     pm.fit(ds, steps_per_epoch=cfg.steps, epochs=1, verbose=0, shuffle=False,
@@ -269,6 +271,10 @@ def _variants(cfg: LMConfig):
             main.append((kind, frac, "presence_sequential", f"keep={keep:g}", keep, cfg))
     side = []
     if not cfg.quick:
+        # control: the PRESENCE training path with τ = 0 (uniform weights) — separates the effect of
+        # the reweighting from any difference of the reweighted step itself
+        for kind, frac in (("none", 0.0), ("jumbled", 0.3), ("duplicates", 0.3)):
+            side.append((kind, frac, "presence", "zero", None, cfg))
         for sw in (0.1, 0.6):
             side.append(("jumbled", 0.3, "presence", "two_stage", None, replace(cfg, switch=sw)))
         for s in ("two_stage", "negative"):
@@ -405,12 +411,13 @@ def _report(grid, side, default, cfg, out_dir, seconds):
         lines.append(f"| {r['noise_kind']} {100 * r['noise_fraction']:.0f} % | {r['method']} | {r['schedule']} | "
                      f"{loss}{mark} | {acc} |")
     if side:
-        lines += ["", "Side grid (30 % jumbled):", "", "| schedule | microbatches | switch | K | held-out loss | "
-                  "downstream acc. |", "|---|---|---|---|---|---|"]
+        lines += ["", "Side grid (τ = 0 control; switch point, microbatch count and K on 30 % jumbled):", "",
+                  "| noise | schedule | microbatches | switch | K | held-out loss | downstream acc. |",
+                  "|---|---|---|---|---|---|---|"]
         for r in side:
             loss, acc = _fmt(r)
-            lines.append(f"| {r['schedule']} | {r['num_microbatches']} | {r['switch']:g} | {'+'.join(r['si_layers'])} | "
-                         f"{loss} | {acc} |")
+            lines.append(f"| {r['noise_kind']} {100 * r['noise_fraction']:.0f} % | {r['schedule']} | "
+                         f"{r['num_microbatches']} | {r['switch']:g} | {'+'.join(r['si_layers'])} | {loss} | {acc} |")
     lines += ["", f"Chosen default: {default}", ""]
     with open(os.path.join(out_dir, "lm_report.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
