@@ -47,36 +47,28 @@ def main(argv=None):
     def timed(fn):
         return median_seconds(fn, args.repeats, warmup=3)
 
-    # interleave the two measurements to share any machine-load drift
-    plain = text.build_lm(seed=0)
-    plain.compile(optimizer=keras.optimizers.Adam(1e-3), loss=text.lm_loss())
-    pm = presence.PresenceModel(text.build_lm(seed=0), num_microbatches=args.microbatches, si_layers=["embedding"],
-                                tau=1.0)
-    pm.compile(optimizer=keras.optimizers.Adam(1e-3), loss=text.lm_loss())
-    t_plain, t_pres = [], []
-    for _ in range(5):
-        t_plain.append(timed(lambda: plain.train_on_batch(xb, yb)))
-        t_pres.append(timed(lambda: pm.train_on_batch(xb, yb)))
-    tp, tr = min(t_plain), min(t_pres)
+    def step_times(build, loss, num_microbatches, si_layers, xb, yb):
+        """Best-of-5 medians of a plain and a PRESENCE ``train_on_batch`` on the same model and
+        batch, measured interleaved to share any machine-load drift."""
+        plain = build()
+        plain.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss)
+        pm = presence.PresenceModel(build(), num_microbatches=num_microbatches, si_layers=si_layers, tau=1.0)
+        pm.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss)
+        t_plain, t_pres = [], []
+        for _ in range(5):
+            t_plain.append(timed(lambda: plain.train_on_batch(xb, yb)))
+            t_pres.append(timed(lambda: pm.train_on_batch(xb, yb)))
+        return plain, min(t_plain), min(t_pres)
 
+    plain, tp, tr = step_times(lambda: text.build_lm(seed=0), text.lm_loss(), args.microbatches, ["embedding"], xb, yb)
     # the same on the token-level transformer LM of experiments.presence_lm, at its batch size
     from experiments import presence_lm
     cfg = presence_lm.LMConfig()
-    corpus = presence_lm.Corpus(cfg)
+    corpus = presence_lm.corpus_for(cfg)
     w = corpus.pretrain[:cfg.batch_size]
-    tx, ty = w[:, :-1], w[:, 1:].astype("int64")
-
-    def lm():
-        return text.build_transformer_lm(corpus.vocab_size, cfg.seq_len, cfg.width, cfg.heads, cfg.blocks, cfg.ffn)
-    plain_t = lm()
-    plain_t.compile(optimizer=keras.optimizers.Adam(1e-3), loss=presence_lm._loss())
-    pm_t = presence.PresenceModel(lm(), num_microbatches=cfg.num_microbatches, si_layers=list(cfg.si_layers), tau=1.0)
-    pm_t.compile(optimizer=keras.optimizers.Adam(1e-3), loss=presence_lm._loss())
-    tt_plain, tt_pres = [], []
-    for _ in range(5):
-        tt_plain.append(timed(lambda: plain_t.train_on_batch(tx, ty)))
-        tt_pres.append(timed(lambda: pm_t.train_on_batch(tx, ty)))
-    ttp, ttr = min(tt_plain), min(tt_pres)
+    plain_t, ttp, ttr = step_times(
+        lambda: text.build_transformer_lm(corpus.vocab_size, cfg.seq_len, cfg.width, cfg.heads, cfg.blocks, cfg.ffn),
+        presence_lm._loss(), cfg.num_microbatches, list(cfg.si_layers), w[:, :-1], w[:, 1:].astype("int64"))
 
     ds = tf.data.Dataset.from_tensor_slices((x[:args.si_examples], y[:args.si_examples])).batch(512)
     obj = tfi.Objective(plain, text.lm_loss())
