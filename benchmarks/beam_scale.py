@@ -296,19 +296,19 @@ def main(argv=None):
             out.setdefault(str(r["size"]), {}).setdefault(r["runner"], {}).setdefault(r["scorer"], {})[
                 str(r["workers"])] = r[key]
         return out
+    def two_over_one(table):
+        return {size: {rn: {sc: by_w["2"] / by_w["1"] for sc, by_w in d2.items() if {"1", "2"} <= set(by_w)}
+                       for rn, d2 in d1.items()} for size, d1 in table.items()}
     eps = nest("examples_per_second")
-    speedup = {size: {rn: {sc: by_w["2"] / by_w["1"] for sc, by_w in d2.items() if {"1", "2"} <= set(by_w)}
-                      for rn, d2 in d1.items()} for size, d1 in eps.items()}
+    speedup = two_over_one(eps)
     # the same after taking off each job's fixed start-up (driver and workers importing TensorFlow,
     # loading the model, tracing): the wall time of the same job on a 1,000-example corpus
-    steady = {}
     for r in runs:
         base = startup.get((r["runner"], r["scorer"], r["workers"]))
         if base is not None and r["seconds"] > base:
             r["steady_examples_per_second"] = (r["size"] - STARTUP_N) / (r["seconds"] - base)
     steady_eps = nest("steady_examples_per_second") if all("steady_examples_per_second" in r for r in runs) else {}
-    steady = {size: {rn: {sc: by_w["2"] / by_w["1"] for sc, by_w in d2.items() if {"1", "2"} <= set(by_w)}
-                     for rn, d2 in d1.items()} for size, d1 in steady_eps.items()}
+    steady = two_over_one(steady_eps)
     growth = {}
     sizes = sorted({r["size"] for r in runs})
     if len(sizes) > 1:

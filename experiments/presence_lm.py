@@ -246,7 +246,7 @@ def sequential_kept(cfg: LMConfig, corpus: Corpus, windows, keep: float, cache_d
         si = np.asarray(tracin.self_influence(tfi.Objective(scorer, _loss()), ds, list(cfg.si_layers)))
         np.save(path, si)
     n_keep = int(round(keep * len(windows)))
-    return np.sort(np.argsort(si, kind="stable")[:n_keep]), si
+    return np.sort(np.argsort(si, kind="stable")[:n_keep])
 
 
 def _training(c: LMConfig) -> dict:
@@ -310,7 +310,7 @@ def run(cfg: LMConfig, out_dir: str, progress: bool = True) -> dict:
             windows, is_noise = corpus.pool(kind, frac)
             extra = {}
             if method == "presence_sequential":
-                kept, si = sequential_kept(c, corpus, windows, keep, cache, setting)
+                kept = sequential_kept(c, corpus, windows, keep, cache, setting)
                 extra = {"noise_dropped": int(is_noise.sum() - is_noise[kept].sum()), "noise_in_pool": int(is_noise.sum())}
                 windows = windows[kept]
             model = train(c, corpus, windows, seed, "uniform" if method != "presence" else schedule)

@@ -658,18 +658,17 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
         raise ValueError(f"max_examples must be a positive number of examples, got {max_examples}")
 
     def capped(it):
+        if max_examples is None:
+            yield from it
+            return
         seen = 0
         for x, y in it:
-            if max_examples is not None and seen >= max_examples:
+            if seen >= max_examples:
                 return
-            if max_examples is not None and strategy is None:
-                k = int(tf.shape(tf.nest.flatten(y)[0])[0])
-                if seen + k > max_examples:
-                    keep = int(max_examples) - seen
-                    x, y = (tf.nest.map_structure(lambda t: t[:keep], z) for z in (x, y))
-                    k = keep
-            else:
-                k = _global_batch_size(y, strategy)
+            k = _global_batch_size(y, strategy)
+            if strategy is None and seen + k > max_examples:  # cut the last batch (whole batches under a strategy)
+                k = int(max_examples) - seen
+                x, y = (tf.nest.map_structure(lambda t: t[:k], z) for z in (x, y))
             seen += k
             yield x, y
 
