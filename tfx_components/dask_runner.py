@@ -38,7 +38,8 @@ runs per partition as one bundle (``setup`` once per worker process, ``start_bun
 with its side inputs computed first and passed as their views; ``Reshuffle`` repartitions into
 at least 32 partitions (Beam's own makes it a no-op, so a ``Create`` of a few file names stayed
 one task); ``GroupByKey`` groups by a
-process-independent hash of the pickled key; only the pipeline's leaves are computed, and only
+process-independent hash of the pickled key with dask's task-based shuffle (its default when no
+client exists yet is a single-machine on-disk shuffle, which lost groups between workers); only the pipeline's leaves are computed, and only
 their element counts come back to the driver. Unsupported primitives raise, naming the transform.
 Only the global window is supported (these jobs are batch jobs): a ``WindowInto`` with another
 window function raises.
@@ -272,7 +273,9 @@ class _Translator(PipelineVisitor):
         elif isinstance(t, _ov._Flatten):
             bag = db.concat(inputs) if inputs else db.from_sequence([], npartitions=1)
         elif isinstance(t, _ov._GroupByKeyOnly):
-            bag = inputs[0].map(_keyed_bytes).groupby(_first).map(_regroup).flatten()
+            # shuffle="tasks": the graph is built before the Client exists, so dask's default would be
+            # its single-machine "disk" (partd) shuffle, which lost groups between worker processes
+            bag = inputs[0].map(_keyed_bytes).groupby(_first, shuffle="tasks").map(_regroup).flatten()
         elif isinstance(t, beam.ParDo):
             windowfn = getattr(getattr(t.fn, "windowing", None), "windowfn", None)
             if windowfn is not None and not isinstance(windowfn, _window.GlobalWindows):
