@@ -19,10 +19,16 @@ by noise of one kind:
 * ``none`` — no injected noise.
 
 Measured for every variant, over seeds (mean ± std): **held-out clean loss** (mean token
-cross-entropy; perplexity = exp) and a **downstream task** — telling a window of the downstream
-stream from the same window with its words permuted, by a logistic-regression head on the frozen
-LM's mean-pooled last-block features (a linear probe: trained on one half of the downstream
-paragraphs, accuracy on the other half).
+cross-entropy; perplexity = exp) and a **downstream task**: the pretrained LM's encoder (token
+embedding + transformer blocks) with a mean-pooled linear head is finetuned (every weight,
+``finetune_steps`` Adam steps) to tell which part of the standard library a window of the
+downstream stream documents — six domains (:data:`experiments.text.DOMAINS`: text/CLI, network,
+files, concurrency, language, numbers/time) — trained on one half of the downstream paragraphs,
+accuracy on the other half. The same finetuning from a randomly initialised LM is the reference
+(``lm_downstream_reference``): the task measures pretraining only as far as pretrained beats it.
+(Two order-based tasks were tried first and dropped: original vs words-permuted windows and
+"is the second half the continuation of the first" stayed at chance even for the uniformly
+pretrained LM, finetuned or probed, so they could not rank variants.)
 
 Variants (same number of optimizer steps each): ``uniform`` (plain ``fit``), ``presence`` with a τ
 schedule — ``two_stage`` (the paper: τ = +1 for the first ``switch`` of the steps, then −1),
@@ -72,17 +78,23 @@ class LMConfig:
     num_microbatches: int = 4
     switch: float = 0.3
     si_layers: tuple = ("tok_emb",)
+    relative_eps: bool = True
+    finetune_steps: int = 100
+    finetune_lr: float = 1e-3
     seeds: tuple = (0, 1, 2)
     fractions: tuple = (0.1, 0.3)
     kinds: tuple = NOISE_KINDS
     schedules: tuple = SCHEDULES
     keeps: tuple = (0.7, 0.9)
+    batching: str = "shuffled"
+    corner_steps: int = 1000
+    corner_seeds: tuple = (0, 1, 2, 3)
     quick: bool = False
 
     @classmethod
     def quick_config(cls):
         return cls(n_train=128, steps=4, seeds=(0,), fractions=(0.3,), kinds=("jumbled",), schedules=("two_stage",),
-                   keeps=(0.7,), quick=True)
+                   keeps=(0.7,), finetune_steps=4, quick=True)
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -107,7 +119,7 @@ class Corpus:
 
         from experiments import text
         self.cfg = cfg
-        prose, code = text.load_corpus()
+        prose, code, domains = text.load_corpus(with_domains=True)
         rng = np.random.default_rng(CORPUS_SEED)
         order = rng.permutation(len(prose))
         n = len(prose)
@@ -128,8 +140,17 @@ class Corpus:
         self.pretrain = pre[rng.permutation(len(pre))]
         self.heldout = wins(stream(parts["heldout"]), 16)
         half = len(parts["downstream"]) // 2
-        self.down_train = wins(stream(parts["downstream"][:half]), 8)
-        self.down_test = wins(stream(parts["downstream"][half:]), 8)
+        self.down = {}
+        for name, idx in (("train", parts["downstream"][:half]), ("test", parts["downstream"][half:])):
+            xs, ys = [], []
+            for d in range(len(text.DOMAINS)):   # windows of one domain's paragraphs (never across domains)
+                ids = [i for i in idx if domains[i] == d]
+                if ids and sum(len(self.tv(prose[i])) for i in ids) >= cfg.seq_len:
+                    w = wins(stream(ids), 4)[:, :cfg.seq_len]
+                    xs.append(w)
+                    ys.append(np.full(len(w), d, np.int64))
+            self.down[name] = (np.concatenate(xs), np.concatenate(ys))
+        self.domains = tuple(text.DOMAINS)
         code_ids = np.asarray(self.tv(code)).astype(np.int32)
         cw = wins(code_ids, L)
         self.code = cw[rng.permutation(len(cw))]
@@ -165,16 +186,8 @@ class Corpus:
         return base, is_noise
 
     def downstream(self):
-        """``(x_train, y_train, x_test, y_test)``: original (0) vs words-permuted (1) windows."""
-        import numpy as np
-        rng = np.random.default_rng(CORPUS_SEED + 2)
-        out = []
-        for w in (self.down_train, self.down_test):
-            w = w[:, :-1]
-            x = np.concatenate([w, self.jumble(w, rng)])
-            y = np.r_[np.zeros(len(w), np.int64), np.ones(len(w), np.int64)]
-            out += [x, y]
-        return tuple(out)
+        """``(x_train, y_train, x_test, y_test)``: ``seq_len``-token windows and their domain index."""
+        return (*self.down["train"], *self.down["test"])
 
 
 # -- one run ------------------------------------------------------------------------------------------
@@ -183,16 +196,43 @@ def _loss():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
 
 
-def train(cfg: LMConfig, corpus: Corpus, windows, seed: int, schedule: str = "uniform"):
-    """Train a fresh LM on ``windows`` for ``cfg.steps`` steps; ``schedule``: ``uniform`` or a τ schedule."""
+def source_batched_order(is_noise, steps: int, batch_size: int, num_microbatches: int, seed: int):
+    """Example indices for ``steps`` batches whose microbatches each hold one source only (clean or
+    noise): per epoch, each source's shuffled indices are cut into microbatch-sized chunks, the
+    chunks are shuffled together and concatenated (a partial chunk is dropped for that epoch)."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    mb = batch_size // num_microbatches
+    need, out = steps * batch_size, []
+    while sum(len(o) for o in out) < need:
+        chunks = []
+        for src in (np.flatnonzero(~is_noise), np.flatnonzero(is_noise)):
+            src = rng.permutation(src)
+            chunks += [src[i:i + mb] for i in range(0, len(src) - mb + 1, mb)]
+        out += [chunks[i] for i in rng.permutation(len(chunks))]
+    return np.concatenate(out)[:need]
+
+
+def train(cfg: LMConfig, corpus: Corpus, windows, seed: int, schedule: str = "uniform", is_noise=None):
+    """Train a fresh LM on ``windows`` for ``cfg.steps`` steps; ``schedule``: ``uniform`` or a τ schedule.
+    ``cfg.batching``: ``shuffled`` (windows shuffled over the pool) or ``by_source`` (each microbatch
+    of ``batch_size / num_microbatches`` windows from one source, clean or noise, per ``is_noise``)."""
     import keras
+    import numpy as np
     import tensorflow as tf
 
     from experiments import text
     from tf_influence import presence
     x, y = windows[:, :-1], windows[:, 1:].astype("int64")
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed).repeat().batch(
-        cfg.batch_size, drop_remainder=True)
+    if cfg.batching == "by_source":
+        noise = np.zeros(len(x), bool) if is_noise is None else np.asarray(is_noise, bool)
+        order = source_batched_order(noise, cfg.steps, cfg.batch_size, cfg.num_microbatches, seed)
+        ds = tf.data.Dataset.from_tensor_slices((x[order], y[order])).batch(cfg.batch_size, drop_remainder=True)
+    elif cfg.batching == "shuffled":
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed).repeat().batch(
+            cfg.batch_size, drop_remainder=True)
+    else:
+        raise ValueError(f"batching must be 'shuffled' or 'by_source', got {cfg.batching!r}")
     model = text.build_transformer_lm(corpus.vocab_size, cfg.seq_len, cfg.width, cfg.heads, cfg.blocks, cfg.ffn,
                                       seed=seed)
     if schedule == "uniform":
@@ -202,31 +242,40 @@ def train(cfg: LMConfig, corpus: Corpus, windows, seed: int, schedule: str = "un
     sched = {"two_stage": lambda: presence.two_stage(int(cfg.switch * cfg.steps)),
              "negative": lambda: presence.inverse(1.0), "positive": lambda: presence.direct(1.0),
              "zero": lambda: presence.ConstantSchedule(0.0)}[schedule]()
-    pm = presence.PresenceModel(model, num_microbatches=cfg.num_microbatches, si_layers=list(cfg.si_layers))
+    pm = presence.PresenceModel(model, num_microbatches=cfg.num_microbatches, si_layers=list(cfg.si_layers),
+                                relative_eps=cfg.relative_eps)
     pm.compile(optimizer=keras.optimizers.Adam(cfg.lr), loss=_loss())
     pm.fit(ds, steps_per_epoch=cfg.steps, epochs=1, verbose=0, shuffle=False,
            callbacks=[presence.PresenceCallback(sched, keep_weights=False)])
     return model
 
 
-def evaluate(cfg: LMConfig, corpus: Corpus, model) -> dict:
-    """Held-out clean loss and downstream (linear-probe) accuracy of a trained LM."""
-    import keras
+def evaluate(cfg: LMConfig, corpus: Corpus, model, seed: int = 0) -> dict:
+    """Held-out clean loss of a trained LM, then its downstream accuracy (finetunes ``model``'s
+    encoder in place: call last)."""
     import numpy as np
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
     h = corpus.heldout
     logits = model.predict(h[:, :-1], batch_size=256, verbose=0)
     loss = float(np.mean(_loss()(h[:, 1:], logits)))
-    feats = keras.Model(model.input, model.get_layer(f"norm{cfg.blocks - 1}b").output)
-    xtr, ytr, xte, yte = corpus.downstream()
+    return {"heldout_loss": loss, "downstream_accuracy": finetune_accuracy(cfg, corpus, model, seed)}
 
-    def pooled(x):
-        return feats.predict(x, batch_size=256, verbose=0).mean(axis=1)
-    scaler = StandardScaler().fit(pooled(xtr))
-    clf = LogisticRegression(max_iter=2000, C=1.0).fit(scaler.transform(pooled(xtr)), ytr)
-    acc = float(clf.score(scaler.transform(pooled(xte)), yte))
-    return {"heldout_loss": loss, "downstream_accuracy": acc}
+
+def finetune_accuracy(cfg: LMConfig, corpus: Corpus, model, seed: int) -> float:
+    """Finetune ``model``'s encoder (up to the last block's ``norm<i>b``) with a mean-pooled linear
+    head on the downstream training windows; accuracy on the test windows."""
+    import keras
+    import tensorflow as tf
+    xtr, ytr, xte, yte = corpus.downstream()
+    encoder = keras.Model(model.input, model.get_layer(f"norm{cfg.blocks - 1}b").output)
+    inp = keras.Input((cfg.seq_len,), dtype="int32")
+    pooled = keras.layers.GlobalAveragePooling1D()(encoder(inp))
+    head = keras.layers.Dense(len(corpus.domains), kernel_initializer=keras.initializers.GlorotUniform(seed))
+    clf = keras.Model(inp, head(pooled))
+    clf.compile(keras.optimizers.Adam(cfg.finetune_lr),
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    ds = tf.data.Dataset.from_tensor_slices((xtr, ytr)).shuffle(len(xtr), seed=seed).repeat().batch(32)
+    clf.fit(ds, steps_per_epoch=cfg.finetune_steps, epochs=1, verbose=0)
+    return float(clf.evaluate(xte, yte, batch_size=256, verbose=0, return_dict=True)["accuracy"])
 
 
 def sequential_kept(cfg: LMConfig, corpus: Corpus, windows, keep: float, cache_dir: str, setting: str):
@@ -251,7 +300,15 @@ def sequential_kept(cfg: LMConfig, corpus: Corpus, windows, keep: float, cache_d
 
 def _training(c: LMConfig) -> dict:
     """The fields that change a run's result (not the grid's seeds / fractions / keeps)."""
-    return {k: v for k, v in asdict(c).items() if k not in ("seeds", "fractions", "kinds", "schedules", "keeps", "quick")}
+    out = {k: v for k, v in asdict(c).items()
+           if k not in ("seeds", "fractions", "kinds", "schedules", "keeps", "quick", "corner_steps", "corner_seeds")}
+    for k, default in _KEY_DEFAULTS.items():   # fields added later stay out of the key at their default,
+        if out.get(k) == default:              # so the runs cached before them stay valid
+            del out[k]
+    return out
+
+
+_KEY_DEFAULTS = {"batching": "shuffled"}
 
 
 def _digest(*parts) -> str:
@@ -259,8 +316,14 @@ def _digest(*parts) -> str:
 
 
 # -- the grid -----------------------------------------------------------------------------------------------
+#: the informative corner: 30 % jumbled text (the noise self-influence detects) and no noise,
+#: trained ``corner_steps`` steps with ``corner_seeds``
+CORNER = (("none", 0.0), ("jumbled", 0.3))
+
+
 def _variants(cfg: LMConfig):
-    """``(setting, method, schedule, keep, cfg)`` of the main grid and of the side grid."""
+    """``(setting, method, schedule, keep, cfg)`` of the main grid, the side grid and the longer-training
+    corner."""
     settings = ([] if cfg.quick else [("none", 0.0)]) + [(k, f) for k in cfg.kinds for f in cfg.fractions]
     main = []
     for kind, frac in settings:
@@ -282,22 +345,46 @@ def _variants(cfg: LMConfig):
                 side.append(("jumbled", 0.3, "presence", s, None, replace(cfg, num_microbatches=m)))
             side.append(("jumbled", 0.3, "presence", s, None, replace(
                 cfg, si_layers=("tok_emb", "attention0", "ffn0_in", "ffn0_out", "logits"))))
-    return main, side
+        # source-clustered microbatches (each microbatch all clean or all noise, as when a loader packs
+        # a microbatch from one shard / document): can microbatch SI separate noise when it is concentrated?
+        for kind in ("jumbled", "code"):
+            by_source = replace(cfg, batching="by_source")
+            side.append((kind, 0.3, "uniform", "uniform", None, by_source))
+            for s in ("two_stage", "negative"):
+                side.append((kind, 0.3, "presence", s, None, by_source))
+    corner = []
+    if not cfg.quick and cfg.corner_steps:
+        long = replace(cfg, steps=cfg.corner_steps, seeds=cfg.corner_seeds)
+        for kind, frac in CORNER:
+            corner += [(kind, frac, "uniform", "uniform", None, long),
+                       (kind, frac, "presence", "two_stage", None, long),
+                       (kind, frac, "presence", "negative", None, long),
+                       (kind, frac, "presence_sequential", "keep=0.9", 0.9, long)]
+    return main, side, corner
 
 
-def run(cfg: LMConfig, out_dir: str, progress: bool = True) -> dict:
+PARTS = ("main", "side", "corner")
+
+
+def run(cfg: LMConfig, out_dir: str, progress: bool = True, parts=PARTS) -> dict:
+    """Run (or load from the cache) every run of ``parts`` and, when all parts are asked for, write
+    the results; a subset only fills the cache (e.g. to run parts in separate processes)."""
     import numpy as np
     t0 = time.perf_counter()
     cache = os.path.join(out_dir, "lm_runs")
     os.makedirs(cache, exist_ok=True)
     corpus = corpus_for(cfg)
-    main, side = _variants(cfg)
-    jobs = [(v, seed) for v in main + side for seed in cfg.seeds]
+    main, side, corner = _variants(cfg)
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
+    chosen = [v for name, vs in zip(PARTS, (main, side, corner)) if name in parts for v in vs]
+    jobs = [(v, seed) for v in chosen for seed in v[-1].seeds]
     it = jobs
     if progress:
         from tqdm.auto import tqdm
         it = tqdm(jobs, desc="PRESENCE LM grid", leave=False)
-    runs = {}
+    runs, compute = {}, 0.0
     for (kind, frac, method, schedule, keep, c), seed in it:
         setting = f"{kind}-{frac:g}"
         key = _digest(_training(c), setting, method, schedule, seed)
@@ -313,11 +400,15 @@ def run(cfg: LMConfig, out_dir: str, progress: bool = True) -> dict:
                 kept = sequential_kept(c, corpus, windows, keep, cache, setting)
                 extra = {"noise_dropped": int(is_noise.sum() - is_noise[kept].sum()), "noise_in_pool": int(is_noise.sum())}
                 windows = windows[kept]
-            model = train(c, corpus, windows, seed, "uniform" if method != "presence" else schedule)
-            rec = {**evaluate(c, corpus, model), **extra, "seconds": time.perf_counter() - t}
+            model = train(c, corpus, windows, seed, "uniform" if method != "presence" else schedule,
+                          is_noise if method != "presence_sequential" else is_noise[kept])
+            rec = {**evaluate(c, corpus, model, seed), **extra, "seconds": time.perf_counter() - t}
             with open(path, "w") as fh:
                 json.dump(rec, fh)
         runs.setdefault((kind, frac, method, schedule, _digest(_training(c))), []).append(rec)
+        compute += rec.get("seconds", 0.0)
+    if set(parts) != set(PARTS):
+        return {"runs": len(jobs), "parts": list(parts)}
 
     def rows(variants):
         out, seen = [], set()
@@ -334,32 +425,67 @@ def run(cfg: LMConfig, out_dir: str, progress: bool = True) -> dict:
                    "heldout_perplexity_mean": float(np.exp(loss).mean()),
                    "downstream_accuracy_mean": float(acc.mean()),
                    "downstream_accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
-                   "n_seeds": len(recs), "num_microbatches": c.num_microbatches, "switch": c.switch,
+                   "n_seeds": len(recs), "steps": c.steps, "batching": c.batching,
+                   "num_microbatches": c.num_microbatches, "switch": c.switch,
                    "si_layers": list(c.si_layers)}
             if method == "presence_sequential":
                 row["noise_dropped"] = recs[0]["noise_dropped"]
                 row["noise_in_pool"] = recs[0]["noise_in_pool"]
             out.append(row)
         return out
-    grid, side_rows = rows(main), rows(side)
-    default = choose_default(grid)
+    grid, side_rows, corner_rows = rows(main), rows(side), rows(corner)
+    reference = downstream_reference(cfg, corpus, cache, grid)
+    default = choose_default(grid + corner_rows)
     res_path = os.path.join(out_dir, "results.json")
     results = {}
     if os.path.exists(res_path):
         with open(res_path) as fh:
             results = json.load(fh)
-    results.update(lm_grid=grid, lm_side_grid=side_rows, chosen_default=default,
+    results.update(lm_grid=grid, lm_side_grid=side_rows, lm_corner=corner_rows, chosen_default=default,
                    lm_config={**asdict(cfg), "vocabulary": corpus.vocab_size,
                               "pretrain_windows_available": int(len(corpus.pretrain)),
                               "heldout_windows": int(len(corpus.heldout)),
-                              "downstream_train": int(2 * len(corpus.down_train)),
-                              "downstream_test": int(2 * len(corpus.down_test))},
-                   lm_seconds=time.perf_counter() - t0)
+                              "downstream_train": int(len(corpus.down["train"][1])),
+                              "downstream_test": int(len(corpus.down["test"][1])),
+                              "downstream_domains": list(corpus.domains)},
+                   lm_downstream_reference=reference,
+                   lm_seconds=time.perf_counter() - t0, lm_compute_seconds=compute, lm_runs=len(jobs))
     with open(res_path, "w") as fh:
         json.dump(results, fh, indent=1)
-    _report(grid, side_rows, default, cfg, out_dir, time.perf_counter() - t0)
-    _plot(grid, os.path.join(out_dir, "lm_grid.png"))
+    _report(grid, side_rows, corner_rows, default, cfg, out_dir, compute, reference, len(jobs))
+    _plot(grid, os.path.join(out_dir, "lm_grid.png"), reference)
     return results
+
+
+def downstream_reference(cfg: LMConfig, corpus: Corpus, cache: str, grid) -> dict:
+    """The downstream task's yardsticks: the same finetuning from a randomly initialised LM (per seed,
+    cached), the majority class, and the uniformly pretrained LM without noise."""
+    import numpy as np
+
+    from experiments import text
+    accs = []
+    for seed in cfg.seeds:
+        path = os.path.join(cache, f"{_digest(_training(cfg), 'random_init', seed)}.json")
+        if os.path.exists(path):
+            with open(path) as fh:
+                accs.append(json.load(fh)["downstream_accuracy"])
+            continue
+        model = text.build_transformer_lm(corpus.vocab_size, cfg.seq_len, cfg.width, cfg.heads, cfg.blocks, cfg.ffn,
+                                          seed=seed)
+        acc = finetune_accuracy(cfg, corpus, model, seed)
+        with open(path, "w") as fh:
+            json.dump({"downstream_accuracy": acc}, fh)
+        accs.append(acc)
+    accs = np.array(accs)
+    yte = corpus.down["test"][1]
+    out = {"random_init_accuracy_mean": float(accs.mean()),
+           "random_init_accuracy_std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
+           "majority_class_accuracy": float(np.bincount(yte).max() / len(yte)), "n_seeds": len(accs)}
+    clean = [r for r in grid if r["method"] == "uniform" and r["noise_kind"] == "none"]
+    if clean:
+        out["uniform_no_noise_accuracy_mean"] = clean[0]["downstream_accuracy_mean"]
+        out["uniform_no_noise_accuracy_std"] = clean[0]["downstream_accuracy_std"]
+    return out
 
 
 def beats(row, base, key="heldout_loss", sds: float = 2.0) -> bool:
@@ -373,15 +499,14 @@ def beats(row, base, key="heldout_loss", sds: float = 2.0) -> bool:
 def choose_default(grid) -> str:
     """The τ schedule with the most settings better than uniform on held-out loss (ties: fewer
     settings worse), with the evidence in one line."""
-    base = {(r["noise_kind"], r["noise_fraction"]): r for r in grid if r["method"] == "uniform"}
+    base = _base(grid)
     present = [s for s in SCHEDULES if any(r["schedule"] == s for r in grid)]
     score = {}
     for s in present:
         rows = [r for r in grid if r["method"] == "presence" and r["schedule"] == s]
-        better = sum(r["heldout_loss_mean"] < base[(r["noise_kind"], r["noise_fraction"])]["heldout_loss_mean"]
-                     for r in rows)
-        sig = sum(beats(r, base[(r["noise_kind"], r["noise_fraction"])]) for r in rows)
-        worse = sum(beats(base[(r["noise_kind"], r["noise_fraction"])], r) for r in rows)
+        better = sum(r["heldout_loss_mean"] < base[_setting(r)]["heldout_loss_mean"] for r in rows)
+        sig = sum(beats(r, base[_setting(r)]) for r in rows)
+        worse = sum(beats(base[_setting(r)], r) for r in rows)
         score[s] = (sig, better, -worse, len(rows))
     best = max(present, key=lambda s: score[s][:3])
     sig, better, neg_worse, n = score[best]
@@ -396,34 +521,59 @@ def _fmt(r):
             f"{100 * r['downstream_accuracy_mean']:.1f} ± {100 * r['downstream_accuracy_std']:.1f}")
 
 
-def _report(grid, side, default, cfg, out_dir, seconds):
-    base = {(r["noise_kind"], r["noise_fraction"]): r for r in grid if r["method"] == "uniform"}
+def _base(rows) -> dict:
+    """Each data setting's uniform row, keyed by ``(noise_kind, noise_fraction, steps)``."""
+    return {_setting(r): r for r in rows if r["method"] == "uniform"}
+
+
+def _setting(r) -> tuple:
+    return r["noise_kind"], r["noise_fraction"], r.get("steps")
+
+
+def _report(grid, side, corner, default, cfg, out_dir, seconds, reference, n_runs):
+    base = _base(grid + corner)
     lines = [f"# PRESENCE on a token-level transformer LM{' (quick)' if cfg.quick else ''}", "",
-             f"Command: `python -m experiments.presence_lm{' --quick' if cfg.quick else ''}` ({seconds:.0f} s; "
+             f"Command: `python -m experiments.presence_lm{' --quick' if cfg.quick else ''}` ({n_runs} runs, "
+             f"{seconds / 60:.0f} min of training and evaluation; "
              f"{len(cfg.seeds)} seed(s)). Held-out clean loss (nats/token, lower is better) and downstream accuracy "
-             "(%, original vs words-permuted, linear probe), mean ± std over seeds; ✓ = better than uniform by "
-             "≥ 2 std on held-out loss, ✗ = worse by ≥ 2 std.", "",
+             "(%, which of 6 standard-library domains a window documents, encoder finetuned), mean ± std over "
+             "seeds; ✓ / ✗ after a number = better / worse than uniform (same data, same steps) by ≥ 2 std on "
+             "that metric.", "",
+             f"Downstream yardsticks: the same finetuning from a random initialisation "
+             f"{100 * reference['random_init_accuracy_mean']:.1f} ± {100 * reference['random_init_accuracy_std']:.1f} %, "
+             f"majority class {100 * reference['majority_class_accuracy']:.1f} %.", "",
              "| noise | method | schedule | held-out loss | downstream acc. |", "|---|---|---|---|---|"]
-    for r in grid:
-        b = base[(r["noise_kind"], r["noise_fraction"])]
-        mark = "" if r is b else (" ✓" if beats(r, b) else (" ✗" if beats(b, r) else ""))
-        loss, acc = _fmt(r)
-        lines.append(f"| {r['noise_kind']} {100 * r['noise_fraction']:.0f} % | {r['method']} | {r['schedule']} | "
-                     f"{loss}{mark} | {acc} |")
+
+    def table(rows):
+        for r in rows:
+            b = base[_setting(r)]
+            mark = "" if r is b else (" ✓" if beats(r, b) else (" ✗" if beats(b, r) else ""))
+            amark = "" if r is b else (" ✓" if beats(r, b, "downstream_accuracy") else (
+                " ✗" if beats(b, r, "downstream_accuracy") else ""))
+            loss, acc = _fmt(r)
+            lines.append(f"| {r['noise_kind']} {100 * r['noise_fraction']:.0f} % | {r['method']} | {r['schedule']} | "
+                         f"{loss}{mark} | {acc}{amark} |")
+    table(grid)
+    if corner:
+        lines += ["", f"Longer training ({cfg.corner_steps} steps, {len(cfg.corner_seeds)} seeds):", "",
+                  "| noise | method | schedule | held-out loss | downstream acc. |", "|---|---|---|---|---|"]
+        table(corner)
     if side:
-        lines += ["", "Side grid (τ = 0 control; switch point, microbatch count and K on 30 % jumbled):", "",
-                  "| noise | schedule | microbatches | switch | K | held-out loss | downstream acc. |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "Side grid (τ = 0 control; switch point, microbatch count and K on 30 % jumbled; "
+                  "source-clustered microbatches):", "",
+                  "| noise | schedule | batching | microbatches | switch | K | held-out loss | downstream acc. |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in side:
             loss, acc = _fmt(r)
-            lines.append(f"| {r['noise_kind']} {100 * r['noise_fraction']:.0f} % | {r['schedule']} | "
+            lines.append(f"| {r['noise_kind']} {100 * r['noise_fraction']:.0f} % | {r['schedule']} | {r['batching']} | "
                          f"{r['num_microbatches']} | {r['switch']:g} | {'+'.join(r['si_layers'])} | {loss} | {acc} |")
     lines += ["", f"Chosen default: {default}", ""]
     with open(os.path.join(out_dir, "lm_report.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
 
 
-def _plot(grid, path):
+def _plot(grid, path, reference=None):
+    """Held-out loss (top) and downstream accuracy (bottom) of every variant in every data setting."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -434,23 +584,31 @@ def _plot(grid, path):
         v = (r["method"], r["schedule"])
         if v not in variants:
             variants.append(v)
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(settings)), 3.6))
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, 1.3 * len(settings)), 6.4), sharex=True)
     w = 0.8 / len(variants)
-    for j, v in enumerate(variants):
-        means, stds = [], []
-        for s in settings:
-            r = next(r for r in grid if (r["noise_kind"], r["noise_fraction"]) == s and (r["method"], r["schedule"]) == v)
-            means.append(r["heldout_loss_mean"])
-            stds.append(r["heldout_loss_std"])
-        ax.bar(np.arange(len(settings)) + j * w, means, w, yerr=stds, capsize=2,
-               label=v[1] if v[0] == "presence" else ("uniform" if v[0] == "uniform" else f"sequential {v[1]}"))
-    ax.set_xticks(np.arange(len(settings)) + 0.4 - w / 2)
-    ax.set_xticklabels([f"{k} {100 * f:.0f}%" for k, f in settings], fontsize=8)
-    allm = [r["heldout_loss_mean"] for r in grid]
-    ax.set_ylim(min(allm) - 0.1, max(allm) + 0.1)
-    ax.set_ylabel("held-out clean loss (nats/token)")
-    ax.legend(fontsize=6, ncol=3)
-    ax.set_title("PRESENCE on a token-level transformer LM", fontsize=9)
+    for ax, key, label in ((axes[0], "heldout_loss", "held-out clean loss (nats/token)"),
+                           (axes[1], "downstream_accuracy", "downstream accuracy")):
+        for j, v in enumerate(variants):
+            means, stds = [], []
+            for s in settings:
+                r = next(r for r in grid if (r["noise_kind"], r["noise_fraction"]) == s
+                         and (r["method"], r["schedule"]) == v)
+                means.append(r[f"{key}_mean"])
+                stds.append(r[f"{key}_std"])
+            ax.bar(np.arange(len(settings)) + j * w, means, w, yerr=stds, capsize=2,
+                   label=v[1] if v[0] == "presence" else ("uniform" if v[0] == "uniform" else f"sequential {v[1]}"))
+        allm = [r[f"{key}_mean"] for r in grid]
+        ax.set_ylim(min(allm) - 0.1 * (1 if key == "heldout_loss" else 0.5), max(allm) + 0.1 * (
+            1 if key == "heldout_loss" else 0.5))
+        ax.set_ylabel(label, fontsize=8)
+        if key == "downstream_accuracy" and reference:
+            ax.axhline(reference["random_init_accuracy_mean"], color="k", ls="--", lw=0.8,
+                       label="random init (finetuned)")
+    axes[1].set_xticks(np.arange(len(settings)) + 0.4 - w / 2)
+    axes[1].set_xticklabels([f"{k} {100 * f:.0f}%" for k, f in settings], fontsize=8)
+    axes[0].legend(fontsize=6, ncol=3)
+    axes[1].legend(fontsize=6, ncol=4)
+    axes[0].set_title("PRESENCE on a token-level transformer LM", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -463,6 +621,9 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; quick 1)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help="comma-separated subset of main,side,corner to run; a subset only fills the run cache "
+                         "(results are written when all parts are run)")
     console.add_verbose_flag(ap)
     args = ap.parse_args(argv)
     console.quiet(args.verbose)
@@ -471,7 +632,11 @@ def main(argv=None):
         cfg = replace(cfg, seeds=tuple(range(args.seeds)))
     if args.steps:
         cfg = replace(cfg, steps=args.steps)
-    run(cfg, args.out, progress=not args.no_progress)
+    parts = tuple(p for p in args.parts.split(",") if p)
+    out = run(cfg, args.out, progress=not args.no_progress, parts=parts)
+    if set(parts) != set(PARTS):
+        print(f"cached {out['runs']} runs of {', '.join(parts)} in {args.out}/lm_runs")
+        return
     print(open(os.path.join(args.out, "lm_report.md")).read())
 
 

@@ -171,7 +171,11 @@ def run(cfg: TextConfig, out_dir: str, progress: bool = True) -> dict:
     results["variants_seconds"] = time.perf_counter() - t
     results["seconds"] = time.perf_counter() - t_start
     _bars(results, os.path.join(out_dir, "variants.png"))
-    with open(os.path.join(out_dir, "results.json"), "w") as fh:
+    path = os.path.join(out_dir, "results.json")
+    if os.path.exists(path):   # keep the other experiments' keys (presence_lm's lm_grid, chosen_default …)
+        with open(path) as fh:
+            results = {**json.load(fh), **results}
+    with open(path, "w") as fh:
         json.dump(results, fh, indent=1)
     _report(results, out_dir)
     return results

@@ -27,6 +27,20 @@ MODULES = ("argparse", "collections", "csv", "datetime", "decimal", "difflib", "
            "tarfile", "textwrap", "threading", "unittest.case", "urllib.parse", "uuid", "zipfile", "typing",
            "asyncio.tasks", "calendar", "configparser", "contextlib", "dataclasses", "enum", "gettext")
 
+#: The part of the standard library each module documents: the labels of the transformer LM's
+#: downstream task (which domain does a window of documentation come from).
+DOMAINS = {
+    "text_and_cli": ("argparse", "textwrap", "string", "difflib", "configparser", "gettext", "csv"),
+    "network_and_mail": ("email.message", "http.client", "mailbox", "smtplib", "urllib.parse", "ipaddress", "uuid"),
+    "files_and_formats": ("pathlib", "shutil", "tarfile", "zipfile", "pickle", "json"),
+    "concurrency": ("threading", "subprocess", "asyncio.tasks", "logging"),
+    "language": ("inspect", "typing", "dataclasses", "enum", "functools", "itertools", "contextlib", "collections",
+                 "unittest.case"),
+    "numbers_and_time": ("decimal", "fractions", "statistics", "random", "heapq", "datetime", "calendar"),
+}
+_DOMAIN_OF = {m: i for i, ms in enumerate(DOMAINS.values()) for m in ms}
+assert sorted(_DOMAIN_OF) == sorted(MODULES), "every corpus module has one domain"
+
 VOCAB = [chr(c) for c in range(32, 127)]  # printable ASCII; index 0 = padding / unknown
 CHAR_TO_ID = {c: i + 1 for i, c in enumerate(VOCAB)}
 VOCAB_SIZE = len(VOCAB) + 1
@@ -68,13 +82,18 @@ def _code(module) -> str:
     return _clean(" ".join(line.split("#")[0] for line in ast.unparse(tree).splitlines()))
 
 
-def load_corpus():
-    """``(prose_paragraphs, code_text)`` from the standard library (deterministic order)."""
-    prose, code = [], []
+def load_corpus(with_domains: bool = False):
+    """``(prose_paragraphs, code_text)`` from the standard library (deterministic order); with
+    ``with_domains`` also each paragraph's :data:`DOMAINS` index."""
+    prose, code, domains = [], [], []
     for name in MODULES:
         module = importlib.import_module(name)
-        prose.extend(_docstrings(module))
+        paras = _docstrings(module)
+        prose.extend(paras)
+        domains.extend([_DOMAIN_OF[name]] * len(paras))
         code.append(_code(module))
+    if with_domains:
+        return prose, " ".join(code), domains
     return prose, " ".join(code)
 
 

@@ -26,13 +26,32 @@ def data(n=24, seed=0):
 def test_weights_equal_hand_computation():
     si = np.array([1.0, 4.0, 2.0, 9.0])
     tau = 0.7
-    s = (si - si.mean()) / np.sqrt(si.var() + 1e-6)
+    s = (si - si.mean()) / np.sqrt(si.var() + 1e-6 * si.mean() ** 2)     # ε relative to μ² (default)
     expected = np.exp(tau * s) / np.exp(tau * s).sum()
     np.testing.assert_allclose(presence.presence_weights(tf.constant(si), tau).numpy(), expected, rtol=1e-12)
+    s_abs = (si - si.mean()) / np.sqrt(si.var() + 1e-3)                    # the literal absolute ε
+    np.testing.assert_allclose(presence.presence_weights(tf.constant(si), tau, eps=1e-3, relative_eps=False).numpy(),
+                               np.exp(tau * s_abs) / np.exp(tau * s_abs).sum(), rtol=1e-10)
     assert np.argmax(expected) == 3
     w_neg = presence.presence_weights(tf.constant(si), -1.0).numpy()
     assert np.argmax(w_neg) == 0 and np.argmin(w_neg) == 3
     np.testing.assert_allclose(presence.presence_weights(tf.constant(si), 0.0).numpy(), 0.25)
+
+
+def test_weights_do_not_depend_on_the_loss_scale():
+    """Microbatch SI of a mean token loss can be ~1e-5 with σ ~ 1e-6 (measured on the transformer LM):
+    with a literal ε = 1e-6 the weights collapse to uniform whatever τ is; the relative ε keeps
+    normalize(c·s) = normalize(s) for every scale c. All-equal scores give uniform weights, not NaN."""
+    si = np.array([3.1e-5, 2.6e-5, 3.4e-5, 2.9e-5])
+    ref = presence.presence_weights(tf.constant(si / si.mean()), 1.0).numpy()
+    for c in (1e-6, 1e-3, 1.0, 1e4):
+        np.testing.assert_allclose(presence.presence_weights(tf.constant(si / si.mean() * c), 1.0).numpy(), ref,
+                                   rtol=1e-9)
+    assert ref.max() / ref.min() > 5
+    flat = presence.presence_weights(tf.constant(si), 1.0, relative_eps=False).numpy()
+    assert np.abs(flat - 0.25).max() < 2e-3 and ref.max() > 0.4             # the failure the default avoids
+    np.testing.assert_allclose(presence.presence_weights(tf.constant([2.0, 2.0, 2.0]), -1.0).numpy(), 1 / 3)
+    np.testing.assert_allclose(presence.presence_weights(tf.constant([0.0, 0.0]), 1.0).numpy(), 0.5)
 
 
 def test_microbatch_gradients_and_si_equal_a_loop_over_microbatches():
@@ -74,7 +93,7 @@ def test_update_is_the_weighted_sum_of_microbatch_gradients():
     _, grads = presence.microbatch_gradients(obj, x, y, ref.trainable_variables, 4)
     mask = presence.layer_set_mask(ref.trainable_variables, tfi.group_from_layers(ref, ["first"]).variables)
     si = presence.self_influence_from_gradients(grads, mask).numpy().astype(np.float64)
-    s = (si - si.mean()) / np.sqrt(si.var() + 1e-6)
+    s = (si - si.mean()) / np.sqrt(si.var() + 1e-6 * si.mean() ** 2)
     w = np.exp(1.5 * s) / np.exp(1.5 * s).sum()
     np.testing.assert_allclose(pm.presence_last_weights.numpy(), w, rtol=1e-4)
     for b, a, g in zip(before, after, grads):

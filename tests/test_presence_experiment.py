@@ -28,8 +28,10 @@ def test_corpus_is_real_deterministic_english():
 
 
 def test_quick_experiment_writes_documented_keys(tmp_path):
+    json.dump({"lm_grid": [{"method": "uniform"}], "chosen_default": "x"}, open(tmp_path / "results.json", "w"))
     presence_experiment.main(["--quick", "--out", str(tmp_path), "--no-progress"])
     r = json.load(open(tmp_path / "results.json"))
+    assert r["lm_grid"] == [{"method": "uniform"}] and r["chosen_default"] == "x"   # presence_lm's keys stay
     for key in ("mean_si_clean", "mean_si_jumbled", "mean_si_out_of_domain"):
         assert r[key] > 0
     for v in presence_experiment.VARIANTS:
@@ -56,11 +58,15 @@ def test_lm_grid_quick_writes_documented_keys_and_resumes(tmp_path):
         if kind == "jumbled":  # same tokens, another order
             assert (np.sort(w[is_noise], axis=1) == np.sort(clean[is_noise], axis=1)).all()
     xtr, ytr, xte, yte = corpus.downstream()
-    assert ytr.mean() == 0.5 and yte.mean() == 0.5 and xtr.shape[1] == cfg.seq_len
+    assert xtr.shape[1] == xte.shape[1] == cfg.seq_len and len(xtr) == len(ytr) and len(xte) == len(yte)
+    assert set(ytr) == set(yte) == set(range(len(corpus.domains))) == set(range(6))
+    assert not {w.tobytes() for w in xtr} & {w.tobytes() for w in xte}   # disjoint paragraphs
     json.dump({"mean_si_clean": 1.0}, open(tmp_path / "results.json", "w"))   # the text experiment's keys stay
     presence_lm.main(["--quick", "--out", str(tmp_path), "--no-progress"])
     r = json.load(open(tmp_path / "results.json"))
     assert r["mean_si_clean"] == 1.0 and r["chosen_default"]
+    ref = r["lm_downstream_reference"]
+    assert 0 < ref["majority_class_accuracy"] < 0.5 and 0 <= ref["random_init_accuracy_mean"] <= 1
     keys = {"noise_kind", "noise_fraction", "method", "schedule", "heldout_loss_mean", "heldout_loss_std",
             "downstream_accuracy_mean", "downstream_accuracy_std", "n_seeds"}
     assert len(r["lm_grid"]) == 1 + 1 + 1 and all(keys <= set(row) for row in r["lm_grid"])
@@ -73,3 +79,18 @@ def test_lm_grid_quick_writes_documented_keys_and_resumes(tmp_path):
     presence_lm.main(["--quick", "--out", str(tmp_path), "--no-progress"])
     assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "lm_runs").glob("*.json"))] == stamps
     assert (tmp_path / "lm_grid.png").stat().st_size > 1000
+
+
+def test_source_batched_order_keeps_each_microbatch_to_one_source():
+    """``batching="by_source"``: every microbatch is all clean or all noise, sources appear in
+    proportion, and each epoch visits a window at most once."""
+    from experiments import presence_lm
+    is_noise = np.zeros(200, bool)
+    is_noise[np.random.default_rng(0).choice(200, 60, replace=False)] = True
+    order = presence_lm.source_batched_order(is_noise, steps=30, batch_size=32, num_microbatches=4, seed=1)
+    assert order.shape == (30 * 32,)
+    micro = is_noise[order].reshape(-1, 8)
+    assert (micro.all(axis=1) | ~micro.any(axis=1)).all()
+    assert 0.2 < micro.all(axis=1).mean() < 0.4
+    first_epoch = order[:(140 // 8 + 60 // 8) * 8]
+    assert len(set(first_epoch.tolist())) == len(first_epoch)

@@ -4,9 +4,18 @@ For a minibatch split into ``n`` contiguous microbatches ``b_i``:
 
     g_i = ∇ l(b_i)                                  (microbatch mean loss, one vectorised pass)
     s_i = Σ_{k∈K} ‖g_{i,k}‖²                        (MicrobatchSI_K, eq. 11 / 3)
-    s   ← (s − μ(s)) / sqrt(σ²(s) + ε)              (eq. 7)
+    s   ← (s − μ(s)) / sqrt(σ²(s) + ε·μ(s)²)        (eq. 7, ε relative: see below)
     w_i = softmax(τ · s)_i                          (eq. 8)
     G   = Σ_i w_i g_i                               (eq. 9)
+
+Eq. 7's ε is "a small number" for numerical stability. Taken literally as an absolute constant
+it makes the weights depend on the loss's arbitrary scale: measured on the transformer LM of
+``experiments.presence_lm`` (mean token loss), the embedding layer's microbatch SI was ~3·10⁻⁵
+with σ ≈ 3·10⁻⁶ between steps 20 and 120, so σ² ≈ 10⁻¹¹ ≪ ε = 10⁻⁶ and every weight was
+0.25 ± 0.002 — the first stage of the two-stage schedule silently did nothing (the paper sums
+its loss with a normalising factor of 234,496, where the scores are large). ε is therefore
+relative by default (``relative_eps=True``: ε·μ(s)², so ``normalize(c·s) = normalize(s)`` for
+any scale c > 0); ``relative_eps=False`` is the literal constant.
 
 ``τ = 0`` gives ``w_i = 1/n`` and ``G`` = the ordinary minibatch gradient. τ follows a
 schedule: the paper's two stages (eq. 10: ``τ1 > 0`` for steps ``i ≤ I``, then ``τ2 < 0``),
@@ -44,17 +53,31 @@ EPS = 1e-6
 
 
 # -- the math -----------------------------------------------------------------------------------
-def normalize_scores(si, eps: float = EPS):
-    """Eq. 7: ``(s − μ(s)) / sqrt(σ²(s) + ε)`` (population variance)."""
+def normalize_scores(si, eps: float = EPS, relative_eps: bool = True):
+    """Eq. 7: ``(s − μ(s)) / sqrt(σ²(s) + ε')`` (population variance), ``ε' = ε·μ(s)²`` when
+    ``relative_eps`` (scale-free; module docstring) else ``ε' = ε``.
+
+    >>> import numpy as np
+    >>> np.round(normalize_scores([1e-5, 2e-5, 3e-5]).numpy(), 3)   # tiny scores still spread
+    array([-1.225,  0.   ,  1.225], dtype=float32)
+    >>> np.round(normalize_scores([1e-5, 2e-5, 3e-5], relative_eps=False).numpy(), 3)
+    array([-0.01,  0.  ,  0.01], dtype=float32)
+    """
     si = tf.convert_to_tensor(si)
+    if not si.dtype.is_floating:
+        si = tf.cast(si, tf.float32)
     mean = tf.reduce_mean(si)
     var = tf.reduce_mean(tf.square(si - mean))
-    return (si - mean) / tf.sqrt(var + tf.cast(eps, si.dtype))
+    e = tf.cast(eps, si.dtype)
+    if relative_eps:
+        e = e * tf.square(mean)
+    tiny = tf.constant(np.finfo(si.dtype.as_numpy_dtype).tiny, si.dtype)   # all-equal scores → 0, not NaN
+    return (si - mean) / tf.sqrt(tf.maximum(var + e, tiny))
 
 
-def presence_weights(si, tau, eps: float = EPS):
+def presence_weights(si, tau, eps: float = EPS, relative_eps: bool = True):
     """Eq. 7–8: softmax of ``τ ·`` normalised self-influence scores."""
-    s = normalize_scores(si, eps)
+    s = normalize_scores(si, eps, relative_eps)
     tau = tf.cast(tf.convert_to_tensor(tau, dtype_hint=s.dtype), s.dtype)  # no float32 detour for Python floats
     return tf.nn.softmax(tau * s)
 
@@ -193,14 +216,15 @@ class PresenceModel(keras.Model):
       si_layers: layer / sub-model names forming the layer set K (paper: the first encoder and
         decoder layers).
       tau: initial τ (a :class:`PresenceCallback` then sets it each step).
-      eps: ε of eq. 7.
+      eps: ε of eq. 7 (relative to μ(s)² unless ``relative_eps=False``; module docstring).
+      relative_eps: scale-free ε (default) or the literal absolute constant.
 
     ``compile`` takes the usual optimizer / loss / metrics; the loss is applied per example
     (a Keras loss object, name, or ``fn(y_true, y_pred) -> [B]``). Sample weights are supported.
     """
 
     def __init__(self, model, num_microbatches: int = 4, si_layers=None, tau: float = 0.0, eps: float = EPS,
-                 **kwargs):
+                 relative_eps: bool = True, **kwargs):
         super().__init__(name=kwargs.pop("name", f"presence_{model.name}"), **kwargs)
         if num_microbatches < 1:
             raise ValueError(f"num_microbatches must be ≥ 1, got {num_microbatches}")
@@ -211,6 +235,7 @@ class PresenceModel(keras.Model):
         self.num_microbatches = int(num_microbatches)
         self.si_layers = si_layers
         self.eps = float(eps)
+        self.relative_eps = bool(relative_eps)
         self._k_vars = []
         for name in si_layers:
             layer = find_layer(model, name)
@@ -259,11 +284,11 @@ class PresenceModel(keras.Model):
             all_si = ctx.all_gather(si, axis=0)
             rid = tf.cast(ctx.replica_id_in_sync_group, tf.int32) if not isinstance(
                 ctx.replica_id_in_sync_group, int) else ctx.replica_id_in_sync_group
-            w_all = presence_weights(all_si, tf.cast(self.presence_tau, all_si.dtype), self.eps)
+            w_all = presence_weights(all_si, tf.cast(self.presence_tau, all_si.dtype), self.eps, self.relative_eps)
             w = tf.slice(w_all, [rid * self.num_microbatches], [self.num_microbatches])
         else:
             all_si = si
-            w_all = w = presence_weights(si, tf.cast(self.presence_tau, si.dtype), self.eps)
+            w_all = w = presence_weights(si, tf.cast(self.presence_tau, si.dtype), self.eps, self.relative_eps)
         tf.debugging.assert_all_finite(si, "PRESENCE: NaN/Inf in microbatch gradients (self-influence)")
         G = weighted_gradient(grads, w)
         self.optimizer.apply_gradients(zip(G, variables))
