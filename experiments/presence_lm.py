@@ -213,10 +213,13 @@ def source_batched_order(is_noise, steps: int, batch_size: int, num_microbatches
     return np.concatenate(out)[:need]
 
 
-def train(cfg: LMConfig, corpus: Corpus, windows, seed: int, schedule: str = "uniform", is_noise=None):
+def train(cfg: LMConfig, corpus: Corpus, windows, seed: int, schedule: str = "uniform", is_noise=None,
+          order=None, records: list | None = None):
     """Train a fresh LM on ``windows`` for ``cfg.steps`` steps; ``schedule``: ``uniform`` or a τ schedule.
     ``cfg.batching``: ``shuffled`` (windows shuffled over the pool) or ``by_source`` (each microbatch
-    of ``batch_size / num_microbatches`` windows from one source, clean or noise, per ``is_noise``)."""
+    of ``batch_size / num_microbatches`` windows from one source, clean or noise, per ``is_noise``).
+    ``order``: explicit window indices (``steps × batch_size``) instead; ``records``: a list that
+    receives the :class:`PresenceCallback` records (τ, SI and weights of every step)."""
     import keras
     import numpy as np
     import tensorflow as tf
@@ -224,7 +227,9 @@ def train(cfg: LMConfig, corpus: Corpus, windows, seed: int, schedule: str = "un
     from experiments import text
     from tf_influence import presence
     x, y = windows[:, :-1], windows[:, 1:].astype("int64")
-    if cfg.batching == "by_source":
+    if order is not None:
+        ds = tf.data.Dataset.from_tensor_slices((x[order], y[order])).batch(cfg.batch_size, drop_remainder=True)
+    elif cfg.batching == "by_source":
         noise = np.zeros(len(x), bool) if is_noise is None else np.asarray(is_noise, bool)
         order = source_batched_order(noise, cfg.steps, cfg.batch_size, cfg.num_microbatches, seed)
         ds = tf.data.Dataset.from_tensor_slices((x[order], y[order])).batch(cfg.batch_size, drop_remainder=True)
@@ -245,9 +250,41 @@ def train(cfg: LMConfig, corpus: Corpus, windows, seed: int, schedule: str = "un
     pm = presence.PresenceModel(model, num_microbatches=cfg.num_microbatches, si_layers=list(cfg.si_layers),
                                 relative_eps=cfg.relative_eps)
     pm.compile(optimizer=keras.optimizers.Adam(cfg.lr), loss=_loss())
-    pm.fit(ds, steps_per_epoch=cfg.steps, epochs=1, verbose=0, shuffle=False,
-           callbacks=[presence.PresenceCallback(sched, keep_weights=False)])
+    cb = presence.PresenceCallback(sched, keep_weights=records is not None)
+    pm.fit(ds, steps_per_epoch=cfg.steps, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+    if records is not None:
+        records.extend(cb.records)
     return model
+
+
+def weight_diagnostics(cfg: LMConfig, corpus: Corpus, kind: str, frac: float, schedule: str, seed: int = 0) -> dict:
+    """Where do the microbatch weights go? One run with a known window order (``cfg.batching``;
+    ``shuffled`` = a seeded permutation per epoch): the mean weight per noisy and per clean window
+    (each window gets its microbatch's weight / microbatch size, so uniform = 1 / batch size), the
+    correlation between a microbatch's weight and its number of noisy windows, and the effective
+    number of microbatches ``1 / Σ w²`` (out of ``num_microbatches``)."""
+    import numpy as np
+    windows, is_noise = corpus.pool(kind, frac)
+    if cfg.batching == "by_source":
+        order = source_batched_order(is_noise, cfg.steps, cfg.batch_size, cfg.num_microbatches, seed)
+    else:
+        rng = np.random.default_rng(seed)
+        reps = -(-cfg.steps * cfg.batch_size // len(windows))
+        order = np.concatenate([rng.permutation(len(windows)) for _ in range(reps)])[:cfg.steps * cfg.batch_size]
+    records: list = []
+    train(cfg, corpus, windows, seed, schedule, is_noise, order=order, records=records)
+    mb = cfg.batch_size // cfg.num_microbatches
+    w = np.array([r["weights"] for r in records])                          # [steps, n]
+    noisy = is_noise[order].reshape(cfg.steps, cfg.num_microbatches, mb)  # [steps, n, mb]
+    per_window = np.repeat(w[:, :, None] / mb, mb, axis=2)
+    counts = noisy.sum(axis=2).ravel()
+    corr = float(np.corrcoef(w.ravel(), counts)[0, 1]) if counts.std() > 0 else float("nan")
+    return {"noise_kind": kind, "noise_fraction": frac, "batching": cfg.batching, "schedule": schedule,
+            "num_microbatches": cfg.num_microbatches, "uniform_weight_per_window": 1.0 / cfg.batch_size,
+            "weight_per_noisy_window": float(per_window[noisy].mean()) if noisy.any() else float("nan"),
+            "weight_per_clean_window": float(per_window[~noisy].mean()),
+            "corr_weight_noisy_count": corr,
+            "effective_microbatches_mean": float((1.0 / (w ** 2).sum(axis=1)).mean())}
 
 
 def evaluate(cfg: LMConfig, corpus: Corpus, model, seed: int = 0) -> dict:
@@ -364,6 +401,9 @@ def _variants(cfg: LMConfig):
 
 
 PARTS = ("main", "side", "corner")
+#: settings whose microbatch weights are traced (τ = −1, seed 0): see :func:`weight_diagnostics`
+DIAGNOSED = (("none", 0.0, "shuffled"), ("jumbled", 0.3, "shuffled"), ("jumbled", 0.3, "by_source"),
+             ("code", 0.3, "by_source"))
 
 
 def run(cfg: LMConfig, out_dir: str, progress: bool = True, parts=PARTS) -> dict:
@@ -435,6 +475,15 @@ def run(cfg: LMConfig, out_dir: str, progress: bool = True, parts=PARTS) -> dict
         return out
     grid, side_rows, corner_rows = rows(main), rows(side), rows(corner)
     reference = downstream_reference(cfg, corpus, cache, grid)
+    diagnostics = []
+    for kind, frac, batching in ((("jumbled", 0.3, "shuffled"),) if cfg.quick else DIAGNOSED):
+        c = replace(cfg, batching=batching)
+        path = os.path.join(cache, f"diag-{_digest(_training(c), kind, frac, 'negative', 0)}.json")
+        if not os.path.exists(path):
+            with open(path, "w") as fh:
+                json.dump(weight_diagnostics(c, corpus, kind, frac, "negative"), fh)
+        with open(path) as fh:
+            diagnostics.append(json.load(fh))
     default = choose_default(grid + corner_rows)
     res_path = os.path.join(out_dir, "results.json")
     results = {}
@@ -448,11 +497,11 @@ def run(cfg: LMConfig, out_dir: str, progress: bool = True, parts=PARTS) -> dict
                               "downstream_train": int(len(corpus.down["train"][1])),
                               "downstream_test": int(len(corpus.down["test"][1])),
                               "downstream_domains": list(corpus.domains)},
-                   lm_downstream_reference=reference,
+                   lm_downstream_reference=reference, lm_weight_diagnostics=diagnostics,
                    lm_seconds=time.perf_counter() - t0, lm_compute_seconds=compute, lm_runs=len(jobs))
     with open(res_path, "w") as fh:
         json.dump(results, fh, indent=1)
-    _report(grid, side_rows, corner_rows, default, cfg, out_dir, compute, reference, len(jobs))
+    _report(grid, side_rows, corner_rows, default, cfg, out_dir, compute, reference, len(jobs), diagnostics)
     _plot(grid, os.path.join(out_dir, "lm_grid.png"), reference)
     return results
 
@@ -530,7 +579,7 @@ def _setting(r) -> tuple:
     return r["noise_kind"], r["noise_fraction"], r.get("steps")
 
 
-def _report(grid, side, corner, default, cfg, out_dir, seconds, reference, n_runs):
+def _report(grid, side, corner, default, cfg, out_dir, seconds, reference, n_runs, diagnostics=()):
     base = _base(grid + corner)
     lines = [f"# PRESENCE on a token-level transformer LM{' (quick)' if cfg.quick else ''}", "",
              f"Command: `python -m experiments.presence_lm{' --quick' if cfg.quick else ''}` ({n_runs} runs, "
@@ -567,6 +616,17 @@ def _report(grid, side, corner, default, cfg, out_dir, seconds, reference, n_run
             loss, acc = _fmt(r)
             lines.append(f"| {r['noise_kind']} {100 * r['noise_fraction']:.0f} % | {r['schedule']} | {r['batching']} | "
                          f"{r['num_microbatches']} | {r['switch']:g} | {'+'.join(r['si_layers'])} | {loss} | {acc} |")
+    if diagnostics:
+        lines += ["", "Where the weights go (τ = −1, one run each; per-window weight = microbatch weight / microbatch "
+                  "size, uniform = 1 / batch):", "",
+                  "| noise | batching | weight per noisy window | per clean window | corr(weight, noisy count) | "
+                  "effective microbatches |", "|---|---|---|---|---|---|"]
+        for d in diagnostics:
+            u = d["uniform_weight_per_window"]
+            lines.append(f"| {d['noise_kind']} {100 * d['noise_fraction']:.0f} % | {d['batching']} | "
+                         f"{d['weight_per_noisy_window'] / u:.2f}× uniform | {d['weight_per_clean_window'] / u:.2f}× | "
+                         f"{d['corr_weight_noisy_count']:+.2f} | {d['effective_microbatches_mean']:.2f} of "
+                         f"{d['num_microbatches']} |")
     lines += ["", f"Chosen default: {default}", ""]
     with open(os.path.join(out_dir, "lm_report.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")

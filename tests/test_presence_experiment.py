@@ -67,6 +67,9 @@ def test_lm_grid_quick_writes_documented_keys_and_resumes(tmp_path):
     assert r["mean_si_clean"] == 1.0 and r["chosen_default"]
     ref = r["lm_downstream_reference"]
     assert 0 < ref["majority_class_accuracy"] < 0.5 and 0 <= ref["random_init_accuracy_mean"] <= 1
+    (diag,) = r["lm_weight_diagnostics"]   # the weights of a traced run: a distribution over the batch
+    assert 1 <= diag["effective_microbatches_mean"] <= cfg.num_microbatches
+    assert diag["weight_per_noisy_window"] > 0 and diag["weight_per_clean_window"] > 0
     keys = {"noise_kind", "noise_fraction", "method", "schedule", "heldout_loss_mean", "heldout_loss_std",
             "downstream_accuracy_mean", "downstream_accuracy_std", "n_seeds"}
     assert len(r["lm_grid"]) == 1 + 1 + 1 and all(keys <= set(row) for row in r["lm_grid"])
