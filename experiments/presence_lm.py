@@ -278,10 +278,10 @@ def weight_diagnostics(cfg: LMConfig, corpus: Corpus, kind: str, frac: float, sc
     noisy = is_noise[order].reshape(cfg.steps, cfg.num_microbatches, mb)  # [steps, n, mb]
     per_window = np.repeat(w[:, :, None] / mb, mb, axis=2)
     counts = noisy.sum(axis=2).ravel()
-    corr = float(np.corrcoef(w.ravel(), counts)[0, 1]) if counts.std() > 0 else float("nan")
+    corr = float(np.corrcoef(w.ravel(), counts)[0, 1]) if counts.std() > 0 else None   # None: no noise
     return {"noise_kind": kind, "noise_fraction": frac, "batching": cfg.batching, "schedule": schedule,
             "num_microbatches": cfg.num_microbatches, "uniform_weight_per_window": 1.0 / cfg.batch_size,
-            "weight_per_noisy_window": float(per_window[noisy].mean()) if noisy.any() else float("nan"),
+            "weight_per_noisy_window": float(per_window[noisy].mean()) if noisy.any() else None,
             "weight_per_clean_window": float(per_window[~noisy].mean()),
             "corr_weight_noisy_count": corr,
             "effective_microbatches_mean": float((1.0 / (w ** 2).sum(axis=1)).mean())}
@@ -623,9 +623,10 @@ def _report(grid, side, corner, default, cfg, out_dir, seconds, reference, n_run
                   "effective microbatches |", "|---|---|---|---|---|---|"]
         for d in diagnostics:
             u = d["uniform_weight_per_window"]
-            lines.append(f"| {d['noise_kind']} {100 * d['noise_fraction']:.0f} % | {d['batching']} | "
-                         f"{d['weight_per_noisy_window'] / u:.2f}× uniform | {d['weight_per_clean_window'] / u:.2f}× | "
-                         f"{d['corr_weight_noisy_count']:+.2f} | {d['effective_microbatches_mean']:.2f} of "
+            noisy = "—" if d["weight_per_noisy_window"] is None else f"{d['weight_per_noisy_window'] / u:.2f}× uniform"
+            corr = "—" if d["corr_weight_noisy_count"] is None else f"{d['corr_weight_noisy_count']:+.2f}"
+            lines.append(f"| {d['noise_kind']} {100 * d['noise_fraction']:.0f} % | {d['batching']} | {noisy} | "
+                         f"{d['weight_per_clean_window'] / u:.2f}× | {corr} | {d['effective_microbatches_mean']:.2f} of "
                          f"{d['num_microbatches']} |")
     lines += ["", f"Chosen default: {default}", ""]
     with open(os.path.join(out_dir, "lm_report.md"), "w") as fh:
