@@ -18,7 +18,7 @@ def tfds_dir(tmp_path_factory):
 
 
 #: Test modules by measured cost (seconds, `pytest --durations`), most expensive first. `make test` runs
-#: two workers with `--dist loadfile`, which hands out modules in collection order: starting the long
+#: three workers with `--dist loadfile`, which hands out modules in collection order: starting the long
 #: ones first keeps one worker from running a long module alone at the end. Unlisted modules run last.
 HEAVY_FIRST = ("test_scorers.py", "test_dask_runner.py", "test_score_filter.py", "test_reproduce.py",
                "test_multistage_dense.py", "test_beam_scoring.py", "test_pipelines.py", "test_transformer.py",
