@@ -1,6 +1,6 @@
 """PRESENCE on a token-level transformer language model: where does reweighting help?
 
-    python -m experiments.presence_lm [--quick] [--out reports/presence] [--seeds 3]
+    python -m experiments.presence_lm [--quick] [--out reports/presence] [--seeds 3] [--parts main,side,corner]
 
 Model: a causal word-level transformer LM (:func:`experiments.text.build_transformer_lm`; one
 block, width 64, 2 heads) over a Keras ``TextVectorization`` vocabulary (1,000 words, fitted here
@@ -37,12 +37,17 @@ the control ``zero`` (τ = 0: the reweighted training step with uniform weights)
 ``num_microbatches`` microbatches, layer set K = ``si_layers``; and ``presence_sequential``
 (drop the highest self-influence windows of the pool, scored by a model trained on the pool, keep
 ``keep`` of them, then uniform training). A side grid on 30 % jumbled noise varies the switch
-point, the microbatch count and K.
+point, the microbatch count and K, and trains on source-clustered microbatches (``batching =
+"by_source"``: each microbatch all clean or all noise; 30 % jumbled and code). The corner
+(:data:`CORNER`) trains ``corner_steps`` steps with ``corner_seeds``. :func:`weight_diagnostics`
+traces where the microbatch weights go in the :data:`DIAGNOSED` settings.
 
-Every run is cached (``<out>/lm_runs/<key>.json``): an interrupted command resumes. Writes
+Every run is cached (``<out>/lm_runs/<key>.json``): an interrupted command resumes, and
+``--parts main,side,corner`` runs a subset into the cache (e.g. two processes). Writes
 ``lm_grid`` (rows of ``noise_kind``, ``noise_fraction``, ``method``, ``schedule``,
 ``heldout_loss_mean/std``, ``downstream_accuracy_mean/std``, ``n_seeds``, …), ``lm_side_grid``,
-``lm_config`` and ``chosen_default`` into ``<out>/results.json`` (other keys are kept), a
+``lm_corner``, ``lm_weight_diagnostics``, ``lm_downstream_reference``, ``lm_config`` and
+``chosen_default`` into ``<out>/results.json`` (other keys are kept), a
 ``lm_report.md`` table and ``lm_grid.png``.
 """
 
@@ -413,11 +418,11 @@ def run(cfg: LMConfig, out_dir: str, progress: bool = True, parts=PARTS) -> dict
     t0 = time.perf_counter()
     cache = os.path.join(out_dir, "lm_runs")
     os.makedirs(cache, exist_ok=True)
-    corpus = corpus_for(cfg)
-    main, side, corner = _variants(cfg)
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
+    corpus = corpus_for(cfg)
+    main, side, corner = _variants(cfg)
     chosen = [v for name, vs in zip(PARTS, (main, side, corner)) if name in parts for v in vs]
     jobs = [(v, seed) for v in chosen for seed in v[-1].seeds]
     it = jobs
