@@ -280,6 +280,8 @@ def weight_diagnostics(cfg: LMConfig, corpus: Corpus, kind: str, frac: float, sc
     train(cfg, corpus, windows, seed, schedule, is_noise, order=order, records=records)
     mb = cfg.batch_size // cfg.num_microbatches
     w = np.array([r["weights"] for r in records])                          # [steps, n]
+    si = np.array([r["si"] for r in records])
+    early = slice(min(EARLY[0], cfg.steps - 1), min(EARLY[1], cfg.steps))
     noisy = is_noise[order].reshape(cfg.steps, cfg.num_microbatches, mb)  # [steps, n, mb]
     per_window = np.repeat(w[:, :, None] / mb, mb, axis=2)
     counts = noisy.sum(axis=2).ravel()
@@ -288,8 +290,12 @@ def weight_diagnostics(cfg: LMConfig, corpus: Corpus, kind: str, frac: float, sc
             "num_microbatches": cfg.num_microbatches, "uniform_weight_per_window": 1.0 / cfg.batch_size,
             "weight_per_noisy_window": float(per_window[noisy].mean()) if noisy.any() else None,
             "weight_per_clean_window": float(per_window[~noisy].mean()),
-            "corr_weight_noisy_count": corr,
-            "effective_microbatches_mean": float((1.0 / (w ** 2).sum(axis=1)).mean())}
+            "corr_weight_noisy_count": corr, "relative_eps": cfg.relative_eps,
+            "effective_microbatches_mean": float((1.0 / (w ** 2).sum(axis=1)).mean()),
+            # steps 20–120 (where a literal ε = 1e-6 flattened every weight): SI scale and weights
+            "early_steps": list(EARLY), "early_si_mean": float(si[early].mean()),
+            "early_si_std_within_step": float(si[early].std(axis=1).mean()),
+            "early_max_abs_weight_minus_uniform": float(np.abs(w[early] - 1.0 / cfg.num_microbatches).max())}
 
 
 def evaluate(cfg: LMConfig, corpus: Corpus, model, seed: int = 0) -> dict:
@@ -407,8 +413,10 @@ def _variants(cfg: LMConfig):
 
 PARTS = ("main", "side", "corner")
 #: settings whose microbatch weights are traced (τ = −1, seed 0): see :func:`weight_diagnostics`
-DIAGNOSED = (("none", 0.0, "shuffled"), ("jumbled", 0.3, "shuffled"), ("jumbled", 0.3, "by_source"),
-             ("code", 0.3, "by_source"))
+#: ``(noise, fraction, batching, relative_eps)``; the last one is eq. 7's literal ε, for comparison
+DIAGNOSED = (("none", 0.0, "shuffled", True), ("jumbled", 0.3, "shuffled", True), ("jumbled", 0.3, "by_source", True),
+             ("code", 0.3, "by_source", True), ("jumbled", 0.3, "shuffled", False))
+EARLY = (20, 120)
 
 
 def run(cfg: LMConfig, out_dir: str, progress: bool = True, parts=PARTS) -> dict:
@@ -481,8 +489,8 @@ def run(cfg: LMConfig, out_dir: str, progress: bool = True, parts=PARTS) -> dict
     grid, side_rows, corner_rows = rows(main), rows(side), rows(corner)
     reference = downstream_reference(cfg, corpus, cache, grid)
     diagnostics = []
-    for kind, frac, batching in ((("jumbled", 0.3, "shuffled"),) if cfg.quick else DIAGNOSED):
-        c = replace(cfg, batching=batching)
+    for kind, frac, batching, rel in ((("jumbled", 0.3, "shuffled", True),) if cfg.quick else DIAGNOSED):
+        c = replace(cfg, batching=batching, relative_eps=rel)
         path = os.path.join(cache, f"diag-{_digest(_training(c), kind, frac, 'negative', 0)}.json")
         if not os.path.exists(path):
             with open(path, "w") as fh:
@@ -624,15 +632,18 @@ def _report(grid, side, corner, default, cfg, out_dir, seconds, reference, n_run
     if diagnostics:
         lines += ["", "Where the weights go (τ = −1, one run each; per-window weight = microbatch weight / microbatch "
                   "size, uniform = 1 / batch):", "",
-                  "| noise | batching | weight per noisy window | per clean window | corr(weight, noisy count) | "
-                  "effective microbatches |", "|---|---|---|---|---|---|"]
+                  "| noise | batching | ε | weight per noisy window | per clean window | corr(weight, noisy count) | "
+                  "effective microbatches | steps 20–120: SI mean, σ within a step, max abs(w − 1/n) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for d in diagnostics:
             u = d["uniform_weight_per_window"]
             noisy = "—" if d["weight_per_noisy_window"] is None else f"{d['weight_per_noisy_window'] / u:.2f}× uniform"
             corr = "—" if d["corr_weight_noisy_count"] is None else f"{d['corr_weight_noisy_count']:+.2f}"
-            lines.append(f"| {d['noise_kind']} {100 * d['noise_fraction']:.0f} % | {d['batching']} | {noisy} | "
+            lines.append(f"| {d['noise_kind']} {100 * d['noise_fraction']:.0f} % | {d['batching']} | "
+                         f"{'relative' if d['relative_eps'] else 'literal 1e-6'} | {noisy} | "
                          f"{d['weight_per_clean_window'] / u:.2f}× | {corr} | {d['effective_microbatches_mean']:.2f} of "
-                         f"{d['num_microbatches']} |")
+                         f"{d['num_microbatches']} | {d['early_si_mean']:.2g}, {d['early_si_std_within_step']:.2g}, "
+                         f"{d['early_max_abs_weight_minus_uniform']:.3f} |")
     lines += ["", f"Chosen default: {default}", ""]
     with open(os.path.join(out_dir, "lm_report.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")

@@ -10,12 +10,13 @@ For a minibatch split into ``n`` contiguous microbatches ``b_i``:
 
 Eq. 7's ε is "a small number" for numerical stability. Taken literally as an absolute constant
 it makes the weights depend on the loss's arbitrary scale: measured on the transformer LM of
-``experiments.presence_lm`` (mean token loss), the embedding layer's microbatch SI was ~3·10⁻⁵
-with σ ≈ 3·10⁻⁶ between steps 20 and 120, so σ² ≈ 10⁻¹¹ ≪ ε = 10⁻⁶ and every weight was
-0.25 ± 0.002 — the first stage of the two-stage schedule silently did nothing (the paper sums
-its loss with a normalising factor of 234,496, where the scores are large). ε is therefore
-relative by default (``relative_eps=True``: ε·μ(s)², so ``normalize(c·s) = normalize(s)`` for
-any scale c > 0); ``relative_eps=False`` is the literal constant.
+``experiments.presence_lm`` (mean token loss), the embedding layer's microbatch SI was ~4·10⁻⁵
+with σ ≈ 4·10⁻⁶ within a step between steps 20 and 120, so σ² ≈ 10⁻¹¹ ≪ ε = 10⁻⁶ and every
+weight stayed within 0.009 of 0.25 — the first stage of the two-stage schedule silently did
+nothing (the paper sums its loss with a normalising factor of 234,496, where the scores are
+large). ε is therefore relative by default (``relative_eps=True``: ε·μ(s)², so
+``normalize(c·s) = normalize(s)`` for any scale c > 0); ``relative_eps=False`` is the literal
+constant.
 
 ``τ = 0`` gives ``w_i = 1/n`` and ``G`` = the ordinary minibatch gradient. τ follows a
 schedule: the paper's two stages (eq. 10: ``τ1 > 0`` for steps ``i ≤ I``, then ``τ2 < 0``),
