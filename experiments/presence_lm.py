@@ -359,6 +359,17 @@ def _training(c: LMConfig) -> dict:
 _KEY_DEFAULTS = {"batching": "shuffled"}
 
 
+def _cached(path: str, compute) -> dict:
+    """The JSON record at ``path``, or ``compute()`` written there first (the run cache)."""
+    if not os.path.exists(path):
+        rec = compute()
+        with open(path, "w") as fh:
+            json.dump(rec, fh)
+        return rec
+    with open(path) as fh:
+        return json.load(fh)
+
+
 def _digest(*parts) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -440,24 +451,19 @@ def run(cfg: LMConfig, out_dir: str, progress: bool = True, parts=PARTS) -> dict
     runs, compute = {}, 0.0
     for (kind, frac, method, schedule, keep, c), seed in it:
         setting = f"{kind}-{frac:g}"
-        key = _digest(_training(c), setting, method, schedule, seed)
-        path = os.path.join(cache, f"{key}.json")
-        if os.path.exists(path):
-            with open(path) as fh:
-                rec = json.load(fh)
-        else:
+
+        def one_run(kind=kind, frac=frac, method=method, schedule=schedule, keep=keep, c=c, seed=seed,
+                    setting=setting):
             t = time.perf_counter()
             windows, is_noise = corpus.pool(kind, frac)
             extra = {}
             if method == "presence_sequential":
                 kept = sequential_kept(c, corpus, windows, keep, cache, setting)
                 extra = {"noise_dropped": int(is_noise.sum() - is_noise[kept].sum()), "noise_in_pool": int(is_noise.sum())}
-                windows = windows[kept]
-            model = train(c, corpus, windows, seed, "uniform" if method != "presence" else schedule,
-                          is_noise if method != "presence_sequential" else is_noise[kept])
-            rec = {**evaluate(c, corpus, model, seed), **extra, "seconds": time.perf_counter() - t}
-            with open(path, "w") as fh:
-                json.dump(rec, fh)
+                windows, is_noise = windows[kept], is_noise[kept]
+            model = train(c, corpus, windows, seed, "uniform" if method != "presence" else schedule, is_noise)
+            return {**evaluate(c, corpus, model, seed), **extra, "seconds": time.perf_counter() - t}
+        rec = _cached(os.path.join(cache, f"{_digest(_training(c), setting, method, schedule, seed)}.json"), one_run)
         runs.setdefault((kind, frac, method, schedule, _digest(_training(c))), []).append(rec)
         compute += rec.get("seconds", 0.0)
     if set(parts) != set(PARTS):
@@ -491,12 +497,8 @@ def run(cfg: LMConfig, out_dir: str, progress: bool = True, parts=PARTS) -> dict
     diagnostics = []
     for kind, frac, batching, rel in ((("jumbled", 0.3, "shuffled", True),) if cfg.quick else DIAGNOSED):
         c = replace(cfg, batching=batching, relative_eps=rel)
-        path = os.path.join(cache, f"diag-{_digest(_training(c), kind, frac, 'negative', 0)}.json")
-        if not os.path.exists(path):
-            with open(path, "w") as fh:
-                json.dump(weight_diagnostics(c, corpus, kind, frac, "negative"), fh)
-        with open(path) as fh:
-            diagnostics.append(json.load(fh))
+        diagnostics.append(_cached(os.path.join(cache, f"diag-{_digest(_training(c), kind, frac, 'negative', 0)}.json"),
+                                   lambda c=c, kind=kind, frac=frac: weight_diagnostics(c, corpus, kind, frac, "negative")))
     default = choose_default(grid + corner_rows)
     res_path = os.path.join(out_dir, "results.json")
     results = {}
@@ -525,20 +527,12 @@ def downstream_reference(cfg: LMConfig, corpus: Corpus, cache: str, grid) -> dic
     import numpy as np
 
     from experiments import text
-    accs = []
-    for seed in cfg.seeds:
-        path = os.path.join(cache, f"{_digest(_training(cfg), 'random_init', seed)}.json")
-        if os.path.exists(path):
-            with open(path) as fh:
-                accs.append(json.load(fh)["downstream_accuracy"])
-            continue
+    def random_init(seed):
         model = text.build_transformer_lm(corpus.vocab_size, cfg.seq_len, cfg.width, cfg.heads, cfg.blocks, cfg.ffn,
                                           seed=seed)
-        acc = finetune_accuracy(cfg, corpus, model, seed)
-        with open(path, "w") as fh:
-            json.dump({"downstream_accuracy": acc}, fh)
-        accs.append(acc)
-    accs = np.array(accs)
+        return {"downstream_accuracy": finetune_accuracy(cfg, corpus, model, seed)}
+    accs = np.array([_cached(os.path.join(cache, f"{_digest(_training(cfg), 'random_init', seed)}.json"),
+                             lambda seed=seed: random_init(seed))["downstream_accuracy"] for seed in cfg.seeds])
     yte = corpus.down["test"][1]
     out = {"random_init_accuracy_mean": float(accs.mean()),
            "random_init_accuracy_std": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
@@ -606,15 +600,15 @@ def _report(grid, side, corner, default, cfg, out_dir, seconds, reference, n_run
              f"majority class {100 * reference['majority_class_accuracy']:.1f} %.", "",
              "| noise | method | schedule | held-out loss | downstream acc. |", "|---|---|---|---|---|"]
 
+    def mark(r, b, key):
+        return "" if r is b else (" ✓" if beats(r, b, key) else (" ✗" if beats(b, r, key) else ""))
+
     def table(rows):
         for r in rows:
             b = base[_setting(r)]
-            mark = "" if r is b else (" ✓" if beats(r, b) else (" ✗" if beats(b, r) else ""))
-            amark = "" if r is b else (" ✓" if beats(r, b, "downstream_accuracy") else (
-                " ✗" if beats(b, r, "downstream_accuracy") else ""))
             loss, acc = _fmt(r)
             lines.append(f"| {r['noise_kind']} {100 * r['noise_fraction']:.0f} % | {r['method']} | {r['schedule']} | "
-                         f"{loss}{mark} | {acc}{amark} |")
+                         f"{loss}{mark(r, b, 'heldout_loss')} | {acc}{mark(r, b, 'downstream_accuracy')} |")
     table(grid)
     if corner:
         lines += ["", f"Longer training ({cfg.corner_steps} steps, {len(cfg.corner_seeds)} seeds):", "",
@@ -663,8 +657,8 @@ def _plot(grid, path, reference=None):
             variants.append(v)
     fig, axes = plt.subplots(2, 1, figsize=(max(6, 1.3 * len(settings)), 6.4), sharex=True)
     w = 0.8 / len(variants)
-    for ax, key, label in ((axes[0], "heldout_loss", "held-out clean loss (nats/token)"),
-                           (axes[1], "downstream_accuracy", "downstream accuracy")):
+    for ax, key, label, margin in ((axes[0], "heldout_loss", "held-out clean loss (nats/token)", 0.1),
+                                   (axes[1], "downstream_accuracy", "downstream accuracy", 0.05)):
         for j, v in enumerate(variants):
             means, stds = [], []
             for s in settings:
@@ -675,8 +669,7 @@ def _plot(grid, path, reference=None):
             ax.bar(np.arange(len(settings)) + j * w, means, w, yerr=stds, capsize=2,
                    label=v[1] if v[0] == "presence" else ("uniform" if v[0] == "uniform" else f"sequential {v[1]}"))
         allm = [r[f"{key}_mean"] for r in grid]
-        ax.set_ylim(min(allm) - 0.1 * (1 if key == "heldout_loss" else 0.5), max(allm) + 0.1 * (
-            1 if key == "heldout_loss" else 0.5))
+        ax.set_ylim(min(allm) - margin, max(allm) + margin)
         ax.set_ylabel(label, fontsize=8)
         if key == "downstream_accuracy" and reference:
             ax.axhline(reference["random_init_accuracy_mean"], color="k", ls="--", lw=0.8,
