@@ -322,7 +322,7 @@ def finetune_accuracy(cfg: LMConfig, corpus: Corpus, model, seed: int) -> float:
     clf.compile(keras.optimizers.Adam(cfg.finetune_lr),
                 keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     ds = tf.data.Dataset.from_tensor_slices((xtr, ytr)).shuffle(len(xtr), seed=seed).repeat().batch(32)
-    clf.fit(ds, steps_per_epoch=cfg.finetune_steps, epochs=1, verbose=0)
+    clf.fit(ds, steps_per_epoch=cfg.finetune_steps, epochs=1, verbose=0, shuffle=False)  # ds is shuffled
     return float(clf.evaluate(xte, yte, batch_size=256, verbose=0, return_dict=True)["accuracy"])
 
 
