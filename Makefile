@@ -9,11 +9,12 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-tfx.txt pyproject.toml
+$(STAMP): requirements.txt requirements-tfx.txt requirements-hub.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --disable-pip-version-check -q --upgrade pip==24.0
 	$(PIP) install --disable-pip-version-check -q -r requirements.txt
 	$(PIP) install --disable-pip-version-check -q --no-deps --ignore-requires-python -r requirements-tfx.txt
+	$(PIP) install --disable-pip-version-check -q --no-deps -r requirements-hub.txt
 	$(PIP) install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -4,7 +4,8 @@ gradient · vector products.
 * :func:`mean_gradient` — ``∇ (1/N Σ l(z) + R)`` over a dataset (or ``Σ l(z)`` with ``reduction="sum"``).
 * :func:`per_example_gradients` — ``[B, p]`` blocks of ``∇ l(z)`` restricted to a parameter group,
   computed by ``tf.vectorized_map`` over one-example gradients (pfor: one vectorised
-  pass per chunk, never a Python loop over examples).
+  pass per chunk, never a Python loop over examples) — or, on float32 models whose pfor gradient
+  would crash TensorFlow with oneDNN (attention), a ``tf.map_fn`` loop (:mod:`tf_influence.safety`).
 * :func:`per_example_dot` — ``∇ l(z) · V`` for every example ``z`` and every column of ``V``.
   With few columns this is a forward-mode JVP of the per-example losses along each column
   (exactly ``∇l(z)·v``, at the cost of one forward pass); with many columns it multiplies the
@@ -24,6 +25,7 @@ import tensorflow as tf
 from .compiled import cached_kernel
 from .objective import EmptyDatasetError, Objective, batches, check_finite, finite_check
 from .params import ParameterGroup, densify
+from .safety import per_example_map
 
 
 def _progress(iterable, desc: str, enabled: bool, total=None):
@@ -53,12 +55,14 @@ class GradientKernels:
 
     def _sum_grad(self, x, y):
         with tf.GradientTape() as tape:
+            tape.watch(self.group.tf_variables)   # frozen layers' variables are not watched by default
             loss = tf.reduce_sum(self._losses(x, y))
         g = tape.gradient(loss, self.group.tf_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return self.group.flatten(densify(g))
 
     def _reg_grad(self):
         with tf.GradientTape() as tape:
+            tape.watch(self.group.tf_variables)
             loss = self.objective.regularization()
         g = tape.gradient(loss, self.group.tf_variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return self.group.flatten(g)
@@ -74,11 +78,13 @@ class GradientKernels:
             xi = tf.nest.map_structure(lambda t: t[None], xi)
             yi = tf.nest.map_structure(lambda t: t[None], yi)
             with tf.GradientTape() as tape:
+                tape.watch(variables)
                 loss = tf.reduce_sum(self.objective.per_example_losses(xi, yi, training=False))
             return self.group.flatten(densify(tape.gradient(loss, variables,
                                                            unconnected_gradients=tf.UnconnectedGradients.ZERO)))
 
-        block = tf.vectorized_map(one, (x, y))
+        # pfor where it is safe; a while-loop map on float32 attention models (see tf_influence.safety)
+        block = per_example_map(one, (x, y), tf.TensorSpec([self.group.size], self.group.dtype), self.objective, x, y)
         return check_finite(block, f"per-example gradient of {self.objective.name}")
 
     def _jvp(self, x, y, tangent):

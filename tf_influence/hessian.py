@@ -29,6 +29,7 @@ import tensorflow as tf
 from .compiled import cached_kernel
 from .objective import Objective, batches, check_dataset, check_finite, count_examples, finite_check, subsample
 from .params import ParameterGroup, densify
+from .safety import function_safe
 
 MODES = ("fob", "rr")
 
@@ -73,12 +74,15 @@ class HvpKernels:
         if self.mode == "fob":
             with tf.autodiff.ForwardAccumulator(cols_vars, tangents) as acc:
                 with tf.GradientTape() as tape:
+                    tape.watch(rows_vars)   # frozen layers' variables are not watched by default
                     loss = loss_fn()
                 grads = densify(tape.gradient(loss, rows_vars, unconnected_gradients=zero))
             out = acc.jvp(grads, unconnected_gradients=zero)
         else:
             with tf.GradientTape() as outer:
+                outer.watch(rows_vars)
                 with tf.GradientTape() as inner:
+                    inner.watch(cols_vars)
                     loss = loss_fn()
                 grads = densify(inner.gradient(loss, cols_vars, unconnected_gradients=zero))
                 gv = tf.add_n([tf.reduce_sum(g * t) for g, t in zip(grads, tangents)])
@@ -89,12 +93,19 @@ class HvpKernels:
         """``∂²L/∂rows∂cols · V`` for a ``[p_cols, k]`` block: one vectorised Jacobian of ``∇Lᵀ V``."""
         zero = tf.UnconnectedGradients.ZERO
         with tf.GradientTape() as outer:
+            outer.watch(self.rows.tf_variables)
             with tf.GradientTape() as inner:
+                inner.watch(self.cols.tf_variables)
                 loss = loss_fn()
             g = self.cols.flatten(densify(inner.gradient(loss, self.cols.tf_variables, unconnected_gradients=zero)))
             gv = tf.linalg.matvec(V, g, transpose_a=True)  # [k]
-        jac = outer.jacobian(gv, self.rows.tf_variables, unconnected_gradients=zero, experimental_use_pfor=True)
+        # pfor unless it would crash TensorFlow (float32 attention with oneDNN: tf_influence.safety)
+        pfor = self._pfor_safe(loss_fn)
+        jac = outer.jacobian(gv, self.rows.tf_variables, unconnected_gradients=zero, experimental_use_pfor=pfor)
         return tf.transpose(self.rows.flatten_batched(densify(jac)))  # [p_rows, k]
+
+    def _pfor_safe(self, loss_fn) -> bool:
+        return function_safe(loss_fn, (), key=("hvp-block", id(self)))
 
     def _batch_hvp(self, x, y, tangent, total):
         return self._second_order(self._data_loss(x, y, total), tangent)

@@ -45,7 +45,7 @@ import tensorflow as tf
 from .gradients import mean_gradient, per_example_dot, stack_per_example_gradients
 from .hessian import HessianOperator
 from .objective import Objective, count_examples
-from .params import (GroupSpec, ParameterGroup, ParameterGroupError, check_groups_match, complement_group,
+from .params import (GroupSpec, ParameterGroup, ParameterGroupError, as_layer_list, check_groups_match, complement_group,
                      concat_groups, group_from_layers)
 from .solvers import SolverConfig, solve
 
@@ -218,10 +218,11 @@ class MultiStageInfluence:
       pretrain_data: the pretraining examples ``Z`` (batched ``(x, y)``), scored in dataset order.
       finetune_objective: finetuning model (W, Θ) and its loss ``f``.
       finetune_data: the finetuning training data ``X`` (for ``∂²F``).
-      embedding: the shared parameters W: layer / sub-model names present in *both* models
-        (e.g. ``["embedding"]``), or a pair of :class:`ParameterGroup` ``(W_pretrain, W_finetune)``.
-      pretrain_head, finetune_head: layer names of U and Θ; default: every other trainable
-        variable of the respective model.
+      embedding: the shared parameters W: layers / sub-models present in *both* models, as layer
+        objects (``backbone``), names (``["embedding"]``) or paths (``"backbone/token_embedding"``),
+        or a pair of :class:`ParameterGroup` ``(W_pretrain, W_finetune)``. Frozen layers count.
+      pretrain_head, finetune_head: layers of U and Θ; default: every other parameter of the
+        respective model. U may be empty (a tied-embedding LM whose output projection is W itself).
       case: ``"fixed"`` (finetuning keeps W = W*; eq. 9–11) or ``"updated"`` (W is finetuned;
         eq. 12–15 with the proximal weight ``alpha``).
       alpha: α of eq. 12 (paper: 0.01).
@@ -260,12 +261,16 @@ class MultiStageInfluence:
             self.W_pre = group_from_layers(pretrain_objective.model, embedding, name="W (pretrain model)")
             self.W_ft = group_from_layers(finetune_objective.model, embedding, name="W (finetune model)")
         check_groups_match(self.W_pre, self.W_ft)
+        # U may be empty: a tied-embedding language model (GPT-2's ReversibleEmbedding) projects onto
+        # the vocabulary with W itself, so G depends on W alone and (W, U) is just W.
         self.U = (group_from_layers(pretrain_objective.model, pretrain_head, name="U")
-                  if pretrain_head is not None else complement_group(pretrain_objective.model, self.W_pre, name="U"))
+                  if as_layer_list(pretrain_head) else complement_group(pretrain_objective.model, self.W_pre,
+                                                                         name="U", allow_empty=True))
         self.Theta = (group_from_layers(finetune_objective.model, finetune_head, name="Θ")
                       if finetune_head is not None else complement_group(finetune_objective.model, self.W_ft,
                                                                          name="Θ"))
-        self._check_disjoint(self.W_pre, self.U)
+        if self.U is not None:
+            self._check_disjoint(self.W_pre, self.U)
         self._check_disjoint(self.W_ft, self.Theta)
         if case == "fixed" and check_fixed_embedding:
             diff = float(tf.reduce_max(tf.abs(self.W_pre.values() - self.W_ft.values())))
@@ -274,7 +279,8 @@ class MultiStageInfluence:
                     f"case='fixed' assumes finetuning kept the pretrained embedding, but W differs between the "
                     f"pretraining and finetuning models (max |ΔW| = {diff:.3g}); use case='updated' "
                     "or pass check_fixed_embedding=False")
-        self.WU = concat_groups("(W,U)", self.W_pre, self.U)
+        self.WU = (concat_groups("(W,U)", self.W_pre, self.U) if self.U is not None
+                   else concat_groups("(W,U)", self.W_pre))
         self.num_pretrain = count_examples(pretrain_data, "pretraining data", pretrain_objective.model)
         self.H_G = HessianOperator(pretrain_objective, pretrain_data, self.WU, mode=hvp_mode,
                                    hessian_samples=hessian_samples, seed=seed,
@@ -340,7 +346,8 @@ class MultiStageInfluence:
             solves["finetune"] = r1.summary()
             y_W = tf.gather(r1.x, self.TW.slices(self.W_ft), axis=0)
             v_W = 2.0 * self.alpha * y_W
-        zeros_U = tf.zeros([self.U.size] + ([] if v_W.shape.rank == 1 else [v_W.shape[1]]), v_W.dtype)
+        u_size = self.U.size if self.U is not None else 0
+        zeros_U = tf.zeros([u_size] + ([] if v_W.shape.rank == 1 else [v_W.shape[1]]), v_W.dtype)
         rhs = tf.concat([tf.cast(v_W, self.WU.dtype), tf.cast(zeros_U, self.WU.dtype)], axis=0)
         r2 = _solve(self.H_G, rhs, self.pretrain_solver, "IHVP 2 (∂²G/∂(W,U)²)", self.progress)
         solves["pretrain"] = r2.summary()

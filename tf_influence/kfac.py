@@ -47,7 +47,8 @@ import numpy as np
 import tensorflow as tf
 
 from .objective import batches, check_dataset, finite_check, reduce_per_example
-from .params import GroupSpec, ParameterGroup, ParameterGroupError, densify, tf_variable
+from .params import GroupSpec, ParameterGroup, ParameterGroupError, densify, parameters, tf_variable
+from .safety import per_example_map
 
 KINDS = ("ekfac", "kfac")
 FISHERS = ("true", "empirical")
@@ -60,11 +61,13 @@ def _layers(model) -> list:
 
 def _owners(model) -> dict:
     """``id(tf variable) → the innermost layer owning it``."""
-    owner = {}
+    owner, sizes = {}, {}
     for layer in _layers(model):
-        for v in layer.trainable_weights:
+        params = parameters(layer)          # frozen layers too: a group is a set of variables
+        sizes[id(layer)] = len(params)
+        for v in params:
             key = id(tf_variable(v))
-            if key not in owner or len(owner[key].trainable_weights) > len(layer.trainable_weights):
+            if key not in owner or sizes[id(owner[key])] > len(params):
                 owner[key] = layer
     return owner
 
@@ -83,10 +86,13 @@ def _l2(regularizer) -> float | None:
 class _Block:
     """One Kronecker block: a layer's kernel (and bias) seen as a ``[d_in(+1), d_out]`` matrix."""
 
-    def __init__(self, layer, kind: str, kernel, bias):
+    def __init__(self, layer, kind: str, kernel, bias, mode: str | None = None, suffix: str = ""):
         self.layer, self.kind, self.kernel, self.bias = layer, kind, kernel, bias
-        self.name = layer.name  # made unique by _assign_keys
-        if kind == "dense":
+        # mode: which calls of a ReversibleEmbedding this block sees ("forward" lookups, "reverse"
+        # output projections, None: all); suffix tells apart two blocks of one layer
+        self.mode, self.suffix = mode, suffix
+        self.name = layer.name + suffix  # made unique by _assign_keys
+        if kind in ("dense", "tied"):
             self.d_in, self.d_out = int(kernel.shape[0]), int(kernel.shape[1])
         elif kind == "conv":  # kernel [k..., c_in, c_out] → [prod(k...)·c_in, c_out], rows in patch order
             if getattr(layer, "groups", 1) != 1 or getattr(layer, "data_format", "channels_last") != "channels_last":
@@ -145,6 +151,25 @@ class _Block:
             a = tf.concat([a, tf.ones_like(a[..., :1])], axis=-1)
         return a
 
+    def accepts(self, reverse: bool) -> bool:
+        return self.mode is None or (self.mode == "reverse") == bool(reverse)
+
+    def pairs(self, inputs, g, reverse: bool):
+        """``(a, g)`` of one call in the block's ``[rows, d_out]`` layout, ``G_n = Σ_t a_t g_tᵀ``.
+
+        A tied ``ReversibleEmbedding`` (one ``[vocab, d]`` matrix ``E`` used as the lookup and as the
+        output projection ``logits = h Eᵀ``) contributes ``e_token g_tᵀ`` per looked-up token and
+        ``s_t h_tᵀ`` per projected position (``s`` the logits' gradient, ``h`` the projected input):
+        both uses are "tokens" of one block, as K-FAC treats shared weights."""
+        if self.kind != "tied":
+            return self.activations(inputs), self.out_grads(g)
+        n = tf.shape(g)[0]
+        if reverse:
+            return (tf.reshape(g, [n, -1, self.d_in]),
+                    tf.cast(tf.reshape(inputs, [n, -1, self.d_out]), g.dtype))
+        ids = tf.reshape(tf.cast(inputs, tf.int32), [n, -1])
+        return tf.one_hot(ids, self.d_in, dtype=g.dtype), tf.reshape(g, [n, -1, self.d_out])
+
     def out_grads(self, g):
         if self.kind == "einsum":
             order = self.batch + "".join(self.pos) + "".join(self.kout)
@@ -188,9 +213,10 @@ class _Block:
 def _assign_keys(blocks, what: str):
     """Key each block by its layer's name, or — where names repeat, as the ``query`` / ``key`` / …
     sub-layers of every ``MultiHeadAttention`` do — by its Keras path (``"attention1/query"``)."""
-    names = [b.layer.name for b in blocks]
-    for b in blocks:
-        b.name = b.layer.name if names.count(b.layer.name) == 1 else (getattr(b.layer, "path", None) or b.layer.name)
+    names = [b.layer.name + getattr(b, "suffix", "") for b in blocks]
+    for b, name in zip(blocks, names):
+        b.name = name if names.count(name) == 1 else (getattr(b.layer, "path", None) or b.layer.name) + getattr(
+            b, "suffix", "")
     keys = [b.name for b in blocks]
     dup = sorted({k for k in keys if keys.count(k) > 1})
     if dup:
@@ -210,6 +236,11 @@ def kronecker_blocks(model, group: ParameterGroup):
         if layer is None or id(layer) in seen:
             continue
         seen.add(id(layer))
+        if _is_reversible(layer):
+            for block in _reversible_blocks(layer, in_group):
+                blocks.append(block)
+                covered.update(id(tf_variable(x)) for x in block.variables)
+            continue
         kernel = getattr(layer, "embeddings" if isinstance(layer, keras.layers.Embedding) else "kernel", None)
         if kernel is None or id(tf_variable(kernel)) not in in_group:
             continue
@@ -236,6 +267,38 @@ def kronecker_blocks(model, group: ParameterGroup):
     _assign_keys(blocks, "Kronecker-factored")
     diagonal = [v for v in group.variables if id(tf_variable(v)) not in covered]
     return blocks, diagonal
+
+
+def _is_reversible(layer) -> bool:
+    cls = getattr(keras.layers, "ReversibleEmbedding", None)
+    return (cls is not None and isinstance(layer, cls)) or (
+        isinstance(layer, keras.layers.Embedding) and hasattr(layer, "tie_weights"))
+
+
+def _reversible_blocks(layer, in_group) -> list:
+    """Blocks of a ``ReversibleEmbedding`` (GPT-2's tied token embedding, Llama's untied one).
+
+    * untied: the lookup table ``embeddings`` is an ``Embedding`` block over the forward calls and
+      ``reverse_embeddings`` (``[d, vocab]``) a ``Dense`` block over the reverse calls;
+    * tied: one ``[vocab, d]`` block over both uses (:meth:`_Block.pairs`): ``A`` sums the one-hot
+      tokens' and the logits gradients' outer products, ``S`` the lookups' output gradients' and the
+      projected inputs'. EK-FAC's eigenvalue correction then makes the block's eigenvalues the exact
+      Fisher diagonal in that eigenbasis (per-example ``G_n`` summed over both uses).
+
+    A logit soft cap (Gemma 2) makes the reverse call non-linear: its variable gets a diagonal block."""
+    blocks = []
+    emb = getattr(layer, "embeddings", None)
+    capped = getattr(layer, "logit_soft_cap", None) is not None
+    if getattr(layer, "tie_weights", False):
+        if emb is not None and id(tf_variable(emb)) in in_group and not capped:
+            blocks.append(_Block(layer, "tied", emb, None))
+        return blocks
+    if emb is not None and id(tf_variable(emb)) in in_group:
+        blocks.append(_Block(layer, "embedding", emb, None, mode="forward"))
+    rev = getattr(layer, "reverse_embeddings", None)
+    if rev is not None and id(tf_variable(rev)) in in_group and not capped:
+        blocks.append(_Block(layer, "dense", rev, None, mode="reverse", suffix="/reverse"))
+    return blocks
 
 
 class _NormBlock:
@@ -303,7 +366,8 @@ def _norm_per_example(nb, records, grads, dtype):
 
 def _vectorized_gradients(objective, variables, x, y):
     """Per-example gradients ``[B, *shape]`` of ``variables`` (one-example gradients under
-    ``tf.vectorized_map``): the fallback for variables no captured layer covers."""
+    ``tf.vectorized_map``, or ``tf.map_fn`` where pfor would crash: :mod:`tf_influence.safety`): the
+    fallback for variables no captured layer covers."""
     vars_ = [tf_variable(v) for v in variables]
 
     def one(example):
@@ -311,9 +375,11 @@ def _vectorized_gradients(objective, variables, x, y):
         xi = tf.nest.map_structure(lambda t: t[None], xi)
         yi = tf.nest.map_structure(lambda t: t[None], yi)
         with tf.GradientTape() as tape:
+            tape.watch(vars_)
             loss = tf.reduce_sum(objective.per_example_losses(xi, yi))
         return densify(tape.gradient(loss, vars_, unconnected_gradients=tf.UnconnectedGradients.ZERO))
-    return tf.vectorized_map(one, (x, y))
+    signature = [tf.TensorSpec(v.shape, v.dtype) for v in vars_]
+    return per_example_map(one, (x, y), signature, objective, x, y)
 
 
 def _diagonal_squares(objective, norms, records, grads_of, rest, x, y, dtype):
@@ -331,29 +397,53 @@ def _diagonal_squares(objective, norms, records, grads_of, rest, x, y, dtype):
 
 
 def _output_grads(tape, total, cap, layers) -> dict:
-    """``{layer name: [∂total/∂output of each call]}`` for the captured ``layers`` (one gradient call)."""
-    outs = [r[1] for b in layers for r in cap.records[b.name]]
-    grads = tape.gradient(total, outs)
+    """``{layer name: [∂total/∂output of each call]}`` for the captured ``layers`` (one gradient call);
+    an output the loss does not depend on (e.g. BERT's pooler in a token-level objective) gets zeros."""
+    records = cap.records
+    outs = [r[1] for b in layers for r in records[b.name]]
+    grads = tape.gradient(total, outs, unconnected_gradients=tf.UnconnectedGradients.ZERO)
     per, i = {}, 0
     for b in layers:
-        k = len(cap.records[b.name])
+        k = len(records[b.name])
         per[b.name], i = grads[i:i + k], i + k
     return per
 
 
 class _Capture:
-    """Patch the blocks' layers so a forward pass records each layer's input and pre-activation output."""
+    """Patch the blocks' layers so a forward pass records each layer's input and pre-activation output.
+
+    Each layer is patched once, however many blocks read it (a ``ReversibleEmbedding`` has two);
+    ``records[block]`` lists ``(input, pre-activation)`` of the calls the block accepts and
+    ``modes[block]`` whether each was a reverse (output-projection) call."""
 
     def __init__(self, blocks):
-        self.blocks, self.records = blocks, {b.name: [] for b in blocks}
-        if len(self.records) != len(blocks):
-            raise ParameterGroupError(f"layers share a key: {sorted(b.name for b in blocks)}")
+        self.blocks = blocks
+        names = [b.name for b in blocks]
+        if len(set(names)) != len(blocks):
+            raise ParameterGroupError(f"layers share a key: {sorted(names)}")
+        self.layers = []
+        for b in blocks:
+            if all(b.layer is not layer for layer in self.layers):
+                self.layers.append(b.layer)
+        self._calls = {id(layer): [] for layer in self.layers}
+
+    def _accepted(self, b):
+        accepts = getattr(b, "accepts", None)
+        return [c for c in self._calls[id(b.layer)] if accepts is None or accepts(c[2])]
+
+    @property
+    def records(self) -> dict:
+        return {b.name: [(inp, pre) for inp, pre, _ in self._accepted(b)] for b in self.blocks}
+
+    @property
+    def modes(self) -> dict:
+        return {b.name: [rev for _, _, rev in self._accepted(b)] for b in self.blocks}
 
     def __enter__(self):
-        for b in self.blocks:
-            layer, original, rec = b.layer, b.layer.call, self.records[b.name]
+        for layer in self.layers:
+            original, rec, reversible = layer.call, self._calls[id(layer)], _is_reversible(layer)
 
-            def call(inputs, *args, _layer=layer, _original=original, _rec=rec, **kwargs):
+            def call(inputs, *args, _layer=layer, _original=original, _rec=rec, _reversible=reversible, **kwargs):
                 act = getattr(_layer, "activation", None)
                 if act is not None:
                     object.__setattr__(_layer, "activation", None)
@@ -362,14 +452,15 @@ class _Capture:
                 finally:
                     if act is not None:
                         object.__setattr__(_layer, "activation", act)
-                _rec.append((inputs, pre))
+                reverse = bool(kwargs.get("reverse", args[0] if args else False)) if _reversible else False
+                _rec.append((inputs, pre, reverse))
                 return act(pre) if act is not None else pre
             object.__setattr__(layer, "call", call)
         return self
 
     def __exit__(self, *exc):
-        for b in self.blocks:
-            object.__delattr__(b.layer, "call")
+        for layer in self.layers:
+            object.__delattr__(layer, "call")
         return False
 
 
@@ -378,6 +469,12 @@ def _sample_labels(loss, y_pred, y, fisher: str, seed):
         return y
     if isinstance(loss, str):
         loss = keras.losses.get(loss)
+    from .lm import CausalLMLoss
+    if isinstance(loss, CausalLMLoss):   # next-token softmax: sample every labelled position, keep IGNORE
+        flat = tf.reshape(y_pred, [-1, tf.shape(y_pred)[-1]])
+        sample = tf.random.stateless_categorical(tf.cast(flat, tf.float32), 1, seed=seed)[:, 0]
+        sample = tf.cast(tf.reshape(sample, tf.shape(y_pred)[:-1]), y.dtype)
+        return tf.where(y >= 0, sample, y)
     cfg = loss.get_config() if isinstance(loss, keras.losses.Loss) else {}
     fn = getattr(loss, "fn", loss)  # a compiled / loaded model's loss is a LossFunctionWrapper around the function
     names = {type(loss).__name__, getattr(fn, "__name__", ""), str(cfg.get("name", ""))}
@@ -499,10 +596,15 @@ class FactorStatistics:
             losses = reduce_per_example(objective.loss_fn(ys, y_pred))
             total = tf.reduce_sum(losses)
         grads = _output_grads(tape, total, cap, layers)
-        res = {b.name: [(b.activations(inp), tf.cast(b.out_grads(g), self.compute))
-                        for (inp, _), g in zip(cap.records[b.name], grads[b.name])] for b in self.blocks}
+        records, modes = cap.records, cap.modes
+        res = {}
+        for b in self.blocks:
+            res[b.name] = []
+            for (inp, _), g, rev in zip(records[b.name], grads[b.name], modes[b.name]):
+                a, gg = b.pairs(inp, g, rev)
+                res[b.name].append((a, tf.cast(gg, self.compute)))
         if with_norms:
-            return res, ys, (cap.records, grads)
+            return res, ys, (records, grads)
         return res, ys
 
     def _stats_fn(self, x, y, step):
@@ -600,7 +702,7 @@ def eigenbases(sums: dict) -> dict:
         raise EmptyDatasetError("no examples: the K-FAC covariances are empty")
     fitted = {}
     for name, (A, S, tokens) in sums["blocks"].items():
-        A = A / tokens
+        A = A / max(float(tokens), 1.0)   # a block its loss never calls (an unused reverse projection): zeros
         S = S / n
         eS, QS = np.linalg.eigh(0.5 * (S + S.T))
         if A.ndim == 1:  # Embedding
@@ -732,11 +834,14 @@ class GhostNorms:
             losses = reduce_per_example(obj.loss_fn(y, model(x, training=False)))
             total = tf.reduce_sum(losses)
         grads = _output_grads(tape, total, cap, self.blocks + self.norms)
+        records, modes = cap.records, cap.modes
         sq = tf.zeros_like(losses)
         for b in self.blocks:
             # a layer called several times in one forward pass: G_n sums over its calls
-            a = tf.concat([b.activations(inp) for inp, _ in cap.records[b.name]], axis=1)
-            g = tf.concat([tf.cast(b.out_grads(gr), losses.dtype) for gr in grads[b.name]], axis=1)
+            pairs = [b.pairs(inp, gr, rev) for (inp, _), gr, rev in
+                     zip(records[b.name], grads[b.name], modes[b.name])]
+            a = tf.concat([p[0] for p in pairs], axis=1)
+            g = tf.concat([tf.cast(p[1], losses.dtype) for p in pairs], axis=1)
             positions = a.shape[1]
             pairwise = positions is not None and positions * positions <= b.rows * b.d_out
             if b.kind == "embedding" and pairwise:
@@ -756,7 +861,7 @@ class GhostNorms:
                 sq += tf.reduce_sum(tf.square(tf.einsum("bpi,bpo->bio", a, g)), axis=[1, 2])
         # diagonal variables, per example: Σ over each variable of (Σ_t ...)², not summed over the batch
         for nb in self.norms:
-            for pe in _norm_per_example(nb, cap.records[nb.name], grads[nb.name], losses.dtype):
+            for pe in _norm_per_example(nb, records[nb.name], grads[nb.name], losses.dtype):
                 sq += tf.reduce_sum(tf.square(pe), axis=1)
         if self.rest:
             for gv in _vectorized_gradients(obj, self.rest, x, y):

@@ -19,6 +19,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from .exact import exact_moments
+
 
 class NonFiniteError(ValueError):
     """A loss, gradient or Hessian-vector product contained NaN or Inf."""
@@ -94,8 +96,9 @@ class Objective:
         self.loss_fn = per_example_loss_fn(loss)
         self.include_model_losses = include_model_losses
         self.name = name or model.name
-        if not model.trainable_variables:
-            raise ValueError(f"model '{model.name}' has no trainable variables (is it built?)")
+        from .params import parameters  # params imports nothing from here; imported late to keep layers apart
+        if not parameters(model):
+            raise ValueError(f"model '{model.name}' has no parameters (is it built?)")
 
     @property
     def cache_key(self) -> tuple:
@@ -103,8 +106,10 @@ class Objective:
         return (_loss_key(self.loss), bool(self.include_model_losses))
 
     def per_example_losses(self, x, y, training: bool = False) -> tf.Tensor:
-        y_pred = self.model(x, training=training)
-        return reduce_per_example(self.loss_fn(y, y_pred))
+        # Exact moments: second derivatives through LayerNormalization & co. (see tf_influence.exact).
+        with exact_moments():
+            y_pred = self.model(x, training=training)
+            return reduce_per_example(self.loss_fn(y, y_pred))
 
     def regularization(self) -> tf.Tensor:
         if not self.include_model_losses:
@@ -120,7 +125,8 @@ class Objective:
 
     @property
     def dtype(self):
-        return tf.as_dtype(self.model.trainable_variables[0].dtype)
+        from .params import parameters
+        return tf.as_dtype(parameters(self.model)[0].dtype)
 
 
 def split_batch(batch):

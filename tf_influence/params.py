@@ -44,7 +44,8 @@ def tf_variable(v):
 @dataclass(frozen=True)
 class GroupSpec:
     """A serialisable description of a :class:`ParameterGroup` of a model: for each variable its
-    position in ``model.trainable_variables``, its Keras path and its shape.
+    position in :func:`parameters` ``(model)`` (``model.trainable_variables`` when nothing is
+    frozen), its Keras path and its shape.
 
     A driver builds the group, sends ``spec.to_json()`` to its workers, and every worker that
     loads the same model file rebuilds exactly the same flat layout with
@@ -73,7 +74,11 @@ class GroupSpec:
 
 @dataclass(frozen=True)
 class ParameterGroup:
-    """An ordered list of trainable variables treated as one flat parameter vector.
+    """An ordered list of a model's parameters treated as one flat parameter vector.
+
+    A group is a set of variables, not a training switch: variables of layers frozen with
+    ``layer.trainable = False`` belong to groups like any other (case 1 of the multi-stage paper
+    *is* a backbone frozen during finetuning).
 
     >>> import keras
     >>> model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="out")])
@@ -86,20 +91,21 @@ class ParameterGroup:
 
     @classmethod
     def from_model(cls, model, name: str = "all") -> "ParameterGroup":
-        """Every trainable variable of ``model``, in ``model.trainable_variables`` order."""
-        variables = tuple(model.trainable_variables)
+        """Every parameter of ``model`` (see :func:`parameters`: frozen layers included), in
+        ``model.weights`` order — ``model.trainable_variables`` order when nothing is frozen."""
+        variables = tuple(parameters(model))
         if not variables:
-            raise ParameterGroupError(f"model '{model.name}' has no trainable variables (is it built?)")
+            raise ParameterGroupError(f"model '{model.name}' has no parameters (is it built?)")
         return cls(name, variables)
 
     def spec(self, model) -> GroupSpec:
         """This group as a :class:`GroupSpec` over ``model`` (every variable must belong to it)."""
-        index = {id(tf_variable(v)): i for i, v in enumerate(model.trainable_variables)}
+        index = {id(tf_variable(v)): i for i, v in enumerate(parameters(model))}
         out = []
         for v, shape in zip(self.variables, self.shapes):
             i = index.get(id(tf_variable(v)))
             if i is None:
-                raise ParameterGroupError(f"variable {_path(v)} of group '{self.name}' is not a trainable variable "
+                raise ParameterGroupError(f"variable {_path(v)} of group '{self.name}' is not a parameter "
                                           f"of model '{model.name}'")
             out.append((i, _path(v), tuple(shape)))
         return GroupSpec(self.name, tuple(out))
@@ -109,7 +115,7 @@ class ParameterGroup:
         """Rebuild a group from a :class:`GroupSpec` (or its JSON) on a model loaded from the same file;
         raises :class:`ParameterGroupError` naming the first variable whose position, path or shape differs."""
         spec = spec if isinstance(spec, GroupSpec) else GroupSpec.from_json(spec)
-        pool = list(model.trainable_variables)
+        pool = parameters(model)
         variables = []
         for i, path, shape in spec.variables:
             if i >= len(pool):
@@ -243,72 +249,153 @@ def _children(layer) -> list:
     return list(getattr(layer, "layers", []))
 
 
-def _all_layers(model) -> list:
-    """Every layer reachable from ``model`` (depth first, nested sub-models and sub-layers included)."""
-    seen, out, stack = set(), [], _children(model)[::-1]
+def _walk(model) -> list:
+    """``[(layer, tree path)]`` of every layer reachable from ``model`` (depth first; nested sub-models
+    and sub-layers included). The tree path joins layer names from ``model`` down
+    (``"gpt2_backbone/token_embedding"``); a layer reachable twice keeps its first path."""
+    seen, out = set(), []
+    stack = [(child, child.name) for child in _children(model)][::-1]
     while stack:
-        layer = stack.pop()
+        layer, path = stack.pop()
         if id(layer) in seen:
             continue
         seen.add(id(layer))
-        out.append(layer)
-        stack.extend(_children(layer)[::-1])
+        out.append((layer, path))
+        stack.extend([(child, f"{path}/{child.name}") for child in _children(layer)][::-1])
     return out
 
 
-def find_layer(model, name: str):
-    """The layer (or sub-model) called ``name`` anywhere inside ``model``; ``name`` is a layer name
-    or a Keras layer path (``"attention1/query"``), which tells apart sub-layers that share a name.
+def _all_layers(model) -> list:
+    """Every layer reachable from ``model`` (depth first, nested sub-models and sub-layers included)."""
+    return [layer for layer, _ in _walk(model)]
+
+
+def _is_layer(obj) -> bool:
+    return hasattr(obj, "weights") and hasattr(obj, "name") and callable(getattr(obj, "_flatten_layers", None))
+
+
+def as_layer_list(layers) -> list:
+    """A layer reference or a list of them → a list (a single name, path or layer object is one entry)."""
+    if layers is None:
+        return []
+    if isinstance(layers, str) or _is_layer(layers):
+        return [layers]
+    return list(layers)
+
+
+def find_layer(model, name):
+    """The layer (or sub-model) ``name`` inside ``model``: a layer object, a layer name, its Keras
+    path (``layer.path``, e.g. ``"attention1/query"``) or its path in the layer tree from ``model``
+    down (``"gpt2_backbone/token_embedding"``, also any trailing part of it such as
+    ``"backbone/token_embedding"`` when the sub-model's name ends in ``backbone``).
 
     Raises :class:`ParameterGroupError` naming the missing layer and listing what exists, or, when
     the name is ambiguous, listing the paths that tell the candidates apart.
     """
-    layers = _all_layers(model)
-    hits = [layer for layer in layers if getattr(layer, "path", None) == name]
-    if not hits:
-        hits = [layer for layer in layers if layer.name == name]
-    if len(hits) == 1:
-        return hits[0]
-    if len(hits) > 1:
-        paths = ", ".join(str(getattr(layer, "path", None) or layer.name) for layer in hits)
-        raise ParameterGroupError(f"model '{model.name}' has {len(hits)} layers named '{name}' ({paths}): "
-                                  "name the one you mean by its path")
-    available = sorted({layer.name for layer in layers})
+    walked = _walk(model)
+    if _is_layer(name):
+        if name is model or any(layer is name for layer, _ in walked):
+            return name
+        raise ParameterGroupError(f"layer '{name.name}' ({type(name).__name__}) is not part of model '{model.name}'")
+    if not isinstance(name, str):
+        raise ParameterGroupError(f"a layer is named by a string or given as a layer object, got {name!r}")
+    rules = (lambda layer, path: getattr(layer, "path", None) == name or path == name,
+             lambda layer, path: layer.name == name,
+             lambda layer, path: "/" in name and (path.endswith("/" + name) or _suffix_match(path, name)))
+    for rule in rules:
+        hits = []
+        for layer, path in walked:
+            if rule(layer, path) and all(layer is not h for h, _ in hits):
+                hits.append((layer, path))
+        if len(hits) == 1:
+            return hits[0][0]
+        if len(hits) > 1:
+            paths = ", ".join(path for _, path in hits)
+            raise ParameterGroupError(f"model '{model.name}' has {len(hits)} layers matching '{name}' ({paths}): "
+                                      "name the one you mean by its path")
+    available = sorted({layer.name for layer, _ in walked})
     raise ParameterGroupError(
         f"model '{model.name}' has no layer named '{name}'; its layers are: {', '.join(available)}")
 
 
-def group_from_layers(model, layer_names: Iterable[str], name: str | None = None,
-                      trainable_only: bool = True) -> ParameterGroup:
-    """Group of the variables of the named layers / sub-models of ``model``.
+def _suffix_match(path: str, name: str) -> bool:
+    """``name``'s segments match the end of ``path``'s, the first one as a suffix of its segment
+    (``"backbone/token_embedding"`` matches ``"gpt2_backbone/token_embedding"``)."""
+    want, have = name.split("/"), path.split("/")
+    if len(want) > len(have):
+        return False
+    tail = have[len(have) - len(want):]
+    return tail[0].endswith(want[0]) and tail[1:] == want[1:]
 
-    Variables keep the order in which ``model.trainable_variables`` lists them, so the
-    same layers give the same flat layout in every model that shares them.
+
+def _parameter_ids(layer) -> set:
+    """Ids of the variables created trainable in ``layer`` and its sub-layers, frozen or not
+    (Keras keeps them in ``_trainable_variables``; ``layer.trainable = False`` only flips their flag)."""
+    ids = set()
+    for sub in [layer] + _all_layers(layer):
+        for v in getattr(sub, "_trainable_variables", []):
+            ids.add(id(tf_variable(v)))
+    for v in getattr(layer, "trainable_weights", []):   # layers that track weights another way
+        ids.add(id(tf_variable(v)))
+    return ids
+
+
+def parameters(layer) -> list:
+    """The parameters of a model or layer: every variable created trainable (``add_weight(trainable=True)``),
+    whether or not its layer is frozen now, in ``layer.weights`` order; moving statistics, seeds and
+    metric state are not parameters. Equal to ``layer.trainable_variables`` when nothing is frozen."""
+    ids = _parameter_ids(layer)
+    out, seen = [], set()
+    for v in layer.weights:
+        key = id(tf_variable(v))
+        if key in ids and key not in seen:
+            seen.add(key)
+            out.append(v)
+    return out
+
+
+def group_from_layers(model, layer_names, name: str | None = None,
+                      trainable_only: bool = True) -> ParameterGroup:
+    """Group of the parameters of the given layers / sub-models of ``model``.
+
+    ``layer_names``: one or several layer objects, names or paths (see :func:`find_layer`).
+    Frozen layers (``trainable = False``) count like any other. ``trainable_only=False`` takes every
+    variable of the layers, non-trainable state (e.g. moving statistics) included.
+    Variables keep the order in which ``model.weights`` lists them, so the same layers give the same
+    flat layout in every model that shares them.
     """
-    layer_names = [layer_names] if isinstance(layer_names, str) else list(layer_names)
+    layer_names = as_layer_list(layer_names)
     if not layer_names:
         raise ParameterGroupError("no layer names given for the parameter group")
     wanted = set()
+    labels = []
     for lname in layer_names:
         layer = find_layer(model, lname)
-        weights = layer.trainable_weights if trainable_only else layer.weights
+        label = lname if isinstance(lname, str) else layer.name
+        labels.append(label)
+        weights = parameters(layer) if trainable_only else layer.weights
         if not weights:
             raise ParameterGroupError(
-                f"layer '{lname}' of model '{model.name}' has no {'trainable ' if trainable_only else ''}"
-                "variables (is the model built, and is the layer trainable?)")
+                f"layer '{label}' of model '{model.name}' has no {'parameters' if trainable_only else 'variables'} "
+                "(is the model built?)")
         wanted.update(id(tf_variable(v)) for v in weights)
-    pool = model.trainable_variables if trainable_only else model.variables
+    pool = parameters(model) if trainable_only else model.weights
     ordered = [v for v in pool if id(tf_variable(v)) in wanted]
-    return ParameterGroup(name or "+".join(layer_names), tuple(ordered))
+    return ParameterGroup(name or "+".join(labels), tuple(ordered))
 
 
-def complement_group(model, *exclude: ParameterGroup, name: str = "rest") -> ParameterGroup:
-    """All trainable variables of ``model`` not in any of ``exclude`` (e.g. U = pretrain − W)."""
+def complement_group(model, *exclude: ParameterGroup, name: str = "rest", allow_empty: bool = False):
+    """All parameters of ``model`` not in any of ``exclude`` (e.g. U = pretrain − W).
+
+    With ``allow_empty`` an empty complement is ``None`` (a tied-embedding language model whose
+    pretraining loss depends on W alone); otherwise it raises :class:`ParameterGroupError`."""
     excluded = {id(tf_variable(v)) for g in exclude for v in g.variables}
-    rest = [v for v in model.trainable_variables if id(tf_variable(v)) not in excluded]
+    rest = [v for v in parameters(model) if id(tf_variable(v)) not in excluded]
     if not rest:
+        if allow_empty:
+            return None
         raise ParameterGroupError(
-            f"model '{model.name}' has no trainable variables outside group(s) "
+            f"model '{model.name}' has no parameters outside group(s) "
             f"{', '.join(g.name for g in exclude)}; the head group '{name}' would be empty")
     return ParameterGroup(name, tuple(rest))
 

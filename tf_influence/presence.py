@@ -49,6 +49,7 @@ import tensorflow as tf
 
 from .objective import per_example_loss_fn, reduce_per_example
 from .params import ParameterGroupError, find_layer, tf_variable
+from .safety import function_safe
 
 EPS = 1e-6
 
@@ -102,7 +103,8 @@ def split_microbatches(x, num_microbatches: int):
 def microbatch_gradients(objective_or_loss, x, y, variables, num_microbatches: int, sample_weight=None,
                          training: bool = False, return_outputs: bool = False):
     """Per-microbatch mean losses ``[n]`` and gradients (one ``[n, *shape]`` tensor per variable),
-    in one ``tf.vectorized_map`` pass.
+    in one ``tf.vectorized_map`` pass (unrolled over the microbatches where pfor would crash
+    TensorFlow: float32 attention with oneDNN, see :mod:`tf_influence.safety`).
 
     ``objective_or_loss`` is an :class:`~tf_influence.objective.Objective` or a callable
     ``loss(x_mb, y_mb, sample_weight_mb) -> scalar`` (or ``-> (scalar, outputs)`` with
@@ -132,7 +134,13 @@ def microbatch_gradients(objective_or_loss, x, y, variables, num_microbatches: i
         grads = tape.gradient(loss, tf_vars, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return (loss, grads) if aux is None else (loss, grads, aux)
 
-    res = tf.vectorized_map(one, (xs, ys, ws) if ws is not None else (xs, ys))
+    elems = (xs, ys, ws) if ws is not None else (xs, ys)
+    first = tf.nest.map_structure(lambda t: t[0], elems)
+    if function_safe(lambda *a: one(a)[0], first, key=("microbatch", id(loss_fn))):
+        res = tf.vectorized_map(one, elems)
+    else:  # float32 attention + oneDNN: pfor would crash the process (tf_influence.safety); unroll
+        outs = [one(tf.nest.map_structure(lambda t, i=i: t[i], elems)) for i in range(num_microbatches)]
+        res = tf.nest.map_structure(lambda *parts: tf.stack(parts), *outs)
     if return_outputs:
         if len(res) != 3:
             raise ValueError("return_outputs=True needs a loss function returning (loss, outputs)")
