@@ -41,14 +41,14 @@ def _tokens(n, seed, length=LENGTH, vocab=VOCAB):
     return ids, mask
 
 
-def backbone(kind: str, dtype="float32", vocab=VOCAB, width=WIDTH, layers=2):
+def backbone(kind: str, dtype="float32", vocab=VOCAB, width=WIDTH, layers=2, length=LENGTH):
     import keras_hub
     common = dict(vocabulary_size=vocab, num_layers=layers, hidden_dim=width, intermediate_dim=2 * width,
-                  dtype=dtype)
+                  dtype=dtype, name="backbone")
     if kind == "bert":
-        return keras_hub.models.BertBackbone(num_heads=2, max_sequence_length=LENGTH, **common)
+        return keras_hub.models.BertBackbone(num_heads=2, max_sequence_length=length, **common)
     if kind == "gpt2":
-        return keras_hub.models.GPT2Backbone(num_heads=2, max_sequence_length=LENGTH, **common)
+        return keras_hub.models.GPT2Backbone(num_heads=2, max_sequence_length=length, **common)
     if kind == "llama":
         return keras_hub.models.LlamaBackbone(num_query_heads=2, num_key_value_heads=1, **common)
     raise ValueError(kind)
@@ -87,27 +87,39 @@ def finetune_model(kind, bb, classes=3):
     return keras.Model(inp, logits, name=f"{kind}_classifier")
 
 
-def build(kind: str, dtype="float32", n_pre=24, n_ft=18, n_test=4, batch=8, seed=0, freeze=True) -> HubCase:
+def build(kind: str, dtype="float32", n_pre=24, n_ft=18, n_test=4, batch=8, seed=0, freeze=True,
+          vocab=VOCAB, width=WIDTH, layers=2, length=LENGTH, updated=False) -> HubCase:
+    """``updated=True``: the finetuning model gets its own copy of the backbone with moved weights
+    (case 2, the embedding updated in finetuning); else it shares the backbone object (case 1)."""
     keras.utils.set_random_seed(seed)
-    bb = backbone(kind, dtype)
+    bb = backbone(kind, dtype, vocab, width, layers, length)
     pre = pretrain_model(kind, bb)
-    ft = finetune_model(kind, bb)
-    ids, mask = _tokens(n_pre, seed + 1)
+    if updated:
+        bb_ft = backbone(kind, dtype, vocab, width, layers, length)
+        rng = np.random.default_rng(seed + 7)
+        bb_ft.set_weights([w + 0.05 * rng.normal(size=w.shape).astype(w.dtype) for w in bb.get_weights()])
+        ft = finetune_model(kind, bb_ft)
+    else:
+        ft = finetune_model(kind, bb)
+    ids, mask = _tokens(n_pre, seed + 1, length, vocab)
     if kind == "bert":  # masked-LM style: predict every real token from the full sequence
         x = _x(kind, ids, mask)
         labels = np.where(mask > 0, ids, -100).astype(np.int32)
     else:
         x, labels = causal_lm_examples(ids, mask)
     pre_ds = tf.data.Dataset.from_tensor_slices((x, labels)).batch(batch)
-    fid, fmask = _tokens(n_ft + n_test, seed + 2)
+    fid, fmask = _tokens(n_ft + n_test, seed + 2, length, vocab)
     fy = (fid[:, 0] % 3).astype(np.int32)
     fx = _x(kind, fid, fmask)
     ft_ds = tf.data.Dataset.from_tensor_slices(({k: v[:n_ft] for k, v in fx.items()}, fy[:n_ft])).batch(batch)
     te_ds = tf.data.Dataset.from_tensor_slices(({k: v[n_ft:] for k, v in fx.items()}, fy[n_ft:])).batch(batch)
-    if freeze:
+    if freeze and not updated:
         bb.trainable = False
-    return HubCase(kind, bb, pre, ft, pre_ds, ft_ds, te_ds, CausalLMLoss(),
+    case = HubCase(kind, bb, pre, ft, pre_ds, ft_ds, te_ds, CausalLMLoss(),
                    keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    case.arrays = dict(pre=(x, labels), ft=({k: v[:n_ft] for k, v in fx.items()}, fy[:n_ft]),
+                       test=({k: v[n_ft:] for k, v in fx.items()}, fy[n_ft:]))
+    return case
 
 
 def objectives(case: HubCase):

@@ -65,11 +65,14 @@ DEFAULT_FINETUNE_DAMPING = 1e-3
 
 
 def default_solvers(case: str = "fixed") -> tuple:
-    """``(pretrain_solver, finetune_solver)``: the package's documented defaults (cg_squared, eq. 16)."""
+    """``(pretrain_solver, finetune_solver)``: the package's defaults — ``solver="auto"`` (an exact eq. 16
+    solve for small blocks such as finetuning heads, ``cg_squared`` for medium ones, EK-FAC for large
+    pretraining Hessians: :func:`~tf_influence.solvers.auto_choice`) with :data:`DEFAULT_PRETRAIN_DAMPING`
+    and :data:`DEFAULT_FINETUNE_DAMPING`. ``result.solves[...]["auto"]`` records what was chosen."""
     if case not in CASES:
         raise ValueError(f"case must be one of {CASES}, got '{case}'")
-    return (SolverConfig("cg_squared", damping=DEFAULT_PRETRAIN_DAMPING),
-            SolverConfig("cg_squared", damping=DEFAULT_FINETUNE_DAMPING))
+    return (SolverConfig("auto", damping=DEFAULT_PRETRAIN_DAMPING),
+            SolverConfig("auto", damping=DEFAULT_FINETUNE_DAMPING))
 
 
 def as_measurement(measurement, model) -> Objective | None:
@@ -190,9 +193,10 @@ def single_stage_influence(objective: Objective, train_data, test_data, group: P
 
     ``measurement`` (default: the training loss) is what is measured on the test points: an
     :class:`Objective` or a per-example function ``fn(y_true, y_pred)`` (see :func:`as_measurement`).
-    ``solver`` defaults to plain CG without damping (a converged single-stage model)."""
+    ``solver`` defaults to ``SolverConfig("auto", damping=DEFAULT_FINETUNE_DAMPING)`` (never plain CG:
+    a network's training Hessian is rarely positive definite)."""
     t0 = time.perf_counter()
-    solver = solver or SolverConfig(method="cg", damping=0.0)
+    solver = solver or SolverConfig("auto", damping=DEFAULT_FINETUNE_DAMPING)
     if group is None:
         group = ParameterGroup.from_model(objective.model)
     measurement = as_measurement(measurement, objective.model) or objective
@@ -228,8 +232,8 @@ class MultiStageInfluence:
       alpha: α of eq. 12 (paper: 0.01).
       pretrain_solver, finetune_solver: :class:`SolverConfig` for ``(∂²G/∂(W,U)²)⁻¹`` and for
         ``(∂²F/∂Θ²)⁻¹`` (case 1) or the block matrix of eq. 15 (case 2). Defaults:
-        :func:`default_solvers` (``cg_squared`` of eq. 16 with :data:`DEFAULT_PRETRAIN_DAMPING`
-        and :data:`DEFAULT_FINETUNE_DAMPING`).
+        :func:`default_solvers` (``solver="auto"`` with :data:`DEFAULT_PRETRAIN_DAMPING` and
+        :data:`DEFAULT_FINETUNE_DAMPING`).
       hessian_samples: pretraining examples used for ``∂²G`` (paper: 1,000); ``None`` = all.
       measurement: what is measured on the test points (default: the finetuning loss ``f``); an
         :class:`Objective` of the finetuning model or a function ``fn(y_true, y_pred) -> [B]``.

@@ -636,20 +636,28 @@ class FactorStatistics:
         for b in self.blocks:
             QA, QS = (tf.cast(q, self.compute) for q in bases[b.name])
             lam = tf.zeros([b.rows, b.d_out], dtype)
-            for a, g in res[b.name]:
-                gq = tf.einsum("bpo,oc->bpc", g, QS)
-                if b.kind == "embedding":  # G_n Q_S row v = Σ_{t: token v} (g_t Q_S)
-                    # only the (example, token) pairs present in the batch have non-zero rows: sum
-                    # over those (≤ B·P of them, not B·vocabulary), square, then add up by token
-                    n = tf.shape(a)[0]
-                    pairs = tf.reshape(tf.cast(a, tf.int64) + tf.range(tf.cast(n, tf.int64))[:, None] * b.rows, [-1])
-                    present, idx = tf.unique(pairs)
-                    rows = tf.math.unsorted_segment_sum(tf.reshape(gq, [-1, b.d_out]), idx, tf.size(present))
-                    token = tf.cast(present % b.rows, tf.int32)
-                    lam += tf.cast(tf.math.unsorted_segment_sum(tf.square(rows), token, b.rows), dtype)
-                else:
-                    aq = tf.einsum("bpi,ia->bpa", tf.cast(a, self.compute), QA)
-                    lam += tf.cast(tf.reduce_sum(tf.square(tf.einsum("bpa,bpc->bac", aq, gq)), axis=0), dtype)
+            if not res[b.name]:       # a block the loss never calls: no gradient, zero eigenvalues
+                out[b.name] = lam
+                continue
+            # G_n sums over every call of the layer in the forward pass (a tied ReversibleEmbedding:
+            # its lookup and its output projection), so the calls are joined along the positions
+            # before the square — squaring per call would drop the cross terms between calls
+            a = tf.concat([tf.cast(r[0], tf.int32) if b.kind == "embedding" else tf.cast(r[0], self.compute)
+                           for r in res[b.name]], axis=1)
+            g = tf.concat([r[1] for r in res[b.name]], axis=1)
+            gq = tf.einsum("bpo,oc->bpc", g, QS)
+            if b.kind == "embedding":  # G_n Q_S row v = Σ_{t: token v} (g_t Q_S)
+                # only the (example, token) pairs present in the batch have non-zero rows: sum
+                # over those (≤ B·P of them, not B·vocabulary), square, then add up by token
+                n = tf.shape(a)[0]
+                pairs = tf.reshape(tf.cast(a, tf.int64) + tf.range(tf.cast(n, tf.int64))[:, None] * b.rows, [-1])
+                present, idx = tf.unique(pairs)
+                rows = tf.math.unsorted_segment_sum(tf.reshape(gq, [-1, b.d_out]), idx, tf.size(present))
+                token = tf.cast(present % b.rows, tf.int32)
+                lam += tf.cast(tf.math.unsorted_segment_sum(tf.square(rows), token, b.rows), dtype)
+            else:
+                aq = tf.einsum("bpi,ia->bpa", a, QA)
+                lam += tf.cast(tf.reduce_sum(tf.square(tf.einsum("bpa,bpc->bac", aq, gq)), axis=0), dtype)
             out[b.name] = lam
         return out
 
