@@ -101,6 +101,10 @@ def build(kind: str, dtype="float32", n_pre=24, n_ft=18, n_test=4, batch=8, seed
         ft = finetune_model(kind, bb_ft)
     else:
         ft = finetune_model(kind, bb)
+    if dtype == "float64":   # keras-hub's attention softmax layers run in float32 by their own policy
+        from tf_influence.evaluation.derivative_check import promote_to_float64
+        promote_to_float64(pre)
+        promote_to_float64(ft)
     ids, mask = _tokens(n_pre, seed + 1, length, vocab)
     if kind == "bert":  # masked-LM style: predict every real token from the full sequence
         x = _x(kind, ids, mask)

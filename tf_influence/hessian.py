@@ -216,9 +216,12 @@ class HessianOperator:
             raise ValueError(
                 f"refusing to build the dense {p_rows}×{p_cols} block of {self.name}: more than "
                 f"max_params={max_params} parameters; use an iterative solver (cg, cg_squared, lissa)")
-        eye = tf.eye(p_cols, dtype=self.dtype)
-        cols = [self.matvec(eye[:, j:j + block_size]).numpy() for j in range(0, p_cols, block_size)]
-        return np.concatenate(cols, axis=1)
+        # equal-width blocks (the last one padded with zero columns): one traced kernel, not two
+        n_blocks = -(-p_cols // block_size)
+        width = -(-p_cols // n_blocks)
+        eye = tf.eye(p_cols, n_blocks * width, dtype=self.dtype)
+        cols = [self.matvec(eye[:, j:j + width]).numpy() for j in range(0, n_blocks * width, width)]
+        return np.concatenate(cols, axis=1)[:, :p_cols]
 
 
 def hvp(objective: Objective, dataset, group: ParameterGroup, v, mode: str = "fob") -> tf.Tensor:
