@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test pipeline pipeline-compile presence-pipeline demo bench bench-presence bench-kfac bench-scale bench-beam-scale presence presence-quick presence-lm presence-lm-quick bazel-test reproduce reproduce-quick clean
+.PHONY: install test pipeline pipeline-compile presence-pipeline demo bench bench-presence bench-kfac bench-scale bench-hub bench-beam-scale presence presence-quick presence-lm presence-lm-quick bazel-test reproduce reproduce-quick clean
 
 install: $(STAMP)
 
@@ -44,6 +44,9 @@ bench-kfac: install
 
 bench-scale: install
 	$(PY) -m benchmarks.scale --out reports/benchmarks/scale.json
+
+bench-hub: install
+	$(PY) -m benchmarks.hub --out reports/benchmarks/hub.json
 
 bench-beam-scale: install
 	$(PY) -m benchmarks.beam_scale --out reports/benchmarks/beam_scale.json

@@ -85,6 +85,7 @@ def test_auto_solver_choice_by_size():
     assert auto_choice(op)[0] == "dense_squared"                        # p ≤ 2,048
     assert auto_choice(op, dense_max=10, kronecker_min=10 ** 9)[0] == "cg_squared"
     assert auto_choice(op, dense_max=10, kronecker_min=20)[0] == "ekfac"
+    assert auto_choice(op, dense_max=10)[0] == "ekfac"                  # the default: EK-FAC above dense_max
     dense_op = tfi.DenseOperator(np.eye(30_000 // 1000))
     assert auto_choice(dense_op, dense_max=10, kronecker_min=20)[0] == "cg_squared"   # no model block
     res = tfi.solve(op, tf.ones([op.shape[0]]), tfi.SolverConfig("auto", damping=1e-2, curvature_iterations=0,

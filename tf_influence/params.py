@@ -105,8 +105,8 @@ class ParameterGroup:
         for v, shape in zip(self.variables, self.shapes):
             i = index.get(id(tf_variable(v)))
             if i is None:
-                raise ParameterGroupError(f"variable {_path(v)} of group '{self.name}' is not a parameter "
-                                          f"of model '{model.name}'")
+                raise ParameterGroupError(f"variable {_path(v)} of group '{self.name}' is not a trainable variable "
+                                          f"of model '{model.name}' (frozen layers included)")
             out.append((i, _path(v), tuple(shape)))
         return GroupSpec(self.name, tuple(out))
 
@@ -311,7 +311,7 @@ def find_layer(model, name):
             return hits[0][0]
         if len(hits) > 1:
             paths = ", ".join(path for _, path in hits)
-            raise ParameterGroupError(f"model '{model.name}' has {len(hits)} layers matching '{name}' ({paths}): "
+            raise ParameterGroupError(f"model '{model.name}' has {len(hits)} layers named '{name}' ({paths}): "
                                       "name the one you mean by its path")
     available = sorted({layer.name for layer, _ in walked})
     raise ParameterGroupError(

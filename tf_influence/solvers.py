@@ -295,8 +295,11 @@ def identity(op, b, damping: float = 0.0, **_ignored) -> SolveResult:
 
 #: ``solver="auto"``: an explicit (squared, eq. 16) solve up to this many parameters …
 AUTO_DENSE_MAX = 2048
-#: … plain-vector ``cg_squared`` up to this many, and EK-FAC above (for a model's Hessian block).
-AUTO_KRONECKER_MIN = 20_000
+#: … and EK-FAC above it for a model's Hessian block (``cg_squared`` where no model block is known).
+#: Measured on keras-hub GPT-2 LMs of 5k–17k parameters (``benchmarks/hub.py --quick``): 200
+#: ``cg_squared`` iterations took 400 s (1,100 training epochs) and did not converge, EK-FAC took
+#: seconds and tracked leave-one-out better — no middle band where plain-vector CG pays.
+AUTO_KRONECKER_MIN = AUTO_DENSE_MAX + 1
 
 
 def auto_choice(op, dense_max: int = AUTO_DENSE_MAX, kronecker_min: int = AUTO_KRONECKER_MIN) -> tuple:
@@ -305,9 +308,10 @@ def auto_choice(op, dense_max: int = AUTO_DENSE_MAX, kronecker_min: int = AUTO_K
     * ``p ≤ dense_max`` (finetuning heads, small models): ``dense_squared`` — the eq. 16 system
       ``(H² + λI) x = H b`` solved exactly from the explicit block (``⌈p/256⌉`` vectorised passes);
     * ``p ≥ kronecker_min`` on a model's Hessian block: ``ekfac`` — factors fitted in two passes,
-      then every solve is a few small products (the README's measured split: CG on a 97k-parameter
-      transformer took 179 training epochs, EK-FAC 12);
-    * between: ``cg_squared`` (eq. 16).
+      then every solve is a few small products (CG on a 97k-parameter transformer took 179 training
+      epochs, EK-FAC 12);
+    * otherwise (an operator that is not a model's square Hessian block, or ``kronecker_min`` set
+      higher): ``cg_squared`` (eq. 16).
 
     Never plain CG: a Hessian of a model stopped short of a minimum is indefinite."""
     p = int(op.shape[0])
