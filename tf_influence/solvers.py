@@ -302,7 +302,7 @@ AUTO_DENSE_MAX = 2048
 AUTO_KRONECKER_MIN = AUTO_DENSE_MAX + 1
 
 
-def auto_choice(op, dense_max: int = AUTO_DENSE_MAX, kronecker_min: int = AUTO_KRONECKER_MIN) -> tuple:
+def auto_choice(op, dense_max: int = AUTO_DENSE_MAX, kronecker_min: int | None = None) -> tuple:
     """``(method, reason)`` that ``solver="auto"`` picks for ``op``.
 
     * ``p ≤ dense_max`` (finetuning heads, small models): ``dense_squared`` — the eq. 16 system
@@ -313,7 +313,9 @@ def auto_choice(op, dense_max: int = AUTO_DENSE_MAX, kronecker_min: int = AUTO_K
     * otherwise (an operator that is not a model's square Hessian block, or ``kronecker_min`` set
       higher): ``cg_squared`` (eq. 16).
 
-    Never plain CG: a Hessian of a model stopped short of a minimum is indefinite."""
+    Never plain CG: a Hessian of a model stopped short of a minimum is indefinite.
+    ``kronecker_min`` defaults to ``dense_max + 1``."""
+    kronecker_min = dense_max + 1 if kronecker_min is None else kronecker_min
     p = int(op.shape[0])
     kfac_ok = getattr(op, "rows", None) is not None and getattr(op, "objective", None) is not None and \
         op.rows.variables == op.cols.variables
@@ -326,7 +328,7 @@ def auto_choice(op, dense_max: int = AUTO_DENSE_MAX, kronecker_min: int = AUTO_K
 
 def auto(op, b, damping: float = 0.0, tol: float = 1e-5, max_iter: int = 200, dtype=None,
          on_nonconvergence: str = "warn", progress=None, dense_max: int = AUTO_DENSE_MAX,
-         kronecker_min: int = AUTO_KRONECKER_MIN, **options) -> SolveResult:
+         kronecker_min: int | None = None, **options) -> SolveResult:
     """Pick the solver by the size of the system (:func:`auto_choice`) and run it; the result's
     ``method`` is the solver that ran and ``extra["auto"]`` says why. ``options`` go to EK-FAC
     (``relative_damping``, ``fisher``, ``max_examples``, ``factors``)."""
