@@ -17,6 +17,9 @@ import tf_influence as tfi
 from tf_influence.lm import CausalLMLoss, causal_lm_examples
 
 VOCAB, LENGTH, WIDTH = 97, 8, 16
+KINDS = ("bert", "gpt2", "llama")
+#: the float64 models whose influence is compared with dense numpy formulas
+TINY = dict(vocab=17, width=4, layers=1, length=5, n_pre=10, n_ft=8, n_test=3, batch=5)
 
 
 @dataclass

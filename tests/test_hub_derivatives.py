@@ -26,8 +26,7 @@ from tf_influence.evaluation import derivative_check as dc
 
 pytest.importorskip("keras_hub")
 
-KINDS = ("bert", "gpt2", "llama")
-TINY = dict(vocab=17, width=4, layers=1, length=5, n_pre=10, n_ft=8, n_test=3, batch=5)
+from tests.hub_models import KINDS, TINY  # noqa: E402
 #: float64 comparisons formula vs formula; Llama's RMS norms compute in float32 by design
 #: (keras-hub casts), so its float64 numbers carry float32 rounding in different summation orders
 RTOL = 2e-5

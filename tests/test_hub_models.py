@@ -1,15 +1,9 @@
 """keras-hub models users bring (BERT, GPT-2 with its tied ReversibleEmbedding, Llama) in float32, in
-the default environment (oneDNN on), against independent computations (second derivatives and the
-dense influence formulas are in test_hub_derivatives.py):
-
-* second derivatives of every supported layer type against float64 central finite differences of
-  the gradient (not autodiff against autodiff), and the LayerNormalization bug they catch;
-* multi-stage influence (both cases) and single-stage influence equal to dense numpy formulas built
-  from explicit Hessians and one-at-a-time gradients (float64 tiny models);
-* EK-FAC's corrected eigenvalues (tied and untied ReversibleEmbedding blocks included) equal to the
-  exact Fisher diagonal in the block's eigenbasis; ghost-norm self-influence equal to one-at-a-time
-  gradient norms; PRESENCE's microbatch gradients equal to one-at-a-time microbatch gradients;
-* frozen backbones, layer objects and Keras paths, save / load, the causal-LM measurement.
+the default environment (oneDNN on), against independent computations: EK-FAC's corrected eigenvalues
+(tied and untied ReversibleEmbedding blocks included) equal to the exact Fisher diagonal in the block's
+eigenbasis; ghost-norm self-influence equal to one-at-a-time gradient norms; PRESENCE's microbatch
+gradients equal to one-at-a-time microbatch gradients; frozen backbones, layer objects and paths,
+save / load. Second derivatives and the dense influence formulas: test_hub_derivatives.py.
 """
 
 import keras
@@ -20,15 +14,10 @@ import tensorflow as tf
 import tf_influence as tfi
 from tests import helpers as h
 from tests import hub_models as hm
+from tests.hub_models import KINDS, TINY
 from tf_influence import kfac, lm
 
 pytest.importorskip("keras_hub")
-
-KINDS = ("bert", "gpt2", "llama")
-TINY = dict(vocab=17, width=4, layers=1, length=5, n_pre=10, n_ft=8, n_test=3, batch=5)
-#: float64 comparisons formula vs formula; Llama's RMS norms compute in float32 by design
-#: (keras-hub casts), so its float64 numbers carry float32 rounding in different summation orders
-RTOL = 2e-5
 
 
 # -- float32, default environment: EK-FAC, ghost norms, PRESENCE --------------------------------------
