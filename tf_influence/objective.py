@@ -97,8 +97,10 @@ class Objective:
         self.include_model_losses = include_model_losses
         self.name = name or model.name
         from .params import parameters  # params imports nothing from here; imported late to keep layers apart
-        if not parameters(model):
+        params = parameters(model)
+        if not params:
             raise ValueError(f"model '{model.name}' has no parameters (is it built?)")
+        self._dtype = tf.as_dtype(params[0].dtype)   # one walk of the layer tree, not one per access
 
     @property
     def cache_key(self) -> tuple:
@@ -125,8 +127,7 @@ class Objective:
 
     @property
     def dtype(self):
-        from .params import parameters
-        return tf.as_dtype(parameters(self.model)[0].dtype)
+        return self._dtype
 
 
 def split_batch(batch):
