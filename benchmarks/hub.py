@@ -177,7 +177,7 @@ def main(argv=None):
     parser.add_argument("--out", default="reports/benchmarks/hub.json", help="JSON report path")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not the reported numbers")
     parser.add_argument("--examples", type=int, default=20_000, help="pretraining sequences of the speed run")
-    parser.add_argument("--width", type=int, default=160, help="GPT-2 hidden width of the speed run")
+    parser.add_argument("--width", type=int, default=168, help="GPT-2 hidden width of the speed run (1.04 M parameters)")
     parser.add_argument("--layers", type=int, default=3, help="GPT-2 layers of the speed run")
     parser.add_argument("--length", type=int, default=32, help="sequence length (characters)")
     parser.add_argument("--parts", nargs="*", default=["derivatives", "fidelity", "speed"],

@@ -153,7 +153,7 @@ def main(argv=None):
     print(f"[scale] EK-FAC factors on {factors.num_examples:,} sequences: {fit_s:.1f} s "
           f"({len(factors.blocks)} Kronecker blocks, {len(factors.diagonal)} diagonal variables)", flush=True)
     ek = tfi.single_stage_influence(obj, data, test, group, hessian_samples=None, progress=True,
-                                    solver=tfi.SolverConfig("ekfac", damping=1e-3, options={"factors": factors},
+                                    solver=tfi.SolverConfig("ekfac", damping=1e-3, factors=factors,
                                                             curvature_iterations=0))
     ek_total = fit_s + ek.seconds["test_side"] + ek.seconds["scoring"]
     print(f"[scale] EK-FAC influence of every sequence: {ek_total:.1f} s "
@@ -165,7 +165,7 @@ def main(argv=None):
     factors_q = kfac.fit_factors(obj, data, group, progress=True, name="training sequences", max_examples=n_sub)
     fit_q = time.perf_counter() - t
     ekq = tfi.single_stage_influence(obj, data, test, group, hessian_samples=None, progress=True,
-                                     solver=tfi.SolverConfig("ekfac", damping=1e-3, options={"factors": factors_q},
+                                     solver=tfi.SolverConfig("ekfac", damping=1e-3, factors=factors_q,
                                                              curvature_iterations=0))
     ekq_total = fit_q + ekq.seconds["test_side"] + ekq.seconds["scoring"]
     print(f"[scale] EK-FAC with factors on {n_sub:,} sequences: {ekq_total:.1f} s ({ekq_total / epoch:.2f}× an epoch)",

@@ -20,6 +20,7 @@ import os
 import sys
 import time
 
+import tf_influence as tfi
 from pipelines.summary import BEAM_DEFAULT, execute
 from tf_influence import console
 
@@ -73,8 +74,13 @@ def create_pipeline(root: str, data_root: str, quick: bool = False, beam_args=No
         raise ValueError(f"pretrain_solver must be 'cg_squared', 'ekfac' or 'kfac', got '{pretrain_solver}'")
     scorer = InfluenceScorer(pretrain_examples=pre_gen.outputs["examples"], finetune_examples=ft_gen.outputs["examples"],
                              pretrain_model=pre_t.outputs["model"], finetune_model=ft_t.outputs["model"],
-                             feature_spec=spec, embedding=["embedding"], case="fixed",
-                             max_iter=50 if quick else 200, hessian_samples=None,
+                             feature_spec=spec, embedding=["embedding"],
+                             influence_args=tfi.InfluenceArgs(
+                                 case="fixed", hessian_samples=None,
+                                 pretrain_solver=tfi.SolverConfig("cg_squared", damping=tfi.DEFAULT_PRETRAIN_DAMPING,
+                                                                  max_iter=50 if quick else 200, dtype="float64"),
+                                 finetune_solver=tfi.SolverConfig("cg_squared", damping=tfi.DEFAULT_FINETUNE_DAMPING,
+                                                                  max_iter=50 if quick else 200, dtype="float64")),
                              pretrain_factors=extra[0].outputs["factors"] if extra else None)
     top = ScoreFilter(examples=pre_gen.outputs["examples"], scores=scorer.outputs["scores"],
                       mode="drop_top_fraction", value=drop_fraction).with_id("drop_top")

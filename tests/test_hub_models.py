@@ -50,6 +50,16 @@ def test_ekfac_eigenvalues_are_the_exact_fisher_diagonal_incl_reversible_embeddi
         ref = (np.mean([(G @ f["QS"]) ** 2 for G in Gs], axis=0) if b.kind == "embedding" else
                np.mean([(f["QA"].T @ G @ f["QS"]) ** 2 for G in Gs], axis=0))
         np.testing.assert_allclose(f["eig"], ref, rtol=2e-3, atol=1e-6 * np.abs(ref).max(), err_msg=b.name)
+    # the diagonal variables (norms, keras-hub's PositionEmbedding, RMS scales) are the exact mean
+    # squared per-example gradient; position embeddings and LayerNorms come from captured records
+    norms, rest = kfac.norm_blocks(c.pretrain, diagonal)
+    if c.name in ("gpt2", "bert"):
+        assert any(nb.kind == "position" for nb in norms)
+        assert not any("position_embedding" in v.path for v in rest)
+    dgroup = tfi.ParameterGroup("diagonal", tuple(diagonal))
+    G2 = np.mean(h.one_at_a_time_gradients(g, xp, yp, dgroup).astype(np.float64) ** 2, axis=0)
+    got = np.concatenate([factors.diagonal[v.path].ravel() for v in diagonal])
+    np.testing.assert_allclose(got, G2, rtol=2e-3, atol=1e-6 * G2.max())
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -78,7 +88,7 @@ def test_auto_solver_choice_by_size():
     dense_op = tfi.DenseOperator(np.eye(30_000 // 1000))
     assert auto_choice(dense_op, dense_max=10, kronecker_min=20)[0] == "cg_squared"   # no model block
     res = tfi.solve(op, tf.ones([op.shape[0]]), tfi.SolverConfig("auto", damping=1e-2, curvature_iterations=0,
-                                                                 options={"dense_max": 10, "kronecker_min": 20}))
+                                                                 dense_max=10, kronecker_min=20))
     assert res.method == "ekfac" and res.extra["auto"]["chose"] == "ekfac"
 
 

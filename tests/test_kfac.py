@@ -107,6 +107,28 @@ def test_kfac_is_exact_on_one_example():
         factors = kfac.fit_factors(obj, ds(x, y), group, kind=kind, fisher="empirical")
         inv = kfac.KFACInverse(factors, model, group, damping=0.3)
         np.testing.assert_allclose(inv(v).numpy(), np.linalg.solve(F + 0.3 * np.eye(group.size), v), rtol=1e-10)
+        # the spectrum the diagnostics read is that of F (rank one: 0 and |g|²), without the damping
+        np.testing.assert_allclose(inv.spectrum(), (0.0, g @ g), atol=1e-10)
+
+
+def test_ekfac_solve_diagnoses_the_spectrum_of_the_matrix_it_inverts(logreg):
+    """The curvature an EK-FAC solve reports (no Lanczos) is the extreme eigenvalues of the matrix it
+    inverts — read back densely as ``inverse(I)⁻¹`` — with the L2 regulariser's diagonal included."""
+    model, x, y = logreg
+    obj, group = tfi.Objective(model, h.sce()), tfi.ParameterGroup.from_model(model)
+    op = tfi.HessianOperator(obj, ds(x, y, 40), group)
+    res = tfi.solve(op, tf.ones([group.size], tf.float64), tfi.SolverConfig("ekfac", damping=1e-3))
+    inv = kfac.KFACInverse(kfac.fit_factors(obj, ds(x, y, 40), group), model, group)
+    M = np.linalg.inv(inv(tf.eye(group.size, dtype=tf.float64)).numpy())
+    eig = np.linalg.eigvalsh(0.5 * (M + M.T))
+    c = res.extra["curvature"]
+    assert c["source"] == "ekfac" and c["lanczos_steps"] == 0
+    np.testing.assert_allclose([c["lambda_min"], c["lambda_max"]], [eig[0], eig[-1]], rtol=1e-8)
+    assert eig[0] >= 2e-2 - 1e-12  # the regulariser's 2·1e-2 is in the diagonal
+    # asked for, Lanczos runs on the Hessian itself instead
+    lz = tfi.solve(op, tf.ones([group.size], tf.float64), tfi.SolverConfig("ekfac", damping=1e-3,
+                                                                             curvature_iterations=4))
+    assert lz.extra["curvature"]["source"] == "lanczos" and lz.extra["curvature"]["lanczos_steps"] == 4
 
 
 def test_true_fisher_samples_labels_from_the_model():
@@ -171,9 +193,9 @@ def test_solver_plugs_into_single_stage_influence(logreg, tmp_path):
     factors = kfac.fit_factors(obj, ds(x, y, 40), group)
     factors.save(str(tmp_path / "f"))
     again = tfi.single_stage_influence(obj, ds(x, y, 40), test, solver=tfi.SolverConfig(
-        "ekfac", damping=0.0, options={"factors": str(tmp_path / "f")}), test_target="each")
+        "ekfac", damping=0.0, factors=str(tmp_path / "f")), test_target="each")
     direct = tfi.single_stage_influence(obj, ds(x, y, 40), test, solver=tfi.SolverConfig(
-        "ekfac", damping=0.0, options={"factors": factors}), test_target="each")
+        "ekfac", damping=0.0, factors=factors), test_target="each")
     np.testing.assert_allclose(again.scores, direct.scores, rtol=1e-12)
     with pytest.raises(FileNotFoundError, match="no K-FAC factors"):
         kfac.KFACFactors.load(str(tmp_path))
@@ -209,9 +231,11 @@ def test_max_examples_fits_on_the_first_examples(logreg):
     for name, blk in first.blocks.items():
         np.testing.assert_allclose(capped.blocks[name]["eig"], blk["eig"], rtol=1e-10, atol=1e-12 * blk["eig"].max())
     op = tfi.HessianOperator(obj, ds(x, y, 7), group)
-    res = tfi.solve(op, np.ones(group.size), tfi.SolverConfig("ekfac", options={"fisher": "empirical",
-                                                                                 "max_examples": 17}))
+    res = tfi.solve(op, np.ones(group.size), tfi.SolverConfig("ekfac", fisher="empirical", max_examples=17))
     assert res.extra["num_examples"] == 17
+    with pytest.warns(DeprecationWarning, match="options=.* is deprecated"):   # the 0.2 spelling still works
+        old = tfi.SolverConfig("ekfac", options={"fisher": "empirical", "max_examples": 17})
+    assert old == tfi.SolverConfig("ekfac", fisher="empirical", max_examples=17)
 
 
 def test_both_multi_stage_chains_take_ekfac():

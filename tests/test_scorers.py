@@ -28,9 +28,16 @@ from tests import tfx_helpers as th  # noqa: E402
 SPEC = {"x": {"name": "image", "shape": [8, 8, 1]}, "y": {"name": "label"}}
 from tests.tfx_helpers import BEAM_IN_PROCESS  # noqa: E402
 
-INFLUENCE_PROPS = dict(feature_spec=json.dumps(SPEC), embedding=json.dumps(["embedding"]), case="fixed", alpha=0.01,
-                       damping_pretrain=1e-2, damping_finetune=1e-3, solver="cg_squared", max_iter=100,
-                       hessian_samples=None, finetune_train_split="train", test_split="test")
+def influence_props(hessian_samples=None):
+    """InfluenceScorer's execution properties: the InfluenceArgs travel whole, as JSON."""
+    cg = lambda lam: tfi.SolverConfig("cg_squared", damping=lam, max_iter=100, dtype="float64")  # noqa: E731
+    args = tfi.InfluenceArgs(case="fixed", pretrain_solver=cg(1e-2), finetune_solver=cg(1e-3),
+                             hessian_samples=hessian_samples)
+    return dict(feature_spec=json.dumps(SPEC), embedding=json.dumps(["embedding"]), influence_args=args.to_json(),
+                finetune_train_split="train", test_split="test")
+
+
+INFLUENCE_PROPS = influence_props()
 
 
 def examples_artifact(uri, splits):
@@ -118,7 +125,10 @@ def test_influence_scorer_equals_the_library(world, tmp_path):
     out_ek.uri = str(tmp_path / "scores_ekfac")
     InfluenceExecutor(ctx(tmp_path / "tmp_ek")).Do(
         {"pretrain_examples": [a["pre_ex"]], "finetune_examples": [a["ft_ex"]], "pretrain_model": [a["pre_m"]],
-         "finetune_model": [a["ft_m"]]}, {"scores": [out_ek]}, {**props, "solver": "ekfac"})
+         "finetune_model": [a["ft_m"]]}, {"scores": [out_ek]},
+        {**props, "influence_args": tfi.InfluenceArgs(
+            hessian_samples=None, pretrain_solver=tfi.SolverConfig("ekfac", damping=1e-2),
+            finetune_solver=tfi.SolverConfig("ekfac", damping=1e-3)).to_json()})
     got_ek = scores_io.read_scores(os.path.join(out_ek.uri, "Split-train"))
     ek = lambda lam: tfi.SolverConfig("ekfac", damping=lam)  # noqa: E731
     ref_ek = tfi.multi_stage_influence(tfi.Objective(pre, pre.loss), mk(px, py), tfi.Objective(ft, ft.loss),
@@ -159,7 +169,7 @@ def test_influence_scorer_streams_the_pretraining_corpus(world, tmp_path, monkey
     out.uri = str(tmp_path / "scores")
     InfluenceExecutor(ctx(tmp_path / "tmp")).Do(
         {"pretrain_examples": [a["pre_ex"]], "finetune_examples": [a["ft_ex"]], "pretrain_model": [a["pre_m"]],
-         "finetune_model": [a["ft_m"]]}, {"scores": [out]}, {**INFLUENCE_PROPS, "hessian_samples": 30})
+         "finetune_model": [a["ft_m"]]}, {"scores": [out]}, influence_props(30))
     monkeypatch.setattr(common, "load_split", real_load)
     got = scores_io.read_scores(os.path.join(out.uri, "Split-train"))
     pre = keras.models.load_model(os.path.join(a["pre_m"].uri, "Format-Serving", "model.keras"))
@@ -190,8 +200,31 @@ def test_influence_scorer_streams_the_pretraining_corpus(world, tmp_path, monkey
             InfluenceExecutor(ctx(tmp_path / "tmp2")).Do(
                 {"pretrain_examples": [bad], "finetune_examples": [a["ft_ex"]], "pretrain_model": [a["pre_m"]],
                  "finetune_model": [a["ft_m"]]}, {"scores": [InfluenceScores()]},
-                {**INFLUENCE_PROPS, "hessian_samples": samples})
+                influence_props(samples))
 
+
+
+def test_influence_scorer_takes_influence_args_whole_and_the_old_keywords_for_one_release():
+    from tfx.types import channel_utils, standard_artifacts as sa
+    ch = lambda t: channel_utils.as_channel([t()])  # noqa: E731
+    inputs = dict(pretrain_examples=ch(sa.Examples), finetune_examples=ch(sa.Examples),
+                  pretrain_model=ch(sa.Model), finetune_model=ch(sa.Model), feature_spec=SPEC, embedding=["embedding"])
+    args = tfi.InfluenceArgs(case="updated", alpha=0.05, pretrain_solver=tfi.SolverConfig("ekfac", damping=1e-4))
+    c = InfluenceScorer(**inputs, influence_args=args)
+    assert tfi.InfluenceArgs.from_json(c.exec_properties["influence_args"]) == args
+    assert tfi.InfluenceArgs.from_json(InfluenceScorer(**inputs).exec_properties["influence_args"]) == \
+        tfi.InfluenceArgs()                                      # the library's defaults, not a second copy
+    with pytest.warns(DeprecationWarning, match="influence_args=tf_influence.InfluenceArgs"):
+        old = InfluenceScorer(**inputs, case="fixed", damping_pretrain=1e-2, damping_finetune=1e-4,
+                              solver="cg_squared", max_iter=50, hessian_samples=30)
+    got = tfi.InfluenceArgs.from_json(old.exec_properties["influence_args"])
+    assert (got.pretrain_solver.method, got.pretrain_solver.damping, got.pretrain_solver.max_iter) == \
+        ("cg_squared", 1e-2, 50)
+    assert (got.finetune_solver.method, got.finetune_solver.damping, got.hessian_samples) == ("cg_squared", 1e-4, 30)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['dampng_pretrain'\]"):
+        InfluenceScorer(**inputs, dampng_pretrain=1e-2)
+    with pytest.raises(ValueError, match="case must be 'fixed'"):
+        InfluenceScorer(**inputs, influence_args={"case": "fxed"})
 
 
 def test_factor_fitter_feeds_the_influence_scorer(world, tmp_path):
@@ -225,7 +258,7 @@ def test_factor_fitter_feeds_the_influence_scorer(world, tmp_path):
         tfi.Objective(pre, pre.loss), mk((pk, *pre_xy)), tfi.Objective(ft, ft.loss),
         mk(common.load_split(a["ft_ex"], "train", spec)), mk(common.load_split(a["ft_ex"], "test", spec)),
         embedding=["embedding"], hessian_samples=None,
-        pretrain_solver=tfi.SolverConfig("ekfac", damping=1e-2, options={"fisher": "empirical"}),
+        pretrain_solver=tfi.SolverConfig("ekfac", damping=1e-2, fisher="empirical"),
         finetune_solver=tfi.SolverConfig("cg_squared", damping=1e-3, max_iter=100, dtype=tf.float64)).scores
     for i, k in enumerate(pk):
         assert got[k] == pytest.approx(ref[i], rel=1e-3, abs=1e-6)

@@ -25,7 +25,7 @@ _EXPORTS = {
     "gradients": ["mean_gradient", "per_example_dot", "per_example_gradients", "per_example_losses",
                   "stack_per_example_gradients"],
     "hessian": ["HessianOperator", "hvp", "mixed_hvp"],
-    "influence": ["DEFAULT_FINETUNE_DAMPING", "DEFAULT_PRETRAIN_DAMPING", "InfluenceResult", "MultiStageInfluence",
+    "influence": ["DEFAULT_FINETUNE_DAMPING", "DEFAULT_PRETRAIN_DAMPING", "InfluenceArgs", "InfluenceResult", "MultiStageInfluence",
                   "default_solvers", "multi_stage_influence", "predicted_loss_change_on_removal", "score_examples",
                   "single_stage_influence", "test_gradients"],
     "objective": ["DatasetError", "EmptyDatasetError", "NonFiniteError", "Objective", "count_examples",

@@ -4,9 +4,9 @@ the answer — the Hessian or the damping?
 Influence functions assume a (local) minimum: a positive-definite Hessian ``H``. A model stopped
 short of one has negative curvature; the damping ``λ`` then decides much of the result, and where
 ``λ`` exceeds the whole spectrum ``(H + λI)⁻¹ ≈ I/λ`` — the scores become the identity baseline,
-whatever the solver's residual says. Every solve reports, at the cost of a few Hessian-vector
-products (:func:`lanczos_extremes`), the extreme eigenvalues of the operator, the damping relative to
-them, and warns (:class:`CurvatureWarning`) when
+whatever the solver's residual says. Every solve reports the extreme eigenvalues of the operator
+— from the explicit matrix of a dense solve, the fitted factors of an (E)K-FAC solve, or else a few
+Hessian-vector products (:func:`lanczos_extremes`) — the damping relative to them, and warns (:class:`CurvatureWarning`) when
 
 * the Hessian is **indefinite at a scale that matters**: a Ritz value below
   ``−INDEFINITE_RELATIVE × λ_max`` (Ritz values lie inside the spectrum, so a negative one proves
@@ -87,18 +87,27 @@ def _subsampled(op, samples: int | None):
 
 def curvature_diagnostics(op, method: str, damping: float, num_iterations: int = DEFAULT_CURVATURE_ITERATIONS,
                           samples: int | None = DEFAULT_CURVATURE_SAMPLES, seed: int = 0,
-                          warn: bool = True) -> dict:
+                          warn: bool = True, extremes: tuple | None = None, source: str = "lanczos") -> dict:
     """Extreme eigenvalues of ``op`` and the damping relative to them; warns with
     :class:`CurvatureWarning` (see module docstring). Returns a JSON-able dict::
 
-        {"lambda_min": …, "lambda_max": …, "lanczos_steps": …, "damping_over_scale": …,
+        {"lambda_min": …, "lambda_max": …, "source": …, "lanczos_steps": …, "damping_over_scale": …,
          "indefinite": bool, "damping_dominates": bool, "warnings": [...]}
 
-    ``damping_over_scale`` is ``λ / λ_max`` (``λ / λ_max²`` for the squared systems)."""
-    lo, hi, steps = lanczos_extremes(_subsampled(op, samples), num_iterations, seed)
+    ``damping_over_scale`` is ``λ / λ_max`` (``λ / λ_max²`` for the squared systems).
+
+    ``extremes=(λ_min, λ_max)`` skips Lanczos: a solve that already knows the spectrum of what it
+    inverted passes it with its ``source`` — ``"dense"`` (exact eigenvalues of the explicit matrix)
+    or ``"ekfac"`` / ``"kfac"`` (the eigenvalues of the fitted factored curvature, which is positive
+    semi-definite by construction: there the check is whether the damping dominates it)."""
+    if extremes is None:
+        lo, hi, steps = lanczos_extremes(_subsampled(op, samples), num_iterations, seed)
+        source = "lanczos"
+    else:
+        lo, hi, steps = float(extremes[0]), float(extremes[1]), 0
     scale = hi * hi if method in SQUARED_METHODS else hi
     name = getattr(op, "name", "operator")
-    out = {"lambda_min": lo, "lambda_max": hi, "lanczos_steps": steps,
+    out = {"lambda_min": lo, "lambda_max": hi, "source": source, "lanczos_steps": steps,
            "damping_over_scale": float(damping / scale) if scale > 0 else float("inf"),
            "indefinite": bool(hi > 0 and lo < -INDEFINITE_RELATIVE * hi) or hi <= 0,
            "damping_dominates": bool(scale <= 0 or damping >= scale), "warnings": []}

@@ -313,8 +313,9 @@ class _NormBlock:
         self.layer, self.name, self.gamma, self.beta = layer, layer.name, gamma, beta  # unique: _assign_keys
         self.variables = [v for v in (gamma, beta) if v is not None]
 
-    def per_example(self, inputs, g, dtype):
-        """Per-example gradients ``[B, d]`` of (γ, β) present in the group, in ``variables`` order."""
+    def per_example(self, inputs, g, dtype, **_call_options):
+        """Per-example gradients ``[B, d]`` of (γ, β) present in the group, in ``variables`` order
+        (the layer's call options change nothing here)."""
         x = tf.cast(inputs, dtype)
         mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
         xhat = (x - mean) * tf.math.rsqrt(var + self.layer.epsilon)
@@ -329,15 +330,51 @@ class _NormBlock:
         return out
 
 
+class _PositionBlock:
+    """A learned position embedding (keras-hub's ``PositionEmbedding``: ``out[b, t] = E[start + t]``,
+    or ``E[positions[b, t]]``): its per-example gradient is the output gradient placed at the rows of
+    the positions it read — ``∂l_n/∂E[r] = Σ_{t: pos(t) = r} g_{n,t}`` — so it comes from the captured
+    output gradient instead of per-example backward passes (diagonal curvature, like the norms)."""
+
+    kind = "position"
+
+    def __init__(self, layer, table):
+        self.layer, self.name, self.table = layer, layer.name, table
+        self.variables = [table]
+
+    @staticmethod
+    def owns(layer) -> bool:
+        return type(layer).__name__ == "PositionEmbedding" and getattr(layer, "position_embeddings", None) is not None
+
+    def per_example(self, inputs, g, dtype, start_index=0, positions=None):
+        rows = int(self.table.shape[0])
+        g = tf.cast(g, dtype)                                                  # [B, P, d]
+        if positions is None:
+            where = tf.one_hot(tf.range(tf.shape(g)[1]) + tf.cast(start_index, tf.int32), rows, dtype=dtype)
+            return [tf.einsum("bpd,pr->brd", g, where)]
+        where = tf.one_hot(tf.cast(positions, tf.int32), rows, dtype=dtype)    # [1 or B, P, rows]
+        where = tf.broadcast_to(where, tf.concat([tf.shape(g)[:2], [rows]], 0))
+        return [tf.einsum("bpd,bpr->brd", g, where)]
+
+
 def norm_blocks(model, variables):
-    """``(norm_blocks, rest)``: the ``LayerNormalization`` layers (last axis, no RMS scaling) owning
-    some of ``variables``, and the variables no such layer covers."""
+    """``(norm_blocks, rest)``: the layers whose per-example gradients come from their captured input
+    and output gradient — ``LayerNormalization`` (last axis, no RMS scaling) and learned position
+    embeddings (:class:`_PositionBlock`) — owning some of ``variables``, and the variables no such
+    layer covers."""
     owner = _owners(model)
     wanted = {id(tf_variable(v)) for v in variables}
     blocks, covered, seen = [], set(), set()
     for v in variables:
         layer = owner.get(id(tf_variable(v)))
-        if layer is None or id(layer) in seen or not isinstance(layer, keras.layers.LayerNormalization):
+        if layer is None or id(layer) in seen:
+            continue
+        if _PositionBlock.owns(layer) and id(tf_variable(layer.position_embeddings)) in wanted:
+            seen.add(id(layer))
+            blocks.append(_PositionBlock(layer, layer.position_embeddings))
+            covered.add(id(tf_variable(layer.position_embeddings)))
+            continue
+        if not isinstance(layer, keras.layers.LayerNormalization):
             continue
         seen.add(id(layer))
         axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
@@ -355,11 +392,12 @@ def norm_blocks(model, variables):
     return blocks, [v for v in variables if id(tf_variable(v)) not in covered]
 
 
-def _norm_per_example(nb, records, grads, dtype):
-    """Per-example (γ, β) gradients of a norm layer, summed over its calls in the forward pass."""
+def _norm_per_example(nb, records, grads, dtype, options=None):
+    """Per-example gradients of a norm / position layer's variables, summed over its calls in the
+    forward pass (``options``: each call's keyword arguments, e.g. ``start_index``)."""
     total = None
-    for (inp, _), g in zip(records, grads):
-        pe = nb.per_example(inp, g, dtype)
+    for i, ((inp, _), g) in enumerate(zip(records, grads)):
+        pe = nb.per_example(inp, g, dtype, **(options[i] if options else {}))
         total = pe if total is None else [a + b for a, b in zip(total, pe)]
     return total
 
@@ -382,12 +420,13 @@ def _vectorized_gradients(objective, variables, x, y):
     return per_example_map(one, (x, y), signature, objective, x, y)
 
 
-def _diagonal_squares(objective, norms, records, grads_of, rest, x, y, dtype):
+def _diagonal_squares(objective, norms, records, grads_of, rest, x, y, dtype, options=None):
     """``{id(variable): Σ_n (∂l_n/∂v)²}`` for the diagonal variables: from the captured
-    ``LayerNormalization`` records, and by vectorised per-example gradients for the ``rest``."""
-    out = {}
+    ``LayerNormalization`` / position-embedding records, and by vectorised per-example gradients for
+    the ``rest``."""
+    out, options = {}, options or {}
     for nb in norms:
-        per = _norm_per_example(nb, records[nb.name], grads_of[nb.name], dtype)
+        per = _norm_per_example(nb, records[nb.name], grads_of[nb.name], dtype, options.get(nb.name))
         for v, pe in zip(nb.variables, per):
             out[id(tf_variable(v))] = tf.reduce_sum(tf.square(pe), axis=0)
     if rest:
@@ -433,11 +472,16 @@ class _Capture:
 
     @property
     def records(self) -> dict:
-        return {b.name: [(inp, pre) for inp, pre, _ in self._accepted(b)] for b in self.blocks}
+        return {b.name: [(c[0], c[1]) for c in self._accepted(b)] for b in self.blocks}
 
     @property
     def modes(self) -> dict:
-        return {b.name: [rev for _, _, rev in self._accepted(b)] for b in self.blocks}
+        return {b.name: [c[2] for c in self._accepted(b)] for b in self.blocks}
+
+    @property
+    def options(self) -> dict:
+        """``{block: [call options of each call]}`` (a position embedding's ``start_index`` / ``positions``)."""
+        return {b.name: [c[3] for c in self._accepted(b)] for b in self.blocks}
 
     def __enter__(self):
         for layer in self.layers:
@@ -453,7 +497,11 @@ class _Capture:
                     if act is not None:
                         object.__setattr__(_layer, "activation", act)
                 reverse = bool(kwargs.get("reverse", args[0] if args else False)) if _reversible else False
-                _rec.append((inputs, pre, reverse))
+                options = {}
+                if _PositionBlock.owns(_layer):  # call(inputs, start_index=0, positions=None)
+                    options = dict(zip(("start_index", "positions"), args))
+                    options.update({k: kwargs[k] for k in ("start_index", "positions") if k in kwargs})
+                _rec.append((inputs, pre, reverse, options))
                 return act(pre) if act is not None else pre
             object.__setattr__(layer, "call", call)
         return self
@@ -604,12 +652,12 @@ class FactorStatistics:
                 a, gg = b.pairs(inp, g, rev)
                 res[b.name].append((a, tf.cast(gg, self.compute)))
         if with_norms:
-            return res, ys, (records, grads)
+            return res, ys, (records, grads, cap.options)
         return res, ys
 
     def _stats_fn(self, x, y, step):
         dtype = tf.float64
-        res, ys, (records, layer_grads) = self._forward(x, y, step, with_norms=True)
+        res, ys, (records, layer_grads, options) = self._forward(x, y, step, with_norms=True)
         out = {}
         for b in self.blocks:
             A = tf.zeros([b.rows] if b.kind == "embedding" else [b.rows, b.rows], dtype)
@@ -625,7 +673,7 @@ class FactorStatistics:
                 tokens += tf.cast(tf.shape(g)[0] * tf.shape(g)[1], dtype)
                 S += tf.cast(tf.einsum("bpi,bpj->ij", g, g), dtype)
             out[b.name] = (A, S, tokens)
-        sq = _diagonal_squares(self.objective, self.norms, records, layer_grads, self.rest, x, ys, dtype)
+        sq = _diagonal_squares(self.objective, self.norms, records, layer_grads, self.rest, x, ys, dtype, options)
         diag = [sq[id(tf_variable(v))] for v in self.diag_vars]
         return out, diag, tf.cast(tf.shape(tf.nest.flatten(y)[0])[0], dtype)
 
@@ -759,8 +807,8 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
     ``strategy`` the cap is applied in whole global batches.
 
     >>> import keras, tensorflow as tf                                    # doctest: +SKIP
-    >>> factors = fit_factors(Objective(model), train_ds, ParameterGroup.from_model(model))
-    >>> factors.summary()["diagonal_variables"]      # what has no Kronecker block
+    >>> factors = fit_factors(Objective(model), train_ds, ParameterGroup.from_model(model))  # doctest: +SKIP
+    >>> factors.summary()["diagonal_variables"]      # what has no Kronecker block  # doctest: +SKIP
     """
     stats = FactorStatistics(objective, group, kind, fisher, seed, strategy)
     model = objective.model
@@ -842,7 +890,7 @@ class GhostNorms:
             losses = reduce_per_example(obj.loss_fn(y, model(x, training=False)))
             total = tf.reduce_sum(losses)
         grads = _output_grads(tape, total, cap, self.blocks + self.norms)
-        records, modes = cap.records, cap.modes
+        records, modes, options = cap.records, cap.modes, cap.options
         sq = tf.zeros_like(losses)
         for b in self.blocks:
             # a layer called several times in one forward pass: G_n sums over its calls
@@ -869,8 +917,8 @@ class GhostNorms:
                 sq += tf.reduce_sum(tf.square(tf.einsum("bpi,bpo->bio", a, g)), axis=[1, 2])
         # diagonal variables, per example: Σ over each variable of (Σ_t ...)², not summed over the batch
         for nb in self.norms:
-            for pe in _norm_per_example(nb, records[nb.name], grads[nb.name], losses.dtype):
-                sq += tf.reduce_sum(tf.square(pe), axis=1)
+            for pe in _norm_per_example(nb, records[nb.name], grads[nb.name], losses.dtype, options.get(nb.name)):
+                sq += tf.reduce_sum(tf.reshape(tf.square(pe), [tf.shape(pe)[0], -1]), axis=1)
         if self.rest:
             for gv in _vectorized_gradients(obj, self.rest, x, y):
                 gv = tf.cast(gv, losses.dtype)
@@ -923,12 +971,14 @@ class KFACInverse:
             diag_parts = [d + e.numpy() for d, e in zip(diag_parts, extra)]
         index = {id(tf_variable(v)): i for i, v in enumerate(group.variables)}
         self.denominators = {}
+        self._curvature = []  # F̂ + D per block / diagonal variable, before the damping (spectrum())
         for b in self.blocks:
             f = factors.blocks[b.name]
             D = b.to_matrix([tf.constant(diag_parts[index[id(tf_variable(x))]]) for x in b.variables]).numpy()
             QS2 = f["QS"] ** 2
             projected = (D @ QS2) if b.kind == "embedding" else (f["QA"] ** 2).T @ D @ QS2
             lam = damping + relative_damping * float(np.mean(f["eig"]))
+            self._curvature.append(f["eig"] + projected)
             self.denominators[b.name] = tf.constant(f["eig"] + projected + lam)
             b.QA = None if b.kind == "embedding" else tf.constant(f["QA"])
             b.QS = tf.constant(f["QS"])
@@ -938,8 +988,16 @@ class KFACInverse:
             if path in factors.diagonal:
                 d = factors.diagonal[path]
                 lam = damping + relative_damping * float(np.mean(d))
+                self._curvature.append(d + diag_parts[index[id(tf_variable(v))]])
                 self.diag[id(tf_variable(v))] = tf.constant(d + diag_parts[index[id(tf_variable(v))]] + lam)
         self.index = index
+
+    def spectrum(self) -> tuple:
+        """``(smallest, largest)`` eigenvalue of the curvature this inverse inverts, ``F̂ + D`` without
+        the damping (EK-FAC: corrected eigenvalues plus the diagonal's projection, per block)."""
+        vals = [float(np.min(c)) for c in self._curvature if c.size] or [0.0]
+        highs = [float(np.max(c)) for c in self._curvature if c.size] or [0.0]
+        return min(vals), max(highs)
 
     def __call__(self, V):
         V = tf.cast(tf.convert_to_tensor(V), tf.float64)

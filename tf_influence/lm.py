@@ -9,8 +9,8 @@ kronfluence's examples), so a dataset stays plain ``(x, labels)`` pairs and ever
 
 >>> import numpy as np
 >>> x, labels = causal_lm_examples(np.array([[5, 6, 7, 0]]), padding_mask=np.array([[1, 1, 1, 0]]),
-...                                prompt_lengths=[1])
->>> labels.tolist()      # predict 7 from (5, 6); the prompt's target 6 and the padding are ignored
+...                                prompt_lengths=[2])
+>>> labels.tolist()      # prompt (5, 6), completion 7: only "7 after (5, 6)" counts; padding ignored
 [[-100, 7, -100, -100]]
 
 * :class:`CausalLMLoss` — the pretraining objective ``g(z)``: mean (or sum) token cross-entropy

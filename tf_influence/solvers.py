@@ -27,16 +27,18 @@ residual exceeds ``tol`` warns with :class:`SolverNotConvergedWarning`, or raise
 :class:`SolverNotConvergedError` with ``on_nonconvergence="raise"``.
 
 :func:`solve` also runs the curvature diagnostics of :mod:`tf_influence.diagnostics` after every
-solve that uses a Hessian (``SolverConfig.curvature_iterations`` Lanczos steps, default 10, on at
-most 1,000 examples): ``SolveResult.extra["curvature"]`` holds the extreme eigenvalues and the
-damping relative to them, and a :class:`~tf_influence.diagnostics.CurvatureWarning` says when the
+solve that uses a Hessian: ``SolveResult.extra["curvature"]`` holds the extreme eigenvalues (exact
+from the explicit matrix of a dense solve, from the fitted factors of an EK-FAC solve, 10 Lanczos
+steps on at most 1,000 examples after an iterative one; ``SolverConfig.curvature_iterations``) and
+the damping relative to them, and a :class:`~tf_influence.diagnostics.CurvatureWarning` says when the
 Hessian is indefinite at a scale that matters or the damping dominates it.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 import numpy as np
 import tensorflow as tf
@@ -222,7 +224,7 @@ def lissa(op, b, damping: float = 0.0, scale: float | None = None, tol: float = 
 
 
 def dense(op, b, damping: float = 0.0, squared: bool = False, max_params: int = 4096, dtype=tf.float64,
-          on_nonconvergence: str = "warn", tol: float = 1e-6, **_ignored) -> SolveResult:
+          on_nonconvergence: str = "warn", tol: float = 1e-6) -> SolveResult:
     """Exact solve with the explicit matrix (``np.linalg.solve``); refuses above ``max_params``."""
     p = op.shape[0]
     if p > max_params:
@@ -231,6 +233,7 @@ def dense(op, b, damping: float = 0.0, squared: bool = False, max_params: int = 
     B, was_vector, _, out_dtype = _prepare(op, b, tf.float64)
     Hm = np.asarray(op.to_dense(max_params=max_params), dtype=np.float64)
     Hm = 0.5 * (Hm + Hm.T)
+    eig = np.linalg.eigvalsh(Hm)
     Bn = B.numpy()
     if squared:
         A, R = Hm @ Hm + damping * np.eye(p), Hm @ Bn
@@ -243,13 +246,15 @@ def dense(op, b, damping: float = 0.0, squared: bool = False, max_params: int = 
                                     "add damping") from None
     rnorm = np.linalg.norm(R, axis=0)
     res = np.linalg.norm(A @ X - R, axis=0) / np.where(rnorm > 0, rnorm, 1.0)
-    return _finish(tf.constant(X), was_vector, out_dtype, "dense_squared" if squared else "dense", 1, res,
-                   max(tol, 1e-8), damping, on_nonconvergence, getattr(op, "name", "operator"))
+    out = _finish(tf.constant(X), was_vector, out_dtype, "dense_squared" if squared else "dense", 1, res,
+                  max(tol, 1e-8), damping, on_nonconvergence, getattr(op, "name", "operator"))
+    out.extra["spectrum"] = (float(eig[0]), float(eig[-1]), "dense")  # read by solve()'s diagnostics
+    return out
 
 
 def kronecker(op, b, damping: float = 0.0, kind: str = "ekfac", fisher: str = "true", relative_damping: float = 0.0,
               factors=None, seed: int = 0, progress=None, on_nonconvergence: str = "warn", tol: float = 0.0,
-              max_examples: int | None = None, **_ignored) -> SolveResult:
+              max_examples: int | None = None) -> SolveResult:
     """(E)K-FAC: ``(F̂ + D + λ)⁻¹ b`` with Kronecker-factored curvature fitted on the operator's data
     (:mod:`tf_influence.kfac`); ``D`` = the exact L2-regulariser Hessian and the operator's extra
     diagonal, ``λ = damping + relative_damping × mean eigenvalue`` per block.
@@ -283,10 +288,11 @@ def kronecker(op, b, damping: float = 0.0, kind: str = "ekfac", fisher: str = "t
     k = 1 if b.shape.rank == 1 else b.shape[1]
     return SolveResult(x, kind, 0, np.full(k, np.nan), True, damping,
                        {"relative_damping": relative_damping, "fisher": factors.fisher, **factors.summary(),
-                        "unmodelled_regularizers": inverse.unmodelled})
+                        "unmodelled_regularizers": inverse.unmodelled,
+                        "spectrum": (*inverse.spectrum(), kind)})
 
 
-def identity(op, b, damping: float = 0.0, **_ignored) -> SolveResult:
+def identity(op, b) -> SolveResult:
     """``H⁻¹ ≈ I``: the paper's identity-Hessian baseline (Section 4.1, Figure 3)."""
     b = tf.convert_to_tensor(b)
     k = 1 if b.shape.rank == 1 else b.shape[1]
@@ -328,16 +334,18 @@ def auto_choice(op, dense_max: int = AUTO_DENSE_MAX, kronecker_min: int | None =
 
 def auto(op, b, damping: float = 0.0, tol: float = 1e-5, max_iter: int = 200, dtype=None,
          on_nonconvergence: str = "warn", progress=None, dense_max: int = AUTO_DENSE_MAX,
-         kronecker_min: int | None = None, **options) -> SolveResult:
+         kronecker_min: int | None = None, fisher: str = "true", relative_damping: float = 0.0, factors=None,
+         max_examples: int | None = None, seed: int = 0) -> SolveResult:
     """Pick the solver by the size of the system (:func:`auto_choice`) and run it; the result's
-    ``method`` is the solver that ran and ``extra["auto"]`` says why. ``options`` go to EK-FAC
-    (``relative_damping``, ``fisher``, ``max_examples``, ``factors``)."""
+    ``method`` is the solver that ran and ``extra["auto"]`` says why. ``fisher``, ``relative_damping``,
+    ``factors``, ``max_examples`` and ``seed`` go to EK-FAC when it is chosen."""
     method, reason = auto_choice(op, dense_max, kronecker_min)
     common = dict(damping=damping, tol=tol, on_nonconvergence=on_nonconvergence)
     if method == "dense_squared":
         res = dense(op, b, squared=True, max_params=max(dense_max, int(op.shape[0])), **common)
     elif method == "ekfac":
-        res = kronecker(op, b, kind="ekfac", progress=progress, **common, **options)
+        res = kronecker(op, b, kind="ekfac", progress=progress, fisher=fisher, relative_damping=relative_damping,
+                        factors=factors, max_examples=max_examples, seed=seed, **common)
     else:
         res = cg_squared(op, b, max_iter=max_iter, dtype=dtype, progress=progress, **common)
     res.extra["auto"] = {"chose": method, "why": reason}
@@ -350,44 +358,165 @@ SOLVERS = {"cg": cg, "cg_squared": cg_squared, "lissa": lissa, "dense": dense, "
            "kfac": lambda op, b, **kw: kronecker(op, b, kind="kfac", **kw), "auto": auto}
 
 
+#: Damping λ of the pretraining Hessian solve ``(∂²G)⁻¹`` — and of any :class:`SolverConfig` that does
+#: not set one. Chosen from the digits reproduction's damping grid against leave-one-out retraining:
+#: with finetuning damping 1e-3, pretraining damping 1e-2 / 1e-3 / 1e-4 gave r = 0.82 / 0.94 / 0.97;
+#: 1e-3 is the middle of the good range (1e-4 needs more CG iterations on indefinite Hessians).
+DEFAULT_PRETRAIN_DAMPING = 1e-3
+
+#: Damping of the finetuning solve, ``(∂²F/∂Θ²)⁻¹`` (case 1) or the eq. 15 block (case 2). In the
+#: same grid 1e-3 beat 1e-6 at every pretraining damping in case 1 (0.82 / 0.94 / 0.97 vs
+#: 0.60 / 0.81 / 0.68), and in case 2 (r = 0.59 vs 0.42): the finetuning Hessians of runs stopped
+#: short of convergence have near-zero and negative eigenvalues that a tiny damping amplifies.
+DEFAULT_FINETUNE_DAMPING = 1e-3
+
+_COMMON = ("damping", "tol", "on_nonconvergence")
+_ITERATIVE = _COMMON + ("max_iter", "dtype")
+_KRONECKER = _COMMON + ("fisher", "relative_damping", "factors", "max_examples", "seed")
+#: The :class:`SolverConfig` fields each solver reads (beside ``method`` and ``curvature_iterations``).
+SOLVER_FIELDS = {
+    "cg": _ITERATIVE, "cg_squared": _ITERATIVE, "lissa": _ITERATIVE + ("scale",),
+    "dense": _COMMON + ("max_params",), "dense_squared": _COMMON + ("max_params",),
+    "identity": (), "ekfac": _KRONECKER, "kfac": _KRONECKER,
+    "auto": tuple(dict.fromkeys(_ITERATIVE + _KRONECKER + ("dense_max", "kronecker_min"))),
+}
+
+
 @dataclass
 class SolverConfig:
-    """How to invert one Hessian: solver name, damping λ and solver options."""
+    """How to invert one Hessian: the solver, its damping λ and its options — every option a typed
+    field with its default declared here once. A field the chosen solver does not read must stay at
+    its default (``SolverConfig("cg", fisher="empirical")`` raises: :data:`SOLVER_FIELDS`), and
+    :meth:`to_json` / :meth:`from_json` carry a configuration whole through a TFX component or a CLI.
 
-    method: str = "cg_squared"
-    damping: float = 1e-2
-    tol: float = 1e-5
-    max_iter: int = 200
-    dtype: object = None
-    on_nonconvergence: str = "warn"
-    options: dict = field(default_factory=dict)
-    #: Lanczos steps of the curvature diagnostics (:mod:`tf_influence.diagnostics`) run after the
-    #: solve — extreme eigenvalues, damping relative to them, :class:`CurvatureWarning`; 0 = off.
-    curvature_iterations: int = 10
+    >>> cfg = SolverConfig("ekfac", damping=1e-4, fisher="empirical")
+    >>> SolverConfig.from_json(cfg.to_json()) == cfg
+    True
+    >>> SolverConfig("cg", fisher="empirical")
+    Traceback (most recent call last):
+    ...
+    ValueError: SolverConfig(method='cg'): 'fisher' does not apply to 'cg' (it is read by: auto, ekfac, kfac)
+    """
+
+    method: str = field(default="auto", metadata={"help": f"solver: one of {sorted(SOLVER_FIELDS)}"})
+    damping: float = field(default=DEFAULT_PRETRAIN_DAMPING, metadata={"help": "damping λ added to the system"})
+    tol: float = field(default=1e-5, metadata={"help": "relative residual an iterative solve must reach"})
+    max_iter: int = field(default=200, metadata={"help": "iterations of cg / cg_squared / lissa"})
+    dtype: object = field(default=None, metadata={"help": "compute dtype of iterative solves (None: the operator's)"})
+    on_nonconvergence: str = field(default="warn", metadata={"help": "'warn', 'raise' or 'ignore'"})
+    #: Curvature diagnostics (:mod:`tf_influence.diagnostics`) after the solve — extreme eigenvalues,
+    #: damping relative to them, :class:`CurvatureWarning`. ``None``: from what the solve already has
+    #: (the explicit matrix of ``dense*``, the fitted factors of ``ekfac`` / ``kfac``; no extra pass)
+    #: and 10 Lanczos steps after an iterative solve; ``n > 0``: ``n`` Lanczos steps on the Hessian
+    #: itself whatever the solver (on an EK-FAC solve this also sees negative curvature the factored
+    #: Fisher cannot show; each step is one Hessian-vector product); ``0`` = off.
+    curvature_iterations: int | None = field(default=None, metadata={
+        "help": "curvature diagnostics: None = from the solve, n = n Lanczos steps, 0 = off"})
+    scale: float | None = field(default=None, metadata={"help": "lissa: s > λ_max + λ (None: power iteration)"})
+    max_params: int = field(default=4096, metadata={"help": "dense: largest system built explicitly"})
+    fisher: str = field(default="true", metadata={"help": "ekfac / kfac: 'true' (sampled labels) or 'empirical'"})
+    relative_damping: float = field(default=0.0, metadata={
+        "help": "ekfac / kfac: extra damping × the mean eigenvalue of each block"})
+    factors: object = field(default=None, metadata={
+        "help": "ekfac / kfac: fitted KFACFactors or the directory they were saved to (None: fit them)"})
+    max_examples: int | None = field(default=None, metadata={
+        "help": "ekfac / kfac: fit the factors on the first N examples (None: all the operator's)"})
+    seed: int = field(default=0, metadata={"help": "ekfac / kfac: seed of the sampled labels"})
+    dense_max: int = field(default=2048, metadata={"help": "auto: dense eq. 16 solve up to this many parameters"})
+    kronecker_min: int | None = field(default=None, metadata={
+        "help": "auto: EK-FAC from this many parameters (None: dense_max + 1)"})
+    #: Deprecated (0.2): the typed fields above. Known keys are moved onto them with a
+    #: ``DeprecationWarning``; an unknown key raises.
+    options: dict = field(default_factory=dict, metadata={"help": "deprecated: use the typed fields"})
 
     def __post_init__(self):
         if self.method not in SOLVERS:
             raise ValueError(f"unknown solver '{self.method}'; choose one of {sorted(SOLVERS)}")
+        if self.options:
+            unknown = sorted(set(self.options) - set(_OPTION_FIELDS))
+            if unknown:
+                raise ValueError(f"SolverConfig(method='{self.method}'): unknown option(s) {unknown}; the options "
+                                 f"are the fields {sorted(_OPTION_FIELDS)}")
+            warnings.warn("SolverConfig(options={...}) is deprecated: pass the options as fields, e.g. "
+                          f"SolverConfig('{self.method}', {', '.join(f'{k}=...' for k in self.options)})",
+                          DeprecationWarning, stacklevel=3)
+            for k, v in self.options.items():
+                setattr(self, k, v)
+            self.options = {}
         if self.on_nonconvergence not in ("warn", "raise", "ignore"):
             raise ValueError("on_nonconvergence must be 'warn', 'raise' or 'ignore'")
         if self.damping < 0:
             raise ValueError(f"damping must be ≥ 0, got {self.damping}")
+        if self.curvature_iterations is not None and self.curvature_iterations < 0:
+            raise ValueError(f"curvature_iterations must be None (automatic), 0 (off) or > 0, "
+                             f"got {self.curvature_iterations}")
+        if self.fisher not in ("true", "empirical"):
+            raise ValueError(f"fisher must be 'true' or 'empirical', got '{self.fisher}'")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ValueError(f"max_examples must be a positive number of examples, got {self.max_examples}")
+        defaults = _defaults()
+        reads = SOLVER_FIELDS[self.method]
+        for name in _OPTION_FIELDS:  # max_iter / dtype / tol are shared; the solver-specific ones must apply
+            if name not in reads and getattr(self, name) != defaults[name]:
+                users = ", ".join(sorted(m for m, f in SOLVER_FIELDS.items() if name in f))
+                raise ValueError(f"SolverConfig(method='{self.method}'): '{name}' does not apply to "
+                                 f"'{self.method}' (it is read by: {users})")
+
+    def kwargs(self) -> dict:
+        """The keyword arguments of the solver function :data:`SOLVERS` ``[method]``."""
+        return {k: getattr(self, k) for k in SOLVER_FIELDS[self.method]}
+
+    def to_dict(self) -> dict:
+        """JSON-able fields (``dtype`` by name; ``factors`` only as a directory)."""
+        from .kfac import KFACFactors
+        if isinstance(self.factors, KFACFactors):
+            raise ValueError("SolverConfig.to_json: factors is a KFACFactors object; save it "
+                             "(factors.save(directory)) and pass the directory")
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
+        out["dtype"] = None if self.dtype is None else tf.as_dtype(self.dtype).name
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SolverConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a SolverConfig is a JSON object, got {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"SolverConfig: unknown field(s) {unknown}; the fields are "
+                             f"{sorted(f.name for f in fields(cls))}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SolverConfig":
+        return cls.from_dict(json.loads(text))
+
+
+_OPTION_FIELDS = ("scale", "max_params", "fisher", "relative_damping", "factors", "max_examples", "seed",
+                  "dense_max", "kronecker_min")
+
+
+def _defaults() -> dict:
+    return {f.name: (f.default if f.default is not MISSING else f.default_factory()) for f in fields(SolverConfig)}
 
 
 def solve(op, b, config: SolverConfig | None = None, progress=None) -> SolveResult:
     """Solve with the solver a :class:`SolverConfig` names."""
     config = config or SolverConfig()
-    fn = SOLVERS[config.method]
-    kwargs = dict(damping=config.damping, tol=config.tol, on_nonconvergence=config.on_nonconvergence,
-                  **config.options)
-    if config.method in ("cg", "cg_squared", "lissa", "auto"):
-        kwargs.update(max_iter=config.max_iter, dtype=config.dtype, progress=progress)
-    if config.method in ("ekfac", "kfac"):
-        kwargs.update(progress=progress)
-    result = fn(op, b, **kwargs)
-    if config.curvature_iterations > 0 and config.method != "identity" and op.shape[0] == op.shape[1]:
-        from .diagnostics import curvature_diagnostics
-        result.extra["curvature"] = curvature_diagnostics(op, result.method if config.method == "auto" else
-                                                          config.method, config.damping,
-                                                          config.curvature_iterations)
+    kwargs = config.kwargs()
+    if config.method in ("cg", "cg_squared", "lissa", "auto", "ekfac", "kfac"):
+        kwargs["progress"] = progress
+    result = SOLVERS[config.method](op, b, **kwargs)
+    iters, known = config.curvature_iterations, result.extra.pop("spectrum", None)
+    if iters != 0 and config.method != "identity" and op.shape[0] == op.shape[1]:
+        from .diagnostics import DEFAULT_CURVATURE_ITERATIONS, curvature_diagnostics
+        method = result.method if config.method == "auto" else config.method
+        if iters is None and known is not None:
+            result.extra["curvature"] = curvature_diagnostics(op, method, config.damping,
+                                                              extremes=known[:2], source=known[2])
+        else:
+            result.extra["curvature"] = curvature_diagnostics(op, method, config.damping,
+                                                              iters or DEFAULT_CURVATURE_ITERATIONS)
     return result

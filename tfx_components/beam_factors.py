@@ -9,7 +9,7 @@ The math is :class:`tf_influence.kfac.FactorStatistics` (the same steps
 3. EK-FAC only: every batch → its eigenvalue-correction sums with the bases as a side input, summed;
 4. → :class:`~tf_influence.kfac.KFACFactors`, saved to the output directory (``factors.npz`` +
    ``factors.json``; local or ``gs://``), loadable by ``KFACFactors.load`` and usable as
-   ``SolverConfig("ekfac", options={"factors": directory})`` or by the ``InfluenceScorer`` component.
+   ``SolverConfig("ekfac", factors=directory)`` or by the ``InfluenceScorer`` component.
 
 Memory is bounded by the model and one batch per worker: nothing is gathered but the sums.
 With ``fisher="true"`` every batch samples its labels with a seed derived from its first key

@@ -4,10 +4,10 @@ Inputs: ``pretrain_examples`` and ``finetune_examples`` (Examples; the latter wi
 and a test split), ``pretrain_model`` and ``finetune_model`` (Model artifacts whose
 ``Format-Serving`` directory holds ``model.keras``, as written by the trainer modules of
 ``pipelines/``). Parameters: ``feature_spec`` (JSON, see ``beam_scoring.parse_feature_spec``),
-``embedding`` (JSON list of layer names of W, present in both models), ``case`` (``fixed`` /
-``updated``) and ``alpha``, ``damping_pretrain`` / ``damping_finetune`` (default: the library's
-``tf_influence.DEFAULT_PRETRAIN_DAMPING`` / ``DEFAULT_FINETUNE_DAMPING``), ``solver``, ``max_iter``,
-``hessian_samples``, ``finetune_train_split`` / ``test_split``, ``test_keys`` (JSON list: score
+``embedding`` (JSON list of layer names of W, present in both models), ``influence_args`` (a
+``tf_influence.InfluenceArgs``, serialised whole: case, α, both solvers with their dampings,
+``hessian_samples``, seed — the library's defaults unless set), ``finetune_train_split`` /
+``test_split``, ``test_keys`` (JSON list: score
 against these test examples only; default the sum over the whole test split, eq. 8),
 ``loss`` (Keras loss config JSON; default the models' compiled losses). Optional input
 ``pretrain_factors`` (KFACFactors from ``FactorFitter`` over the pretraining Examples and model):
@@ -22,7 +22,10 @@ solver diagnostics and a score summary in its custom properties.
 """
 
 import json
-from typing import Optional
+import warnings
+from typing import Optional, Union
+
+import tf_influence as tfi
 
 from tfx import types
 from tfx.dsl.components.base import base_beam_component, executor_spec
@@ -37,13 +40,7 @@ class InfluenceScorerSpec(types.ComponentSpec):
     PARAMETERS = {
         "feature_spec": ExecutionParameter(type=str),
         "embedding": ExecutionParameter(type=str),
-        "case": ExecutionParameter(type=str),
-        "alpha": ExecutionParameter(type=float),
-        "damping_pretrain": ExecutionParameter(type=float, optional=True),
-        "damping_finetune": ExecutionParameter(type=float, optional=True),
-        "solver": ExecutionParameter(type=str),
-        "max_iter": ExecutionParameter(type=int),
-        "hessian_samples": ExecutionParameter(type=int, optional=True),
+        "influence_args": ExecutionParameter(type=str),
         "finetune_train_split": ExecutionParameter(type=str),
         "test_split": ExecutionParameter(type=str),
         "test_keys": ExecutionParameter(type=str, optional=True),
@@ -64,24 +61,56 @@ class InfluenceScorer(base_beam_component.BaseBeamComponent):
 
     def __init__(self, pretrain_examples: types.BaseChannel, finetune_examples: types.BaseChannel,
                  pretrain_model: types.BaseChannel, finetune_model: types.BaseChannel, feature_spec: dict,
-                 embedding, case: str = "fixed", alpha: float = 0.01, damping_pretrain: Optional[float] = None,
-                 damping_finetune: Optional[float] = None, solver: str = "cg_squared", max_iter: int = 200,
-                 hessian_samples: Optional[int] = 1000, finetune_train_split: str = "train",
-                 test_split: str = "test", test_keys=None, loss: Optional[dict] = None, batch_size: int = 256,
-                 pretrain_factors: Optional[types.BaseChannel] = None):
-        if case not in ("fixed", "updated"):
-            raise ValueError(f"case must be 'fixed' or 'updated', got '{case}'")
-        for name, value in (("damping_pretrain", damping_pretrain), ("damping_finetune", damping_finetune)):
-            if value is not None and value < 0:
-                raise ValueError(f"{name} must be ≥ 0, got {value}")
+                 embedding, influence_args: Optional[Union["tfi.InfluenceArgs", dict]] = None,
+                 finetune_train_split: str = "train", test_split: str = "test", test_keys=None,
+                 loss: Optional[dict] = None, batch_size: int = 256,
+                 pretrain_factors: Optional[types.BaseChannel] = None, **deprecated):
+        args = influence_args_from(influence_args, deprecated)
         spec = InfluenceScorerSpec(
             pretrain_examples=pretrain_examples, finetune_examples=finetune_examples, pretrain_model=pretrain_model,
             finetune_model=finetune_model, feature_spec=json.dumps(feature_spec), embedding=json.dumps(list(embedding)),
-            case=case, alpha=float(alpha),
-            damping_pretrain=None if damping_pretrain is None else float(damping_pretrain),
-            damping_finetune=None if damping_finetune is None else float(damping_finetune), solver=solver, max_iter=int(max_iter),
-            hessian_samples=hessian_samples, finetune_train_split=finetune_train_split, test_split=test_split,
+            influence_args=args.to_json(), finetune_train_split=finetune_train_split, test_split=test_split,
             test_keys=json.dumps([k if isinstance(k, str) else k.decode() for k in test_keys]) if test_keys else None,
             loss=json.dumps(loss) if loss else None, batch_size=batch_size, pretrain_factors=pretrain_factors,
             scores=channel_utils.as_channel([InfluenceScores()]))
         super().__init__(spec=spec)
+
+
+#: The 0.2 keyword arguments of ``InfluenceScorer`` and where they live now (one release of grace).
+DEPRECATED_ARGUMENTS = ("case", "alpha", "damping_pretrain", "damping_finetune", "solver", "max_iter",
+                        "hessian_samples")
+
+
+def influence_args_from(influence_args, deprecated: dict) -> "tfi.InfluenceArgs":
+    """The :class:`tf_influence.InfluenceArgs` of the component: ``influence_args`` (an object or its
+    dict), with the deprecated 0.2 keywords (``case=``, ``damping_pretrain=``, ``solver=`` …) folded in
+    under a ``DeprecationWarning``; any other keyword raises."""
+    unknown = sorted(set(deprecated) - set(DEPRECATED_ARGUMENTS))
+    if unknown:
+        raise TypeError(f"InfluenceScorer got unexpected keyword argument(s) {unknown}")
+    if isinstance(influence_args, dict):
+        args = tfi.InfluenceArgs.from_dict(influence_args)
+    elif influence_args is None:
+        args = tfi.InfluenceArgs()
+    elif isinstance(influence_args, tfi.InfluenceArgs):
+        args = influence_args
+    else:
+        raise TypeError(f"influence_args must be a tf_influence.InfluenceArgs or its dict, got "
+                        f"{type(influence_args).__name__}")
+    given = {k: v for k, v in deprecated.items() if v is not None}
+    if not given:
+        return args
+    warnings.warn(f"InfluenceScorer({', '.join(f'{k}=' for k in given)}) is deprecated: pass "
+                  "influence_args=tf_influence.InfluenceArgs(...)", DeprecationWarning, stacklevel=3)
+    import dataclasses
+    top = {k: given[k] for k in ("case", "alpha", "hessian_samples") if k in given}
+    solver = {}
+    if "solver" in given:
+        solver["method"] = given["solver"]
+    if "max_iter" in given:
+        solver["max_iter"] = int(given["max_iter"])
+    pre = dataclasses.replace(args.pretrain_solver, **solver,
+                              **({"damping": float(given["damping_pretrain"])} if "damping_pretrain" in given else {}))
+    ft = dataclasses.replace(args.finetune_solver, **solver,
+                             **({"damping": float(given["damping_finetune"])} if "damping_finetune" in given else {}))
+    return dataclasses.replace(args, pretrain_solver=pre, finetune_solver=ft, **top)

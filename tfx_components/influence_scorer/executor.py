@@ -48,35 +48,32 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                                  f"key(s) {absent[:5]}")
             sel = np.array([index[k] for k in wanted])
             xt, yt = xt[sel], yt[sel]
-        pre_solver, ft_solver = tfi.default_solvers(e["case"])
-        for cfg, key in ((pre_solver, "damping_pretrain"), (ft_solver, "damping_finetune")):
-            cfg.method, cfg.max_iter, cfg.dtype = e["solver"], int(e["max_iter"]), tf.float64
-            if e.get(key) is not None:
-                cfg.damping = float(e[key])
+        args = tfi.InfluenceArgs.from_json(e["influence_args"])
+        pre_solver, ft_solver = args.pretrain_solver, args.finetune_solver
         factors_art = input_dict.get("pretrain_factors") or []
-        hessian_samples = e.get("hessian_samples")
+        hessian_samples = args.hessian_samples
         if factors_art:
             # the pretraining Hessian is the fitted (E)K-FAC curvature: the driver reads no pretraining
             # corpus, only one batch of it to build the operator the factors are checked against
             from tf_influence import kfac
             factors_uri = artifact_utils.get_single_instance(factors_art).uri
             factors = kfac.KFACFactors.load(factors_uri)
-            pre_solver.method = factors.kind
-            pre_solver.options = {**pre_solver.options, "factors": factors}
-            pre_solver.curvature_iterations = 0  # the driver holds one batch: nothing to diagnose here
+            # the solver's kind is the factors'; the driver holds one batch: nothing to diagnose there
+            pre_solver = tfi.SolverConfig(factors.kind, damping=pre_solver.damping,
+                                          relative_damping=pre_solver.relative_damping, factors=factors,
+                                          curvature_iterations=0)
             _, xp, yp = common.load_split(pre_ex, pre_splits[0], spec, limit=int(e.get("batch_size") or 256))
             pre_ds = _ds(xp, yp)
         else:
             # never the corpus in the driver: the Hessian subsample (at the positions the library's
             # `subsample` draws) in memory, or — all examples — streamed from the files, one batch held
             bs = int(e.get("batch_size") or 256)
-            pre_ds = (_ds(*common.sample_split(pre_ex, pre_splits[0], spec, int(hessian_samples)))
+            pre_ds = (_ds(*common.sample_split(pre_ex, pre_splits[0], spec, int(hessian_samples), seed=args.seed))
                       if hessian_samples is not None else common.stream_split(pre_ex, pre_splits[0], spec, bs))
         try:
             ms = tfi.MultiStageInfluence(
                 tfi.Objective(pre_model, pre_loss), pre_ds, tfi.Objective(ft_model, ft_loss), _ds(xf, yf),
-                embedding=embedding, case=e["case"], alpha=float(e["alpha"]), pretrain_solver=pre_solver,
-                finetune_solver=ft_solver, hessian_samples=None)
+                embedding=embedding, args=args, pretrain_solver=pre_solver, hessian_samples=None)
             s, solves, seconds = ms.test_vectors(_ds(xt, yt), "sum")
         except tfi.ParameterGroupError as err:
             what = f"Model artifacts {pre_m.uri} / {ft_m.uri}"
@@ -101,7 +98,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
 
         common.run_beam(self, build, f"InfluenceScorer on Examples artifact {pre_ex.uri} "
                                      f"with Model artifact {pre_m.uri}")
-        set_scores_metadata(out, pre_splits, f"multi_stage_{e['case']}")
+        set_scores_metadata(out, pre_splits, f"multi_stage_{args.case}")
+        out.set_string_custom_property("influence_args", e["influence_args"])
         out.set_string_custom_property("solves", json.dumps(solves, sort_keys=True, default=float))
         out.set_string_custom_property("num_test_points", str(len(xt)))
         out.set_string_custom_property("group_spec", group_spec)

@@ -1,0 +1,113 @@
+"""Typed configuration: every default declared once, unknown or inapplicable options raise, JSON
+round trips, and the configuration reaches the solvers whole."""
+
+import dataclasses
+import inspect
+import json
+
+import numpy as np
+import pytest
+
+import tf_influence as tfi
+from tf_influence import influence, solvers
+
+
+def test_every_default_is_declared_once():
+    pre, ft = tfi.default_solvers("fixed")
+    args = tfi.InfluenceArgs()
+    assert (pre, ft) == (args.pretrain_solver, args.finetune_solver)
+    assert pre.damping == tfi.DEFAULT_PRETRAIN_DAMPING and ft.damping == tfi.DEFAULT_FINETUNE_DAMPING
+    assert tfi.SolverConfig().method == pre.method == ft.method == "auto"
+    assert tfi.SolverConfig().damping == tfi.DEFAULT_PRETRAIN_DAMPING
+    # the solver functions' own defaults for the options the config passes agree with the config's
+    cfg = {f.name: f.default for f in dataclasses.fields(tfi.SolverConfig) if f.default is not dataclasses.MISSING}
+    for name in ("fisher", "relative_damping", "max_examples", "seed", "factors"):
+        assert inspect.signature(solvers.kronecker).parameters[name].default == cfg[name], name
+        assert inspect.signature(solvers.auto).parameters[name].default == cfg[name], name
+    assert inspect.signature(solvers.auto).parameters["dense_max"].default == cfg["dense_max"] == solvers.AUTO_DENSE_MAX
+    assert inspect.signature(solvers.dense).parameters["max_params"].default == cfg["max_params"]
+    # MultiStageInfluence takes its defaults from InfluenceArgs (no second copy in its signature)
+    sig = inspect.signature(influence.MultiStageInfluence.__init__).parameters
+    for name in ("case", "alpha", "hessian_samples", "hvp_mode", "seed", "check_fixed_embedding"):
+        assert sig[name].default is influence._UNSET, name
+
+
+def test_no_solver_swallows_unknown_options():
+    for name, fn in solvers.SOLVERS.items():
+        params = inspect.signature(fn).parameters.values()
+        if name in ("dense_squared", "ekfac", "kfac"):
+            continue  # thin lambdas over dense / kronecker, checked through them
+        assert not any(p.kind is p.VAR_KEYWORD for p in params), name
+    for fn in (solvers.dense, solvers.kronecker, solvers.identity):
+        assert not any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+    with pytest.raises(TypeError):
+        solvers.dense(tfi.DenseOperator(np.eye(2)), np.ones(2), fisher="empirical")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'dampng'"):
+        tfi.SolverConfig("cg", dampng=1e-3)
+    with pytest.raises(ValueError, match="'fisher' does not apply to 'cg'"):
+        tfi.SolverConfig("cg", fisher="empirical")
+    with pytest.raises(ValueError, match="'dense_max' does not apply to 'ekfac'"):
+        tfi.SolverConfig("ekfac", dense_max=10)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['fishr'\]"):
+        tfi.SolverConfig("ekfac", options={"fishr": "empirical"})
+    with pytest.raises(ValueError, match="fisher must be 'true' or 'empirical'"):
+        tfi.SolverConfig("ekfac", fisher="emprical")
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['maxiter'\]"):
+        tfi.SolverConfig.from_json(json.dumps({"method": "cg", "maxiter": 3}))
+    with pytest.raises(ValueError, match=r"InfluenceArgs: unknown field\(s\) \['hessian_sample'\]"):
+        tfi.InfluenceArgs.from_dict({"hessian_sample": 3})
+    with pytest.raises(ValueError, match="hessian_samples must be ≥ 1"):
+        tfi.InfluenceArgs(hessian_samples=0)
+    with pytest.raises(ValueError, match="needs alpha > 0"):
+        tfi.InfluenceArgs(case="updated", alpha=0.0)
+
+
+def test_json_round_trip_keeps_every_field():
+    import tensorflow as tf
+    cfg = tfi.SolverConfig("cg_squared", damping=3e-4, tol=1e-7, max_iter=17, dtype=tf.float64,
+                           on_nonconvergence="raise", curvature_iterations=4)
+    back = tfi.SolverConfig.from_json(cfg.to_json())
+    assert back.to_dict() == cfg.to_dict() and back.dtype == "float64"
+    args = tfi.InfluenceArgs(case="updated", alpha=0.05, hessian_samples=None, seed=3, test_target="each",
+                             pretrain_solver=tfi.SolverConfig("ekfac", fisher="empirical", max_examples=50),
+                             finetune_solver=cfg)
+    again = tfi.InfluenceArgs.from_json(args.to_json())
+    assert again.to_dict() == args.to_dict()
+    assert again.pretrain_solver.fisher == "empirical" and again.hessian_samples is None
+    from tf_influence import kfac
+    with pytest.raises(ValueError, match="save it"):
+        tfi.SolverConfig("ekfac", factors=kfac.KFACFactors("ekfac", "true", 1, None, {}, {})).to_json()
+
+
+def test_options_reach_the_solver():
+    """A field set on the config changes the solve (it is not dropped on the way)."""
+    A = np.diag([1.0, 2.0, 50.0])
+    b = np.ones(3)
+    few = tfi.solve(tfi.DenseOperator(A), b, tfi.SolverConfig("cg", damping=0.0, max_iter=1, tol=1e-12,
+                                                              on_nonconvergence="ignore", curvature_iterations=0))
+    assert few.iterations == 1 and not few.converged
+    lissa = tfi.solve(tfi.DenseOperator(A), b, tfi.SolverConfig("lissa", damping=0.0, scale=30.0, max_iter=3000,
+                                                                tol=1e-10, curvature_iterations=0))
+    assert lissa.extra["scale"] == 30.0
+    np.testing.assert_allclose(lissa.x, 1.0 / np.diag(A), rtol=1e-8)
+    with pytest.raises(ValueError, match="refuses a 3×3 system"):
+        tfi.solve(tfi.DenseOperator(A), b, tfi.SolverConfig("dense", max_params=2))
+
+
+def test_multistage_keywords_override_args(tmp_path):
+    from tests import helpers as h
+    pre, ft, _ = h.two_stage_mlps()
+    rng = np.random.default_rng(1)
+    xp, yp = rng.normal(size=(40, 5)), rng.integers(0, 3, 40)
+    xf, yf = rng.normal(size=(30, 5)), rng.integers(0, 2, 30)
+    g, f = tfi.Objective(pre, h.sce()), tfi.Objective(ft, h.sce())
+    args = tfi.InfluenceArgs(hessian_samples=None, pretrain_solver=tfi.SolverConfig("dense_squared", damping=1e-2))
+    ms = tfi.MultiStageInfluence(g, h.dataset(xp, yp), f, h.dataset(xf, yf), ["embedding"], args=args, seed=4)
+    assert ms.args.seed == 4 and ms.args.hessian_samples is None and ms.pretrain_solver.damping == 1e-2
+    a = ms(h.dataset(xf[:4], yf[:4])).scores
+    b = tfi.multi_stage_influence(g, h.dataset(xp, yp), f, h.dataset(xf, yf), h.dataset(xf[:4], yf[:4]),
+                                  ["embedding"], hessian_samples=None,
+                                  pretrain_solver=tfi.SolverConfig("dense_squared", damping=1e-2)).scores
+    np.testing.assert_allclose(a, b, rtol=1e-10)
+    with pytest.raises(ValueError, match="case must be 'fixed'"):
+        tfi.MultiStageInfluence(g, h.dataset(xp, yp), f, h.dataset(xf, yf), ["embedding"], case="fxed")
