@@ -4,6 +4,10 @@
 >>> tfi.SolverConfig("cg_squared", damping=tfi.DEFAULT_PRETRAIN_DAMPING).damping
 0.001
 
+Start with :class:`Task` and :class:`Analyzer` (:mod:`tf_influence.analyzer`); the functions under
+them (:func:`multi_stage_influence`, :func:`single_stage_influence`, :func:`self_influence`) take
+the same typed arguments (:class:`InfluenceArgs`, :class:`SolverConfig`).
+
 The library does not import TFX; TFX shells live in ``tfx_components/``, experiments and demos in
 the top-level ``experiments/`` package. ``tf_influence.evaluation`` holds the leave-one-out
 harness users call. Names are loaded on first use (PEP 562), so ``import tf_influence`` is cheap
@@ -20,6 +24,7 @@ _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 __version__ = "0.2.0"
 
 _EXPORTS = {
+    "analyzer": ["Analyzer", "AnalyzerError", "FactorArgs", "Task"],
     "baselines": ["identity_hessian_influence", "pretraining_loss_scores"],
     "diagnostics": ["CurvatureWarning", "curvature_diagnostics", "lanczos_extremes"],
     "gradients": ["mean_gradient", "per_example_dot", "per_example_gradients", "per_example_losses",
@@ -36,12 +41,16 @@ _EXPORTS = {
                 "SolverNotConvergedWarning", "cg", "cg_squared", "dense", "identity", "lissa", "solve"],
     "kfac": ["FactorStatistics", "KFACFactors", "fit_factors"],
     "tracin": ["FilterResult", "presence_sequential", "self_influence"],
+    "presence": ["PresenceCallback", "PresenceModel"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-_SUBMODULES = {"baselines", "compiled", "console", "diagnostics", "evaluation", "gradients", "hessian", "influence", "kfac", "objective",
+_SUBMODULES = {"analyzer", "baselines", "compiled", "console", "diagnostics", "evaluation", "gradients", "hessian", "influence", "kfac", "objective",
                "params", "presence", "scores_io", "selection", "solvers", "tracin"}
 
-__all__ = sorted(_WHERE)
+#: The names a user needs — ``from tf_influence import *``, the API reference's front page. Every
+#: other name of ``_EXPORTS`` still resolves here (the 0.2 surface), and lives in its submodule.
+__all__ = ["Analyzer", "FactorArgs", "InfluenceArgs", "Objective", "PresenceCallback", "PresenceModel",
+           "SolverConfig", "Task", "multi_stage_influence", "self_influence", "single_stage_influence"]
 
 
 def __getattr__(name):

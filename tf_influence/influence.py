@@ -285,6 +285,20 @@ def single_stage_influence(objective: Objective, train_data, test_data, group: P
                            group.spec(objective.model))
 
 
+def pretrain_head_group(model, W: ParameterGroup, pretrain_head=None) -> ParameterGroup | None:
+    """U: the ``pretrain_head`` layers, or every parameter of the pretraining model outside W. May be
+    ``None``: a tied-embedding language model (GPT-2's ``ReversibleEmbedding``) projects onto the
+    vocabulary with W itself, so G depends on W alone and (W, U) is just W."""
+    if as_layer_list(pretrain_head):
+        return group_from_layers(model, pretrain_head, name="U")
+    return complement_group(model, W, name="U", allow_empty=True)
+
+
+def pretrain_group(W: ParameterGroup, U: ParameterGroup | None) -> ParameterGroup:
+    """(W, U), the parameters the pretraining Hessian and the scores are over (W first)."""
+    return concat_groups("(W,U)", W, U) if U is not None else concat_groups("(W,U)", W)
+
+
 class MultiStageInfluence:
     """Multi-stage influence of pretraining examples on a finetuned model's test loss.
 
@@ -345,11 +359,7 @@ class MultiStageInfluence:
             self.W_pre = group_from_layers(pretrain_objective.model, embedding, name="W (pretrain model)")
             self.W_ft = group_from_layers(finetune_objective.model, embedding, name="W (finetune model)")
         check_groups_match(self.W_pre, self.W_ft)
-        # U may be empty: a tied-embedding language model (GPT-2's ReversibleEmbedding) projects onto
-        # the vocabulary with W itself, so G depends on W alone and (W, U) is just W.
-        self.U = (group_from_layers(pretrain_objective.model, pretrain_head, name="U")
-                  if as_layer_list(pretrain_head) else complement_group(pretrain_objective.model, self.W_pre,
-                                                                         name="U", allow_empty=True))
+        self.U = pretrain_head_group(pretrain_objective.model, self.W_pre, pretrain_head)
         self.Theta = (group_from_layers(finetune_objective.model, finetune_head, name="Θ")
                       if finetune_head is not None else complement_group(finetune_objective.model, self.W_ft,
                                                                          name="Θ"))
@@ -363,8 +373,7 @@ class MultiStageInfluence:
                     f"case='fixed' assumes finetuning kept the pretrained embedding, but W differs between the "
                     f"pretraining and finetuning models (max |ΔW| = {diff:.3g}); use case='updated' "
                     "or pass check_fixed_embedding=False")
-        self.WU = (concat_groups("(W,U)", self.W_pre, self.U) if self.U is not None
-                   else concat_groups("(W,U)", self.W_pre))
+        self.WU = pretrain_group(self.W_pre, self.U)
         self.num_pretrain = count_examples(pretrain_data, "pretraining data", pretrain_objective.model)
         square_mode, mixed_mode = (hvp_mode, hvp_mode) if hvp_mode is not None else ("fob", "rr")
         self.H_G = HessianOperator(pretrain_objective, pretrain_data, self.WU, mode=square_mode,

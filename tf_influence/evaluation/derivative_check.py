@@ -158,12 +158,18 @@ def objective_for(model, loss) -> Objective:
 
 
 class _floatx64:
+    """float64 layers inside: ``floatx`` *and* the global dtype policy, which Keras caches from
+    ``floatx`` the first time a layer reads it (after any earlier float32 model, setting ``floatx``
+    alone would leave new layers float32)."""
+
     def __enter__(self):
-        self.old = keras.config.floatx()
+        self.old = keras.config.floatx(), keras.config.dtype_policy()
         keras.config.set_floatx("float64")
+        keras.config.set_dtype_policy("float64")
 
     def __exit__(self, *exc):
-        keras.config.set_floatx(self.old)
+        keras.config.set_floatx(self.old[0])
+        keras.config.set_dtype_policy(self.old[1])
 
 
 def _hub_case(kind, n, rng, sce, y):

@@ -1,0 +1,112 @@
+"""The front door: Task + Analyzer give exactly the scores of the functions under them, keep them by
+name (reloaded, not recomputed; a name computed with other arguments refuses), fit factors once and
+reuse them, and score self-influence — on our MLPs and on a keras-hub GPT-2 a user brings."""
+
+import os
+
+import numpy as np
+import pytest
+
+import tf_influence as tfi
+from tests import helpers as h
+from tf_influence import MultiStageInfluence, analyzer as an, kfac
+
+
+@pytest.fixture(scope="module")
+def world():
+    pre, ft, _ = h.two_stage_mlps()
+    rng = np.random.default_rng(1)
+    xp, yp = rng.normal(size=(40, 5)), rng.integers(0, 3, 40)
+    xf, yf = rng.normal(size=(30, 5)), rng.integers(0, 2, 30)
+    h.train(pre, h.sce(), xp, yp, steps=200)
+    h.train(ft, h.sce(), xf, yf, steps=0)
+    return pre, ft, (xp, yp), (xf, yf)
+
+
+def data(xy, b=16):
+    return h.dataset(*xy, b)
+
+
+def test_analyzer_equals_the_function_and_keeps_results_by_name(world, tmp_path, monkeypatch):
+    pre, ft, P, F = world
+    task = tfi.Task(pre, ft, h.sce(), h.sce(), embedding=["embedding"])
+    args = tfi.InfluenceArgs(hessian_samples=None, test_target="each")
+    a = tfi.Analyzer(task, str(tmp_path), args=args, progress=False)
+    res = a.influence("t4", data(P), data(F), data((F[0][:4], F[1][:4])))
+    ref = tfi.multi_stage_influence(tfi.Objective(pre, h.sce()), data(P), tfi.Objective(ft, h.sce()), data(F),
+                                    data((F[0][:4], F[1][:4])), ["embedding"], args=args, test_target="each")
+    assert res.scores.shape == (40, 4)
+    np.testing.assert_allclose(res.scores, ref.scores, rtol=1e-10)
+    assert os.path.exists(tmp_path / "scores" / "t4" / "influence_args.json")
+    # asked again: loaded, not recomputed (a recompute would call MultiStageInfluence)
+    monkeypatch.setattr(MultiStageInfluence, "__call__", lambda *a, **k: pytest.fail("recomputed"))
+    again = a.influence("t4", data(P), data(F), data((F[0][:4], F[1][:4])))
+    np.testing.assert_array_equal(again.scores, res.scores)
+    np.testing.assert_array_equal(tfi.Analyzer(task, str(tmp_path)).load_scores("t4").scores, res.scores)
+    # the same name with other arguments is refused, not answered with the old scores
+    with pytest.raises(an.AnalyzerError, match="computed with other arguments"):
+        a.influence("t4", data(P), data(F), data(F), args=tfi.InfluenceArgs(hessian_samples=None, seed=1))
+    with pytest.raises(an.AnalyzerError, match="result name '../up'"):
+        a.influence("../up", data(P), data(F), data(F))
+
+
+def test_fitted_factors_are_saved_once_and_invert_the_pretraining_hessian(world, tmp_path):
+    pre, ft, P, F = world
+    a = tfi.Analyzer(tfi.Task(pre, ft, h.sce(), h.sce(), embedding=["embedding"]), str(tmp_path), progress=False)
+    factors = a.fit_factors("ek", data(P), tfi.FactorArgs(fisher="empirical"))
+    assert a.fit_factors("ek", data(P), tfi.FactorArgs(fisher="empirical")).num_examples == factors.num_examples
+    with pytest.raises(an.AnalyzerError, match="factors 'ek'.*other arguments"):
+        a.fit_factors("ek", data(P), tfi.FactorArgs(fisher="true"))
+    args = tfi.InfluenceArgs(hessian_samples=None, pretrain_solver=tfi.SolverConfig("auto", damping=1e-2))
+    res = a.influence("with_factors", data(P), data(F), data(F), args=args, factors_name="ek")
+    assert res.solves["pretrain"]["method"] == "ekfac"
+    g = tfi.Objective(pre, h.sce())
+    own = kfac.fit_factors(g, data(P), a.pretrain_group(), fisher="empirical")
+    ref = tfi.multi_stage_influence(g, data(P), tfi.Objective(ft, h.sce()), data(F), data(F), ["embedding"],
+                                    hessian_samples=None,
+                                    pretrain_solver=tfi.SolverConfig("ekfac", damping=1e-2, factors=own))
+    np.testing.assert_allclose(res.scores, ref.scores, rtol=1e-8)
+
+
+def test_self_influence_defaults_to_the_embedding(world, tmp_path):
+    pre, ft, P, _ = world
+    a = tfi.Analyzer(tfi.Task(pre, ft, h.sce(), h.sce(), embedding=["embedding"]), str(tmp_path), progress=False)
+    si = a.self_influence("emb", data(P))
+    g = tfi.Objective(pre, h.sce())
+    np.testing.assert_allclose(si, tfi.self_influence(g, data(P), ["embedding"]), rtol=1e-10)
+    grads = h.one_at_a_time_gradients(g, *P, tfi.group_from_layers(pre, ["embedding"]))
+    np.testing.assert_allclose(si, np.sum(grads ** 2, axis=1), rtol=1e-8)   # independent: one at a time
+    np.testing.assert_array_equal(a.load_self_influence("emb"), si)
+    # a task without an embedding scores every parameter of the pretraining model
+    whole = tfi.Analyzer(tfi.Task(pre, pretrain_loss=h.sce()), str(tmp_path / "b"), progress=False)
+    np.testing.assert_allclose(whole.self_influence("all", data(P)),
+                               tfi.self_influence(g, data(P), tfi.ParameterGroup.from_model(pre)), rtol=1e-10)
+
+
+def test_bad_tasks_say_what_is_missing(world, tmp_path):
+    pre, ft, P, F = world
+    with pytest.raises(an.AnalyzerError, match="no pretrain_loss given and the pretrain model 'pretrain' is not "
+                                               "compiled"):
+        tfi.Analyzer(tfi.Task(pre, ft, embedding=["embedding"]), str(tmp_path)).influence("x", data(P), data(F),
+                                                                                          data(F))
+    with pytest.raises(an.AnalyzerError, match="Task.embedding"):
+        tfi.Analyzer(tfi.Task(pre, ft, h.sce(), h.sce()), str(tmp_path)).influence("x", data(P), data(F), data(F))
+    with pytest.raises(TypeError, match="needs a tf_influence.Task"):
+        tfi.Analyzer(pre, str(tmp_path))
+    with pytest.raises(ValueError, match="FactorArgs.kind"):
+        tfi.FactorArgs(kind="kfc")
+
+
+def test_a_keras_hub_lm_through_the_front_door(tmp_path):
+    pytest.importorskip("keras_hub")
+    from tests import hub_models as hm
+    c = hm.build("gpt2", **hm.TINY)
+    g, f = hm.objectives(c)
+    task = tfi.Task(c.pretrain, c.finetune, g, f, embedding=c.backbone)
+    a = tfi.Analyzer(task, str(tmp_path), progress=False)
+    res = a.influence("gpt2", c.pretrain_data, c.finetune_data, c.test_data)
+    ref = tfi.multi_stage_influence(g, c.pretrain_data, f, c.finetune_data, c.test_data, embedding=c.backbone)
+    np.testing.assert_allclose(res.scores, ref.scores, rtol=1e-6)
+    assert res.solves["pretrain"]["auto"]["chose"] == "dense_squared"
+    si = a.self_influence("tok", c.pretrain_data, si_layers=["backbone/token_embedding"])
+    np.testing.assert_allclose(si, tfi.self_influence(g, c.pretrain_data, ["backbone/token_embedding"]), rtol=1e-6)
