@@ -5,21 +5,25 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test pipeline pipeline-compile presence-pipeline demo bench bench-presence bench-kfac bench-scale bench-hub bench-beam-scale presence presence-quick presence-lm presence-lm-quick bazel-test reproduce reproduce-quick clean
+.PHONY: install test docs pipeline pipeline-compile presence-pipeline demo bench bench-presence bench-kfac bench-scale bench-hub bench-beam-scale presence presence-quick presence-lm presence-lm-quick bazel-test reproduce reproduce-quick clean
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-tfx.txt requirements-hub.txt pyproject.toml
+$(STAMP): requirements.txt requirements-tfx.txt requirements-hub.txt requirements-docs.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --disable-pip-version-check -q --upgrade pip==24.0
 	$(PIP) install --disable-pip-version-check -q -r requirements.txt
 	$(PIP) install --disable-pip-version-check -q --no-deps --ignore-requires-python -r requirements-tfx.txt
 	$(PIP) install --disable-pip-version-check -q --no-deps -r requirements-hub.txt
+	$(PIP) install --disable-pip-version-check -q --no-deps -r requirements-docs.txt
 	$(PIP) install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 test: install
 	$(PY) -m pytest -q -n 3 --dist loadfile tests   # 3 workers on 2 cores (much is single-threaded tracing / Beam start-up: 7:22 vs 8:06 with 2); loadfile keeps module fixtures together
+
+docs: install
+	$(VENV)/bin/mkdocs build --strict --quiet   # warnings are errors; the site lands in reports/site/
 
 pipeline: install
 	$(PY) -m pipelines.influence_pipeline --root reports/pipelines/influence
@@ -46,7 +50,7 @@ bench-scale: install
 	$(PY) -m benchmarks.scale --out reports/benchmarks/scale.json
 
 bench-hub: install
-	$(PY) -m benchmarks.hub --out reports/benchmarks/hub.json
+	$(PY) -m benchmarks.hub --out docs/results/hub.json
 
 bench-beam-scale: install
 	$(PY) -m benchmarks.beam_scale --out reports/benchmarks/beam_scale.json

@@ -1,6 +1,6 @@
 """keras-hub benchmark: multi-stage influence with the package defaults on a GPT-2-style causal LM.
 
-``python -m benchmarks.hub --out reports/benchmarks/hub.json`` (``make bench-hub``) measures:
+``python -m benchmarks.hub --out docs/results/hub.json`` (``make bench-hub``; the docs page renders that file) measures:
 
 * **speed** — a ``keras_hub.models.GPT2CausalLM`` (≥ 1 M parameters, tied ``ReversibleEmbedding``)
   pretrained on character windows of the embedded corpus, its backbone frozen under a 6-way domain
@@ -174,7 +174,7 @@ def fidelity(n_pre: int, n_loo: int, width: int, length: int, steps: int) -> dic
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="reports/benchmarks/hub.json", help="JSON report path")
+    parser.add_argument("--out", default="docs/results/hub.json", help="JSON report path (the docs render it)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not the reported numbers")
     parser.add_argument("--examples", type=int, default=20_000, help="pretraining sequences of the speed run")
     parser.add_argument("--width", type=int, default=168, help="GPT-2 hidden width of the speed run (1.04 M parameters)")

@@ -62,10 +62,17 @@ def test_ekfac_eigenvalues_are_the_exact_fisher_diagonal_incl_reversible_embeddi
     np.testing.assert_allclose(got, G2, rtol=2e-3, atol=1e-6 * G2.max())
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ["llama"])
 def test_multistage_and_single_stage_ekfac_run_on_float32_hub_models(kind):
-    """These calls used to kill the process (oneDNN + pfor over the attention's einsums)."""
-    c = hm.build(kind, **TINY)
+    """These calls used to kill the process (oneDNN + pfor over the attention's einsums). Llama is the
+    kind whose RMS-norm scales still take the per-example fallback (BERT's and GPT-2's position
+    embeddings and LayerNorms now come from captured records, so they never reach it; their EK-FAC
+    fits run in the eigenvalue test above, in the same environment)."""
+    c0 = hm.build(kind, **TINY)
+    _, rest = kfac.norm_blocks(c0.pretrain, kfac.kronecker_blocks(c0.pretrain,
+                                                                  tfi.ParameterGroup.from_model(c0.pretrain))[1])
+    assert rest, "Llama was chosen because it reaches the per-example fallback"
+    c = c0
     g, f = hm.objectives(c)
     ekfac = tfi.SolverConfig("ekfac", damping=1e-3, curvature_iterations=0)
     res = tfi.multi_stage_influence(g, c.pretrain_data, f, c.finetune_data, c.test_data, embedding=c.backbone,

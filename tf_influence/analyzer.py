@@ -92,10 +92,12 @@ class Task:
     Args:
       pretrain_model: the pretraining model (W, U).
       finetune_model: the finetuned model (W, Θ); ``None`` for self-influence / single-model use.
-      pretrain_loss, finetune_loss: a Keras loss (object, name or ``fn(y_true, y_pred)``), or an
+      pretrain_loss: a Keras loss (object, name or ``fn(y_true, y_pred)``), or an
         :class:`~tf_influence.objective.Objective`; ``None``: the model's compiled loss.
+      finetune_loss: the same for the finetuned model.
       embedding: the shared parameters W (layer objects, names or Keras paths present in both models).
-      pretrain_head, finetune_head: U and Θ (default: everything else in each model).
+      pretrain_head: U (default: everything in the pretraining model outside W).
+      finetune_head: Θ (default: everything in the finetuned model outside W).
       measurement: what is measured on the test points (default: the finetuning loss; e.g.
         :func:`tf_influence.lm.completion_log_probability` for a causal LM).
       si_layers: the layer set of self-influence (default: ``embedding``; ``None`` and no embedding:

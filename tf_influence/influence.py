@@ -310,15 +310,16 @@ class MultiStageInfluence:
       embedding: the shared parameters W: layers / sub-models present in *both* models, as layer
         objects (``backbone``), names (``["embedding"]``) or paths (``"backbone/token_embedding"``),
         or a pair of :class:`ParameterGroup` ``(W_pretrain, W_finetune)``. Frozen layers count.
-      pretrain_head, finetune_head: layers of U and Θ; default: every other parameter of the
-        respective model. U may be empty (a tied-embedding LM whose output projection is W itself).
+      pretrain_head: layers of U; default: every other parameter of the pretraining model. U may
+        be empty (a tied-embedding LM whose output projection is W itself).
+      finetune_head: layers of Θ; default: every other parameter of the finetuning model.
       case: ``"fixed"`` (finetuning keeps W = W*; eq. 9–11) or ``"updated"`` (W is finetuned;
         eq. 12–15 with the proximal weight ``alpha``).
       alpha: α of eq. 12 (paper: 0.01).
-      pretrain_solver, finetune_solver: :class:`SolverConfig` for ``(∂²G/∂(W,U)²)⁻¹`` and for
-        ``(∂²F/∂Θ²)⁻¹`` (case 1) or the block matrix of eq. 15 (case 2). Defaults:
-        :func:`default_solvers` (``solver="auto"`` with :data:`DEFAULT_PRETRAIN_DAMPING` and
-        :data:`DEFAULT_FINETUNE_DAMPING`).
+      pretrain_solver: :class:`SolverConfig` for ``(∂²G/∂(W,U)²)⁻¹``; default ``solver="auto"``
+        with :data:`DEFAULT_PRETRAIN_DAMPING` (:func:`default_solvers`).
+      finetune_solver: :class:`SolverConfig` for ``(∂²F/∂Θ²)⁻¹`` (case 1) or the block matrix of
+        eq. 15 (case 2); default ``solver="auto"`` with :data:`DEFAULT_FINETUNE_DAMPING`.
       hessian_samples: pretraining examples used for ``∂²G`` (paper: 1,000); ``None`` = all.
       measurement: what is measured on the test points (default: the finetuning loss ``f``); an
         :class:`Objective` of the finetuning model or a function ``fn(y_true, y_pred) -> [B]``.

@@ -1,0 +1,53 @@
+"""The docs: the site builds with warnings as errors, result pages come from their JSON files, the
+README stays short and its benchmark numbers are the ones in the results file."""
+
+import importlib.util
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def hooks():
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_site_builds_strict(tmp_path):
+    mkdocs = shutil.which("mkdocs", path=str(pathlib.Path(sys.executable).parent))
+    if mkdocs is None:
+        pytest.fail("mkdocs is not installed: make install installs requirements-docs.txt")
+    run = subprocess.run([mkdocs, "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    page = (tmp_path / "site" / "results" / "hub" / "index.html").read_text()
+    data = json.loads((ROOT / "docs" / "results" / "hub.json").read_text())
+    assert f"{data['n_params']:,}" in page and "{{" not in page       # rendered from the JSON, no placeholder left
+    api = (tmp_path / "site" / "api" / "index.html").read_text()
+    assert "Analyzer" in api and "InfluenceArgs" in api and "SolverConfig" in api
+
+
+def test_result_tables_follow_the_json():
+    data = json.loads((ROOT / "docs" / "results" / "hub.json").read_text())
+    changed = dict(data, n_params=1234567, default_over_epoch=2.5)
+    text = hooks().hub_tables(changed)
+    assert "1,234,567" in text and "**2.5 epochs**" in text
+    assert f"{data['n_params']:,}" not in text
+
+
+def test_readme_is_short_and_quotes_the_results_file():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    data = json.loads((ROOT / "docs" / "results" / "hub.json").read_text())
+    assert f"{data['n_params']:,}-parameter" in readme
+    assert f"{data['default_over_epoch']:.2f} training epochs" in readme
+    assert f"{data['default_over_epoch_2k']:.2f} epochs" in readme
+    assert f"{data['fidelity_over_identity']['default']:.2f}×" in readme
+    assert "../shared" not in readme
