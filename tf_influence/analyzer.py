@@ -36,13 +36,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
 from .influence import InfluenceArgs, InfluenceResult, MultiStageInfluence
 from .objective import Objective
-from .solvers import SolverConfig
+from .solvers import dataclass_from_dict
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -78,11 +78,7 @@ class FactorArgs:
 
     @classmethod
     def from_json(cls, text: str) -> "FactorArgs":
-        d = json.loads(text)
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"FactorArgs: unknown field(s) {unknown}")
-        return cls(**d)
+        return dataclass_from_dict(cls, json.loads(text))
 
 
 @dataclass
@@ -242,11 +238,7 @@ class Analyzer:
         run_args = args
         if factors_name is not None:
             factors = self.load_factors(factors_name)
-            pre = args.pretrain_solver
-            run_args = InfluenceArgs(**{**{f.name: getattr(args, f.name) for f in fields(args)},
-                                        "pretrain_solver": SolverConfig(
-                                            factors.kind, damping=pre.damping, relative_damping=pre.relative_damping,
-                                            factors=factors, curvature_iterations=pre.curvature_iterations)})
+            run_args = replace(args, pretrain_solver=args.pretrain_solver.with_factors(factors))
         result = self._influence(pretrain_data, finetune_data, run_args)(test_data, args.test_target)
         result.save(directory)
         with open(os.path.join(directory, "influence_args.json"), "w") as fh:

@@ -6,7 +6,8 @@ short of one has negative curvature; the damping ``λ`` then decides much of the
 ``λ`` exceeds the whole spectrum ``(H + λI)⁻¹ ≈ I/λ`` — the scores become the identity baseline,
 whatever the solver's residual says. Every solve reports the extreme eigenvalues of the operator
 — from the explicit matrix of a dense solve, the fitted factors of an (E)K-FAC solve, or else a few
-Hessian-vector products (:func:`lanczos_extremes`) — the damping relative to them, and warns (:class:`CurvatureWarning`) when
+Hessian-vector products (:func:`lanczos_extremes`) — the damping relative to them, and warns
+(:class:`CurvatureWarning`) when
 
 * the Hessian is **indefinite at a scale that matters**: a Ritz value below
   ``−INDEFINITE_RELATIVE × λ_max`` (Ritz values lie inside the spectrum, so a negative one proves

@@ -47,7 +47,7 @@ from .hessian import HessianOperator
 from .objective import Objective, count_examples
 from .params import (GroupSpec, ParameterGroup, ParameterGroupError, as_layer_list, check_groups_match, complement_group,
                      concat_groups, group_from_layers)
-from .solvers import DEFAULT_FINETUNE_DAMPING, DEFAULT_PRETRAIN_DAMPING, SolverConfig, solve
+from .solvers import DEFAULT_FINETUNE_DAMPING, DEFAULT_PRETRAIN_DAMPING, SolverConfig, dataclass_from_dict, solve
 
 TEST_TARGETS = ("sum", "each")
 CASES = ("fixed", "updated")
@@ -100,7 +100,8 @@ class InfluenceArgs:
             if isinstance(value, dict):
                 setattr(self, name, SolverConfig.from_dict(value))
             elif not isinstance(value, SolverConfig):
-                raise TypeError(f"InfluenceArgs.{name} must be a SolverConfig (or its dict), got {type(value).__name__}")
+                raise TypeError(f"InfluenceArgs.{name} must be a SolverConfig (or its dict), "
+                                f"got {type(value).__name__}")
         if self.case not in CASES:
             raise ValueError(f"case must be 'fixed' (embedding fixed in finetuning) or 'updated', got '{self.case}'")
         if self.case == "updated" and not self.alpha > 0:
@@ -122,11 +123,7 @@ class InfluenceArgs:
 
     @classmethod
     def from_dict(cls, d: dict) -> "InfluenceArgs":
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"InfluenceArgs: unknown field(s) {unknown}; the fields are "
-                             f"{sorted(f.name for f in fields(cls))}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
     @classmethod
     def from_json(cls, text: str) -> "InfluenceArgs":

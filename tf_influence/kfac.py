@@ -486,8 +486,10 @@ class _Capture:
     def __enter__(self):
         for layer in self.layers:
             original, rec, reversible = layer.call, self._calls[id(layer)], _is_reversible(layer)
+            position = _PositionBlock.owns(layer)
 
-            def call(inputs, *args, _layer=layer, _original=original, _rec=rec, _reversible=reversible, **kwargs):
+            def call(inputs, *args, _layer=layer, _original=original, _rec=rec, _reversible=reversible,
+                     _position=position, **kwargs):
                 act = getattr(_layer, "activation", None)
                 if act is not None:
                     object.__setattr__(_layer, "activation", None)
@@ -498,7 +500,7 @@ class _Capture:
                         object.__setattr__(_layer, "activation", act)
                 reverse = bool(kwargs.get("reverse", args[0] if args else False)) if _reversible else False
                 options = {}
-                if _PositionBlock.owns(_layer):  # call(inputs, start_index=0, positions=None)
+                if _position:  # call(inputs, start_index=0, positions=None)
                     options = dict(zip(("start_index", "positions"), args))
                     options.update({k: kwargs[k] for k in ("start_index", "positions") if k in kwargs})
                 _rec.append((inputs, pre, reverse, options))

@@ -462,6 +462,14 @@ class SolverConfig:
                 raise ValueError(f"SolverConfig(method='{self.method}'): '{name}' does not apply to "
                                  f"'{self.method}' (it is read by: {users})")
 
+    def with_factors(self, factors) -> "SolverConfig":
+        """This configuration's damping (absolute and relative) and diagnostics applied to fitted
+        (E)K-FAC ``factors`` (a :class:`~tf_influence.kfac.KFACFactors` or its directory): the
+        solver becomes the factors' kind."""
+        kind = factors.kind if hasattr(factors, "kind") else _saved_kind(factors)
+        return SolverConfig(kind, damping=self.damping, relative_damping=self.relative_damping, factors=factors,
+                            curvature_iterations=self.curvature_iterations)
+
     def kwargs(self) -> dict:
         """The keyword arguments of the solver function :data:`SOLVERS` ``[method]``."""
         return {k: getattr(self, k) for k in SOLVER_FIELDS[self.method]}
@@ -481,17 +489,28 @@ class SolverConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SolverConfig":
-        if not isinstance(d, dict):
-            raise ValueError(f"a SolverConfig is a JSON object, got {type(d).__name__}")
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"SolverConfig: unknown field(s) {unknown}; the fields are "
-                             f"{sorted(f.name for f in fields(cls))}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
     @classmethod
     def from_json(cls, text: str) -> "SolverConfig":
         return cls.from_dict(json.loads(text))
+
+
+def _saved_kind(directory: str) -> str:
+    from .kfac import KFACFactors
+    return KFACFactors.load(directory).kind
+
+
+def dataclass_from_dict(cls, d: dict):
+    """``cls(**d)`` for a configuration dataclass, refusing unknown keys by name (the one rule of
+    every ``from_json`` of the package's configuration objects)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a {cls.__name__} is a JSON object, got {type(d).__name__}")
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; the fields are "
+                         f"{sorted(f.name for f in fields(cls))}")
+    return cls(**d)
 
 
 _OPTION_FIELDS = ("scale", "max_params", "fisher", "relative_damping", "factors", "max_examples", "seed",

@@ -3,6 +3,7 @@
 With a ``pretrain_factors`` input (FactorFitter's KFACFactors) the pretraining Hessian is inverted
 with those factors and the driver never loads the pretraining corpus."""
 
+import dataclasses
 import json
 import os
 
@@ -59,9 +60,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             factors_uri = artifact_utils.get_single_instance(factors_art).uri
             factors = kfac.KFACFactors.load(factors_uri)
             # the solver's kind is the factors'; the driver holds one batch: nothing to diagnose there
-            pre_solver = tfi.SolverConfig(factors.kind, damping=pre_solver.damping,
-                                          relative_damping=pre_solver.relative_damping, factors=factors,
-                                          curvature_iterations=0)
+            pre_solver = dataclasses.replace(pre_solver.with_factors(factors), curvature_iterations=0)
             _, xp, yp = common.load_split(pre_ex, pre_splits[0], spec, limit=int(e.get("batch_size") or 256))
             pre_ds = _ds(xp, yp)
         else:
