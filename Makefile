@@ -38,16 +38,16 @@ demo: install
 	$(PY) -m experiments.demo
 
 bench: install
-	$(PY) -m benchmarks.engine --out reports/benchmarks/engine.json
+	$(PY) -m benchmarks.engine --out docs/results/engine.json
 
 bench-presence: install
-	$(PY) -m benchmarks.presence --out reports/benchmarks/presence.json
+	$(PY) -m benchmarks.presence --out docs/results/presence.json
 
 bench-kfac: install
 	$(PY) -m benchmarks.kfac_digits --out reports/benchmarks/kfac_digits.json
 
 bench-scale: install
-	$(PY) -m benchmarks.scale --out reports/benchmarks/scale.json
+	$(PY) -m benchmarks.scale --out docs/results/scale.json
 
 bench-hub: install
 	$(PY) -m benchmarks.hub --out docs/results/hub.json

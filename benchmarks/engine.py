@@ -45,7 +45,7 @@ def main(argv=None):
     from tf_influence.evaluation import WeightedTrainer
     from tf_influence.gradients import GradientKernels
     from tf_influence.hessian import HvpKernels
-    from tf_influence.kfac import GhostNorms
+    from tf_influence.ghost_norms import GhostNorms
 
     data = data_mod.load_two_stage(n_finetune=400)
     pre, ft, emb = models.build_two_stage_models(data.x_pre.shape[1:], 4, 6, l2=1e-4)

@@ -1,6 +1,7 @@
 """MkDocs hook: result pages are generated from the JSON files the benchmarks write, so a number on
 a page cannot disagree with its source. A page writes ``{{ results: NAME }}``; the hook replaces it
-with the tables of ``docs/results/NAME.json`` (``python -m benchmarks.hub --out docs/results/hub.json``)."""
+with the tables of ``docs/results/NAME.json`` (written by ``make bench-hub`` / ``bench-scale`` /
+``bench`` / ``bench-presence``); a met / missed target is computed from the number, not written."""
 
 from __future__ import annotations
 
@@ -19,7 +20,11 @@ def _fmt(v, digits=3):
     if isinstance(v, int):
         return f"{v:,}"
     if isinstance(v, float):
-        return f"{v:.2e}" if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e5) else f"{v:.{digits}g}"
+        if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e7):
+            return f"{v:.2e}"
+        if abs(v) >= 100:
+            return f"{v:,.0f}"
+        return f"{v:.{digits + 1}g}" if abs(v) < 1 else f"{v:.{digits}g}"
     return str(v)
 
 
@@ -54,7 +59,82 @@ def hub_tables(d: dict) -> str:
         "", *hvp, "", f"`quick` run: {d.get('quick')}."])
 
 
-GENERATORS = {"hub": hub_tables}
+def _table(d: dict, rows) -> str:
+    """``rows``: ``(key, meaning)``; a key missing from ``d`` is an error (the page and the benchmark
+    must agree on names)."""
+    out = ["| measurement | value | what it is |", "|---|---|---|"]
+    for key, meaning in rows:
+        if key not in d:
+            raise KeyError(f"benchmark results lack '{key}'")
+        v = d[key]
+        v = ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items()) if isinstance(v, dict) else (
+            ", ".join(_fmt(x) for x in v) if isinstance(v, list) else _fmt(v))
+        out.append(f"| `{key}` | {v} | {meaning} |")
+    return "\n".join(out)
+
+
+def _targets(d: dict, targets) -> str:
+    """``targets``: ``(label, key, op, bound)``; met / missed is computed here from the number."""
+    lines = []
+    for label, key, op, bound in targets:
+        v = d[key]
+        met = v <= bound if op == "<=" else v >= bound
+        lines.append(f"- {label}: `{key}` = {_fmt(v)} (target {op.replace('<=', '≤').replace('>=', '≥')} "
+                     f"{_fmt(bound)}) — **{'met' if met else 'missed'}**")
+    return "\n".join(lines)
+
+
+def scale_tables(d: dict) -> str:
+    """The EK-FAC-vs-CG scale benchmark (benchmarks/scale.py)."""
+    return "\n\n".join([_table(d, [
+        ("n_params", "parameters of the causal transformer LM"),
+        ("n_pretrain_examples", "training sequences (32 tokens each)"),
+        ("train_epoch_seconds_each", "the same `fit` epoch, twice"),
+        ("ekfac_fit_seconds", "EK-FAC factors on every sequence (true Fisher, two passes)"),
+        ("ekfac_ihvp_seconds", "one EK-FAC inverse-Hessian-vector product"),
+        ("ekfac_scoring_seconds", "scoring every sequence"),
+        ("ekfac_score_all_over_epoch", "factors + IHVP + every score, end to end, over the faster epoch"),
+        ("ekfac_score_all_over_epoch_interleaved", "the same from per-batch medians measured round-robin"),
+        ("per_256_sequences_median_seconds", "those medians per phase"),
+        ("ekfac_quarter_factors_score_all_over_epoch", "with `fit_factors(max_examples=n/4)`, end to end"),
+        ("ekfac_quarter_factors_score_all_over_epoch_interleaved", "the same from the per-batch medians"),
+        ("ekfac_quarter_vs_full_factors_spearman", "quarter-factor scores against full-factor scores"),
+        ("cg_seconds_per_iteration", f"CG ({d['cg_iterations_run']} iterations run, extrapolated to "
+                                     f"{d['cg_budget_iterations']})"),
+        ("cg_score_all_seconds", "CG's budget, extrapolated"),
+        ("ekfac_over_cg_speedup", "EK-FAC end to end over CG's extrapolated budget"),
+        ("ekfac_vs_cg_spearman", f"EK-FAC scores against {d['cg_iterations_run']} CG iterations' (agreement, "
+                                 "not quality)"),
+        ("si_over_batched_gradient", "ghost-norm self-influence over a batched gradient (throughput)"),
+        ("peak_rss_mb", "peak resident memory"),
+        ("wall_seconds", "the whole benchmark"),
+    ]), _targets(d, [
+        ("EK-FAC, everything, full factors", "ekfac_score_all_over_epoch_interleaved", "<=", 3),
+        ("EK-FAC, everything, factors on a quarter", "ekfac_quarter_factors_score_all_over_epoch_interleaved",
+         "<=", 3),
+        ("EK-FAC over CG", "ekfac_over_cg_speedup", ">=", 10),
+        ("self-influence over a batched gradient", "si_over_batched_gradient", ">=", 0.5)])])
+
+
+def engine_tables(d: dict) -> str:
+    """The engine benchmark (benchmarks/engine.py)."""
+    keys = [(k, "") for k in d if isinstance(d[k], (int, float)) and not isinstance(d[k], bool)]
+    return "\n\n".join([_table(d, keys), _targets(d, [
+        ("HVP over gradient (forward-over-back)", "hvp_fob_over_grad", "<=", 3),
+        ("vectorised per-example over a loop", "per_example_vectorized_over_loop", ">=", 10),
+        ("self-influence over a batched gradient", "si_over_batched_gradient", ">=", 0.5)])])
+
+
+def presence_tables(d: dict) -> str:
+    """The PRESENCE step benchmark (benchmarks/presence.py)."""
+    keys = [(k, "") for k in d if isinstance(d[k], (int, float)) and not isinstance(d[k], bool)]
+    targets = [("PRESENCE step over a plain step, character LM", "presence_step_over_plain_step", "<=", 1.15)]
+    if "transformer_presence_step_over_plain_step" in d:
+        targets.append(("the same, transformer LM", "transformer_presence_step_over_plain_step", "<=", 1.15))
+    return "\n\n".join([_table(d, keys), _targets(d, targets)])
+
+
+GENERATORS = {"hub": hub_tables, "scale": scale_tables, "engine": engine_tables, "presence": presence_tables}
 
 
 def render(name: str) -> str:

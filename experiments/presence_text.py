@@ -144,8 +144,8 @@ def run(cfg: TextConfig, out_dir: str, progress: bool = True) -> dict:
     keep = int(round(cfg.keep_fraction * len(pool)))
     pool_x, pool_y = xy(pool)
     pool_ds = tf.data.Dataset.from_tensor_slices((pool_x, pool_y)).batch(128)
-    filt = tracin.presence_sequential(tfi.Objective(pool_scorer, text.lm_loss()), pool_ds, ["embedding"], keep=keep)
-    rev = tracin.presence_sequential(tfi.Objective(pool_scorer, text.lm_loss()), pool_ds, ["embedding"], keep=keep,
+    filt = presence.presence_sequential(tfi.Objective(pool_scorer, text.lm_loss()), pool_ds, ["embedding"], keep=keep)
+    rev = presence.presence_sequential(tfi.Objective(pool_scorer, text.lm_loss()), pool_ds, ["embedding"], keep=keep,
                                      reverse=True)
     results["sequential_filter"] = {
         "pool": len(pool), "kept": int(len(filt.kept)), "dropped": int(len(filt.dropped)),

@@ -150,7 +150,7 @@ def test_bad_input():
     pm.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
     with pytest.raises(ValueError, match="not divisible by num_microbatches=5"):
         pm.fit(x, y, batch_size=24, epochs=1, verbose=0)
-    with pytest.raises(tfi.ParameterGroupError, match="non-empty layer set"):
+    with pytest.raises(tfi.ParameterGroupError, match="layer set K is empty"):
         presence.PresenceModel(model, num_microbatches=4, si_layers=[])
     with pytest.raises(tfi.ParameterGroupError, match="no layer named 'encoder'"):
         presence.PresenceModel(model, num_microbatches=4, si_layers=["encoder"])
@@ -163,6 +163,27 @@ def test_bad_input():
     with pytest.raises(TypeError, match="PresenceModel"):
         model.compile(optimizer="sgd", loss="mse")
         model.fit(x, y, epochs=1, verbose=0, callbacks=[presence.PresenceCallback(presence.direct())])
+
+
+def test_layer_set_by_object_or_path_frozen_refused_and_save_load_round_trip(tmp_path):
+    model = toy()
+    x, y = data(16)
+    by_obj = presence.PresenceModel(model, num_microbatches=4, si_layers=model.get_layer("first"), tau=0.5)
+    assert by_obj.si_layers == ["first"] and [v.path for v in by_obj._k_vars] == [
+        v.path for v in model.get_layer("first").trainable_weights]
+    model.get_layer("first").trainable = False
+    with pytest.raises(tfi.ParameterGroupError, match="frozen variables"):
+        presence.PresenceModel(model, num_microbatches=4, si_layers=["first"])
+    model.get_layer("first").trainable = True
+    by_obj.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    by_obj.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    path = str(tmp_path / "presence.keras")
+    by_obj.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, presence.PresenceModel)
+    assert (loaded.num_microbatches, loaded.si_layers, loaded.eps, loaded.relative_eps) == (4, ["first"], by_obj.eps, True)
+    assert float(loaded.presence_tau.numpy()) == 0.5
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), by_obj.predict(x, verbose=0))
 
 
 def test_tracin_self_influence_and_sequential_filter():
@@ -184,15 +205,15 @@ def test_tracin_self_influence_and_sequential_filter():
     np.testing.assert_allclose(si2, 0.1 * ref + 0.2 * ref2, rtol=1e-5)
     # influence matrix diagonal = self-influence
     np.testing.assert_allclose(np.diag(tracin.tracin(obj, ds, ds, ["first"])), si, rtol=1e-5)
-    res = tracin.presence_sequential(obj, ds, ["first"], keep=20)
+    res = presence.presence_sequential(obj, ds, ["first"], keep=20)
     assert len(res.kept) == 20 and len(res.dropped) == 10
     assert si[res.kept].max() <= si[res.dropped].min()
-    rev = tracin.presence_sequential(obj, ds, ["first"], keep=20, reverse=True)
+    rev = presence.presence_sequential(obj, ds, ["first"], keep=20, reverse=True)
     assert si[rev.kept].min() >= si[rev.dropped].max()
     kept = np.concatenate([b[0].numpy() for b in res.take(ds, "kept", batch_size=8)])
     dropped = np.concatenate([b[0].numpy() for b in res.take(ds, "dropped", batch_size=8)])
     np.testing.assert_array_equal(np.concatenate([kept, dropped])[np.argsort(np.r_[res.kept, res.dropped])], x)
     with pytest.raises(ValueError, match="keep=40"):
-        tracin.presence_sequential(obj, ds, ["first"], keep=40)
+        presence.presence_sequential(obj, ds, ["first"], keep=40)
     with pytest.raises(tfi.ParameterGroupError, match="layer set K is empty"):
         tracin.self_influence(obj, ds, [])

@@ -1,6 +1,6 @@
 """The one rule that turns per-example scores into a kept / dropped split.
 
-Used by the library (:func:`tf_influence.tracin.presence_sequential`) and by the ``ScoreFilter``
+Used by the library (:func:`tf_influence.presence.presence_sequential`) and by the ``ScoreFilter``
 TFX component, so the same scores and keys always keep the same examples.
 
 Order: ascending score; ties are broken by ascending key (the example's stable key in a

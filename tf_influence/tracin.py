@@ -13,23 +13,21 @@ weights are restored afterwards.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
 
 from .gradients import per_example_gradients
 from .objective import EmptyDatasetError, Objective, batches, finite_check
-from .params import ParameterGroup, ParameterGroupError, group_from_layers
-from .selection import select_kept
+from .params import ParameterGroup, ParameterGroupError, as_layer_list, group_from_layers
 
 
 def layer_set(model, si_layers) -> ParameterGroup:
-    """The layer set K as a parameter group; ``si_layers`` = layer / sub-model names (non-empty),
-    or a :class:`ParameterGroup` (returned as is)."""
+    """The layer set K as a parameter group; ``si_layers`` = one or several layer / sub-model names,
+    Keras paths or layer objects (non-empty), or a :class:`ParameterGroup` (returned as is)."""
     if isinstance(si_layers, ParameterGroup):
         return si_layers
-    if si_layers is None or (not isinstance(si_layers, str) and len(list(si_layers)) == 0):
+    if not as_layer_list(si_layers):
         raise ParameterGroupError("the layer set K is empty: name at least one layer in si_layers for self-influence")
     return group_from_layers(model, si_layers, name=f"K={si_layers}")
 
@@ -76,7 +74,7 @@ def self_influence(objective: Objective, dataset, si_layers, checkpoints=None, l
 
     ``si_layers``: the layer set K (layer names or a :class:`ParameterGroup`). ``method``:
     ``"ghost"`` (default) computes ``‖∇_K l(z)‖²`` from one ordinary forward / backward pass per
-    batch (:class:`tf_influence.kfac.GhostNorms`: exact for ``Dense``, ``EinsumDense``, ``Conv1D`` /
+    batch (:class:`tf_influence.ghost_norms.GhostNorms`: exact for ``Dense``, ``EinsumDense``, ``Conv1D`` /
     ``Conv2D`` and ``Embedding`` layers, per-example gradients for the rest of K);
     ``"per_example"`` materialises vectorised per-example gradients (chunks of ``chunk_size``)."""
     if method not in SI_METHODS:
@@ -96,7 +94,7 @@ def self_influence(objective: Objective, dataset, si_layers, checkpoints=None, l
 
 
 def _ghost_self_influence(objective: Objective, dataset, group: ParameterGroup, progress: bool, name: str):
-    from .kfac import GhostNorms
+    from .ghost_norms import GhostNorms
     norms = GhostNorms.get(objective, group)
     it = batches(dataset, name, objective.model)
     if progress:
@@ -136,57 +134,19 @@ def tracin(objective: Objective, train_data, test_data, si_layers, checkpoints=N
 
 def microbatch_self_influence(objective: Objective, x, y, si_layers, num_microbatches: int) -> np.ndarray:
     """MicrobatchSI_K (eq. 11) of the ``n`` contiguous microbatches of one batch ``(x, y)``."""
-    from .presence import microbatch_gradients
+    from .presence.weights import microbatch_gradients
     group = layer_set(objective.model, si_layers)
     _, grads = microbatch_gradients(objective, x, y, group.variables, num_microbatches)
     return np.sum([tf.reduce_sum(tf.reshape(tf.square(g), [num_microbatches, -1]), axis=1).numpy() for g in grads],
                   axis=0)
 
 
-@dataclass
-class FilterResult:
-    """PRESENCE-Sequential output: indices (dataset order) kept and dropped, and every score."""
-
-    kept: np.ndarray
-    dropped: np.ndarray
-    scores: np.ndarray
-    reverse: bool
-
-    def __post_init__(self):
-        n = len(self.scores)
-        both = np.concatenate([self.kept, self.dropped])
-        if len(both) != n or len(np.unique(both)) != n:
-            raise AssertionError("kept and dropped must partition the input")
-
-    def take(self, dataset, which: str = "kept", batch_size: int | None = None):
-        """The kept (or dropped) examples of ``dataset`` as a new dataset (same element order)."""
-        idx = self.kept if which == "kept" else self.dropped
-        mask = np.zeros(len(self.scores), bool)
-        mask[idx] = True
-        mask = tf.constant(mask)
-        ds = dataset.unbatch().enumerate().filter(lambda i, e: tf.gather(mask, i)).map(lambda i, e: e)
-        return ds.batch(batch_size) if batch_size else ds
+__all__ = ["layer_set", "self_influence", "tracin", "microbatch_self_influence"]
 
 
-def presence_sequential(objective: Objective, dataset, si_layers, keep: int, reverse: bool = False,
-                        checkpoints=None, learning_rates=None, keys=None, progress: bool = False) -> FilterResult:
-    """PRESENCE-Sequential (Section 3, eq. 4–5): keep the ``keep`` examples with the lowest
-    self-influence (``reverse=True``: drop the lowest, i.e. keep the highest).
-
-    Streams ``dataset`` (batched ``(x, y)``) once per checkpoint. Selection is
-    :func:`tf_influence.selection.select_kept` — the rule the ``ScoreFilter`` component applies —
-    with ties broken by ``keys`` (one per example, dataset order) or, without keys, by position."""
-    scores = self_influence(objective, dataset, si_layers, checkpoints, learning_rates, progress=progress)
-    n = len(scores)
-    if n == 0:
-        raise EmptyDatasetError("PRESENCE-Sequential got an empty dataset")
-    if not 0 <= keep <= n:
-        raise ValueError(f"keep={keep} but the dataset has {n} examples")
-    if not np.all(np.isfinite(scores)):
-        raise ValueError("self-influence scores contain NaN/Inf")
-    mask = select_kept(scores, "keep_highest" if reverse else "keep_lowest", keep, keys=keys)
-    return FilterResult(np.flatnonzero(mask), np.flatnonzero(~mask), scores, reverse)
-
-
-__all__ = ["layer_set", "self_influence", "tracin", "microbatch_self_influence", "presence_sequential",
-           "FilterResult"]
+def __getattr__(name):
+    # PRESENCE-Sequential lived here before 0.3; it is now tf_influence.presence.sequential
+    if name in ("presence_sequential", "FilterResult"):
+        from .presence import sequential
+        return getattr(sequential, name)
+    raise AttributeError(f"module 'tf_influence.tracin' has no attribute {name!r}")
