@@ -813,7 +813,7 @@ def lds(ctx):
     out = {"protocol": "scratch: retrain both stages from scratch on each subset (TRAK), seeds averaged; "
                        "continue: the leave-one-out rows' gradient-descent continuation with the subset as "
                        "example weights (deterministic)",
-           "num_subsets": c.lds_num_subsets, "alpha": c.lds_alpha, "num_seeds": c.lds_num_seeds,
+           "num_subsets": c.lds_num_subsets, "subset_fraction": c.lds_alpha, "num_seeds": c.lds_num_seeds,
            "num_test_points": t}
     for protocol, key, seeds in (("scratch", "methods", c.lds_num_seeds), ("continue", "methods_continue", 1)):
         masks, meas = _lds_measure(ctx, "pretrain", len(d.x_pre), protocol, seeds)     # [seeds, subsets, 2t]
@@ -864,7 +864,7 @@ def _lds_plot(ctx, out):
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xticks(x, names, rotation=30, fontsize=7)
     ax.set_ylabel("LDS (Spearman, mean ± 95 % CI)")
-    ax.set_title(f"Digits: {out['num_subsets']} subsets at α = {out['alpha']}, {out['num_test_points']} test points",
+    ax.set_title(f"Digits: {out['num_subsets']} subsets of {out.get('subset_fraction', out.get('alpha'))}, {out['num_test_points']} test points",
                  fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -925,7 +925,7 @@ def _fmt(name, r):
                f"{r['methods']['case1_cg']['noise_floor']['seed_to_seed_lds']:.2f})"
         if r.get("methods_continue"):
             text += f". Warm-started: {fmt(r['methods_continue'])}"
-        return text + f" ({r['num_subsets']} subsets × {r['num_seeds']} seeds, α = {r['alpha']}, `lds.png`)"
+        return text + f" ({r['num_subsets']} subsets × {r['num_seeds']} seeds, subsets of {r.get('subset_fraction', r.get('alpha'))}, `lds.png`)"
     if name == "figure3":
         return f"{r.get('shown', 0)} of {r['n_misclassified']} misclassified test images, `figure3.png`"
     return json.dumps(r)

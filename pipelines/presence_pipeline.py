@@ -33,6 +33,7 @@ def create_pipeline(root: str, data_root: str, n_train: int, quick: bool = False
                     metadata_path: str | None = None, keep_fraction: float = 0.8, tau1: float = -1.0):
     from tfx import v1 as tfx
     from tfx.proto import example_gen_pb2
+    from tf_influence.presence import PresenceArgs
 
     from pipelines import text_data
     from pipelines.pipeline_components import CompareLMs
@@ -60,8 +61,7 @@ def create_pipeline(root: str, data_root: str, n_train: int, quick: bool = False
                       value=int(round(keep_fraction * n_train)))
     sequential = trainer("presence_sequential_trainer", flt.outputs["filtered_examples"])
     online = trainer("presence_trainer", gen.outputs["examples"],
-                     {"presence": {"num_microbatches": 4, "si_layers": ["embedding"], "tau1": tau1, "tau2": -1.0,
-                                   "switch_fraction": 0.3}})
+                     {"presence": PresenceArgs(si_layers=("embedding",), tau1=tau1).to_dict()})
     compare = CompareLMs(examples=gen.outputs["examples"], uniform=uniform.outputs["model"],
                          presence_sequential=sequential.outputs["model"], presence=online.outputs["model"],
                          filtered=flt.outputs["filtered_examples"], feature_spec=json.dumps(spec))

@@ -8,7 +8,8 @@ wiring and ``Format-Serving`` layout for free. ``custom_config`` selects the sta
 * ``{"stage": "lm", ...}`` — the character LM of ``experiments.text`` (presence_pipeline);
 * ``{"stage": "finetune", "case": "fixed"|"updated", ...}`` — a new head on the embedding of
   ``fn_args.base_model`` (the pretraining Trainer's model); ``fixed`` freezes the embedding;
-* ``presence: {"num_microbatches": n, "si_layers": [...], "tau1", "tau2", "switch_fraction"}`` —
+* ``presence: {"num_microbatches": n, "si_layers": [...], "tau1", "tau2", "switch_fraction"}`` — a
+  :class:`tf_influence.presence.PresenceArgs` as a dict (its defaults; unknown keys refused) —
   train with the PRESENCE reweighted step (``tf_influence.presence``) and two-stage τ schedule,
   under ``presence.get_strategy()`` (TPUStrategy when a TPU is configured, else Mirrored / default).
 
@@ -25,6 +26,7 @@ import tensorflow as tf
 
 from experiments import models
 from tf_influence import presence
+from tf_influence.presence import PresenceArgs
 from tfx_components.beam_scoring import decode_batch, load_keras_model, parse_feature_spec
 from tfx_components.common import glob_files, read_records
 
@@ -82,10 +84,11 @@ def run_fn(fn_args):
         model = build(cfg, x.shape[1:], base)
     check_labels(y, int(model.output_shape[-1]), f"training files {fn_args.train_files}")
     with strategy.scope():
-        opts = cfg.get("presence")
-        if opts:
-            trainer = presence.PresenceModel(model, num_microbatches=opts.get("num_microbatches", 4),
-                                             si_layers=opts.get("si_layers", ["embedding"]))
+        presence_args = PresenceArgs.from_dict(cfg["presence"]) if cfg.get("presence") else None
+        if presence_args:
+            trainer = presence.PresenceModel(model, num_microbatches=presence_args.num_microbatches,
+                                             si_layers=list(presence_args.si_layers or ["embedding"]),
+                                             eps=presence_args.eps, relative_eps=presence_args.relative_eps)
         else:
             trainer = model
         trainer.compile(optimizer=keras.optimizers.Adam(cfg.get("learning_rate", 1e-2)), loss=loss,
@@ -96,10 +99,8 @@ def run_fn(fn_args):
         batch, drop_remainder=True)
     callbacks = []
     if cfg.get("presence"):
-        o = cfg["presence"]
-        callbacks.append(presence.PresenceCallback(presence.two_stage(int(o.get("switch_fraction", 0.3) * steps),
-                                                                      o.get("tau1", 1.0), o.get("tau2", -1.0)),
-                                                   keep_weights=False))
+        args = PresenceArgs.from_dict(cfg["presence"])
+        callbacks.append(presence.PresenceCallback(args.schedule(steps), keep_weights=False))
     trainer.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=callbacks, shuffle=False)
     for layer in model.layers:  # W is a parameter group of the saved model even if it was frozen here
         layer.trainable = True

@@ -32,6 +32,26 @@ def test_every_default_is_declared_once():
         assert sig[name].default is influence._UNSET, name
 
 
+def test_presence_defaults_once_and_the_trainer_reads_them(tmp_path):
+    from tf_influence.presence import PresenceArgs, PresenceModel, TwoStageSchedule, presence_weights
+    args = PresenceArgs()
+    two = inspect.signature(TwoStageSchedule.__init__).parameters
+    assert (args.tau1, args.tau2) == (two["tau1"].default, two["tau2"].default) == (1.0, -1.0)
+    pm = inspect.signature(PresenceModel.__init__).parameters
+    assert (args.num_microbatches, args.eps, args.relative_eps) == (
+        pm["num_microbatches"].default, pm["eps"].default, pm["relative_eps"].default)
+    assert inspect.signature(presence_weights).parameters["eps"].default == args.eps
+    # the pipeline's trainer module reads the whole object: an unknown key is refused by name
+    assert PresenceArgs.from_json(PresenceArgs(tau1=-1.0, si_layers=["embedding"]).to_json()) == PresenceArgs(
+        tau1=-1.0, si_layers=("embedding",))
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['tau_1'\]"):
+        PresenceArgs.from_dict({"tau_1": 1.0})
+    with pytest.raises(ValueError, match="switch_fraction"):
+        PresenceArgs(switch_fraction=1.5)
+    sched = PresenceArgs(switch_fraction=0.25).schedule(total_steps=8)
+    assert [sched(i) for i in range(1, 5)] == [1.0, 1.0, -1.0, -1.0]
+
+
 def test_no_solver_swallows_unknown_options():
     for name, fn in solvers.SOLVERS.items():
         params = inspect.signature(fn).parameters.values()

@@ -64,10 +64,11 @@ def test_exact_influence_has_a_high_lds_and_a_random_score_none(convex, tmp_path
     scores, retrain, calls, n = convex
     assert scores.shape == (n, 24)
     cache = LOOCache(str(tmp_path / "cache.json"))
-    exact = lds_mod.evaluate_lds(retrain, scores, num_subsets=60, alpha=0.5, cache=cache, key="logreg", progress=False)
+    exact = lds_mod.evaluate_lds(retrain, scores, num_subsets=60, subset_fraction=0.5, cache=cache, key="logreg",
+                                  progress=False)
     assert exact.mean >= 0.8 and exact.ci_low < exact.mean < exact.ci_high
-    assert exact.summary()["num_subsets"] == 60 and exact.summary()["alpha"] == 0.5
-    random = lds_mod.evaluate_lds(retrain, np.random.default_rng(5).normal(size=scores.shape), num_subsets=60, alpha=0.5,
+    assert exact.summary()["num_subsets"] == 60 and exact.summary()["subset_fraction"] == 0.5
+    random = lds_mod.evaluate_lds(retrain, np.random.default_rng(5).normal(size=scores.shape), num_subsets=60, subset_fraction=0.5,
                          cache=cache, key="logreg", progress=False)
     assert abs(random.mean) <= 0.1
     # the opposite sign convention gives the opposite LDS (the score's meaning matters, documented)
@@ -93,7 +94,7 @@ def test_statistics_equal_scipy():
         lds_mod.linear_datamodeling_score(scores[:10], masks, measured)
     with pytest.raises(ValueError, match="NaN"):
         lds_mod.linear_datamodeling_score(np.full_like(scores, np.nan), masks, measured)
-    with pytest.raises(ValueError, match="alpha"):
+    with pytest.raises(ValueError, match="subset_fraction"):
         lds_mod.draw_subsets(30, 20, 1.5)
 
 
@@ -185,3 +186,20 @@ def test_calibration_picks_the_damping_that_predicts_retraining(convex):
     assert result.num_retrains == 24 and result.noise_floor["seed_to_seed_lds"] > 0.9
     with pytest.raises(ValueError, match="num_seeds ≥ 2"):
         calibrate_damping(scores, noisy, n, num_seeds=1)
+
+
+def test_alpha_is_a_deprecated_alias_of_subset_fraction():
+    new = lds_mod.draw_subsets(20, 5, subset_fraction=0.3, seed=4)
+    with pytest.warns(DeprecationWarning, match="use subset_fraction"):
+        old = lds_mod.draw_subsets(20, 5, alpha=0.3, seed=4)
+    np.testing.assert_array_equal(new, old)
+    assert new.sum(axis=1).tolist() == [6] * 5
+    with pytest.raises(TypeError, match="not both"):
+        lds_mod.draw_subsets(20, 5, subset_fraction=0.3, alpha=0.3)
+    with pytest.raises(ValueError, match="subset_fraction"):
+        lds_mod.draw_subsets(20, 5, subset_fraction=1.0)
+    scores, measured = np.arange(20.0), new.astype(float) @ np.arange(20.0)
+    r = lds_mod.linear_datamodeling_score(scores, new, measured, 0.3)
+    assert r.mean == pytest.approx(1.0) and r.subset_fraction == 0.3
+    with pytest.warns(DeprecationWarning):
+        assert r.alpha == 0.3

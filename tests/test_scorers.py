@@ -120,6 +120,7 @@ def test_influence_scorer_equals_the_library(world, tmp_path):
     summary = json.loads(out.get_string_custom_property("summary"))
     assert summary["train"]["count"] == 80 and len(summary["train"]["top_keys"]) == 10
     assert json.loads(out.get_string_custom_property("solves"))["pretrain"]["method"] == "cg_squared"
+    assert out.get_string_custom_property("pretrain_hessian") == "every corpus example"
     # EK-FAC through the component: the same scores as the library with the same solver
     out_ek = InfluenceScores()
     out_ek.uri = str(tmp_path / "scores_ekfac")
@@ -248,6 +249,8 @@ def test_factor_fitter_feeds_the_influence_scorer(world, tmp_path):
         {"pretrain_examples": [a["pre_ex"]], "finetune_examples": [a["ft_ex"]], "pretrain_model": [a["pre_m"]],
          "finetune_model": [a["ft_m"]], "pretrain_factors": [factors]}, {"scores": [out]}, props)
     assert json.loads(out.get_string_custom_property("solves"))["pretrain"]["method"] == "ekfac"
+    # which Hessian was used is recorded, not silently chosen
+    assert out.get_string_custom_property("pretrain_hessian").startswith("KFACFactors ekfac on 80 examples")
     got = scores_io.read_scores(os.path.join(out.uri, "Split-train"))
     pre = keras.models.load_model(os.path.join(a["pre_m"].uri, "Format-Serving", "model.keras"))
     ft = keras.models.load_model(os.path.join(a["ft_m"].uri, "Format-Serving", "model.keras"))

@@ -41,7 +41,7 @@ _EXPORTS = {
                 "SolverNotConvergedWarning", "cg", "cg_squared", "dense", "identity", "lissa", "solve"],
     "kfac": ["FactorStatistics", "KFACFactors", "fit_factors"],
     "tracin": ["self_influence"],
-    "presence": ["FilterResult", "PresenceCallback", "PresenceModel", "presence_sequential"],
+    "presence": ["FilterResult", "PresenceArgs", "PresenceCallback", "PresenceModel", "presence_sequential"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 _SUBMODULES = {"analyzer", "baselines", "compiled", "console", "diagnostics", "evaluation", "ghost_norms", "gradients", "hessian", "influence", "kfac", "objective",

@@ -5,7 +5,7 @@ that is not exactly at a minimum (negative or tiny curvature; see :mod:`tf_influ
 too small and the solve follows noise directions, too large and the scores become the
 identity-Hessian baseline. :func:`calibrate_damping` spends a small retraining budget to pick it:
 
-1. draw ``num_subsets`` random subsets (a fraction ``alpha`` of the training set; for multi-stage
+1. draw ``num_subsets`` random subsets (a fraction ``subset_fraction`` of the training set; for multi-stage
    influence the pretraining set) and retrain on each with ``num_seeds`` seeds — cached on disk
    and resumable, optionally as a Beam job (:func:`~tf_influence.evaluation.lds.measure_subsets`);
 2. the **noise floor** of that ground truth (:func:`~tf_influence.evaluation.lds.seed_noise`):
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .lds import draw_subsets, linear_datamodeling_score, measure_subsets, seed_noise, target_of
+from .lds import _fraction, draw_subsets, linear_datamodeling_score, measure_subsets, seed_noise, target_of
 
 
 @dataclass
@@ -57,8 +57,9 @@ class CalibrationResult:
 
 
 def calibrate_damping(score_fn, retrain, num_train: int, grid=(1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0),
-                      num_subsets: int = 10, alpha: float = 0.5, num_seeds: int = 2, seed: int = 1,
-                      cache=None, key: str = "", progress: bool = True, beam_options=None) -> CalibrationResult:
+                      num_subsets: int = 10, subset_fraction: float | None = None, num_seeds: int = 2,
+                      seed: int = 1, cache=None, key: str = "", progress: bool = True, beam_options=None, *,
+                      alpha: float | None = None) -> CalibrationResult:
     """Pick the damping with the best linear datamodeling score on a small retraining budget.
 
     Args:
@@ -69,7 +70,8 @@ def calibrate_damping(score_fn, retrain, num_train: int, grid=(1e-6, 1e-4, 1e-3,
         :func:`~tf_influence.evaluation.lds.evaluate_lds`).
       num_train: number of scored (training / pretraining) examples.
       grid: dampings to try.
-      num_subsets, alpha, num_seeds, seed: the retraining budget (``num_seeds ≥ 2`` measures the
+      num_subsets, subset_fraction, num_seeds, seed: the retraining budget (``alpha``: the deprecated
+        name of ``subset_fraction``) (``num_seeds ≥ 2`` measures the
         noise floor) and the subsets' seed (use another one than the final evaluation's).
       cache, key, progress, beam_options: as for :func:`~tf_influence.evaluation.lds.measure_subsets`.
     """
@@ -78,8 +80,9 @@ def calibrate_damping(score_fn, retrain, num_train: int, grid=(1e-6, 1e-4, 1e-3,
     grid = [float(g) for g in grid]
     if not grid or any(g < 0 for g in grid):
         raise ValueError(f"grid must hold one or more dampings ≥ 0, got {grid}")
+    fraction = _fraction(subset_fraction, alpha, "calibrate_damping")
     t0 = time.perf_counter()
-    masks = draw_subsets(num_train, num_subsets, alpha, seed)
+    masks = draw_subsets(num_train, num_subsets, fraction, seed)
     measured = measure_subsets(retrain, masks, num_seeds, cache, f"calibration-{key}", progress, beam_options,
                                per_seed=True)
     t1 = time.perf_counter()
@@ -87,7 +90,7 @@ def calibrate_damping(score_fn, retrain, num_train: int, grid=(1e-6, 1e-4, 1e-3,
     rows = []
     for lam in grid:
         scores = np.asarray(score_fn(lam), float)
-        r = linear_datamodeling_score(scores, masks, target_of(scores, mean), alpha, num_seeds)
+        r = linear_datamodeling_score(scores, masks, target_of(scores, mean), fraction, num_seeds)
         rows.append({"damping": lam, "lds": r.mean, "ci95": [r.ci_low, r.ci_high],
                      "num_test_points": int(np.isfinite(r.per_test).sum())})
     finite = [r for r in rows if np.isfinite(r["lds"])]

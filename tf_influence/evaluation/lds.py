@@ -2,7 +2,7 @@
 scores by what users do with them: removing many training examples at once.
 
 1. Draw ``num_subsets`` random subsets ``S_j`` of the training set (for multi-stage influence: of
-   the **pretraining** set), each a fraction ``alpha`` of it (:func:`draw_subsets`).
+   the **pretraining** set), each a fraction ``subset_fraction`` of it (:func:`draw_subsets`).
 2. Retrain on each subset (multi-stage: pretrain on ``S_j``, then finetune exactly as the
    original pipeline does) with ``num_seeds`` seeds and average the measurement of every test
    point (e.g. its loss) — :func:`measure_subsets`, cached on disk and resumable.
@@ -18,7 +18,7 @@ larger value means "this example raises the test loss". A score that means the o
 an LDS of the opposite sign.
 
 >>> import numpy as np
->>> masks = draw_subsets(num_train=6, num_subsets=4, alpha=0.5, seed=0)
+>>> masks = draw_subsets(num_train=6, num_subsets=4, subset_fraction=0.5, seed=0)
 >>> masks.shape, masks.sum(axis=1).tolist()
 ((4, 6), [3, 3, 3, 3])
 """
@@ -26,6 +26,7 @@ an LDS of the opposite sign.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,28 +41,55 @@ class LDSResult:
     ci_high: float
     per_test: np.ndarray            # Spearman per test point (NaN where undefined)
     num_subsets: int
-    alpha: float | None = None
+    subset_fraction: float | None = None
     num_seeds: int | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def alpha(self) -> float | None:
+        """Deprecated name of :attr:`subset_fraction` (``alpha`` is the case-2 proximal weight elsewhere)."""
+        warnings.warn("LDSResult.alpha is deprecated: use subset_fraction", DeprecationWarning, stacklevel=2)
+        return self.subset_fraction
 
     def summary(self) -> dict:
         finite = self.per_test[np.isfinite(self.per_test)]
         return {"lds": float(self.mean), "ci95": [float(self.ci_low), float(self.ci_high)],
                 "num_test_points": int(len(finite)), "num_undefined": int(len(self.per_test) - len(finite)),
-                "num_subsets": int(self.num_subsets), "alpha": self.alpha, "num_seeds": self.num_seeds,
+                "num_subsets": int(self.num_subsets), "subset_fraction": self.subset_fraction,
+                "num_seeds": self.num_seeds,
                 **self.extra}
 
 
-def draw_subsets(num_train: int, num_subsets: int = 100, alpha: float = 0.5, seed: int = 0) -> np.ndarray:
-    """``[num_subsets, num_train]`` boolean masks, each keeping exactly ``round(alpha · num_train)``
-    examples drawn uniformly without replacement (reproducible from ``seed``)."""
+def _fraction(subset_fraction, alpha, where: str) -> float:
+    """``subset_fraction``, or the deprecated ``alpha`` keyword (0.2 name; one name per concept:
+    ``alpha`` is the case-2 proximal weight of :class:`tf_influence.InfluenceArgs`)."""
+    if alpha is not None:
+        if subset_fraction is not None:
+            raise TypeError(f"{where}: give subset_fraction, not both subset_fraction and its deprecated alias alpha")
+        warnings.warn(f"{where}(alpha=...) is deprecated: use subset_fraction=...", DeprecationWarning, stacklevel=3)
+        return float(alpha)
+    return DEFAULT_SUBSET_FRACTION if subset_fraction is None else float(subset_fraction)
+
+
+#: The fraction of the training set each LDS subset keeps (Park et al. 2023's α).
+DEFAULT_SUBSET_FRACTION = 0.5
+
+
+def draw_subsets(num_train: int, num_subsets: int = 100, subset_fraction: float | None = None, seed: int = 0, *,
+                 alpha: float | None = None) -> np.ndarray:
+    """``[num_subsets, num_train]`` boolean masks, each keeping exactly ``round(subset_fraction ·
+    num_train)`` examples drawn uniformly without replacement (reproducible from ``seed``;
+    ``subset_fraction`` defaults to :data:`DEFAULT_SUBSET_FRACTION`; ``alpha`` is its deprecated alias)."""
+    alpha = _fraction(subset_fraction, alpha, "draw_subsets")
     if not 0 < alpha < 1:
-        raise ValueError(f"alpha (the fraction of the training set in each subset) must be in (0, 1), got {alpha}")
+        raise ValueError(f"subset_fraction (the fraction of the training set in each subset) must be in (0, 1), "
+                         f"got {alpha}")
     if num_subsets < 3:
         raise ValueError(f"num_subsets must be at least 3 for a rank correlation, got {num_subsets}")
     keep = int(round(alpha * num_train))
     if not 0 < keep < num_train:
-        raise ValueError(f"alpha={alpha} keeps {keep} of {num_train} training examples; need 0 < kept < all")
+        raise ValueError(f"subset_fraction={alpha} keeps {keep} of {num_train} training examples; "
+                         "need 0 < kept < all")
     rng = np.random.default_rng(seed)
     masks = np.zeros((num_subsets, num_train), bool)
     for j in range(num_subsets):
@@ -83,12 +111,14 @@ def mean_ci95(values) -> tuple:
     return m, m - half, m + half
 
 
-def linear_datamodeling_score(scores, masks, measured, alpha: float | None = None,
-                              num_seeds: int | None = None) -> LDSResult:
+def linear_datamodeling_score(scores, masks, measured, subset_fraction: float | None = None,
+                              num_seeds: int | None = None, *, alpha: float | None = None) -> LDSResult:
     """LDS of ``scores`` (``[num_train]`` for one test target or ``[num_train, num_test]``) given the
     subset ``masks`` (``[num_subsets, num_train]``) and the ``measured`` outputs of the models
     retrained on them (``[num_subsets]`` or ``[num_subsets, num_test]``)."""
     from scipy import stats
+    if alpha is not None:
+        subset_fraction = _fraction(subset_fraction, alpha, "linear_datamodeling_score")
     scores = np.asarray(scores, float)
     masks = np.asarray(masks, bool)
     measured = np.asarray(measured, float)
@@ -108,7 +138,7 @@ def linear_datamodeling_score(scores, masks, measured, alpha: float | None = Non
         if np.std(predicted[:, t]) > 0 and np.std(m2[:, t]) > 0:
             per_test[t] = stats.spearmanr(predicted[:, t], m2[:, t])[0]
     mean, lo, hi = mean_ci95(per_test)
-    return LDSResult(mean, lo, hi, per_test, masks.shape[0], alpha, num_seeds)
+    return LDSResult(mean, lo, hi, per_test, masks.shape[0], subset_fraction, num_seeds)
 
 
 def _hash_masks(masks) -> str:
@@ -248,13 +278,15 @@ def target_of(scores, measured):
     return measured.sum(axis=1) if scores.ndim == 1 and measured.ndim == 2 and measured.shape[1] > 1 else measured
 
 
-def evaluate_lds(retrain, scores, num_subsets: int = 100, alpha: float = 0.5, num_seeds: int = 1, seed: int = 0,
-                 cache=None, key: str = "", progress: bool = True, beam_options=None) -> LDSResult:
+def evaluate_lds(retrain, scores, num_subsets: int = 100, subset_fraction: float | None = None, num_seeds: int = 1,
+                 seed: int = 0, cache=None, key: str = "", progress: bool = True, beam_options=None, *,
+                 alpha: float | None = None) -> LDSResult:
     """Draw the subsets, retrain (cached), and score: the whole LDS in one call.
 
     ``retrain(mask, seed)`` trains on the examples where ``mask`` is true and returns the
     measurement of every test point; ``scores`` has one row per training example."""
+    fraction = _fraction(subset_fraction, alpha, "evaluate_lds")
     scores = np.asarray(scores, float)
-    masks = draw_subsets(scores.shape[0], num_subsets, alpha, seed)
+    masks = draw_subsets(scores.shape[0], num_subsets, fraction, seed)
     measured = measure_subsets(retrain, masks, num_seeds, cache, key, progress, beam_options)
-    return linear_datamodeling_score(scores, masks, target_of(scores, measured), alpha, num_seeds)
+    return linear_datamodeling_score(scores, masks, target_of(scores, measured), fraction, num_seeds)

@@ -37,18 +37,20 @@ MirroredStrategy on two logical CPUs). :func:`get_strategy` returns a TPUStrateg
 is reachable (``TPUClusterResolver``), else MirroredStrategy over the visible GPUs / CPUs, else
 the default strategy.
 
-Modules: :mod:`~tf_influence.presence.weights` (the math), :mod:`~tf_influence.presence.schedules`
+Modules: :mod:`~tf_influence.presence.args` (:class:`PresenceArgs`, every default once),
+:mod:`~tf_influence.presence.weights` (the math), :mod:`~tf_influence.presence.schedules`
 (τ), :mod:`~tf_influence.presence.model` (Keras), :mod:`~tf_influence.presence.sequential`
 (PRESENCE-Sequential filtering).
 """
 
+from .args import PresenceArgs
 from .model import PresenceCallback, PresenceModel, get_strategy
 from .schedules import ConstantSchedule, TwoStageSchedule, direct, inverse, inverse_then_direct, two_stage
 from .sequential import FilterResult, presence_sequential
 from .weights import (EPS, layer_set_mask, microbatch_gradients, normalize_scores, presence_weights,
                       self_influence_from_gradients, split_microbatches, weighted_gradient)
 
-__all__ = ["PresenceModel", "PresenceCallback", "get_strategy", "TwoStageSchedule", "ConstantSchedule", "direct",
+__all__ = ["PresenceArgs", "PresenceModel", "PresenceCallback", "get_strategy", "TwoStageSchedule", "ConstantSchedule", "direct",
            "inverse", "two_stage", "inverse_then_direct", "FilterResult", "presence_sequential", "EPS",
            "normalize_scores", "presence_weights", "split_microbatches", "microbatch_gradients", "layer_set_mask",
            "self_influence_from_gradients", "weighted_gradient"]

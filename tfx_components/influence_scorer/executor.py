@@ -7,6 +7,8 @@ import dataclasses
 import json
 import os
 
+from absl import logging
+
 import numpy as np
 import tensorflow as tf
 from tfx.dsl.components.base import base_beam_executor
@@ -61,6 +63,11 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             factors = kfac.KFACFactors.load(factors_uri)
             # the solver's kind is the factors'; the driver holds one batch: nothing to diagnose there
             pre_solver = dataclasses.replace(pre_solver.with_factors(factors), curvature_iterations=0)
+            if hessian_samples is not None:   # said, not silently dropped: the factors fix the curvature's sample
+                logging.warning("InfluenceScorer: the pretraining Hessian is the KFACFactors artifact %s (fitted on "
+                                "%d examples); influence_args.hessian_samples=%s applies to a Hessian built from "
+                                "the corpus and is not used", factors_uri, factors.num_examples, hessian_samples)
+            pretrain_hessian = f"KFACFactors {factors.kind} on {factors.num_examples} examples ({factors_uri})"
             _, xp, yp = common.load_split(pre_ex, pre_splits[0], spec, limit=int(e.get("batch_size") or 256))
             pre_ds = _ds(xp, yp)
         else:
@@ -69,6 +76,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             bs = int(e.get("batch_size") or 256)
             pre_ds = (_ds(*common.sample_split(pre_ex, pre_splits[0], spec, int(hessian_samples), seed=args.seed))
                       if hessian_samples is not None else common.stream_split(pre_ex, pre_splits[0], spec, bs))
+            pretrain_hessian = (f"corpus subsample of {int(hessian_samples)} examples (seed {args.seed})"
+                                if hessian_samples is not None else "every corpus example")
         try:
             ms = tfi.MultiStageInfluence(
                 tfi.Objective(pre_model, pre_loss), pre_ds, tfi.Objective(ft_model, ft_loss), _ds(xf, yf),
@@ -99,6 +108,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                                      f"with Model artifact {pre_m.uri}")
         set_scores_metadata(out, pre_splits, f"multi_stage_{args.case}")
         out.set_string_custom_property("influence_args", e["influence_args"])
+        out.set_string_custom_property("pretrain_hessian", pretrain_hessian)
         out.set_string_custom_property("solves", json.dumps(solves, sort_keys=True, default=float))
         out.set_string_custom_property("num_test_points", str(len(xt)))
         out.set_string_custom_property("group_spec", group_spec)
