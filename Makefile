@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test docs pipeline pipeline-compile presence-pipeline demo bench bench-presence bench-kfac bench-scale bench-hub bench-beam-scale presence presence-quick presence-lm presence-lm-quick bazel-test reproduce reproduce-quick clean
+.PHONY: install test test-experiments docs pipeline pipeline-compile presence-pipeline demo bench bench-presence bench-kfac bench-scale bench-hub bench-beam-scale presence presence-quick presence-lm presence-lm-quick bazel-test reproduce reproduce-quick clean
 
 install: $(STAMP)
 
@@ -20,7 +20,10 @@ $(STAMP): requirements.txt requirements-tfx.txt requirements-hub.txt requirement
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q -n 3 --dist loadfile tests   # 3 workers on 2 cores (much is single-threaded tracing / Beam start-up: 7:22 vs 8:06 with 2); loadfile keeps module fixtures together
+	$(PY) -m pytest -q -n 3 --dist loadfile -m "not experiment" tests   # 3 workers on 2 cores (much is single-threaded tracing / Beam start-up: 7:22 vs 8:06 with 2); loadfile keeps module fixtures together
+
+test-experiments: install
+	$(PY) -m pytest -q -n 2 --dist loadfile -m experiment tests   # the reduced experiments end to end (~4 min)
 
 docs: install
 	$(VENV)/bin/mkdocs build --strict --quiet   # warnings are errors; the site lands in reports/site/

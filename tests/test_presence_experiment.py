@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from experiments import presence_text as presence_experiment, text
 
@@ -27,6 +28,7 @@ def test_corpus_is_real_deterministic_english():
     assert model(x).shape == (1, 64, text.VOCAB_SIZE)
 
 
+@pytest.mark.experiment
 def test_quick_experiment_writes_documented_keys(tmp_path):
     json.dump({"lm_grid": [{"method": "uniform"}], "chosen_default": "x"}, open(tmp_path / "results.json", "w"))
     presence_experiment.main(["--quick", "--out", str(tmp_path), "--no-progress"])
@@ -43,6 +45,7 @@ def test_quick_experiment_writes_documented_keys(tmp_path):
     assert (tmp_path / "variants.png").stat().st_size > 1000
 
 
+@pytest.mark.experiment
 def test_lm_grid_quick_writes_documented_keys_and_resumes(tmp_path):
     """``presence_lm --quick``: the data (noise of each kind where it says, disjoint held-out and
     downstream streams), the documented ``lm_grid`` rows next to the earlier keys, and a rerun that

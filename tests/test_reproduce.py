@@ -1,7 +1,8 @@
 """The reduced reproduction (`make reproduce-quick`): the leave-one-out experiments of both cases and
 the baselines run end to end and write the documented results.json; the other experiments' report
 formatting is checked on their documented keys. This checks the harness, not the paper's numbers;
-`make reproduce-quick` runs every experiment (about 1.5 min here)."""
+`make reproduce-quick` runs every experiment (about 1.5 min here). The tests that run experiments
+are marked ``experiment``: ``make test-experiments`` runs them, ``make test`` the rest."""
 
 import json
 import math
@@ -20,6 +21,7 @@ def quick_results(tmp_path_factory, tfds_dir):
     return out, json.load(open(out / "results.json"))
 
 
+@pytest.mark.experiment
 def test_loo_experiments_report_their_keys(quick_results):
     out, res = quick_results
     assert set(res) == set(SUBSET)
@@ -46,6 +48,7 @@ def test_loo_experiments_report_their_keys(quick_results):
     assert (out / "report.md").read_text().count("| `") == len(reproduce.EXPERIMENTS)  # "not run" rows too
 
 
+@pytest.mark.experiment
 def test_rerun_of_one_experiment_reuses_the_loo_cache(quick_results, tfds_dir):
     out, res = quick_results
     before = json.load(open(out / "loo_cache.json"))
