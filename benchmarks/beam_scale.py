@@ -108,7 +108,7 @@ class PeakRSS:
 def make_model(directory: str) -> str:
     import keras
 
-    from experiments import models
+    from model_zoo import cnn as models
     pre, _, _ = models.build_two_stage_models((8, 8, 1), 4, 6)
     pre.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     path = os.path.join(directory, "model.keras")

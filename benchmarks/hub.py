@@ -35,7 +35,7 @@ import tensorflow as tf  # noqa: E402
 
 import tf_influence as tfi  # noqa: E402
 from benchmarks.common import write_report  # noqa: E402
-from experiments import text  # noqa: E402
+from model_zoo import text  # noqa: E402
 from tf_influence.evaluation import derivative_check, loo  # noqa: E402
 from tf_influence.lm import CausalLMLoss, causal_lm_examples  # noqa: E402
 
@@ -56,7 +56,7 @@ def corpus_windows(n: int, length: int, seed: int = 0) -> np.ndarray:
 
 
 def domain_task(n: int, length: int, seed: int = 1):
-    """Windows of the prose paragraphs with their :data:`experiments.text.DOMAINS` label."""
+    """Windows of the prose paragraphs with their :data:`model_zoo.text.DOMAINS` label."""
     prose, _, domains = text.load_corpus(with_domains=True)
     xs, ys = [], []
     for para, d in zip(prose, domains):

@@ -2,7 +2,7 @@
 
     python -m benchmarks.presence --out reports/benchmarks/presence.json [--batch 256] [--microbatches 4]
 
-Measured in one run on the same model (the character LM of ``experiments.text``) and the same
+Measured in one run on the same model (the character LM of ``model_zoo.text``) and the same
 batch: ``presence_step_over_plain_step`` is the median time of ``PresenceModel.train_on_batch``
 (microbatch gradients in one vectorised pass, SI over K = embedding, softmax weights, weighted
 update) over the median time of a plain ``model.train_on_batch``; ``si_examples_per_second`` is
@@ -36,7 +36,7 @@ def main(argv=None):
     import tensorflow as tf
 
     import tf_influence as tfi
-    from experiments import text
+    from model_zoo import text
     from tf_influence import presence, tracin
 
     prose, _ = text.load_corpus()

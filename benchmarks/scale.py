@@ -57,7 +57,7 @@ def tokens_of_corpus(vocab: int):
     import keras
     import tensorflow as tf
 
-    from experiments import text
+    from model_zoo import text
     prose, code = text.load_corpus()
     docs = prose + [code[i:i + 2000] for i in range(0, len(code), 2000)]
     tv = keras.layers.TextVectorization(max_tokens=vocab, standardize="lower_and_strip_punctuation",
@@ -80,8 +80,8 @@ def make_sequences(ids, n: int, length: int, seed: int = 0):
 
 
 def build_lm(vocab: int, seq_len: int, width: int, heads: int, blocks: int, ffn: int, seed: int = 0):
-    """The benchmark's model: :func:`experiments.text.build_transformer_lm`."""
-    from experiments import text
+    """The benchmark's model: :func:`model_zoo.text.build_transformer_lm`."""
+    from model_zoo import text
     return text.build_transformer_lm(vocab, seq_len, width, heads, blocks, ffn, seed=seed)
 
 

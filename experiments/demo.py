@@ -38,8 +38,8 @@ def main(argv=None):
     import tensorflow as tf
 
     import tf_influence as tfi
-    from experiments import digits as data_mod
-    from experiments import models
+    from model_zoo import digits as data_mod
+    from model_zoo import cnn as models
     from tf_influence.evaluation import WeightedTrainer
 
     t0 = time.perf_counter()

@@ -2,7 +2,7 @@
 
     python -m experiments.presence_lm [--quick] [--out reports/presence] [--seeds 3] [--parts main,side,corner]
 
-Model: a causal word-level transformer LM (:func:`experiments.text.build_transformer_lm`; one
+Model: a causal word-level transformer LM (:func:`model_zoo.text.build_transformer_lm`; one
 block, width 64, 2 heads) over a Keras ``TextVectorization`` vocabulary (1,000 words, fitted here
 on the embedded English corpus — standard-library docstrings; nothing downloaded). Causal rather
 than masked: held-out perplexity is then the model's own objective, exactly comparable across
@@ -22,7 +22,7 @@ Measured for every variant, over seeds (mean ± std): **held-out clean loss** (m
 cross-entropy; perplexity = exp) and a **downstream task**: the pretrained LM's encoder (token
 embedding + transformer blocks) with a mean-pooled linear head is finetuned (every weight,
 ``finetune_steps`` Adam steps) to tell which part of the standard library a window of the
-downstream stream documents — six domains (:data:`experiments.text.DOMAINS`: text/CLI, network,
+downstream stream documents — six domains (:data:`model_zoo.text.DOMAINS`: text/CLI, network,
 files, concurrency, language, numbers/time) — trained on one half of the downstream paragraphs,
 accuracy on the other half. The same finetuning from a randomly initialised LM is the reference
 (``lm_downstream_reference``): the task measures pretraining only as far as pretrained beats it.
@@ -122,7 +122,7 @@ class Corpus:
         import numpy as np
         import tensorflow as tf
 
-        from experiments import text
+        from model_zoo import text
         self.cfg = cfg
         prose, code, domains = text.load_corpus(with_domains=True)
         rng = np.random.default_rng(CORPUS_SEED)
@@ -229,7 +229,7 @@ def train(cfg: LMConfig, corpus: Corpus, windows, seed: int, schedule: str = "un
     import numpy as np
     import tensorflow as tf
 
-    from experiments import text
+    from model_zoo import text
     from tf_influence import presence
     x, y = windows[:, :-1], windows[:, 1:].astype("int64")
     if order is not None:
@@ -526,7 +526,7 @@ def downstream_reference(cfg: LMConfig, corpus: Corpus, cache: str, grid) -> dic
     cached), the majority class, and the uniformly pretrained LM without noise."""
     import numpy as np
 
-    from experiments import text
+    from model_zoo import text
     def random_init(seed):
         model = text.build_transformer_lm(corpus.vocab_size, cfg.seq_len, cfg.width, cfg.heads, cfg.blocks, cfg.ffn,
                                           seed=seed)

@@ -64,7 +64,7 @@ def run(cfg: TextConfig, out_dir: str, progress: bool = True) -> dict:
     import tensorflow as tf
 
     import tf_influence as tfi
-    from experiments import text
+    from model_zoo import text
     from tf_influence import presence, tracin
 
     t_start = time.perf_counter()

@@ -59,7 +59,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_influence as tfi  # noqa: E402
-from experiments import digits, models  # noqa: E402
+from model_zoo import cnn as models, digits  # noqa: E402
 from tf_influence.evaluation import loo, retraining  # noqa: E402
 
 EXPERIMENTS = (

@@ -3,7 +3,7 @@ transformer **language model** pretrained on the embedded English corpus, a clas
 a different task from its frozen features, and leave-one-out correlation of multi-stage influence
 with CG, EK-FAC and the identity baseline.
 
-Tasks (character tokens of :mod:`experiments.text`, windows of ``seq_len`` (+1) characters):
+Tasks (character tokens of :mod:`model_zoo.text`, windows of ``seq_len`` (+1) characters):
 
 * pretraining: next-character prediction (causal LM, loss = mean over the window's positions) on
   windows of English prose and Python code;
@@ -41,7 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 import tf_influence as tfi
-from experiments import text
+from model_zoo import text
 from tf_influence.evaluation import loo, retraining
 
 F64 = "float64"

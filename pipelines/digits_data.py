@@ -8,7 +8,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from experiments import digits as data_mod
+from model_zoo import digits as data_mod
 
 FEATURE_SPEC = {"x": {"name": "image", "shape": [8, 8, 1]}, "y": {"name": "label"}, "key": "key"}
 

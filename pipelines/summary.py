@@ -24,6 +24,9 @@ def summarize(metadata_path: str) -> dict:
                 counts = json.loads(a.custom_properties["filter_counts"].string_value)
                 mode = a.custom_properties["filter_mode"].string_value
                 out.setdefault("filters", []).append({"uri": a.uri, "mode": mode, "counts": counts})
+        for a in store.get_artifacts_by_type("tf_influence.InfluenceScores"):
+            kind = a.custom_properties["score_kind"].string_value if "score_kind" in a.custom_properties else ""
+            out.setdefault("scores", []).append({"uri": a.uri, "score_kind": kind})
         for a in store.get_artifacts_by_type("ModelEvaluation"):
             if "comparison" in a.custom_properties:
                 out["comparison"] = json.loads(a.custom_properties["comparison"].string_value)

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from experiments import text
+from model_zoo import text
 
 FEATURE_SPEC = {"x": {"name": "inputs", "shape": [64], "dtype": "int32"},
                 "y": {"name": "targets", "shape": [64], "dtype": "int64"}, "key": "key"}

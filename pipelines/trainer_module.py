@@ -5,7 +5,7 @@ TFX users expect the stock Trainer with a module file, so the reweighted trainin
 wiring and ``Format-Serving`` layout for free. ``custom_config`` selects the stage:
 
 * ``{"stage": "pretrain", ...}`` — the Table-A CNN on pretraining examples;
-* ``{"stage": "lm", ...}`` — the character LM of ``experiments.text`` (presence_pipeline);
+* ``{"stage": "lm", ...}`` — the character LM of ``model_zoo.text`` (presence_pipeline);
 * ``{"stage": "finetune", "case": "fixed"|"updated", ...}`` — a new head on the embedding of
   ``fn_args.base_model`` (the pretraining Trainer's model); ``fixed`` freezes the embedding;
 * ``presence: {"num_microbatches": n, "si_layers": [...], "tau1", "tau2", "switch_fraction"}`` — a
@@ -24,7 +24,7 @@ import os
 import keras
 import tensorflow as tf
 
-from experiments import models
+from model_zoo import cnn as models
 from tf_influence import presence
 from tf_influence.presence import PresenceArgs
 from tfx_components.beam_scoring import decode_batch, load_keras_model, parse_feature_spec
@@ -57,7 +57,7 @@ def train_steps(fn_args) -> int:
 
 def build(cfg: dict, input_shape, base_model=None):
     if cfg["stage"] == "lm":
-        from experiments import text
+        from model_zoo import text
         return text.build_lm(int(input_shape[0]), seed=cfg.get("seed", 0))
     if cfg["stage"] == "pretrain":
         pre, _, _ = models.build_two_stage_models(input_shape, cfg["n_classes"], 1, seed=cfg.get("seed", 0),

@@ -31,7 +31,7 @@ def toy():
 def transformer_lm():
     """The PRESENCE LM experiment's model family (token Embedding, causal MultiHeadAttention,
     LayerNormalization, gelu FFN), tiny."""
-    from experiments import text
+    from model_zoo import text
     return text.build_transformer_lm(30, 8, width=8, heads=2, blocks=1, ffn=16, seed=0)
 
 

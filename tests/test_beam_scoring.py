@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import tf_influence as tfi
-from experiments import models
+from model_zoo import cnn as models
 from tf_influence import scores_io, tracin
 from tests import tfx_helpers as th
 

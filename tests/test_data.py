@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from experiments import digits as data
+from model_zoo import digits as data
 
 
 @pytest.fixture(scope="module")

@@ -20,3 +20,23 @@ def test_pinned_stack_is_what_is_installed():
     import keras_hub
     import tensorflow as tf
     assert (tf.__version__, keras.__version__, keras_hub.__version__) == ("2.16.2", "3.15.1", "0.32.0")
+
+
+def test_the_wheel_ships_the_library_and_the_components_with_their_dependencies(tmp_path):
+    """``pip install tf-influence`` gets ``tf_influence`` and ``tfx_components`` only (pipelines,
+    experiments, benchmarks and model_zoo run from a clone) and every package the library imports."""
+    import pathlib
+    import zipfile
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                          str(tmp_path), str(root)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    (wheel,) = tmp_path.glob("tf_influence-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert top == {"tf_influence", "tfx_components"}, top
+    assert "tf_influence/kfac/inverse.py" in names and "tf_influence/presence/model.py" in names
+    meta = next(zipfile.ZipFile(wheel).read(n).decode() for n in names if n.endswith(".dist-info/METADATA"))
+    requires = {line.split(":", 1)[1].strip().split(" ")[0].split("=")[0].split(">")[0].split(";")[0]
+                for line in meta.splitlines() if line.startswith("Requires-Dist:")}
+    assert {"tensorflow", "keras", "numpy", "scipy", "tqdm", "apache-beam"} <= requires, requires

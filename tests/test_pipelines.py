@@ -2,6 +2,7 @@
 Kubeflow V2 / Vertex compilation."""
 
 import json
+import os
 
 import pytest
 
@@ -37,6 +38,40 @@ def test_influence_pipeline_runs_end_to_end(run):
     for k in ("original", "drop_top", "drop_random"):
         assert 0 <= comp[k]["accuracy"] <= 1 and comp[k]["loss"] > 0
     assert s["wall_seconds"] > 0
+
+
+def _kept_keys(uri):
+    import tensorflow as tf
+    from tfx_components import common
+    files = common.glob_files([os.path.join(uri, "Split-train", "*")])
+    keys = []
+    for r in common.read_records(files, uri):
+        ex = tf.train.Example.FromString(r)
+        keys.append(ex.features.feature["key"].bytes_list.value[0])
+    return keys
+
+
+def test_the_pipeline_drops_exactly_the_top_scored_pretraining_examples(run):
+    """The pipeline's claim: the 'drop_top' branch trains on the pretraining set minus its 10 %
+    highest multi-stage influence scores, 'drop_random' minus 10 % by random scores — the same rule
+    (``select_kept``, ties by key) applied to the InfluenceScorer's / RandomScores' artifacts."""
+    from tf_influence import scores_io
+    from tf_influence.selection import select_kept
+    _, report, _ = run
+    s = json.load(open(report))
+    by_kind = {a["score_kind"]: a["uri"] for a in s["scores"]}
+    assert {"multi_stage_fixed", "random"} <= set(by_kind)
+    for branch, kind in (("drop_top", "multi_stage_fixed"), ("drop_random", "random")):
+        (flt,) = [f for f in s["filters"] if f"{os.sep}{branch}{os.sep}" in f["uri"]]
+        scores = scores_io.read_scores(os.path.join(by_kind[kind], "Split-train"))
+        keys = sorted(scores)
+        mask = select_kept([scores[k] for k in keys], "drop_top_fraction", 0.1, keys=keys)
+        kept = _kept_keys(flt["uri"])
+        assert len(kept) == len(set(kept)) == flt["counts"]["train"]["kept"]
+        want = {k for k, m in zip(keys, mask) if m}
+        assert set(kept) == {k.encode() if isinstance(k, str) and isinstance(kept[0], bytes) else k for k in want}
+        dropped = set(keys) - want
+        assert min(scores[k] for k in dropped) >= max(scores[k] for k in want)   # the top-scored ones
 
 
 def test_rerun_is_served_from_the_tfx_cache(run):

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from experiments import presence_text as presence_experiment, text
+from experiments import presence_text as presence_experiment
+from model_zoo import text
 
 
 def test_corpus_is_real_deterministic_english():

@@ -16,7 +16,7 @@ from tfx.dsl.components.base.base_beam_executor import BaseBeamExecutor  # noqa:
 from tfx.types import artifact_utils, standard_artifacts  # noqa: E402
 
 import tf_influence as tfi  # noqa: E402
-from experiments import models
+from model_zoo import cnn as models
 from tf_influence import scores_io, tracin  # noqa: E402
 from tfx_components.influence_scorer.component import InfluenceScorer  # noqa: E402
 from tfx_components.influence_scorer.executor import Executor as InfluenceExecutor  # noqa: E402

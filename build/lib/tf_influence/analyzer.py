@@ -1,0 +1,293 @@
+"""The front door: declare the models once in a :class:`Task`, then ask an :class:`Analyzer` — it fits
+curvature factors, computes influence and self-influence scores, and keeps each result by name under
+one output directory (kronfluence's ``Task`` / ``Analyzer`` workflow, over this package's functions).
+
+>>> import keras, numpy as np, tensorflow as tf, tempfile
+>>> import tf_influence as tfi
+>>> keras.utils.set_random_seed(0)
+>>> x = keras.Input((4,))
+>>> emb = keras.layers.Dense(3, name="embedding")
+>>> pre = keras.Model(x, keras.layers.Dense(2, name="pre_head")(emb(x)))
+>>> ft = keras.Model(x, keras.layers.Dense(2, name="ft_head")(emb(x)))
+>>> data = lambda n, s: tf.data.Dataset.from_tensor_slices((np.random.default_rng(s).normal(size=(n, 4)),
+...                                                          np.arange(n) % 2)).batch(8)
+>>> task = tfi.Task(pre, ft, "sparse_categorical_crossentropy", "sparse_categorical_crossentropy",
+...                 embedding=["embedding"])
+>>> analyzer = tfi.Analyzer(task, tempfile.mkdtemp(), progress=False)
+>>> result = analyzer.influence("first_test", data(24, 0), data(16, 1), data(4, 2))
+>>> result.scores.shape
+(24,)
+>>> bool(np.allclose(analyzer.load_scores("first_test").scores, result.scores))
+True
+
+What the analyzer writes (``output_dir``)::
+
+    factors/<name>/          KFACFactors of fit_factors(name, ...)  (+ factor_args.json)
+    scores/<name>/           InfluenceResult of influence(name, ...) (+ influence_args.json)
+    self_influence/<name>/   scores.npy + meta.json of self_influence(name, ...)
+
+A name already computed is loaded, not recomputed (``overwrite=True`` recomputes); the arguments it
+was computed with are compared with the ones asked for, and a mismatch raises instead of returning
+scores of another configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field, fields, replace
+
+import numpy as np
+
+from .influence import InfluenceArgs, InfluenceResult, MultiStageInfluence
+from .objective import Objective
+from .solvers import dataclass_from_dict
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class AnalyzerError(ValueError):
+    """A name, a saved result or the arguments of a saved result do not fit the request."""
+
+
+@dataclass
+class FactorArgs:
+    """How :meth:`Analyzer.fit_factors` fits Kronecker-factored curvature (:func:`~tf_influence.kfac.fit_factors`).
+
+    >>> FactorArgs.from_json(FactorArgs(kind="kfac", max_examples=500).to_json())
+    FactorArgs(kind='kfac', fisher='true', max_examples=500, seed=0)
+    """
+
+    kind: str = field(default="ekfac", metadata={"help": "'ekfac' (eigenvalue-corrected) or 'kfac'"})
+    fisher: str = field(default="true", metadata={"help": "'true' (labels sampled from the model) or 'empirical'"})
+    max_examples: int | None = field(default=None, metadata={"help": "fit on the first N examples (None: all)"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampled labels"})
+
+    def __post_init__(self):
+        from .kfac import FISHERS, KINDS
+        if self.kind not in KINDS:
+            raise ValueError(f"FactorArgs.kind must be one of {KINDS}, got '{self.kind}'")
+        if self.fisher not in FISHERS:
+            raise ValueError(f"FactorArgs.fisher must be one of {FISHERS}, got '{self.fisher}'")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ValueError(f"FactorArgs.max_examples must be ≥ 1 or None, got {self.max_examples}")
+
+    def to_json(self) -> str:
+        return json.dumps({f.name: getattr(self, f.name) for f in fields(self)}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "FactorArgs":
+        return dataclass_from_dict(cls, json.loads(text))
+
+
+@dataclass
+class Task:
+    """The models and what to ask of them, declared once.
+
+    Args:
+      pretrain_model: the pretraining model (W, U).
+      finetune_model: the finetuned model (W, Θ); ``None`` for self-influence / single-model use.
+      pretrain_loss: a Keras loss (object, name or ``fn(y_true, y_pred)``), or an
+        :class:`~tf_influence.objective.Objective`; ``None``: the model's compiled loss.
+      finetune_loss: the same for the finetuned model.
+      embedding: the shared parameters W (layer objects, names or Keras paths present in both models).
+      pretrain_head: U (default: everything in the pretraining model outside W).
+      finetune_head: Θ (default: everything in the finetuned model outside W).
+      measurement: what is measured on the test points (default: the finetuning loss; e.g.
+        :func:`tf_influence.lm.completion_log_probability` for a causal LM).
+      si_layers: the layer set of self-influence (default: ``embedding``; ``None`` and no embedding:
+        every layer of the pretraining model).
+
+    Subclass and override :meth:`pretrain_objective` / :meth:`finetune_objective` for an objective
+    that a loss alone cannot express (regularisers, sample weights).
+    """
+
+    pretrain_model: object
+    finetune_model: object = None
+    pretrain_loss: object = None
+    finetune_loss: object = None
+    embedding: object = None
+    pretrain_head: object = None
+    finetune_head: object = None
+    measurement: object = None
+    si_layers: object = None
+
+    @staticmethod
+    def _objective(model, loss, which):
+        if isinstance(loss, Objective):
+            return loss
+        if loss is None:
+            loss = getattr(model, "loss", None)
+            if loss is None:
+                raise AnalyzerError(f"Task: no {which}_loss given and the {which} model '{model.name}' is not "
+                                    "compiled with one")
+        return Objective(model, loss)
+
+    def pretrain_objective(self) -> Objective:
+        return self._objective(self.pretrain_model, self.pretrain_loss, "pretrain")
+
+    def finetune_objective(self) -> Objective:
+        if self.finetune_model is None:
+            raise AnalyzerError("Task has no finetune_model: multi-stage influence needs the finetuned model")
+        return self._objective(self.finetune_model, self.finetune_loss, "finetune")
+
+
+class Analyzer:
+    """Fits factors and computes scores for a :class:`Task`, each result kept by name under ``output_dir``.
+
+    Args:
+      task: the :class:`Task`.
+      output_dir: where the results live (created if missing).
+      args: the :class:`~tf_influence.influence.InfluenceArgs` of :meth:`influence` (default: the
+        package defaults); a call may pass its own.
+      progress: progress bars on the long loops.
+    """
+
+    def __init__(self, task: Task, output_dir: str, args: InfluenceArgs | None = None, progress: bool = True):
+        if not isinstance(task, Task):
+            raise TypeError(f"Analyzer needs a tf_influence.Task, got {type(task).__name__}")
+        self.task, self.output_dir, self.progress = task, str(output_dir), progress
+        self.args = args or InfluenceArgs()
+        os.makedirs(self.output_dir, exist_ok=True)
+        self._pre = self._ft = None
+
+    # -- objectives (built once: their compiled kernels are reused across calls) ----------------------
+    @property
+    def pretrain_objective(self) -> Objective:
+        if self._pre is None:
+            self._pre = self.task.pretrain_objective()
+        return self._pre
+
+    @property
+    def finetune_objective(self) -> Objective:
+        if self._ft is None:
+            self._ft = self.task.finetune_objective()
+        return self._ft
+
+    def _dir(self, kind: str, name: str) -> str:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise AnalyzerError(f"result name {name!r} must be letters, digits, '_', '-', '.' (a directory name "
+                                "under the output directory), not starting with '.' or '-'")
+        return os.path.join(self.output_dir, kind, name)
+
+    @staticmethod
+    def _check_same(directory: str, filename: str, wanted: str, what: str):
+        path = os.path.join(directory, filename)
+        if os.path.exists(path):
+            with open(path) as fh:
+                saved = fh.read()
+            if json.loads(saved) != json.loads(wanted):
+                raise AnalyzerError(f"{what} in {directory} was computed with other arguments ({saved}); "
+                                    "choose another name or pass overwrite=True")
+
+    # -- factors --------------------------------------------------------------------------------------
+    def fit_factors(self, name: str, pretrain_data, factor_args: FactorArgs | None = None, overwrite: bool = False):
+        """(E)K-FAC factors of the pretraining Hessian over ``(W, U)``, saved as ``factors/<name>``;
+        pass ``factors_name=name`` to :meth:`influence` to invert ``∂²G`` with them."""
+        from .kfac import KFACFactors, fit_factors
+        factor_args = factor_args or FactorArgs()
+        directory = self._dir("factors", name)
+        if os.path.exists(os.path.join(directory, "factor_args.json")) and not overwrite:
+            self._check_same(directory, "factor_args.json", factor_args.to_json(), f"factors '{name}'")
+            return KFACFactors.load(directory)
+        group = self.pretrain_group()
+        factors = fit_factors(self.pretrain_objective, pretrain_data, group, kind=factor_args.kind,
+                              fisher=factor_args.fisher, seed=factor_args.seed, progress=self.progress,
+                              name="pretraining data", max_examples=factor_args.max_examples)
+        factors.save(directory)
+        with open(os.path.join(directory, "factor_args.json"), "w") as fh:
+            fh.write(factor_args.to_json())
+        return factors
+
+    def load_factors(self, name: str):
+        from .kfac import KFACFactors
+        return KFACFactors.load(self._dir("factors", name))
+
+    def pretrain_group(self):
+        """(W, U) of the pretraining model — what the pretraining Hessian and the scores are over
+        (the whole model when the task names no embedding)."""
+        from .influence import pretrain_group, pretrain_head_group
+        from .params import group_from_layers
+        model = self.task.pretrain_model
+        if self.task.embedding is None:
+            return _whole(model)
+        W = group_from_layers(model, self.task.embedding, name="W (pretrain model)")
+        return pretrain_group(W, pretrain_head_group(model, W, self.task.pretrain_head))
+
+    # -- multi-stage influence ------------------------------------------------------------------------
+    def _influence(self, pretrain_data, finetune_data, args: InfluenceArgs) -> MultiStageInfluence:
+        t = self.task
+        if t.embedding is None:
+            raise AnalyzerError("Task.embedding (the shared parameters W) is needed for multi-stage influence")
+        return MultiStageInfluence(self.pretrain_objective, pretrain_data, self.finetune_objective, finetune_data,
+                                   t.embedding, pretrain_head=t.pretrain_head, finetune_head=t.finetune_head,
+                                   measurement=t.measurement, progress=self.progress, args=args)
+
+    def influence(self, name: str, pretrain_data, finetune_data, test_data, args: InfluenceArgs | None = None,
+                  factors_name: str | None = None, overwrite: bool = False) -> InfluenceResult:
+        """Multi-stage influence of every pretraining example on ``test_data`` (the task's measurement),
+        saved as ``scores/<name>``. ``factors_name``: invert the pretraining Hessian with the factors of
+        :meth:`fit_factors` (the damping stays ``args.pretrain_solver.damping``)."""
+        args = args or self.args
+        directory = self._dir("scores", name)
+        record = json.dumps({"influence_args": json.loads(args.to_json()), "factors": factors_name}, sort_keys=True)
+        if os.path.exists(os.path.join(directory, "result.json")) and not overwrite:
+            self._check_same(directory, "influence_args.json", record, f"scores '{name}'")
+            return InfluenceResult.load(directory)
+        run_args = args
+        if factors_name is not None:
+            factors = self.load_factors(factors_name)
+            run_args = replace(args, pretrain_solver=args.pretrain_solver.with_factors(factors))
+        result = self._influence(pretrain_data, finetune_data, run_args)(test_data, args.test_target)
+        result.save(directory)
+        with open(os.path.join(directory, "influence_args.json"), "w") as fh:
+            fh.write(record)
+        return result
+
+    def load_scores(self, name: str) -> InfluenceResult:
+        return InfluenceResult.load(self._dir("scores", name))
+
+    # -- self-influence -------------------------------------------------------------------------------
+    def self_influence(self, name: str, data, si_layers=None, method: str = "ghost",
+                       overwrite: bool = False) -> np.ndarray:
+        """TracIn self-influence ``‖∇_K l(z)‖²`` of every example of ``data`` under the pretraining
+        objective (:func:`~tf_influence.tracin.self_influence`), saved as ``self_influence/<name>``.
+        ``si_layers`` defaults to ``Task.si_layers``, then ``Task.embedding``, then the whole model."""
+        from .tracin import self_influence
+        layers = si_layers if si_layers is not None else (self.task.si_layers if self.task.si_layers is not None
+                                                         else self.task.embedding)
+        group = _whole(self.task.pretrain_model) if layers is None else layers
+        directory = self._dir("self_influence", name)
+        record = json.dumps({"si_layers": _describe(layers), "method": method}, sort_keys=True)
+        if os.path.exists(os.path.join(directory, "scores.npy")) and not overwrite:
+            self._check_same(directory, "meta.json", record, f"self-influence '{name}'")
+            return np.load(os.path.join(directory, "scores.npy"))
+        scores = self_influence(self.pretrain_objective, data, group, progress=self.progress, method=method)
+        os.makedirs(directory, exist_ok=True)
+        np.save(os.path.join(directory, "scores.npy"), scores)
+        with open(os.path.join(directory, "meta.json"), "w") as fh:
+            fh.write(record)
+        return scores
+
+    def load_self_influence(self, name: str) -> np.ndarray:
+        path = os.path.join(self._dir("self_influence", name), "scores.npy")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no self-influence scores named '{name}' under {self.output_dir}")
+        return np.load(path)
+
+
+def _whole(model):
+    from .params import ParameterGroup
+    return ParameterGroup.from_model(model)
+
+
+def _describe(layers) -> object:
+    """A JSON-able description of a layer set (names / paths), for the saved record."""
+    if layers is None:
+        return None
+    from .params import as_layer_list
+    return [getattr(x, "path", None) or getattr(x, "name", None) or str(x) for x in as_layer_list(layers)]
+
+
+__all__ = ["Analyzer", "AnalyzerError", "FactorArgs", "Task"]

@@ -1,0 +1,80 @@
+"""Per-example squared gradient norms without per-example gradients ("ghost norms"), from the
+same captured layer inputs and output gradients as K-FAC."""
+
+from __future__ import annotations
+
+
+import tensorflow as tf
+
+from .objective import reduce_per_example
+from .params import ParameterGroup
+from .kfac.blocks import kronecker_blocks, norm_blocks
+from .kfac.capture import _Capture, _norm_per_example, _output_grads, _vectorized_gradients
+
+
+# -- per-example squared gradient norms without per-example gradients ("ghost norms") --------------
+class GhostNorms:
+    """``‖∇_K l(z)‖²`` for every example of a batch over a parameter group K, from one ordinary
+    forward / backward pass. For a block with per-example gradient ``G_n = Σ_t a_t g_tᵀ``::
+
+        ‖G_n‖²_F = Σ_{t,t'} (a_t·a_t') (g_t·g_t')
+
+    (``a`` = input, plus 1 for the bias; for ``Embedding`` ``a_t·a_t' = [token_t = token_t']``), or
+    ``‖G_n‖²`` from the explicit ``G_n`` when ``d_in·d_out`` is smaller than ``P²`` (for ``Embedding``
+    a segment sum of ``g`` per token). Variables without
+    a block (e.g. ``LayerNormalization``) fall back to vectorised per-example gradients. Compiled once
+    per (model, loss, group) through :mod:`compiled`.
+    """
+
+    def __init__(self, objective, group: ParameterGroup):
+        self.objective, self.group = objective, group
+        self.blocks, self.diagonal = kronecker_blocks(objective.model, group)
+        self.norms, self.rest = norm_blocks(objective.model, self.diagonal)
+        self.fn = tf.function(self._norms, reduce_retracing=True)
+
+    @classmethod
+    def get(cls, objective, group):
+        from .compiled import cached_kernel
+        return cached_kernel(objective, "ghost_norms", (group,), lambda: cls(objective, group))
+
+    def _norms(self, x, y):
+        model, obj = self.objective.model, self.objective
+        cap = _Capture(self.blocks + self.norms)
+        with cap, tf.GradientTape() as tape:
+            losses = reduce_per_example(obj.loss_fn(y, model(x, training=False)))
+            total = tf.reduce_sum(losses)
+        grads = _output_grads(tape, total, cap, self.blocks + self.norms)
+        records, modes, options = cap.records, cap.modes, cap.options
+        sq = tf.zeros_like(losses)
+        for b in self.blocks:
+            # a layer called several times in one forward pass: G_n sums over its calls
+            pairs = [b.pairs(inp, gr, rev) for (inp, _), gr, rev in
+                     zip(records[b.name], grads[b.name], modes[b.name])]
+            a = tf.concat([p[0] for p in pairs], axis=1)
+            g = tf.concat([tf.cast(p[1], losses.dtype) for p in pairs], axis=1)
+            positions = a.shape[1]
+            pairwise = positions is not None and positions * positions <= b.rows * b.d_out
+            if b.kind == "embedding" and pairwise:
+                same = tf.cast(tf.equal(a[:, :, None], a[:, None, :]), g.dtype)      # [B, P, P]
+                sq += tf.einsum("bpq,bpq->b", same, tf.einsum("bpo,bqo->bpq", g, g))
+                continue
+            if b.kind == "embedding":  # G_n row v = Σ_{t: token v} g_t: a segment sum per example
+                n = tf.shape(a)[0]
+                seg = tf.reshape(a + tf.range(n)[:, None] * b.rows, [-1])
+                rows = tf.math.unsorted_segment_sum(tf.reshape(g, [-1, b.d_out]), seg, n * b.rows)
+                sq += tf.reduce_sum(tf.reshape(tf.square(rows), [n, -1]), axis=1)
+                continue
+            a = tf.cast(a, g.dtype)
+            if pairwise:
+                sq += tf.einsum("bpq,bpq->b", tf.einsum("bpi,bqi->bpq", a, a), tf.einsum("bpo,bqo->bpq", g, g))
+            else:
+                sq += tf.reduce_sum(tf.square(tf.einsum("bpi,bpo->bio", a, g)), axis=[1, 2])
+        # diagonal variables, per example: Σ over each variable of (Σ_t ...)², not summed over the batch
+        for nb in self.norms:
+            for pe in _norm_per_example(nb, records[nb.name], grads[nb.name], losses.dtype, options.get(nb.name)):
+                sq += tf.reduce_sum(tf.reshape(tf.square(pe), [tf.shape(pe)[0], -1]), axis=1)
+        if self.rest:
+            for gv in _vectorized_gradients(obj, self.rest, x, y):
+                gv = tf.cast(gv, losses.dtype)
+                sq += tf.reduce_sum(tf.reshape(tf.square(gv), [tf.shape(gv)[0], -1]), axis=1)
+        return sq

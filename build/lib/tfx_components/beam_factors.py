@@ -1,0 +1,184 @@
+"""(E)K-FAC factors of a model fitted over a corpus of serialized ``tf.train.Example``s as a Beam
+combiner, and the standalone Beam job.
+
+The math is :class:`tf_influence.kfac.FactorStatistics` (the same steps
+:func:`tf_influence.kfac.fit_factors` runs in one process):
+
+1. every batch → its covariance sums (``covariances``), summed by a ``CombineGlobally``;
+2. the sums → eigenbases (``eigenbases``, once, in one worker);
+3. EK-FAC only: every batch → its eigenvalue-correction sums with the bases as a side input, summed;
+4. → :class:`~tf_influence.kfac.KFACFactors`, saved to the output directory (``factors.npz`` +
+   ``factors.json``; local or ``gs://``), loadable by ``KFACFactors.load`` and usable as
+   ``SolverConfig("ekfac", factors=directory)`` or by the ``InfluenceScorer`` component.
+
+Memory is bounded by the model and one batch per worker: nothing is gathered but the sums.
+With ``fisher="true"`` every batch samples its labels with a seed derived from its first key
+(reproducible for a given batching; another batching draws another, equally valid, sample);
+``fisher="empirical"`` is deterministic and equals the in-process result up to float summation order.
+
+Standalone job::
+
+    python -m tfx_components.beam_factors --examples 'data/Split-train/*' --model model.keras \\
+        --feature-spec '{"x": {"name": "image", "shape": [8, 8, 1]}, "y": {"name": "label"}}' \\
+        --output factors/ --direct_running_mode=multi_processing --direct_num_workers=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+
+import apache_beam as beam
+
+from tfx_components import beam_scoring
+
+
+def batch_step(keys) -> int:
+    """The sampling seed of a batch: a hash of its first key (stable across processes)."""
+    return int(hashlib.sha256(bytes(keys[0])).hexdigest()[:12], 16)
+
+
+class _FactorPass(beam.DoFn):
+    """Batch of serialized examples → its pass-1 (covariance) or pass-2 (correction) sums."""
+
+    def __init__(self, model_path, feature_spec, group_spec, kind, fisher, seed, loss_config, desc, which):
+        self.model_path, self.spec = model_path, beam_scoring.parse_feature_spec(feature_spec)
+        self.group_spec, self.kind, self.fisher, self.seed = group_spec, kind, fisher, seed
+        self.loss_config, self.desc, self.which = loss_config, desc, which
+
+    def setup(self):
+        import tf_influence as tfi
+        from tf_influence import kfac
+        model = beam_scoring.load_keras_model(self.model_path)
+        objective = tfi.Objective(model, beam_scoring.resolve_loss(model, self.loss_config))
+        group = (tfi.ParameterGroup.from_spec(model, self.group_spec) if self.group_spec
+                 else tfi.ParameterGroup.from_model(model))
+        self.stats = kfac.FactorStatistics(objective, group, self.kind, self.fisher, self.seed)
+
+    def process(self, records, bases=None):
+        from tf_influence.objective import finite_check
+        keys, x, y = beam_scoring.decode_batch(records, self.spec, self.desc)
+        with finite_check(f"K-FAC factors on {self.desc}"):
+            if self.which == "covariances":
+                yield self.stats.covariances(x, y, batch_step(keys))
+            else:
+                yield self.stats.correction(x, y, batch_step(keys), bases)
+
+    def finalize(self, sums, bases, correction):
+        return self.stats.factors(sums, bases, correction)
+
+
+class SumStatistics(beam.CombineFn):
+    """Sum of :class:`~tf_influence.kfac.FactorStatistics` sums (``None`` for no input)."""
+
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, acc, element):
+        from tf_influence.kfac import add_statistics
+        return add_statistics(acc, element)
+
+    def merge_accumulators(self, accs):
+        from tf_influence.kfac import add_statistics
+        out = None
+        for a in accs:
+            out = add_statistics(out, a)
+        return out
+
+    def extract_output(self, acc):
+        return acc
+
+
+class _Finalize(beam.DoFn):
+    """(sums, bases, correction) → KFACFactors saved to ``output_dir``; yields the directory."""
+
+    def __init__(self, factor_pass: _FactorPass, output_dir: str, desc: str):
+        self.factor_pass, self.output_dir, self.desc = factor_pass, output_dir, desc
+
+    def setup(self):
+        self.factor_pass.setup()
+
+    def process(self, sums, bases, correction):
+        if sums is None:
+            raise ValueError(f"{self.desc}: no examples to fit K-FAC factors on")
+        factors = self.factor_pass.finalize(sums, bases, correction)
+        yield factors.save(self.output_dir)
+
+
+def _eigenbases(sums, desc):
+    from tf_influence.kfac import eigenbases
+    if sums is None:
+        raise ValueError(f"{desc}: no examples to fit K-FAC factors on")
+    return eigenbases(sums)
+
+
+def fit_factors(pipeline, examples_patterns, model_path, feature_spec, output_dir, group_spec=None,
+                kind: str = "ekfac", fisher: str = "true", seed: int = 0, loss_config=None, batch_size: int = 256,
+                label: str = "Factors"):
+    """Add the two passes over ``examples_patterns`` (one pattern or a list) to ``pipeline``;
+    the factors are written to ``output_dir``. ``group_spec``: the parameter group
+    (:class:`~tf_influence.params.GroupSpec` JSON), default every trainable variable."""
+    from tf_influence import kfac
+    if kind not in kfac.KINDS:
+        raise ValueError(f"kind must be one of {kfac.KINDS}, got '{kind}'")
+    if fisher not in kfac.FISHERS:
+        raise ValueError(f"fisher must be one of {kfac.FISHERS}, got '{fisher}'")
+    patterns = [examples_patterns] if isinstance(examples_patterns, str) else list(examples_patterns)
+    desc = ", ".join(patterns)
+
+    def read(tag):
+        reads = [pipeline | f"{label}Read{tag}{i}" >> beam.io.ReadFromTFRecord(
+            p, coder=beam.coders.BytesCoder(), compression_type=beam.io.filesystem.CompressionTypes.AUTO)
+            for i, p in enumerate(patterns)]
+        records = reads[0] if len(reads) == 1 else tuple(reads) | f"{label}Flatten{tag}" >> beam.Flatten()
+        return records | f"{label}Batch{tag}" >> beam.BatchElements(min_batch_size=min(32, batch_size),
+                                                                   max_batch_size=batch_size)
+
+    def make(which):
+        return _FactorPass(model_path, feature_spec, group_spec, kind, fisher, seed, loss_config, desc, which)
+
+    sums = (read("1") | f"{label}Covariances" >> beam.ParDo(make("covariances"))
+            | f"{label}SumCovariances" >> beam.CombineGlobally(SumStatistics()))
+    bases = sums | f"{label}Eigenbases" >> beam.Map(_eigenbases, desc)
+    if kind == "ekfac":
+        corr = (read("2") | f"{label}Correction" >> beam.ParDo(make("correction"), beam.pvalue.AsSingleton(bases))
+                | f"{label}SumCorrection" >> beam.CombineGlobally(SumStatistics()))
+    else:
+        corr = pipeline | f"{label}NoCorrection" >> beam.Create([None])
+    return sums | f"{label}Save" >> beam.ParDo(_Finalize(make("covariances"), output_dir, desc),
+                                               beam.pvalue.AsSingleton(bases), beam.pvalue.AsSingleton(corr))
+
+
+def main(argv=None):
+    from tf_influence import console
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--examples", required=True, nargs="+", help="file pattern(s) of GZIP TFRecord tf.Examples")
+    ap.add_argument("--model", required=True, help=".keras file or a directory holding model.keras")
+    ap.add_argument("--feature-spec", required=True, help="JSON, see beam_scoring.parse_feature_spec")
+    ap.add_argument("--output", required=True, help="directory for factors.npz / factors.json")
+    ap.add_argument("--kind", choices=("ekfac", "kfac"), default="ekfac")
+    ap.add_argument("--fisher", choices=("true", "empirical"), default="true")
+    ap.add_argument("--group-spec", default=None,
+                    help="GroupSpec JSON (or a .json file) of the parameters; default every trainable variable")
+    ap.add_argument("--loss", default=None, help="Keras loss config JSON (default: the model's compiled loss)")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    console.add_verbose_flag(ap)
+    args, beam_args = ap.parse_known_args(argv)
+    console.quiet(args.verbose)
+    group_spec = args.group_spec
+    if group_spec and group_spec.endswith(".json"):
+        group_spec = open(group_spec).read()
+    from apache_beam.options.pipeline_options import PipelineOptions
+    with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
+        fit_factors(p, args.examples, args.model, args.feature_spec, args.output, group_spec, args.kind,
+                    args.fisher, args.seed, args.loss, args.batch_size)
+    print(f"wrote {args.kind} factors to {args.output}")
+
+
+if __name__ == "__main__":
+    # run the importable module's main, not this __main__ copy: the DoFns must be pickled as
+    # tfx_components.beam_factors.<class>, which worker processes can import (a __main__ class they cannot)
+    from tfx_components import beam_factors as _module
+    sys.exit(_module.main())

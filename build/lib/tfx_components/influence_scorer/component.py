@@ -1,0 +1,116 @@
+"""InfluenceScorer: multi-stage influence of every pretraining example on a finetuned model's test loss.
+
+Inputs: ``pretrain_examples`` and ``finetune_examples`` (Examples; the latter with a training
+and a test split), ``pretrain_model`` and ``finetune_model`` (Model artifacts whose
+``Format-Serving`` directory holds ``model.keras``, as written by the trainer modules of
+``pipelines/``). Parameters: ``feature_spec`` (JSON, see ``beam_scoring.parse_feature_spec``),
+``embedding`` (JSON list of layer names of W, present in both models), ``influence_args`` (a
+``tf_influence.InfluenceArgs``, serialised whole: case, α, both solvers with their dampings,
+``hessian_samples``, seed — the library's defaults unless set), ``finetune_train_split`` /
+``test_split``, ``test_keys`` (JSON list: score
+against these test examples only; default the sum over the whole test split, eq. 8),
+``loss`` (Keras loss config JSON; default the models' compiled losses). Optional input
+``pretrain_factors`` (KFACFactors from ``FactorFitter`` over the pretraining Examples and model):
+the pretraining Hessian ∂²G/∂(W,U)² is then inverted with those (E)K-FAC factors (the solver's
+kind is the factors'), and the driver reads no pretraining corpus.
+
+The driver computes the test-side vector once (both IHVP chains, ``MultiStageInfluence.test_vectors``);
+the per-example products run in Beam with the vector as a side input, over the (W, U) group
+rebuilt in every worker from its serialised ``GroupSpec`` (also recorded on the output). Output: ``scores``
+(InfluenceScores, ``score_kind = multi_stage_<case>``) for every pretraining split, with the
+solver diagnostics and a score summary in its custom properties.
+"""
+
+import json
+import warnings
+from typing import Optional, Union
+
+import tf_influence as tfi
+
+from tfx import types
+from tfx.dsl.components.base import base_beam_component, executor_spec
+from tfx.types import channel_utils, standard_artifacts
+from tfx.types.component_spec import ChannelParameter, ExecutionParameter
+
+from tfx_components.artifacts import InfluenceScores, KFACFactors
+from tfx_components.influence_scorer import executor
+
+
+class InfluenceScorerSpec(types.ComponentSpec):
+    PARAMETERS = {
+        "feature_spec": ExecutionParameter(type=str),
+        "embedding": ExecutionParameter(type=str),
+        "influence_args": ExecutionParameter(type=str),
+        "finetune_train_split": ExecutionParameter(type=str),
+        "test_split": ExecutionParameter(type=str),
+        "test_keys": ExecutionParameter(type=str, optional=True),
+        "loss": ExecutionParameter(type=str, optional=True),
+        "batch_size": ExecutionParameter(type=int, optional=True),
+    }
+    INPUTS = {"pretrain_examples": ChannelParameter(type=standard_artifacts.Examples),
+              "finetune_examples": ChannelParameter(type=standard_artifacts.Examples),
+              "pretrain_model": ChannelParameter(type=standard_artifacts.Model),
+              "finetune_model": ChannelParameter(type=standard_artifacts.Model),
+              "pretrain_factors": ChannelParameter(type=KFACFactors, optional=True)}
+    OUTPUTS = {"scores": ChannelParameter(type=InfluenceScores)}
+
+
+class InfluenceScorer(base_beam_component.BaseBeamComponent):
+    SPEC_CLASS = InfluenceScorerSpec
+    EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(executor.Executor)
+
+    def __init__(self, pretrain_examples: types.BaseChannel, finetune_examples: types.BaseChannel,
+                 pretrain_model: types.BaseChannel, finetune_model: types.BaseChannel, feature_spec: dict,
+                 embedding, influence_args: Optional[Union["tfi.InfluenceArgs", dict]] = None,
+                 finetune_train_split: str = "train", test_split: str = "test", test_keys=None,
+                 loss: Optional[dict] = None, batch_size: int = 256,
+                 pretrain_factors: Optional[types.BaseChannel] = None, **deprecated):
+        args = influence_args_from(influence_args, deprecated)
+        spec = InfluenceScorerSpec(
+            pretrain_examples=pretrain_examples, finetune_examples=finetune_examples, pretrain_model=pretrain_model,
+            finetune_model=finetune_model, feature_spec=json.dumps(feature_spec), embedding=json.dumps(list(embedding)),
+            influence_args=args.to_json(), finetune_train_split=finetune_train_split, test_split=test_split,
+            test_keys=json.dumps([k if isinstance(k, str) else k.decode() for k in test_keys]) if test_keys else None,
+            loss=json.dumps(loss) if loss else None, batch_size=batch_size, pretrain_factors=pretrain_factors,
+            scores=channel_utils.as_channel([InfluenceScores()]))
+        super().__init__(spec=spec)
+
+
+#: The 0.2 keyword arguments of ``InfluenceScorer`` and where they live now (one release of grace).
+DEPRECATED_ARGUMENTS = ("case", "alpha", "damping_pretrain", "damping_finetune", "solver", "max_iter",
+                        "hessian_samples")
+
+
+def influence_args_from(influence_args, deprecated: dict) -> "tfi.InfluenceArgs":
+    """The :class:`tf_influence.InfluenceArgs` of the component: ``influence_args`` (an object or its
+    dict), with the deprecated 0.2 keywords (``case=``, ``damping_pretrain=``, ``solver=`` …) folded in
+    under a ``DeprecationWarning``; any other keyword raises."""
+    unknown = sorted(set(deprecated) - set(DEPRECATED_ARGUMENTS))
+    if unknown:
+        raise TypeError(f"InfluenceScorer got unexpected keyword argument(s) {unknown}")
+    if isinstance(influence_args, dict):
+        args = tfi.InfluenceArgs.from_dict(influence_args)
+    elif influence_args is None:
+        args = tfi.InfluenceArgs()
+    elif isinstance(influence_args, tfi.InfluenceArgs):
+        args = influence_args
+    else:
+        raise TypeError(f"influence_args must be a tf_influence.InfluenceArgs or its dict, got "
+                        f"{type(influence_args).__name__}")
+    given = {k: v for k, v in deprecated.items() if v is not None}
+    if not given:
+        return args
+    warnings.warn(f"InfluenceScorer({', '.join(f'{k}=' for k in given)}) is deprecated: pass "
+                  "influence_args=tf_influence.InfluenceArgs(...)", DeprecationWarning, stacklevel=3)
+    import dataclasses
+    top = {k: given[k] for k in ("case", "alpha", "hessian_samples") if k in given}
+    solver = {}
+    if "solver" in given:
+        solver["method"] = given["solver"]
+    if "max_iter" in given:
+        solver["max_iter"] = int(given["max_iter"])
+    pre = dataclasses.replace(args.pretrain_solver, **solver,
+                              **({"damping": float(given["damping_pretrain"])} if "damping_pretrain" in given else {}))
+    ft = dataclasses.replace(args.finetune_solver, **solver,
+                             **({"damping": float(given["damping_finetune"])} if "damping_finetune" in given else {}))
+    return dataclasses.replace(args, pretrain_solver=pre, finetune_solver=ft, **top)

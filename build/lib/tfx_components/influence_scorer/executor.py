@@ -1,0 +1,117 @@
+"""Executor of InfluenceScorer: test-side vector in the driver (library), per-example products in Beam.
+
+With a ``pretrain_factors`` input (FactorFitter's KFACFactors) the pretraining Hessian is inverted
+with those factors and the driver never loads the pretraining corpus."""
+
+import dataclasses
+import json
+import os
+
+from absl import logging
+
+import numpy as np
+import tensorflow as tf
+from tfx.dsl.components.base import base_beam_executor
+from tfx.types import artifact_utils
+
+import tf_influence as tfi
+from tfx_components import beam_scoring, common
+from tfx_components.artifacts import set_scores_metadata
+
+
+def _ds(x, y, batch=256):
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
+
+
+class Executor(base_beam_executor.BaseBeamExecutor):
+
+    def Do(self, input_dict, output_dict, exec_properties):
+        pre_ex = artifact_utils.get_single_instance(input_dict["pretrain_examples"])
+        ft_ex = artifact_utils.get_single_instance(input_dict["finetune_examples"])
+        pre_m = artifact_utils.get_single_instance(input_dict["pretrain_model"])
+        ft_m = artifact_utils.get_single_instance(input_dict["finetune_model"])
+        out = artifact_utils.get_single_instance(output_dict["scores"])
+        e = exec_properties
+        spec = beam_scoring.parse_feature_spec(e["feature_spec"])
+        embedding = json.loads(e["embedding"])
+        pre_model = beam_scoring.load_keras_model(common.model_path(pre_m))
+        ft_model = beam_scoring.load_keras_model(common.model_path(ft_m))
+        pre_loss = beam_scoring.resolve_loss(pre_model, e.get("loss"))
+        ft_loss = beam_scoring.resolve_loss(ft_model, e.get("loss"))
+        pre_splits = artifact_utils.decode_split_names(pre_ex.split_names)
+        # driver side: the data the two Hessians and the test gradient need
+        _, xf, yf = common.load_split(ft_ex, e["finetune_train_split"], spec)
+        tkeys, xt, yt = common.load_split(ft_ex, e["test_split"], spec)
+        if e.get("test_keys"):
+            wanted = [k.encode() for k in json.loads(e["test_keys"])]
+            index = {k: i for i, k in enumerate(tkeys)}
+            absent = [k for k in wanted if k not in index]
+            if absent:
+                raise ValueError(f"Examples artifact {ft_ex.uri}, split '{e['test_split']}': no test example with "
+                                 f"key(s) {absent[:5]}")
+            sel = np.array([index[k] for k in wanted])
+            xt, yt = xt[sel], yt[sel]
+        args = tfi.InfluenceArgs.from_json(e["influence_args"])
+        pre_solver, ft_solver = args.pretrain_solver, args.finetune_solver
+        factors_art = input_dict.get("pretrain_factors") or []
+        hessian_samples = args.hessian_samples
+        if factors_art:
+            # the pretraining Hessian is the fitted (E)K-FAC curvature: the driver reads no pretraining
+            # corpus, only one batch of it to build the operator the factors are checked against
+            from tf_influence import kfac
+            factors_uri = artifact_utils.get_single_instance(factors_art).uri
+            factors = kfac.KFACFactors.load(factors_uri)
+            # the solver's kind is the factors'; the driver holds one batch: nothing to diagnose there
+            pre_solver = dataclasses.replace(pre_solver.with_factors(factors), curvature_iterations=0)
+            if hessian_samples is not None:   # said, not silently dropped: the factors fix the curvature's sample
+                logging.warning("InfluenceScorer: the pretraining Hessian is the KFACFactors artifact %s (fitted on "
+                                "%d examples); influence_args.hessian_samples=%s applies to a Hessian built from "
+                                "the corpus and is not used", factors_uri, factors.num_examples, hessian_samples)
+            pretrain_hessian = f"KFACFactors {factors.kind} on {factors.num_examples} examples ({factors_uri})"
+            _, xp, yp = common.load_split(pre_ex, pre_splits[0], spec, limit=int(e.get("batch_size") or 256))
+            pre_ds = _ds(xp, yp)
+        else:
+            # never the corpus in the driver: the Hessian subsample (at the positions the library's
+            # `subsample` draws) in memory, or — all examples — streamed from the files, one batch held
+            bs = int(e.get("batch_size") or 256)
+            pre_ds = (_ds(*common.sample_split(pre_ex, pre_splits[0], spec, int(hessian_samples), seed=args.seed))
+                      if hessian_samples is not None else common.stream_split(pre_ex, pre_splits[0], spec, bs))
+            pretrain_hessian = (f"corpus subsample of {int(hessian_samples)} examples (seed {args.seed})"
+                                if hessian_samples is not None else "every corpus example")
+        try:
+            ms = tfi.MultiStageInfluence(
+                tfi.Objective(pre_model, pre_loss), pre_ds, tfi.Objective(ft_model, ft_loss), _ds(xf, yf),
+                embedding=embedding, args=args, pretrain_solver=pre_solver, hessian_samples=None)
+            s, solves, seconds = ms.test_vectors(_ds(xt, yt), "sum")
+        except tfi.ParameterGroupError as err:
+            what = f"Model artifacts {pre_m.uri} / {ft_m.uri}"
+            if factors_art:
+                what += f" with KFACFactors artifact {factors_uri}"
+            raise ValueError(f"{what}: {err}") from None
+        except (tfi.DatasetError, tfi.NonFiniteError) as err:  # e.g. labels outside the models' classes
+            raise ValueError(f"InfluenceScorer on Examples artifacts {pre_ex.uri} (pretraining) / {ft_ex.uri} "
+                             f"(finetuning, test): {err}") from None
+        except tf.errors.OpError as err:  # streamed pretraining split: a corrupt shard, a misshaped record
+            raise ValueError(f"InfluenceScorer: Examples artifact {pre_ex.uri}, split '{pre_splits[0]}': "
+                             f"{type(err).__name__}: {err.message.splitlines()[0]}") from None
+        # the per-example products run in the workers over the same (W, U), rebuilt from its spec
+        group_spec = ms.WU.spec(pre_model).to_json()
+
+        def build(p):
+            for split in pre_splits:
+                beam_scoring.score_examples(
+                    p, common.split_pattern(pre_ex, split), common.model_path(pre_m), spec, "influence",
+                    os.path.join(out.uri, f"Split-{split}"), loss_config=e.get("loss"), group_spec=group_spec,
+                    vector=s.numpy(), batch_size=int(e.get("batch_size") or 256), label=f"[{split}]")
+
+        common.run_beam(self, build, f"InfluenceScorer on Examples artifact {pre_ex.uri} "
+                                     f"with Model artifact {pre_m.uri}")
+        set_scores_metadata(out, pre_splits, f"multi_stage_{args.case}")
+        out.set_string_custom_property("influence_args", e["influence_args"])
+        out.set_string_custom_property("pretrain_hessian", pretrain_hessian)
+        out.set_string_custom_property("solves", json.dumps(solves, sort_keys=True, default=float))
+        out.set_string_custom_property("num_test_points", str(len(xt)))
+        out.set_string_custom_property("group_spec", group_spec)
+        out.set_string_custom_property("dampings", json.dumps({"pretrain": pre_solver.damping,
+                                                               "finetune": ft_solver.damping}))
+        common.record_summary(out, {sp: common.summarize(os.path.join(out.uri, f"Split-{sp}")) for sp in pre_splits})

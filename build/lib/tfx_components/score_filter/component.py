@@ -1,0 +1,59 @@
+"""ScoreFilter: drop pretraining examples by influence or self-influence score.
+
+Inputs: ``examples`` (Examples), ``scores`` (InfluenceScores keyed by the examples' ``key_feature``).
+Output: ``filtered_examples`` (Examples) with the same splits; every split that has scores is
+filtered, the other splits are copied unchanged. Counts (in = kept + dropped, per split and in
+total) are recorded as custom properties of the output artifact. An example without a score, a
+score without an example, or a missing split fails the component with a message naming the
+artifact and the split.
+"""
+
+from typing import Optional
+
+from tfx import types
+from tfx.dsl.components.base import base_beam_component, executor_spec
+from tfx.types import channel_utils, standard_artifacts
+from tfx.types.component_spec import ChannelParameter, ExecutionParameter
+
+from tfx_components.artifacts import InfluenceScores
+from tfx_components.score_filter import executor
+
+
+class ScoreFilterSpec(types.ComponentSpec):
+    PARAMETERS = {
+        "mode": ExecutionParameter(type=str),
+        "value": ExecutionParameter(type=float),
+        "key_feature": ExecutionParameter(type=str, optional=True),
+        "max_exact_boundary": ExecutionParameter(type=int, optional=True),
+        "quantile_epsilon": ExecutionParameter(type=float, optional=True),
+    }
+    INPUTS = {
+        "examples": ChannelParameter(type=standard_artifacts.Examples),
+        "scores": ChannelParameter(type=InfluenceScores),
+    }
+    OUTPUTS = {
+        "filtered_examples": ChannelParameter(type=standard_artifacts.Examples),
+    }
+
+
+class ScoreFilter(base_beam_component.BaseBeamComponent):
+    """Filter Examples by per-example scores with the library's one selection rule
+    (``tf_influence.selection.select_kept``, ties broken by key): ``drop_top_fraction``,
+    ``drop_above``, ``keep_lowest`` — PRESENCE-Sequential —, ``keep_highest``."""
+
+    SPEC_CLASS = ScoreFilterSpec
+    EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(executor.Executor)
+
+    def __init__(self, examples: types.BaseChannel, scores: types.BaseChannel, mode: str, value: float,
+                 key_feature: Optional[str] = "key", max_exact_boundary: Optional[int] = None,
+                 quantile_epsilon: Optional[float] = None):
+        """``max_exact_boundary`` / ``quantile_epsilon``: above that many pairs on the smaller side of
+        the cut, the boundary comes from approximate quantiles with error ``ε`` (kept count within
+        ``1.5·ε·n`` of the exact rule's; defaults 10⁶ and 10⁻⁴ — see the executor)."""
+        from tf_influence.selection import check_mode
+        check_mode(mode, value)
+        spec = ScoreFilterSpec(examples=examples, scores=scores, mode=mode, value=float(value),
+                               key_feature=key_feature, max_exact_boundary=max_exact_boundary,
+                               quantile_epsilon=quantile_epsilon,
+                               filtered_examples=channel_utils.as_channel([standard_artifacts.Examples()]))
+        super().__init__(spec=spec)

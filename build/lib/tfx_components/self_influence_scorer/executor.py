@@ -1,0 +1,52 @@
+"""Beam executor of SelfInfluenceScorer: reads each split, scores it with
+``tf_influence.tracin.self_influence`` (through ``tfx_components.beam_scoring``), writes InfluenceScores."""
+
+import json
+import os
+
+from tfx.dsl.components.base import base_beam_executor
+from tfx.types import artifact_utils
+
+from tfx_components import beam_scoring, common
+from tfx_components.artifacts import set_scores_metadata
+
+
+class Executor(base_beam_executor.BaseBeamExecutor):
+
+    def Do(self, input_dict, output_dict, exec_properties):
+        examples = artifact_utils.get_single_instance(input_dict["examples"])
+        model = artifact_utils.get_single_instance(input_dict["model"])
+        out = artifact_utils.get_single_instance(output_dict["scores"])
+        spec = beam_scoring.parse_feature_spec(exec_properties["feature_spec"])
+        si_layers = json.loads(exec_properties["si_layers"])
+        splits = json.loads(exec_properties["splits"]) if exec_properties.get("splits") else \
+            artifact_utils.decode_split_names(examples.split_names)
+        path = common.model_path(model)
+        # fail early, in the driver, with the artifact named: model file, layer set, features
+        keras_model = beam_scoring.load_keras_model(path)
+        from tf_influence import tracin
+        try:
+            tracin.layer_set(keras_model, si_layers)
+        except ValueError as err:
+            raise ValueError(f"Model artifact {model.uri}: {err}") from None
+        patterns = {s: common.split_pattern(examples, s) for s in splits}
+        checkpoints = json.loads(exec_properties["checkpoints"]) if exec_properties.get("checkpoints") else None
+        learning_rates = json.loads(exec_properties["learning_rates"]) if exec_properties.get("learning_rates") \
+            else None
+        import tensorflow as tf
+        for c in checkpoints or []:
+            if not tf.io.gfile.exists(c):
+                raise FileNotFoundError(f"SelfInfluenceScorer: checkpoint {c} does not exist")
+        def build(p):
+            for split, pattern in patterns.items():
+                beam_scoring.score_examples(p, pattern, path, spec, "self_influence",
+                                            os.path.join(out.uri, f"Split-{split}"), si_layers=si_layers,
+                                            loss_config=exec_properties.get("loss"),
+                                            batch_size=int(exec_properties.get("batch_size") or 256),
+                                            label=f"[{split}]", checkpoints=checkpoints,
+                                            learning_rates=learning_rates)
+
+        common.run_beam(self, build, f"SelfInfluenceScorer on Examples artifact {examples.uri} "
+                                     f"with Model artifact {model.uri}")
+        set_scores_metadata(out, splits, "self_influence")
+        common.record_summary(out, {s: common.summarize(os.path.join(out.uri, f"Split-{s}")) for s in splits})
