@@ -6,7 +6,7 @@
 DAG: ImportExampleGen (noisy pool ``train`` + clean ``test``) → Trainer (character LM, uniform;
 also the scoring model) → SelfInfluenceScorer (K = embedding) → ScoreFilter (keep the 80 %
 lowest self-influence: PRESENCE-Sequential) → Trainer (uniform on the kept windows); Trainer
-(PRESENCE reweighted step on the whole pool, τ = −1 throughout by default: ``--tau1 1`` gives the
+(PRESENCE reweighted step on the whole pool, τ = −1 throughout by default: ``--presence-tau1 1`` gives the
 paper's two-stage schedule); CompareLMs (held-out clean loss, injected noise kept by the filter).
 
 Why τ = −1 and not the paper's τ = +1 → −1: on the transformer LM grid of
@@ -29,11 +29,27 @@ from pipelines.summary import BEAM_DEFAULT, execute
 from tf_influence import console
 
 
+#: The PRESENCE trainer's settings in this pipeline: the library's PresenceArgs, with K = the LM's
+#: embedding and τ = −1 throughout (why: the module docstring).
+PIPELINE_PRESENCE = {"si_layers": ("embedding",), "tau1": -1.0}
+
+
 def create_pipeline(root: str, data_root: str, n_train: int, quick: bool = False, beam_args=None,
-                    metadata_path: str | None = None, keep_fraction: float = 0.8, tau1: float = -1.0):
+                    metadata_path: str | None = None, keep_fraction: float = 0.8, tau1: float | None = None,
+                    presence_args=None):
+    """``presence_args``: a :class:`tf_influence.presence.PresenceArgs` for the PRESENCE trainer
+    (default: :data:`PIPELINE_PRESENCE`); ``tau1`` is its deprecated shortcut (0.2)."""
     from tfx import v1 as tfx
     from tfx.proto import example_gen_pb2
     from tf_influence.presence import PresenceArgs
+    if presence_args is None:
+        presence_args = PresenceArgs(**PIPELINE_PRESENCE)
+    if tau1 is not None:
+        import dataclasses
+        import warnings
+        warnings.warn("create_pipeline(tau1=...) is deprecated: pass presence_args=PresenceArgs(tau1=...)",
+                      DeprecationWarning, stacklevel=2)
+        presence_args = dataclasses.replace(presence_args, tau1=float(tau1))
 
     from pipelines import text_data
     from pipelines.pipeline_components import CompareLMs
@@ -61,7 +77,7 @@ def create_pipeline(root: str, data_root: str, n_train: int, quick: bool = False
                       value=int(round(keep_fraction * n_train)))
     sequential = trainer("presence_sequential_trainer", flt.outputs["filtered_examples"])
     online = trainer("presence_trainer", gen.outputs["examples"],
-                     {"presence": PresenceArgs(si_layers=("embedding",), tau1=tau1).to_dict()})
+                     {"presence": presence_args.to_dict()})
     compare = CompareLMs(examples=gen.outputs["examples"], uniform=uniform.outputs["model"],
                          presence_sequential=sequential.outputs["model"], presence=online.outputs["model"],
                          filtered=flt.outputs["filtered_examples"], feature_spec=json.dumps(spec))
@@ -82,11 +98,18 @@ def main(argv=None):
     ap.add_argument("--runner", choices=["local", "kubeflow_v2"], default="local")
     ap.add_argument("--beam-arg", action="append", default=None)
     ap.add_argument("--image", default="tf-influence:latest", help="container image (kubeflow_v2)")
-    ap.add_argument("--tau1", type=float, default=-1.0,
-                    help="τ of the first 30 %% of the PRESENCE trainer's steps (then −1); 1 = the paper's two stages")
+    from tf_influence.cli import add_arguments, from_args
+    from tf_influence.presence import PresenceArgs
+    add_arguments(ap, PresenceArgs, prefix="presence_", title="the PRESENCE trainer (PresenceArgs)",
+                  defaults=PIPELINE_PRESENCE)   # this pipeline's choice, said in --help
+    ap.add_argument("--tau1", type=float, default=None, help=argparse.SUPPRESS)      # deprecated: --presence-tau1
     console.add_verbose_flag(ap)
     args = ap.parse_args(argv)
     console.quiet(args.verbose)
+    if args.tau1 is not None:
+        print("--tau1 is deprecated: use --presence-tau1", file=sys.stderr)
+        args.presence_tau1 = args.tau1
+    presence_args = from_args(PresenceArgs, args, prefix="presence_")
     from pipelines import text_data
     t0 = time.perf_counter()
     root = os.path.abspath(args.root)
@@ -94,7 +117,8 @@ def main(argv=None):
     data_root = os.path.join(root, "data")
     counts = text_data.write(data_root, n_train=n_train, n_test=96 if args.quick else 500)
     return execute("presence_pipeline",
-                   lambda md: create_pipeline(root, data_root, n_train, args.quick, args.beam_arg, md, tau1=args.tau1),
+                   lambda md: create_pipeline(root, data_root, n_train, args.quick, args.beam_arg, md,
+                                              presence_args=presence_args),
                    root, args.runner, args.image, args.report, {"quick": args.quick, "data": counts}, t0,
                    verbose=args.verbose)
 

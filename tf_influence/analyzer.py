@@ -59,8 +59,10 @@ class FactorArgs:
     FactorArgs(kind='kfac', fisher='true', max_examples=500, seed=0)
     """
 
-    kind: str = field(default="ekfac", metadata={"help": "'ekfac' (eigenvalue-corrected) or 'kfac'"})
-    fisher: str = field(default="true", metadata={"help": "'true' (labels sampled from the model) or 'empirical'"})
+    kind: str = field(default="ekfac", metadata={"help": "'ekfac' (eigenvalue-corrected) or 'kfac'",
+                                                 "choices": ("ekfac", "kfac")})
+    fisher: str = field(default="true", metadata={"help": "'true' (labels sampled from the model) or 'empirical'",
+                                                  "choices": ("true", "empirical")})
     max_examples: int | None = field(default=None, metadata={"help": "fit on the first N examples (None: all)"})
     seed: int = field(default=0, metadata={"help": "seed of the sampled labels"})
 

@@ -152,29 +152,31 @@ def fit_factors(pipeline, examples_patterns, model_path, feature_spec, output_di
 
 def main(argv=None):
     from tf_influence import console
+    from tf_influence.analyzer import FactorArgs
+    from tf_influence.cli import add_arguments, from_args
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", required=True, nargs="+", help="file pattern(s) of GZIP TFRecord tf.Examples")
     ap.add_argument("--model", required=True, help=".keras file or a directory holding model.keras")
     ap.add_argument("--feature-spec", required=True, help="JSON, see beam_scoring.parse_feature_spec")
     ap.add_argument("--output", required=True, help="directory for factors.npz / factors.json")
-    ap.add_argument("--kind", choices=("ekfac", "kfac"), default="ekfac")
-    ap.add_argument("--fisher", choices=("true", "empirical"), default="true")
     ap.add_argument("--group-spec", default=None,
                     help="GroupSpec JSON (or a .json file) of the parameters; default every trainable variable")
     ap.add_argument("--loss", default=None, help="Keras loss config JSON (default: the model's compiled loss)")
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--seed", type=int, default=0)
+    # the same FactorArgs (defaults, help) as Analyzer.fit_factors; the Beam passes read every example
+    add_arguments(ap, FactorArgs, exclude=("max_examples",))
     console.add_verbose_flag(ap)
     args, beam_args = ap.parse_known_args(argv)
     console.quiet(args.verbose)
+    fargs = from_args(FactorArgs, args)
     group_spec = args.group_spec
     if group_spec and group_spec.endswith(".json"):
         group_spec = open(group_spec).read()
     from apache_beam.options.pipeline_options import PipelineOptions
     with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
-        fit_factors(p, args.examples, args.model, args.feature_spec, args.output, group_spec, args.kind,
-                    args.fisher, args.seed, args.loss, args.batch_size)
-    print(f"wrote {args.kind} factors to {args.output}")
+        fit_factors(p, args.examples, args.model, args.feature_spec, args.output, group_spec, fargs.kind,
+                    fargs.fisher, fargs.seed, args.loss, args.batch_size)
+    print(f"wrote {fargs.kind} factors to {args.output}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ a CLI to the trainer: every default lives here once.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from .schedules import TwoStageSchedule
 from .weights import EPS
@@ -34,13 +34,14 @@ class PresenceArgs:
       relative_eps: scale-free ε (default) or the literal absolute constant.
     """
 
-    num_microbatches: int = 4
-    si_layers: tuple | None = None
-    tau1: float = 1.0
-    tau2: float = -1.0
-    switch_fraction: float = 0.3
-    eps: float = EPS
-    relative_eps: bool = True
+    num_microbatches: int = field(default=4, metadata={"help": "microbatches per (per-replica) batch"})
+    si_layers: tuple | None = field(default=None, metadata={
+        "help": "the layer set K: layer names or Keras paths (None: the trainer's own choice)"})
+    tau1: float = field(default=1.0, metadata={"help": "τ of the first stage (paper: +1, direct weighting)"})
+    tau2: float = field(default=-1.0, metadata={"help": "τ of the second stage (paper: -1, inverse weighting)"})
+    switch_fraction: float = field(default=0.3, metadata={"help": "the first stage's share of the training steps"})
+    eps: float = field(default=EPS, metadata={"help": "ε of eq. 7 (relative to μ(s)² unless --no-relative-eps)"})
+    relative_eps: bool = field(default=True, metadata={"help": "scale-free ε (else the literal constant)"})
 
     def __post_init__(self):
         if int(self.num_microbatches) < 1:

@@ -1,0 +1,60 @@
+"""CLIs generated from the configuration dataclasses: every field is a flag with the dataclass's
+default and help, the parsed flags build the same object the library uses, bad values fail naming
+the flag, and the Beam / pipeline CLIs take their options from the same classes."""
+
+import argparse
+import contextlib
+import dataclasses
+import io
+
+import pytest
+
+from tf_influence import cli
+from tf_influence.analyzer import FactorArgs
+from tf_influence.influence import InfluenceArgs
+from tf_influence.presence import PresenceArgs
+from tf_influence.solvers import SolverConfig
+
+
+@pytest.mark.parametrize("cls", [InfluenceArgs, FactorArgs, PresenceArgs])
+def test_every_field_is_a_flag_and_no_flags_give_the_defaults(cls):
+    ap = argparse.ArgumentParser()
+    cli.add_arguments(ap, cls)
+    flags = {a.dest for a in ap._actions}
+    assert {f.name for f in dataclasses.fields(cls)} <= flags
+    assert cli.from_args(cls, ap.parse_args([])) == cls()
+    text = ap.format_help()
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("help"):
+            assert f.metadata["help"].split()[0] in text, f.name
+
+
+def test_values_reach_the_object_and_bad_values_name_the_flag():
+    ap = argparse.ArgumentParser(prog="x")
+    cli.add_arguments(ap, InfluenceArgs)
+    ns = ap.parse_args(["--case", "updated", "--alpha", "0.1", "--hessian-samples", "none", "--no-check-fixed-embedding",
+                        "--finetune-solver", '{"method": "dense", "damping": 0.5}'])
+    args = cli.from_args(InfluenceArgs, ns)
+    assert (args.case, args.alpha, args.hessian_samples, args.check_fixed_embedding) == ("updated", 0.1, None, False)
+    assert args.finetune_solver == SolverConfig("dense", damping=0.5)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit):
+        ap.parse_args(["--pretrain-solver", '{"method": "cg", "dampnig": 1}'])
+    assert "--pretrain-solver" in err.getvalue() and "dampnig" in err.getvalue()
+    with pytest.raises(ValueError, match="case must be"):   # validation stays in the dataclass
+        cli.from_args(InfluenceArgs, ap.parse_args(["--case", "frozen"]))
+    with pytest.raises(ValueError, match="does not have"):
+        cli.add_arguments(argparse.ArgumentParser(), PresenceArgs, defaults={"tau": 1.0})
+
+
+def test_the_beam_and_pipeline_clis_take_the_dataclasses():
+    from pipelines import presence_pipeline
+    from tfx_components import beam_factors
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        beam_factors.main(["--help"])
+    assert "--fisher {true,empirical}" in out.getvalue() and "FactorArgs" in out.getvalue()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        presence_pipeline.main(["--help"])
+    assert "--presence-tau1" in out.getvalue() and "default: -1.0; PresenceArgs's: 1.0" in out.getvalue()
