@@ -186,6 +186,27 @@ def test_layer_set_by_object_or_path_frozen_refused_and_save_load_round_trip(tmp
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), by_obj.predict(x, verbose=0))
 
 
+def test_default_layer_set_is_every_layer_and_decomposes_by_layer():
+    """``si_layers=None`` is every layer with parameters; ‖∇l‖² over all of them is the sum of the
+    per-layer squared norms (an identity the per-layer scores must satisfy)."""
+    model = toy()
+    x, y = data(24)
+    obj = tfi.Objective(model, keras.losses.SparseCategoricalCrossentropy())
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    every = tracin.self_influence(obj, ds)
+    by_layer = sum(tracin.self_influence(obj, ds, [layer.name]) for layer in model.layers if layer.weights)
+    np.testing.assert_allclose(every, by_layer, rtol=1e-5)
+    one_at_a_time = []                                   # independent of ghost norms: one tape per example
+    for i in range(len(x)):
+        with tf.GradientTape() as tape:
+            loss = obj.loss(y[i:i + 1], model(x[i:i + 1]))
+        one_at_a_time.append(sum(float(tf.reduce_sum(g ** 2)) for g in tape.gradient(loss, model.trainable_variables)))
+    np.testing.assert_allclose(every, one_at_a_time, rtol=1e-4)
+    assert tracin.layer_set(model, None).variables == tuple(tfi.ParameterGroup.from_model(model).variables)
+    pm = presence.PresenceModel(model, num_microbatches=4)
+    assert pm.si_layers is None and len(pm._k_vars) == len(model.trainable_variables)
+
+
 def test_tracin_self_influence_and_sequential_filter():
     model = toy()
     x, y = data(30)

@@ -295,6 +295,16 @@ def test_self_influence_scorer_equals_the_library_and_names_bad_input(world, tmp
     for i, k in enumerate(pre_data["train"][0]):
         assert got[k] == pytest.approx(float(ref[i]), rel=1e-5)
     assert out.get_string_custom_property("score_kind") == "self_influence"
+    # no si_layers: every layer with parameters, the library's default too
+    out_all = InfluenceScores()
+    out_all.uri = str(tmp_path / "si_all")
+    SIExecutor(ctx(tmp_path / "tmpa")).Do({"examples": [a["pre_ex"]], "model": [a["pre_m"]]}, {"scores": [out_all]},
+                                          {"feature_spec": json.dumps(SPEC)})
+    got_all = scores_io.read_scores(os.path.join(out_all.uri, "Split-train"))
+    ref_all = tracin.self_influence(tfi.Objective(pre, pre.loss), ds(pre_data["train"]))
+    for i, k in enumerate(pre_data["train"][0]):
+        assert got_all[k] == pytest.approx(float(ref_all[i]), rel=1e-5)
+        assert got_all[k] > got[k]
     # TracIn over two checkpoints with learning rates
     ck = [str(tmp_path / "c1.weights.h5"), str(tmp_path / "c2.weights.h5")]
     pre.save_weights(ck[0])
@@ -381,3 +391,14 @@ def test_summary_streams_and_equals_numpy(tmp_path):
             w.write(scores_io.encode_score(k, s))
     with pytest.raises(ValueError, match="non-finite score for key b'b'"):
         common.summarize(str(tmp_path / "bad"))
+
+
+def test_every_component_documents_itself_with_an_example():
+    from tfx_components.factor_fitter.component import FactorFitter
+    from tfx_components.influence_scorer.component import InfluenceScorer
+    from tfx_components.score_filter.component import ScoreFilter
+    from tfx_components.self_influence_scorer.component import SelfInfluenceScorer
+    for c in (FactorFitter, InfluenceScorer, ScoreFilter, SelfInfluenceScorer):
+        assert c.__doc__ and len(c.__doc__) > 200, c.__name__
+    for c in (FactorFitter, InfluenceScorer, SelfInfluenceScorer):
+        assert f"{c.__name__}(" in c.__doc__, c.__name__

@@ -98,8 +98,8 @@ class Task:
       finetune_head: Θ (default: everything in the finetuned model outside W).
       measurement: what is measured on the test points (default: the finetuning loss; e.g.
         :func:`tf_influence.lm.completion_log_probability` for a causal LM).
-      si_layers: the layer set of self-influence (default: ``embedding``; ``None`` and no embedding:
-        every layer of the pretraining model).
+      si_layers: the layer set K of self-influence (default ``None``: every layer of the pretraining
+        model with parameters, as in the rest of the library; name ``embedding`` for the paper's K).
 
     Subclass and override :meth:`pretrain_objective` / :meth:`finetune_objective` for an objective
     that a loss alone cannot express (regularisers, sample weights).
@@ -255,10 +255,9 @@ class Analyzer:
                        overwrite: bool = False) -> np.ndarray:
         """TracIn self-influence ``‖∇_K l(z)‖²`` of every example of ``data`` under the pretraining
         objective (:func:`~tf_influence.tracin.self_influence`), saved as ``self_influence/<name>``.
-        ``si_layers`` defaults to ``Task.si_layers``, then ``Task.embedding``, then the whole model."""
+        ``si_layers`` defaults to ``Task.si_layers``, then the whole model."""
         from .tracin import self_influence
-        layers = si_layers if si_layers is not None else (self.task.si_layers if self.task.si_layers is not None
-                                                         else self.task.embedding)
+        layers = si_layers if si_layers is not None else self.task.si_layers
         group = _whole(self.task.pretrain_model) if layers is None else layers
         directory = self._dir("self_influence", name)
         record = json.dumps({"si_layers": _describe(layers), "method": method}, sort_keys=True)

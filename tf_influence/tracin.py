@@ -22,11 +22,18 @@ from .objective import EmptyDatasetError, Objective, batches, finite_check
 from .params import ParameterGroup, ParameterGroupError, as_layer_list, group_from_layers
 
 
-def layer_set(model, si_layers) -> ParameterGroup:
+#: What ``si_layers=None`` means everywhere (library, components, CLIs): every layer with parameters.
+ALL_LAYERS = None
+
+
+def layer_set(model, si_layers=ALL_LAYERS) -> ParameterGroup:
     """The layer set K as a parameter group; ``si_layers`` = one or several layer / sub-model names,
-    Keras paths or layer objects (non-empty), or a :class:`ParameterGroup` (returned as is)."""
+    Keras paths or layer objects (non-empty), a :class:`ParameterGroup` (returned as is), or ``None``:
+    every parameter of the model (the paper's embedding-only K is a choice the user names)."""
     if isinstance(si_layers, ParameterGroup):
         return si_layers
+    if si_layers is None:
+        return ParameterGroup.from_model(model, name="K=every layer")
     if not as_layer_list(si_layers):
         raise ParameterGroupError("the layer set K is empty: name at least one layer in si_layers for self-influence")
     return group_from_layers(model, si_layers, name=f"K={si_layers}")
@@ -67,12 +74,13 @@ class _AtCheckpoint:
 SI_METHODS = ("ghost", "per_example")
 
 
-def self_influence(objective: Objective, dataset, si_layers, checkpoints=None, learning_rates=None,
+def self_influence(objective: Objective, dataset, si_layers=ALL_LAYERS, checkpoints=None, learning_rates=None,
                    chunk_size: int | None = 512, progress: bool = False, name: str = "dataset",
                    method: str = "ghost") -> np.ndarray:
     """TracInSI_K of every example of a batched ``(x, y)`` dataset, in dataset order (eq. 3).
 
-    ``si_layers``: the layer set K (layer names or a :class:`ParameterGroup`). ``method``:
+    ``si_layers``: the layer set K (layer names / paths / objects or a :class:`ParameterGroup`;
+    ``None``, the default: every layer with parameters). ``method``:
     ``"ghost"`` (default) computes ``‖∇_K l(z)‖²`` from one ordinary forward / backward pass per
     batch (:class:`tf_influence.ghost_norms.GhostNorms`: exact for ``Dense``, ``EinsumDense``, ``Conv1D`` /
     ``Conv2D`` and ``Embedding`` layers, per-example gradients for the rest of K);
@@ -116,7 +124,7 @@ def check_finite_np(values: np.ndarray, what: str) -> np.ndarray:
     return values
 
 
-def tracin(objective: Objective, train_data, test_data, si_layers, checkpoints=None, learning_rates=None,
+def tracin(objective: Objective, train_data, test_data, si_layers=ALL_LAYERS, checkpoints=None, learning_rates=None,
            chunk_size: int | None = 512) -> np.ndarray:
     """TracIn influence matrix ``[n_train, n_test]`` (eq. 1 summed over checkpoints) over the layer set K."""
     group = layer_set(objective.model, si_layers)

@@ -268,14 +268,13 @@ def score_examples(pipeline, examples_pattern, model_path, feature_spec, kind, o
     one scores file per examples file) → ``<output_dir>/scores-<i>-of-<n>.tfrecord.gz``, published
     once every file is scored. Returns the PCollection with the number of scores written.
 
-    ``kind="self_influence"`` needs ``si_layers``; ``kind="influence"`` needs ``vector`` (the
+    ``kind="self_influence"`` scores over ``si_layers`` (``None``: every layer with parameters);
+    ``kind="influence"`` needs ``vector`` (the
     test-side ``s``, a side input) and ``group_spec`` (the :class:`~tf_influence.params.GroupSpec`
     of ``s``). ``worker_threads``: TensorFlow threads per worker process (default: TensorFlow's, all
     cores — right for one worker per machine; with one worker process per core, 1)."""
     if kind == "influence" and (vector is None or group_spec is None):
         raise ValueError("influence scoring needs the test-side vector and its parameter group spec")
-    if kind == "self_influence" and not si_layers:
-        raise ValueError("self-influence scoring needs the layer set K (si_layers)")
     files = pipeline | f"{label}Read" >> ShardNames(examples_pattern)
     fn = ScoreFile(model_path, feature_spec, kind, si_layers, loss_config, group_spec, desc=examples_pattern,
                    checkpoints=checkpoints, learning_rates=learning_rates, worker_threads=worker_threads,
@@ -297,7 +296,9 @@ def main(argv=None):
     ap.add_argument("--feature-spec", required=True, help="JSON, see parse_feature_spec")
     ap.add_argument("--output", required=True, help="directory for scores-*.tfrecord.gz")
     ap.add_argument("--kind", choices=KINDS, default="self_influence")
-    ap.add_argument("--si-layers", nargs="+", default=None, help="layer set K (self_influence)")
+    ap.add_argument("--si-layers", nargs="+", default=None,
+                    help="layer set K of self_influence: layer names or Keras paths (default: every layer with "
+                         "parameters; the paper's K is the embedding: --si-layers embedding)")
     ap.add_argument("--result", default=None,
                     help="directory of a saved InfluenceResult: its test_vector.npy and group spec (influence)")
     ap.add_argument("--vector", default=None, help=".npy file with the test-side vector s (influence; or --result)")
@@ -314,8 +315,6 @@ def main(argv=None):
     args, beam_args = ap.parse_known_args(argv)
     console.quiet(args.verbose)
     vector, group_spec = None, None
-    if args.kind == "self_influence" and not args.si_layers:
-        ap.error("--si-layers is required for --kind self_influence")
     if args.kind == "influence":
         if args.result:
             import tf_influence as tfi

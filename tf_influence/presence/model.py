@@ -25,7 +25,8 @@ class PresenceModel(keras.Model):
       num_microbatches: microbatches per (per-replica) batch; the batch size must be a multiple.
       si_layers: the layer set K (paper: the first encoder and decoder layers): layer / sub-model
         names, Keras paths or layer objects, resolved as everywhere in the library
-        (:func:`tf_influence.tracin.layer_set`); its variables must be trained.
+        (:func:`tf_influence.tracin.layer_set`; ``None``: every layer with parameters); its
+        variables must be trained.
       tau: initial τ (a :class:`PresenceCallback` then sets it each step).
       eps: ε of eq. 7 (relative to μ(s)² unless ``relative_eps=False``; module docstring).
       relative_eps: scale-free ε (default) or the literal absolute constant.
@@ -43,7 +44,8 @@ class PresenceModel(keras.Model):
         group = layer_set(model, si_layers)   # names, Keras paths or layer objects; the one resolver
         self.inner = model
         self.num_microbatches = int(num_microbatches)
-        self.si_layers = [s if isinstance(s, str) else s.name for s in as_layer_list(si_layers)]
+        self.si_layers = (None if si_layers is None
+                          else [s if isinstance(s, str) else s.name for s in as_layer_list(si_layers)])
         self.eps = float(eps)
         self.relative_eps = bool(relative_eps)
         self._tau0 = float(tau)
@@ -76,7 +78,7 @@ class PresenceModel(keras.Model):
         """The wrapped model (serialised) and the PRESENCE settings, so ``model.save`` /
         ``keras.models.load_model`` round-trip a :class:`PresenceModel`."""
         return {"model": keras.saving.serialize_keras_object(self.inner), "num_microbatches": self.num_microbatches,
-                "si_layers": list(self.si_layers), "tau": self._tau0, "eps": self.eps,
+                "si_layers": None if self.si_layers is None else list(self.si_layers), "tau": self._tau0, "eps": self.eps,
                 "relative_eps": self.relative_eps, "name": self.name}
 
     @classmethod

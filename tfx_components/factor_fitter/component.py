@@ -44,6 +44,18 @@ class FactorFitterSpec(types.ComponentSpec):
 
 
 class FactorFitter(base_beam_component.BaseBeamComponent):
+    """(E)K-FAC factors of ``model`` over ``examples``, fitted by a Beam combiner, as a KFACFactors
+    artifact for ``InfluenceScorer(pretrain_factors=...)``. The parameters are described in the
+    module docstring.
+
+    Example::
+
+        from tfx_components.factor_fitter.component import FactorFitter
+
+        factors = FactorFitter(examples=pre_gen.outputs["examples"], model=pre_trainer.outputs["model"],
+                               feature_spec=spec, kind="ekfac")
+        scorer = InfluenceScorer(..., pretrain_factors=factors.outputs["factors"])
+    """
     SPEC_CLASS = FactorFitterSpec
     EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(executor.Executor)
 

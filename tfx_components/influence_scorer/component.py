@@ -56,6 +56,21 @@ class InfluenceScorerSpec(types.ComponentSpec):
 
 
 class InfluenceScorer(base_beam_component.BaseBeamComponent):
+    """Multi-stage influence (Chen et al. 2020) of every pretraining example on the finetuned
+    model's test loss, as an InfluenceScores artifact. The parameters are described in the module
+    docstring; ``influence_args`` is a :class:`tf_influence.InfluenceArgs`, passed whole.
+
+    Example (pretraining and finetuning Trainers upstream)::
+
+        import tf_influence as tfi
+        from tfx_components.influence_scorer.component import InfluenceScorer
+
+        scorer = InfluenceScorer(
+            pretrain_examples=pre_gen.outputs["examples"], finetune_examples=ft_gen.outputs["examples"],
+            pretrain_model=pre_trainer.outputs["model"], finetune_model=ft_trainer.outputs["model"],
+            feature_spec=spec, embedding=["embedding"],
+            influence_args=tfi.InfluenceArgs(case="fixed", hessian_samples=1000))
+    """
     SPEC_CLASS = InfluenceScorerSpec
     EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(executor.Executor)
 

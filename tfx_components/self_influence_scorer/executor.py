@@ -18,7 +18,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         model = artifact_utils.get_single_instance(input_dict["model"])
         out = artifact_utils.get_single_instance(output_dict["scores"])
         spec = beam_scoring.parse_feature_spec(exec_properties["feature_spec"])
-        si_layers = json.loads(exec_properties["si_layers"])
+        si_layers = json.loads(exec_properties.get("si_layers") or "null")   # None: every layer with parameters
         splits = json.loads(exec_properties["splits"]) if exec_properties.get("splits") else \
             artifact_utils.decode_split_names(examples.split_names)
         path = common.model_path(model)
