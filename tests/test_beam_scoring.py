@@ -153,3 +153,47 @@ def test_dataflow_job_compiles(setup, tmp_path):
               for env in job.proto_pipeline.components.environments.values() for d in env.dependencies}
     assert "workflow.tar.gz" in staged
     assert job.options.view_as(GoogleCloudOptions).region == "us-central1"
+
+
+def test_keys_may_be_bytes_or_int64_and_anything_else_is_named():
+    import tensorflow as tf
+    from tfx_components.beam_scoring import decode_batch, example_key, parse_feature_spec
+
+    def example(key_feature):
+        return tf.train.Example(features=tf.train.Features(feature={
+            "id": key_feature, "x": tf.train.Feature(float_list=tf.train.FloatList(value=[1.0, 2.0])),
+            "y": tf.train.Feature(int64_list=tf.train.Int64List(value=[1]))}))
+
+    spec = parse_feature_spec({"x": {"name": "x", "shape": [2]}, "y": {"name": "y"}, "key": "id"})
+    recs = [example(tf.train.Feature(int64_list=tf.train.Int64List(value=[i]))).SerializeToString()
+            for i in (7, 1234567890123)]
+    keys, x, y = decode_batch(recs, spec, "penguins.tfrecord.gz")   # an int64 ID column (was an IndexError)
+    assert keys == [b"7", b"1234567890123"] and x.shape == (2, 2) and y.tolist() == [1, 1]
+    b = example(tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"ex-1"])))
+    assert example_key(b.features.feature, "id") == b"ex-1"
+    f = example(tf.train.Feature(float_list=tf.train.FloatList(value=[0.5])))
+    with pytest.raises(ValueError, match="f.tfrecord.gz: the key feature 'id' of an example is float"):
+        example_key(f.features.feature, "id", "f.tfrecord.gz")
+    with pytest.raises(ValueError, match="f.tfrecord.gz: an example has no key feature 'key'"):
+        example_key(f.features.feature, "key", "f.tfrecord.gz")
+
+
+def test_no_partial_file_survives_a_failed_run_or_the_next_run(setup, tmp_path):
+    """A killed earlier run's ``.tmp-*`` / ``beam-temp-*`` are removed when the next run starts; a run
+    that fails removes its own; published score files are whole or absent."""
+    root, path, index, x, y, pre = setup
+    out = tmp_path / "scores"
+    (out / ".tmp-deadbeef").mkdir(parents=True)
+    (out / ".tmp-deadbeef" / "scores.tfrecord.gz").write_bytes(b"partial")
+    (out / "beam-temp-scores-0123").mkdir()
+    argv = ["--examples", str(root / "examples" / "Split-train" / "*"), "--model", path,
+            "--feature-spec", json.dumps(SPEC), "--output", str(out), "--batch-size", "32"]
+    with pytest.raises(Exception, match="no layer named 'encoder'"):
+        beam_scoring.main(argv + ["--si-layers", "encoder"])
+    assert sorted(p.name for p in out.iterdir()) == []            # the stale ones gone, nothing new left
+    beam_scoring.main(argv)                                        # K = every layer (no --si-layers)
+    assert all(not p.name.startswith((".tmp-", "beam-temp-")) for p in out.iterdir())
+    got = scores_io.read_scores(str(out))
+    ref = tracin.self_influence(tfi.Objective(pre, pre.loss), tf.data.Dataset.from_tensor_slices((x, y)).batch(90))
+    for k, i in index.items():
+        assert got[k] == pytest.approx(float(ref[i]), rel=1e-5)

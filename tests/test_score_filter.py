@@ -145,7 +145,7 @@ def test_bad_input_names_the_artifact(tmp_path):
         run_executor(tmp_path / "b", ex, sc, out)
     # a missing key feature
     ex, sc, out, written, table = artifacts(tmp_path / "c")
-    with pytest.raises(Exception, match="no bytes feature 'example_id'"):
+    with pytest.raises(Exception, match="no key feature 'example_id'"):
         run_executor(tmp_path / "c", ex, sc, out, key_feature="example_id")
     # a score without an example
     ex, sc, out, written, table = artifacts(tmp_path / "d")

@@ -57,16 +57,33 @@ def parse_feature_spec(spec) -> dict:
     return spec
 
 
+def example_key(feats, key_feature: str, desc: str = "examples") -> bytes:
+    """The identity of one example: its ``key_feature`` as bytes — a bytes feature as is, an int64
+    feature (e.g. a CSV ID column) as its decimal digits. Anything else fails naming the feature and
+    ``desc`` (the file or artifact)."""
+    feat = feats.get(key_feature)
+    if feat is None:
+        raise ValueError(f"{desc}: an example has no key feature '{key_feature}' (it has {sorted(feats)}); "
+                         "name the example's identity with key_feature / the feature spec's \"key\"")
+    if feat.bytes_list.value:
+        return feat.bytes_list.value[0]
+    if feat.int64_list.value:
+        return str(int(feat.int64_list.value[0])).encode()
+    kind = "float" if feat.float_list.value else "empty"
+    raise ValueError(f"{desc}: the key feature '{key_feature}' of an example is {kind}; a key is a bytes or "
+                     "int64 feature with one value")
+
+
 def decode_batch(records, spec, desc="examples"):
     """Serialized tf.Examples → ``(keys, x, y)`` numpy arrays; raises naming a missing feature."""
     import tensorflow as tf
     keys, xs, ys = [], [], []
     for rec in records:
         feats = tf.train.Example.FromString(rec).features.feature
-        for name in (spec["key"], spec["x"]["name"], spec["y"]["name"]):
+        for name in (spec["x"]["name"], spec["y"]["name"]):
             if name not in feats:
                 raise ValueError(f"{desc}: an example has no feature '{name}' (it has {sorted(feats)})")
-        keys.append(feats[spec["key"]].bytes_list.value[0])
+        keys.append(example_key(feats, spec["key"], desc))
         xs.append(_values(feats[spec["x"]["name"]]))
         ys.append(_values(feats[spec["y"]["name"]]))
     return keys, _stack(xs, spec["x"], desc), _stack(ys, spec["y"], desc)
@@ -241,6 +258,22 @@ def _publish(written, output_dir):
     return total
 
 
+TEMPORARY_PATTERNS = (".tmp-*", "beam-temp-*")   # this job's and Beam's WriteToTFRecord's
+
+
+def remove_temporaries(output_dir: str) -> list:
+    """Delete what an earlier failed or killed run left in ``output_dir`` (``.tmp-*`` score files,
+    ``beam-temp-*`` shards); called when a job starts, so a rerun into the same folder leaves
+    nothing partial beside the published files. Returns the removed paths."""
+    import tensorflow as tf
+    removed = []
+    for pattern in TEMPORARY_PATTERNS:
+        for path in tf.io.gfile.glob(os.path.join(output_dir, pattern)):
+            (tf.io.gfile.rmtree if tf.io.gfile.isdir(path) else tf.io.gfile.remove)(path)
+            removed.append(path)
+    return removed
+
+
 class ShardNames(beam.PTransform):
     """File pattern → its file names, spread over the workers: listed once when the pipeline is
     built, then reshuffled, so that each worker takes whole files. (``ReadFromTFRecord`` reads every
@@ -275,6 +308,7 @@ def score_examples(pipeline, examples_pattern, model_path, feature_spec, kind, o
     cores — right for one worker per machine; with one worker process per core, 1)."""
     if kind == "influence" and (vector is None or group_spec is None):
         raise ValueError("influence scoring needs the test-side vector and its parameter group spec")
+    remove_temporaries(output_dir)   # a killed earlier run's partial files
     files = pipeline | f"{label}Read" >> ShardNames(examples_pattern)
     fn = ScoreFile(model_path, feature_spec, kind, si_layers, loss_config, group_spec, desc=examples_pattern,
                    checkpoints=checkpoints, learning_rates=learning_rates, worker_threads=worker_threads,
@@ -331,10 +365,14 @@ def main(argv=None):
         if vector.ndim != 1:
             ap.error(f"the test vector must be one vector (test target 'sum'), got shape {vector.shape}")
     from apache_beam.options.pipeline_options import PipelineOptions
-    with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
-        score_examples(p, args.examples, args.model, args.feature_spec, args.kind, args.output, args.si_layers,
-                       args.loss, group_spec, vector, args.batch_size, checkpoints=args.checkpoints,
-                       learning_rates=args.learning_rates, worker_threads=args.worker_threads)
+    try:
+        with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
+            score_examples(p, args.examples, args.model, args.feature_spec, args.kind, args.output, args.si_layers,
+                           args.loss, group_spec, vector, args.batch_size, checkpoints=args.checkpoints,
+                           learning_rates=args.learning_rates, worker_threads=args.worker_threads)
+    except BaseException:   # a failure or Ctrl-C: no partial score file stays in --output
+        remove_temporaries(args.output)
+        raise
     print(f"wrote scores to {args.output}")
 
 

@@ -125,13 +125,20 @@ class BeamStageError(RuntimeError):
     """A Beam stage of a component failed; the message names the component's input artifacts."""
 
 
-def run_beam(executor, build, what: str):
+def run_beam(executor, build, what: str, output_dirs=()):
     """Run ``build(pipeline)`` in the executor's Beam pipeline; re-raise failures naming ``what``
-    (e.g. a corrupt TFRecord in an Examples artifact)."""
+    (e.g. a corrupt TFRecord in an Examples artifact). ``output_dirs``: the output folders whose
+    temporaries (``.tmp-*``, ``beam-temp-*``) are removed before the run and after a failure, so no
+    partial file stays beside the published ones."""
+    from tfx_components.beam_scoring import remove_temporaries
+    for d in output_dirs:
+        remove_temporaries(d)
     try:
         with executor._make_beam_pipeline() as p:
             build(p)
     except Exception as err:  # Beam wraps worker errors in several layers; keep the root message
+        for d in output_dirs:
+            remove_temporaries(d)
         msg = str(err).strip().splitlines()
         root = next((line for line in reversed(msg) if "Error" in line), msg[-1] if msg else repr(err))
         raise BeamStageError(f"{what}: {root}") from err

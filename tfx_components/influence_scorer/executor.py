@@ -105,7 +105,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                     vector=s.numpy(), batch_size=int(e.get("batch_size") or 256), label=f"[{split}]")
 
         common.run_beam(self, build, f"InfluenceScorer on Examples artifact {pre_ex.uri} "
-                                     f"with Model artifact {pre_m.uri}")
+                                     f"with Model artifact {pre_m.uri}",
+                        output_dirs=[os.path.join(out.uri, f"Split-{s}") for s in pre_splits])
         set_scores_metadata(out, pre_splits, f"multi_stage_{args.case}")
         out.set_string_custom_property("influence_args", e["influence_args"])
         out.set_string_custom_property("pretrain_hessian", pretrain_hessian)

@@ -43,12 +43,9 @@ class _Key(beam.DoFn):
         self.key_feature, self.desc = key_feature, artifact_desc
 
     def process(self, record):
+        from tfx_components.beam_scoring import example_key
         ex = tf.train.Example.FromString(record)
-        feat = ex.features.feature.get(self.key_feature)
-        if feat is None or not feat.bytes_list.value:
-            raise ValueError(f"{self.desc}: an example has no bytes feature '{self.key_feature}' "
-                             f"(features: {sorted(ex.features.feature)})")
-        yield feat.bytes_list.value[0], record
+        yield example_key(ex.features.feature, self.key_feature, self.desc), record
 
 
 class _Score(beam.DoFn):
@@ -201,7 +198,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                 for what in ("kept", "dropped", "orphans", "extra"):
                     _count(routed[what], tmp, split, what)
         common.run_beam(self, build, f"ScoreFilter on Examples artifact {examples.uri} and InfluenceScores "
-                                     f"artifact {scores.uri}")
+                                     f"artifact {scores.uri}", output_dirs=[odir for _, _, _, odir, _ in plan])
         counts = {}
         total = {"in": 0, "kept": 0, "dropped": 0}
         for split, desc, _, _, sdir in plan:

@@ -47,6 +47,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                                             learning_rates=learning_rates)
 
         common.run_beam(self, build, f"SelfInfluenceScorer on Examples artifact {examples.uri} "
-                                     f"with Model artifact {model.uri}")
+                                     f"with Model artifact {model.uri}",
+                        output_dirs=[os.path.join(out.uri, f"Split-{s}") for s in splits])
         set_scores_metadata(out, splits, "self_influence")
         common.record_summary(out, {s: common.summarize(os.path.join(out.uri, f"Split-{s}")) for s in splits})
