@@ -19,7 +19,6 @@ Every stage writes a SavedModel (``model.export``) and ``model.keras`` (for the 
 the feature spec in ``custom_config["feature_spec"]``.
 """
 
-import os
 
 import keras
 import tensorflow as tf
@@ -29,6 +28,7 @@ from tf_influence import presence
 from tf_influence.presence import PresenceArgs
 from tfx_components.beam_scoring import decode_batch, load_keras_model, parse_feature_spec
 from tfx_components.common import glob_files, read_records
+from tfx_components.saving import save_for_influence
 
 #: The finetuning head is initialised from ``seed + 1`` (not the pretraining model's draw).
 FINETUNE_HEAD_SEED_OFFSET = 1
@@ -108,4 +108,4 @@ def run_fn(fn_args):
     model.optimizer.build(model.trainable_variables)  # saved with all its slots: loads without a mismatch warning
     tf.io.gfile.makedirs(fn_args.serving_model_dir)
     model.export(fn_args.serving_model_dir, verbose=False)
-    model.save(os.path.join(fn_args.serving_model_dir, "model.keras"))
+    save_for_influence(model, fn_args)   # model.keras beside the SavedModel: what the components read

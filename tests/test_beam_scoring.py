@@ -197,3 +197,27 @@ def test_no_partial_file_survives_a_failed_run_or_the_next_run(setup, tmp_path):
     ref = tracin.self_influence(tfi.Objective(pre, pre.loss), tf.data.Dataset.from_tensor_slices((x, y)).batch(90))
     for k, i in index.items():
         assert got[k] == pytest.approx(float(ref[i]), rel=1e-5)
+
+
+def test_save_for_influence_is_what_the_components_read(tmp_path):
+    import types as pytypes
+
+    import keras
+
+    from tfx_components.beam_scoring import load_keras_model
+    from tfx_components.saving import save_for_influence
+    model = models.build_two_stage_models((8, 8, 1), 4, 6, filters=(4, 16))[0]
+    serving = tmp_path / "Format-Serving"
+    with pytest.raises(ValueError, match="no compiled loss"):
+        save_for_influence(model, pytypes.SimpleNamespace(serving_model_dir=str(serving)))
+    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.get_layer("embedding").trainable = False            # a frozen embedding is fine
+    model.export(str(serving), verbose=False)                 # the run_fn's SavedModel stays as it was
+    path = save_for_influence(model, pytypes.SimpleNamespace(serving_model_dir=str(serving)))
+    assert path == str(serving / "model.keras")
+    loaded = load_keras_model(str(tmp_path))                  # the Model artifact's uri, as the executors pass
+    x = np.random.default_rng(0).normal(size=(3, 8, 8, 1)).astype(np.float32)
+    np.testing.assert_allclose(loaded(x), model(x), rtol=1e-6)
+    assert loaded.loss is not None
+    with pytest.raises(FileNotFoundError, match="save_for_influence"):
+        load_keras_model(str(tmp_path / "elsewhere"))

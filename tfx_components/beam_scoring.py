@@ -118,8 +118,9 @@ def load_keras_model(path: str):
                 # scoring never uses the optimizer: a saved optimizer whose slots were not built is harmless
                 warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
                 return keras.models.load_model(c, compile=True)
-    raise FileNotFoundError(f"no Keras model file at {path} (looked for {candidates}); the training run_fn must "
-                            "save `model.save(<serving_dir>/model.keras)` next to the SavedModel")
+    raise FileNotFoundError(f"no Keras model file at {path} (looked for {candidates}); add "
+                            "`tfx_components.saving.save_for_influence(model, fn_args)` to the Trainer's run_fn "
+                            "(Keras 3 cannot rebuild trainable layers from the SavedModel alone)")
 
 
 def resolve_loss(model, loss_config):
