@@ -27,9 +27,13 @@ def test_the_wheel_ships_the_library_and_the_components_with_their_dependencies(
     experiments, benchmarks and model_zoo run from a clone) and every package the library imports."""
     import pathlib
     import zipfile
+    import shutil
     root = pathlib.Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"   # setuptools writes build/ into the tree it builds: build a copy, not the checkout
+    shutil.copytree(root, src, ignore=shutil.ignore_patterns(".venv", ".git", "reports", "build", "*.egg-info",
+                                                               "__pycache__", "bazel-*", ".bazel-deps"))
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                          str(tmp_path), str(root)], capture_output=True, text=True)
+                          str(tmp_path), str(src)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     (wheel,) = tmp_path.glob("tf_influence-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
