@@ -44,8 +44,8 @@ class PresenceModel(keras.Model):
         group = layer_set(model, si_layers)   # names, Keras paths or layer objects; the one resolver
         self.inner = model
         self.num_microbatches = int(num_microbatches)
-        self.si_layers = (None if si_layers is None
-                          else [s if isinstance(s, str) else s.name for s in as_layer_list(si_layers)])
+        self.si_layers = None if si_layers is None else [  # names / Keras paths, so get_config can name them
+            s if isinstance(s, str) else getattr(s, "path", s.name) for s in as_layer_list(si_layers)]
         self.eps = float(eps)
         self.relative_eps = bool(relative_eps)
         self._tau0 = float(tau)
