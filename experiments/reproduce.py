@@ -864,7 +864,7 @@ def _lds_plot(ctx, out):
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xticks(x, names, rotation=30, fontsize=7)
     ax.set_ylabel("LDS (Spearman, mean ± 95 % CI)")
-    ax.set_title(f"Digits: {out['num_subsets']} subsets of {out.get('subset_fraction', out.get('alpha'))}, {out['num_test_points']} test points",
+    ax.set_title(f"Digits: {out['num_subsets']} subsets (fraction {out.get('subset_fraction', out.get('alpha'))}), {out['num_test_points']} test points",
                  fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -925,7 +925,7 @@ def _fmt(name, r):
                f"{r['methods']['case1_cg']['noise_floor']['seed_to_seed_lds']:.2f})"
         if r.get("methods_continue"):
             text += f". Warm-started: {fmt(r['methods_continue'])}"
-        return text + f" ({r['num_subsets']} subsets × {r['num_seeds']} seeds, subsets of {r.get('subset_fraction', r.get('alpha'))}, `lds.png`)"
+        return text + f" ({r['num_subsets']} subsets × {r['num_seeds']} seeds, subset fraction {r.get('subset_fraction', r.get('alpha'))}, `lds.png`)"
     if name == "figure3":
         return f"{r.get('shown', 0)} of {r['n_misclassified']} misclassified test images, `figure3.png`"
     return json.dumps(r)

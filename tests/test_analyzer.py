@@ -68,17 +68,19 @@ def test_fitted_factors_are_saved_once_and_invert_the_pretraining_hessian(world,
     np.testing.assert_allclose(res.scores, ref.scores, rtol=1e-8)
 
 
-def test_self_influence_defaults_to_the_embedding(world, tmp_path):
+def test_self_influence_over_the_named_layer_set_or_every_layer(world, tmp_path):
     pre, ft, P, _ = world
-    a = tfi.Analyzer(tfi.Task(pre, ft, h.sce(), h.sce(), embedding=["embedding"]), str(tmp_path), progress=False)
+    a = tfi.Analyzer(tfi.Task(pre, ft, h.sce(), h.sce(), embedding=["embedding"], si_layers=["embedding"]),
+                     str(tmp_path), progress=False)
     si = a.self_influence("emb", data(P))
     g = tfi.Objective(pre, h.sce())
     np.testing.assert_allclose(si, tfi.self_influence(g, data(P), ["embedding"]), rtol=1e-10)
     grads = h.one_at_a_time_gradients(g, *P, tfi.group_from_layers(pre, ["embedding"]))
     np.testing.assert_allclose(si, np.sum(grads ** 2, axis=1), rtol=1e-8)   # independent: one at a time
     np.testing.assert_array_equal(a.load_self_influence("emb"), si)
-    # a task without an embedding scores every parameter of the pretraining model
-    whole = tfi.Analyzer(tfi.Task(pre, pretrain_loss=h.sce()), str(tmp_path / "b"), progress=False)
+    # without si_layers (an embedding or not) every parameter of the pretraining model, as in the library
+    whole = tfi.Analyzer(tfi.Task(pre, ft, h.sce(), h.sce(), embedding=["embedding"]), str(tmp_path / "b"),
+                         progress=False)
     np.testing.assert_allclose(whole.self_influence("all", data(P)),
                                tfi.self_influence(g, data(P), tfi.ParameterGroup.from_model(pre)), rtol=1e-10)
 

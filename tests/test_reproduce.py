@@ -74,7 +74,7 @@ def test_report_rows_of_every_experiment(tmp_path):
                             "n_examples": 30, "finetune_test_accuracy": 0.9},
         "lds": {"methods": {"case1_cg": {"lds": 0.45, "ci95": [0.3, 0.6], "noise_floor": {"seed_to_seed_lds": 0.7}},
                             "case1_identity": {"lds": 0.1, "ci95": [0.0, 0.2]}},
-                "num_subsets": 40, "num_seeds": 2, "alpha": 0.5},
+                "num_subsets": 40, "num_seeds": 2, "subset_fraction": 0.5},
     }
     table = reproduce.write_report(fake, reproduce.ReproConfig(), str(tmp_path), 12.0)
     fake["case1_fixed"]["noise_floor"] = {"random_over_top": 0.12}
@@ -83,7 +83,7 @@ def test_report_rows_of_every_experiment(tmp_path):
     assert "0.1 (same task) vs 0.2" in table and "0.3 (n = 200) vs 0.1 (3n = 600)" in table
     assert "cg r = 0.50, ekfac r = 0.40, identity r = 0.10 (n = 30; finetune test accuracy 90 %)" in table
     assert "from scratch: case1_cg 0.45 [0.30, 0.60]; case1_identity 0.10 [0.00, 0.20] (noise floor: " \
-        "seed-to-seed LDS 0.70) (40 subsets × 2 seeds, α = 0.5, `lds.png`)" in table
+        "seed-to-seed LDS 0.70) (40 subsets × 2 seeds, subset fraction 0.5, `lds.png`)" in table
     assert "FAILED: ValueError: boom" in table and "not run" in table  # case2_updated etc. absent
 
 

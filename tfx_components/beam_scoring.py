@@ -309,7 +309,6 @@ def score_examples(pipeline, examples_pattern, model_path, feature_spec, kind, o
     cores — right for one worker per machine; with one worker process per core, 1)."""
     if kind == "influence" and (vector is None or group_spec is None):
         raise ValueError("influence scoring needs the test-side vector and its parameter group spec")
-    remove_temporaries(output_dir)   # a killed earlier run's partial files
     files = pipeline | f"{label}Read" >> ShardNames(examples_pattern)
     fn = ScoreFile(model_path, feature_spec, kind, si_layers, loss_config, group_spec, desc=examples_pattern,
                    checkpoints=checkpoints, learning_rates=learning_rates, worker_threads=worker_threads,
@@ -366,6 +365,7 @@ def main(argv=None):
         if vector.ndim != 1:
             ap.error(f"the test vector must be one vector (test target 'sum'), got shape {vector.shape}")
     from apache_beam.options.pipeline_options import PipelineOptions
+    remove_temporaries(args.output)   # a killed earlier run's partial files (components: common.run_beam)
     try:
         with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
             score_examples(p, args.examples, args.model, args.feature_spec, args.kind, args.output, args.si_layers,
