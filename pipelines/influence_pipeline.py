@@ -84,7 +84,7 @@ def create_pipeline(root: str, data_root: str, quick: bool = False, beam_args=No
                              pretrain_factors=extra[0].outputs["factors"] if extra else None)
     top = ScoreFilter(examples=pre_gen.outputs["examples"], scores=scorer.outputs["scores"],
                       mode="drop_top_fraction", value=drop_fraction).with_id("drop_top")
-    rnd_scores = RandomScores(examples=pre_gen.outputs["examples"], seed=0)
+    rnd_scores = RandomScores(examples=pre_gen.outputs["examples"], seed=0, key_feature="key")
     rnd = ScoreFilter(examples=pre_gen.outputs["examples"], scores=rnd_scores.outputs["scores"],
                       mode="drop_top_fraction", value=drop_fraction).with_id("drop_random")
     pre_top, ft_top = trainers("_drop_top", top.outputs["filtered_examples"])

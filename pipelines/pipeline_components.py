@@ -29,15 +29,18 @@ def _save_report(report, out: dict):
 
 @component
 def RandomScores(examples: InputArtifact[standard_artifacts.Examples], scores: OutputArtifact[InfluenceScores],
-                 seed: Parameter[int] = 0, key_feature: Parameter[str] = "key"):
-    """Uniform random scores for every example (the "drop a random 10 %" control)."""
+                 seed: Parameter[int] = 0, key_feature: Parameter[str] = ""):
+    """Uniform random scores for every example (the "drop a random 10 %" control), keyed like the
+    scorers key them: by ``key_feature``, or (empty) by file and position."""
+    from tfx_components import example_io
     splits = artifact_utils.decode_split_names(examples.split_names)
     rng = np.random.default_rng(seed)
     for split in splits:
-        keys = [tf.train.Example.FromString(r).features.feature[key_feature].bytes_list.value[0]
-                for r in common.read_split(examples, split)]
+        keys = []
+        for f in common.split_files(examples, split):
+            keys += example_io.batch_keys(common.read_records([f], f), {"key": key_feature or None}, f, file=f)
         scores_io.write_scores(os.path.join(scores.uri, f"Split-{split}"), keys, rng.random(len(keys)))
-    set_scores_metadata(scores, splits, "random")
+    set_scores_metadata(scores, splits, "random", key_feature=key_feature or None)
 
 
 @component

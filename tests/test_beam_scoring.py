@@ -16,7 +16,7 @@ from tests import tfx_helpers as th
 
 beam_scoring = pytest.importorskip("tfx_components.beam_scoring")
 
-SPEC = {"x": {"name": "image", "shape": [8, 8, 1]}, "y": {"name": "label"}}
+SPEC = {"x": {"name": "image", "shape": [8, 8, 1]}, "y": {"name": "label"}, "key": "key"}
 
 
 @pytest.fixture(scope="module")

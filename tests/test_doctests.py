@@ -10,6 +10,8 @@ import pytest
 import tf_influence
 
 MODULES = sorted(m.name for m in pkgutil.walk_packages(tf_influence.__path__, "tf_influence."))
+#: Modules of the TFX layer whose docstrings hold runnable examples (the rest need a pipeline).
+MODULES += ["tfx_components.example_io"]
 
 
 @pytest.mark.parametrize("name", MODULES)

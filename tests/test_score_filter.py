@@ -35,7 +35,7 @@ def artifacts(tmp_path, splits=("train", "eval"), score_splits=("train",), n_tra
     ex.span, ex.version = 3, 1
     sc = InfluenceScores()
     sc.uri = sc_uri
-    set_scores_metadata(sc, score_splits, "test")
+    set_scores_metadata(sc, score_splits, "test", key_feature="key")
     out = standard_artifacts.Examples()
     out.uri = out_uri
     return ex, sc, out, written, dict(zip(keys, scores))
@@ -143,10 +143,14 @@ def test_bad_input_names_the_artifact(tmp_path):
     th.write_scores(sc.uri, "train", keys, [table[k] for k in keys])
     with pytest.raises(Exception, match="has no score"):
         run_executor(tmp_path / "b", ex, sc, out)
-    # a missing key feature
+    # a missing key feature: the scores say 'example_id', the examples have none (the file is named)
     ex, sc, out, written, table = artifacts(tmp_path / "c")
-    with pytest.raises(Exception, match="no key feature 'example_id'"):
-        run_executor(tmp_path / "c", ex, sc, out, key_feature="example_id")
+    set_scores_metadata(sc, ["train"], "test", key_feature="example_id")
+    with pytest.raises(Exception, match=r"file .*data_tfrecord-0000.*no key feature 'example_id'"):
+        run_executor(tmp_path / "c", ex, sc, out, key_feature=None)
+    # a key_feature that contradicts the scores artifact's
+    with pytest.raises(ValueError, match="ScoreFilter.key_feature='key'. but .* is keyed by 'example_id'"):
+        run_executor(tmp_path / "c", ex, sc, out, key_feature="key")
     # a score without an example
     ex, sc, out, written, table = artifacts(tmp_path / "d")
     scores_io.write_scores(os.path.join(sc.uri, "Split-train"), [b"ghost"], [1.0], shard=1)

@@ -25,7 +25,7 @@ from tfx_components.self_influence_scorer.component import SelfInfluenceScorer  
 from tfx_components.self_influence_scorer.executor import Executor as SIExecutor  # noqa: E402
 from tests import tfx_helpers as th  # noqa: E402
 
-SPEC = {"x": {"name": "image", "shape": [8, 8, 1]}, "y": {"name": "label"}}
+SPEC = {"x": {"name": "image", "shape": [8, 8, 1]}, "y": {"name": "label"}, "key": "key"}
 from tests.tfx_helpers import BEAM_IN_PROCESS  # noqa: E402
 
 def influence_props(hessian_samples=None):

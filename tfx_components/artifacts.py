@@ -19,9 +19,26 @@ class InfluenceScores(tfx.dsl.Artifact):
     TYPE_NAME = "tf_influence.InfluenceScores"
 
 
-def set_scores_metadata(artifact, split_names, score_kind: str) -> None:
+#: How scored examples are identified: by a key feature, or by file and position.
+FILE_POSITION = "file_position"
+
+
+def set_scores_metadata(artifact, split_names, score_kind: str, key_feature=None) -> None:
+    """Record the splits, the kind of score and the examples' identity (``key_feature``, or — ``None`` —
+    file and position, ``tfx_components.example_io.record_key``) that ScoreFilter matches."""
     artifact.set_string_custom_property("split_names", json.dumps(list(split_names)))
     artifact.set_string_custom_property("score_kind", score_kind)
+    artifact.set_string_custom_property("example_identity",
+                                        f"feature:{key_feature}" if key_feature else FILE_POSITION)
+
+
+def scores_key_feature(artifact):
+    """The key feature the scores of ``artifact`` are keyed by, or ``None`` for file-and-position keys.
+    Artifacts written before the property existed were keyed by the feature ``key``."""
+    raw = artifact.get_string_custom_property("example_identity")
+    if not raw:
+        return "key"
+    return None if raw == FILE_POSITION else raw.split(":", 1)[1]
 
 
 def scores_split_names(artifact) -> list:

@@ -16,10 +16,14 @@ published under its final name only when every file is scored.
 
 Standalone job (plain Beam, no TFX)::
 
+    # features, label and K derived: the model's named inputs, the one other feature as label, every layer
     python -m tfx_components.beam_scoring --examples 'data/Split-train/*' --model model.keras \\
-        --feature-spec '{"x": {"name": "image", "shape": [8, 8, 1]}, "y": {"name": "label"}}' \\
-        --si-layers embedding --output out/scores --runner DirectRunner \\
-        --direct_running_mode=multi_processing --direct_num_workers=2
+        --output out/scores --runner DirectRunner --direct_running_mode=multi_processing --direct_num_workers=2
+
+    # or said explicitly: a hand-written spec, a key feature, the paper's embedding-only K
+    python -m tfx_components.beam_scoring --examples 'data/Split-train/*' --model model.keras \\
+        --feature-spec '{"x": {"name": "image", "shape": [8, 8, 1]}, "y": {"name": "label"}, "key": "key"}' \\
+        --si-layers embedding --output out/scores
 
     # influence scores from a saved InfluenceResult (test_vector.npy + result.json's group spec):
     python -m tfx_components.beam_scoring --kind influence --result saved_result/ ...
@@ -33,105 +37,15 @@ tests with ``--dry_run``; not run here). On a Dask cluster:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import warnings
 
 import apache_beam as beam
 import numpy as np
 
 
-def parse_feature_spec(spec) -> dict:
-    """``{"x": {"name", "shape", "dtype"="float32"}, "y": {"name", "dtype"="int64", "shape"=[]},
-    "key": "key"}`` → validated dict."""
-    spec = json.loads(spec) if isinstance(spec, str) else dict(spec)
-    for part in ("x", "y"):
-        if part not in spec or "name" not in spec[part]:
-            raise ValueError(f"feature spec needs '{part}': {{'name': ...}}; got {spec}")
-    spec["x"].setdefault("dtype", "float32")
-    spec["x"].setdefault("shape", [])
-    spec["y"].setdefault("dtype", "int64")
-    spec["y"].setdefault("shape", [])
-    spec.setdefault("key", "key")
-    return spec
-
-
-def example_key(feats, key_feature: str, desc: str = "examples") -> bytes:
-    """The identity of one example: its ``key_feature`` as bytes — a bytes feature as is, an int64
-    feature (e.g. a CSV ID column) as its decimal digits. Anything else fails naming the feature and
-    ``desc`` (the file or artifact)."""
-    feat = feats.get(key_feature)
-    if feat is None:
-        raise ValueError(f"{desc}: an example has no key feature '{key_feature}' (it has {sorted(feats)}); "
-                         "name the example's identity with key_feature / the feature spec's \"key\"")
-    if feat.bytes_list.value:
-        return feat.bytes_list.value[0]
-    if feat.int64_list.value:
-        return str(int(feat.int64_list.value[0])).encode()
-    kind = "float" if feat.float_list.value else "empty"
-    raise ValueError(f"{desc}: the key feature '{key_feature}' of an example is {kind}; a key is a bytes or "
-                     "int64 feature with one value")
-
-
-def decode_batch(records, spec, desc="examples"):
-    """Serialized tf.Examples → ``(keys, x, y)`` numpy arrays; raises naming a missing feature."""
-    import tensorflow as tf
-    keys, xs, ys = [], [], []
-    for rec in records:
-        feats = tf.train.Example.FromString(rec).features.feature
-        for name in (spec["x"]["name"], spec["y"]["name"]):
-            if name not in feats:
-                raise ValueError(f"{desc}: an example has no feature '{name}' (it has {sorted(feats)})")
-        keys.append(example_key(feats, spec["key"], desc))
-        xs.append(_values(feats[spec["x"]["name"]]))
-        ys.append(_values(feats[spec["y"]["name"]]))
-    return keys, _stack(xs, spec["x"], desc), _stack(ys, spec["y"], desc)
-
-
-def _stack(values, part: dict, desc: str):
-    """One feature of every example as ``[n, *shape]``; names the feature when its size is wrong."""
-    shape = [int(d) for d in part["shape"]]
-    want = int(np.prod(shape)) if shape else 1
-    sizes = {len(v) for v in values}
-    if sizes != {want}:
-        raise ValueError(f"{desc}: feature '{part['name']}' has {sorted(sizes)} value(s) per example but the feature "
-                         f"spec's shape {shape} needs {want}")
-    return np.asarray(values, dtype=part["dtype"]).reshape([len(values)] + shape)
-
-
-def _values(feature):
-    kind = feature.WhichOneof("kind")
-    return list(getattr(feature, kind).value)
-
-
-def load_keras_model(path: str):
-    """A Keras model from a ``.keras`` file, or from a directory holding ``model.keras``
-    (e.g. a TFX Model artifact's ``Format-Serving`` directory)."""
-    import keras
-    import tensorflow as tf
-    candidates = [path] if path.endswith(".keras") else [os.path.join(path, "model.keras"),
-                                                         os.path.join(path, "Format-Serving", "model.keras")]
-    for c in candidates:
-        if tf.io.gfile.exists(c):
-            with warnings.catch_warnings():
-                # scoring never uses the optimizer: a saved optimizer whose slots were not built is harmless
-                warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-                return keras.models.load_model(c, compile=True)
-    raise FileNotFoundError(f"no Keras model file at {path} (looked for {candidates}); add "
-                            "`tfx_components.saving.save_for_influence(model, fn_args)` to the Trainer's run_fn "
-                            "(Keras 3 cannot rebuild trainable layers from the SavedModel alone)")
-
-
-def resolve_loss(model, loss_config):
-    import keras
-    if loss_config:
-        cfg = json.loads(loss_config) if isinstance(loss_config, str) else loss_config
-        return keras.losses.deserialize(cfg) if isinstance(cfg, dict) else keras.losses.get(cfg)
-    loss = getattr(model, "loss", None)
-    if loss is None:
-        raise ValueError(f"model '{model.name}' was saved without a compiled loss; pass the loss explicitly")
-    return loss
+from tfx_components.example_io import (decode_batch, example_key, load_keras_model,  # noqa: F401 (re-exported)
+                                      parse_feature_spec, resolve_loss)
 
 
 KINDS = ("self_influence", "influence")
@@ -167,11 +81,12 @@ class ScoreBatch(beam.DoFn):
         else:
             self.group = tfi.ParameterGroup.from_spec(self.model, self.group_spec)
 
-    def score(self, records, vector=None):
-        """``(keys, scores)`` of a batch of serialized examples (one library call)."""
+    def score(self, records, vector=None, file=None, start=0):
+        """``(keys, scores)`` of a batch of serialized examples (one library call); ``file`` /
+        ``start``: where the batch comes from (the identity of examples without a key feature)."""
         import tensorflow as tf
         from tf_influence import gradients, tracin
-        keys, x, y = decode_batch(records, self.spec, self.desc)
+        keys, x, y = decode_batch(records, self.spec, self.desc, file=file, start=start)
         ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(len(keys))
         if self.kind == "self_influence":
             scores = tracin.self_influence(self.objective, ds, self.group, checkpoints=self.checkpoints,
@@ -231,7 +146,7 @@ class ScoreFile(ScoreBatch):
         with tf.io.TFRecordWriter(tmp, options="GZIP") as writer:
             for records in _record_batches(path, self.batch_size, self.worker_threads):
                 try:
-                    keys, scores = self.score(records, vector)
+                    keys, scores = self.score(records, vector, file=path, start=n)
                 except ValueError as e:  # e.g. an example without the key feature: name the file
                     raise ValueError(f"{path}: {e}") from None
                 for k, s in zip(keys, scores):
@@ -322,14 +237,62 @@ def score_examples(pipeline, examples_pattern, model_path, feature_spec, kind, o
             | f"{label}Write" >> beam.Map(_publish, output_dir))
 
 
+def resolve_spec(args) -> dict:
+    """The job's feature spec: ``--feature-spec``, else derived from the model's inputs and
+    ``--transform-graph`` / ``--schema`` / the first example of the first file."""
+    import tensorflow as tf
+
+    from tfx_components import example_io
+    files = sorted(tf.io.gfile.glob(args.examples))
+    if not files:
+        raise IOError(f"No files found based on the file pattern {args.examples}")
+    sample = None
+    if not args.feature_spec:
+        gz = files[0].endswith((".gz", ".gzip"))
+        sample = next(iter(tf.data.TFRecordDataset(files[0], compression_type="GZIP" if gz else "")
+                           .take(1).as_numpy_iterator()), None)
+        if sample is None:
+            raise ValueError(f"{files[0]}: no examples to read the features from")
+    model = None if args.feature_spec else example_io.load_keras_model(args.model)
+    return example_io.resolve_feature_spec(model, args.feature_spec, schema=args.schema,
+                                           transform_graph=args.transform_graph, sample_record=sample,
+                                           label_key=args.label_key, key_feature=args.key_feature,
+                                           desc=args.examples)
+
+
 def main(argv=None):
     from tf_influence import console
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--examples", required=True, help="file pattern of GZIP TFRecord tf.Examples")
-    ap.add_argument("--model", required=True, help=".keras file or a directory holding model.keras")
-    ap.add_argument("--feature-spec", required=True, help="JSON, see parse_feature_spec")
-    ap.add_argument("--output", required=True, help="directory for scores-*.tfrecord.gz")
-    ap.add_argument("--kind", choices=KINDS, default="self_influence")
+    io = ap.add_argument_group("examples and model")
+    io.add_argument("--examples", required=True,
+                    help="file pattern of GZIP TFRecord tf.train.Examples (e.g. 'artifact/Split-train/*'); one worker "
+                         "task per file, so write large corpora in shards")
+    io.add_argument("--model", required=True,
+                    help="a .keras file, or a directory holding model.keras (a TFX Model artifact or its "
+                         "Format-Serving folder; see tfx_components.saving.save_for_influence)")
+    io.add_argument("--output", required=True,
+                    help="folder for scores-<i>-of-<n>.tfrecord.gz ((key, score) records); earlier score files "
+                         "and temporaries there are replaced, nothing partial is published")
+    feats = ap.add_argument_group(
+        "features (how an example becomes the model's (x, y); default: derived from the model's named inputs)")
+    feats.add_argument("--feature-spec", default=None,
+                       help="hand-written spec, JSON: {\"x\": {\"name\", \"shape\", \"dtype\"}, \"y\": {...}, \"key\"} for one "
+                            "input, or {\"inputs\": {<input name>: {...}}, \"y\": {...}} for named inputs "
+                            "(tfx_components.example_io); default: derived from --transform-graph / --schema / "
+                            "the first example")
+    feats.add_argument("--schema", default=None,
+                       help="a Schema (schema.pbtxt, or a SchemaGen artifact folder): the features' types and shapes")
+    feats.add_argument("--transform-graph", default=None,
+                       help="a Transform graph folder: the model's inputs are its transformed features; raw "
+                            "examples pass through the graph first")
+    feats.add_argument("--label-key", default=None,
+                       help="the label feature (default: the one feature that is neither a model input nor the key)")
+    feats.add_argument("--key-feature", default=None,
+                       help="a bytes or int64 feature identifying each example (default: none; examples are "
+                            "identified as '<file name>:<record index>')")
+    ap.add_argument("--kind", choices=KINDS, default="self_influence",
+                    help="self_influence (TracIn SI over --si-layers) or influence (gradient . s with the test "
+                         "vector of --result, or --vector and --group-spec)")
     ap.add_argument("--si-layers", nargs="+", default=None,
                     help="layer set K of self_influence: layer names or Keras paths (default: every layer with "
                          "parameters; the paper's K is the embedding: --si-layers embedding)")
@@ -339,10 +302,11 @@ def main(argv=None):
     ap.add_argument("--group-spec", default=None,
                     help="GroupSpec JSON (or a .json file) of the parameters of s (influence; or --result)")
     ap.add_argument("--loss", default=None, help="Keras loss config JSON (default: the model's compiled loss)")
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=256, help="examples per library call (default 256)")
     ap.add_argument("--checkpoints", nargs="+", default=None,
                     help="TracIn checkpoints (.weights.h5 files) summed with --learning-rates (self_influence)")
-    ap.add_argument("--learning-rates", nargs="+", type=float, default=None)
+    ap.add_argument("--learning-rates", nargs="+", type=float, default=None,
+                    help="one learning rate per --checkpoints file (TracIn's eta; default 1 each)")
     ap.add_argument("--worker-threads", type=int, default=None,
                     help="TensorFlow threads per worker process (default all cores; 1 with one worker per core)")
     console.add_verbose_flag(ap)
@@ -364,11 +328,12 @@ def main(argv=None):
             ap.error("--kind influence needs --result, or --vector and --group-spec")
         if vector.ndim != 1:
             ap.error(f"the test vector must be one vector (test target 'sum'), got shape {vector.shape}")
+    feature_spec = resolve_spec(args)
     from apache_beam.options.pipeline_options import PipelineOptions
     remove_temporaries(args.output)   # a killed earlier run's partial files (components: common.run_beam)
     try:
         with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
-            score_examples(p, args.examples, args.model, args.feature_spec, args.kind, args.output, args.si_layers,
+            score_examples(p, args.examples, args.model, feature_spec, args.kind, args.output, args.si_layers,
                            args.loss, group_spec, vector, args.batch_size, checkpoints=args.checkpoints,
                            learning_rates=args.learning_rates, worker_threads=args.worker_threads)
     except BaseException:   # a failure or Ctrl-C: no partial score file stays in --output

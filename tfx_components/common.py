@@ -10,7 +10,7 @@ import tensorflow as tf
 from tfx.types import artifact_utils
 
 from tf_influence import scores_io
-from tfx_components import beam_scoring
+from tfx_components import example_io
 
 
 def split_pattern(examples, split: str) -> str:
@@ -62,19 +62,57 @@ def read_split(examples, split: str, limit: int | None = None) -> list:
 
 def load_split(examples, split: str, spec: dict, limit: int | None = None):
     """``(keys, x, y)`` of a split, or of its first ``limit`` examples (driver side: finetuning data,
-    test points, Hessian samples)."""
-    return beam_scoring.decode_batch(read_split(examples, split, limit), spec,
-                                     f"Examples artifact {examples.uri}, split '{split}'")
+    test points, Hessian samples). Read file by file, so that examples without a key feature get the
+    same file-and-position keys as in the Beam jobs."""
+    desc = f"Examples artifact {examples.uri}, split '{split}'"
+    keys, xs, ys = [], [], []
+    for f in split_files(examples, split):
+        left = None if limit is None else limit - len(keys)
+        if left == 0:
+            break
+        try:
+            recs = list((lambda ds: ds.take(left) if left is not None else ds)(
+                tf.data.TFRecordDataset(f, compression_type="GZIP")).as_numpy_iterator())
+        except tf.errors.DataLossError as err:
+            raise ValueError(f"{desc}: corrupt TFRecord {f} ({err.message})") from None
+        if not recs:
+            continue
+        k, x, y = example_io.decode_batch(recs, spec, desc, file=f)
+        keys += k
+        xs.append(x)
+        ys.append(y)
+    if not keys:
+        raise ValueError(f"{desc} is empty")
+    return keys, _concat(xs), np.concatenate(ys)
 
 
-def _parse_spec(spec: dict) -> dict:
-    """tf.Example parsing spec of the x / y features (floats as float32, integers as int64)."""
-    out = {}
-    for part in ("x", "y"):
-        f = spec[part]
-        kind = tf.float32 if np.issubdtype(np.dtype(f["dtype"]), np.floating) else tf.int64
-        out[f["name"]] = tf.io.FixedLenFeature([int(d) for d in f["shape"]], kind)
-    return out
+def _concat(xs):
+    if isinstance(xs[0], dict):
+        return {k: np.concatenate([x[k] for x in xs]) for k in xs[0]}
+    return np.concatenate(xs)
+
+
+def first_record(examples, split: str) -> bytes:
+    """The first serialized example of a split (what a derived feature spec is checked against)."""
+    return read_split(examples, split, limit=1)[0]
+
+
+def feature_spec(exec_properties: dict, input_dict: dict, model, examples, split: str) -> dict:
+    """The feature spec of a component: its hand-written ``feature_spec`` parameter, or one derived
+    from ``model``'s inputs and the ``transform_graph`` / ``schema`` inputs (else the split's first
+    example), with its ``label_key`` / ``key_feature`` parameters (:mod:`tfx_components.example_io`)."""
+    tg = input_dict.get("transform_graph") or []
+    sc = input_dict.get("schema") or []
+    desc = f"Examples artifact {examples.uri}, split '{split}'"
+    try:
+        return example_io.resolve_feature_spec(
+            model, exec_properties.get("feature_spec") or None,
+            schema=artifact_utils.get_single_instance(sc).uri if sc else None,
+            transform_graph=artifact_utils.get_single_instance(tg).uri if tg else None,
+            sample_record=first_record(examples, split), label_key=exec_properties.get("label_key") or None,
+            key_feature=exec_properties.get("key_feature") or None, desc=desc)
+    except ValueError as err:
+        raise ValueError(f"{desc}: {err}") from None
 
 
 def count_records(files, desc: str) -> int:
@@ -103,7 +141,7 @@ def sample_split(examples, split: str, spec: dict, n: int, seed: int = 0):
                   if mask[i]]
     except tf.errors.DataLossError as err:
         raise ValueError(f"{desc}: corrupt TFRecord ({err.message})") from None
-    _, x, y = beam_scoring.decode_batch(picked, spec, desc)
+    _, x, y = example_io.decode_batch(picked, spec, desc)
     return x, y
 
 
@@ -112,13 +150,9 @@ def stream_split(examples, split: str, spec: dict, batch_size: int = 256):
     the driver holds one batch, never the split. The first record is decoded up front so a missing
     or misshaped feature is named before any pass starts."""
     desc = f"Examples artifact {examples.uri}, split '{split}'"
-    beam_scoring.decode_batch(read_split(examples, split, limit=1), spec, desc)  # clear feature errors
-    parse, xs, ys = _parse_spec(spec), spec["x"], spec["y"]
-
-    def decode(records):
-        f = tf.io.parse_example(records, parse)
-        return tf.cast(f[xs["name"]], xs["dtype"]), tf.cast(f[ys["name"]], ys["dtype"])
-    return tf.data.TFRecordDataset(split_files(examples, split), compression_type="GZIP").batch(batch_size).map(decode)
+    example_io.decode_batch(read_split(examples, split, limit=1), spec, desc)  # clear feature errors
+    return example_io.dataset(
+        tf.data.TFRecordDataset(split_files(examples, split), compression_type="GZIP").batch(batch_size), spec)
 
 
 class BeamStageError(RuntimeError):
@@ -130,7 +164,7 @@ def run_beam(executor, build, what: str, output_dirs=()):
     (e.g. a corrupt TFRecord in an Examples artifact). ``output_dirs``: the output folders whose
     temporaries (``.tmp-*``, ``beam-temp-*``) are removed before the run and after a failure, so no
     partial file stays beside the published ones."""
-    from tfx_components.beam_scoring import remove_temporaries
+    from tfx_components.beam_scoring import remove_temporaries  # noqa: I001 (beam_scoring imports Beam)
     for d in output_dirs:
         remove_temporaries(d)
     try:

@@ -3,8 +3,13 @@
 Inputs: ``pretrain_examples`` and ``finetune_examples`` (Examples; the latter with a training
 and a test split), ``pretrain_model`` and ``finetune_model`` (Model artifacts whose
 ``Format-Serving`` directory holds ``model.keras``, as written by the trainer modules of
-``pipelines/``). Parameters: ``feature_spec`` (JSON, see ``beam_scoring.parse_feature_spec``),
-``embedding`` (JSON list of layer names of W, present in both models), ``influence_args`` (a
+``pipelines/``; one line in a Trainer's ``run_fn``: ``tfx_components.saving.save_for_influence``),
+optionally ``schema`` / ``transform_graph`` (the model inputs and label come from them, as for
+SelfInfluenceScorer; raw examples pass through the Transform graph). Parameters: ``embedding``
+(layer names of W, present in both models; default: the layers with parameters the finetuned
+model shares with the pretrained one, by name and shape), ``label_key`` / ``key_feature`` /
+``feature_spec`` (optional, as for SelfInfluenceScorer: derived label, file-and-position
+identity, a hand-written spec of ``tfx_components.example_io``), ``influence_args`` (a
 ``tf_influence.InfluenceArgs``, serialised whole: case, α, both solvers with their dampings,
 ``hessian_samples``, seed — the library's defaults unless set), ``finetune_train_split`` /
 ``test_split``, ``test_keys`` (JSON list: score
@@ -38,8 +43,10 @@ from tfx_components.influence_scorer import executor
 
 class InfluenceScorerSpec(types.ComponentSpec):
     PARAMETERS = {
-        "feature_spec": ExecutionParameter(type=str),
-        "embedding": ExecutionParameter(type=str),
+        "feature_spec": ExecutionParameter(type=str, optional=True),
+        "label_key": ExecutionParameter(type=str, optional=True),
+        "key_feature": ExecutionParameter(type=str, optional=True),
+        "embedding": ExecutionParameter(type=str, optional=True),
         "influence_args": ExecutionParameter(type=str),
         "finetune_train_split": ExecutionParameter(type=str),
         "test_split": ExecutionParameter(type=str),
@@ -51,7 +58,9 @@ class InfluenceScorerSpec(types.ComponentSpec):
               "finetune_examples": ChannelParameter(type=standard_artifacts.Examples),
               "pretrain_model": ChannelParameter(type=standard_artifacts.Model),
               "finetune_model": ChannelParameter(type=standard_artifacts.Model),
-              "pretrain_factors": ChannelParameter(type=KFACFactors, optional=True)}
+              "pretrain_factors": ChannelParameter(type=KFACFactors, optional=True),
+              "schema": ChannelParameter(type=standard_artifacts.Schema, optional=True),
+              "transform_graph": ChannelParameter(type=standard_artifacts.TransformGraph, optional=True)}
     OUTPUTS = {"scores": ChannelParameter(type=InfluenceScores)}
 
 
@@ -60,7 +69,8 @@ class InfluenceScorer(base_beam_component.BaseBeamComponent):
     model's test loss, as an InfluenceScores artifact. The parameters are described in the module
     docstring; ``influence_args`` is a :class:`tf_influence.InfluenceArgs`, passed whole.
 
-    Example (pretraining and finetuning Trainers upstream)::
+    Example (pretraining and finetuning Trainers upstream — the finetuning one built on the
+    pretrained model, ``Trainer(base_model=...)``, with its embedding frozen or not)::
 
         import tf_influence as tfi
         from tfx_components.influence_scorer.component import InfluenceScorer
@@ -68,22 +78,29 @@ class InfluenceScorer(base_beam_component.BaseBeamComponent):
         scorer = InfluenceScorer(
             pretrain_examples=pre_gen.outputs["examples"], finetune_examples=ft_gen.outputs["examples"],
             pretrain_model=pre_trainer.outputs["model"], finetune_model=ft_trainer.outputs["model"],
-            feature_spec=spec, embedding=["embedding"],
-            influence_args=tfi.InfluenceArgs(case="fixed", hessian_samples=1000))
+            transform_graph=transform.outputs["transform_graph"],   # inputs and label from the graph
+            influence_args=tfi.InfluenceArgs(case="fixed", hessian_samples=1000),
+            finetune_train_split="train", test_split="eval")   # W: the layers both models share
+
+    ``pipelines/penguin_pipeline.py --two-stage`` runs this under ``LocalDagRunner``.
     """
     SPEC_CLASS = InfluenceScorerSpec
     EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(executor.Executor)
 
     def __init__(self, pretrain_examples: types.BaseChannel, finetune_examples: types.BaseChannel,
-                 pretrain_model: types.BaseChannel, finetune_model: types.BaseChannel, feature_spec: dict,
-                 embedding, influence_args: Optional[Union["tfi.InfluenceArgs", dict]] = None,
+                 pretrain_model: types.BaseChannel, finetune_model: types.BaseChannel,
+                 feature_spec: Optional[dict] = None, embedding=None, influence_args: Optional[Union["tfi.InfluenceArgs", dict]] = None,
                  finetune_train_split: str = "train", test_split: str = "test", test_keys=None,
                  loss: Optional[dict] = None, batch_size: int = 256,
-                 pretrain_factors: Optional[types.BaseChannel] = None, **deprecated):
+                 pretrain_factors: Optional[types.BaseChannel] = None, schema: Optional[types.BaseChannel] = None,
+                 transform_graph: Optional[types.BaseChannel] = None, label_key: Optional[str] = None,
+                 key_feature: Optional[str] = None, **deprecated):
         args = influence_args_from(influence_args, deprecated)
         spec = InfluenceScorerSpec(
             pretrain_examples=pretrain_examples, finetune_examples=finetune_examples, pretrain_model=pretrain_model,
-            finetune_model=finetune_model, feature_spec=json.dumps(feature_spec), embedding=json.dumps(list(embedding)),
+            finetune_model=finetune_model, feature_spec=json.dumps(feature_spec) if feature_spec else None,
+            embedding=json.dumps(list(embedding)) if embedding is not None else None, schema=schema,
+            transform_graph=transform_graph, label_key=label_key, key_feature=key_feature,
             influence_args=args.to_json(), finetune_train_split=finetune_train_split, test_split=test_split,
             test_keys=json.dumps([k if isinstance(k, str) else k.decode() for k in test_keys]) if test_keys else None,
             loss=json.dumps(loss) if loss else None, batch_size=batch_size, pretrain_factors=pretrain_factors,

@@ -23,6 +23,19 @@ def _ds(x, y, batch=256):
     return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
 
 
+def shared_layers(pre_model, ft_model, desc: str) -> list:
+    """The embedding W when none is named: the layers with parameters that the finetuned model
+    shares with the pretrained one — same name, same variable shapes (a finetuning model built on
+    the pretrained one, as ``Trainer(base_model=...)`` does). Fails naming both models if there are none."""
+    pre = {l.name: [tuple(w.shape) for w in l.weights] for l in pre_model.layers if l.weights}
+    shared = [l.name for l in ft_model.layers
+              if l.weights and pre.get(l.name) == [tuple(w.shape) for w in l.weights]]
+    if not shared:
+        raise ValueError(f"{desc}: the finetuned model shares no layer with parameters with the pretrained one "
+                         f"(pretrained: {sorted(pre)}); name the embedding layers with embedding=[...]")
+    return shared
+
+
 class Executor(base_beam_executor.BaseBeamExecutor):
 
     def Do(self, input_dict, output_dict, exec_properties):
@@ -32,16 +45,19 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         ft_m = artifact_utils.get_single_instance(input_dict["finetune_model"])
         out = artifact_utils.get_single_instance(output_dict["scores"])
         e = exec_properties
-        spec = beam_scoring.parse_feature_spec(e["feature_spec"])
-        embedding = json.loads(e["embedding"])
         pre_model = beam_scoring.load_keras_model(common.model_path(pre_m))
         ft_model = beam_scoring.load_keras_model(common.model_path(ft_m))
+        embedding = json.loads(e.get("embedding") or "null")
+        if embedding is None:
+            embedding = shared_layers(pre_model, ft_model, f"Model artifacts {pre_m.uri} / {ft_m.uri}")
         pre_loss = beam_scoring.resolve_loss(pre_model, e.get("loss"))
         ft_loss = beam_scoring.resolve_loss(ft_model, e.get("loss"))
         pre_splits = artifact_utils.decode_split_names(pre_ex.split_names)
+        spec = common.feature_spec(e, input_dict, pre_model, pre_ex, pre_splits[0])          # pretraining examples
+        ft_spec = common.feature_spec(e, input_dict, ft_model, ft_ex, e["finetune_train_split"])  # finetuning ones
         # driver side: the data the two Hessians and the test gradient need
-        _, xf, yf = common.load_split(ft_ex, e["finetune_train_split"], spec)
-        tkeys, xt, yt = common.load_split(ft_ex, e["test_split"], spec)
+        _, xf, yf = common.load_split(ft_ex, e["finetune_train_split"], ft_spec)
+        tkeys, xt, yt = common.load_split(ft_ex, e["test_split"], ft_spec)
         if e.get("test_keys"):
             wanted = [k.encode() for k in json.loads(e["test_keys"])]
             index = {k: i for i, k in enumerate(tkeys)}
@@ -50,7 +66,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                 raise ValueError(f"Examples artifact {ft_ex.uri}, split '{e['test_split']}': no test example with "
                                  f"key(s) {absent[:5]}")
             sel = np.array([index[k] for k in wanted])
-            xt, yt = xt[sel], yt[sel]
+            xt = {k: v[sel] for k, v in xt.items()} if isinstance(xt, dict) else xt[sel]
+            yt = yt[sel]
         args = tfi.InfluenceArgs.from_json(e["influence_args"])
         pre_solver, ft_solver = args.pretrain_solver, args.finetune_solver
         factors_art = input_dict.get("pretrain_factors") or []
@@ -107,11 +124,13 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         common.run_beam(self, build, f"InfluenceScorer on Examples artifact {pre_ex.uri} "
                                      f"with Model artifact {pre_m.uri}",
                         output_dirs=[os.path.join(out.uri, f"Split-{s}") for s in pre_splits])
-        set_scores_metadata(out, pre_splits, f"multi_stage_{args.case}")
+        set_scores_metadata(out, pre_splits, f"multi_stage_{args.case}", key_feature=spec["key"])
+        out.set_string_custom_property("feature_spec", json.dumps(spec, sort_keys=True))
+        out.set_string_custom_property("embedding", json.dumps(embedding))
         out.set_string_custom_property("influence_args", e["influence_args"])
         out.set_string_custom_property("pretrain_hessian", pretrain_hessian)
         out.set_string_custom_property("solves", json.dumps(solves, sort_keys=True, default=float))
-        out.set_string_custom_property("num_test_points", str(len(xt)))
+        out.set_string_custom_property("num_test_points", str(len(yt)))
         out.set_string_custom_property("group_spec", group_spec)
         out.set_string_custom_property("dampings", json.dumps({"pretrain": pre_solver.damping,
                                                                "finetune": ft_solver.damping}))

@@ -1,6 +1,9 @@
 """ScoreFilter: drop pretraining examples by influence or self-influence score.
 
-Inputs: ``examples`` (Examples), ``scores`` (InfluenceScores keyed by the examples' ``key_feature``).
+Inputs: ``examples`` (Examples), ``scores`` (InfluenceScores of those examples, from a scorer).
+Examples are matched to their scores by the identity the scorer used, recorded on the scores
+artifact: the scorer's ``key_feature``, or — without one — each example's file and position in
+the artifact (so ``examples`` must be the very artifact that was scored).
 Output: ``filtered_examples`` (Examples) with the same splits; every split that has scores is
 filtered, the other splits are copied unchanged. Counts (in = kept + dropped, per split and in
 total) are recorded as custom properties of the output artifact. An example without a score, a
@@ -45,9 +48,10 @@ class ScoreFilter(base_beam_component.BaseBeamComponent):
     EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(executor.Executor)
 
     def __init__(self, examples: types.BaseChannel, scores: types.BaseChannel, mode: str, value: float,
-                 key_feature: Optional[str] = "key", max_exact_boundary: Optional[int] = None,
+                 key_feature: Optional[str] = None, max_exact_boundary: Optional[int] = None,
                  quantile_epsilon: Optional[float] = None):
-        """``max_exact_boundary`` / ``quantile_epsilon``: above that many pairs on the smaller side of
+        """``key_feature``: optional, a check — the scores artifact already says how its examples are
+        identified; a different name here fails. ``max_exact_boundary`` / ``quantile_epsilon``: above that many pairs on the smaller side of
         the cut, the boundary comes from approximate quantiles with error ``ε`` (kept count within
         ``1.5·ε·n`` of the exact rule's; defaults 10⁶ and 10⁻⁴ — see the executor)."""
         from tf_influence.selection import check_mode

@@ -31,21 +31,27 @@ from tfx.types import artifact_utils
 
 from tf_influence import scores_io, selection
 from tfx_components import common
-from tfx_components.artifacts import scores_split_names
+from tfx_components.artifacts import scores_key_feature, scores_split_names
 
 _DATA = "data_tfrecord"
 
 
-class _Key(beam.DoFn):
-    """Serialized example → ``(key, record)``; fails naming the artifact on a missing key feature."""
+class _KeyedRecords(beam.DoFn):
+    """One examples file → its ``(key, record)`` pairs, read in order: the key feature, or — without
+    one — the file-and-position identity the scorers gave it (``example_io.record_key``). Fails naming
+    the file on a missing key feature or a corrupt file."""
 
     def __init__(self, key_feature, artifact_desc):
         self.key_feature, self.desc = key_feature, artifact_desc
 
-    def process(self, record):
-        from tfx_components.beam_scoring import example_key
-        ex = tf.train.Example.FromString(record)
-        yield example_key(ex.features.feature, self.key_feature, self.desc), record
+    def process(self, path):
+        from tfx_components.beam_scoring import _record_batches
+        from tfx_components.example_io import batch_keys
+        start = 0
+        for records in _record_batches(path, 1024):
+            keys = batch_keys(records, {"key": self.key_feature}, f"{self.desc}, file {path}", file=path, start=start)
+            start += len(records)
+            yield from zip(keys, records)
 
 
 class _Score(beam.DoFn):
@@ -136,7 +142,11 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         scores = artifact_utils.get_single_instance(input_dict["scores"])
         out = artifact_utils.get_single_instance(output_dict["filtered_examples"])
         mode, value = exec_properties["mode"], float(exec_properties["value"])
-        key_feature = exec_properties.get("key_feature") or "key"
+        key_feature = scores_key_feature(scores)   # the identity the scorer used
+        if exec_properties.get("key_feature") and exec_properties["key_feature"] != key_feature:
+            raise ValueError(f"ScoreFilter(key_feature='{exec_properties['key_feature']}') but the InfluenceScores "
+                             f"artifact {scores.uri} is keyed by "
+                             f"{repr(key_feature) if key_feature else 'file and position (no key feature)'}")
         max_exact = int(exec_properties.get("max_exact_boundary") or MAX_EXACT_BOUNDARY)
         epsilon = float(exec_properties.get("quantile_epsilon") or QUANTILE_EPSILON)
         if not 0.0 < epsilon < 1.0:
@@ -178,15 +188,18 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         # Beam: the boundary element from the smaller side, then every key decided alone
         def build(p):
             for split, desc, pattern, dst, sdir in plan:
-                records = _read(p, pattern, f"Read[{split}]")
-                _count(records, tmp, split, "in")
                 if sdir is None:
+                    records = _read(p, pattern, f"Read[{split}]")
+                    _count(records, tmp, split, "in")
                     _write(records, dst, f"Copy[{split}]")
                     continue
+                from tfx_components.beam_scoring import ShardNames
+                keyed = (p | f"Files[{split}]" >> ShardNames(pattern)
+                         | f"Key[{split}]" >> beam.ParDo(_KeyedRecords(key_feature, desc)))
+                _count(keyed, tmp, split, "in")
                 sdesc = f"InfluenceScores artifact {scores.uri}, split '{split}'"
                 scored = (_read(p, os.path.join(sdir, scores_io.PATTERN), f"ReadScores[{split}]")
                           | f"DecodeScores[{split}]" >> beam.ParDo(_Score(sdesc)))
-                keyed = records | f"Key[{split}]" >> beam.ParDo(_Key(key_feature, desc))
                 joined = {"examples": keyed, "scores": scored} | f"Join[{split}]" >> beam.CoGroupByKey()
                 keep_first, side, k, n = cuts.get(split, (True, "smallest", 0, 0))
                 args = [] if mode == "drop_above" else [

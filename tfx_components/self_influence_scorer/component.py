@@ -1,13 +1,23 @@
 """SelfInfluenceScorer: TracIn self-influence of every example (PRESENCE-Sequential's score).
 
 Inputs: ``examples`` (Examples), ``model`` (Model whose ``Format-Serving`` directory holds
-``model.keras``). Parameters: ``feature_spec`` (JSON: how to decode x / y / key, see
-``tfx_components.beam_scoring.parse_feature_spec``), ``si_layers`` (JSON list: the layer set K; omitted: every layer with parameters),
-``splits`` (JSON list, default all), ``loss`` (Keras loss config JSON, default the model's
-compiled loss), ``batch_size``, ``checkpoints`` / ``learning_rates`` (TracIn over several
-checkpoints: ``.weights.h5`` files of the same model, summed with their learning rates; default
-the model itself with η = 1). Output: ``scores`` (InfluenceScores, ``score_kind =
-"self_influence"``) with a per-split summary in its custom properties.
+``model.keras`` — one line in the Trainer's ``run_fn``, ``tfx_components.saving.save_for_influence``),
+and optionally ``schema`` (Schema) and ``transform_graph`` (TransformGraph): the model's inputs and
+its label are read from them — every named input of the model is the feature of that name (the
+Transform graph's transformed features when given; raw examples then pass through the graph) — the
+way TFX's Trainer reads its data. Without either, the features of the first example are used.
+
+Parameters (all optional): ``label_key`` (the label feature; default: the one feature that is
+neither a model input nor the key), ``key_feature`` (a bytes or int64 feature identifying each
+example; default: none — examples are identified by file and position, which ScoreFilter
+matches), ``si_layers`` (the layer set K: layer names or Keras paths; default every layer with
+parameters — the paper's embedding-only K is ``["embedding"]``), ``splits`` (default all),
+``loss`` (Keras loss config; default the model's compiled loss), ``batch_size``,
+``checkpoints`` / ``learning_rates`` (TracIn over several checkpoints: ``.weights.h5`` files of the
+same model, summed with their learning rates; default the model itself with η = 1), and
+``feature_spec`` (a hand-written spec, see ``tfx_components.example_io``; overrides the derived one).
+Output: ``scores`` (InfluenceScores, ``score_kind = "self_influence"``) with a per-split summary in
+its custom properties.
 """
 
 import json
@@ -24,7 +34,9 @@ from tfx_components.self_influence_scorer import executor
 
 class SelfInfluenceScorerSpec(types.ComponentSpec):
     PARAMETERS = {
-        "feature_spec": ExecutionParameter(type=str),
+        "feature_spec": ExecutionParameter(type=str, optional=True),
+        "label_key": ExecutionParameter(type=str, optional=True),
+        "key_feature": ExecutionParameter(type=str, optional=True),
         "si_layers": ExecutionParameter(type=str, optional=True),
         "splits": ExecutionParameter(type=str, optional=True),
         "loss": ExecutionParameter(type=str, optional=True),
@@ -33,7 +45,9 @@ class SelfInfluenceScorerSpec(types.ComponentSpec):
         "learning_rates": ExecutionParameter(type=str, optional=True),
     }
     INPUTS = {"examples": ChannelParameter(type=standard_artifacts.Examples),
-              "model": ChannelParameter(type=standard_artifacts.Model)}
+              "model": ChannelParameter(type=standard_artifacts.Model),
+              "schema": ChannelParameter(type=standard_artifacts.Schema, optional=True),
+              "transform_graph": ChannelParameter(type=standard_artifacts.TransformGraph, optional=True)}
     OUTPUTS = {"scores": ChannelParameter(type=InfluenceScores)}
 
 
@@ -42,30 +56,38 @@ class SelfInfluenceScorer(base_beam_component.BaseBeamComponent):
     InfluenceScores artifact — what ``ScoreFilter(mode="keep_lowest")`` (PRESENCE-Sequential) or
     ``mode="drop_top_fraction"`` reads. The parameters are described in the module docstring.
 
-    Example (in a pipeline after a Trainer)::
+    Example (TFX's penguin tutorial: ``Transform`` → ``Trainer`` upstream; nothing else to declare —
+    inputs and label from the Transform graph, K every layer, examples identified by position)::
 
         from tfx_components.self_influence_scorer.component import SelfInfluenceScorer
         from tfx_components.score_filter.component import ScoreFilter
 
-        si = SelfInfluenceScorer(examples=example_gen.outputs["examples"], model=trainer.outputs["model"],
-                                 feature_spec={"x": {"shape": [4], "dtype": "float32"},
-                                               "y": {"shape": [], "dtype": "int64"}})  # K: every layer
-        keep = ScoreFilter(examples=example_gen.outputs["examples"], scores=si.outputs["scores"],
+        si = SelfInfluenceScorer(examples=transform.outputs["transformed_examples"],
+                                 model=trainer.outputs["model"],
+                                 transform_graph=transform.outputs["transform_graph"])
+        keep = ScoreFilter(examples=transform.outputs["transformed_examples"], scores=si.outputs["scores"],
                            mode="drop_top_fraction", value=0.1)
+
+    ``pipelines/penguin_pipeline.py`` runs exactly this under ``LocalDagRunner``.
     """
     SPEC_CLASS = SelfInfluenceScorerSpec
     EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(executor.Executor)
 
-    def __init__(self, examples: types.BaseChannel, model: types.BaseChannel, feature_spec: dict, si_layers=None,
-                 splits=None, loss: Optional[dict] = None, batch_size: int = 256, checkpoints=None,
-                 learning_rates=None):
+    def __init__(self, examples: types.BaseChannel, model: types.BaseChannel, feature_spec: Optional[dict] = None,
+                 si_layers=None, splits=None, loss: Optional[dict] = None, batch_size: int = 256, checkpoints=None,
+                 learning_rates=None, schema: Optional[types.BaseChannel] = None,
+                 transform_graph: Optional[types.BaseChannel] = None, label_key: Optional[str] = None,
+                 key_feature: Optional[str] = None):
         if si_layers is not None and (not si_layers or isinstance(si_layers, str)):
             raise ValueError("SelfInfluenceScorer: si_layers is the layer set K, a non-empty list of layer names or "
                              "paths (or None: every layer with parameters)")
         if checkpoints and learning_rates and len(checkpoints) != len(learning_rates):
             raise ValueError(f"{len(checkpoints)} checkpoints but {len(learning_rates)} learning rates")
         spec = SelfInfluenceScorerSpec(
-            examples=examples, model=model, feature_spec=json.dumps(feature_spec), si_layers=json.dumps(list(si_layers) if si_layers is not None else None),
+            examples=examples, model=model, schema=schema, transform_graph=transform_graph,
+            feature_spec=json.dumps(feature_spec) if feature_spec else None, label_key=label_key,
+            key_feature=key_feature,
+            si_layers=json.dumps(list(si_layers)) if si_layers is not None else None,
             splits=json.dumps(list(splits)) if splits else None, loss=json.dumps(loss) if loss else None,
             batch_size=batch_size, checkpoints=json.dumps(list(checkpoints)) if checkpoints else None,
             learning_rates=json.dumps([float(v) for v in learning_rates]) if learning_rates else None,

@@ -17,7 +17,6 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         examples = artifact_utils.get_single_instance(input_dict["examples"])
         model = artifact_utils.get_single_instance(input_dict["model"])
         out = artifact_utils.get_single_instance(output_dict["scores"])
-        spec = beam_scoring.parse_feature_spec(exec_properties["feature_spec"])
         si_layers = json.loads(exec_properties.get("si_layers") or "null")   # None: every layer with parameters
         splits = json.loads(exec_properties["splits"]) if exec_properties.get("splits") else \
             artifact_utils.decode_split_names(examples.split_names)
@@ -30,6 +29,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         except ValueError as err:
             raise ValueError(f"Model artifact {model.uri}: {err}") from None
         patterns = {s: common.split_pattern(examples, s) for s in splits}
+        spec = common.feature_spec(exec_properties, input_dict, keras_model, examples, splits[0])
         checkpoints = json.loads(exec_properties["checkpoints"]) if exec_properties.get("checkpoints") else None
         learning_rates = json.loads(exec_properties["learning_rates"]) if exec_properties.get("learning_rates") \
             else None
@@ -49,5 +49,6 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         common.run_beam(self, build, f"SelfInfluenceScorer on Examples artifact {examples.uri} "
                                      f"with Model artifact {model.uri}",
                         output_dirs=[os.path.join(out.uri, f"Split-{s}") for s in splits])
-        set_scores_metadata(out, splits, "self_influence")
+        set_scores_metadata(out, splits, "self_influence", key_feature=spec["key"])
+        out.set_string_custom_property("feature_spec", json.dumps(spec, sort_keys=True))
         common.record_summary(out, {s: common.summarize(os.path.join(out.uri, f"Split-{s}")) for s in splits})
