@@ -123,15 +123,17 @@ def _record_batches(path, batch_size, threads=None):
 class ScoreFile(ScoreBatch):
     """One examples file → one scores file: reads it in batches of ``batch_size``, scores each
     batch with one library call, writes ``(key, score)`` records to a temporary GZIP TFRecord file
-    under ``<output_dir>/.tmp-<id>/`` and emits ``(input path, temporary path, count)``. No
+    under ``<temp_dir>/.tmp-<id>/`` (``temp_dir`` defaults to ``output_dir``; the components pass
+    their execution's own temporary folder, so a killed run leaves nothing in an output folder) and emits ``(input path, temporary path, count)``. No
     per-example Beam element: at this job's cost per example (tens of µs of TensorFlow) Beam's
     per-element overhead would dominate (measured: 1·10⁵ digits took 22 s through
     ``ReadFromTFRecord`` → ``BatchElements`` → ``WriteToTFRecord`` in one process, of which 5 s
     were reading, decoding, scoring and encoding)."""
 
-    def __init__(self, *args, output_dir, batch_size=256, **kwargs):
+    def __init__(self, *args, output_dir, batch_size=256, temp_dir=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.output_dir, self.batch_size = output_dir, int(batch_size)
+        self.temp_dir = temp_dir or output_dir
 
     def process(self, path, vector=None):
         import uuid
@@ -139,7 +141,7 @@ class ScoreFile(ScoreBatch):
         import tensorflow as tf
 
         from tf_influence import scores_io
-        tmp_dir = os.path.join(self.output_dir, f".tmp-{uuid.uuid4().hex}")
+        tmp_dir = os.path.join(self.temp_dir, f".tmp-{uuid.uuid4().hex}")
         tf.io.gfile.makedirs(tmp_dir)
         tmp = os.path.join(tmp_dir, "scores.tfrecord.gz")
         n = 0
@@ -163,6 +165,7 @@ def _publish(written, output_dir):
 
     from tf_influence import scores_io
     written = sorted(written)
+    tf.io.gfile.makedirs(output_dir)
     for old in tf.io.gfile.glob(os.path.join(output_dir, scores_io.PATTERN)):
         tf.io.gfile.remove(old)
     total = 0
@@ -211,7 +214,7 @@ class ShardNames(beam.PTransform):
 
 def score_examples(pipeline, examples_pattern, model_path, feature_spec, kind, output_dir, si_layers=None,
                    loss_config=None, group_spec=None, vector=None, batch_size=256, label="Score",
-                   checkpoints=None, learning_rates=None, worker_threads=None):
+                   checkpoints=None, learning_rates=None, worker_threads=None, temp_dir=None):
     """Add the scoring job to ``pipeline``: the examples files (spread over the workers, one file
     at a time) → :class:`ScoreFile` (read in batches of ``batch_size``, one library call per batch,
     one scores file per examples file) → ``<output_dir>/scores-<i>-of-<n>.tfrecord.gz``, published
@@ -221,13 +224,15 @@ def score_examples(pipeline, examples_pattern, model_path, feature_spec, kind, o
     ``kind="influence"`` needs ``vector`` (the
     test-side ``s``, a side input) and ``group_spec`` (the :class:`~tf_influence.params.GroupSpec`
     of ``s``). ``worker_threads``: TensorFlow threads per worker process (default: TensorFlow's, all
-    cores — right for one worker per machine; with one worker process per core, 1)."""
+    cores — right for one worker per machine; with one worker process per core, 1). ``temp_dir``:
+    where the score files are written until every file is scored (default ``output_dir``; the
+    components use their execution's temporary folder)."""
     if kind == "influence" and (vector is None or group_spec is None):
         raise ValueError("influence scoring needs the test-side vector and its parameter group spec")
     files = pipeline | f"{label}Read" >> ShardNames(examples_pattern)
     fn = ScoreFile(model_path, feature_spec, kind, si_layers, loss_config, group_spec, desc=examples_pattern,
                    checkpoints=checkpoints, learning_rates=learning_rates, worker_threads=worker_threads,
-                   output_dir=output_dir, batch_size=batch_size)
+                   output_dir=output_dir, batch_size=batch_size, temp_dir=temp_dir)
     if vector is not None:
         side = pipeline | f"{label}Vector" >> beam.Create([np.asarray(vector)])
         written = files | f"{label}Score" >> beam.ParDo(fn, beam.pvalue.AsSingleton(side))

@@ -155,6 +155,30 @@ def stream_split(examples, split: str, spec: dict, batch_size: int = 256):
         tf.data.TFRecordDataset(split_files(examples, split), compression_type="GZIP").batch(batch_size), spec)
 
 
+#: What this package writes in an execution's temporary folder: scorers' files until published,
+#: ScoreFilter's Beam output (with Beam's beam-temp-* shards) until moved into the output artifact.
+EXECUTION_TEMPORARIES = ("scores", "staged")
+
+
+def remove_stale_execution_temporaries(own_tmp: str) -> list:
+    """Remove what killed earlier executions of the same component left in their temporary folders
+    (TFX's ``<component>/.system/executor_execution/<id>/.temp/<id>/``: TFX empties it after a successful
+    execution, but nothing runs after a SIGKILL). Only this package's own temporaries
+    (:data:`EXECUTION_TEMPORARIES`) of *other* executions are removed. Returns the removed paths."""
+    own = own_tmp.rstrip("/")
+    marker = f"{os.sep}executor_execution{os.sep}"
+    if marker not in own:
+        return []
+    exec_root = own[:own.index(marker) + len(marker)]      # TFX's tmp path: <exec_root><id>/.temp/<id>/
+    removed = []
+    for name in EXECUTION_TEMPORARIES:
+        for path in tf.io.gfile.glob(os.path.join(exec_root, "*", ".temp", "*", name)):
+            if not path.startswith(own + os.sep):
+                tf.io.gfile.rmtree(path)
+                removed.append(path)
+    return removed
+
+
 class BeamStageError(RuntimeError):
     """A Beam stage of a component failed; the message names the component's input artifacts."""
 
@@ -165,6 +189,7 @@ def run_beam(executor, build, what: str, output_dirs=()):
     temporaries (``.tmp-*``, ``beam-temp-*``) are removed before the run and after a failure, so no
     partial file stays beside the published ones."""
     from tfx_components.beam_scoring import remove_temporaries  # noqa: I001 (beam_scoring imports Beam)
+    remove_stale_execution_temporaries(executor._get_tmp_dir())
     for d in output_dirs:
         remove_temporaries(d)
     try:

@@ -119,7 +119,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                 beam_scoring.score_examples(
                     p, common.split_pattern(pre_ex, split), common.model_path(pre_m), spec, "influence",
                     os.path.join(out.uri, f"Split-{split}"), loss_config=e.get("loss"), group_spec=group_spec,
-                    vector=s.numpy(), batch_size=int(e.get("batch_size") or 256), label=f"[{split}]")
+                    vector=s.numpy(), batch_size=int(e.get("batch_size") or 256), label=f"[{split}]",
+                    temp_dir=os.path.join(self._get_tmp_dir(), "scores", split))
 
         common.run_beam(self, build, f"InfluenceScorer on Examples artifact {pre_ex.uri} "
                                      f"with Model artifact {pre_m.uri}",

@@ -42,7 +42,24 @@ class ScoreFilterSpec(types.ComponentSpec):
 class ScoreFilter(base_beam_component.BaseBeamComponent):
     """Filter Examples by per-example scores with the library's one selection rule
     (``tf_influence.selection.select_kept``, ties broken by key): ``drop_top_fraction``,
-    ``drop_above``, ``keep_lowest`` — PRESENCE-Sequential —, ``keep_highest``."""
+    ``drop_above``, ``keep_lowest`` — PRESENCE-Sequential —, ``keep_highest``.
+
+    ``examples`` must be the artifact the scorer read (examples without a key feature are matched
+    by file and position). Every split with scores is filtered, the others are copied; the output
+    records ``filter_counts`` (in = kept + dropped per split) and ``num_in`` / ``num_kept`` /
+    ``num_dropped``. Nothing is written into the output folder until the whole job succeeded.
+
+    Example (after a SelfInfluenceScorer on Transform's output, TFX's penguin tutorial)::
+
+        from tfx_components.score_filter.component import ScoreFilter
+
+        drop = ScoreFilter(examples=transform.outputs["transformed_examples"], scores=si.outputs["scores"],
+                           mode="drop_top_fraction", value=0.1)
+        retrained = tfx.components.Trainer(module_file=module, examples=drop.outputs["filtered_examples"],
+                                           transform_graph=transform.outputs["transform_graph"], ...)
+
+    PRESENCE-Sequential keeps the ``n`` lowest self-influence scores: ``mode="keep_lowest", value=n``.
+    """
 
     SPEC_CLASS = ScoreFilterSpec
     EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(executor.Executor)

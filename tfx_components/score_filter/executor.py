@@ -170,6 +170,10 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                                  f"({scores_io.PATTERN}) in {sdir}")
             plan.append((split, desc, pattern, os.path.join(out.uri, f"Split-{split}"), sdir))
         tmp = self._get_tmp_dir()
+        # Beam writes each split under the execution's temporary folder (its beam-temp-* shards
+        # included) and the finished files are moved into the output folder only after the whole job
+        # succeeded: a failed or killed run leaves nothing in an output folder
+        staged = {split: os.path.join(tmp, "staged", f"Split-{split}") for split, *_ in plan}
 
         # how many scores each split has (the order-statistics cut needs n): streamed, nothing kept
         cuts = {}
@@ -191,7 +195,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                 if sdir is None:
                     records = _read(p, pattern, f"Read[{split}]")
                     _count(records, tmp, split, "in")
-                    _write(records, dst, f"Copy[{split}]")
+                    _write(records, staged[split], f"Copy[{split}]")
                     continue
                 from tfx_components.beam_scoring import ShardNames
                 keyed = (p | f"Files[{split}]" >> ShardNames(pattern)
@@ -207,11 +211,13 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                 routed = joined | f"Decide[{split}]" >> beam.ParDo(
                     _Decide(desc, mode, value, keep_first, side), *args).with_outputs(
                     "kept", "dropped", "orphans", "extra")
-                _write(routed.kept, dst, f"Write[{split}]")
+                _write(routed.kept, staged[split], f"Write[{split}]")
                 for what in ("kept", "dropped", "orphans", "extra"):
                     _count(routed[what], tmp, split, what)
         common.run_beam(self, build, f"ScoreFilter on Examples artifact {examples.uri} and InfluenceScores "
                                      f"artifact {scores.uri}", output_dirs=[odir for _, _, _, odir, _ in plan])
+        for split, _, _, dst, _ in plan:
+            _move_files(staged[split], dst)
         counts = {}
         total = {"in": 0, "kept": 0, "dropped": 0}
         for split, desc, _, _, sdir in plan:
@@ -251,6 +257,13 @@ def _write(pcoll, dst, label):
     pcoll | label >> beam.io.WriteToTFRecord(  # noqa: B018 (Beam side effect)
         os.path.join(dst, _DATA), file_name_suffix=".gz",
         compression_type=beam.io.filesystem.CompressionTypes.GZIP)
+
+
+def _move_files(src: str, dst: str) -> None:
+    """Move the finished data files of ``src`` into ``dst`` (created)."""
+    tf.io.gfile.makedirs(dst)
+    for path in tf.io.gfile.glob(os.path.join(src, f"{_DATA}*")):
+        tf.io.gfile.rename(path, os.path.join(dst, os.path.basename(path)), overwrite=True)
 
 
 def _count(pcoll, tmp, split, what):

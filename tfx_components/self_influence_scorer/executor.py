@@ -44,7 +44,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                                             loss_config=exec_properties.get("loss"),
                                             batch_size=int(exec_properties.get("batch_size") or 256),
                                             label=f"[{split}]", checkpoints=checkpoints,
-                                            learning_rates=learning_rates)
+                                            learning_rates=learning_rates,
+                                            temp_dir=os.path.join(self._get_tmp_dir(), "scores", split))
 
         common.run_beam(self, build, f"SelfInfluenceScorer on Examples artifact {examples.uri} "
                                      f"with Model artifact {model.uri}",
