@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-experiments docs pipeline pipeline-compile presence-pipeline demo bench bench-presence bench-kfac bench-scale bench-hub bench-beam-scale presence presence-quick presence-lm presence-lm-quick bazel-test reproduce reproduce-quick clean
+.PHONY: install test test-experiments docs pipeline pipeline-compile penguin-pipeline presence-pipeline demo bench bench-presence bench-kfac bench-scale bench-hub bench-beam-scale presence presence-quick presence-lm presence-lm-quick bazel-test reproduce reproduce-quick clean
 
 install: $(STAMP)
 
@@ -33,6 +33,9 @@ pipeline: install
 
 pipeline-compile: install
 	$(PY) -m pipelines.influence_pipeline --root reports/pipelines/influence --runner kubeflow_v2
+
+penguin-pipeline: install
+	$(PY) -m pipelines.penguin_pipeline --two-stage --root reports/pipelines/penguin
 
 presence-pipeline: install
 	$(PY) -m pipelines.presence_pipeline --root reports/pipelines/presence

@@ -93,10 +93,11 @@ def create_pipeline(root: str, data_root: str, n_train: int, quick: bool = False
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="reduced sizes (CI)")
-    ap.add_argument("--root", default="reports/pipelines/presence")
+    ap.add_argument("--root", default="reports/pipelines/presence", help="pipeline root, data, MLMD and logs")
     ap.add_argument("--report", default=None, help="summary JSON (default reports/pipelines/presence_pipeline.json)")
-    ap.add_argument("--runner", choices=["local", "kubeflow_v2"], default="local")
-    ap.add_argument("--beam-arg", action="append", default=None)
+    ap.add_argument("--runner", choices=["local", "kubeflow_v2"], default="local",
+                    help="local: LocalDagRunner with sqlite MLMD; kubeflow_v2: compile for Vertex AI Pipelines")
+    ap.add_argument("--beam-arg", action="append", default=None, help="a Beam pipeline argument (repeatable)")
     ap.add_argument("--image", default="tf-influence:latest", help="container image (kubeflow_v2)")
     from tf_influence.cli import add_arguments, from_args
     from tf_influence.presence import PresenceArgs

@@ -113,11 +113,11 @@ def write_corpus(out_dir: str, n: int, kind: str = "digits", shards: int = 8, se
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kind", choices=KINDS, default="digits")
+    ap.add_argument("--kind", choices=KINDS, default="digits", help="digits (8x8 images) or tokens (sequences)")
     ap.add_argument("--n", type=int, required=True, help="number of examples")
     ap.add_argument("--out", required=True, help="output directory (local or gs://)")
-    ap.add_argument("--shards", type=int, default=8)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shards", type=int, default=8, help="number of output files (parallelism of the scoring jobs)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (the same seed gives byte-identical files)")
     ap.add_argument("--classes", type=int, default=4, help="digits: number of classes")
     ap.add_argument("--seq-len", type=int, default=32, help="tokens: sequence length")
     ap.add_argument("--vocab", type=int, default=256, help="tokens: vocabulary size")

@@ -20,7 +20,7 @@ def tfds_dir(tmp_path_factory):
 #: Test modules by measured cost (seconds, `pytest --durations`), most expensive first. `make test` runs
 #: three workers with `--dist loadfile`, which hands out modules in collection order: starting the long
 #: ones first keeps one worker from running a long module alone at the end. Unlisted modules run last.
-HEAVY_FIRST = ("test_hub_derivatives.py", "test_hub_models.py", "test_scorers.py", "test_dask_runner.py", "test_score_filter.py", "test_reproduce.py",
+HEAVY_FIRST = ("test_penguin_pipeline.py", "test_hub_derivatives.py", "test_example_io.py", "test_killed_runs.py", "test_hub_models.py", "test_scorers.py", "test_dask_runner.py", "test_score_filter.py", "test_reproduce.py",
                "test_multistage_dense.py", "test_beam_scoring.py", "test_pipelines.py", "test_transformer.py",
                "test_presence_pipeline.py", "test_presence_distributed.py", "test_convex_loo.py",
                "test_text_multistage.py", "test_lds.py", "test_presence_experiment.py", "test_diagnostics.py")

@@ -58,3 +58,25 @@ def test_the_beam_and_pipeline_clis_take_the_dataclasses():
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         presence_pipeline.main(["--help"])
     assert "--presence-tau1" in out.getvalue() and "default: -1.0; PresenceArgs's: 1.0" in out.getvalue()
+
+
+@pytest.mark.parametrize("module", ["tfx_components.beam_scoring", "tfx_components.beam_factors",
+                                    "pipelines.influence_pipeline", "pipelines.presence_pipeline",
+                                    "pipelines.penguin_pipeline", "pipelines.synthetic_corpus"])
+def test_every_flag_of_every_cli_is_documented(module, monkeypatch):
+    """``--help`` documents every flag (deprecated aliases are hidden on purpose)."""
+    import importlib
+    parsers = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(self, *args, **kwargs):
+        parsers.append(self)
+        raise Stop
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
+    with pytest.raises(Stop):
+        importlib.import_module(module).main(["--help"])
+    undocumented = [a.option_strings for a in parsers[0]._actions
+                    if a.option_strings and a.help is None]
+    assert not undocumented, undocumented

@@ -40,7 +40,7 @@ def test_killed_pipeline_then_rerun_leaves_no_temporary(tmp_path):
     os.makedirs(tmp_path / "model" / "Format-Serving")
     model.save(str(tmp_path / "model" / "Format-Serving" / "model.keras"))
     rng = np.random.default_rng(0)
-    rows = [{"x": rng.normal(size=4).astype(np.float32), "label": [int(rng.integers(3))]} for _ in range(3000)]
+    rows = [{"x": rng.normal(size=4).astype(np.float32), "label": [int(rng.integers(3))]} for _ in range(1000)]
     write_records(str(tmp_path / "examples" / "Split-train"), rows, shards=2)
     root = tmp_path / "pipeline_root"
     proc = subprocess.Popen([sys.executable, SCRIPT, str(tmp_path)], stdout=subprocess.DEVNULL,

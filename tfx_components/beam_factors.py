@@ -157,12 +157,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", required=True, nargs="+", help="file pattern(s) of GZIP TFRecord tf.Examples")
     ap.add_argument("--model", required=True, help=".keras file or a directory holding model.keras")
-    ap.add_argument("--feature-spec", required=True, help="JSON, see beam_scoring.parse_feature_spec")
+    ap.add_argument("--feature-spec", required=True,
+                    help="how an example becomes (x, y), JSON: {\"x\": {\"name\", \"shape\", \"dtype\"}, \"y\": {...}} or "
+                         "{\"inputs\": {<input name>: {...}}, \"y\": {...}} (tfx_components.example_io)")
     ap.add_argument("--output", required=True, help="directory for factors.npz / factors.json")
     ap.add_argument("--group-spec", default=None,
                     help="GroupSpec JSON (or a .json file) of the parameters; default every trainable variable")
     ap.add_argument("--loss", default=None, help="Keras loss config JSON (default: the model's compiled loss)")
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=256, help="examples per factor pass batch (default 256)")
     # the same FactorArgs (defaults, help) as Analyzer.fit_factors; the Beam passes read every example
     add_arguments(ap, FactorArgs, exclude=("max_examples",))
     console.add_verbose_flag(ap)

@@ -1,8 +1,9 @@
 """FactorFitter: (E)K-FAC curvature factors of a model over an Examples artifact, as a Beam combiner.
 
 Inputs: ``examples`` (Examples: the corpus the curvature is taken over, e.g. the pretraining data),
-``model`` (Model whose ``Format-Serving`` directory holds ``model.keras``). Parameters:
-``feature_spec`` (JSON, see ``tfx_components.beam_scoring.parse_feature_spec``), ``layers`` (JSON
+``model`` (Model whose ``Format-Serving`` directory holds ``model.keras``), optionally ``schema`` /
+``transform_graph`` (the model's inputs and label derived from them as for the scorers, with
+``label_key``; a hand-written ``feature_spec`` of ``tfx_components.example_io`` overrides). Parameters: ``layers`` (JSON
 list of layer names whose variables are covered; default every trainable variable — what
 ``InfluenceScorer`` needs for the pretraining Hessian ∂²G/∂(W,U)²), ``kind`` (``ekfac`` / ``kfac``),
 ``fisher`` (``true``: labels sampled from the model; ``empirical``: the observed labels), ``splits``
@@ -29,7 +30,8 @@ from tfx_components.factor_fitter import executor
 
 class FactorFitterSpec(types.ComponentSpec):
     PARAMETERS = {
-        "feature_spec": ExecutionParameter(type=str),
+        "feature_spec": ExecutionParameter(type=str, optional=True),
+        "label_key": ExecutionParameter(type=str, optional=True),
         "layers": ExecutionParameter(type=str, optional=True),
         "kind": ExecutionParameter(type=str),
         "fisher": ExecutionParameter(type=str),
@@ -39,7 +41,9 @@ class FactorFitterSpec(types.ComponentSpec):
         "seed": ExecutionParameter(type=int, optional=True),
     }
     INPUTS = {"examples": ChannelParameter(type=standard_artifacts.Examples),
-              "model": ChannelParameter(type=standard_artifacts.Model)}
+              "model": ChannelParameter(type=standard_artifacts.Model),
+              "schema": ChannelParameter(type=standard_artifacts.Schema, optional=True),
+              "transform_graph": ChannelParameter(type=standard_artifacts.TransformGraph, optional=True)}
     OUTPUTS = {"factors": ChannelParameter(type=KFACFactors)}
 
 
@@ -53,15 +57,16 @@ class FactorFitter(base_beam_component.BaseBeamComponent):
         from tfx_components.factor_fitter.component import FactorFitter
 
         factors = FactorFitter(examples=pre_gen.outputs["examples"], model=pre_trainer.outputs["model"],
-                               feature_spec=spec, kind="ekfac")
+                               kind="ekfac")   # inputs derived as for the scorers; or schema= / transform_graph=
         scorer = InfluenceScorer(..., pretrain_factors=factors.outputs["factors"])
     """
     SPEC_CLASS = FactorFitterSpec
     EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(executor.Executor)
 
-    def __init__(self, examples: types.BaseChannel, model: types.BaseChannel, feature_spec: dict, layers=None,
-                 kind: str = "ekfac", fisher: str = "true", splits=None, loss: Optional[dict] = None,
-                 batch_size: int = 256, seed: int = 0):
+    def __init__(self, examples: types.BaseChannel, model: types.BaseChannel, feature_spec: Optional[dict] = None,
+                 layers=None, kind: str = "ekfac", fisher: str = "true", splits=None, loss: Optional[dict] = None,
+                 batch_size: int = 256, seed: int = 0, schema: Optional[types.BaseChannel] = None,
+                 transform_graph: Optional[types.BaseChannel] = None, label_key: Optional[str] = None):
         if kind not in ("ekfac", "kfac"):
             raise ValueError(f"kind must be 'ekfac' or 'kfac', got '{kind}'")
         if fisher not in ("true", "empirical"):
@@ -69,7 +74,8 @@ class FactorFitter(base_beam_component.BaseBeamComponent):
         if isinstance(layers, str):
             raise ValueError("layers must be a list of layer names")
         spec = FactorFitterSpec(
-            examples=examples, model=model, feature_spec=json.dumps(feature_spec),
+            examples=examples, model=model, feature_spec=json.dumps(feature_spec) if feature_spec else None,
+            schema=schema, transform_graph=transform_graph, label_key=label_key,
             layers=json.dumps(list(layers)) if layers else None, kind=kind, fisher=fisher,
             splits=json.dumps(list(splits)) if splits else None, loss=json.dumps(loss) if loss else None,
             batch_size=batch_size, seed=seed, factors=channel_utils.as_channel([KFACFactors()]))

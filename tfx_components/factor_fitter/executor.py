@@ -18,7 +18,6 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         model = artifact_utils.get_single_instance(input_dict["model"])
         out = artifact_utils.get_single_instance(output_dict["factors"])
         e = exec_properties
-        spec = beam_scoring.parse_feature_spec(e["feature_spec"])
         splits = json.loads(e["splits"]) if e.get("splits") else artifact_utils.decode_split_names(examples.split_names)
         path = common.model_path(model)
         # fail early, in the driver, with the artifact named: model file and layers
@@ -30,6 +29,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         except (tfi.ParameterGroupError, ValueError) as err:
             raise ValueError(f"Model artifact {model.uri}: {err}") from None
         group_spec = group.spec(keras_model).to_json()
+        spec = common.feature_spec(e, input_dict, keras_model, examples, splits[0])
         patterns = [common.split_pattern(examples, s) for s in splits]
 
         def build(p):
