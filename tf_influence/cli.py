@@ -73,6 +73,18 @@ def _parse_json_dataclass(cls):
     return parse
 
 
+def _json_object(name: str):
+    def parse(text: str):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise argparse.ArgumentTypeError(f"not JSON: {err}") from None
+        if not isinstance(value, dict):
+            raise argparse.ArgumentTypeError(f"{name} is a JSON object, got {text}")
+        return value
+    return parse
+
+
 def _to_json(value):
     if dataclasses.is_dataclass(value):
         return value.to_json() if hasattr(value, "to_json") else json.dumps(dataclasses.asdict(value))
@@ -112,6 +124,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "", exclud
             kwargs["type"] = _parse_optional(base) if optional else base
             if optional:
                 help_ += " ('none' for None)"
+        elif base is dict or typing.get_origin(base) is dict:
+            kwargs["type"] = _json_object(f.name)
+            help_ += " (a JSON object)"
         elif typing.get_origin(base) in (tuple, list) or base in (tuple, list):
             kwargs["nargs"] = "+"
         else:

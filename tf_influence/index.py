@@ -1,0 +1,338 @@
+"""A gradient index of a corpus: projected per-example gradients written once, queried many times.
+
+Every question "which training examples made the model say this?" is ``I(z) = ∇g(z)·s`` for some
+test-side vector ``s`` (the multi-stage test vector after both inverse-HVP chains, a single-stage
+``H⁻¹∇L_test``, or a raw test gradient). Re-scoring the corpus costs a backward pass per example per
+question; an index stores ``P∇g(z)`` for every example once (:mod:`tf_influence.projection`), and a
+question becomes ``⟨P∇g(z), Ps⟩`` — one matrix product per shard for a batch of questions.
+
+Layout of an index directory: ``index.json`` (projection arguments, the parameter group's spec, the
+model fingerprint, dimension, dtype, count, shards) and ``vectors-<i>-of-<n>.npz`` shards, each with
+``keys`` (bytes), ``vectors`` ``[n_i, dim]`` (float16 or float32) and ``sum_sq`` (per-dimension sums
+of squares, for the diagonal preconditioner). A query against an index of another model — other
+weights or another parameter group — is refused naming both fingerprints.
+
+Example::
+
+    >>> import keras, numpy as np, tensorflow as tf, tempfile
+    >>> import tf_influence as tfi
+    >>> from tf_influence.index import GradientIndex, build_index
+    >>> keras.utils.set_random_seed(0)
+    >>> x = keras.Input((6,))
+    >>> model = keras.Model(x, keras.layers.Dense(3)(keras.layers.Dense(5)(x)))
+    >>> obj = tfi.Objective(model, "sparse_categorical_crossentropy")
+    >>> rng = np.random.default_rng(0)
+    >>> data = tf.data.Dataset.from_tensor_slices((rng.normal(size=(50, 6)).astype("float32"),
+    ...                                            rng.integers(0, 3, 50))).batch(16)
+    >>> index = build_index(obj, data, tempfile.mkdtemp(), shard_size=20)
+    >>> index.count, len(index.shards)
+    (50, 3)
+    >>> s = rng.normal(size=index.projector(obj).group.size)       # any test-side vector over the group
+    >>> result = index.query(obj, s, top_k=5)
+    >>> result.harmful_keys[0].shape, result.harmful_scores[0][0] >= result.harmful_scores[0][-1]
+    ((5,), True)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from .params import ParameterGroup, tf_variable
+from .projection import GradientProjector, ProjectionArgs
+
+INDEX_FILE = "index.json"
+SHARD_PATTERN = "vectors-*.npz"
+#: Below this many indexed examples queries are exact (streamed matrix products); above it,
+#: ``backend="auto"`` uses FAISS when it is installed.
+EXACT_MAX = 1_000_000
+
+
+class IndexMismatchError(ValueError):
+    """A query's model or parameter group is not the one the index was built with."""
+
+
+def fingerprint(model, group: ParameterGroup) -> str:
+    """SHA-256 (first 16 hex digits) of the group's spec and the current values of its variables."""
+    h = hashlib.sha256(group.spec(model).to_json().encode())
+    for v in group.variables:
+        h.update(np.ascontiguousarray(tf_variable(v).numpy()).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _write_npz(path, **arrays):
+    """``np.savez`` to ``path`` through ``tf.io.gfile`` (local or GCS)."""
+    import io
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    with tf.io.gfile.GFile(path, "wb") as fh:
+        fh.write(buf.getvalue())
+
+
+def _read_npz(path) -> dict:
+    import io
+    with tf.io.gfile.GFile(path, "rb") as fh:
+        data = np.load(io.BytesIO(fh.read()), allow_pickle=False)
+        return {k: data[k] for k in data.files}
+
+
+def write_shard(path: str, keys, vectors, dtype: str) -> dict:
+    """One shard file; returns its entry for ``index.json`` (file name, count)."""
+    vectors = np.asarray(vectors, np.float32)
+    if not np.all(np.isfinite(vectors)):
+        raise ValueError(f"{path}: projected gradients contain NaN/Inf")
+    keys = np.asarray([k if isinstance(k, bytes) else str(k).encode() for k in keys], dtype=object).astype(bytes)
+    _write_npz(path, keys=keys, vectors=vectors.astype(dtype), sum_sq=np.square(vectors.astype(np.float64)).sum(0))
+    return {"file": os.path.basename(path), "count": int(len(keys))}
+
+
+def write_metadata(directory: str, projector_description: dict, model_fingerprint: str, shards: list,
+                   dtype: str) -> dict:
+    """Write ``index.json`` last (an index without it is incomplete and is not read)."""
+    meta = {"format": 1, "dim": projector_description["dim"], "dtype": dtype,
+            "count": int(sum(s["count"] for s in shards)), "shards": shards,
+            "projection": projector_description["args"], "layout": projector_description["layout"],
+            "group_spec": projector_description["group_spec"], "model_fingerprint": model_fingerprint}
+    with tf.io.gfile.GFile(os.path.join(directory, INDEX_FILE), "w") as fh:
+        fh.write(json.dumps(meta, indent=1))
+    return meta
+
+
+@dataclass
+class QueryResult:
+    """Top-k per query: ``harmful_*`` the largest scores (removal predicted to lower the test loss),
+    ``helpful_*`` the most negative, each ``[Q, k]`` (keys as bytes); ``scores`` ``[Q, N]`` and
+    ``keys`` ``[N]`` (index order) when all scores were asked for."""
+
+    harmful_keys: np.ndarray
+    harmful_scores: np.ndarray
+    helpful_keys: np.ndarray
+    helpful_scores: np.ndarray
+    scores: np.ndarray | None = None
+    keys: np.ndarray | None = None
+    backend: str = "exact"
+
+
+def _merge_top(best_s, best_k, s, k, top_k, largest):
+    """Keep the ``top_k`` largest (or smallest) of the running best and a new block, per query row."""
+    if best_s is not None:
+        s = np.concatenate([best_s, s], axis=1)
+        k = np.concatenate([best_k, np.broadcast_to(k, (s.shape[0], k.shape[-1])) if k.ndim == 1 else k], axis=1)
+    elif k.ndim == 1:
+        k = np.broadcast_to(k, s.shape)
+    m = min(top_k, s.shape[1])
+    sign = -1.0 if largest else 1.0
+    part = np.argpartition(sign * s, m - 1, axis=1)[:, :m]
+    s_m, k_m = np.take_along_axis(s, part, 1), np.take_along_axis(k, part, 1)
+    order = np.argsort(sign * s_m, axis=1, kind="stable")
+    return np.take_along_axis(s_m, order, 1), np.take_along_axis(k_m, order, 1)
+
+
+class GradientIndex:
+    """A written index (see the module docstring); :func:`build_index` writes one in process, the
+    Beam job ``tfx_components.beam_index`` and the ``GradientIndexer`` component at corpus scale."""
+
+    def __init__(self, directory: str):
+        path = os.path.join(directory, INDEX_FILE)
+        if not tf.io.gfile.exists(path):
+            raise FileNotFoundError(f"no gradient index at {directory} (no {INDEX_FILE}: not built, or its build did "
+                                    "not finish)")
+        with tf.io.gfile.GFile(path) as fh:
+            self.meta = json.loads(fh.read())
+        self.directory = directory
+        self.shards = [os.path.join(directory, s["file"]) for s in self.meta["shards"]]
+        missing = [p for p in self.shards if not tf.io.gfile.exists(p)]
+        if missing:
+            raise FileNotFoundError(f"gradient index {directory}: shard(s) {missing[:3]} are missing")
+
+    @classmethod
+    def load(cls, directory: str) -> "GradientIndex":
+        return cls(directory)
+
+    @property
+    def count(self) -> int:
+        return int(self.meta["count"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    @property
+    def projection_args(self) -> ProjectionArgs:
+        return ProjectionArgs.from_dict(self.meta["projection"])
+
+    def bytes_per_example(self) -> float:
+        size = sum(tf.io.gfile.stat(p).length for p in self.shards)
+        return size / max(1, self.count)
+
+    def projector(self, objective) -> GradientProjector:
+        """The index's projection rebuilt on ``objective``'s model (same group, same ``P``); refuses
+        another model or group by fingerprint."""
+        group = ParameterGroup.from_spec(objective.model, json.dumps(self.meta["group_spec"]))
+        got = fingerprint(objective.model, group)
+        if got != self.meta["model_fingerprint"]:
+            raise IndexMismatchError(
+                f"gradient index {self.directory} was built from model fingerprint {self.meta['model_fingerprint']}, "
+                f"but model '{objective.model.name}' has fingerprint {got}: other weights or another parameter "
+                "group; rebuild the index for this model")
+        proj = GradientProjector(objective, group, self.projection_args)
+        if proj.dim != self.dim:
+            raise IndexMismatchError(f"gradient index {self.directory}: projection of dimension {proj.dim}, index "
+                                     f"has {self.dim}")
+        return proj
+
+    def iter_shards(self):
+        """``(keys, vectors float32)`` of each shard in order (one shard in memory)."""
+        for p in self.shards:
+            d = _read_npz(p)
+            yield d["keys"], d["vectors"].astype(np.float32)
+
+    def mean_square(self) -> np.ndarray:
+        """Per-dimension mean of the squared projected gradients over the corpus."""
+        total = np.zeros(self.dim)
+        for p in self.shards:
+            total += _read_npz(p)["sum_sq"]
+        return total / max(1, self.count)
+
+    def self_influence(self):
+        """``(keys, ‖P∇g(z)‖²)`` — TracIn self-influence (η = 1) of every example, free from the index."""
+        keys, sq = [], []
+        for k, v in self.iter_shards():
+            keys.append(k)
+            sq.append(np.einsum("nd,nd->n", v, v))
+        return np.concatenate(keys), np.concatenate(sq)
+
+    def query(self, objective, vectors, top_k: int = 100, all_scores: bool = False, precondition: str = "none",
+              damping: float = 1e-3, backend: str = "auto", query_batch: int = 256) -> QueryResult:
+        """Score queries against the index: ``vectors`` over the index's parameter group (``[p]`` one
+        query, ``[p, Q]`` one per column — e.g. ``MultiStageInfluence.test_vectors(..., "each")``),
+        projected with the index's ``P`` on ``objective``'s model (refused if it is another model)."""
+        proj = self.projector(objective)
+        q = np.atleast_2d(proj.project_vector(vectors))
+        return self.query_projected(q, top_k, all_scores, precondition, damping, backend, query_batch)
+
+    def query_projected(self, q, top_k: int = 100, all_scores: bool = False, precondition: str = "none",
+                        damping: float = 1e-3, backend: str = "auto", query_batch: int = 256) -> QueryResult:
+        """As :meth:`query` for already projected queries ``[Q, dim]``. ``precondition="diagonal"``
+        divides by the corpus' per-dimension mean square (+ ``damping`` × its mean) — a diagonal
+        Gauss–Newton preconditioner in the projected space, for raw test gradients; multi-stage test
+        vectors already hold both inverse Hessians (leave it ``"none"``). ``backend``: ``"exact"``
+        (streamed products, one shard in memory), ``"faiss"`` (an inverted-file inner-product index
+        in memory; approximate top-k), ``"auto"`` (exact up to :data:`EXACT_MAX` examples)."""
+        q = np.atleast_2d(np.asarray(q, np.float32))
+        if q.shape[1] != self.dim:
+            raise ValueError(f"queries have dimension {q.shape[1]}, the index {self.dim}")
+        if not np.all(np.isfinite(q)):
+            raise ValueError("query vectors contain NaN/Inf")
+        if precondition == "diagonal":
+            ms = self.mean_square()
+            q = (q / (ms + damping * ms.mean())).astype(np.float32)
+        elif precondition != "none":
+            raise ValueError(f"precondition must be 'none' or 'diagonal', got '{precondition}'")
+        if backend not in ("auto", "exact", "faiss"):
+            raise ValueError(f"backend must be 'auto', 'exact' or 'faiss', got '{backend}'")
+        if backend == "auto":
+            backend = "exact"
+            if self.count > EXACT_MAX and not all_scores:
+                try:
+                    import faiss  # noqa: F401
+                    backend = "faiss"
+                except ImportError:
+                    pass
+        if backend == "faiss":
+            if all_scores:
+                raise ValueError("all_scores needs the exact backend")
+            return self._query_faiss(q, top_k)
+        hi = lo = None
+        parts = []
+        for keys, v in self.iter_shards():
+            s = np.concatenate([q[i:i + query_batch] @ v.T for i in range(0, len(q), query_batch)])
+            if all_scores:
+                parts.append((keys, s))
+            hi = _merge_top(*(hi or (None, None)), s, keys, top_k, largest=True)
+            lo = _merge_top(*(lo or (None, None)), s, keys, top_k, largest=False)
+        out = QueryResult(hi[1], hi[0], lo[1], lo[0])
+        if all_scores:
+            out.keys = np.concatenate([k for k, _ in parts])
+            out.scores = np.concatenate([s for _, s in parts], axis=1)
+        return out
+
+    def _query_faiss(self, q, top_k):
+        import faiss
+        vecs, keys = [], []
+        for k, v in self.iter_shards():
+            keys.append(k)
+            vecs.append(v)
+        x, keys = np.ascontiguousarray(np.concatenate(vecs)), np.concatenate(keys)
+        nlist = max(1, int(4 * np.sqrt(len(x))))
+        quant = faiss.IndexFlatIP(self.dim)
+        index = faiss.IndexIVFFlat(quant, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(x[np.random.default_rng(0).permutation(len(x))[:max(nlist * 40, 10000)]])
+        index.add(x)
+        index.nprobe = max(1, nlist // 8)
+        k = min(top_k, len(x))
+        hs, hi = index.search(np.ascontiguousarray(q), k)
+        ls, li = index.search(np.ascontiguousarray(-q), k)
+        return QueryResult(keys[hi], hs, keys[li], -ls, backend="faiss")
+
+
+def build_index(objective, dataset, directory: str, group: ParameterGroup | None = None,
+                args: ProjectionArgs | None = None, keys=None, shard_size: int = 50_000, progress: bool = False,
+                name: str = "dataset") -> GradientIndex:
+    """Project every example of a batched ``(x, y)`` dataset and write an index to ``directory``
+    (in process; shards of ``shard_size``; ``keys`` default to the example's position). Files are
+    written under temporary names and published with ``index.json`` last."""
+    from .objective import batches
+    proj = GradientProjector(objective, group, args)
+    dtype = proj.args.dtype
+    tf.io.gfile.makedirs(directory)
+    tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
+    tf.io.gfile.makedirs(tmp)
+    try:
+        written, buf_k, buf_v, n = [], [], [], 0
+
+        def flush():
+            path = os.path.join(tmp, f"part-{len(written):05d}.npz")
+            written.append(write_shard(path, buf_k, np.concatenate(buf_v), dtype))
+            buf_k.clear()
+            buf_v.clear()
+        it = batches(dataset, name, objective.model)
+        if progress:
+            from tqdm.auto import tqdm
+            it = tqdm(it, desc=f"indexing ({name})", unit="batch")
+        for x, y in it:
+            v = proj.project_batch(x, y).numpy()
+            ks = [str(i).encode() for i in range(n, n + len(v))] if keys is None else list(keys[n:n + len(v)])
+            n += len(v)
+            while len(v):
+                room = shard_size - sum(len(b) for b in buf_v)
+                buf_v.append(v[:room])
+                buf_k.extend(ks[:room])
+                v, ks = v[room:], ks[room:]
+                if sum(len(b) for b in buf_v) == shard_size:
+                    flush()
+        if buf_v:
+            flush()
+        if n == 0:
+            raise ValueError(f"{name} is empty: nothing to index")
+        if keys is not None and len(keys) != n:
+            raise ValueError(f"{len(keys)} keys for {n} examples")
+        for old in tf.io.gfile.glob(os.path.join(directory, SHARD_PATTERN)) + tf.io.gfile.glob(
+                os.path.join(directory, INDEX_FILE)):
+            tf.io.gfile.remove(old)
+        shards = []
+        for i, entry in enumerate(written):
+            final = f"vectors-{i:05d}-of-{len(written):05d}.npz"
+            tf.io.gfile.rename(os.path.join(tmp, entry["file"]), os.path.join(directory, final), overwrite=True)
+            shards.append({"file": final, "count": entry["count"]})
+        write_metadata(directory, proj.describe(), fingerprint(objective.model, proj.group), shards, dtype)
+    finally:
+        if tf.io.gfile.exists(tmp):
+            tf.io.gfile.rmtree(tmp)
+    return GradientIndex(directory)

@@ -1,0 +1,232 @@
+"""Projected per-example gradients without materialising them (LoGra's Kronecker projection).
+
+For a layer whose per-example gradient is ``G_n = Σ_t a_t g_tᵀ`` (``a`` its inputs — plus 1 for a
+bias —, ``g`` its output gradients; the Kronecker blocks of :mod:`tf_influence.kfac`: ``Dense``,
+``EinsumDense``, convolutions, ``Embedding``, tied / untied ``ReversibleEmbedding``) the projection is
+``P_inᵀ G_n P_out = Σ_t (P_inᵀ a_t)(P_outᵀ g_t)ᵀ``, a ``k_in × k_out`` matrix computed from the
+projected inputs and output gradients captured in one ordinary forward / backward pass — the
+``d_in × d_out`` gradient is never formed (Choe et al. 2024, "LoGra"). ``P_in ⊗ P_out`` is a
+Kronecker-structured random projection of ``vec(G_n)``. Variables no block covers (normalisations,
+position embeddings: from their captured gradients; anything else: vectorised per-example
+gradients) get a dense Gaussian projection ``P`` of ``k_other`` columns, or none (identity) when
+the variable is that small.
+
+What it approximates: every entry of ``P_in``, ``P_out``, ``P`` is drawn from ``N(0, 1/k)``, so
+``E[P Pᵀ] = I`` and ``⟨P g, P s⟩`` is an unbiased estimate of ``g·s`` whose error shrinks as
+``1/√k`` (Johnson–Lindenstrauss); a side whose ``k`` reaches the dimension uses the identity and is
+exact. Applied to the same ``P``, projected products are *exactly* ``P``-applied exact per-example
+gradients (``tests/test_index.py`` checks both). Projections are seeded per block (``seed`` and the
+block's key), so two processes, or an index and a later query, draw the same ``P``.
+
+Example::
+
+    >>> import keras, numpy as np, tensorflow as tf
+    >>> import tf_influence as tfi
+    >>> from tf_influence.projection import GradientProjector, ProjectionArgs
+    >>> keras.utils.set_random_seed(0)
+    >>> x = keras.Input((6,))
+    >>> model = keras.Model(x, keras.layers.Dense(3)(keras.layers.Dense(5, name="embedding")(x)))
+    >>> obj = tfi.Objective(model, "sparse_categorical_crossentropy")
+    >>> proj = GradientProjector(obj, args=ProjectionArgs(k=4))
+    >>> proj.dim            # (7 inputs → 4) × (5 outputs → 4) + (6 → 4) × (3 outputs, exact)
+    28
+    >>> data = tf.data.Dataset.from_tensor_slices((np.ones((2, 6), "float32"), np.array([0, 2]))).batch(2)
+    >>> proj.project(data).shape
+    (2, 28)
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import tensorflow as tf
+
+from .kfac.blocks import kronecker_blocks, norm_blocks
+from .kfac.capture import _Capture, _norm_per_example, _output_grads, _vectorized_gradients
+from .objective import batches, reduce_per_example
+from .params import ParameterGroup, tf_variable
+
+
+@dataclass(frozen=True)
+class ProjectionArgs:
+    """How per-example gradients are projected (one default each; JSON round trip)."""
+
+    k: int = field(default=16, metadata={
+        "help": "projection size per side of each Kronecker block: k_in = min(k, rows), k_out = min(k, d_out), "
+                "so a block gives at most k² numbers"})
+    k_other: int = field(default=64, metadata={
+        "help": "projection size of each variable outside the blocks (identity when the variable is smaller)"})
+    layer_k: dict = field(default_factory=dict, metadata={
+        "help": "per-block override of k, by block key (layer name or Keras path)"})
+    seed: int = field(default=0, metadata={"help": "seed of the projections (with each block's key)"})
+    dtype: str = field(default="float16", metadata={"help": "storage dtype of an index", "choices": ("float16", "float32")})
+
+    def __post_init__(self):
+        if int(self.k) < 1 or int(self.k_other) < 1:
+            raise ValueError(f"ProjectionArgs: k and k_other must be ≥ 1, got {self.k}, {self.k_other}")
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"ProjectionArgs: dtype must be 'float16' or 'float32', got '{self.dtype}'")
+        bad = {name: v for name, v in dict(self.layer_k).items() if int(v) < 1}
+        if bad:
+            raise ValueError(f"ProjectionArgs: layer_k values must be ≥ 1, got {bad}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ProjectionArgs":
+        from .solvers import dataclass_from_dict
+        return dataclass_from_dict(cls, d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ProjectionArgs":
+        return cls.from_dict(json.loads(text))
+
+
+def _gaussian(seed: int, key: str, rows: int, cols: int) -> np.ndarray | None:
+    """``N(0, 1/cols)`` ``[rows, cols]`` seeded by ``(seed, key)``; ``None`` (identity) when ``cols ≥ rows``."""
+    if cols >= rows:
+        return None
+    rng = np.random.default_rng([int(seed), zlib.crc32(key.encode())])
+    return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+
+
+class GradientProjector:
+    """Projected per-example gradients of ``objective``'s loss over ``group`` (default: every
+    parameter) — see the module docstring for what is computed and what it approximates.
+
+    ``project(dataset)`` → ``[N, dim]``; ``project_batch(x, y)`` → ``[B, dim]`` (compiled once);
+    ``project_vector(v)`` maps a vector over the group (e.g. the multi-stage test vector ``s``, or
+    its columns ``[p, Q]``) with the same ``P``. ``layout`` lists the segments (block / variable,
+    sizes) in output order."""
+
+    def __init__(self, objective, group: ParameterGroup | None = None, args: ProjectionArgs | None = None):
+        self.objective, self.args = objective, args or ProjectionArgs()
+        self.group = group if group is not None else ParameterGroup.from_model(objective.model)
+        self.dtype = self.group.dtype
+        blocks, diagonal = kronecker_blocks(objective.model, self.group)
+        self.blocks = blocks
+        self.norms, self.rest = norm_blocks(objective.model, diagonal)
+        a, layout = self.args, []
+        self._block_p = {}
+        for b in blocks:
+            k = int(a.layer_k.get(b.name, a.k))
+            p_in = _gaussian(a.seed, f"{b.name}/in", b.rows, k)
+            p_out = _gaussian(a.seed, f"{b.name}/out", b.d_out, k)
+            self._block_p[b.name] = (p_in, p_out)
+            k_in = b.rows if p_in is None else k
+            k_out = b.d_out if p_out is None else k
+            layout.append({"key": b.name, "kind": b.kind, "rows": b.rows, "d_out": b.d_out, "k_in": k_in,
+                           "k_out": k_out, "dim": k_in * k_out})
+        names = dict(zip([id(tf_variable(v)) for v in self.group.variables], self.group.variable_names))
+        self._var_p = {}
+        for v in [v for nb in self.norms for v in nb.variables] + list(self.rest):
+            key = names[id(tf_variable(v))]
+            size = int(np.prod(v.shape))
+            p = _gaussian(a.seed, key, size, int(a.layer_k.get(key, a.k_other)))
+            self._var_p[id(tf_variable(v))] = p
+            layout.append({"key": key, "kind": "variable", "size": size, "dim": size if p is None else p.shape[1]})
+        self.layout = layout
+        self.dim = int(sum(s["dim"] for s in layout))
+        self._fn = tf.function(self._project, reduce_retracing=True)
+
+    # -- the projection of a batch (captured inputs and output gradients) --------------------------
+    def _mat(self, p):
+        return None if p is None else tf.constant(p, self.dtype)
+
+    def _project(self, x, y):
+        model, obj = self.objective.model, self.objective
+        cap = _Capture(self.blocks + self.norms)
+        with cap, tf.GradientTape() as tape:
+            losses = reduce_per_example(obj.loss_fn(y, model(x, training=False)))
+            total = tf.reduce_sum(losses)
+        grads = _output_grads(tape, total, cap, self.blocks + self.norms)
+        records, modes, options = cap.records, cap.modes, cap.options
+        n = tf.shape(losses)[0]
+        out = []
+        for b in self.blocks:
+            p_in, p_out = (self._mat(p) for p in self._block_p[b.name])
+            acc = None
+            for (inp, _), gr, rev in zip(records[b.name], grads[b.name], modes[b.name]):
+                a, g = b.pairs(inp, gr, rev)
+                g = tf.cast(g, self.dtype)
+                if b.kind == "embedding":                     # a: token ids [B, T]; P_inᵀ e_token = P_in[token]
+                    a = tf.gather(p_in, a) if p_in is not None else tf.one_hot(a, b.rows, dtype=self.dtype)
+                else:
+                    a = tf.cast(a, self.dtype)
+                    if p_in is not None:
+                        a = tf.einsum("bti,ik->btk", a, p_in)
+                if p_out is not None:
+                    g = tf.einsum("bto,ok->btk", g, p_out)
+                term = tf.einsum("bti,bto->bio", a, g)
+                acc = term if acc is None else acc + term
+            out.append(tf.reshape(acc, [n, -1]))
+        per_var = []
+        for nb in self.norms:
+            per_var += list(zip(nb.variables, _norm_per_example(nb, records[nb.name], grads[nb.name], self.dtype,
+                                                                options.get(nb.name))))
+        if self.rest:
+            per_var += list(zip(self.rest, _vectorized_gradients(obj, self.rest, x, y)))
+        for v, pe in per_var:
+            flat = tf.reshape(tf.cast(pe, self.dtype), [n, -1])
+            p = self._mat(self._var_p[id(tf_variable(v))])
+            out.append(flat if p is None else flat @ p)
+        return tf.concat(out, axis=1)
+
+    def project_batch(self, x, y) -> tf.Tensor:
+        """``[B, dim]`` projected per-example gradients of one batch."""
+        return self._fn(x, y)
+
+    def project(self, dataset, progress: bool = False, name: str = "dataset") -> np.ndarray:
+        """``[N, dim]`` projected per-example gradients of every example of a batched ``(x, y)`` dataset."""
+        rows = []
+        it = batches(dataset, name, self.objective.model)
+        if progress:
+            from tqdm.auto import tqdm
+            it = tqdm(it, desc=f"projecting ({name})", unit="batch")
+        for x, y in it:
+            rows.append(self.project_batch(x, y).numpy())
+        if not rows:
+            from .gradients import EmptyDatasetError
+            raise EmptyDatasetError(f"{name} is empty: it yielded no examples")
+        return np.concatenate(rows)
+
+    # -- vectors over the group (query vectors) ---------------------------------------------------
+    def project_vector(self, v) -> np.ndarray:
+        """The same projection of a vector over the group: ``[p]`` → ``[dim]``, ``[p, Q]`` → ``[Q, dim]``."""
+        v = tf.convert_to_tensor(v, self.dtype)
+        single = v.shape.rank == 1
+        cols = v[:, None] if single else v
+        if cols.shape[0] != self.group.size:
+            raise ValueError(f"vector has {cols.shape[0]} entries, the projector's group '{self.group.name}' has "
+                             f"{self.group.size} parameters")
+        q = cols.shape[1]
+        parts = [tf.reshape(piece, [q, *shape])                       # per variable [Q, *shape]
+                 for piece, shape in zip(tf.split(tf.transpose(cols), self.group.sizes, axis=1), self.group.shapes)]
+        by_var = {id(tf_variable(var)): t for var, t in zip(self.group.variables, parts)}
+        out = []
+        for b in self.blocks:
+            p_in, p_out = (self._mat(p) for p in self._block_p[b.name])
+            m = b.to_matrix([by_var[id(tf_variable(w))] for w in b.variables])     # [Q, rows, d_out]
+            if p_in is not None:
+                m = tf.einsum("qio,ik->qko", m, p_in)
+            if p_out is not None:
+                m = tf.einsum("qio,ok->qik", m, p_out)
+            out.append(tf.reshape(m, [tf.shape(m)[0], -1]))
+        for v_ in [w for nb in self.norms for w in nb.variables] + list(self.rest):
+            flat = tf.reshape(by_var[id(tf_variable(v_))], [q, -1])
+            p = self._mat(self._var_p[id(tf_variable(v_))])
+            out.append(flat if p is None else flat @ p)
+        res = tf.concat(out, axis=1).numpy()
+        return res[0] if single else res
+
+    def describe(self) -> dict:
+        """JSON-able description: arguments, dimension, segments and the group's spec."""
+        return {"args": self.args.to_dict(), "dim": self.dim, "layout": self.layout,
+                "group_spec": json.loads(self.group.spec(self.objective.model).to_json())}

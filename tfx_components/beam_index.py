@@ -1,0 +1,231 @@
+"""The gradient index at corpus scale: a Beam job that writes the projected per-example gradients of
+every example (:mod:`tf_influence.index`), and the query command.
+
+Each worker loads the Keras model once (``DoFn.setup``), takes whole examples files (reshuffled over
+the workers, as the scoring job), projects them in batches with one library call per batch
+(:class:`tf_influence.projection.GradientProjector`) and writes one shard per examples file under a
+temporary name; the shards and ``index.json`` (written last) are published only when every file is
+done. Memory per worker: one examples file's projected vectors.
+
+Build (plain Beam; on Dataflow / Dask the scoring job's runner flags apply)::
+
+    python -m tfx_components.beam_index build --examples 'data/Split-train/*' --model model.keras \\
+        --output index/ --k 16 --direct_running_mode=multi_processing --direct_num_workers=2
+
+Query with a saved InfluenceResult's test vector (``Analyzer.influence`` / ``MultiStageInfluence``
+results carry ``s`` and the group spec; the index must cover the same group)::
+
+    python -m tfx_components.beam_index query --index index/ --model model.keras \\
+        --result influence_out/first --top-k 100 --out top.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import apache_beam as beam
+import numpy as np
+
+from tfx_components.beam_scoring import ShardNames, _record_batches, remove_temporaries
+from tfx_components.example_io import decode_batch, load_keras_model, parse_feature_spec, resolve_loss
+
+
+class IndexFile(beam.DoFn):
+    """One examples file → one shard of projected gradients (temporary name), ``(path, tmp, count)``."""
+
+    def __init__(self, model_path, feature_spec, projection_json, group_spec=None, loss_config=None,
+                 temp_dir=".", batch_size=256, desc="examples", worker_threads=None):
+        self.model_path, self.spec = model_path, parse_feature_spec(feature_spec)
+        self.projection_json, self.group_spec, self.loss_config = projection_json, group_spec, loss_config
+        self.temp_dir, self.batch_size, self.desc, self.worker_threads = temp_dir, int(batch_size), desc, worker_threads
+
+    def setup(self):
+        import tf_influence as tfi
+        from tf_influence.projection import GradientProjector, ProjectionArgs
+        if self.worker_threads:
+            import tensorflow as tf
+            try:
+                tf.config.threading.set_intra_op_parallelism_threads(int(self.worker_threads))
+                tf.config.threading.set_inter_op_parallelism_threads(int(self.worker_threads))
+            except RuntimeError:
+                pass
+        model = load_keras_model(self.model_path)
+        objective = tfi.Objective(model, resolve_loss(model, self.loss_config))
+        group = tfi.ParameterGroup.from_spec(model, self.group_spec) if self.group_spec else None
+        self.projector = GradientProjector(objective, group, ProjectionArgs.from_json(self.projection_json))
+
+    def process(self, path):
+        import uuid
+
+        import tensorflow as tf
+
+        from tf_influence.index import write_shard
+        args = self.projector.args
+        keys, vecs, n = [], [], 0
+        for records in _record_batches(path, self.batch_size, self.worker_threads):
+            try:
+                k, x, y = decode_batch(records, self.spec, self.desc, file=path, start=n)
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
+            ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(len(k))
+            for xb, yb in ds:
+                vecs.append(self.projector.project_batch(xb, yb).numpy().astype(args.dtype))
+            keys += k
+            n += len(k)
+        tmp_dir = os.path.join(self.temp_dir, f".tmp-{uuid.uuid4().hex}")
+        tf.io.gfile.makedirs(tmp_dir)
+        tmp = os.path.join(tmp_dir, "vectors.npz")
+        dim = self.projector.dim
+        write_shard(tmp, keys, np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float32), args.dtype)
+        yield path, tmp, n
+
+
+def _publish(written, output_dir, description, model_fingerprint, dtype):
+    """Move the shards into place (input file order) and write ``index.json`` last."""
+    import tensorflow as tf
+
+    from tf_influence.index import INDEX_FILE, SHARD_PATTERN, write_metadata
+    written = sorted(written)
+    tf.io.gfile.makedirs(output_dir)
+    for old in tf.io.gfile.glob(os.path.join(output_dir, SHARD_PATTERN)) + tf.io.gfile.glob(
+            os.path.join(output_dir, INDEX_FILE)):
+        tf.io.gfile.remove(old)
+    shards = []
+    for i, (_, tmp, n) in enumerate(written):
+        name = f"vectors-{i:05d}-of-{len(written):05d}.npz"
+        tf.io.gfile.rename(tmp, os.path.join(output_dir, name), overwrite=True)
+        tf.io.gfile.rmtree(os.path.dirname(tmp))
+        shards.append({"file": name, "count": int(n)})
+    write_metadata(output_dir, description, model_fingerprint, shards, dtype)
+    return sum(s["count"] for s in shards)
+
+
+def index_examples(pipeline, examples_pattern, model_path, feature_spec, output_dir, projection_args=None,
+                   group_spec=None, loss_config=None, batch_size=256, label="Index", temp_dir=None,
+                   worker_threads=None):
+    """Add the indexing job to ``pipeline`` (see the module docstring). The driver loads the model
+    once to describe the projection and fingerprint the weights; returns the PCollection with the
+    number of examples indexed."""
+    import tf_influence as tfi
+    from tf_influence.index import fingerprint
+    from tf_influence.projection import GradientProjector, ProjectionArgs
+    args = projection_args if isinstance(projection_args, ProjectionArgs) else (
+        ProjectionArgs.from_json(projection_args) if isinstance(projection_args, str) else
+        ProjectionArgs.from_dict(projection_args or {}))
+    model = load_keras_model(model_path)
+    objective = tfi.Objective(model, resolve_loss(model, loss_config))
+    group = tfi.ParameterGroup.from_spec(model, group_spec) if group_spec else None
+    proj = GradientProjector(objective, group, args)
+    description, fp = proj.describe(), fingerprint(model, proj.group)
+    files = pipeline | f"{label}Read" >> ShardNames(examples_pattern)
+    fn = IndexFile(model_path, feature_spec, args.to_json(), group_spec, loss_config, temp_dir or output_dir,
+                   batch_size, desc=examples_pattern, worker_threads=worker_threads)
+    return (files | f"{label}Project" >> beam.ParDo(fn) | f"{label}Collect" >> beam.combiners.ToList()
+            | f"{label}Write" >> beam.Map(_publish, output_dir, description, fp, args.dtype))
+
+
+def _build(args, beam_args):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from tf_influence.cli import from_args
+    from tf_influence.projection import ProjectionArgs
+    from tfx_components.beam_scoring import resolve_spec
+    spec = resolve_spec(args)
+    group_spec = None
+    if args.layers:
+        import tf_influence as tfi
+        model = load_keras_model(args.model)
+        group_spec = tfi.group_from_layers(model, args.layers, name="index").spec(model).to_json()
+    remove_temporaries(args.output)
+    try:
+        with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
+            index_examples(p, args.examples, args.model, spec, args.output, from_args(ProjectionArgs, args),
+                           group_spec, args.loss, args.batch_size, worker_threads=args.worker_threads)
+    except BaseException:
+        remove_temporaries(args.output)
+        raise
+    from tf_influence.index import GradientIndex
+    index = GradientIndex(args.output)
+    print(f"indexed {index.count} examples into {args.output} (dim {index.dim}, "
+          f"{index.bytes_per_example():.0f} bytes per example)")
+
+
+def _query(args):
+    import tf_influence as tfi
+    from tf_influence.index import GradientIndex
+    model = load_keras_model(args.model)
+    objective = tfi.Objective(model, resolve_loss(model, args.loss))
+    index = GradientIndex(args.index)
+    if args.result:
+        saved = tfi.InfluenceResult.load(args.result)
+        vectors = np.asarray(saved.test_vector)
+    elif args.vector:
+        vectors = np.load(args.vector)
+    else:
+        raise SystemExit("query needs --result (a saved InfluenceResult) or --vector (a .npy over the index's group)")
+    res = index.query(objective, vectors, top_k=args.top_k, precondition=args.precondition, backend=args.backend)
+    out = {"index": args.index, "backend": res.backend, "queries": [
+        {"harmful": [[k.decode(errors="replace"), float(s)] for k, s in zip(hk, hs)],
+         "helpful": [[k.decode(errors="replace"), float(s)] for k, s in zip(lk, ls)]}
+        for hk, hs, lk, ls in zip(res.harmful_keys, res.harmful_scores, res.helpful_keys, res.helpful_scores)]}
+    text = json.dumps(out, indent=1)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text)
+        print(f"wrote {args.out} ({len(out['queries'])} queries, top {args.top_k})")
+    else:
+        print(text)
+
+
+def main(argv=None):
+    from tf_influence import console
+    from tf_influence.cli import add_arguments
+    from tf_influence.projection import ProjectionArgs
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="project every example and write the index (Beam)")
+    b.add_argument("--examples", required=True, help="file pattern of GZIP TFRecord tf.train.Examples")
+    b.add_argument("--model", required=True, help="a .keras file or a folder holding model.keras")
+    b.add_argument("--output", required=True, help="index folder (index.json + vectors-*.npz)")
+    b.add_argument("--layers", nargs="+", default=None,
+                   help="layers whose parameters are indexed (default: every parameter); the query vectors must be "
+                        "over the same group")
+    b.add_argument("--feature-spec", default=None, help="hand-written feature spec JSON (default: derived)")
+    b.add_argument("--schema", default=None, help="a Schema (schema.pbtxt or a SchemaGen folder)")
+    b.add_argument("--transform-graph", default=None, help="a Transform graph folder (raw examples pass through it)")
+    b.add_argument("--label-key", default=None, help="the label feature (default: the one left over)")
+    b.add_argument("--key-feature", default=None, help="bytes / int64 key feature (default: file and position)")
+    b.add_argument("--loss", default=None, help="Keras loss config JSON (default: the model's compiled loss)")
+    b.add_argument("--batch-size", type=int, default=256, help="examples per library call (default 256)")
+    b.add_argument("--worker-threads", type=int, default=None, help="TensorFlow threads per worker process")
+    add_arguments(b, ProjectionArgs)
+    console.add_verbose_flag(b)
+    q = sub.add_parser("query", help="top-k helpful / harmful examples per query vector")
+    q.add_argument("--index", required=True, help="index folder")
+    q.add_argument("--model", required=True, help="the model the index was built from (checked by fingerprint)")
+    q.add_argument("--result", default=None, help="a saved InfluenceResult: its test vector(s) are the queries")
+    q.add_argument("--vector", default=None, help=".npy with one query vector [p] or one per column [p, Q]")
+    q.add_argument("--top-k", type=int, default=100, help="examples per query and side (default 100)")
+    q.add_argument("--precondition", choices=["none", "diagonal"], default="none",
+                   help="diagonal: divide by the corpus' mean squared projected gradient (for raw test gradients)")
+    q.add_argument("--backend", choices=["auto", "exact", "faiss"], default="auto",
+                   help="exact streamed products, or a FAISS inverted-file index (auto: exact up to 10^6 examples)")
+    q.add_argument("--loss", default=None, help="Keras loss config JSON (default: the model's compiled loss)")
+    q.add_argument("--out", default=None, help="JSON file for the results (default: print)")
+    console.add_verbose_flag(q)
+    args, beam_args = ap.parse_known_args(argv)
+    console.quiet(args.verbose)
+    if args.command == "build":
+        _build(args, beam_args)
+    else:
+        if beam_args:
+            ap.error(f"unrecognized arguments: {beam_args}")
+        _query(args)
+
+
+if __name__ == "__main__":
+    from tfx_components import beam_index as _module   # DoFns pickled by their importable module
+    sys.exit(_module.main())
