@@ -402,3 +402,53 @@ def test_every_component_documents_itself_with_an_example():
         assert c.__doc__ and len(c.__doc__) > 200, c.__name__
     for c in (FactorFitter, InfluenceScorer, SelfInfluenceScorer):
         assert f"{c.__name__}(" in c.__doc__, c.__name__
+
+
+def test_influence_scorer_queries_a_gradient_index(world, tmp_path):
+    """GradientIndexer → InfluenceScorer(index=...): with a projection as wide as every block (the
+    identity) the index's scores equal the Beam pass's, and each test point's top-k harmful / helpful
+    keys are the largest / most negative of its own exact scores (``test_vectors(..., "each")``)."""
+    from tf_influence.projection import ProjectionArgs
+    from tfx_components import beam_scoring, common
+    from tfx_components.artifacts import GradientIndex, InfluenceScores
+    from tfx_components.gradient_indexer.executor import Executor as IndexExecutor
+    root, a, pre_data, ft_data = world
+    index = GradientIndex()
+    index.uri = str(tmp_path / "index")
+    IndexExecutor(ctx(tmp_path / "tmp_i")).Do(
+        {"examples": [a["pre_ex"]], "model": [a["pre_m"]]}, {"index": [index]},
+        {"projection_args": ProjectionArgs(k=10_000, k_other=10_000, dtype="float32").to_json(),
+         "feature_spec": json.dumps(SPEC)})
+    assert index.get_int_custom_property("num_examples") == 80
+    outs = {}
+    for mode, extra in (("beam", {}), ("index", {"index": [index]})):
+        out = InfluenceScores()
+        out.uri = str(tmp_path / mode)
+        InfluenceExecutor(ctx(tmp_path / f"tmp_{mode}")).Do(
+            {"pretrain_examples": [a["pre_ex"]], "finetune_examples": [a["ft_ex"]], "pretrain_model": [a["pre_m"]],
+             "finetune_model": [a["ft_m"]], **extra}, {"scores": [out]}, {**INFLUENCE_PROPS, "index_top_k": 5})
+        outs[mode] = out
+    beam = scores_io.read_scores(os.path.join(outs["beam"].uri, "Split-train"))
+    got = scores_io.read_scores(os.path.join(outs["index"].uri, "Split-train"))
+    assert set(got) == set(beam)
+    for k in beam:
+        assert got[k] == pytest.approx(beam[k], rel=1e-4, abs=1e-6)
+    assert outs["index"].get_string_custom_property("scored_by").startswith("GradientIndex")
+    # every test point as its own query
+    pre = keras.models.load_model(os.path.join(a["pre_m"].uri, "Format-Serving", "model.keras"))
+    ft = keras.models.load_model(os.path.join(a["ft_m"].uri, "Format-Serving", "model.keras"))
+    spec = beam_scoring.parse_feature_spec(SPEC)
+    pk, px, py = common.load_split(a["pre_ex"], "train", spec)
+    _, fx, fy = common.load_split(a["ft_ex"], "train", spec)
+    tk, tx, ty = common.load_split(a["ft_ex"], "test", spec)
+    mk = lambda x, y: tf.data.Dataset.from_tensor_slices((x, y)).batch(256)  # noqa: E731
+    args = tfi.InfluenceArgs.from_json(INFLUENCE_PROPS["influence_args"])
+    ms = tfi.MultiStageInfluence(tfi.Objective(pre, pre.loss), mk(px, py), tfi.Objective(ft, ft.loss), mk(fx, fy),
+                                 embedding=["embedding"], args=args)
+    each, _, _ = ms.test_vectors(mk(tx, ty), "each")
+    exact = tfi.per_example_dot(tfi.Objective(pre, pre.loss), mk(px, py), ms.WU, each.numpy(), method="jacobian")
+    top = json.load(open(os.path.join(outs["index"].uri, "Split-train", "top_k.json")))
+    assert [r["test_key"] for r in top] == [k.decode() for k in tk]
+    for j, row in enumerate(top):
+        assert [k.encode() for k, _ in row["harmful"]] == [pk[i] for i in np.argsort(-exact[:, j])[:5]]
+        assert [k.encode() for k, _ in row["helpful"]] == [pk[i] for i in np.argsort(exact[:, j])[:5]]

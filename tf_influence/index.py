@@ -209,11 +209,19 @@ class GradientIndex:
         return np.concatenate(keys), np.concatenate(sq)
 
     def query(self, objective, vectors, top_k: int = 100, all_scores: bool = False, precondition: str = "none",
-              damping: float = 1e-3, backend: str = "auto", query_batch: int = 256) -> QueryResult:
+              damping: float = 1e-3, backend: str = "auto", query_batch: int = 256,
+              vector_group: ParameterGroup | None = None) -> QueryResult:
         """Score queries against the index: ``vectors`` over the index's parameter group (``[p]`` one
         query, ``[p, Q]`` one per column — e.g. ``MultiStageInfluence.test_vectors(..., "each")``),
-        projected with the index's ``P`` on ``objective``'s model (refused if it is another model)."""
+        projected with the index's ``P`` on ``objective``'s model (refused if it is another model).
+        ``vector_group``: the group the vectors are laid out over when it is not the index's (e.g. the
+        multi-stage (W, U) order); its variables are placed by identity, the index's others get 0."""
         proj = self.projector(objective)
+        if vector_group is not None:
+            v = np.asarray(vectors)
+            placed = np.zeros((proj.group.size,) + v.shape[1:], v.dtype)
+            placed[proj.group.slices(vector_group)] = v
+            vectors = placed
         q = np.atleast_2d(proj.project_vector(vectors))
         return self.query_projected(q, top_k, all_scores, precondition, damping, backend, query_batch)
 

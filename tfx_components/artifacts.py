@@ -62,3 +62,12 @@ class KFACFactors(tfx.dsl.Artifact):
     """
 
     TYPE_NAME = "tf_influence.KFACFactors"
+
+
+class GradientIndex(tfx.dsl.Artifact):
+    """A gradient index of an Examples artifact (``tf_influence.index``): one folder per split
+    (``Split-<name>``) with ``index.json`` and ``vectors-*.npz`` shards, loadable with
+    ``tf_influence.index.GradientIndex(<uri>/Split-<name>)``. Custom properties: ``split_names``,
+    ``projection`` (ProjectionArgs JSON), ``model_fingerprint``, ``dim``, ``num_examples``."""
+
+    TYPE_NAME = "tf_influence.GradientIndex"

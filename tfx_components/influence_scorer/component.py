@@ -17,7 +17,11 @@ against these test examples only; default the sum over the whole test split, eq.
 ``loss`` (Keras loss config JSON; default the models' compiled losses). Optional input
 ``pretrain_factors`` (KFACFactors from ``FactorFitter`` over the pretraining Examples and model):
 the pretraining Hessian ∂²G/∂(W,U)² is then inverted with those (E)K-FAC factors (the solver's
-kind is the factors'), and the driver reads no pretraining corpus.
+kind is the factors'), and the driver reads no pretraining corpus. Optional input ``index`` (a
+GradientIndex of the pretraining Examples from ``GradientIndexer``): the scores come from the index
+(``⟨P∇g(z), Ps⟩``, the same ``s`` projected) instead of a Beam pass over the corpus, and with
+``index_top_k = k`` every test point is also its own query — its ``k`` most harmful / helpful
+pretraining examples in ``Split-<split>/top_k.json``.
 
 The driver computes the test-side vector once (both IHVP chains, ``MultiStageInfluence.test_vectors``);
 the per-example products run in Beam with the vector as a side input, over the (W, U) group
@@ -37,7 +41,7 @@ from tfx.dsl.components.base import base_beam_component, executor_spec
 from tfx.types import channel_utils, standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ExecutionParameter
 
-from tfx_components.artifacts import InfluenceScores, KFACFactors
+from tfx_components.artifacts import GradientIndex, InfluenceScores, KFACFactors
 from tfx_components.influence_scorer import executor
 
 
@@ -53,6 +57,7 @@ class InfluenceScorerSpec(types.ComponentSpec):
         "test_keys": ExecutionParameter(type=str, optional=True),
         "loss": ExecutionParameter(type=str, optional=True),
         "batch_size": ExecutionParameter(type=int, optional=True),
+        "index_top_k": ExecutionParameter(type=int, optional=True),
     }
     INPUTS = {"pretrain_examples": ChannelParameter(type=standard_artifacts.Examples),
               "finetune_examples": ChannelParameter(type=standard_artifacts.Examples),
@@ -60,7 +65,8 @@ class InfluenceScorerSpec(types.ComponentSpec):
               "finetune_model": ChannelParameter(type=standard_artifacts.Model),
               "pretrain_factors": ChannelParameter(type=KFACFactors, optional=True),
               "schema": ChannelParameter(type=standard_artifacts.Schema, optional=True),
-              "transform_graph": ChannelParameter(type=standard_artifacts.TransformGraph, optional=True)}
+              "transform_graph": ChannelParameter(type=standard_artifacts.TransformGraph, optional=True),
+              "index": ChannelParameter(type=GradientIndex, optional=True)}
     OUTPUTS = {"scores": ChannelParameter(type=InfluenceScores)}
 
 
@@ -94,13 +100,15 @@ class InfluenceScorer(base_beam_component.BaseBeamComponent):
                  loss: Optional[dict] = None, batch_size: int = 256,
                  pretrain_factors: Optional[types.BaseChannel] = None, schema: Optional[types.BaseChannel] = None,
                  transform_graph: Optional[types.BaseChannel] = None, label_key: Optional[str] = None,
-                 key_feature: Optional[str] = None, **deprecated):
+                 key_feature: Optional[str] = None, index: Optional[types.BaseChannel] = None,
+                 index_top_k: int = 0, **deprecated):
         args = influence_args_from(influence_args, deprecated)
         spec = InfluenceScorerSpec(
             pretrain_examples=pretrain_examples, finetune_examples=finetune_examples, pretrain_model=pretrain_model,
             finetune_model=finetune_model, feature_spec=json.dumps(feature_spec) if feature_spec else None,
             embedding=json.dumps(list(embedding)) if embedding is not None else None, schema=schema,
-            transform_graph=transform_graph, label_key=label_key, key_feature=key_feature,
+            transform_graph=transform_graph, label_key=label_key, key_feature=key_feature, index=index,
+            index_top_k=int(index_top_k) or None,
             influence_args=args.to_json(), finetune_train_split=finetune_train_split, test_split=test_split,
             test_keys=json.dumps([k if isinstance(k, str) else k.decode() for k in test_keys]) if test_keys else None,
             loss=json.dumps(loss) if loss else None, batch_size=batch_size, pretrain_factors=pretrain_factors,

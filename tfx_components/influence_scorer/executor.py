@@ -36,6 +36,33 @@ def shared_layers(pre_model, ft_model, desc: str) -> list:
     return shared
 
 
+def query_from_index(index_uri, splits, objective, ms, s, test_ds, test_keys, top_k: int, out_uri: str):
+    """Index mode of InfluenceScorer: the scores of every example of each split from the
+    GradientIndex (``⟨P∇g(z), Ps⟩`` — the same ``s``, projected), and with ``top_k`` the
+    ``top_k`` harmful / helpful examples of every test point (``test_vectors(..., "each")``, one query
+    each) in ``<out>/Split-<split>/top_k.json``."""
+    from tf_influence import scores_io
+    from tf_influence.index import GradientIndex
+    each = None
+    if top_k:
+        each, _, _ = ms.test_vectors(test_ds, "each")
+        each = np.asarray(each)
+    for split in splits:
+        index = GradientIndex(os.path.join(index_uri, f"Split-{split}"))
+        res = index.query(objective, np.asarray(s), top_k=1, all_scores=True, vector_group=ms.WU)
+        d = os.path.join(out_uri, f"Split-{split}")
+        scores_io.write_scores(d, res.keys, res.scores[0].astype(np.float64))
+        if each is not None:
+            top = index.query(objective, each, top_k=top_k, vector_group=ms.WU)
+            rows = [{"test_key": tk.decode(errors="replace"),
+                     "harmful": [[k.decode(errors="replace"), float(v)] for k, v in zip(hk, hs)],
+                     "helpful": [[k.decode(errors="replace"), float(v)] for k, v in zip(lk, ls)]}
+                    for tk, hk, hs, lk, ls in zip(test_keys, top.harmful_keys, top.harmful_scores, top.helpful_keys,
+                                                  top.helpful_scores)]
+            with tf.io.gfile.GFile(os.path.join(d, "top_k.json"), "w") as fh:
+                fh.write(json.dumps(rows, indent=1))
+
+
 class Executor(base_beam_executor.BaseBeamExecutor):
 
     def Do(self, input_dict, output_dict, exec_properties):
@@ -66,8 +93,10 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                 raise ValueError(f"Examples artifact {ft_ex.uri}, split '{e['test_split']}': no test example with "
                                  f"key(s) {absent[:5]}")
             sel = np.array([index[k] for k in wanted])
+            tkeys = [tkeys[i] for i in sel]
             xt = {k: v[sel] for k, v in xt.items()} if isinstance(xt, dict) else xt[sel]
             yt = yt[sel]
+        tkeys_sel = tkeys
         args = tfi.InfluenceArgs.from_json(e["influence_args"])
         pre_solver, ft_solver = args.pretrain_solver, args.finetune_solver
         factors_art = input_dict.get("pretrain_factors") or []
@@ -114,17 +143,29 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         # the per-example products run in the workers over the same (W, U), rebuilt from its spec
         group_spec = ms.WU.spec(pre_model).to_json()
 
-        def build(p):
-            for split in pre_splits:
-                beam_scoring.score_examples(
-                    p, common.split_pattern(pre_ex, split), common.model_path(pre_m), spec, "influence",
-                    os.path.join(out.uri, f"Split-{split}"), loss_config=e.get("loss"), group_spec=group_spec,
-                    vector=s.numpy(), batch_size=int(e.get("batch_size") or 256), label=f"[{split}]",
-                    temp_dir=os.path.join(self._get_tmp_dir(), "scores", split))
+        index_art = input_dict.get("index") or []
+        top_k = int(e.get("index_top_k") or 0)
+        if index_art:
+            # the corpus pass is replaced by queries against the GradientIndex (projected gradients)
+            index_uri = artifact_utils.get_single_instance(index_art).uri
+            query_from_index(index_uri, pre_splits, tfi.Objective(pre_model, pre_loss), ms, s, _ds(xt, yt), tkeys_sel,
+                             top_k, out.uri)
+            out.set_string_custom_property("scored_by", f"GradientIndex {index_uri}")
+            indexed_spec = artifact_utils.get_single_instance(index_art).get_string_custom_property("feature_spec")
+            spec = {**spec, "key": json.loads(indexed_spec).get("key") if indexed_spec else spec["key"]}
+        else:
+            def build(p):
+                for split in pre_splits:
+                    beam_scoring.score_examples(
+                        p, common.split_pattern(pre_ex, split), common.model_path(pre_m), spec, "influence",
+                        os.path.join(out.uri, f"Split-{split}"), loss_config=e.get("loss"), group_spec=group_spec,
+                        vector=s.numpy(), batch_size=int(e.get("batch_size") or 256), label=f"[{split}]",
+                        temp_dir=os.path.join(self._get_tmp_dir(), "scores", split))
 
-        common.run_beam(self, build, f"InfluenceScorer on Examples artifact {pre_ex.uri} "
-                                     f"with Model artifact {pre_m.uri}",
-                        output_dirs=[os.path.join(out.uri, f"Split-{s}") for s in pre_splits])
+            common.run_beam(self, build, f"InfluenceScorer on Examples artifact {pre_ex.uri} "
+                                         f"with Model artifact {pre_m.uri}",
+                            output_dirs=[os.path.join(out.uri, f"Split-{s}") for s in pre_splits])
+            out.set_string_custom_property("scored_by", "a pass over every pretraining example (Beam)")
         set_scores_metadata(out, pre_splits, f"multi_stage_{args.case}", key_feature=spec["key"])
         out.set_string_custom_property("feature_spec", json.dumps(spec, sort_keys=True))
         out.set_string_custom_property("embedding", json.dumps(embedding))
