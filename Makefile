@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-experiments docs pipeline pipeline-compile penguin-pipeline presence-pipeline demo bench bench-presence bench-kfac bench-scale bench-hub bench-beam-scale presence presence-quick presence-lm presence-lm-quick bazel-test reproduce reproduce-quick clean
+.PHONY: install test test-experiments docs pipeline pipeline-compile penguin-pipeline presence-pipeline demo bench bench-presence bench-kfac bench-scale bench-hub bench-index bench-beam-scale presence presence-quick presence-lm presence-lm-quick bazel-test reproduce reproduce-quick clean
 
 install: $(STAMP)
 
@@ -57,6 +57,9 @@ bench-scale: install
 
 bench-hub: install
 	$(PY) -m benchmarks.hub --out docs/results/hub.json
+
+bench-index: install
+	$(PY) -m benchmarks.index --out docs/results/index.json
 
 bench-beam-scale: install
 	$(PY) -m benchmarks.beam_scale --out reports/benchmarks/beam_scale.json

@@ -134,7 +134,35 @@ def presence_tables(d: dict) -> str:
     return "\n\n".join([_table(d, keys), _targets(d, targets)])
 
 
-GENERATORS = {"hub": hub_tables, "scale": scale_tables, "engine": engine_tables, "presence": presence_tables}
+def index_tables(d: dict) -> str:
+    """The gradient index benchmark (benchmarks/index.py): one table and the targets per model."""
+    parts = []
+    for m in d["models"]:
+        parts.append(f"**{m['model']}** ({_fmt(m['n_params'])} parameters, {_fmt(m['n_examples'])} examples, "
+                     f"k = {m['k']}, {m['dim']} dimensions, {m['dtype']}):")
+        parts.append(_table(m, [
+            ("index_build_seconds", "projecting and writing every example (in process, tracing included)"),
+            ("train_epoch_seconds", "one `fit` epoch over the same corpus and batch size"),
+            ("build_over_epoch", "index build over the epoch"),
+            ("index_bytes_per_example", "shard bytes on disk per example"),
+            ("n_queries", "queries (held-out loss gradients)"),
+            ("recall_at_100", "overlap of the index's top 100 with the exact top 100 (mean of both sides)"),
+            ("recall_at_100_min", "the worst query's"),
+            ("spearman_vs_exact", "rank correlation with the exact scores over the corpus (mean over queries)"),
+            ("spearman_vs_exact_min", "the worst query's"),
+            ("seconds_per_query_index", "project, score every example, top-k both sides"),
+            ("seconds_per_query_exact", "one forward-mode pass over the corpus (no index)"),
+            ("query_speedup", "exact over index, per query"),
+            ("peak_rss_mb", "peak resident memory of the benchmark process so far")]))
+        parts.append(_targets(m, [("recall@100", "recall_at_100", ">=", 0.9),
+                                  ("Spearman", "spearman_vs_exact", ">=", 0.9),
+                                  ("build", "build_over_epoch", "<=", 2),
+                                  ("query speed-up", "query_speedup", ">=", 100),
+                                  ("size", "index_bytes_per_example", "<=", 8192)]))
+    return "\n\n".join(parts)
+
+
+GENERATORS = {"index": index_tables, "hub": hub_tables, "scale": scale_tables, "engine": engine_tables, "presence": presence_tables}
 
 
 def render(name: str) -> str:

@@ -67,8 +67,12 @@ def fingerprint(model, group: ParameterGroup) -> str:
 
 
 def _write_npz(path, **arrays):
-    """``np.savez`` to ``path`` through ``tf.io.gfile`` (local or GCS)."""
+    """``np.savez`` to ``path`` (through ``tf.io.gfile`` for remote paths such as ``gs://``)."""
     import io
+    if "://" not in path:
+        with open(path, "wb") as fh:
+            np.savez(fh, **arrays)
+        return
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     with tf.io.gfile.GFile(path, "wb") as fh:
@@ -84,11 +88,12 @@ def _read_npz(path) -> dict:
 
 def write_shard(path: str, keys, vectors, dtype: str) -> dict:
     """One shard file; returns its entry for ``index.json`` (file name, count)."""
-    vectors = np.asarray(vectors, np.float32)
-    if not np.all(np.isfinite(vectors)):
+    vectors = np.asarray(vectors)
+    if not np.isfinite(vectors.sum()) and not np.all(np.isfinite(vectors)):
         raise ValueError(f"{path}: projected gradients contain NaN/Inf")
-    keys = np.asarray([k if isinstance(k, bytes) else str(k).encode() for k in keys], dtype=object).astype(bytes)
-    _write_npz(path, keys=keys, vectors=vectors.astype(dtype), sum_sq=np.square(vectors.astype(np.float64)).sum(0))
+    keys = np.array([k if isinstance(k, bytes) else str(k).encode() for k in keys], dtype=bytes)
+    sum_sq = np.square(vectors, dtype=np.float32).sum(0, dtype=np.float64)
+    _write_npz(path, keys=keys, vectors=vectors.astype(dtype, copy=False), sum_sq=sum_sq)
     return {"file": os.path.basename(path), "count": int(len(keys))}
 
 
@@ -310,12 +315,13 @@ def build_index(objective, dataset, directory: str, group: ParameterGroup | None
             written.append(write_shard(path, buf_k, np.concatenate(buf_v), dtype))
             buf_k.clear()
             buf_v.clear()
+        fn = proj.compiled_for(dataset)
         it = batches(dataset, name, objective.model)
         if progress:
             from tqdm.auto import tqdm
             it = tqdm(it, desc=f"indexing ({name})", unit="batch")
         for x, y in it:
-            v = proj.project_batch(x, y).numpy()
+            v = fn(x, y).numpy()
             ks = [str(i).encode() for i in range(n, n + len(v))] if keys is None else list(keys[n:n + len(v)])
             n += len(v)
             while len(v):

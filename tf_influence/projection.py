@@ -134,7 +134,7 @@ class GradientProjector:
             layout.append({"key": key, "kind": "variable", "size": size, "dim": size if p is None else p.shape[1]})
         self.layout = layout
         self.dim = int(sum(s["dim"] for s in layout))
-        self._fn = tf.function(self._project, reduce_retracing=True)
+        self._fn = tf.function(self._project, reduce_retracing=True, autograph=False)   # no tensor control flow
 
     # -- the projection of a batch (captured inputs and output gradients) --------------------------
     def _mat(self, p):
@@ -183,15 +183,27 @@ class GradientProjector:
         """``[B, dim]`` projected per-example gradients of one batch."""
         return self._fn(x, y)
 
+    def compiled_for(self, dataset):
+        """The projection traced once for a batched dataset's element spec (batch axis unknown), so a
+        short last batch does not trace it again."""
+        spec = dataset.element_spec
+        key = repr(spec)
+        cache = self.__dict__.setdefault("_concrete", {})
+        if key not in cache:
+            relaxed = tf.nest.map_structure(lambda s: tf.TensorSpec([None, *s.shape[1:]], s.dtype), spec)
+            cache[key] = self._fn.get_concrete_function(*relaxed)
+        return cache[key]
+
     def project(self, dataset, progress: bool = False, name: str = "dataset") -> np.ndarray:
         """``[N, dim]`` projected per-example gradients of every example of a batched ``(x, y)`` dataset."""
         rows = []
+        fn = self.compiled_for(dataset)
         it = batches(dataset, name, self.objective.model)
         if progress:
             from tqdm.auto import tqdm
             it = tqdm(it, desc=f"projecting ({name})", unit="batch")
         for x, y in it:
-            rows.append(self.project_batch(x, y).numpy())
+            rows.append(fn(x, y).numpy())
         if not rows:
             from .gradients import EmptyDatasetError
             raise EmptyDatasetError(f"{name} is empty: it yielded no examples")

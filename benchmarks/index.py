@@ -1,0 +1,154 @@
+"""Gradient index benchmark: quality of indexed scores against exact (unprojected) ones, build cost
+against a training epoch, per-query cost against re-scoring the corpus, and size per example.
+
+    python -m benchmarks.index --out docs/results/index.json [--models digits gpt2] [--digits-n 100000]
+
+Per model, with the index's defaults (``ProjectionArgs()``: k = 16 per block side, float16):
+
+* **queries**: the loss gradients of ``--queries`` held-out examples (TracIn / single-stage style
+  test vectors; a multi-stage ``s`` is projected by the same code — ``tests/test_index.py``);
+* **exact**: ``∇g(z)·q`` for every corpus example and query from unprojected per-example gradients
+  (``per_example_dot``); ``recall_at_100`` (mean over queries and both sides, harmful and helpful,
+  of the overlap of the index's top 100 with the exact top 100) and ``spearman_vs_exact`` (mean over
+  queries of the rank correlation over the whole corpus);
+* **cost**: ``index_build_seconds`` (projecting and writing the corpus, in process) over
+  ``train_epoch_seconds`` (one ``fit`` epoch over the same corpus and batch size, after a traced
+  one); ``seconds_per_query_index`` (project the query, score every indexed example, top-k both
+  sides; averaged over a batch of queries) against ``seconds_per_query_exact`` (one forward-mode
+  pass over the corpus for one query: what answering a new question costs without an index).
+
+Models: ``digits`` — the Table-A CNN on noisy copies of scikit-learn's digits (``--digits-n``
+examples); ``gpt2`` — the keras-hub GPT-2 causal LM of ``benchmarks.hub`` (≈ 1.04 M parameters) on
+windows of the embedded text corpus (``--gpt2-n`` sequences).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import tempfile
+import time
+
+from tf_influence.console import quiet
+
+quiet()
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import tf_influence as tfi  # noqa: E402
+from benchmarks.common import write_report  # noqa: E402
+from tf_influence import gradients  # noqa: E402
+from tf_influence.index import build_index  # noqa: E402
+from tf_influence.projection import ProjectionArgs  # noqa: E402
+
+SCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def digits_case(n: int, n_queries: int, batch: int = 256, seed: int = 0):
+    from sklearn.datasets import load_digits
+
+    from model_zoo import cnn
+    d = load_digits()
+    rng = np.random.default_rng(seed)
+    base = (d.images / 16.0).astype(np.float32)
+
+    def noisy(m):
+        idx = rng.integers(0, len(base), m)
+        return np.clip(base[idx] + 0.1 * rng.standard_normal((m, 8, 8)), 0, 1).astype(np.float32)[..., None], \
+            d.target[idx].astype(np.int64)
+    x, y = noisy(n)
+    xq, yq = noisy(n_queries)
+    model = cnn.build_two_stage_models((8, 8, 1), 10, 2, seed=seed)[0]
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=SCE)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
+    return model, SCE, ds, tf.data.Dataset.from_tensor_slices((xq, yq)).batch(batch)
+
+
+def gpt2_case(n: int, n_queries: int, batch: int = 64, width: int = 168, layers: int = 3, length: int = 32):
+    from benchmarks import hub
+    from tf_influence.lm import CausalLMLoss
+    _, lm, _ = hub.build(width, layers, length)
+    ids = hub.corpus_windows(n + n_queries, length)
+    loss = CausalLMLoss()
+    lm.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss)
+    _, _, ds = hub.lm_data(ids[:n], batch)
+    _, _, qds = hub.lm_data(ids[n:], batch)
+    return lm, loss, ds, qds
+
+
+def _recall(index_keys, exact_scores, top, largest):
+    order = np.argsort(-exact_scores if largest else exact_scores)[:top]
+    return len(set(order.tolist()) & set(int(k) for k in index_keys[:top])) / top
+
+
+def measure(name, model, loss, ds, qds, n_queries: int, top: int = 100, train_epochs: int = 2) -> dict:
+    from scipy.stats import spearmanr
+    # a trained model (the index is of a model someone trained), then a timed epoch
+    model.fit(ds, epochs=train_epochs, verbose=0)
+    t0 = time.perf_counter()
+    model.fit(ds, epochs=1, verbose=0)
+    epoch = time.perf_counter() - t0
+    obj = tfi.Objective(model, loss)
+    group = tfi.ParameterGroup.from_model(model)
+    args = ProjectionArgs()
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        index = build_index(obj, ds, os.path.join(tmp, "index"), args=args)
+        build = time.perf_counter() - t0
+        size = index.bytes_per_example()
+        # queries: held-out loss gradients, unprojected [p, Q]
+        Q = np.concatenate([g.numpy() for g in gradients.per_example_gradients(obj, qds, group, chunk_size=32)]).T
+        Q = Q[:, :n_queries]
+        proj = index.projector(obj)
+        t0 = time.perf_counter()
+        res = index.query_projected(proj.project_vector(Q), top_k=top, backend="exact")
+        per_query_index = (time.perf_counter() - t0) / Q.shape[1]
+        all_res = index.query_projected(proj.project_vector(Q), all_scores=True, backend="exact")
+        approx = all_res.scores                                      # [Q, N], index (= dataset) order
+        assert [int(k) for k in all_res.keys] == list(range(index.count))
+    t0 = time.perf_counter()
+    gradients.per_example_dot(obj, ds, group, Q[:, 0], method="jvp")
+    per_query_exact = time.perf_counter() - t0
+    exact = gradients.per_example_dot(obj, ds, group, Q, method="jacobian", chunk_size=64)   # [N, Q]
+    recalls, rhos = [], []
+    for q in range(Q.shape[1]):
+        recalls.append(0.5 * (_recall(res.harmful_keys[q], exact[:, q], top, True)
+                              + _recall(res.helpful_keys[q], exact[:, q], top, False)))
+        rhos.append(spearmanr(approx[q], exact[:, q]).statistic)
+    return {"model": name, "n_examples": int(index.count), "n_params": int(group.size), "k": args.k,
+            "dim": int(index.dim), "dtype": args.dtype,
+            "index_build_seconds": build, "train_epoch_seconds": epoch, "build_over_epoch": build / epoch,
+            "index_bytes_per_example": float(size), "n_queries": int(Q.shape[1]),
+            "recall_at_100": float(np.mean(recalls)), "recall_at_100_min": float(np.min(recalls)),
+            "spearman_vs_exact": float(np.mean(rhos)), "spearman_vs_exact_min": float(np.min(rhos)),
+            "seconds_per_query_index": per_query_index, "seconds_per_query_exact": per_query_exact,
+            "query_speedup": per_query_exact / per_query_index,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="docs/results/index.json", help="JSON report path")
+    ap.add_argument("--models", nargs="+", default=["digits", "gpt2"], choices=["digits", "gpt2"],
+                    help="which models to measure")
+    ap.add_argument("--digits-n", type=int, default=100_000, help="corpus size of the digits CNN")
+    ap.add_argument("--gpt2-n", type=int, default=4_000, help="corpus size (sequences) of the GPT-2 LM")
+    ap.add_argument("--queries", type=int, default=100, help="queries per model (held-out examples)")
+    args = ap.parse_args(argv)
+    models = []
+    for name in args.models:
+        keras.utils.set_random_seed(0)
+        case = digits_case(args.digits_n, args.queries) if name == "digits" else gpt2_case(args.gpt2_n, args.queries)
+        print(f"measuring {name} ...", flush=True)
+        models.append(measure(name, *case, n_queries=args.queries))
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in models[-1].items()}, flush=True)
+    # the top level holds the first model's figures (the names the issue asks for), `models` every model
+    out = {**models[0], "models": models}
+    write_report(out, args.out)
+
+
+if __name__ == "__main__":
+    main()
