@@ -151,6 +151,7 @@ def index_tables(d: dict) -> str:
             ("spearman_vs_exact", "rank correlation with the exact scores over the corpus (mean over queries)"),
             ("spearman_vs_exact_min", "the worst query's"),
             ("seconds_per_query_index", "project, score every example, top-k both sides"),
+            ("seconds_per_query_index_streamed", "the same, every shard read from disk for the batch"),
             ("seconds_per_query_exact", "one forward-mode pass over the corpus (no index)"),
             ("query_speedup", "exact over index, per query"),
             ("peak_rss_mb", "peak resident memory of the benchmark process so far")]))

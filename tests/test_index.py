@@ -198,3 +198,14 @@ def test_the_beam_job_equals_the_in_process_index_and_the_query_cli(indexed, tmp
     assert [k for k, _ in top["harmful"]] == [k.decode() for k in lib.harmful_keys[0]]
     assert [k for k, _ in top["helpful"]] == [k.decode() for k in lib.helpful_keys[0]]
     assert not [p for p in os.listdir(tmp_path / "idx") if p.startswith(".tmp-")]
+
+
+def test_the_default_k_is_the_largest_within_the_budget():
+    from model_zoo import cnn
+    pre, _, _ = cnn.build_two_stage_models((8, 8, 1), 4, 6, seed=0)
+    obj = tfi.Objective(pre, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    for budget in (300, 900, 2000):
+        proj = GradientProjector(obj, args=ProjectionArgs(max_dim=budget))
+        bigger = GradientProjector(obj, args=ProjectionArgs(k=proj.k + 1))
+        assert proj.dim <= budget < bigger.dim, (budget, proj.k, proj.dim, bigger.dim)
+        assert proj.dim == GradientProjector(obj, args=ProjectionArgs(k=proj.k)).dim

@@ -89,7 +89,7 @@ def _read_npz(path) -> dict:
 def write_shard(path: str, keys, vectors, dtype: str) -> dict:
     """One shard file; returns its entry for ``index.json`` (file name, count)."""
     vectors = np.asarray(vectors)
-    if not np.isfinite(vectors.sum()) and not np.all(np.isfinite(vectors)):
+    if not np.isfinite(vectors.sum(dtype=np.float64)):
         raise ValueError(f"{path}: projected gradients contain NaN/Inf")
     keys = np.array([k if isinstance(k, bytes) else str(k).encode() for k in keys], dtype=bytes)
     sum_sq = np.square(vectors, dtype=np.float32).sum(0, dtype=np.float64)
@@ -100,7 +100,7 @@ def write_shard(path: str, keys, vectors, dtype: str) -> dict:
 def write_metadata(directory: str, projector_description: dict, model_fingerprint: str, shards: list,
                    dtype: str) -> dict:
     """Write ``index.json`` last (an index without it is incomplete and is not read)."""
-    meta = {"format": 1, "dim": projector_description["dim"], "dtype": dtype,
+    meta = {"format": 1, "dim": projector_description["dim"], "k": projector_description.get("k"), "dtype": dtype,
             "count": int(sum(s["count"] for s in shards)), "shards": shards,
             "projection": projector_description["args"], "layout": projector_description["layout"],
             "group_spec": projector_description["group_spec"], "model_fingerprint": model_fingerprint}
@@ -143,7 +143,10 @@ class GradientIndex:
     """A written index (see the module docstring); :func:`build_index` writes one in process, the
     Beam job ``tfx_components.beam_index`` and the ``GradientIndexer`` component at corpus scale."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, cache_bytes: int = 1 << 30):
+        """``cache_bytes``: shards are kept in memory (float32) after their first read while the
+        whole index fits in this many bytes — repeated queries then cost only the products;
+        larger indexes are streamed one shard at a time on every query (flat memory)."""
         path = os.path.join(directory, INDEX_FILE)
         if not tf.io.gfile.exists(path):
             raise FileNotFoundError(f"no gradient index at {directory} (no {INDEX_FILE}: not built, or its build did "
@@ -152,13 +155,14 @@ class GradientIndex:
             self.meta = json.loads(fh.read())
         self.directory = directory
         self.shards = [os.path.join(directory, s["file"]) for s in self.meta["shards"]]
+        self._cache = {} if self.count * self.dim * 4 <= cache_bytes else None
         missing = [p for p in self.shards if not tf.io.gfile.exists(p)]
         if missing:
             raise FileNotFoundError(f"gradient index {directory}: shard(s) {missing[:3]} are missing")
 
     @classmethod
-    def load(cls, directory: str) -> "GradientIndex":
-        return cls(directory)
+    def load(cls, directory: str, cache_bytes: int = 1 << 30) -> "GradientIndex":
+        return cls(directory, cache_bytes)
 
     @property
     def count(self) -> int:
@@ -193,10 +197,16 @@ class GradientIndex:
         return proj
 
     def iter_shards(self):
-        """``(keys, vectors float32)`` of each shard in order (one shard in memory)."""
+        """``(keys, vectors float32)`` of each shard in order (one shard in memory unless cached)."""
         for p in self.shards:
+            if self._cache is not None and p in self._cache:
+                yield self._cache[p]
+                continue
             d = _read_npz(p)
-            yield d["keys"], d["vectors"].astype(np.float32)
+            item = (d["keys"], d["vectors"].astype(np.float32))
+            if self._cache is not None:
+                self._cache[p] = item
+            yield item
 
     def mean_square(self) -> np.ndarray:
         """Per-dimension mean of the squared projected gradients over the corpus."""
@@ -254,7 +264,7 @@ class GradientIndex:
             backend = "exact"
             if self.count > EXACT_MAX and not all_scores:
                 try:
-                    import faiss  # noqa: F401
+                    import faiss  # noqa: F401 (installed?)
                     backend = "faiss"
                 except ImportError:
                     pass
@@ -307,15 +317,17 @@ def build_index(objective, dataset, directory: str, group: ParameterGroup | None
     tf.io.gfile.makedirs(directory)
     tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
     tf.io.gfile.makedirs(tmp)
+    from concurrent.futures import ThreadPoolExecutor
+    writer = ThreadPoolExecutor(1)          # shards are written while the next ones are projected
     try:
         written, buf_k, buf_v, n = [], [], [], 0
 
         def flush():
             path = os.path.join(tmp, f"part-{len(written):05d}.npz")
-            written.append(write_shard(path, buf_k, np.concatenate(buf_v), dtype))
+            written.append(writer.submit(write_shard, path, list(buf_k), np.concatenate(buf_v), dtype))
             buf_k.clear()
             buf_v.clear()
-        fn = proj.compiled_for(dataset)
+        fn = proj.compiled_for(dataset, output_dtype=dtype)
         it = batches(dataset, name, objective.model)
         if progress:
             from tqdm.auto import tqdm
@@ -333,6 +345,7 @@ def build_index(objective, dataset, directory: str, group: ParameterGroup | None
                     flush()
         if buf_v:
             flush()
+        written = [f.result() for f in written]
         if n == 0:
             raise ValueError(f"{name} is empty: nothing to index")
         if keys is not None and len(keys) != n:
@@ -347,6 +360,7 @@ def build_index(objective, dataset, directory: str, group: ParameterGroup | None
             shards.append({"file": final, "count": entry["count"]})
         write_metadata(directory, proj.describe(), fingerprint(objective.model, proj.group), shards, dtype)
     finally:
+        writer.shutdown(wait=True)
         if tf.io.gfile.exists(tmp):
             tf.io.gfile.rmtree(tmp)
     return GradientIndex(directory)

@@ -27,7 +27,7 @@ Example::
     >>> x = keras.Input((6,))
     >>> model = keras.Model(x, keras.layers.Dense(3)(keras.layers.Dense(5, name="embedding")(x)))
     >>> obj = tfi.Objective(model, "sparse_categorical_crossentropy")
-    >>> proj = GradientProjector(obj, args=ProjectionArgs(k=4))
+    >>> proj = GradientProjector(obj, args=ProjectionArgs(k=4))      # default: k from the max_dim budget
     >>> proj.dim            # (7 inputs → 4) × (5 outputs → 4) + (6 → 4) × (3 outputs, exact)
     28
     >>> data = tf.data.Dataset.from_tensor_slices((np.ones((2, 6), "float32"), np.array([0, 2]))).batch(2)
@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import zlib
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
@@ -54,10 +55,13 @@ from .params import ParameterGroup, tf_variable
 class ProjectionArgs:
     """How per-example gradients are projected (one default each; JSON round trip)."""
 
-    k: int = field(default=16, metadata={
+    k: Optional[int] = field(default=None, metadata={
         "help": "projection size per side of each Kronecker block: k_in = min(k, rows), k_out = min(k, d_out), "
-                "so a block gives at most k² numbers"})
-    k_other: int = field(default=64, metadata={
+                "so a block gives at most k² numbers; None: the largest k that keeps the whole projection "
+                "within max_dim"})
+    max_dim: int = field(default=3840, metadata={
+        "help": "with k=None, the budget of the whole projection (3840 float16 numbers: 7.5 KB per example)"})
+    k_other: int = field(default=32, metadata={
         "help": "projection size of each variable outside the blocks (identity when the variable is smaller)"})
     layer_k: dict = field(default_factory=dict, metadata={
         "help": "per-block override of k, by block key (layer name or Keras path)"})
@@ -65,8 +69,9 @@ class ProjectionArgs:
     dtype: str = field(default="float16", metadata={"help": "storage dtype of an index", "choices": ("float16", "float32")})
 
     def __post_init__(self):
-        if int(self.k) < 1 or int(self.k_other) < 1:
-            raise ValueError(f"ProjectionArgs: k and k_other must be ≥ 1, got {self.k}, {self.k_other}")
+        if (self.k is not None and int(self.k) < 1) or int(self.k_other) < 1 or int(self.max_dim) < 1:
+            raise ValueError(f"ProjectionArgs: k, k_other and max_dim must be ≥ 1, got {self.k}, {self.k_other}, "
+                             f"{self.max_dim}")
         if self.dtype not in ("float16", "float32"):
             raise ValueError(f"ProjectionArgs: dtype must be 'float16' or 'float32', got '{self.dtype}'")
         bad = {name: v for name, v in dict(self.layer_k).items() if int(v) < 1}
@@ -115,8 +120,9 @@ class GradientProjector:
         self.norms, self.rest = norm_blocks(objective.model, diagonal)
         a, layout = self.args, []
         self._block_p = {}
+        self.k = int(a.k) if a.k is not None else self._budget_k(blocks, a)
         for b in blocks:
-            k = int(a.layer_k.get(b.name, a.k))
+            k = int(a.layer_k.get(b.name, self.k))
             p_in = _gaussian(a.seed, f"{b.name}/in", b.rows, k)
             p_out = _gaussian(a.seed, f"{b.name}/out", b.d_out, k)
             self._block_p[b.name] = (p_in, p_out)
@@ -135,6 +141,19 @@ class GradientProjector:
         self.layout = layout
         self.dim = int(sum(s["dim"] for s in layout))
         self._fn = tf.function(self._project, reduce_retracing=True, autograph=False)   # no tensor control flow
+
+    def _budget_k(self, blocks, a) -> int:
+        """The largest ``k`` (≥ 2) whose blocks, with the other variables at ``k_other``, fit ``max_dim``."""
+        others = sum(min(int(np.prod(v.shape)), int(a.layer_k.get(n, a.k_other)))
+                     for v, n in zip(self.group.variables, self.group.variable_names)
+                     if all(v is not w for b in blocks for w in b.variables))
+
+        def dim(k):
+            return others + sum(min(k, b.rows) * min(k, b.d_out) for b in blocks)
+        k = 2
+        while k < 4096 and dim(k + 1) <= a.max_dim and dim(k + 1) > dim(k):
+            k += 1
+        return k
 
     # -- the projection of a batch (captured inputs and output gradients) --------------------------
     def _mat(self, p):
@@ -183,15 +202,18 @@ class GradientProjector:
         """``[B, dim]`` projected per-example gradients of one batch."""
         return self._fn(x, y)
 
-    def compiled_for(self, dataset):
+    def compiled_for(self, dataset, output_dtype=None):
         """The projection traced once for a batched dataset's element spec (batch axis unknown), so a
-        short last batch does not trace it again."""
+        short last batch does not trace it again; ``output_dtype`` (e.g. an index's float16) casts
+        inside the graph."""
         spec = dataset.element_spec
-        key = repr(spec)
+        key = (repr(spec), str(output_dtype))
         cache = self.__dict__.setdefault("_concrete", {})
         if key not in cache:
             relaxed = tf.nest.map_structure(lambda s: tf.TensorSpec([None, *s.shape[1:]], s.dtype), spec)
-            cache[key] = self._fn.get_concrete_function(*relaxed)
+            fn = self._fn if output_dtype is None else tf.function(
+                lambda x, y: tf.cast(self._project(x, y), output_dtype), autograph=False)
+            cache[key] = fn.get_concrete_function(*relaxed)
         return cache[key]
 
     def project(self, dataset, progress: bool = False, name: str = "dataset") -> np.ndarray:
@@ -240,5 +262,5 @@ class GradientProjector:
 
     def describe(self) -> dict:
         """JSON-able description: arguments, dimension, segments and the group's spec."""
-        return {"args": self.args.to_dict(), "dim": self.dim, "layout": self.layout,
+        return {"args": self.args.to_dict(), "k": self.k, "dim": self.dim, "layout": self.layout,
                 "group_spec": json.loads(self.group.spec(self.objective.model).to_json())}
