@@ -140,6 +140,55 @@ def measure(name, model, loss, ds, qds, n_queries: int, top: int = 100, train_ep
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def scale_run(n: int, shards: int, root: str, workers: int = 2) -> dict:
+    """The Beam build job over a synthetic digits corpus of ``n`` examples in ``shards`` files
+    (DirectRunner, ``workers`` processes of one TensorFlow thread), then one streamed query batch
+    through the query command; peak memory of the build's driver and largest worker and of the query
+    process; every key exactly once."""
+    import json
+    import subprocess
+    import sys
+
+    from benchmarks.beam_scale import PeakRSS, make_model
+    from pipelines import synthetic_corpus
+    corpus = os.path.join(root, f"corpus-{n}")
+    info = synthetic_corpus.write_corpus(corpus, n, "digits", shards=shards)
+    model = make_model(root)
+    out = os.path.join(root, f"index-{n}")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    cmd = [sys.executable, "-m", "tfx_components.beam_index", "build", "--examples", os.path.join(corpus, "data-*"),
+           "--model", model, "--feature-spec", json.dumps(info["feature_spec"]), "--output", out, "--k", "16",
+           "--worker-threads", "1", "--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    with PeakRSS(proc.pid) as build_rss:
+        log, _ = proc.communicate()
+    build = time.perf_counter() - t
+    if proc.returncode:
+        raise RuntimeError(log.decode()[-3000:])
+    index = GradientIndex(out, cache_bytes=0)
+    seen = set()
+    for keys, _ in index.iter_shards():
+        seen.update(keys.tolist())
+    group_size = tfi.ParameterGroup.from_model(keras.models.load_model(model)).size
+    q = np.random.default_rng(0).normal(size=(group_size, 10)).astype(np.float32)
+    np.save(os.path.join(root, "q.npy"), q)
+    cmd = [sys.executable, "-m", "tfx_components.beam_index", "query", "--index", out, "--model", model, "--vector",
+           os.path.join(root, "q.npy"), "--top-k", "100", "--backend", "exact", "--out", os.path.join(root, "q.json")]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    with PeakRSS(proc.pid) as query_rss:
+        log, _ = proc.communicate()
+    query = time.perf_counter() - t
+    if proc.returncode:
+        raise RuntimeError(log.decode()[-3000:])
+    return {"n_examples": n, "shards": shards, "workers": workers, "build_seconds": build,
+            "build_driver_peak_rss_mb": build_rss.driver_mb, "build_worker_peak_rss_mb": build_rss.worker_mb,
+            "query_seconds_10_queries": query, "query_peak_rss_mb": query_rss.driver_mb,
+            "keys_exactly_once": bool(index.count == n and len(seen) == n),
+            "index_bytes_per_example": index.bytes_per_example()}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="docs/results/index.json", help="JSON report path")
@@ -150,7 +199,29 @@ def main(argv=None):
     ap.add_argument("--digits-n", type=int, default=100_000, help="corpus size of the digits CNN")
     ap.add_argument("--gpt2-n", type=int, default=2_000, help="corpus size (sequences) of the GPT-2 LM")
     ap.add_argument("--queries", type=int, default=100, help="queries per model (held-out examples)")
+    ap.add_argument("--parts", nargs="+", default=["quality", "scale"], choices=["quality", "scale"],
+                    help="quality: the per-model measurements; scale: the Beam build + a streamed query at "
+                         "--scale-sizes (results merged into --out)")
+    ap.add_argument("--scale-sizes", nargs="+", type=int, default=[100_000, 1_000_000],
+                    help="corpus sizes of the scale part (5,000 examples per shard)")
     args = ap.parse_args(argv)
+    import json
+    previous = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    if "scale" in args.parts:
+        runs = []
+        with tempfile.TemporaryDirectory() as root:
+            for n in args.scale_sizes:
+                print(f"scale: {n} examples ...", flush=True)
+                runs.append(scale_run(n, max(1, n // 5000), root))
+                print(runs[-1], flush=True)
+        scale = {"runs": runs}
+        if len(runs) > 1:
+            for key in ("build_driver_peak_rss_mb", "build_worker_peak_rss_mb", "query_peak_rss_mb"):
+                scale[f"{key}_largest_over_smallest"] = runs[-1][key] / max(runs[0][key], 1e-9)
+        previous["scale"] = scale
+        if "quality" not in args.parts:
+            write_report(previous, args.out)
+            return
     models = []
     for name in args.models:
         keras.utils.set_random_seed(0)
@@ -162,6 +233,8 @@ def main(argv=None):
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in models[-1].items()}, flush=True)
     # the top level holds the first model's figures (the names the issue asks for), `models` every model
     out = {**models[0], "models": models}
+    if "scale" in previous:
+        out["scale"] = previous["scale"]
     write_report(out, args.out)
 
 

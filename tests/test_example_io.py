@@ -30,6 +30,21 @@ def _feature(values):
     return tf.train.Feature(int64_list=tf.train.Int64List(value=values.tolist()))
 
 
+def run_and_kill(argv, ready, timeout: float = 300.0):
+    """Start ``argv`` as its own process group, wait until ``ready()`` (polled every 50 ms), then
+    SIGKILL the whole group (workers included); fails if the process ends first."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and not ready():
+            assert proc.poll() is None, "the process ended before it could be killed"
+            time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def write_records(split_dir, rows, shards=2):
     """``rows``: list of {feature: values}; GZIP shards ``data_tfrecord-<i>-of-<n>.gz`` (rows dealt in turn)."""
     os.makedirs(split_dir, exist_ok=True)
@@ -151,16 +166,7 @@ def test_a_killed_job_leaves_no_temporary_after_the_rerun(tmp_path):
     out = tmp_path / "scores"
     argv = [sys.executable, "-m", "tfx_components.beam_scoring", "--examples", str(tmp_path / "examples" / "*"),
             "--model", path, "--output", str(out), "--batch-size", "1", "--direct_running_mode=in_memory"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and not (out.exists() and any(p.name.startswith(".tmp-") for p in out.iterdir())):
-            assert proc.poll() is None, "the job ended before it could be killed"
-            time.sleep(0.05)
-        time.sleep(0.5)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    run_and_kill(argv, lambda: out.exists() and any(p.name.startswith(".tmp-") for p in out.iterdir()))
     left = sorted(p.name for p in out.iterdir())
     assert any(n.startswith(".tmp-") for n in left) and not any(n.startswith("scores-") for n in left), left
     subprocess.run(argv[:-3] + ["--batch-size", "512", "--direct_running_mode=in_memory"], check=True,

@@ -4,10 +4,8 @@ execution's temporary folder, and MLMD shows what TFX does with the killed execu
 RUNNING; the rerun executes the component anew) — what the README tells users."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import keras
 import numpy as np
@@ -15,7 +13,7 @@ import pytest
 
 pytest.importorskip("tfx")
 
-from tests.test_example_io import write_records  # noqa: E402
+from tests.test_example_io import run_and_kill, write_records  # noqa: E402
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kill_pipeline_main.py")
 STATES = {1: "NEW", 2: "RUNNING", 3: "COMPLETE", 4: "FAILED", 5: "CACHED", 6: "CANCELED"}
@@ -43,17 +41,7 @@ def test_killed_pipeline_then_rerun_leaves_no_temporary(tmp_path):
     rows = [{"x": rng.normal(size=4).astype(np.float32), "label": [int(rng.integers(3))]} for _ in range(1000)]
     write_records(str(tmp_path / "examples" / "Split-train"), rows, shards=2)
     root = tmp_path / "pipeline_root"
-    proc = subprocess.Popen([sys.executable, SCRIPT, str(tmp_path)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not any(".tmp-" in p for p in _temporaries(root)):
-            assert proc.poll() is None, "the pipeline ended before it could be killed"
-            time.sleep(0.05)
-        time.sleep(0.5)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    run_and_kill([sys.executable, SCRIPT, str(tmp_path)], lambda: any(".tmp-" in p for p in _temporaries(root)))
     killed = [p for p in _temporaries(root) if ".tmp-" in p]
     assert killed and all(f"{os.sep}.system{os.sep}" in p for p in killed), killed   # never in an output folder
     scores_dirs = list((root / "SelfInfluenceScorer" / "scores").glob("*"))

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from .objective import reduce_per_example
 from .params import ParameterGroup
 from .kfac.blocks import kronecker_blocks, norm_blocks
-from .kfac.capture import _Capture, _norm_per_example, _output_grads, _vectorized_gradients
+from .kfac.capture import _norm_per_example, _vectorized_gradients, captured_pass
 
 
 # -- per-example squared gradient norms without per-example gradients ("ghost norms") --------------
@@ -38,13 +37,8 @@ class GhostNorms:
         return cached_kernel(objective, "ghost_norms", (group,), lambda: cls(objective, group))
 
     def _norms(self, x, y):
-        model, obj = self.objective.model, self.objective
-        cap = _Capture(self.blocks + self.norms)
-        with cap, tf.GradientTape() as tape:
-            losses = reduce_per_example(obj.loss_fn(y, model(x, training=False)))
-            total = tf.reduce_sum(losses)
-        grads = _output_grads(tape, total, cap, self.blocks + self.norms)
-        records, modes, options = cap.records, cap.modes, cap.options
+        obj = self.objective
+        losses, records, grads, modes, options = captured_pass(obj, self.blocks + self.norms, x, y)
         sq = tf.zeros_like(losses)
         for b in self.blocks:
             # a layer called several times in one forward pass: G_n sums over its calls

@@ -46,8 +46,8 @@ import numpy as np
 import tensorflow as tf
 
 from .kfac.blocks import kronecker_blocks, norm_blocks
-from .kfac.capture import _Capture, _norm_per_example, _output_grads, _vectorized_gradients
-from .objective import batches, reduce_per_example
+from .kfac.capture import _norm_per_example, _vectorized_gradients, captured_pass
+from .objective import batches
 from .params import ParameterGroup, tf_variable
 
 
@@ -160,13 +160,8 @@ class GradientProjector:
         return None if p is None else tf.constant(p, self.dtype)
 
     def _project(self, x, y):
-        model, obj = self.objective.model, self.objective
-        cap = _Capture(self.blocks + self.norms)
-        with cap, tf.GradientTape() as tape:
-            losses = reduce_per_example(obj.loss_fn(y, model(x, training=False)))
-            total = tf.reduce_sum(losses)
-        grads = _output_grads(tape, total, cap, self.blocks + self.norms)
-        records, modes, options = cap.records, cap.modes, cap.options
+        obj = self.objective
+        losses, records, grads, modes, options = captured_pass(obj, self.blocks + self.norms, x, y)
         n = tf.shape(losses)[0]
         out = []
         for b in self.blocks:

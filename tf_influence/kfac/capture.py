@@ -67,6 +67,20 @@ def _output_grads(tape, total, cap, layers) -> dict:
     return per
 
 
+def captured_pass(objective, layers, x, y):
+    """One ordinary forward / backward pass of the per-example losses of ``objective`` on ``(x, y)``
+    with ``layers`` (blocks) captured: ``(losses [B], records, output gradients, modes, options)`` —
+    what ghost norms and gradient projections are computed from."""
+    model = objective.model
+    cap = _Capture(layers)
+    with cap, tf.GradientTape() as tape:
+        from ..objective import reduce_per_example
+        losses = reduce_per_example(objective.loss_fn(y, model(x, training=False)))
+        total = tf.reduce_sum(losses)
+    grads = _output_grads(tape, total, cap, layers)
+    return losses, cap.records, grads, cap.modes, cap.options
+
+
 class _Capture:
     """Patch the blocks' layers so a forward pass records each layer's input and pre-activation output.
 
