@@ -8,7 +8,7 @@ question becomes ``⟨P∇g(z), Ps⟩`` — one matrix product per shard for a b
 
 Layout of an index directory: ``index.json`` (projection arguments, the parameter group's spec, the
 model fingerprint, dimension, dtype, count, shards) and ``vectors-<i>-of-<n>.npz`` shards, each with
-``keys`` (bytes), ``vectors`` ``[n_i, dim]`` (float16 or float32) and ``sum_sq`` (per-dimension sums
+``keys`` (bytes), ``vectors`` ``[n_i, dim]`` (int8 with per-example ``scales``, float16 or float32) and ``sum_sq`` (per-dimension sums
 of squares, for the diagonal preconditioner). A query against an index of another model — other
 weights or another parameter group — is refused naming both fingerprints.
 
@@ -93,7 +93,13 @@ def write_shard(path: str, keys, vectors, dtype: str) -> dict:
         raise ValueError(f"{path}: projected gradients contain NaN/Inf")
     keys = np.array([k if isinstance(k, bytes) else str(k).encode() for k in keys], dtype=bytes)
     sum_sq = np.square(vectors, dtype=np.float32).sum(0, dtype=np.float64)
-    _write_npz(path, keys=keys, vectors=vectors.astype(dtype, copy=False), sum_sq=sum_sq)
+    if dtype == "int8":      # per-example scale: max |v| ↦ 127
+        v32 = vectors.astype(np.float32, copy=False)
+        scales = np.abs(v32).max(axis=1, initial=0.0) / 127.0
+        q = np.rint(v32 / np.where(scales > 0, scales, 1.0)[:, None]).astype(np.int8)
+        _write_npz(path, keys=keys, vectors=q, scales=scales.astype(np.float32), sum_sq=sum_sq)
+    else:
+        _write_npz(path, keys=keys, vectors=vectors.astype(dtype, copy=False), sum_sq=sum_sq)
     return {"file": os.path.basename(path), "count": int(len(keys))}
 
 
@@ -203,7 +209,10 @@ class GradientIndex:
                 yield self._cache[p]
                 continue
             d = _read_npz(p)
-            item = (d["keys"], d["vectors"].astype(np.float32))
+            v = d["vectors"].astype(np.float32)
+            if "scales" in d:
+                v *= d["scales"][:, None]
+            item = (d["keys"], v)
             if self._cache is not None:
                 self._cache[p] = item
             yield item
@@ -309,10 +318,13 @@ def build_index(objective, dataset, directory: str, group: ParameterGroup | None
                 args: ProjectionArgs | None = None, keys=None, shard_size: int = 50_000, progress: bool = False,
                 name: str = "dataset") -> GradientIndex:
     """Project every example of a batched ``(x, y)`` dataset and write an index to ``directory``
-    (in process; shards of ``shard_size``; ``keys`` default to the example's position). Files are
-    written under temporary names and published with ``index.json`` last."""
+    (in process; shards of ``shard_size``; ``keys`` default to the example's position). With the
+    default ``ProjectionArgs`` the budget is shared by gradient norm, measured on the dataset's first
+    examples (:func:`tf_influence.projection.calibrate`). Files are written under temporary names and
+    published with ``index.json`` last."""
     from .objective import batches
-    proj = GradientProjector(objective, group, args)
+    from .projection import calibrate
+    proj = GradientProjector(objective, group, calibrate(objective, dataset, group, args))
     dtype = proj.args.dtype
     tf.io.gfile.makedirs(directory)
     tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
@@ -327,7 +339,7 @@ def build_index(objective, dataset, directory: str, group: ParameterGroup | None
             written.append(writer.submit(write_shard, path, list(buf_k), np.concatenate(buf_v), dtype))
             buf_k.clear()
             buf_v.clear()
-        fn = proj.compiled_for(dataset, output_dtype=dtype)
+        fn = proj.compiled_for(dataset, output_dtype=None if dtype == "int8" else dtype)
         it = batches(dataset, name, objective.model)
         if progress:
             from tqdm.auto import tqdm

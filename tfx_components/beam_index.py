@@ -72,7 +72,8 @@ class IndexFile(beam.DoFn):
                 raise ValueError(f"{path}: {e}") from None
             ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(len(k))
             for xb, yb in ds:
-                vecs.append(self.projector.project_batch(xb, yb).numpy().astype(args.dtype))
+                v = self.projector.project_batch(xb, yb).numpy()
+                vecs.append(v if args.dtype == "int8" else v.astype(args.dtype))   # int8: quantised per shard
             keys += k
             n += len(k)
         tmp_dir = os.path.join(self.temp_dir, f".tmp-{uuid.uuid4().hex}")
@@ -103,6 +104,21 @@ def _publish(written, output_dir, description, model_fingerprint, dtype):
     return sum(s["count"] for s in shards)
 
 
+def calibrated_args(objective, group, args, examples_pattern, feature_spec, examples: int = 256):
+    """``args`` with the budget shared by gradient norm, measured in the driver on the first
+    ``examples`` examples of the first file (:func:`tf_influence.projection.calibrate`); the workers
+    get the resolved sizes, so they never need data to build the same ``P``."""
+    import tensorflow as tf
+
+    from tf_influence.projection import calibrate
+    if args.k is not None or args.allocation != "gradient_norm":
+        return args
+    first = sorted(tf.io.gfile.glob(examples_pattern))[0]
+    records = next(iter(_record_batches(first, examples)))
+    _, x, y = decode_batch(records, parse_feature_spec(feature_spec), first)
+    return calibrate(objective, tf.data.Dataset.from_tensor_slices((x, y)).batch(64), group, args, examples)
+
+
 def index_examples(pipeline, examples_pattern, model_path, feature_spec, output_dir, projection_args=None,
                    group_spec=None, loss_config=None, batch_size=256, label="Index", temp_dir=None,
                    worker_threads=None):
@@ -118,6 +134,7 @@ def index_examples(pipeline, examples_pattern, model_path, feature_spec, output_
     model = load_keras_model(model_path)
     objective = tfi.Objective(model, resolve_loss(model, loss_config))
     group = tfi.ParameterGroup.from_spec(model, group_spec) if group_spec else None
+    args = calibrated_args(objective, group, args, examples_pattern, feature_spec)
     proj = GradientProjector(objective, group, args)
     description, fp = proj.describe(), fingerprint(model, proj.group)
     files = pipeline | f"{label}Read" >> ShardNames(examples_pattern)
