@@ -3,9 +3,9 @@ against a training epoch, per-query cost against re-scoring the corpus, and size
 
     python -m benchmarks.index --out docs/results/index.json [--models digits gpt2] [--digits-n 100000]
 
-Per model, with the index's defaults (``ProjectionArgs()``: the largest k per block side within a
-3,840-number budget, float16 — for the 3.7 k-parameter digits CNN that is its whole gradient, so
-``digits-k16`` also measures it with k = 16, a real projection):
+Per model, with the index's defaults (``ProjectionArgs()``: 7,680 int8 numbers shared by gradient
+norm — for the 3.7 k-parameter digits CNN that is its whole gradient, so ``digits-k16`` also
+measures it with k = 16 per block side, a real projection):
 
 * **queries**: the loss gradients of ``--queries`` held-out examples (TracIn / single-stage style
   test vectors; a multi-stage ``s`` is projected by the same code — ``tests/test_index.py``);
@@ -193,9 +193,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="docs/results/index.json", help="JSON report path")
     ap.add_argument("--models", nargs="+", default=["digits", "digits-k16", "gpt2"],
-                    choices=["digits", "digits-k16", "gpt2"],
+                    choices=["digits", "digits-k16", "gpt2", "gpt2-uniform"],
                     help="which models to measure (digits-k16: the digits CNN with k = 16, a real projection — the "
-                         "default budget holds this small model's whole gradient)")
+                         "default budget holds this small model's whole gradient; gpt2-uniform: the GPT-2 with the "
+                         "budget split uniformly, for comparison). Entries of models not measured are kept from --out")
     ap.add_argument("--digits-n", type=int, default=100_000, help="corpus size of the digits CNN")
     ap.add_argument("--gpt2-n", type=int, default=2_000, help="corpus size (sequences) of the GPT-2 LM")
     ap.add_argument("--queries", type=int, default=100, help="queries per model (held-out examples)")
@@ -228,9 +229,13 @@ def main(argv=None):
         case = digits_case(args.digits_n, args.queries) if name.startswith("digits") else gpt2_case(
             args.gpt2_n, args.queries)
         print(f"measuring {name} ...", flush=True)
-        models.append(measure(name, *case, n_queries=args.queries,
-                              args=ProjectionArgs(k=16) if name == "digits-k16" else None))
+        pargs = {"digits-k16": ProjectionArgs(k=16), "gpt2-uniform": ProjectionArgs(allocation="uniform")}.get(name)
+        models.append(measure(name, *case, n_queries=args.queries, args=pargs))
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in models[-1].items()}, flush=True)
+    measured = {m["model"] for m in models}
+    models += [m for m in previous.get("models", []) if m["model"] not in measured]
+    order = ["digits", "digits-k16", "gpt2", "gpt2-uniform"]
+    models.sort(key=lambda m: order.index(m["model"]) if m["model"] in order else len(order))
     # the top level holds the first model's figures (the names the issue asks for), `models` every model
     out = {**models[0], "models": models}
     if "scale" in previous:

@@ -163,11 +163,28 @@ def index_tables(d: dict) -> str:
     return "\n\n".join(parts)
 
 
-GENERATORS = {"index": index_tables, "hub": hub_tables, "scale": scale_tables, "engine": engine_tables, "presence": presence_tables}
+def index_scale_tables(d: dict) -> str:
+    """The scale part of the gradient index benchmark."""
+    if "scale" not in d:
+        return "(not measured: `python -m benchmarks.index --parts scale`)"
+    sc = d["scale"]
+    rows = ["| examples | shards | build s | build driver MB | largest worker MB | query s (10 queries) | "
+            "query MB | bytes / example | keys once |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sc["runs"]:
+        rows.append(f"| {_fmt(r['n_examples'])} | {r['shards']} | {_fmt(r['build_seconds'])} | "
+                    f"{_fmt(r['build_driver_peak_rss_mb'])} | {_fmt(r['build_worker_peak_rss_mb'])} | "
+                    f"{_fmt(r['query_seconds_10_queries'])} | {_fmt(r['query_peak_rss_mb'])} | "
+                    f"{_fmt(r['index_bytes_per_example'])} | {r['keys_exactly_once']} |")
+    ratios = [(k, v) for k, v in sc.items() if k.endswith("_largest_over_smallest")]
+    lines = [f"- `{k}` = {_fmt(v)} (flat memory: ≤ 1.2) — **{'met' if v <= 1.2 else 'missed'}**" for k, v in ratios]
+    return "\n".join(rows + [""] + lines)
+
+
+GENERATORS = {"index": index_tables, "index-scale": index_scale_tables, "hub": hub_tables, "scale": scale_tables, "engine": engine_tables, "presence": presence_tables}
 
 
 def render(name: str) -> str:
-    path = os.path.join(HERE, "results", f"{name}.json")
+    path = os.path.join(HERE, "results", f"{name.split('-')[0]}.json")
     if name not in GENERATORS:
         raise KeyError(f"no generator for results '{name}' (known: {sorted(GENERATORS)})")
     with open(path) as fh:

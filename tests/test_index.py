@@ -236,3 +236,17 @@ def test_the_default_k_is_the_largest_within_the_budget():
         bigger = GradientProjector(obj, args=ProjectionArgs(k=proj.k + 1))
         assert proj.dim <= budget < bigger.dim, (budget, proj.k, proj.dim, bigger.dim)
         assert proj.dim == GradientProjector(obj, args=ProjectionArgs(k=proj.k)).dim
+
+
+def test_the_faiss_backend_searching_every_list_is_the_exact_top_k(indexed):
+    """FAISS's inverted-file index with every list probed is exhaustive: the same top-k both sides as the
+    exact backend (the wiring: inner products, the negated query for the helpful side, keys)."""
+    pytest.importorskip("faiss")
+    model, obj, x, y, ds, index, _ = indexed
+    q = np.random.default_rng(4).normal(size=(3, index.dim)).astype(np.float32)
+    exact = index.query_projected(q, top_k=5, backend="exact")
+    approx = index.query_projected(q, top_k=5, backend="faiss", nprobe=10_000)
+    assert approx.backend == "faiss"
+    np.testing.assert_array_equal(approx.harmful_keys, exact.harmful_keys)
+    np.testing.assert_array_equal(approx.helpful_keys, exact.helpful_keys)
+    np.testing.assert_allclose(approx.helpful_scores, exact.helpful_scores, rtol=1e-4, atol=1e-6)

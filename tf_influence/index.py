@@ -250,13 +250,14 @@ class GradientIndex:
         return self.query_projected(q, top_k, all_scores, precondition, damping, backend, query_batch)
 
     def query_projected(self, q, top_k: int = 100, all_scores: bool = False, precondition: str = "none",
-                        damping: float = 1e-3, backend: str = "auto", query_batch: int = 256) -> QueryResult:
+                        damping: float = 1e-3, backend: str = "auto", query_batch: int = 256,
+                        nprobe: int | None = None) -> QueryResult:
         """As :meth:`query` for already projected queries ``[Q, dim]``. ``precondition="diagonal"``
         divides by the corpus' per-dimension mean square (+ ``damping`` × its mean) — a diagonal
         Gauss–Newton preconditioner in the projected space, for raw test gradients; multi-stage test
         vectors already hold both inverse Hessians (leave it ``"none"``). ``backend``: ``"exact"``
         (streamed products, one shard in memory), ``"faiss"`` (an inverted-file inner-product index
-        in memory; approximate top-k), ``"auto"`` (exact up to :data:`EXACT_MAX` examples)."""
+        in memory, ``4√N`` lists of which ``nprobe`` — default an eighth — are searched; approximate), ``"auto"`` (exact up to :data:`EXACT_MAX` examples)."""
         q = np.atleast_2d(np.asarray(q, np.float32))
         if q.shape[1] != self.dim:
             raise ValueError(f"queries have dimension {q.shape[1]}, the index {self.dim}")
@@ -280,7 +281,7 @@ class GradientIndex:
         if backend == "faiss":
             if all_scores:
                 raise ValueError("all_scores needs the exact backend")
-            return self._query_faiss(q, top_k)
+            return self._query_faiss(q, top_k, nprobe)
         hi = lo = None
         parts = []
         for keys, v in self.iter_shards():
@@ -295,7 +296,7 @@ class GradientIndex:
             out.scores = np.concatenate([s for _, s in parts], axis=1)
         return out
 
-    def _query_faiss(self, q, top_k):
+    def _query_faiss(self, q, top_k, nprobe=None):
         import faiss
         vecs, keys = [], []
         for k, v in self.iter_shards():
@@ -307,7 +308,7 @@ class GradientIndex:
         index = faiss.IndexIVFFlat(quant, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(x[np.random.default_rng(0).permutation(len(x))[:max(nlist * 40, 10000)]])
         index.add(x)
-        index.nprobe = max(1, nlist // 8)
+        index.nprobe = int(nprobe) if nprobe else max(1, nlist // 8)
         k = min(top_k, len(x))
         hs, hi = index.search(np.ascontiguousarray(q), k)
         ls, li = index.search(np.ascontiguousarray(-q), k)

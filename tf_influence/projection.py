@@ -341,5 +341,7 @@ class GradientProjector:
 
     def describe(self) -> dict:
         """JSON-able description: arguments, dimension, segments and the group's spec."""
-        return {"args": self.args.to_dict(), "k": self.k, "dim": self.dim, "layout": self.layout,
+        blocks_k = [min(s["k_in"], s["k_out"]) for s in self.layout if "k_in" in s]
+        k = int(self.args.k) if self.args.k is not None else max(blocks_k, default=0)   # the largest block's
+        return {"args": self.args.to_dict(), "k": k, "dim": self.dim, "layout": self.layout,
                 "group_spec": json.loads(self.group.spec(self.objective.model).to_json())}
