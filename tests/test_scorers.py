@@ -1,5 +1,6 @@
 """InfluenceScorer and SelfInfluenceScorer executors on real artifacts (scores equal the in-process
-library), bad input, and a LocalDagRunner PRESENCE-Sequential pipeline (scorer → ScoreFilter)."""
+library), bad input, and the index mode (scorer → ScoreFilter under LocalDagRunner: tests/test_penguin_pipeline.py and
+test_presence_pipeline.py, which checks PRESENCE-Sequential's keep-lowest selection)."""
 
 import json
 import os
@@ -11,7 +12,6 @@ import tensorflow as tf
 
 pytest.importorskip("tfx")
 
-from tfx import v1 as tfx  # noqa: E402
 from tfx.dsl.components.base.base_beam_executor import BaseBeamExecutor  # noqa: E402
 from tfx.types import artifact_utils, standard_artifacts  # noqa: E402
 
@@ -20,8 +20,6 @@ from model_zoo import cnn as models
 from tf_influence import scores_io, tracin  # noqa: E402
 from tfx_components.influence_scorer.component import InfluenceScorer  # noqa: E402
 from tfx_components.influence_scorer.executor import Executor as InfluenceExecutor  # noqa: E402
-from tfx_components.score_filter.component import ScoreFilter  # noqa: E402
-from tfx_components.self_influence_scorer.component import SelfInfluenceScorer  # noqa: E402
 from tfx_components.self_influence_scorer.executor import Executor as SIExecutor  # noqa: E402
 from tests import tfx_helpers as th  # noqa: E402
 
@@ -333,39 +331,6 @@ def test_self_influence_scorer_equals_the_library_and_names_bad_input(world, tmp
     with pytest.raises(FileNotFoundError, match="no Keras model file"):
         SIExecutor(ctx(tmp_path / "t4")).Do({"examples": [a["pre_ex"]], "model": [empty]}, {"scores": [out]},
                                             {"feature_spec": json.dumps(SPEC), "si_layers": json.dumps(["embedding"])})
-
-
-def test_presence_sequential_pipeline_local_dag_runner(world, tmp_path):
-    from tfx.orchestration import metadata
-    from tfx.orchestration import pipeline as tfx_pipeline
-    from tfx.orchestration.local.local_dag_runner import LocalDagRunner
-
-    root, a, pre_data, _ = world
-    ex = tfx.dsl.Importer(source_uri=a["pre_ex"].uri, artifact_type=standard_artifacts.Examples,
-                          properties={"split_names": a["pre_ex"].split_names}).with_id("examples")
-    model = tfx.dsl.Importer(source_uri=a["pre_m"].uri, artifact_type=standard_artifacts.Model).with_id("model")
-    si = SelfInfluenceScorer(examples=ex.outputs["result"], model=model.outputs["result"], feature_spec=SPEC,
-                             si_layers=["embedding"])
-    flt = ScoreFilter(examples=ex.outputs["result"], scores=si.outputs["scores"], mode="keep_lowest", value=60)
-    db = str(tmp_path / "mlmd.sqlite")
-    LocalDagRunner().run(tfx_pipeline.Pipeline(
-        pipeline_name="presence_sequential_test", pipeline_root=str(tmp_path / "root"),
-        components=[ex, model, si, flt], enable_cache=True,
-        metadata_connection_config=metadata.sqlite_metadata_connection_config(db),
-        beam_pipeline_args=BEAM_IN_PROCESS))  # multi-processing under LocalDagRunner: test_score_filter
-    with metadata.Metadata(metadata.sqlite_metadata_connection_config(db)) as m:
-        outs = [x for x in m.store.get_artifacts_by_type("Examples") if "num_kept" in x.custom_properties]
-        scores = m.store.get_artifacts_by_type("tf_influence.InfluenceScores")
-        assert len(outs) == 1 and len(scores) == 1
-        assert outs[0].custom_properties["num_kept"].int_value == 60
-        assert outs[0].custom_properties["num_dropped"].int_value == 20
-        table = scores_io.read_scores(os.path.join(scores[0].uri, "Split-train"))
-        kept_uri = outs[0].uri
-    kept = set(th.read_examples(os.path.join(kept_uri, "Split-train")))
-    lowest = sorted(table, key=lambda k: (table[k], k))[:60]
-    originals = dict(zip(pre_data["train"][0], range(80)))
-    assert len(kept) == 60 and all(k in originals for k in lowest)
-    assert {tf.train.Example.FromString(r).features.feature["key"].bytes_list.value[0] for r in kept} == set(lowest)
 
 
 def test_summary_streams_and_equals_numpy(tmp_path):
