@@ -52,6 +52,8 @@ SHARD_PATTERN = "vectors-*.npz"
 #: Below this many indexed examples queries are exact (streamed matrix products); above it,
 #: ``backend="auto"`` uses FAISS when it is installed.
 EXACT_MAX = 1_000_000
+#: Indexes up to this many bytes (as float32) stay in memory after their first query.
+CACHE_BYTES = 1 << 30
 
 
 class IndexMismatchError(ValueError):
@@ -149,7 +151,7 @@ class GradientIndex:
     """A written index (see the module docstring); :func:`build_index` writes one in process, the
     Beam job ``tfx_components.beam_index`` and the ``GradientIndexer`` component at corpus scale."""
 
-    def __init__(self, directory: str, cache_bytes: int = 1 << 30):
+    def __init__(self, directory: str, cache_bytes: int = CACHE_BYTES):
         """``cache_bytes``: shards are kept in memory (float32) after their first read while the
         whole index fits in this many bytes — repeated queries then cost only the products;
         larger indexes are streamed one shard at a time on every query (flat memory)."""
@@ -167,7 +169,7 @@ class GradientIndex:
             raise FileNotFoundError(f"gradient index {directory}: shard(s) {missing[:3]} are missing")
 
     @classmethod
-    def load(cls, directory: str, cache_bytes: int = 1 << 30) -> "GradientIndex":
+    def load(cls, directory: str, cache_bytes: int = CACHE_BYTES) -> "GradientIndex":
         return cls(directory, cache_bytes)
 
     @property

@@ -112,6 +112,10 @@ def _gaussian(seed: int, key: str, rows: int, cols: int) -> np.ndarray | None:
     return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
 
 
+#: Examples whose per-example gradients share out the budget (``calibrate``; the Beam job's driver too).
+CALIBRATION_EXAMPLES = 256
+
+
 def allocate(shares: dict, segments: dict, max_dim: int) -> dict:
     """Share ``max_dim`` numbers between segments in proportion to ``shares`` (the variance-optimal
     rule: the error of ``⟨Pg, Ps⟩`` in a segment of ``d`` numbers scales as ``‖g‖²‖s‖²/d``, so with
@@ -140,7 +144,7 @@ def allocate(shares: dict, segments: dict, max_dim: int) -> dict:
 
 
 def calibrate(objective, data, group: ParameterGroup | None = None, args: "ProjectionArgs | None" = None,
-              examples: int = 256) -> "ProjectionArgs":
+              examples: int = CALIBRATION_EXAMPLES) -> "ProjectionArgs":
     """``args`` with ``max_dim`` shared by mean squared per-example gradient norm
     (:func:`allocate`), measured on the first ``examples`` examples of ``data`` (a batched ``(x, y)``
     dataset): every block's and variable's size written into ``layer_k``, so the projection no longer
@@ -342,6 +346,6 @@ class GradientProjector:
     def describe(self) -> dict:
         """JSON-able description: arguments, dimension, segments and the group's spec."""
         blocks_k = [min(s["k_in"], s["k_out"]) for s in self.layout if "k_in" in s]
-        k = int(self.args.k) if self.args.k is not None else max(blocks_k, default=0)   # the largest block's
+        k = int(self.args.k) if self.args.k is not None else max(blocks_k, default=0)   # the largest per-side size
         return {"args": self.args.to_dict(), "k": k, "dim": self.dim, "layout": self.layout,
                 "group_spec": json.loads(self.group.spec(self.objective.model).to_json())}

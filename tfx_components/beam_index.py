@@ -104,15 +104,16 @@ def _publish(written, output_dir, description, model_fingerprint, dtype):
     return sum(s["count"] for s in shards)
 
 
-def calibrated_args(objective, group, args, examples_pattern, feature_spec, examples: int = 256):
+def calibrated_args(objective, group, args, examples_pattern, feature_spec, examples: int | None = None):
     """``args`` with the budget shared by gradient norm, measured in the driver on the first
     ``examples`` examples of the first file (:func:`tf_influence.projection.calibrate`); the workers
     get the resolved sizes, so they never need data to build the same ``P``."""
     import tensorflow as tf
 
-    from tf_influence.projection import calibrate
+    from tf_influence.projection import CALIBRATION_EXAMPLES, calibrate
     if args.k is not None or args.allocation != "gradient_norm":
         return args
+    examples = examples or CALIBRATION_EXAMPLES
     first = sorted(tf.io.gfile.glob(examples_pattern))[0]
     records = next(iter(_record_batches(first, examples)))
     _, x, y = decode_batch(records, parse_feature_spec(feature_spec), first)
