@@ -61,6 +61,7 @@ def test_the_beam_and_pipeline_clis_take_the_dataclasses():
 
 
 @pytest.mark.parametrize("module", ["tfx_components.beam_scoring", "tfx_components.beam_factors",
+                                    "tfx_components.beam_index",
                                     "pipelines.influence_pipeline", "pipelines.presence_pipeline",
                                     "pipelines.penguin_pipeline", "pipelines.synthetic_corpus"])
 def test_every_flag_of_every_cli_is_documented(module, monkeypatch):
@@ -77,6 +78,13 @@ def test_every_flag_of_every_cli_is_documented(module, monkeypatch):
     monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
     with pytest.raises(Stop):
         importlib.import_module(module).main(["--help"])
-    undocumented = [a.option_strings for a in parsers[0]._actions
-                    if a.option_strings and a.help is None]
+    todo, undocumented = [parsers[0]], []
+    while todo:
+        parser = todo.pop()
+        parser.format_help()                      # renders (a '%' in a help text would raise here)
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                todo.extend(a.choices.values())   # subcommands (beam_index build / query)
+            elif a.option_strings and a.help is None:
+                undocumented.append(a.option_strings)
     assert not undocumented, undocumented

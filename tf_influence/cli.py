@@ -134,7 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "", exclud
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         shown = f"{_to_json(default)}; {cls.__name__}'s: {_to_json(class_default)}" if own else _to_json(default)
-        group.add_argument(_flag(prefix, f.name), help=f"{help_} (default: {shown})".strip(), **kwargs)
+        group.add_argument(_flag(prefix, f.name), help=f"{help_} (default: {shown})".strip().replace("%", "%%"), **kwargs)
     return group
 
 
