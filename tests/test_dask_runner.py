@@ -182,3 +182,23 @@ def test_bad_input_fails_loudly(cluster, setup, tmp_path):  # noqa: F811
         with beam.Pipeline(options=PipelineOptions(cluster)) as p:
             (p | beam.Create([1, 2]) | beam.WindowInto(beam.window.FixedWindows(10))
              | beam.Map(lambda v: (v, v)) | beam.GroupByKey())
+
+
+def test_gradient_index_job_on_dask_equals_the_in_process_index(cluster, setup, tmp_path):  # noqa: F811
+    """The gradient index's Beam build job on the Dask cluster: every key once, each vector equal to the
+    in-process projection of the same example (float32 storage, k = 8 per side)."""
+    from tf_influence.index import GradientIndex
+    from tf_influence.projection import GradientProjector, ProjectionArgs
+    from tfx_components import beam_index
+    root, path, index, x, y, pre = setup
+    out = str(tmp_path / "index")
+    beam_index.main(["build", "--examples", str(root / "examples" / "Split-train" / "*"), "--model", path,
+                     "--feature-spec", json.dumps(SPEC), "--output", out, "--k", "8", "--dtype", "float32",
+                     "--batch-size", "16", *cluster])
+    built = GradientIndex(out)
+    got = {k: v for ks, vs in built.iter_shards() for k, v in zip(ks, vs)}
+    assert built.count == len(index) and set(got) == set(index)
+    ref = GradientProjector(tfi.Objective(pre, pre.loss), args=ProjectionArgs(k=8, dtype="float32")).project(
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(90))
+    for k, i in index.items():
+        np.testing.assert_allclose(got[k], ref[i], rtol=1e-4, atol=1e-7)
