@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from .params import ParameterGroup
+from .params import ParameterGroup, tf_variable
 from .kfac.blocks import kronecker_blocks, norm_blocks
 from .kfac.capture import _norm_per_example, _vectorized_gradients, captured_pass
 
@@ -37,9 +37,17 @@ class GhostNorms:
         return cached_kernel(objective, "ghost_norms", (group,), lambda: cls(objective, group))
 
     def _norms(self, x, y):
+        parts, losses = self.segments(x, y)
+        return tf.add_n(list(parts.values())) if parts else tf.zeros_like(losses)
+
+    def segments(self, x, y):
+        """``({segment: [B] squared norms}, losses)``: one entry per Kronecker block (its key) and per
+        other variable (its path) — what :meth:`_norms` sums, and what the gradient index's budget is
+        shared by (:func:`tf_influence.projection.calibrate`)."""
         obj = self.objective
         losses, records, grads, modes, options = captured_pass(obj, self.blocks + self.norms, x, y)
-        sq = tf.zeros_like(losses)
+        names = dict(zip([id(tf_variable(v)) for v in self.group.variables], self.group.variable_names))
+        out = {}
         for b in self.blocks:
             # a layer called several times in one forward pass: G_n sums over its calls
             pairs = [b.pairs(inp, gr, rev) for (inp, _), gr, rev in
@@ -50,25 +58,26 @@ class GhostNorms:
             pairwise = positions is not None and positions * positions <= b.rows * b.d_out
             if b.kind == "embedding" and pairwise:
                 same = tf.cast(tf.equal(a[:, :, None], a[:, None, :]), g.dtype)      # [B, P, P]
-                sq += tf.einsum("bpq,bpq->b", same, tf.einsum("bpo,bqo->bpq", g, g))
-                continue
-            if b.kind == "embedding":  # G_n row v = Σ_{t: token v} g_t: a segment sum per example
+                out[b.name] = tf.einsum("bpq,bpq->b", same, tf.einsum("bpo,bqo->bpq", g, g))
+            elif b.kind == "embedding":  # G_n row v = Σ_{t: token v} g_t: a segment sum per example
                 n = tf.shape(a)[0]
                 seg = tf.reshape(a + tf.range(n)[:, None] * b.rows, [-1])
                 rows = tf.math.unsorted_segment_sum(tf.reshape(g, [-1, b.d_out]), seg, n * b.rows)
-                sq += tf.reduce_sum(tf.reshape(tf.square(rows), [n, -1]), axis=1)
-                continue
-            a = tf.cast(a, g.dtype)
-            if pairwise:
-                sq += tf.einsum("bpq,bpq->b", tf.einsum("bpi,bqi->bpq", a, a), tf.einsum("bpo,bqo->bpq", g, g))
+                out[b.name] = tf.reduce_sum(tf.reshape(tf.square(rows), [n, -1]), axis=1)
             else:
-                sq += tf.reduce_sum(tf.square(tf.einsum("bpi,bpo->bio", a, g)), axis=[1, 2])
+                a = tf.cast(a, g.dtype)
+                if pairwise:
+                    out[b.name] = tf.einsum("bpq,bpq->b", tf.einsum("bpi,bqi->bpq", a, a),
+                                            tf.einsum("bpo,bqo->bpq", g, g))
+                else:
+                    out[b.name] = tf.reduce_sum(tf.square(tf.einsum("bpi,bpo->bio", a, g)), axis=[1, 2])
         # diagonal variables, per example: Σ over each variable of (Σ_t ...)², not summed over the batch
         for nb in self.norms:
-            for pe in _norm_per_example(nb, records[nb.name], grads[nb.name], losses.dtype, options.get(nb.name)):
-                sq += tf.reduce_sum(tf.reshape(tf.square(pe), [tf.shape(pe)[0], -1]), axis=1)
+            per = _norm_per_example(nb, records[nb.name], grads[nb.name], losses.dtype, options.get(nb.name))
+            for v, pe in zip(nb.variables, per):
+                out[names[id(tf_variable(v))]] = tf.reduce_sum(tf.reshape(tf.square(pe), [tf.shape(pe)[0], -1]), axis=1)
         if self.rest:
-            for gv in _vectorized_gradients(obj, self.rest, x, y):
+            for v, gv in zip(self.rest, _vectorized_gradients(obj, self.rest, x, y)):
                 gv = tf.cast(gv, losses.dtype)
-                sq += tf.reduce_sum(tf.reshape(tf.square(gv), [tf.shape(gv)[0], -1]), axis=1)
-        return sq
+                out[names[id(tf_variable(v))]] = tf.reduce_sum(tf.reshape(tf.square(gv), [tf.shape(gv)[0], -1]), axis=1)
+        return out, losses

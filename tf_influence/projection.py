@@ -64,7 +64,8 @@ class ProjectionArgs:
     k_other: int = field(default=32, metadata={
         "help": "projection size of each variable outside the blocks (identity when the variable is smaller)"})
     layer_k: dict = field(default_factory=dict, metadata={
-        "help": "per-block override of k (block key: layer name or Keras path), or of k_other (variable path)"})
+        "help": "per-block override of k (block key: layer name or Keras path; a number, or [k_in, k_out]), or "
+                "of k_other (variable path)"})
     allocation: str = field(default="gradient_norm", metadata={
         "help": "with k=None, how max_dim is shared: 'gradient_norm' — in proportion to each block's mean squared "
                 "per-example gradient norm on a calibration sample (build_index / the Beam job measure it), "
@@ -84,7 +85,8 @@ class ProjectionArgs:
             raise ValueError(f"ProjectionArgs: allocation must be 'gradient_norm' or 'uniform', got '{self.allocation}'")
         if self.dtype not in ("int8", "float16", "float32"):
             raise ValueError(f"ProjectionArgs: dtype must be 'int8', 'float16' or 'float32', got '{self.dtype}'")
-        bad = {name: v for name, v in dict(self.layer_k).items() if int(v) < 1}
+        bad = {name: v for name, v in dict(self.layer_k).items()
+               if any(int(x) < 1 for x in (v if isinstance(v, (list, tuple)) else [v]))}
         if bad:
             raise ValueError(f"ProjectionArgs: layer_k values must be ≥ 1, got {bad}")
 
@@ -119,13 +121,17 @@ CALIBRATION_EXAMPLES = 256
 def allocate(shares: dict, segments: dict, max_dim: int) -> dict:
     """Share ``max_dim`` numbers between segments in proportion to ``shares`` (the variance-optimal
     rule: the error of ``⟨Pg, Ps⟩`` in a segment of ``d`` numbers scales as ``‖g‖²‖s‖²/d``, so with
-    queries distributed like the gradients ``d ∝ E‖g‖²``). ``segments``: key → ``("block", rows, d_out)``
-    or ``("variable", size)``. Returns key → k (blocks: per side, ≥ 1) or numbers (variables, ≥ 1),
-    grown greedily by the largest marginal variance reduction per number until the budget is used."""
+    queries distributed like the gradients ``d ∝ E‖g‖²``). ``segments``: key → ``("block", rows, d_out)``,
+    ``("rows", rows, d_out)`` (a block whose row side stays exact: only ``k_out`` grows) or
+    ``("variable", size)``. Returns key → k (blocks: per side, ≥ 1; ``rows`` blocks: ``k_out``) or
+    numbers (variables, ≥ 1), grown greedily by the largest marginal variance reduction per number
+    until the budget is used."""
     level = {key: 1 for key in segments}
 
     def dim(key, v):
         seg = segments[key]
+        if seg[0] == "rows":
+            return seg[1] * min(v, seg[2])
         return min(v, seg[1]) * min(v, seg[2]) if seg[0] == "block" else min(v, seg[1])
     used = sum(dim(key, 1) for key in segments)
     while True:
@@ -151,39 +157,46 @@ def calibrate(objective, data, group: ParameterGroup | None = None, args: "Proje
     depends on data and an index rebuilds it from its metadata alone. Unchanged when ``args.k`` is
     set or ``allocation="uniform"``."""
     from dataclasses import replace
-
-    from .gradients import per_example_gradients
     args = args or ProjectionArgs()
     if args.k is not None or args.allocation != "gradient_norm":
         return args
     group = group if group is not None else ParameterGroup.from_model(objective.model)
     probe = GradientProjector(objective, group, replace(args, allocation="uniform"))
     sample = data.unbatch().take(int(examples)).batch(32)
-    offsets = np.cumsum([0] + group.sizes)
-    where = {id(tf_variable(v)): (a, b) for v, a, b in zip(group.variables, offsets[:-1], offsets[1:])}
-    segments, parts = {}, {}
+    segments = {}
     for b in probe.blocks:
-        segments[b.name] = ("block", b.rows, b.d_out)
-        parts[b.name] = [where[id(tf_variable(w))] for w in b.variables]
+        # token tables (Embedding, tied ReversibleEmbedding): keep the token side exact when the table is
+        # small enough — a per-example gradient touches only its tokens' rows, and mixing rows with a random
+        # P_in is what makes a Kronecker projection noisy there
+        token = b.kind in ("embedding", "tied") and b.rows * 8 <= int(args.max_dim)
+        segments[b.name] = ("rows" if token else "block", b.rows, b.d_out)
     names = dict(zip([id(tf_variable(v)) for v in group.variables], group.variable_names))
     for v in [w for nb in probe.norms for w in nb.variables] + list(probe.rest):
         key = names[id(tf_variable(v))]
         segments[key] = ("variable", int(np.prod(v.shape)))
-        parts[key] = [where[id(tf_variable(v))]]
+    # per-segment squared norms of every example from one captured pass per batch (ghost norms)
+    from .ghost_norms import GhostNorms
+    ghost = GhostNorms(objective, group)
+    fn = tf.function(ghost.segments, reduce_retracing=True, autograph=False)
     sq, n = dict.fromkeys(segments, 0.0), 0
-    for chunk in per_example_gradients(objective, sample, group, chunk_size=16):
-        c = chunk.numpy().astype(np.float64)
-        n += len(c)
-        for key, spans in parts.items():
-            sq[key] += sum(float(np.square(c[:, a:b]).sum()) for a, b in spans)
+    for x, y in sample:
+        parts, losses = fn(x, y)
+        n += int(losses.shape[0])
+        for key, v in parts.items():
+            sq[key] += float(tf.reduce_sum(tf.cast(v, tf.float64)))
     if n == 0:
         raise ValueError("calibration data is empty")
     fixed = {k: v for k, v in args.layer_k.items() if k in segments}
     free = {k: s for k, s in segments.items() if k not in fixed}
-    spent = sum(min(v, s[1]) * min(v, s[2]) if s[0] == "block" else min(v, s[1])
-                for k, v in fixed.items() for s in [segments[k]])
+    def fixed_dim(v, seg):
+        if seg[0] == "variable":
+            return min(int(v), seg[1])
+        k_in, k_out = (v[0], v[1]) if isinstance(v, (list, tuple)) else (v, v)
+        return min(int(k_in), seg[1]) * min(int(k_out), seg[2])
+    spent = sum(fixed_dim(v, segments[k]) for k, v in fixed.items())
     level = allocate({k: sq[k] / n for k in free}, free, max(len(free), int(args.max_dim) - spent))
-    return replace(args, layer_k={**{k: int(v) for k, v in level.items()}, **fixed})
+    sized = {k: ([segments[k][1], int(v)] if segments[k][0] == "rows" else int(v)) for k, v in level.items()}
+    return replace(args, layer_k={**sized, **fixed})
 
 
 class GradientProjector:
@@ -206,12 +219,13 @@ class GradientProjector:
         self._block_p = {}
         self.k = int(a.k) if a.k is not None else self._budget_k(blocks, a)   # blocks not in layer_k
         for b in blocks:
-            k = int(a.layer_k.get(b.name, self.k))
-            p_in = _gaussian(a.seed, f"{b.name}/in", b.rows, k)
-            p_out = _gaussian(a.seed, f"{b.name}/out", b.d_out, k)
+            k = a.layer_k.get(b.name, self.k)
+            k_in_req, k_out_req = (int(k[0]), int(k[1])) if isinstance(k, (list, tuple)) else (int(k), int(k))
+            p_in = _gaussian(a.seed, f"{b.name}/in", b.rows, k_in_req)
+            p_out = _gaussian(a.seed, f"{b.name}/out", b.d_out, k_out_req)
             self._block_p[b.name] = (p_in, p_out)
-            k_in = b.rows if p_in is None else k
-            k_out = b.d_out if p_out is None else k
+            k_in = b.rows if p_in is None else k_in_req
+            k_out = b.d_out if p_out is None else k_out_req
             layout.append({"key": b.name, "kind": b.kind, "rows": b.rows, "d_out": b.d_out, "k_in": k_in,
                            "k_out": k_out, "dim": k_in * k_out})
         names = dict(zip([id(tf_variable(v)) for v in self.group.variables], self.group.variable_names))
@@ -234,7 +248,10 @@ class GradientProjector:
                      if all(v is not w for b in blocks for w in b.variables))
         sized = [b for b in blocks if b.name in a.layer_k]
         free = [b for b in blocks if b.name not in a.layer_k]
-        others += sum(min(int(a.layer_k[b.name]), b.rows) * min(int(a.layer_k[b.name]), b.d_out) for b in sized)
+        for b in sized:
+            k = a.layer_k[b.name]
+            k_in, k_out = (k[0], k[1]) if isinstance(k, (list, tuple)) else (k, k)
+            others += min(int(k_in), b.rows) * min(int(k_out), b.d_out)
 
         def dim(k):
             return others + sum(min(k, b.rows) * min(k, b.d_out) for b in free)
