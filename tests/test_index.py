@@ -250,3 +250,20 @@ def test_the_faiss_backend_searching_every_list_is_the_exact_top_k(indexed):
     np.testing.assert_array_equal(approx.harmful_keys, exact.harmful_keys)
     np.testing.assert_array_equal(approx.helpful_keys, exact.helpful_keys)
     np.testing.assert_allclose(approx.helpful_scores, exact.helpful_scores, rtol=1e-4, atol=1e-6)
+
+
+def test_small_token_tables_keep_their_token_side_exact():
+    """With room for it (rows · 8 ≤ max_dim) a tied token embedding is projected on its feature side
+    only ([rows, k_out]); the captured projection still equals P applied to one-example gradients."""
+    from tf_influence.projection import calibrate
+    from tests import hub_models as hm
+    case = hm.build("gpt2", n_pre=12, batch=4)
+    obj = tfi.Objective(case.pretrain, case.pretrain_loss)
+    args = calibrate(obj, case.pretrain_data, args=ProjectionArgs(max_dim=1500))
+    proj = GradientProjector(obj, args=args)
+    (emb,) = [s for s in proj.layout if s["kind"] == "tied"]
+    assert args.layer_k[emb["key"]][0] == emb["rows"] == emb["k_in"] and emb["k_out"] < emb["d_out"]
+    assert proj.dim <= 1500
+    G = np.concatenate([g.numpy() for g in gradients.per_example_gradients(obj, case.pretrain_data, proj.group)])
+    np.testing.assert_allclose(proj.project(case.pretrain_data), proj.project_vector(G.T), rtol=1e-3,
+                               atol=1e-5 * np.abs(G).max())
