@@ -225,6 +225,17 @@ def test_the_beam_job_equals_the_in_process_index_and_the_query_cli(indexed, tmp
     assert [k for k, _ in top["harmful"]] == [k.decode() for k in lib.harmful_keys[0]]
     assert [k for k, _ in top["helpful"]] == [k.decode() for k in lib.helpful_keys[0]]
     assert not [p for p in os.listdir(tmp_path / "idx") if p.startswith(".tmp-")]
+    # the defaults: the driver shares the budget by gradient norm on the first file's examples and the
+    # workers project with the resolved sizes — the in-process projection with the index's own arguments
+    beam_index.main(["build", "--examples", str(tmp_path / "ex" / "*"), "--model", path, "--output",
+                     str(tmp_path / "idx_default"), "--max-dim", "40", "--direct_running_mode=in_memory"])
+    default = GradientIndex(str(tmp_path / "idx_default"))
+    resolved = default.projection_args
+    assert resolved.k is None and default.dim <= 40 and set(resolved.layer_k) == {s["key"] for s in default.meta["layout"]}
+    want = GradientProjector(obj, args=resolved).project(ds)
+    got = {k: v for ks, vs in default.iter_shards() for k, v in zip(ks, vs)}
+    for k, i in where.items():
+        np.testing.assert_allclose(got[k], want[i], rtol=0.02, atol=0.01 * np.abs(want[i]).max())   # int8
 
 
 def test_the_default_k_is_the_largest_within_the_budget():
