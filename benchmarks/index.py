@@ -230,12 +230,13 @@ def main(argv=None):
             args.gpt2_n, args.queries)
         print(f"measuring {name} ...", flush=True)
         pargs = {"digits-k16": ProjectionArgs(k=16), "gpt2-uniform": ProjectionArgs(allocation="uniform")}.get(name)
-        models.append(measure(name, *case, n_queries=args.queries, args=pargs))
+        label = name if not name.startswith("gpt2") or args.gpt2_n == 2000 else f"{name}-n{args.gpt2_n}"
+        models.append(measure(label, *case, n_queries=args.queries, args=pargs))
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in models[-1].items()}, flush=True)
     measured = {m["model"] for m in models}
     models += [m for m in previous.get("models", []) if m["model"] not in measured]
     order = ["digits", "digits-k16", "gpt2", "gpt2-uniform"]
-    models.sort(key=lambda m: order.index(m["model"]) if m["model"] in order else len(order))
+    models.sort(key=lambda m: (order.index(m["model"]) if m["model"] in order else len(order), m["model"]))
     # the top level holds the first model's figures (the names the issue asks for), `models` every model
     out = {**models[0], "models": models}
     if "scale" in previous:
