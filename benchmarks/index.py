@@ -140,32 +140,39 @@ def measure(name, model, loss, ds, qds, n_queries: int, top: int = 100, train_ep
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def _measured(cmd):
+    """Run ``cmd`` as its own process: ``(seconds, PeakRSS of it and its workers)``; fails with its log."""
+    import subprocess
+
+    from benchmarks.beam_scale import PeakRSS
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    with PeakRSS(proc.pid) as rss:
+        log, _ = proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(log.decode()[-3000:])
+    return time.perf_counter() - t, rss
+
+
 def scale_run(n: int, shards: int, root: str, workers: int = 2) -> dict:
     """The Beam build job over a synthetic digits corpus of ``n`` examples in ``shards`` files
     (DirectRunner, ``workers`` processes of one TensorFlow thread), then one streamed query batch
     through the query command; peak memory of the build's driver and largest worker and of the query
     process; every key exactly once."""
     import json
-    import subprocess
     import sys
 
-    from benchmarks.beam_scale import PeakRSS, make_model
+    from benchmarks.beam_scale import make_model
     from pipelines import synthetic_corpus
     corpus = os.path.join(root, f"corpus-{n}")
     info = synthetic_corpus.write_corpus(corpus, n, "digits", shards=shards)
     model = make_model(root)
     out = os.path.join(root, f"index-{n}")
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     cmd = [sys.executable, "-m", "tfx_components.beam_index", "build", "--examples", os.path.join(corpus, "data-*"),
            "--model", model, "--feature-spec", json.dumps(info["feature_spec"]), "--output", out, "--k", "16",
            "--worker-threads", "1", "--direct_running_mode=multi_processing", f"--direct_num_workers={workers}"]
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    with PeakRSS(proc.pid) as build_rss:
-        log, _ = proc.communicate()
-    build = time.perf_counter() - t
-    if proc.returncode:
-        raise RuntimeError(log.decode()[-3000:])
+    build, build_rss = _measured(cmd)
     index = GradientIndex(out, cache_bytes=0)
     seen = set()
     for keys, _ in index.iter_shards():
@@ -175,13 +182,7 @@ def scale_run(n: int, shards: int, root: str, workers: int = 2) -> dict:
     np.save(os.path.join(root, "q.npy"), q)
     cmd = [sys.executable, "-m", "tfx_components.beam_index", "query", "--index", out, "--model", model, "--vector",
            os.path.join(root, "q.npy"), "--top-k", "100", "--backend", "exact", "--out", os.path.join(root, "q.json")]
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    with PeakRSS(proc.pid) as query_rss:
-        log, _ = proc.communicate()
-    query = time.perf_counter() - t
-    if proc.returncode:
-        raise RuntimeError(log.decode()[-3000:])
+    query, query_rss = _measured(cmd)
     return {"n_examples": n, "shards": shards, "workers": workers, "build_seconds": build,
             "build_driver_peak_rss_mb": build_rss.driver_mb, "build_worker_peak_rss_mb": build_rss.worker_mb,
             "query_seconds_10_queries": query, "query_peak_rss_mb": query_rss.driver_mb,
