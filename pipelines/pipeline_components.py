@@ -38,7 +38,7 @@ def RandomScores(examples: InputArtifact[standard_artifacts.Examples], scores: O
     for split in splits:
         keys = []
         for f in common.split_files(examples, split):
-            keys += example_io.batch_keys(common.read_records([f], f), {"key": key_feature or None}, f, file=f)
+            keys += example_io.batch_keys(common.read_records([f], f), key_feature or None, f, file=f)
         scores_io.write_scores(os.path.join(scores.uri, f"Split-{split}"), keys, rng.random(len(keys)))
     set_scores_metadata(scores, splits, "random", key_feature=key_feature or None)
 

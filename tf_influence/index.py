@@ -117,6 +117,22 @@ def write_metadata(directory: str, projector_description: dict, model_fingerprin
     return meta
 
 
+def publish(directory: str, parts, projector_description: dict, model_fingerprint: str, dtype: str) -> dict:
+    """Move finished shard files ``parts`` (``(temporary path, count)``, in order) into ``directory`` as
+    ``vectors-<i>-of-<n>.npz`` after removing an earlier index there, then write ``index.json`` last —
+    the one publishing step of :func:`build_index` and the Beam job."""
+    tf.io.gfile.makedirs(directory)
+    for old in tf.io.gfile.glob(os.path.join(directory, SHARD_PATTERN)) + tf.io.gfile.glob(
+            os.path.join(directory, INDEX_FILE)):
+        tf.io.gfile.remove(old)
+    shards = []
+    for i, (tmp, count) in enumerate(parts):
+        name = f"vectors-{i:05d}-of-{len(parts):05d}.npz"
+        tf.io.gfile.rename(tmp, os.path.join(directory, name), overwrite=True)
+        shards.append({"file": name, "count": int(count)})
+    return write_metadata(directory, projector_description, model_fingerprint, shards, dtype)
+
+
 @dataclass
 class QueryResult:
     """Top-k per query: ``harmful_*`` the largest scores (removal predicted to lower the test loss),
@@ -352,11 +368,11 @@ def build_index(objective, dataset, directory: str, group: ParameterGroup | None
             ks = [str(i).encode() for i in range(n, n + len(v))] if keys is None else list(keys[n:n + len(v)])
             n += len(v)
             while len(v):
-                room = shard_size - sum(len(b) for b in buf_v)
+                room = shard_size - len(buf_k)            # buf_k holds one key per buffered vector
                 buf_v.append(v[:room])
                 buf_k.extend(ks[:room])
                 v, ks = v[room:], ks[room:]
-                if sum(len(b) for b in buf_v) == shard_size:
+                if len(buf_k) == shard_size:
                     flush()
         if buf_v:
             flush()
@@ -365,15 +381,8 @@ def build_index(objective, dataset, directory: str, group: ParameterGroup | None
             raise ValueError(f"{name} is empty: nothing to index")
         if keys is not None and len(keys) != n:
             raise ValueError(f"{len(keys)} keys for {n} examples")
-        for old in tf.io.gfile.glob(os.path.join(directory, SHARD_PATTERN)) + tf.io.gfile.glob(
-                os.path.join(directory, INDEX_FILE)):
-            tf.io.gfile.remove(old)
-        shards = []
-        for i, entry in enumerate(written):
-            final = f"vectors-{i:05d}-of-{len(written):05d}.npz"
-            tf.io.gfile.rename(os.path.join(tmp, entry["file"]), os.path.join(directory, final), overwrite=True)
-            shards.append({"file": final, "count": entry["count"]})
-        write_metadata(directory, proj.describe(), fingerprint(objective.model, proj.group), shards, dtype)
+        publish(directory, [(os.path.join(tmp, e["file"]), e["count"]) for e in written], proj.describe(),
+                fingerprint(objective.model, proj.group), dtype)
     finally:
         writer.shutdown(wait=True)
         if tf.io.gfile.exists(tmp):

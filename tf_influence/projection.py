@@ -239,6 +239,7 @@ class GradientProjector:
         self.layout = layout
         self.dim = int(sum(s["dim"] for s in layout))
         self._fn = tf.function(self._project, reduce_retracing=True, autograph=False)   # no tensor control flow
+        self._concrete = {}                                   # compiled_for: traced once per dataset spec
 
     def _budget_k(self, blocks, a) -> int:
         """The largest ``k`` (≥ 2) whose blocks not sized by ``layer_k``, with the other variables at
@@ -308,7 +309,7 @@ class GradientProjector:
         inside the graph."""
         spec = dataset.element_spec
         key = (repr(spec), str(output_dtype))
-        cache = self.__dict__.setdefault("_concrete", {})
+        cache = self._concrete
         if key not in cache:
             relaxed = tf.nest.map_structure(lambda s: tf.TensorSpec([None, *s.shape[1:]], s.dtype), spec)
             fn = self._fn if output_dtype is None else tf.function(

@@ -85,23 +85,15 @@ class IndexFile(beam.DoFn):
 
 
 def _publish(written, output_dir, description, model_fingerprint, dtype):
-    """Move the shards into place (input file order) and write ``index.json`` last."""
+    """Publish the workers' shards in input file order (:func:`tf_influence.index.publish`)."""
     import tensorflow as tf
 
-    from tf_influence.index import INDEX_FILE, SHARD_PATTERN, write_metadata
+    from tf_influence.index import publish
     written = sorted(written)
-    tf.io.gfile.makedirs(output_dir)
-    for old in tf.io.gfile.glob(os.path.join(output_dir, SHARD_PATTERN)) + tf.io.gfile.glob(
-            os.path.join(output_dir, INDEX_FILE)):
-        tf.io.gfile.remove(old)
-    shards = []
-    for i, (_, tmp, n) in enumerate(written):
-        name = f"vectors-{i:05d}-of-{len(written):05d}.npz"
-        tf.io.gfile.rename(tmp, os.path.join(output_dir, name), overwrite=True)
+    meta = publish(output_dir, [(tmp, n) for _, tmp, n in written], description, model_fingerprint, dtype)
+    for _, tmp, _ in written:
         tf.io.gfile.rmtree(os.path.dirname(tmp))
-        shards.append({"file": name, "count": int(n)})
-    write_metadata(output_dir, description, model_fingerprint, shards, dtype)
-    return sum(s["count"] for s in shards)
+    return meta["count"]
 
 
 def calibrated_args(objective, group, args, examples_pattern, feature_spec, examples: int | None = None):

@@ -253,9 +253,7 @@ def resolve_spec(args) -> dict:
         raise IOError(f"No files found based on the file pattern {args.examples}")
     sample = None
     if not args.feature_spec:
-        gz = files[0].endswith((".gz", ".gzip"))
-        sample = next(iter(tf.data.TFRecordDataset(files[0], compression_type="GZIP" if gz else "")
-                           .take(1).as_numpy_iterator()), None)
+        sample = next(_record_batches(files[0], 1), [None])[0]
         if sample is None:
             raise ValueError(f"{files[0]}: no examples to read the features from")
     model = None if args.feature_spec else example_io.load_keras_model(args.model)

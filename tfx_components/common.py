@@ -70,9 +70,9 @@ def load_split(examples, split: str, spec: dict, limit: int | None = None):
         left = None if limit is None else limit - len(keys)
         if left == 0:
             break
+        ds = tf.data.TFRecordDataset(f, compression_type="GZIP")
         try:
-            recs = list((lambda ds: ds.take(left) if left is not None else ds)(
-                tf.data.TFRecordDataset(f, compression_type="GZIP")).as_numpy_iterator())
+            recs = list((ds if left is None else ds.take(left)).as_numpy_iterator())
         except tf.errors.DataLossError as err:
             raise ValueError(f"{desc}: corrupt TFRecord {f} ({err.message})") from None
         if not recs:

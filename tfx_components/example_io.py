@@ -107,12 +107,12 @@ def example_key(feats, key_feature: str, desc: str = "examples") -> bytes:
                      "int64 feature with one value")
 
 
-def batch_keys(records, spec: dict, desc: str, file: str | None = None, start: int = 0) -> list:
-    """Keys of serialized examples: the spec's key feature, or :func:`record_key` of ``file``
+def batch_keys(records, key_feature: str | None, desc: str, file: str | None = None, start: int = 0) -> list:
+    """Keys of serialized examples: their ``key_feature``, or — ``None`` — :func:`record_key` of ``file``
     (records ``start``, ``start + 1``, … of it; ``file=None``: ``desc`` stands for the file)."""
-    if spec.get("key"):
+    if key_feature:
         import tensorflow as tf
-        return [example_key(tf.train.Example.FromString(r).features.feature, spec["key"], desc) for r in records]
+        return [example_key(tf.train.Example.FromString(r).features.feature, key_feature, desc) for r in records]
     return [record_key(file or desc, start + i) for i in range(len(records))]
 
 
@@ -125,7 +125,7 @@ def decode_batch(records, spec, desc: str = "examples", file: str | None = None,
     come from, for the file-and-position keys."""
     spec = spec if isinstance(spec, dict) and "transform_graph" in spec else parse_feature_spec(spec)
     records = list(records)
-    keys = batch_keys(records, spec, desc, file, start)
+    keys = batch_keys(records, spec.get("key"), desc, file, start)
     if "x" in spec:
         return (keys, *_decode_single(records, spec, desc))
     x, y = _decode_inputs(records, spec, desc)

@@ -49,7 +49,7 @@ class _KeyedRecords(beam.DoFn):
         from tfx_components.example_io import batch_keys
         start = 0
         for records in _record_batches(path, 1024):
-            keys = batch_keys(records, {"key": self.key_feature}, f"{self.desc}, file {path}", file=path, start=start)
+            keys = batch_keys(records, self.key_feature, f"{self.desc}, file {path}", file=path, start=start)
             start += len(records)
             yield from zip(keys, records)
 
