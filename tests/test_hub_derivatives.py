@@ -56,19 +56,29 @@ def _sq(H, r, lam):
     return np.linalg.solve(H @ H + lam * np.eye(len(H)), H @ r)
 
 
+_DENSE = {}
+
+
+def _dense_parts(case, g, f, measurement):
+    """Explicit Hessians and one-at-a-time gradients of a case, computed once per case (the module's
+    tests share the float64 models)."""
+    key = (id(case), measurement)
+    if key not in _DENSE:
+        (xp, yp), (xf, yf), (xt, yt) = case.arrays["pre"], case.arrays["ft"], case.arrays["test"]
+        W_pre = tfi.group_from_layers(case.pretrain, ["backbone"])
+        W_ft = tfi.group_from_layers(case.finetune, ["backbone"])
+        U = tfi.complement_group(case.pretrain, W_pre, allow_empty=True)
+        T = tfi.complement_group(case.finetune, W_ft)
+        WU = tfi.concat_groups("WU", W_pre, *([U] if U is not None else []))
+        TW = tfi.concat_groups("TW", T, W_ft)
+        meas = f if measurement is None else tfi.Objective(case.finetune, measurement, include_model_losses=False)
+        _DENSE[key] = (case, U, T, W_ft, TW, h.explicit_hessian(g, xp, yp, WU), h.one_at_a_time_gradients(g, xp, yp, WU),
+                       h.explicit_hessian(f, xf, yf, TW), h.loss_gradient(meas, xt, yt, TW))
+    return _DENSE[key][1:]
+
+
 def dense_multistage(case, g, f, case_kind, lam_pre, lam_ft, alpha=0.01, measurement=None):
-    (xp, yp), (xf, yf), (xt, yt) = case.arrays["pre"], case.arrays["ft"], case.arrays["test"]
-    W_pre = tfi.group_from_layers(case.pretrain, ["backbone"])
-    W_ft = tfi.group_from_layers(case.finetune, ["backbone"])
-    U = tfi.complement_group(case.pretrain, W_pre, allow_empty=True)
-    T = tfi.complement_group(case.finetune, W_ft)
-    WU = tfi.concat_groups("WU", W_pre, *([U] if U is not None else []))
-    TW = tfi.concat_groups("TW", T, W_ft)
-    meas = f if measurement is None else tfi.Objective(case.finetune, measurement, include_model_losses=False)
-    H_G = h.explicit_hessian(g, xp, yp, WU)
-    G = h.one_at_a_time_gradients(g, xp, yp, WU)
-    H_F = h.explicit_hessian(f, xf, yf, TW)
-    b = h.loss_gradient(meas, xt, yt, TW)
+    U, T, W_ft, TW, H_G, G, H_F, b = _dense_parts(case, g, f, measurement)
     iT, iW = TW.slices(T), TW.slices(W_ft)
     if case_kind == "fixed":
         v = b[iW] - H_F[np.ix_(iW, iT)] @ _sq(H_F[np.ix_(iT, iT)], b[iT], lam_ft)
@@ -106,14 +116,17 @@ def test_multistage_fixed_defaults_equal_dense_formula(tiny64):
     assert (U is None) == (c.name in ("gpt2", "llama"))
 
 
-def test_multistage_cg_squared_equals_dense_formula_on_tied_gpt2():
-    c = hm.build("gpt2", dtype="float64", **TINY)
+def test_multistage_cg_squared_equals_dense_formula_on_tied_gpt2(tiny64):
+    if tiny64.name != "gpt2":
+        pytest.skip("the iterative solve is checked on the tied GPT-2")
+    c = tiny64
     g, f = hm.objectives(c)
-    cfg = tfi.SolverConfig("cg_squared", damping=1e-2, tol=1e-10, max_iter=3000, on_nonconvergence="raise",
+    # damping 0.1: (H² + λI) well enough conditioned that CG reaches 1e-10 in tens of products, not thousands
+    cfg = tfi.SolverConfig("cg_squared", damping=1e-1, tol=1e-10, max_iter=3000, on_nonconvergence="raise",
                            curvature_iterations=0)
     res = tfi.multi_stage_influence(g, c.pretrain_data, f, c.finetune_data, c.test_data, embedding="backbone",
                                     pretrain_solver=cfg, finetune_solver=cfg, hessian_samples=None)
-    expected, _ = dense_multistage(c, g, f, "fixed", 1e-2, 1e-2)
+    expected, _ = dense_multistage(c, g, f, "fixed", 1e-1, 1e-1)
     np.testing.assert_allclose(res.scores, expected, rtol=1e-5, atol=1e-7 * np.abs(expected).max())
 
 

@@ -28,6 +28,23 @@ def test_hvp_matches_explicit_hessian_mlp(mlp_setup, mode):
     np.testing.assert_allclose(op.matvec(V[:, 0]).numpy(), H @ V[:, 0], rtol=1e-10, atol=1e-12)
 
 
+def test_small_data_held_in_memory_large_data_streamed(mlp_setup, monkeypatch):
+    """A dataset under ``CACHE_BYTES`` is read once and its batches held; above it every product
+    streams the dataset. Both (and their transposes) equal the explicit Hessian."""
+    from tf_influence import hessian
+    model, obj, x, y = mlp_setup
+    g = tfi.ParameterGroup.from_model(model, "all")
+    H = h.explicit_hessian(obj, x, y, g)
+    V = np.random.default_rng(3).normal(size=(g.size, 2))
+    held = tfi.HessianOperator(obj, h.dataset(x, y, 8), g)
+    assert held._held is not None and held.num_examples == 37
+    monkeypatch.setattr(hessian, "CACHE_BYTES", 0)
+    streamed = tfi.HessianOperator(obj, h.dataset(x, y, 8), g)
+    assert streamed._held is None and streamed.num_examples == 37
+    for op in (held, streamed, held.transpose(), streamed.transpose()):
+        np.testing.assert_allclose(op.matvec(V).numpy(), H @ V, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("mode", ["fob", "rr"])
 def test_hvp_matches_explicit_hessian_cnn(mode):
     rng = np.random.default_rng(2)

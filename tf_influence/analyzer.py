@@ -36,13 +36,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .configs import JsonConfig, dataclass_from_dict  # noqa: F401
 from .influence import InfluenceArgs, InfluenceResult, MultiStageInfluence
 from .objective import Objective
-from .solvers import dataclass_from_dict
+
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -52,7 +53,7 @@ class AnalyzerError(ValueError):
 
 
 @dataclass
-class FactorArgs:
+class FactorArgs(JsonConfig):
     """How :meth:`Analyzer.fit_factors` fits Kronecker-factored curvature (:func:`~tf_influence.kfac.fit_factors`).
 
     >>> FactorArgs.from_json(FactorArgs(kind="kfac", max_examples=500).to_json())
@@ -75,12 +76,6 @@ class FactorArgs:
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError(f"FactorArgs.max_examples must be ≥ 1 or None, got {self.max_examples}")
 
-    def to_json(self) -> str:
-        return json.dumps({f.name: getattr(self, f.name) for f in fields(self)}, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "FactorArgs":
-        return dataclass_from_dict(cls, json.loads(text))
 
 
 @dataclass

@@ -5,7 +5,9 @@
 With ``rows == cols`` it is the Hessian block of a group; with different groups it is the
 mixed block of eq. 10 / 11 (e.g. ``∂²F/∂Θ∂W``), and :meth:`HessianOperator.transpose`
 gives ``∂²F/∂W∂Θ``. No Hessian is materialised by a product: each costs one pass over the
-data and O(p) memory.
+data and O(p) memory. A dataset of at most ``CACHE_BYTES`` is read once and its batches are kept
+as tensors (an iterative solver applies the operator hundreds of times; re-reading a small dataset
+through ``tf.data`` — a Hessian subsample filters the whole corpus — cost more than the products).
 
 Modes (for one vector at a time):
   * ``"fob"`` forward-over-back: a ``tf.autodiff.ForwardAccumulator`` pushes ``v`` through
@@ -32,6 +34,23 @@ from .params import ParameterGroup, densify
 from .safety import function_safe
 
 MODES = ("fob", "rr")
+
+#: Datasets up to this many bytes (features + labels) are held in memory as their batches.
+CACHE_BYTES = 256 * 2**20
+
+
+def _held_batches(dataset, name: str, model, max_bytes: int):
+    """The ``(x, y)`` batches of ``dataset`` as tensors, or ``None`` once they pass ``max_bytes``."""
+    held, size = [], 0
+    for x, y in batches(dataset, name, model):
+        parts = tf.nest.flatten((x, y))
+        if not all(isinstance(t, tf.Tensor) for t in parts):    # ragged / sparse: streamed as they are
+            return None
+        size += sum(int(np.prod(t.shape)) * t.dtype.size for t in parts)
+        if size > max_bytes:
+            return None
+        held.append((x, y))
+    return held
 
 
 def _as_matrix(v, p: int, dtype) -> tuple[tf.Tensor, bool]:
@@ -148,7 +167,7 @@ class HessianOperator:
 
     def __init__(self, objective: Objective, dataset, rows: ParameterGroup, cols: ParameterGroup | None = None,
                  mode: str = "fob", hessian_samples: int | None = None, seed: int = 0,
-                 extra_diagonal=None, name: str | None = None, num_examples: int | None = None):
+                 extra_diagonal=None, name: str | None = None, num_examples: int | None = None, _batches=None):
         if mode not in MODES:
             raise ValueError(f"unknown HVP mode '{mode}'; choose one of {MODES}")
         self.objective = objective
@@ -161,7 +180,14 @@ class HessianOperator:
             dataset = subsample(dataset, hessian_samples, seed=seed, name=f"dataset of {self.name}")
             num_examples = None
         self.dataset = dataset
+        self._held = _batches if _batches is not None else _held_batches(
+            dataset, f"dataset of {self.name}", objective.model, CACHE_BYTES)
+        if self._held is not None and not num_examples:
+            num_examples = sum(int(tf.shape(tf.nest.flatten(y)[0])[0]) for _, y in self._held)
+            if num_examples == 0:
+                count_examples(dataset, f"dataset of {self.name}", objective.model)   # raises, naming it
         self.num_examples = num_examples or count_examples(dataset, f"dataset of {self.name}", objective.model)
+        self._has_regularization = objective.has_regularization
         self.dtype = rows.dtype
         self.shape = (rows.size, self.cols.size)
         if extra_diagonal is not None:
@@ -181,19 +207,20 @@ class HessianOperator:
         k = V.shape[1]
         total = tf.constant(self.num_examples, dtype=self.dtype)
         kern = self.kernels
+        data = self._held if self._held is not None else batches(self.dataset, f"dataset of {self.name}")
         with finite_check(self.name):
             if k == 1:
                 out = tf.zeros([self.rows.size], self.dtype)
-                for x, y in batches(self.dataset, f"dataset of {self.name}"):
+                for x, y in data:
                     out = out + kern.batch(x, y, V[:, 0], total)
-                if self.objective.has_regularization:
+                if self._has_regularization:
                     out = out + kern.reg(V[:, 0])
                 out = out[:, None]
             else:
                 out = tf.zeros([self.rows.size, k], self.dtype)
-                for x, y in batches(self.dataset, f"dataset of {self.name}"):
+                for x, y in data:
                     out = out + kern.block(x, y, V, total)
-                if self.objective.has_regularization:
+                if self._has_regularization:
                     out = out + kern.reg_block(V)
             out = check_finite(out, f"Hessian-vector product of {self.name}")
         if self.extra_diagonal is not None:
@@ -207,7 +234,7 @@ class HessianOperator:
         """The block with rows and columns swapped (``∂²L/∂cols∂rows``)."""
         return HessianOperator(self.objective, self.dataset, self.cols, self.rows, mode=self.mode,
                                extra_diagonal=self.extra_diagonal, name=f"{self.name}ᵀ",
-                               num_examples=self.num_examples)
+                               num_examples=self.num_examples, _batches=self._held)
 
     def to_dense(self, max_params: int = 4096, block_size: int = 256) -> np.ndarray:
         """The explicit block (small models only), ``block_size`` columns per vectorised pass."""
@@ -235,4 +262,4 @@ def mixed_hvp(objective: Objective, dataset, rows: ParameterGroup, cols: Paramet
     return HessianOperator(objective, dataset, rows, cols, mode=mode).matvec(v)
 
 
-__all__ = ["HessianOperator", "HvpKernels", "hvp", "mixed_hvp", "MODES"]
+__all__ = ["CACHE_BYTES", "HessianOperator", "HvpKernels", "hvp", "mixed_hvp", "MODES"]

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 import tensorflow as tf
 
+from .configs import JsonConfig, dataclass_from_dict  # noqa: F401
 from .gradients import mean_gradient, per_example_dot, stack_per_example_gradients
 from .hessian import HessianOperator
 from .objective import Objective, count_examples
@@ -61,7 +62,7 @@ def _default_finetune_solver() -> SolverConfig:
 
 
 @dataclass
-class InfluenceArgs:
+class InfluenceArgs(JsonConfig):
     """Every option of multi-stage influence, each default declared here once; passed whole from a
     CLI or a TFX component to :class:`MultiStageInfluence` (``to_json`` / ``from_json``).
 
@@ -118,16 +119,6 @@ class InfluenceArgs:
         out["pretrain_solver"], out["finetune_solver"] = self.pretrain_solver.to_dict(), self.finetune_solver.to_dict()
         return out
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "InfluenceArgs":
-        return dataclass_from_dict(cls, d)
-
-    @classmethod
-    def from_json(cls, text: str) -> "InfluenceArgs":
-        return cls.from_dict(json.loads(text))
 
 
 _UNSET = object()

@@ -45,6 +45,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
+from .configs import JsonConfig, dataclass_from_dict  # noqa: F401
 from .kfac.blocks import kronecker_blocks, norm_blocks
 from .kfac.capture import _norm_per_example, _vectorized_gradients, captured_pass
 from .objective import batches
@@ -52,7 +53,7 @@ from .params import ParameterGroup, tf_variable
 
 
 @dataclass(frozen=True)
-class ProjectionArgs:
+class ProjectionArgs(JsonConfig):
     """How per-example gradients are projected (one default each; JSON round trip)."""
 
     k: Optional[int] = field(default=None, metadata={
@@ -92,18 +93,6 @@ class ProjectionArgs:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ProjectionArgs":
-        from .solvers import dataclass_from_dict
-        return dataclass_from_dict(cls, d)
-
-    @classmethod
-    def from_json(cls, text: str) -> "ProjectionArgs":
-        return cls.from_dict(json.loads(text))
 
 
 def _gaussian(seed: int, key: str, rows: int, cols: int) -> np.ndarray | None:

@@ -36,13 +36,13 @@ Hessian is indefinite at a scale that matters or the damping dominates it.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import MISSING, dataclass, field, fields
 
 import numpy as np
 import tensorflow as tf
 
+from .configs import JsonConfig, dataclass_from_dict  # noqa: F401
 from .objective import NonFiniteError
 
 
@@ -383,7 +383,7 @@ SOLVER_FIELDS = {
 
 
 @dataclass
-class SolverConfig:
+class SolverConfig(JsonConfig):
     """How to invert one Hessian: the solver, its damping λ and its options — every option a typed
     field with its default declared here once. A field the chosen solver does not read must stay at
     its default (``SolverConfig("cg", fisher="empirical")`` raises: :data:`SOLVER_FIELDS`), and
@@ -484,33 +484,10 @@ class SolverConfig:
         out["dtype"] = None if self.dtype is None else tf.as_dtype(self.dtype).name
         return out
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SolverConfig":
-        return dataclass_from_dict(cls, d)
-
-    @classmethod
-    def from_json(cls, text: str) -> "SolverConfig":
-        return cls.from_dict(json.loads(text))
-
 
 def _saved_kind(directory: str) -> str:
     from .kfac import KFACFactors
     return KFACFactors.load(directory).kind
-
-
-def dataclass_from_dict(cls, d: dict):
-    """``cls(**d)`` for a configuration dataclass, refusing unknown keys by name (the one rule of
-    every ``from_json`` of the package's configuration objects)."""
-    if not isinstance(d, dict):
-        raise ValueError(f"a {cls.__name__} is a JSON object, got {type(d).__name__}")
-    unknown = sorted(set(d) - {f.name for f in fields(cls)})
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; the fields are "
-                         f"{sorted(f.name for f in fields(cls))}")
-    return cls(**d)
 
 
 _OPTION_FIELDS = ("scale", "max_params", "fisher", "relative_damping", "factors", "max_examples", "seed",

@@ -13,15 +13,15 @@ a CLI to the trainer: every default lives here once.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 
+from ..configs import JsonConfig, dataclass_from_dict  # noqa: F401
 from .schedules import TwoStageSchedule
 from .weights import EPS
 
 
 @dataclass(frozen=True)
-class PresenceArgs:
+class PresenceArgs(JsonConfig):
     """PRESENCE's reweighted training (Thakkar et al. 2023, Algorithm 2 with eq. 10's schedule).
 
     Attributes:
@@ -63,14 +63,3 @@ class PresenceArgs:
         d["si_layers"] = list(self.si_layers) if self.si_layers is not None else None
         return d
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PresenceArgs":
-        from ..solvers import dataclass_from_dict
-        return dataclass_from_dict(cls, d)
-
-    @classmethod
-    def from_json(cls, text: str) -> "PresenceArgs":
-        return cls.from_dict(json.loads(text))
