@@ -8,7 +8,7 @@ norm — for the 3.7 k-parameter digits CNN that is its whole gradient, so ``dig
 measures it with k = 16 per block side, a real projection):
 
 * **queries**: the loss gradients of ``--queries`` held-out examples (TracIn / single-stage style
-  test vectors; a multi-stage ``s`` is projected by the same code — ``tests/test_index.py``);
+  test vectors; a multi-stage ``s`` is projected by the same code — ``tests/tf_influence/test_index.py``);
 * **exact**: ``∇g(z)·q`` for every corpus example and query from unprojected per-example gradients
   (``per_example_dot``); ``recall_at_100`` (mean over queries and both sides, harmful and helpful,
   of the overlap of the index's top 100 with the exact top 100) and ``spearman_vs_exact`` (mean over

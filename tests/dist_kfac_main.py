@@ -1,4 +1,4 @@
-"""Run in a fresh process by tests/test_kfac_distributed.py (two logical CPU devices must be configured
+"""Run in a fresh process by tests/tf_influence/test_kfac_distributed.py (two logical CPU devices must be configured
 before TensorFlow initialises): EK-FAC factors fitted under MirroredStrategy vs on one device.
 
 Prints a JSON line with the replica count and the largest relative differences of the factors."""

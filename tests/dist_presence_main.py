@@ -1,4 +1,4 @@
-"""Run in a fresh process by tests/test_presence_distributed.py: two logical CPU devices must be
+"""Run in a fresh process by tests/tf_influence/test_presence_distributed.py: two logical CPU devices must be
 configured before TensorFlow initialises its devices.
 
 Prints a JSON line: max |Δ| between the weights after one PRESENCE step under

@@ -1,5 +1,5 @@
 """A small LocalDagRunner pipeline (Importers → SelfInfluenceScorer → ScoreFilter) for
-``tests/test_killed_runs.py``, which starts it as its own process and SIGKILLs it while the scorer
+``tests/pipelines/test_killed_runs.py``, which starts it as its own process and SIGKILLs it while the scorer
 runs. ``python tests/kill_pipeline_main.py ROOT`` (ROOT holds ``examples/`` and ``model/``)."""
 
 import os

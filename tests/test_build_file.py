@@ -21,8 +21,22 @@ def test_every_library_module_is_in_build():
 
 def test_every_test_is_in_build():
     listed = build_sources()
-    for path in (ROOT / "tests").glob("test_*.py"):
-        assert f"tests/{path.name}" in listed, f"tests/{path.name} has no py_test in BUILD"
+    tests = list((ROOT / "tests").rglob("test_*.py"))
+    assert len(tests) > 40
+    for path in tests:
+        rel = path.relative_to(ROOT).as_posix()
+        assert rel in listed, f"{rel} has no py_test in BUILD"
+
+
+def test_tests_mirror_the_packages():
+    """``tests/<package>/`` holds the tests of ``<package>``; only project-wide checks (BUILD, docs,
+    doctests, the wheel) sit in ``tests/`` itself."""
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        parts = path.relative_to(ROOT / "tests").parts
+        if len(parts) == 1:
+            assert parts[0] in ("test_build_file.py", "test_docs.py", "test_doctests.py", "test_install.py"), parts
+        else:
+            assert (ROOT / parts[0]).is_dir() and (ROOT / "tests" / parts[0] / "__init__.py").is_file(), parts
 
 
 def test_build_names_only_existing_files():

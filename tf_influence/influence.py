@@ -26,7 +26,7 @@ Case 1 (embedding fixed, Theorem 1, eq. 9–11, Algorithm 1)::
     I_{z,x_t} = ∇_{(W,U)} g(z) · s                           (step 5)
 
 Algorithm 1 as printed drops the minus sign of eq. 9 in step 5; eq. 11 keeps it, and we follow
-eq. 11 (checked against exact leave-one-out retraining in ``tests/test_convex_loo.py``).
+eq. 11 (checked against exact leave-one-out retraining in ``tests/tf_influence/test_convex_loo.py``).
 
 Case 2 (embedding updated, α-proximal approximation, eq. 12–15): see
 :meth:`MultiStageInfluence.test_vectors` for the derivation (eq. 12 is garbled in the paper).

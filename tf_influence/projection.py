@@ -15,7 +15,7 @@ What it approximates: every entry of ``P_in``, ``P_out``, ``P`` is drawn from ``
 ``E[P Pᵀ] = I`` and ``⟨P g, P s⟩`` is an unbiased estimate of ``g·s`` whose error shrinks as
 ``1/√k`` (Johnson–Lindenstrauss); a side whose ``k`` reaches the dimension uses the identity and is
 exact. Applied to the same ``P``, projected products are *exactly* ``P``-applied exact per-example
-gradients (``tests/test_index.py`` checks both). Projections are seeded per block (``seed`` and the
+gradients (``tests/tf_influence/test_index.py`` checks both). Projections are seeded per block (``seed`` and the
 block's key), so two processes, or an index and a later query, draw the same ``P``.
 
 Example::
@@ -59,9 +59,13 @@ class ProjectionArgs(JsonConfig):
     k: Optional[int] = field(default=None, metadata={
         "help": "projection size per side of each Kronecker block: k_in = min(k, rows), k_out = min(k, d_out), "
                 "so a block gives at most k² numbers; None: the largest k that keeps the whole projection "
-                "within max_dim"})
+                "within the budget (max_dim, max_fraction)"})
     max_dim: int = field(default=7680, metadata={
         "help": "with k=None, the budget of the whole projection (7,680 int8 numbers + a scale: 7.5 KB per example)"})
+    max_fraction: float = field(default=0.5, metadata={
+        "help": "with k=None, the budget is also at most this fraction of the group's parameters: an index as "
+                "large as the gradient stores it whole and makes a query cost as much as scoring every stored "
+                "gradient (1.0: allow it)"})
     k_other: int = field(default=32, metadata={
         "help": "projection size of each variable outside the blocks (identity when the variable is smaller)"})
     layer_k: dict = field(default_factory=dict, metadata={
@@ -79,6 +83,8 @@ class ProjectionArgs(JsonConfig):
         "choices": ("int8", "float16", "float32")})
 
     def __post_init__(self):
+        if not 0.0 < float(self.max_fraction) <= 1.0:
+            raise ValueError(f"ProjectionArgs: max_fraction must be in (0, 1], got {self.max_fraction}")
         if (self.k is not None and int(self.k) < 1) or int(self.k_other) < 1 or int(self.max_dim) < 1:
             raise ValueError(f"ProjectionArgs: k, k_other and max_dim must be ≥ 1, got {self.k}, {self.k_other}, "
                              f"{self.max_dim}")
@@ -107,40 +113,72 @@ def _gaussian(seed: int, key: str, rows: int, cols: int) -> np.ndarray | None:
 CALIBRATION_EXAMPLES = 256
 
 
-def allocate(shares: dict, segments: dict, max_dim: int) -> dict:
-    """Share ``max_dim`` numbers between segments in proportion to ``shares`` (the variance-optimal
-    rule: the error of ``⟨Pg, Ps⟩`` in a segment of ``d`` numbers scales as ``‖g‖²‖s‖²/d``, so with
-    queries distributed like the gradients ``d ∝ E‖g‖²``). ``segments``: key → ``("block", rows, d_out)``,
-    ``("rows", rows, d_out)`` (a block whose row side stays exact: only ``k_out`` grows) or
-    ``("variable", size)``. Returns key → k (blocks: per side, ≥ 1; ``rows`` blocks: ``k_out``) or
-    numbers (variables, ≥ 1), grown greedily by the largest marginal variance reduction per number
-    until the budget is used."""
-    level = {key: 1 for key in segments}
+def budget(args: "ProjectionArgs", n_params: int) -> int:
+    """Numbers per example when ``k`` is not set: ``max_dim``, at most ``max_fraction`` of the group."""
+    return max(1, min(int(args.max_dim), int(float(args.max_fraction) * int(n_params))))
 
-    def dim(key, v):
-        seg = segments[key]
-        if seg[0] == "rows":
-            return seg[1] * min(v, seg[2])
-        return min(v, seg[1]) * min(v, seg[2]) if seg[0] == "block" else min(v, seg[1])
-    used = sum(dim(key, 1) for key in segments)
+
+def _error(k: int, size: int) -> float:
+    """Relative variance of one projected side of ``size`` numbers at ``k``: ``1/k``, 0 when exact."""
+    return 0.0 if k >= size else 1.0 / k
+
+
+def allocate(shares: dict, segments: dict, max_dim: int) -> dict:
+    """Share ``max_dim`` numbers between segments in proportion to their contribution to the
+    estimate's variance. ``segments``: key → ``("block", rows, d_out)`` (a Kronecker block, each side
+    sized on its own), ``("rows", rows, d_out)`` (a block whose row side stays exact: only ``k_out``
+    grows) or ``("variable", size)``. The variance of ``⟨Pg, Ps⟩`` in a segment is modelled as its
+    share (``E‖g‖²``: with queries distributed like the gradients, the variance-optimal weight) times
+    ``e_in + e_out + e_in·e_out`` for a block with ``e = 1/k`` per projected side and 0 for a side
+    kept exact (``k ≥`` its size) — the error of a Kronecker projection of a low-rank per-example
+    gradient (rank 1 for a dense layer on one vector, ≤ T for T tokens) is set by each side's ``k``,
+    not by their product, so completing a small side (a classifier's 10 outputs, a token table's
+    rows) pays more than squaring a large one — and ``e`` for a variable. Sizes grow greedily by the
+    largest variance reduction per number (a step of one, or a side made exact at once) until the
+    budget is used. Returns key → ``[k_in, k_out]``
+    (blocks), ``k_out`` (``rows`` segments) or numbers (variables, ≥ 1)."""
+    def var(seg, lv):
+        if seg[0] == "block":
+            e_in, e_out = _error(lv[0], seg[1]), _error(lv[1], seg[2])
+            return e_in + e_out + e_in * e_out
+        return _error(lv[0], seg[2] if seg[0] == "rows" else seg[1])
+
+    def dim(seg, lv):
+        if seg[0] == "block":
+            return min(lv[0], seg[1]) * min(lv[1], seg[2])
+        return seg[1] * min(lv[0], seg[2]) if seg[0] == "rows" else min(lv[0], seg[1])
+
+    def moves(seg, lv):     # one more on a side, or that side made exact at once (the greedy sees the cliff)
+        if seg[0] == "block":
+            return [m for m, ok in (((lv[0] + 1, lv[1]), lv[0] < seg[1]), ((seg[1], lv[1]), lv[0] < seg[1]),
+                                    ((lv[0], lv[1] + 1), lv[1] < seg[2]), ((lv[0], seg[2]), lv[1] < seg[2])) if ok]
+        size = seg[2] if seg[0] == "rows" else seg[1]
+        return [(lv[0] + 1,), (size,)] if lv[0] < size else []
+
+    level = {key: ((1, 1) if seg[0] == "block" else (1,)) for key, seg in segments.items()}
+    used = sum(dim(segments[key], lv) for key, lv in level.items())
     while True:
         best, gain = None, 0.0
         for key, seg in segments.items():
-            d0, d1 = dim(key, level[key]), dim(key, level[key] + 1)
-            if d1 <= d0 or used + d1 - d0 > max_dim:
-                continue
-            g = shares.get(key, 0.0) * (1.0 / d0 - 1.0 / d1) / (d1 - d0)
-            if g > gain:
-                best, gain = key, g
+            lv = level[key]
+            v0, d0 = var(seg, lv), dim(seg, lv)
+            for m in moves(seg, lv):
+                d1 = dim(seg, m)
+                if d1 <= d0 or used + d1 - d0 > max_dim:
+                    continue
+                g = shares.get(key, 0.0) * (v0 - var(seg, m)) / (d1 - d0)
+                if g > gain:
+                    best, gain = (key, m), g
         if best is None:
-            return level
-        used += dim(best, level[best] + 1) - dim(best, level[best])
-        level[best] += 1
+            return {key: (list(lv) if segments[key][0] == "block" else lv[0]) for key, lv in level.items()}
+        key, m = best
+        used += dim(segments[key], m) - dim(segments[key], level[key])
+        level[key] = m
 
 
 def calibrate(objective, data, group: ParameterGroup | None = None, args: "ProjectionArgs | None" = None,
               examples: int = CALIBRATION_EXAMPLES) -> "ProjectionArgs":
-    """``args`` with ``max_dim`` shared by mean squared per-example gradient norm
+    """``args`` with the budget (:func:`budget`) shared by mean squared per-example gradient norm
     (:func:`allocate`), measured on the first ``examples`` examples of ``data`` (a batched ``(x, y)``
     dataset): every block's and variable's size written into ``layer_k``, so the projection no longer
     depends on data and an index rebuilds it from its metadata alone. Unchanged when ``args.k`` is
@@ -157,7 +195,7 @@ def calibrate(objective, data, group: ParameterGroup | None = None, args: "Proje
         # token tables (Embedding, tied ReversibleEmbedding): keep the token side exact when the table is
         # small enough — a per-example gradient touches only its tokens' rows, and mixing rows with a random
         # P_in is what makes a Kronecker projection noisy there
-        token = b.kind in ("embedding", "tied") and b.rows * 8 <= int(args.max_dim)
+        token = b.kind in ("embedding", "tied") and b.rows * 8 <= budget(args, group.size)
         segments[b.name] = ("rows" if token else "block", b.rows, b.d_out)
     names = dict(zip([id(tf_variable(v)) for v in group.variables], group.variable_names))
     for v in [w for nb in probe.norms for w in nb.variables] + list(probe.rest):
@@ -183,8 +221,8 @@ def calibrate(objective, data, group: ParameterGroup | None = None, args: "Proje
         k_in, k_out = (v[0], v[1]) if isinstance(v, (list, tuple)) else (v, v)
         return min(int(k_in), seg[1]) * min(int(k_out), seg[2])
     spent = sum(fixed_dim(v, segments[k]) for k, v in fixed.items())
-    level = allocate({k: sq[k] / n for k in free}, free, max(len(free), int(args.max_dim) - spent))
-    sized = {k: ([segments[k][1], int(v)] if segments[k][0] == "rows" else int(v)) for k, v in level.items()}
+    level = allocate({k: sq[k] / n for k in free}, free, max(len(free), budget(args, group.size) - spent))
+    sized = {k: ([segments[k][1], int(v)] if segments[k][0] == "rows" else v) for k, v in level.items()}
     return replace(args, layer_k={**sized, **fixed})
 
 
@@ -232,7 +270,7 @@ class GradientProjector:
 
     def _budget_k(self, blocks, a) -> int:
         """The largest ``k`` (≥ 2) whose blocks not sized by ``layer_k``, with the other variables at
-        ``k_other`` and the sized blocks at their ``layer_k``, fit ``max_dim`` (the uniform rule)."""
+        ``k_other`` and the sized blocks at their ``layer_k``, fit the budget (the uniform rule)."""
         others = sum(min(int(np.prod(v.shape)), int(a.layer_k.get(n, a.k_other)))
                      for v, n in zip(self.group.variables, self.group.variable_names)
                      if all(v is not w for b in blocks for w in b.variables))
@@ -246,7 +284,8 @@ class GradientProjector:
         def dim(k):
             return others + sum(min(k, b.rows) * min(k, b.d_out) for b in free)
         k = 2
-        while k < 4096 and dim(k + 1) <= a.max_dim and dim(k + 1) > dim(k):
+        limit = budget(a, self.group.size)
+        while k < 4096 and dim(k + 1) <= limit and dim(k + 1) > dim(k):
             k += 1
         return k
 

@@ -139,7 +139,7 @@ def test_dataflow_job_compiles(setup, tmp_path):
     from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
     from apache_beam.portability.api import beam_runner_api_pb2
     root, path, *_ = setup
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     opts = PipelineOptions(["--runner=DataflowRunner", "--project=my-project", "--region=us-central1",
                             "--temp_location=gs://my-bucket/tmp", f"--setup_file={os.path.join(repo, 'setup.py')}",
                             "--no_auth", "--dry_run=True"])

@@ -175,15 +175,21 @@ def test_int8_storage_scores_within_its_rounding_of_float32(indexed, tmp_path):
 
 
 def test_the_budget_is_shared_by_gradient_norm():
-    """``allocate``: within the budget, equal shares get equal sizes, a larger share never fewer;
-    ``calibrate`` on a keras-hub GPT-2 gives the tied token embedding — most of the gradient — the
-    largest block, sizes every segment (the index rebuilds it without data) and fits ``max_dim``."""
-    from tf_influence.projection import allocate, calibrate
-    segs = {"a": ("block", 50, 50), "b": ("block", 50, 50), "c": ("block", 50, 50), "v": ("variable", 40)}
-    level = allocate({"a": 1.0, "b": 1.0, "c": 4.0, "v": 0.5}, segs, 600)
-    dims = {k: min(level[k], 50) ** 2 for k in "abc"}
-    assert level["a"] == level["b"] and level["c"] > level["a"]
-    assert sum(dims.values()) + min(level["v"], 40) <= 600
+    """``allocate``: within the budget, equal shares get equal sizes, a larger share never fewer, a
+    block's small side is made exact (a 10-class head keeps its 10 outputs) while a square block
+    grows both sides alike; ``calibrate`` on a keras-hub GPT-2 gives the tied token embedding —
+    most of the gradient — the largest block, sizes every segment (the index rebuilds it without
+    data) and fits the budget; by default a projection is at most half the gradient."""
+    from tf_influence.projection import allocate, budget, calibrate
+    segs = {"a": ("block", 50, 50), "b": ("block", 50, 50), "c": ("block", 50, 50), "v": ("variable", 40),
+            "head": ("block", 200, 10)}
+    level = allocate({"a": 1.0, "b": 1.0, "c": 4.0, "v": 0.5, "head": 1.0}, segs, 900)
+    dims = {k: level[k][0] * level[k][1] for k in ("a", "b", "c", "head")}
+    assert level["a"] == level["b"] and dims["c"] > dims["a"]
+    assert abs(level["c"][0] - level["c"][1]) <= 1 and level["head"][1] == 10 and level["head"][0] < 200
+    assert sum(dims.values()) + level["v"] <= 900 and sum(dims.values()) + level["v"] > 900 - 50
+    small = GradientProjector(mlp()[1])
+    assert small.dim <= budget(ProjectionArgs(), small.group.size) == small.group.size // 2
     from tests import hub_models as hm
     case = hm.build("gpt2", n_pre=12, batch=4)
     obj = tfi.Objective(case.pretrain, case.pretrain_loss)
@@ -198,7 +204,7 @@ def test_the_budget_is_shared_by_gradient_norm():
 
 
 def test_the_beam_job_equals_the_in_process_index_and_the_query_cli(indexed, tmp_path):
-    from tests.test_example_io import write_records
+    from tests.tfx_components.test_example_io import write_records
     from tfx_components import beam_index, example_io
     model, obj, x, y, ds, index, root = indexed
     rows = [{"x": x[i], "label": [int(y[i])]} for i in range(50)]
@@ -242,8 +248,10 @@ def test_the_default_k_is_the_largest_within_the_budget():
     from model_zoo import cnn
     pre, _, _ = cnn.build_two_stage_models((8, 8, 1), 4, 6, seed=0)
     obj = tfi.Objective(pre, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    for budget in (300, 900, 2000):
-        proj = GradientProjector(obj, args=ProjectionArgs(max_dim=budget))
+    size = tfi.ParameterGroup.from_model(pre).size
+    for budget, fraction in ((300, 1.0), (900, 1.0), (2000, 1.0), (2000, 0.5)):
+        proj = GradientProjector(obj, args=ProjectionArgs(max_dim=budget, max_fraction=fraction))
+        budget = min(budget, int(fraction * size))                  # at most half the gradient by default
         bigger = GradientProjector(obj, args=ProjectionArgs(k=proj.k + 1))
         assert proj.dim <= budget < bigger.dim, (budget, proj.k, proj.dim, bigger.dim)
         assert proj.dim == GradientProjector(obj, args=ProjectionArgs(k=proj.k)).dim

@@ -13,7 +13,7 @@ import tf_influence as tfi
 from tf_influence.evaluation import loo
 from tf_influence.evaluation.retraining import WeightedTrainer, restore, snapshot
 from tests import helpers as h
-from tests.test_convex_loo import D, TwoStageLinear, logistic_loss
+from tests.tf_influence.test_convex_loo import D, TwoStageLinear, logistic_loss
 
 
 def test_zero_weight_equals_training_without_the_example():

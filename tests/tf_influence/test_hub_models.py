@@ -27,7 +27,7 @@ def hub32(request):
 
 
 def test_ekfac_eigenvalues_are_the_exact_fisher_diagonal_incl_reversible_embeddings(hub32):
-    from tests.test_kfac import per_example_block_matrices
+    from tests.tf_influence.test_kfac import per_example_block_matrices
     c = hub32
     g, _ = hm.objectives(c)
     group = tfi.ParameterGroup.from_model(c.pretrain)

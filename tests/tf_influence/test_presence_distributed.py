@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # tests/
 
 
 @pytest.mark.parametrize("tau,optimizer,model", [(1.5, "sgd", "toy"), (-1.0, "adam", "transformer")])

@@ -1,5 +1,5 @@
 """InfluenceScorer and SelfInfluenceScorer executors on real artifacts (scores equal the in-process
-library), bad input, and the index mode (scorer → ScoreFilter under LocalDagRunner: tests/test_penguin_pipeline.py and
+library), bad input, and the index mode (scorer → ScoreFilter under LocalDagRunner: tests/pipelines/test_penguin_pipeline.py and
 test_presence_pipeline.py, which checks PRESENCE-Sequential's keep-lowest selection)."""
 
 import json

@@ -21,7 +21,7 @@ distributed = pytest.importorskip("dask.distributed")
 beam = pytest.importorskip("apache_beam")
 from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
-from tests.test_beam_scoring import SPEC, setup  # noqa: E402,F401 — the same corpus and model fixture
+from tests.tfx_components.test_beam_scoring import SPEC, setup  # noqa: E402,F401 — the same corpus and model fixture
 from tfx_components import beam_scoring  # noqa: E402
 from tfx_components.dask_runner import DaskRunnerError  # noqa: E402
 
@@ -154,7 +154,7 @@ def test_score_filter_component_on_dask(cluster, tmp_path):
     """The ScoreFilter executor's Beam job (global top-k, CoGroupByKey, TFRecord sinks) on Dask."""
     from tfx.dsl.components.base.base_beam_executor import BaseBeamExecutor
 
-    from tests.test_score_filter import artifacts
+    from tests.tfx_components.test_score_filter import artifacts
     from tfx_components.score_filter.executor import Executor
     ex, sc, out, written, table = artifacts(tmp_path)
     ctx = BaseBeamExecutor.Context(beam_pipeline_args=cluster, tmp_dir=str(tmp_path / "tmp"), unique_id="1")

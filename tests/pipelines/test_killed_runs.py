@@ -13,9 +13,9 @@ import pytest
 
 pytest.importorskip("tfx")
 
-from tests.test_example_io import run_and_kill, write_records  # noqa: E402
+from tests.tfx_components.test_example_io import run_and_kill, write_records  # noqa: E402
 
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kill_pipeline_main.py")
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kill_pipeline_main.py")
 STATES = {1: "NEW", 2: "RUNNING", 3: "COMPLETE", 4: "FAILED", 5: "CACHED", 6: "CANCELED"}
 
 
