@@ -3,9 +3,9 @@ against a training epoch, per-query cost against re-scoring the corpus, and size
 
     python -m benchmarks.index --out docs/results/index.json [--models digits gpt2] [--digits-n 100000]
 
-Per model, with the index's defaults (``ProjectionArgs()``: 7,680 int8 numbers shared by gradient
-norm — for the 3.7 k-parameter digits CNN that is its whole gradient, so ``digits-k16`` also
-measures it with k = 16 per block side, a real projection):
+Per model, with the index's defaults (``ProjectionArgs()``: 7,680 int8 numbers, at most half the
+gradient — 1,829 for the 3.7 k-parameter digits CNN —, shared by gradient norm with each block side
+sized on its own; ``digits-k16`` measures the CNN with one k = 16 per block side for comparison):
 
 * **queries**: the loss gradients of ``--queries`` held-out examples (TracIn / single-stage style
   test vectors; a multi-stage ``s`` is projected by the same code — ``tests/tf_influence/test_index.py``);
@@ -195,8 +195,8 @@ def main(argv=None):
     ap.add_argument("--out", default="docs/results/index.json", help="JSON report path")
     ap.add_argument("--models", nargs="+", default=["digits", "digits-k16", "gpt2"],
                     choices=["digits", "digits-k16", "gpt2", "gpt2-uniform"],
-                    help="which models to measure (digits-k16: the digits CNN with k = 16, a real projection — the "
-                         "default budget holds this small model's whole gradient; gpt2-uniform: the GPT-2 with the "
+                    help="which models to measure (digits-k16: the digits CNN with one k = 16 per block side — the "
+                         "default budget sizes each side by gradient norm; gpt2-uniform: the GPT-2 with the "
                          "budget split uniformly, for comparison). Entries of models not measured are kept from --out")
     ap.add_argument("--digits-n", type=int, default=100_000, help="corpus size of the digits CNN")
     ap.add_argument("--gpt2-n", type=int, default=2_000, help="corpus size (sequences) of the GPT-2 LM")

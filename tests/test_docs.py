@@ -51,3 +51,10 @@ def test_readme_is_short_and_quotes_the_results_file():
     assert f"{data['default_over_epoch_2k']:.2f} epochs" in readme
     assert f"{data['fidelity_over_identity']['default']:.2f}×" in readme
     assert "../shared" not in readme
+    index = {m["model"]: m for m in json.loads((ROOT / "docs" / "results" / "index.json").read_text())["models"]}
+    for name, size in (("gpt2", "2,000 sequences"), ("gpt2-n10000", "10,000")):
+        m = index[name]
+        assert f"{m['spearman_vs_exact']:.3f}" in readme and f"{m['recall_at_100']:.3f}" in readme, name
+    assert f"{index['gpt2-n10000']['build_over_epoch']:.2f}\ntraining epochs" in readme
+    assert f"{index['gpt2-n10000']['query_speedup']:,.0f}×" in readme and f"{index['digits']['query_speedup']:.0f}×" in readme
+    assert f"{index['digits']['spearman_vs_exact']:.3f} / {index['digits']['recall_at_100']:.3f}" in readme
