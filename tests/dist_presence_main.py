@@ -9,6 +9,9 @@ import json
 import os
 import sys
 
+# run as a script, sys.path[0] is tests/, whose folders (tests/tf_influence/, tests/model_zoo/, …) would
+# shadow the packages they test: the repository root instead
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import tensorflow as tf  # noqa: E402
 

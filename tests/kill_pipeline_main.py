@@ -5,7 +5,9 @@ runs. ``python tests/kill_pipeline_main.py ROOT`` (ROOT holds ``examples/`` and 
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# run as a script, sys.path[0] is tests/, whose folders (tests/tf_influence/, tests/model_zoo/, …) would
+# shadow the packages they test: the repository root instead
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(root):
