@@ -6,7 +6,8 @@ absl flags are global per process, which the CLIs' ``main(argv)`` entry points a
 share). Each field ``name`` of the dataclass becomes ``--<prefix>name`` (underscores → dashes) with
 its default, its ``metadata["help"]`` and its type; a field whose type is itself a configuration
 dataclass (e.g. :class:`~tf_influence.solvers.SolverConfig`) takes JSON; ``bool`` fields get
-``--flag`` / ``--no-flag``; ``int | None`` fields take ``none``. :func:`from_args` builds the object
+``--flag`` / ``--no-flag``; ``int | None`` fields take ``none``; a field without a default is a
+required flag. :func:`from_args` builds the object
 back, so validation runs once, in the dataclass.
 
 >>> import argparse
@@ -44,12 +45,15 @@ def _dest(prefix: str, name: str) -> str:
     return f"{prefix}{name}".replace("-", "_")
 
 
+_REQUIRED = object()
+
+
 def _default(f):
     if f.default is not dataclasses.MISSING:
         return f.default
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
-    raise ValueError(f"field '{f.name}' has no default; a generated flag needs one")
+    return _REQUIRED                           # a field without a default: a required flag
 
 
 def _parse_optional(kind):
@@ -115,6 +119,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "", exclud
         base = next((a for a in args if a is not type(None)), hint) if args else hint
         help_ = f.metadata.get("help", "")
         kwargs = {"dest": _dest(prefix, f.name), "default": default}
+        if default is _REQUIRED:
+            kwargs = {"dest": _dest(prefix, f.name), "required": True}
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif dataclasses.is_dataclass(base):
@@ -134,7 +140,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "", exclud
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         shown = f"{_to_json(default)}; {cls.__name__}'s: {_to_json(class_default)}" if own else _to_json(default)
-        group.add_argument(_flag(prefix, f.name), help=f"{help_} (default: {shown})".strip().replace("%", "%%"), **kwargs)
+        help_ = help_ if default is _REQUIRED else f"{help_} (default: {shown})"
+        group.add_argument(_flag(prefix, f.name), help=help_.strip().replace("%", "%%"), **kwargs)
     return group
 
 

@@ -197,20 +197,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="project every example and write the index (Beam)")
-    b.add_argument("--examples", required=True, help="file pattern of GZIP TFRecord tf.train.Examples")
-    b.add_argument("--model", required=True, help="a .keras file or a folder holding model.keras")
-    b.add_argument("--output", required=True, help="index folder (index.json + vectors-*.npz)")
+    from tfx_components.example_io import ExampleSource
+    io = add_arguments(b, ExampleSource, title="examples, model and features (default: derived from the model's "
+                                               "named inputs)")
+    io.add_argument("--output", required=True, help="index folder (index.json + vectors-*.npz)")
     b.add_argument("--layers", nargs="+", default=None,
                    help="layers whose parameters are indexed (default: every parameter); the query vectors must be "
                         "over the same group")
-    b.add_argument("--feature-spec", default=None, help="hand-written feature spec JSON (default: derived)")
-    b.add_argument("--schema", default=None, help="a Schema (schema.pbtxt or a SchemaGen folder)")
-    b.add_argument("--transform-graph", default=None, help="a Transform graph folder (raw examples pass through it)")
-    b.add_argument("--label-key", default=None, help="the label feature (default: the one left over)")
-    b.add_argument("--key-feature", default=None, help="bytes / int64 key feature (default: file and position)")
-    b.add_argument("--loss", default=None, help="Keras loss config JSON (default: the model's compiled loss)")
-    b.add_argument("--batch-size", type=int, default=256, help="examples per library call (default 256)")
-    b.add_argument("--worker-threads", type=int, default=None, help="TensorFlow threads per worker process")
     add_arguments(b, ProjectionArgs)
     console.add_verbose_flag(b)
     q = sub.add_parser("query", help="top-k helpful / harmful examples per query vector")
@@ -229,6 +222,11 @@ def main(argv=None):
     args, beam_args = ap.parse_known_args(argv)
     console.quiet(args.verbose)
     if args.command == "build":
+        from tf_influence.cli import from_args
+        try:
+            from_args(ExampleSource, args)                 # validated once, in the dataclass
+        except ValueError as err:
+            b.error(str(err))
         _build(args, beam_args)
     else:
         if beam_args:

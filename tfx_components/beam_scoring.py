@@ -265,34 +265,14 @@ def resolve_spec(args) -> dict:
 
 def main(argv=None):
     from tf_influence import console
+    from tfx_components import example_io
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    io = ap.add_argument_group("examples and model")
-    io.add_argument("--examples", required=True,
-                    help="file pattern of GZIP TFRecord tf.train.Examples (e.g. 'artifact/Split-train/*'); one worker "
-                         "task per file, so write large corpora in shards")
-    io.add_argument("--model", required=True,
-                    help="a .keras file, or a directory holding model.keras (a TFX Model artifact or its "
-                         "Format-Serving folder; see tfx_components.saving.save_for_influence)")
+    from tf_influence.cli import add_arguments
+    io = add_arguments(ap, example_io.ExampleSource,
+                       title="examples, model and features (default: derived from the model's named inputs)")
     io.add_argument("--output", required=True,
                     help="folder for scores-<i>-of-<n>.tfrecord.gz ((key, score) records); earlier score files "
                          "and temporaries there are replaced, nothing partial is published")
-    feats = ap.add_argument_group(
-        "features (how an example becomes the model's (x, y); default: derived from the model's named inputs)")
-    feats.add_argument("--feature-spec", default=None,
-                       help="hand-written spec, JSON: {\"x\": {\"name\", \"shape\", \"dtype\"}, \"y\": {...}, \"key\"} for one "
-                            "input, or {\"inputs\": {<input name>: {...}}, \"y\": {...}} for named inputs "
-                            "(tfx_components.example_io); default: derived from --transform-graph / --schema / "
-                            "the first example")
-    feats.add_argument("--schema", default=None,
-                       help="a Schema (schema.pbtxt, or a SchemaGen artifact folder): the features' types and shapes")
-    feats.add_argument("--transform-graph", default=None,
-                       help="a Transform graph folder: the model's inputs are its transformed features; raw "
-                            "examples pass through the graph first")
-    feats.add_argument("--label-key", default=None,
-                       help="the label feature (default: the one feature that is neither a model input nor the key)")
-    feats.add_argument("--key-feature", default=None,
-                       help="a bytes or int64 feature identifying each example (default: none; examples are "
-                            "identified as '<file name>:<record index>')")
     ap.add_argument("--kind", choices=KINDS, default="self_influence",
                     help="self_influence (TracIn SI over --si-layers) or influence (gradient . s with the test "
                          "vector of --result, or --vector and --group-spec)")
@@ -304,16 +284,17 @@ def main(argv=None):
     ap.add_argument("--vector", default=None, help=".npy file with the test-side vector s (influence; or --result)")
     ap.add_argument("--group-spec", default=None,
                     help="GroupSpec JSON (or a .json file) of the parameters of s (influence; or --result)")
-    ap.add_argument("--loss", default=None, help="Keras loss config JSON (default: the model's compiled loss)")
-    ap.add_argument("--batch-size", type=int, default=256, help="examples per library call (default 256)")
     ap.add_argument("--checkpoints", nargs="+", default=None,
                     help="TracIn checkpoints (.weights.h5 files) summed with --learning-rates (self_influence)")
     ap.add_argument("--learning-rates", nargs="+", type=float, default=None,
                     help="one learning rate per --checkpoints file (TracIn's eta; default 1 each)")
-    ap.add_argument("--worker-threads", type=int, default=None,
-                    help="TensorFlow threads per worker process (default all cores; 1 with one worker per core)")
     console.add_verbose_flag(ap)
     args, beam_args = ap.parse_known_args(argv)
+    from tf_influence.cli import from_args
+    try:
+        from_args(example_io.ExampleSource, args)         # validated once, in the dataclass
+    except ValueError as err:
+        ap.error(str(err))
     console.quiet(args.verbose)
     vector, group_spec = None, None
     if args.kind == "influence":

@@ -88,3 +88,33 @@ def test_every_flag_of_every_cli_is_documented(module, monkeypatch):
             elif a.option_strings and a.help is None:
                 undocumented.append(a.option_strings)
     assert not undocumented, undocumented
+
+
+def test_the_scoring_and_index_jobs_share_one_example_source(monkeypatch, capsys):
+    """One name per concept: the examples / model / feature flags of both Beam jobs are generated from
+    ``ExampleSource`` (same flags, help texts, defaults; required where it has no default), and a bad
+    value is refused by the dataclass, naming the field."""
+    import dataclasses
+    import importlib
+
+    from tfx_components.example_io import ExampleSource
+    actions = {}
+    for module, argv in (("tfx_components.beam_scoring", []), ("tfx_components.beam_index", ["build"])):
+        parsers = []
+        real = argparse.ArgumentParser.parse_known_args
+
+        def capture(self, args=None, namespace=None, parsers=parsers):
+            parsers.append(self)
+            return real(self, args, namespace)
+        monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
+        with pytest.raises(SystemExit):
+            importlib.import_module(module).main([*argv, "--examples", "x", "--model", "m", "--output", "o",
+                                                  "--batch-size", "0"])
+        assert "ExampleSource.batch_size must be ≥ 1, got 0" in capsys.readouterr().err
+        monkeypatch.undo()
+        parser = parsers[-1]
+        actions[module] = {a.dest: (a.option_strings, a.help, a.default, a.required) for a in parser._actions}
+    for f in dataclasses.fields(ExampleSource):
+        scoring, index = actions["tfx_components.beam_scoring"][f.name], actions["tfx_components.beam_index"][f.name]
+        assert scoring == index, f.name
+        assert scoring[3] == (f.default is dataclasses.MISSING), f.name
