@@ -25,6 +25,8 @@ Sparse gradients: a Keras ``Embedding`` has an ``IndexedSlices`` gradient, which
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import tensorflow as tf
 
@@ -39,9 +41,34 @@ MODES = ("fob", "rr")
 CACHE_BYTES = 256 * 2**20
 
 
+class _Batches(list):
+    """Held ``(x, y)`` batches (a list that can be weakly referenced)."""
+
+
+#: Held batches by dataset object, while an operator holds them: the operators of one computation
+#: (H_TT and H_WT over the finetuning data, a block and its transpose) share one copy, freed with them.
+_HELD = weakref.WeakKeyDictionary()
+
+
 def _held_batches(dataset, name: str, model, max_bytes: int):
     """The ``(x, y)`` batches of ``dataset`` as tensors, or ``None`` once they pass ``max_bytes``."""
-    held, size = [], 0
+    try:
+        ref = _HELD.get(dataset)
+    except TypeError:                           # not weak-referenceable: not shared
+        ref = None
+    held = ref() if ref is not None else None
+    if held is None:
+        held = _read_held(dataset, name, model, max_bytes)
+        if held is not None:
+            try:
+                _HELD[dataset] = weakref.ref(held)
+            except TypeError:
+                pass
+    return held
+
+
+def _read_held(dataset, name: str, model, max_bytes: int):
+    held, size = _Batches(), 0
     for x, y in batches(dataset, name, model):
         parts = tf.nest.flatten((x, y))
         if not all(isinstance(t, tf.Tensor) for t in parts):    # ragged / sparse: streamed as they are

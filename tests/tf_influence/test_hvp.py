@@ -43,6 +43,17 @@ def test_small_data_held_in_memory_large_data_streamed(mlp_setup, monkeypatch):
     assert streamed._held is None and streamed.num_examples == 37
     for op in (held, streamed, held.transpose(), streamed.transpose()):
         np.testing.assert_allclose(op.matvec(V).numpy(), H @ V, rtol=1e-10, atol=1e-12)
+    monkeypatch.undo()
+    data = h.dataset(x, y, 8)                       # operators over one dataset share one held copy ...
+    a, b = tfi.HessianOperator(obj, data, g), tfi.HessianOperator(obj, data, g, mode="rr")
+    assert a._held is b._held
+    import gc
+    import weakref
+    ref = weakref.ref(a._held)
+    del a, b
+    gc.collect()
+    assert ref() is None                            # ... freed with them, though the dataset lives on
+    assert data is not None
 
 
 @pytest.mark.parametrize("mode", ["fob", "rr"])
