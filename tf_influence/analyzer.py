@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .configs import JsonConfig, dataclass_from_dict  # noqa: F401
+from .configs import JsonConfig
 from .influence import InfluenceArgs, InfluenceResult, MultiStageInfluence
 from .objective import Objective
 

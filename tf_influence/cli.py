@@ -145,12 +145,19 @@ def add_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "", exclud
     return group
 
 
-def from_args(cls, namespace: argparse.Namespace, prefix: str = "", **overrides):
-    """The ``cls`` object the flags of :func:`add_arguments` describe (``overrides`` win)."""
+def from_args(cls, namespace: argparse.Namespace, prefix: str = "", parser: argparse.ArgumentParser | None = None,
+              **overrides):
+    """The ``cls`` object the flags of :func:`add_arguments` describe (``overrides`` win). With
+    ``parser``, a value the dataclass refuses is reported as that parser's usage error."""
     values = {}
     for f in dataclasses.fields(cls):
         dest = _dest(prefix, f.name)
         if f.init and hasattr(namespace, dest):
             values[f.name] = getattr(namespace, dest)
     values.update(overrides)
-    return cls(**values)
+    if parser is None:
+        return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as err:
+        parser.error(str(err))

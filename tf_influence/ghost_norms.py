@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from .params import ParameterGroup, tf_variable
+from .params import ParameterGroup
 from .kfac.blocks import kronecker_blocks, norm_blocks
 from .kfac.capture import _norm_per_example, _vectorized_gradients, captured_pass
 
@@ -46,7 +46,6 @@ class GhostNorms:
         shared by (:func:`tf_influence.projection.calibrate`)."""
         obj = self.objective
         losses, records, grads, modes, options = captured_pass(obj, self.blocks + self.norms, x, y)
-        names = dict(zip([id(tf_variable(v)) for v in self.group.variables], self.group.variable_names))
         out = {}
         for b in self.blocks:
             # a layer called several times in one forward pass: G_n sums over its calls
@@ -75,9 +74,9 @@ class GhostNorms:
         for nb in self.norms:
             per = _norm_per_example(nb, records[nb.name], grads[nb.name], losses.dtype, options.get(nb.name))
             for v, pe in zip(nb.variables, per):
-                out[names[id(tf_variable(v))]] = tf.reduce_sum(tf.reshape(tf.square(pe), [tf.shape(pe)[0], -1]), axis=1)
+                out[self.group.name_of(v)] = tf.reduce_sum(tf.reshape(tf.square(pe), [tf.shape(pe)[0], -1]), axis=1)
         if self.rest:
             for v, gv in zip(self.rest, _vectorized_gradients(obj, self.rest, x, y)):
                 gv = tf.cast(gv, losses.dtype)
-                out[names[id(tf_variable(v))]] = tf.reduce_sum(tf.reshape(tf.square(gv), [tf.shape(gv)[0], -1]), axis=1)
+                out[self.group.name_of(v)] = tf.reduce_sum(tf.reshape(tf.square(gv), [tf.shape(gv)[0], -1]), axis=1)
         return out, losses

@@ -50,34 +50,40 @@ class _Batches(list):
 _HELD = weakref.WeakKeyDictionary()
 
 
-def _held_batches(dataset, name: str, model, max_bytes: int):
-    """The ``(x, y)`` batches of ``dataset`` as tensors, or ``None`` once they pass ``max_bytes``."""
+def _examples(y) -> int:
+    return int(tf.shape(tf.nest.flatten(y)[0])[0])
+
+
+def _held_batches(dataset, name: str, model, max_bytes: int, count: bool):
+    """``(batches, n)``: the ``(x, y)`` batches of ``dataset`` as tensors (``None`` once they pass
+    ``max_bytes`` or are not dense), and its number of examples — counted in the same pass when
+    ``count`` (else ``None`` for a dataset that is not held)."""
     try:
         ref = _HELD.get(dataset)
     except TypeError:                           # not weak-referenceable: not shared
         ref = None
     held = ref() if ref is not None else None
-    if held is None:
-        held = _read_held(dataset, name, model, max_bytes)
-        if held is not None:
-            try:
-                _HELD[dataset] = weakref.ref(held)
-            except TypeError:
-                pass
-    return held
-
-
-def _read_held(dataset, name: str, model, max_bytes: int):
-    held, size = _Batches(), 0
+    if held is not None:
+        return held, sum(_examples(y) for _, y in held)
+    held, size, n = _Batches(), 0, 0
     for x, y in batches(dataset, name, model):
+        n += _examples(y)
+        if held is None:
+            continue                            # counting only
         parts = tf.nest.flatten((x, y))
-        if not all(isinstance(t, tf.Tensor) for t in parts):    # ragged / sparse: streamed as they are
-            return None
-        size += sum(int(np.prod(t.shape)) * t.dtype.size for t in parts)
-        if size > max_bytes:
-            return None
+        size += sum(int(np.prod(t.shape)) * t.dtype.size for t in parts if isinstance(t, tf.Tensor))
+        if not all(isinstance(t, tf.Tensor) for t in parts) or size > max_bytes:   # ragged / sparse, or large
+            held = None
+            if not count:
+                return None, None
+            continue
         held.append((x, y))
-    return held
+    if held is not None:
+        try:
+            _HELD[dataset] = weakref.ref(held)
+        except TypeError:
+            pass
+    return held, n
 
 
 def _as_matrix(v, p: int, dtype) -> tuple[tf.Tensor, bool]:
@@ -207,13 +213,14 @@ class HessianOperator:
             dataset = subsample(dataset, hessian_samples, seed=seed, name=f"dataset of {self.name}")
             num_examples = None
         self.dataset = dataset
-        self._held = _batches if _batches is not None else _held_batches(
-            dataset, f"dataset of {self.name}", objective.model, CACHE_BYTES)
-        if self._held is not None and not num_examples:
-            num_examples = sum(int(tf.shape(tf.nest.flatten(y)[0])[0]) for _, y in self._held)
-            if num_examples == 0:
-                count_examples(dataset, f"dataset of {self.name}", objective.model)   # raises, naming it
-        self.num_examples = num_examples or count_examples(dataset, f"dataset of {self.name}", objective.model)
+        if _batches is not None:
+            self._held, n = _batches, sum(_examples(y) for _, y in _batches)
+        else:
+            self._held, n = _held_batches(dataset, f"dataset of {self.name}", objective.model, CACHE_BYTES,
+                                          count=not num_examples)
+        if not num_examples and n == 0:
+            count_examples(dataset, f"dataset of {self.name}", objective.model)   # raises, naming the dataset
+        self.num_examples = num_examples or n
         self._has_regularization = objective.has_regularization
         self.dtype = rows.dtype
         self.shape = (rows.size, self.cols.size)

@@ -42,13 +42,13 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 import tensorflow as tf
 
-from .configs import JsonConfig, dataclass_from_dict  # noqa: F401
+from .configs import JsonConfig
 from .gradients import mean_gradient, per_example_dot, stack_per_example_gradients
 from .hessian import HessianOperator
 from .objective import Objective, count_examples
 from .params import (GroupSpec, ParameterGroup, ParameterGroupError, as_layer_list, check_groups_match, complement_group,
                      concat_groups, group_from_layers)
-from .solvers import DEFAULT_FINETUNE_DAMPING, DEFAULT_PRETRAIN_DAMPING, SolverConfig, dataclass_from_dict, solve
+from .solvers import DEFAULT_FINETUNE_DAMPING, DEFAULT_PRETRAIN_DAMPING, SolverConfig, solve
 
 TEST_TARGETS = ("sum", "each")
 CASES = ("fixed", "updated")

@@ -161,6 +161,10 @@ class ParameterGroup:
     def variable_names(self) -> list:
         return [_path(v) for v in self.variables]
 
+    def name_of(self, v) -> str:
+        """The name (Keras path) of the group's variable ``v``, as in :attr:`variable_names`."""
+        return dict(zip((id(w) for w in self.tf_variables), self.variable_names))[id(tf_variable(v))]
+
     def flatten(self, tensors: Sequence) -> tf.Tensor:
         """Concatenate per-variable tensors (e.g. gradients) into one ``[p]`` vector.
 

@@ -45,7 +45,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
-from .configs import JsonConfig, dataclass_from_dict  # noqa: F401
+from .configs import JsonConfig
 from .kfac.blocks import kronecker_blocks, norm_blocks
 from .kfac.capture import _norm_per_example, _vectorized_gradients, captured_pass
 from .objective import batches
@@ -111,6 +111,11 @@ def _gaussian(seed: int, key: str, rows: int, cols: int) -> np.ndarray | None:
 
 #: Examples whose per-example gradients share out the budget (``calibrate``; the Beam job's driver too).
 CALIBRATION_EXAMPLES = 256
+
+
+def sides(k) -> tuple:
+    """``(k_in, k_out)`` of a block's ``layer_k`` entry: one number for both sides, or ``[k_in, k_out]``."""
+    return (int(k[0]), int(k[1])) if isinstance(k, (list, tuple)) else (int(k), int(k))
 
 
 def budget(args: "ProjectionArgs", n_params: int) -> int:
@@ -197,10 +202,8 @@ def calibrate(objective, data, group: ParameterGroup | None = None, args: "Proje
         # P_in is what makes a Kronecker projection noisy there
         token = b.kind in ("embedding", "tied") and b.rows * 8 <= budget(args, group.size)
         segments[b.name] = ("rows" if token else "block", b.rows, b.d_out)
-    names = dict(zip([id(tf_variable(v)) for v in group.variables], group.variable_names))
     for v in [w for nb in probe.norms for w in nb.variables] + list(probe.rest):
-        key = names[id(tf_variable(v))]
-        segments[key] = ("variable", int(np.prod(v.shape)))
+        segments[group.name_of(v)] = ("variable", int(np.prod(v.shape)))
     # per-segment squared norms of every example from one captured pass per batch (ghost norms)
     from .ghost_norms import GhostNorms
     ghost = GhostNorms(objective, group)
@@ -218,8 +221,8 @@ def calibrate(objective, data, group: ParameterGroup | None = None, args: "Proje
     def fixed_dim(v, seg):
         if seg[0] == "variable":
             return min(int(v), seg[1])
-        k_in, k_out = (v[0], v[1]) if isinstance(v, (list, tuple)) else (v, v)
-        return min(int(k_in), seg[1]) * min(int(k_out), seg[2])
+        k_in, k_out = sides(v)
+        return min(k_in, seg[1]) * min(k_out, seg[2])
     spent = sum(fixed_dim(v, segments[k]) for k, v in fixed.items())
     level = allocate({k: sq[k] / n for k in free}, free, max(len(free), budget(args, group.size) - spent))
     sized = {k: ([segments[k][1], int(v)] if segments[k][0] == "rows" else v) for k, v in level.items()}
@@ -246,8 +249,7 @@ class GradientProjector:
         self._block_p = {}
         self.k = int(a.k) if a.k is not None else self._budget_k(blocks, a)   # blocks not in layer_k
         for b in blocks:
-            k = a.layer_k.get(b.name, self.k)
-            k_in_req, k_out_req = (int(k[0]), int(k[1])) if isinstance(k, (list, tuple)) else (int(k), int(k))
+            k_in_req, k_out_req = sides(a.layer_k.get(b.name, self.k))
             p_in = _gaussian(a.seed, f"{b.name}/in", b.rows, k_in_req)
             p_out = _gaussian(a.seed, f"{b.name}/out", b.d_out, k_out_req)
             self._block_p[b.name] = (p_in, p_out)
@@ -255,10 +257,9 @@ class GradientProjector:
             k_out = b.d_out if p_out is None else k_out_req
             layout.append({"key": b.name, "kind": b.kind, "rows": b.rows, "d_out": b.d_out, "k_in": k_in,
                            "k_out": k_out, "dim": k_in * k_out})
-        names = dict(zip([id(tf_variable(v)) for v in self.group.variables], self.group.variable_names))
         self._var_p = {}
         for v in [v for nb in self.norms for v in nb.variables] + list(self.rest):
-            key = names[id(tf_variable(v))]
+            key = self.group.name_of(v)
             size = int(np.prod(v.shape))
             p = _gaussian(a.seed, key, size, int(a.layer_k.get(key, a.k_other)))
             self._var_p[id(tf_variable(v))] = p
@@ -277,9 +278,8 @@ class GradientProjector:
         sized = [b for b in blocks if b.name in a.layer_k]
         free = [b for b in blocks if b.name not in a.layer_k]
         for b in sized:
-            k = a.layer_k[b.name]
-            k_in, k_out = (k[0], k[1]) if isinstance(k, (list, tuple)) else (k, k)
-            others += min(int(k_in), b.rows) * min(int(k_out), b.d_out)
+            k_in, k_out = sides(a.layer_k[b.name])
+            others += min(k_in, b.rows) * min(k_out, b.d_out)
 
         def dim(k):
             return others + sum(min(k, b.rows) * min(k, b.d_out) for b in free)

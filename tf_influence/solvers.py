@@ -42,7 +42,7 @@ from dataclasses import MISSING, dataclass, field, fields
 import numpy as np
 import tensorflow as tf
 
-from .configs import JsonConfig, dataclass_from_dict  # noqa: F401
+from .configs import JsonConfig, dataclass_from_dict  # noqa: F401 (re-exported: it lived here)
 from .objective import NonFiniteError
 
 

@@ -223,10 +223,7 @@ def main(argv=None):
     console.quiet(args.verbose)
     if args.command == "build":
         from tf_influence.cli import from_args
-        try:
-            from_args(ExampleSource, args)                 # validated once, in the dataclass
-        except ValueError as err:
-            b.error(str(err))
+        from_args(ExampleSource, args, parser=b)           # validated once, in the dataclass
         _build(args, beam_args)
     else:
         if beam_args:

@@ -291,10 +291,7 @@ def main(argv=None):
     console.add_verbose_flag(ap)
     args, beam_args = ap.parse_known_args(argv)
     from tf_influence.cli import from_args
-    try:
-        from_args(example_io.ExampleSource, args)         # validated once, in the dataclass
-    except ValueError as err:
-        ap.error(str(err))
+    from_args(example_io.ExampleSource, args, parser=ap)  # validated once, in the dataclass
     console.quiet(args.verbose)
     vector, group_spec = None, None
     if args.kind == "influence":

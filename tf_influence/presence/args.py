@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from ..configs import JsonConfig, dataclass_from_dict  # noqa: F401
+from ..configs import JsonConfig
 from .schedules import TwoStageSchedule
 from .weights import EPS
 
