@@ -93,9 +93,10 @@ class ProjectionArgs(JsonConfig):
         if self.dtype not in ("int8", "float16", "float32"):
             raise ValueError(f"ProjectionArgs: dtype must be 'int8', 'float16' or 'float32', got '{self.dtype}'")
         bad = {name: v for name, v in dict(self.layer_k).items()
-               if any(int(x) < 1 for x in (v if isinstance(v, (list, tuple)) else [v]))}
+               if (isinstance(v, (list, tuple)) and len(v) != 2)
+               or any(int(x) < 1 for x in (v if isinstance(v, (list, tuple)) else [v]))}
         if bad:
-            raise ValueError(f"ProjectionArgs: layer_k values must be ≥ 1, got {bad}")
+            raise ValueError(f"ProjectionArgs: layer_k values must be a number ≥ 1 or [k_in, k_out] ≥ 1, got {bad}")
 
     def to_dict(self) -> dict:
         return asdict(self)

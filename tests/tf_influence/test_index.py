@@ -286,3 +286,13 @@ def test_small_token_tables_keep_their_token_side_exact():
     G = np.concatenate([g.numpy() for g in gradients.per_example_gradients(obj, case.pretrain_data, proj.group)])
     np.testing.assert_allclose(proj.project(case.pretrain_data), proj.project_vector(G.T), rtol=1e-3,
                                atol=1e-5 * np.abs(G).max())
+
+
+def test_bad_projection_args_are_named():
+    for bad in ({"fc": 0}, {"fc": [4, 0]}, {"fc": [4]}, {"fc": [4, 4, 4]}):
+        with pytest.raises(ValueError, match=r"layer_k values must be a number ≥ 1 or \[k_in, k_out\].*'fc'"):
+            ProjectionArgs(layer_k=bad)
+    for fraction in (0.0, 1.5):
+        with pytest.raises(ValueError, match="max_fraction must be in"):
+            ProjectionArgs(max_fraction=fraction)
+    assert ProjectionArgs(layer_k={"fc": [4, 2], "head": 3}).layer_k == {"fc": [4, 2], "head": 3}
