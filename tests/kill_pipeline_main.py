@@ -17,6 +17,8 @@ def main(root):
     from tfx.orchestration.local.local_dag_runner import LocalDagRunner
     from tfx.types import artifact_utils, standard_artifacts
 
+    from tests.tfx_helpers import BEAM_IN_PROCESS
+
     from tfx_components.score_filter.component import ScoreFilter
     from tfx_components.self_influence_scorer.component import SelfInfluenceScorer
     ex = tfx.dsl.Importer(source_uri=os.path.join(root, "examples"), artifact_type=standard_artifacts.Examples,
@@ -29,7 +31,7 @@ def main(root):
         pipeline_name="killed_run_test", pipeline_root=os.path.join(root, "pipeline_root"),
         components=[ex, model, si, flt], enable_cache=True,
         metadata_connection_config=metadata.sqlite_metadata_connection_config(os.path.join(root, "mlmd.sqlite")),
-        beam_pipeline_args=["--direct_running_mode=in_memory", "--direct_num_workers=1"]))
+        beam_pipeline_args=BEAM_IN_PROCESS))
 
 
 if __name__ == "__main__":

@@ -7,10 +7,13 @@ import tensorflow as tf
 
 from tf_influence import scores_io
 
-#: Beam in this process: for tests whose subject is not Beam's multi-processing mode.
-BEAM_IN_PROCESS = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
+from pipelines.summary import BEAM_SETUP_FILE
+
+#: Beam in this process: for tests whose subject is not Beam's multi-processing mode. (``--setup_file``
+#: as the pipelines pass it: without a dependency flag every TFX Beam executor builds an ephemeral sdist.)
+BEAM_IN_PROCESS = ["--direct_running_mode=in_memory", "--direct_num_workers=1", *BEAM_SETUP_FILE]
 #: The DirectRunner's multi-processing mode with 2 workers: for the tests that exist to exercise it.
-BEAM_MULTIPROCESSING = ["--direct_running_mode=multi_processing", "--direct_num_workers=2"]
+BEAM_MULTIPROCESSING = ["--direct_running_mode=multi_processing", "--direct_num_workers=2", *BEAM_SETUP_FILE]
 
 
 def example(key: bytes, image, label: int) -> bytes:

@@ -16,6 +16,7 @@ import tensorflow as tf
 import tf_influence as tfi
 from tf_influence import scores_io, tracin
 from tests import tfx_helpers as th
+from tests.tfx_helpers import BEAM_SETUP_FILE
 
 distributed = pytest.importorskip("dask.distributed")
 beam = pytest.importorskip("apache_beam")
@@ -32,7 +33,7 @@ RUNNER = "--runner=tfx_components.dask_runner.DaskRunner"
 def cluster():
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                                   silence_logs=40) as c:
-        yield [RUNNER, f"--dask_client_address={c.scheduler_address}"]
+        yield [RUNNER, f"--dask_client_address={c.scheduler_address}", *BEAM_SETUP_FILE]
 
 
 def _semantics(p, src, out):
