@@ -5,6 +5,7 @@ correlated with real leave-one-out retraining. Checks the harness, not the numbe
 import math
 
 import numpy as np
+import pytest
 
 from experiments import text_multistage as tm
 
@@ -23,6 +24,7 @@ def test_tasks_are_disjoint_and_labelled():
     assert frac(xf[yf == 1]) > frac(xf[yf == 0])
 
 
+@pytest.mark.experiment
 def test_run_reports_every_method_against_leave_one_out():
     cfg = tm.TextConfig(n_pretrain=60, n_finetune=30, n_test=20, init_steps=60, polish_steps=10, loo_steps=10, n_loo=4,
                         cg_iters=20)
