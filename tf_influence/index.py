@@ -88,20 +88,48 @@ def _read_npz(path) -> dict:
         return {k: data[k] for k in data.files}
 
 
-def write_shard(path: str, keys, vectors, dtype: str) -> dict:
-    """One shard file; returns its entry for ``index.json`` (file name, count)."""
-    vectors = np.asarray(vectors)
-    if not np.isfinite(vectors.sum(dtype=np.float64)):
-        raise ValueError(f"{path}: projected gradients contain NaN/Inf")
-    keys = np.array([k if isinstance(k, bytes) else str(k).encode() for k in keys], dtype=bytes)
-    sum_sq = np.square(vectors, dtype=np.float32).sum(0, dtype=np.float64)
-    if dtype == "int8":      # per-example scale: max |v| ↦ 127
-        v32 = vectors.astype(np.float32, copy=False)
-        scales = np.abs(v32).max(axis=1, initial=0.0) / 127.0
-        q = np.rint(v32 / np.where(scales > 0, scales, 1.0)[:, None]).astype(np.int8)
-        _write_npz(path, keys=keys, vectors=q, scales=scales.astype(np.float32), sum_sq=sum_sq)
+def encode_batch(v, dtype: str) -> dict:
+    """Projected gradients ``[B, dim]`` as an index stores them, in TensorFlow ops (inside the
+    projection's graph — :func:`build_index` — or eagerly): ``vectors`` in ``dtype`` (int8 with a
+    per-example ``scales``: max ``|v|`` ↦ 127, rounded half to even), ``sum_sq`` the per-dimension sums
+    of squares of the *stored* values (what the index holds, for the diagonal preconditioner) and
+    ``finite`` (False when a value is NaN/Inf)."""
+    v = tf.convert_to_tensor(v)
+    v32 = tf.cast(v, tf.float32)
+    out = {"finite": tf.math.is_finite(tf.reduce_sum(v32))}        # a NaN or an Inf makes the sum non-finite
+    if dtype == "int8":
+        scales = tf.reduce_max(tf.abs(v32), axis=1) / 127.0
+        q = tf.round(v32 / tf.where(scales > 0, scales, 1.0)[:, None])
+        out.update(vectors=tf.cast(q, tf.int8), scales=scales,
+                   sum_sq=tf.linalg.matvec(tf.square(q), tf.square(scales), transpose_a=True))   # Σ_n (q s)²
     else:
-        _write_npz(path, keys=keys, vectors=vectors.astype(dtype, copy=False), sum_sq=sum_sq)
+        out["vectors"] = tf.cast(v, dtype)
+        out["sum_sq"] = tf.reduce_sum(tf.square(tf.cast(out["vectors"], tf.float32)), axis=0)
+    return out
+
+
+def decode(vectors, scales=None) -> np.ndarray:
+    """Stored vectors as float32 (int8 times their per-example ``scales``)."""
+    v = np.asarray(vectors).astype(np.float32)
+    if scales is not None:
+        v *= np.asarray(scales, np.float32)[:, None]
+    return v
+
+
+def write_shard(path: str, keys, vectors, dtype: str, scales=None, sum_sq=None) -> dict:
+    """One shard file; returns its entry for ``index.json`` (file name, count). ``vectors``: float
+    projections (encoded here, :func:`encode_batch`), or already encoded ones with their ``scales``
+    (int8) and ``sum_sq``."""
+    if sum_sq is None:
+        enc = {k: t.numpy() for k, t in encode_batch(np.asarray(vectors), dtype).items()}
+        if not enc["finite"]:
+            raise ValueError(f"{path}: projected gradients contain NaN/Inf")
+        vectors, scales, sum_sq = enc["vectors"], enc.get("scales"), enc["sum_sq"]
+    keys = np.array([k if isinstance(k, bytes) else str(k).encode() for k in keys], dtype=bytes)
+    arrays = dict(keys=keys, vectors=np.asarray(vectors), sum_sq=np.asarray(sum_sq, np.float64))
+    if dtype == "int8":
+        arrays["scales"] = np.asarray(scales, np.float32)
+    _write_npz(path, **arrays)
     return {"file": os.path.basename(path), "count": int(len(keys))}
 
 
@@ -227,10 +255,7 @@ class GradientIndex:
                 yield self._cache[p]
                 continue
             d = _read_npz(p)
-            v = d["vectors"].astype(np.float32)
-            if "scales" in d:
-                v *= d["scales"][:, None]
-            item = (d["keys"], v)
+            item = (d["keys"], decode(d["vectors"], d.get("scales")))
             if self._cache is not None:
                 self._cache[p] = item
             yield item
@@ -335,14 +360,22 @@ class GradientIndex:
 
 def build_index(objective, dataset, directory: str, group: ParameterGroup | None = None,
                 args: ProjectionArgs | None = None, keys=None, shard_size: int = 50_000, progress: bool = False,
-                name: str = "dataset") -> GradientIndex:
+                name: str = "dataset", batch_size: int | None = None) -> GradientIndex:
     """Project every example of a batched ``(x, y)`` dataset and write an index to ``directory``
     (in process; shards of ``shard_size``; ``keys`` default to the example's position). With the
     default ``ProjectionArgs`` the budget is shared by gradient norm, measured on the dataset's first
     examples (:func:`tf_influence.projection.calibrate`). Files are written under temporary names and
-    published with ``index.json`` last."""
+    published with ``index.json`` last. ``batch_size``: examples per projection call (default: the
+    dataset's own batches) — on a small model, larger calls spread the per-call cost (the digits CNN
+    projects 10⁵ examples about 30 % faster in calls of 1,024 than of 256); memory grows with it.
+    The stored encoding (int8 with its scales, or a float cast, and the sums of squares) is computed
+    inside the projection's graph."""
     from .objective import batches
     from .projection import calibrate
+    if batch_size is not None:
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be ≥ 1 or None, got {batch_size}")
+        dataset = dataset.rebatch(int(batch_size))
     proj = GradientProjector(objective, group, calibrate(objective, dataset, group, args))
     dtype = proj.args.dtype
     tf.io.gfile.makedirs(directory)
@@ -351,30 +384,44 @@ def build_index(objective, dataset, directory: str, group: ParameterGroup | None
     from concurrent.futures import ThreadPoolExecutor
     writer = ThreadPoolExecutor(1)          # shards are written while the next ones are projected
     try:
-        written, buf_k, buf_v, n = [], [], [], 0
+        written, buf, n = [], [], 0          # buf: (keys, vectors, scales, sum_sq) parts of the next shard
 
         def flush():
             path = os.path.join(tmp, f"part-{len(written):05d}.npz")
-            written.append(writer.submit(write_shard, path, list(buf_k), np.concatenate(buf_v), dtype))
-            buf_k.clear()
-            buf_v.clear()
-        fn = proj.compiled_for(dataset, output_dtype=None if dtype == "int8" else dtype)
+            keys_, vecs, scales, sq = zip(*buf)
+
+            def write():                       # in the writer thread, while the next batches are projected
+                return write_shard(path, [k for ks in keys_ for k in ks], np.concatenate(vecs), dtype,
+                                   None if scales[0] is None else np.concatenate(scales), np.sum(sq, axis=0))
+            written.append(writer.submit(write))
+            buf.clear()
+        fn = proj.compiled_for(dataset, then=lambda v: encode_batch(v, dtype))   # encoded in the graph
         it = batches(dataset, name, objective.model)
         if progress:
             from tqdm.auto import tqdm
             it = tqdm(it, desc=f"indexing ({name})", unit="batch")
         for x, y in it:
-            v = fn(x, y).numpy()
+            enc = fn(x, y)
+            v, sc = enc["vectors"].numpy(), enc["scales"].numpy() if "scales" in enc else None
+            if not bool(enc["finite"]):
+                raise ValueError(f"{name}: the projected gradients of examples {n}..{n + len(v) - 1} contain NaN/Inf")
+            sq = enc["sum_sq"].numpy().astype(np.float64)
             ks = [str(i).encode() for i in range(n, n + len(v))] if keys is None else list(keys[n:n + len(v)])
             n += len(v)
             while len(v):
-                room = shard_size - len(buf_k)            # buf_k holds one key per buffered vector
-                buf_v.append(v[:room])
-                buf_k.extend(ks[:room])
-                v, ks = v[room:], ks[room:]
-                if len(buf_k) == shard_size:
+                room = shard_size - sum(len(b[0]) for b in buf)
+                if len(v) > room:                 # a batch across a shard boundary: each part's own sums
+                    head = decode(v[:room], None if sc is None else sc[:room])
+                    buf.append((ks[:room], v[:room], None if sc is None else sc[:room],
+                                np.square(head).sum(0, dtype=np.float64)))
+                    v, ks, sc = v[room:], ks[room:], None if sc is None else sc[room:]
+                    sq = np.square(decode(v, sc)).sum(0, dtype=np.float64)
+                else:
+                    buf.append((ks, v, sc, sq))
+                    v = v[:0]
+                if sum(len(b[0]) for b in buf) == shard_size:
                     flush()
-        if buf_v:
+        if buf:
             flush()
         written = [f.result() for f in written]
         if n == 0:

@@ -332,17 +332,22 @@ class GradientProjector:
         """``[B, dim]`` projected per-example gradients of one batch."""
         return self._fn(x, y)
 
-    def compiled_for(self, dataset, output_dtype=None):
+    def compiled_for(self, dataset, output_dtype=None, then=None):
         """The projection traced once for a batched dataset's element spec (batch axis unknown), so a
         short last batch does not trace it again; ``output_dtype`` (e.g. an index's float16) casts
-        inside the graph."""
+        inside the graph; ``then`` (a function of the ``[B, dim]`` projection, e.g. the index's int8
+        encoding :func:`tf_influence.index.encode_batch`) runs inside the graph too."""
         spec = dataset.element_spec
-        key = (repr(spec), str(output_dtype))
+        key = (repr(spec), str(output_dtype), then)
         cache = self._concrete
         if key not in cache:
             relaxed = tf.nest.map_structure(lambda s: tf.TensorSpec([None, *s.shape[1:]], s.dtype), spec)
-            fn = self._fn if output_dtype is None else tf.function(
-                lambda x, y: tf.cast(self._project(x, y), output_dtype), autograph=False)
+
+            def run(x, y):
+                v = self._project(x, y)
+                v = v if output_dtype is None else tf.cast(v, output_dtype)
+                return v if then is None else then(v)
+            fn = self._fn if output_dtype is None and then is None else tf.function(run, autograph=False)
             cache[key] = fn.get_concrete_function(*relaxed)
         return cache[key]
 

@@ -56,31 +56,43 @@ class IndexFile(beam.DoFn):
         objective = tfi.Objective(model, resolve_loss(model, self.loss_config))
         group = tfi.ParameterGroup.from_spec(model, self.group_spec) if self.group_spec else None
         self.projector = GradientProjector(objective, group, ProjectionArgs.from_json(self.projection_json))
+        from tf_influence.index import encode_batch
+        dtype = self.projector.args.dtype
+        self._encode = lambda v: encode_batch(v, dtype)
 
     def process(self, path):
         import uuid
 
         import tensorflow as tf
 
-        from tf_influence.index import write_shard
-        args = self.projector.args
-        keys, vecs, n = [], [], 0
+        from tf_influence.index import encode_batch, write_shard
+        dtype = self.projector.args.dtype
+        keys, vecs, scales, sum_sq, n = [], [], [], np.zeros(self.projector.dim), 0
         for records in _record_batches(path, self.batch_size, self.worker_threads):
             try:
                 k, x, y = decode_batch(records, self.spec, self.desc, file=path, start=n)
             except ValueError as e:
                 raise ValueError(f"{path}: {e}") from None
             ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(len(k))
+            fn = self.projector.compiled_for(ds, then=self._encode)      # encoded in the graph (traced once)
             for xb, yb in ds:
-                v = self.projector.project_batch(xb, yb).numpy()
-                vecs.append(v if args.dtype == "int8" else v.astype(args.dtype))   # int8: quantised per shard
+                enc = fn(xb, yb)
+                if not bool(enc["finite"]):
+                    raise ValueError(f"{path}: the projected gradients of examples {n}..{n + len(k) - 1} contain "
+                                     "NaN/Inf")
+                vecs.append(enc["vectors"].numpy())
+                if "scales" in enc:
+                    scales.append(enc["scales"].numpy())
+                sum_sq += enc["sum_sq"].numpy()
             keys += k
             n += len(k)
         tmp_dir = os.path.join(self.temp_dir, f".tmp-{uuid.uuid4().hex}")
         tf.io.gfile.makedirs(tmp_dir)
         tmp = os.path.join(tmp_dir, "vectors.npz")
-        dim = self.projector.dim
-        write_shard(tmp, keys, np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float32), args.dtype)
+        empty = np.zeros((0, self.projector.dim), np.int8 if dtype == "int8" else dtype)
+        write_shard(tmp, keys, np.concatenate(vecs) if vecs else empty, dtype,
+                    (np.concatenate(scales) if scales else np.zeros(0, np.float32)) if dtype == "int8" else None,
+                    sum_sq)
         yield path, tmp, n
 
 

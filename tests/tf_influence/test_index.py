@@ -174,6 +174,35 @@ def test_int8_storage_scores_within_its_rounding_of_float32(indexed, tmp_path):
     assert i8.bytes_per_example() < f32.bytes_per_example() / 1.8         # (keys and zip headers count too)
 
 
+def test_stored_vectors_equal_numpy_quantisation_and_the_diagonal_preconditioner(indexed, tmp_path):
+    """The encoding runs inside the projection's graph: the stored int8 (and float16) vectors equal a
+    numpy quantisation of the float32 projection (per-example scale max|v|/127, half to even), also
+    where a batch crosses a shard boundary (batches of 16, shards of 15); ``mean_square`` is the mean of
+    the stored vectors' squares and a ``precondition="diagonal"`` query divides by it plus damping.
+    NaN gradients are refused naming the examples."""
+    model, obj, x, y, ds, _, _ = indexed
+    args = ProjectionArgs(k=3, k_other=2, dtype="float32")
+    v = GradientProjector(obj, args=args).project(ds)                          # [50, dim] float32
+    scales = np.abs(v).max(1) / 127.0
+    want = {"int8": np.rint(v / scales[:, None]).astype(np.int8).astype(np.float32) * scales[:, None].astype(
+        np.float32), "float16": v.astype(np.float16).astype(np.float32)}
+    for dtype, ref in want.items():
+        index = build_index(obj, ds, str(tmp_path / dtype), args=ProjectionArgs(k=3, k_other=2, dtype=dtype),
+                            shard_size=15)
+        assert [s["count"] for s in index.meta["shards"]] == [15, 15, 15, 5]
+        got = np.concatenate([vs for _, vs in index.iter_shards()])
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(index.mean_square(), (ref.astype(np.float64) ** 2).mean(0), rtol=1e-5)
+    q = np.random.default_rng(3).normal(size=(2, index.dim)).astype(np.float32)
+    ms = (ref.astype(np.float64) ** 2).mean(0)
+    res = index.query_projected(q, all_scores=True, precondition="diagonal", damping=0.1)
+    np.testing.assert_allclose(res.scores, (q / (ms + 0.1 * ms.mean())) @ ref.T, rtol=1e-4)
+    bad = tf.data.Dataset.from_tensor_slices((np.where(np.arange(50)[:, None] == 20, np.nan, x).astype(np.float32),
+                                              y)).batch(16)
+    with pytest.raises(ValueError, match=r"examples 16\.\.31 contain NaN"):
+        build_index(obj, bad, str(tmp_path / "nan"), args=args)
+
+
 def test_the_budget_is_shared_by_gradient_norm():
     """``allocate``: within the budget, equal shares get equal sizes, a larger share never fewer, a
     block's small side is made exact (a 10-class head keeps its 10 outputs) while a square block
