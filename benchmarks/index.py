@@ -94,7 +94,7 @@ def measure(name, model, loss, ds, qds, n_queries: int, top: int = 100, train_ep
     # a trained model (the index is of a model someone trained), then timed epochs and index builds,
     # alternated twice; each cost is the faster of its two (this VM's speed drifts by up to 2× between
     # minutes), and the index kept is the one of the final weights
-    model.fit(ds, epochs=train_epochs, verbose=0)
+    model.fit(ds, epochs=train_epochs, verbose=0, shuffle=False)   # the dataset is batched in order (no Keras warning)
     obj = tfi.Objective(model, loss)
     group = tfi.ParameterGroup.from_model(model)
     args = args or ProjectionArgs()
@@ -102,7 +102,7 @@ def measure(name, model, loss, ds, qds, n_queries: int, top: int = 100, train_ep
         epochs, builds = [], []
         for rep in range(2):
             t0 = time.perf_counter()
-            model.fit(ds, epochs=1, verbose=0)
+            model.fit(ds, epochs=1, verbose=0, shuffle=False)
             epochs.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             index = build_index(obj, ds, os.path.join(tmp, f"index{rep}"), args=args, batch_size=index_batch)

@@ -141,8 +141,12 @@ def index_tables(d: dict) -> str:
         parts.append(f"**{m['model']}** ({_fmt(m['n_params'])} parameters, {_fmt(m['n_examples'])} examples, "
                      f"k = {m['k']}, {m['dim']} dimensions, {m['dtype']}):")
         parts.append(_table(m, [
-            ("index_build_seconds", "projecting and writing every example (in process, tracing included)"),
-            ("train_epoch_seconds", "one `fit` epoch over the same corpus and batch size"),
+            ("index_build_seconds", "projecting, encoding and writing every example (in process, tracing "
+                                    "included; the faster of two builds"
+                                    + (f", in calls of {m['index_batch_size']:,} examples)" if m.get("index_batch_size")
+                                       else ")")),
+            ("train_epoch_seconds", "one `fit` epoch over the same corpus and batch size (the faster of two, "
+                                    "alternated with the builds)"),
             ("build_over_epoch", "index build over the epoch"),
             ("index_bytes_per_example", "shard bytes on disk per example"),
             ("n_queries", "queries (held-out loss gradients)"),

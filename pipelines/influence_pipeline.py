@@ -21,7 +21,8 @@ import sys
 import time
 
 import tf_influence as tfi
-from pipelines.summary import BEAM_DEFAULT, execute
+from pipelines.summary import BEAM_DEFAULT, RunArgs, execute, run_arguments
+from tf_influence.cli import from_args
 from tf_influence import console
 
 
@@ -106,28 +107,24 @@ def create_pipeline(root: str, data_root: str, quick: bool = False, beam_args=No
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="reduced sizes (CI)")
-    ap.add_argument("--root", default="reports/pipelines/influence", help="pipeline root, data, MLMD and logs")
-    ap.add_argument("--report", default=None, help="summary JSON (default reports/pipelines/influence_pipeline.json)")
-    ap.add_argument("--runner", choices=["local", "kubeflow_v2"], default="local",
-                    help="local: LocalDagRunner with sqlite MLMD; kubeflow_v2: compile for Vertex AI Pipelines")
-    ap.add_argument("--beam-arg", action="append", default=None, help="a Beam pipeline argument (repeatable)")
+    run_arguments(ap, "reports/pipelines/influence", "influence_pipeline")
     ap.add_argument("--data-dir", default=None, help="TFDS data dir for the embedded digits")
-    ap.add_argument("--image", default="tf-influence:latest", help="container image (kubeflow_v2)")
     ap.add_argument("--pretrain-solver", choices=["cg_squared", "ekfac", "kfac"], default="cg_squared",
                     help="inverse of the pretraining Hessian: CG (eq. 16), or (E)K-FAC factors fitted over the "
                          "pretraining corpus by a FactorFitter component")
     console.add_verbose_flag(ap)
     args = ap.parse_args(argv)
+    run = from_args(RunArgs, args, parser=ap)
     console.quiet(args.verbose)
     from pipelines import digits_data
     t0 = time.perf_counter()
-    data_root = os.path.join(os.path.abspath(args.root), "data")
+    root = os.path.abspath(run.root)
+    data_root = os.path.join(root, "data")
     counts = digits_data.write(data_root, n_finetune=200 if args.quick else 400, data_dir=args.data_dir)
-    root = os.path.abspath(args.root)
     return execute("influence_pipeline",
-                   lambda md: create_pipeline(root, data_root, args.quick, args.beam_arg, metadata_path=md,
+                   lambda md: create_pipeline(root, data_root, args.quick, run.beam_args, metadata_path=md,
                                               pretrain_solver=args.pretrain_solver),
-                   root, args.runner, args.image, args.report, {"quick": args.quick, "data": counts}, t0,
+                   root, run.runner, run.image, run.report, {"quick": args.quick, "data": counts}, t0,
                    verbose=args.verbose)
 
 if __name__ == "__main__":

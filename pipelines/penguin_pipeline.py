@@ -27,7 +27,8 @@ import os
 import sys
 import time
 
-from pipelines.summary import BEAM_DEFAULT, execute
+from pipelines.summary import BEAM_DEFAULT, RunArgs, execute, run_arguments
+from tf_influence.cli import from_args
 from tf_influence import console
 
 MODULE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "penguin_module.py")
@@ -99,27 +100,23 @@ def create_pipeline(root: str, data_root: str | None = None, beam_args=None, dro
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", default="reports/pipelines/penguin", help="pipeline root, MLMD and logs")
-    ap.add_argument("--report", default=None, help="summary JSON (default reports/pipelines/penguin_pipeline.json)")
-    ap.add_argument("--runner", choices=["local", "kubeflow_v2"], default="local",
-                    help="local: LocalDagRunner with sqlite MLMD; kubeflow_v2: compile for Vertex AI Pipelines")
+    run_arguments(ap, "reports/pipelines/penguin", "penguin_pipeline")
     ap.add_argument("--two-stage", action="store_true",
                     help="add the finetuning Trainer (frozen hidden layers) and InfluenceScorer")
     ap.add_argument("--drop-fraction", type=float, default=0.1, help="ScoreFilter's drop_top_fraction")
     ap.add_argument("--train-steps", type=int, default=100, help="TrainArgs(num_steps) of every Trainer")
     ap.add_argument("--data-root", default=None,
                     help="folder with Split-train/ and Split-eval/ GZIP TFRecords (default: tfx's penguin data)")
-    ap.add_argument("--beam-arg", action="append", default=None, help="a Beam pipeline argument (repeatable)")
-    ap.add_argument("--image", default="tf-influence:latest", help="container image (kubeflow_v2)")
     console.add_verbose_flag(ap)
     args = ap.parse_args(argv)
+    run = from_args(RunArgs, args, parser=ap)
     console.quiet(args.verbose)
     t0 = time.perf_counter()
-    root = os.path.abspath(args.root)
+    root = os.path.abspath(run.root)
     return execute("penguin_pipeline",
-                   lambda md: create_pipeline(root, args.data_root, args.beam_arg, args.drop_fraction, args.two_stage,
+                   lambda md: create_pipeline(root, args.data_root, run.beam_args, args.drop_fraction, args.two_stage,
                                               args.train_steps, metadata_path=md),
-                   root, args.runner, args.image, args.report, {"two_stage": args.two_stage}, t0,
+                   root, run.runner, run.image, run.report, {"two_stage": args.two_stage}, t0,
                    verbose=args.verbose)
 
 

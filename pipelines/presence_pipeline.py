@@ -25,7 +25,7 @@ import os
 import sys
 import time
 
-from pipelines.summary import BEAM_DEFAULT, execute
+from pipelines.summary import BEAM_DEFAULT, RunArgs, execute, run_arguments
 from tf_influence import console
 
 
@@ -93,12 +93,7 @@ def create_pipeline(root: str, data_root: str, n_train: int, quick: bool = False
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="reduced sizes (CI)")
-    ap.add_argument("--root", default="reports/pipelines/presence", help="pipeline root, data, MLMD and logs")
-    ap.add_argument("--report", default=None, help="summary JSON (default reports/pipelines/presence_pipeline.json)")
-    ap.add_argument("--runner", choices=["local", "kubeflow_v2"], default="local",
-                    help="local: LocalDagRunner with sqlite MLMD; kubeflow_v2: compile for Vertex AI Pipelines")
-    ap.add_argument("--beam-arg", action="append", default=None, help="a Beam pipeline argument (repeatable)")
-    ap.add_argument("--image", default="tf-influence:latest", help="container image (kubeflow_v2)")
+    run_arguments(ap, "reports/pipelines/presence", "presence_pipeline")
     from tf_influence.cli import add_arguments, from_args
     from tf_influence.presence import PresenceArgs
     add_arguments(ap, PresenceArgs, prefix="presence_", title="the PRESENCE trainer (PresenceArgs)",
@@ -111,16 +106,17 @@ def main(argv=None):
         print("--tau1 is deprecated: use --presence-tau1", file=sys.stderr)
         args.presence_tau1 = args.tau1
     presence_args = from_args(PresenceArgs, args, prefix="presence_")
+    run = from_args(RunArgs, args, parser=ap)
     from pipelines import text_data
     t0 = time.perf_counter()
-    root = os.path.abspath(args.root)
+    root = os.path.abspath(run.root)
     n_train = 480 if args.quick else 2400
     data_root = os.path.join(root, "data")
     counts = text_data.write(data_root, n_train=n_train, n_test=96 if args.quick else 500)
     return execute("presence_pipeline",
-                   lambda md: create_pipeline(root, data_root, n_train, args.quick, args.beam_arg, md,
+                   lambda md: create_pipeline(root, data_root, n_train, args.quick, run.beam_args, md,
                                               presence_args=presence_args),
-                   root, args.runner, args.image, args.report, {"quick": args.quick, "data": counts}, t0,
+                   root, run.runner, run.image, run.report, {"quick": args.quick, "data": counts}, t0,
                    verbose=args.verbose)
 
 if __name__ == "__main__":

@@ -58,3 +58,4 @@ def test_readme_is_short_and_quotes_the_results_file():
     assert f"{index['gpt2-n10000']['build_over_epoch']:.2f}\ntraining epochs" in readme
     assert f"{index['gpt2-n10000']['query_speedup']:,.0f}×" in readme and f"{index['digits']['query_speedup']:.0f}×" in readme
     assert f"{index['digits']['spearman_vs_exact']:.3f} / {index['digits']['recall_at_100']:.3f}" in readme
+    assert f"built in {index['digits']['build_over_epoch']:.2f} epochs" in readme

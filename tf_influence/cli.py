@@ -7,8 +7,9 @@ share). Each field ``name`` of the dataclass becomes ``--<prefix>name`` (undersc
 its default, its ``metadata["help"]`` and its type; a field whose type is itself a configuration
 dataclass (e.g. :class:`~tf_influence.solvers.SolverConfig`) takes JSON; ``bool`` fields get
 ``--flag`` / ``--no-flag``; ``int | None`` fields take ``none``; a field without a default is a
-required flag. :func:`from_args` builds the object
-back, so validation runs once, in the dataclass.
+required flag; a list field with ``metadata["repeat"]`` is a repeatable flag taking one value each time,
+named ``metadata["flag"]`` when given (``--beam-arg=--runner=DataflowRunner --beam-arg=…``). :func:`from_args`
+builds the object back, so validation runs once, in the dataclass.
 
 >>> import argparse
 >>> from tf_influence.influence import InfluenceArgs
@@ -134,14 +135,19 @@ def add_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "", exclud
             kwargs["type"] = _json_object(f.name)
             help_ += " (a JSON object)"
         elif typing.get_origin(base) in (tuple, list) or base in (tuple, list):
-            kwargs["nargs"] = "+"
+            if f.metadata.get("repeat"):      # one value per flag, so a value may start with '--' (--beam-arg=--x=1)
+                kwargs["action"] = "append"
+            else:
+                kwargs["nargs"] = "+"
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: no flag for type {hint}")
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
-        shown = f"{_to_json(default)}; {cls.__name__}'s: {_to_json(class_default)}" if own else _to_json(default)
+        shown = (f"{_to_json(default)}; {cls.__name__}'s: {_to_json(class_default)}"
+                 if own and class_default is not _REQUIRED else _to_json(default))
         help_ = help_ if default is _REQUIRED else f"{help_} (default: {shown})"
-        group.add_argument(_flag(prefix, f.name), help=help_.strip().replace("%", "%%"), **kwargs)
+        group.add_argument(_flag(prefix, f.metadata.get("flag", f.name)), help=help_.strip().replace("%", "%%"),
+                           **kwargs)
     return group
 
 

@@ -16,7 +16,9 @@ With ``fisher="true"`` every batch samples its labels with a seed derived from i
 (reproducible for a given batching; another batching draws another, equally valid, sample);
 ``fisher="empirical"`` is deterministic and equals the in-process result up to float summation order.
 
-Standalone job::
+Standalone job (the examples, model and feature flags are the scoring and index jobs' —
+:class:`tfx_components.example_io.ExampleSource` —, so the feature spec can be derived from a
+``--schema``, a ``--transform-graph`` or the model's named inputs, as there)::
 
     python -m tfx_components.beam_factors --examples 'data/Split-train/*' --model model.keras \\
         --feature-spec '{"x": {"name": "image", "shape": [8, 8, 1]}, "y": {"name": "label"}}' \\
@@ -42,14 +44,17 @@ def batch_step(keys) -> int:
 class _FactorPass(beam.DoFn):
     """Batch of serialized examples → its pass-1 (covariance) or pass-2 (correction) sums."""
 
-    def __init__(self, model_path, feature_spec, group_spec, kind, fisher, seed, loss_config, desc, which):
+    def __init__(self, model_path, feature_spec, group_spec, kind, fisher, seed, loss_config, desc, which,
+                 worker_threads=None):
         self.model_path, self.spec = model_path, beam_scoring.parse_feature_spec(feature_spec)
         self.group_spec, self.kind, self.fisher, self.seed = group_spec, kind, fisher, seed
-        self.loss_config, self.desc, self.which = loss_config, desc, which
+        self.loss_config, self.desc, self.which, self.worker_threads = loss_config, desc, which, worker_threads
 
     def setup(self):
         import tf_influence as tfi
         from tf_influence import kfac
+        from tfx_components.example_io import set_worker_threads
+        set_worker_threads(self.worker_threads)
         model = beam_scoring.load_keras_model(self.model_path)
         objective = tfi.Objective(model, beam_scoring.resolve_loss(model, self.loss_config))
         group = (tfi.ParameterGroup.from_spec(model, self.group_spec) if self.group_spec
@@ -115,10 +120,11 @@ def _eigenbases(sums, desc):
 
 def fit_factors(pipeline, examples_patterns, model_path, feature_spec, output_dir, group_spec=None,
                 kind: str = "ekfac", fisher: str = "true", seed: int = 0, loss_config=None, batch_size: int = 256,
-                label: str = "Factors"):
+                label: str = "Factors", worker_threads: int | None = None):
     """Add the two passes over ``examples_patterns`` (one pattern or a list) to ``pipeline``;
     the factors are written to ``output_dir``. ``group_spec``: the parameter group
-    (:class:`~tf_influence.params.GroupSpec` JSON), default every trainable variable."""
+    (:class:`~tf_influence.params.GroupSpec` JSON), default every trainable variable;
+    ``worker_threads``: TensorFlow threads per worker process (None: all cores)."""
     from tf_influence import kfac
     if kind not in kfac.KINDS:
         raise ValueError(f"kind must be one of {kfac.KINDS}, got '{kind}'")
@@ -136,7 +142,8 @@ def fit_factors(pipeline, examples_patterns, model_path, feature_spec, output_di
                                                                    max_batch_size=batch_size)
 
     def make(which):
-        return _FactorPass(model_path, feature_spec, group_spec, kind, fisher, seed, loss_config, desc, which)
+        return _FactorPass(model_path, feature_spec, group_spec, kind, fisher, seed, loss_config, desc, which,
+                           worker_threads)
 
     sums = (read("1") | f"{label}Covariances" >> beam.ParDo(make("covariances"))
             | f"{label}SumCovariances" >> beam.CombineGlobally(SumStatistics()))
@@ -154,30 +161,33 @@ def main(argv=None):
     from tf_influence import console
     from tf_influence.analyzer import FactorArgs
     from tf_influence.cli import add_arguments, from_args
+    from tfx_components.example_io import ExampleSource
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--examples", required=True, nargs="+", help="file pattern(s) of GZIP TFRecord tf.Examples")
-    ap.add_argument("--model", required=True, help=".keras file or a directory holding model.keras")
-    ap.add_argument("--feature-spec", required=True,
-                    help="how an example becomes (x, y), JSON: {\"x\": {\"name\", \"shape\", \"dtype\"}, \"y\": {...}} or "
-                         "{\"inputs\": {<input name>: {...}}, \"y\": {...}} (tfx_components.example_io)")
-    ap.add_argument("--output", required=True, help="directory for factors.npz / factors.json")
+    # the scoring and index jobs' flags (ExampleSource), except that --examples takes one or more patterns
+    io = add_arguments(ap, ExampleSource, exclude=("examples",),
+                       title="examples, model and features (default: derived from the model's named inputs)")
+    io.add_argument("--examples", required=True, nargs="+",
+                    help="file pattern(s) of GZIP TFRecord tf.train.Examples; the factors are fitted over all of "
+                         "them (the features are derived from the first file of the first pattern)")
+    io.add_argument("--output", required=True, help="directory for factors.npz / factors.json")
     ap.add_argument("--group-spec", default=None,
                     help="GroupSpec JSON (or a .json file) of the parameters; default every trainable variable")
-    ap.add_argument("--loss", default=None, help="Keras loss config JSON (default: the model's compiled loss)")
-    ap.add_argument("--batch-size", type=int, default=256, help="examples per factor pass batch (default 256)")
     # the same FactorArgs (defaults, help) as Analyzer.fit_factors; the Beam passes read every example
     add_arguments(ap, FactorArgs, exclude=("max_examples",))
     console.add_verbose_flag(ap)
     args, beam_args = ap.parse_known_args(argv)
     console.quiet(args.verbose)
+    first = argparse.Namespace(**{**vars(args), "examples": args.examples[0]})
+    from_args(ExampleSource, first, parser=ap)           # validated once, in the dataclass
     fargs = from_args(FactorArgs, args)
     group_spec = args.group_spec
     if group_spec and group_spec.endswith(".json"):
         group_spec = open(group_spec).read()
+    feature_spec = beam_scoring.resolve_spec(first)
     from apache_beam.options.pipeline_options import PipelineOptions
     with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
-        fit_factors(p, args.examples, args.model, args.feature_spec, args.output, group_spec, fargs.kind,
-                    fargs.fisher, fargs.seed, args.loss, args.batch_size)
+        fit_factors(p, args.examples, args.model, feature_spec, args.output, group_spec, fargs.kind,
+                    fargs.fisher, fargs.seed, args.loss, args.batch_size, worker_threads=args.worker_threads)
     print(f"wrote {fargs.kind} factors to {args.output}")
 
 

@@ -45,13 +45,8 @@ class IndexFile(beam.DoFn):
     def setup(self):
         import tf_influence as tfi
         from tf_influence.projection import GradientProjector, ProjectionArgs
-        if self.worker_threads:
-            import tensorflow as tf
-            try:
-                tf.config.threading.set_intra_op_parallelism_threads(int(self.worker_threads))
-                tf.config.threading.set_inter_op_parallelism_threads(int(self.worker_threads))
-            except RuntimeError:
-                pass
+        from tfx_components.example_io import set_worker_threads
+        set_worker_threads(self.worker_threads)
         model = load_keras_model(self.model_path)
         objective = tfi.Objective(model, resolve_loss(model, self.loss_config))
         group = tfi.ParameterGroup.from_spec(model, self.group_spec) if self.group_spec else None

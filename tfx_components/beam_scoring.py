@@ -66,13 +66,8 @@ class ScoreBatch(beam.DoFn):
 
     def setup(self):
         import tf_influence as tfi
-        if self.worker_threads:  # one process per core (as Dataflow's Python workers): one TF thread each
-            import tensorflow as tf
-            try:
-                tf.config.threading.set_intra_op_parallelism_threads(int(self.worker_threads))
-                tf.config.threading.set_inter_op_parallelism_threads(int(self.worker_threads))
-            except RuntimeError:  # TensorFlow already initialised in this process (in-process runners)
-                pass
+        from tfx_components.example_io import set_worker_threads
+        set_worker_threads(self.worker_threads)
         self.model = load_keras_model(self.model_path)
         self.objective = tfi.Objective(self.model, resolve_loss(self.model, self.loss_config))
         if self.kind == "self_influence":

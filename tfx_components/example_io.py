@@ -399,6 +399,20 @@ def load_keras_model(path: str):
                             "(Keras 3 cannot rebuild trainable layers from the SavedModel alone)")
 
 
+def set_worker_threads(threads: int | None):
+    """TensorFlow's intra- and inter-op pools of a worker process at ``threads`` (one process per core,
+    as Dataflow's Python workers: one thread each); no-op for None, or once TensorFlow has started in
+    this process (in-process runners)."""
+    if not threads:
+        return
+    import tensorflow as tf
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+        tf.config.threading.set_inter_op_parallelism_threads(int(threads))
+    except RuntimeError:
+        pass
+
+
 def resolve_loss(model, loss_config):
     """The loss to differentiate: ``loss_config`` (a Keras loss name or config, JSON) or the model's compiled loss."""
     import keras

@@ -60,6 +60,40 @@ def test_the_beam_and_pipeline_clis_take_the_dataclasses():
     assert "--presence-tau1" in out.getvalue() and "default: -1.0; PresenceArgs's: 1.0" in out.getvalue()
 
 
+def test_the_pipelines_share_run_args_with_a_repeatable_beam_flag(monkeypatch):
+    """The three pipelines' where-and-how flags come from one ``RunArgs``: each gives its own root, a
+    repeatable ``--beam-arg`` keeps values that start with ``--`` in order, a bad runner is refused."""
+    import importlib
+
+    from pipelines.summary import RunArgs
+    seen = {}
+    for name, root in (("influence_pipeline", "reports/pipelines/influence"),
+                       ("presence_pipeline", "reports/pipelines/presence"),
+                       ("penguin_pipeline", "reports/pipelines/penguin")):
+        module = importlib.import_module(f"pipelines.{name}")
+
+        def fake_execute(n, make, root_, runner, image, report, extra, t0, verbose=False, name=name):
+            seen[name] = (n, root_, runner, image, report)
+        monkeypatch.setattr(module, "execute", fake_execute)
+        if name == "influence_pipeline":
+            monkeypatch.setattr("pipelines.digits_data.write", lambda *a, **k: {})
+        if name == "presence_pipeline":
+            monkeypatch.setattr("pipelines.text_data.write", lambda *a, **k: {})
+        module.main(["--beam-arg=--direct_num_workers=3", "--beam-arg=--runner=DirectRunner",
+                     "--runner", "kubeflow_v2", "--image", "img:1"])
+        import os
+        assert seen[name] == (name, os.path.abspath(root), "kubeflow_v2", "img:1", None), name
+    ap = argparse.ArgumentParser()
+    cli.add_arguments(ap, RunArgs, defaults={"root": "r"})
+    run = cli.from_args(RunArgs, ap.parse_args(["--beam-arg=--a=1", "--beam-arg=--b"]))
+    assert run == RunArgs(root="r", beam_args=["--a=1", "--b"])
+    assert cli.from_args(RunArgs, ap.parse_args([])) == RunArgs(root="r")
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--runner", "dataflow"])
+    with pytest.raises(ValueError, match="RunArgs.runner must be one of"):
+        RunArgs(root="r", runner="dataflow")
+
+
 @pytest.mark.parametrize("module", ["tfx_components.beam_scoring", "tfx_components.beam_factors",
                                     "tfx_components.beam_index",
                                     "pipelines.influence_pipeline", "pipelines.presence_pipeline",
@@ -91,15 +125,17 @@ def test_every_flag_of_every_cli_is_documented(module, monkeypatch):
 
 
 def test_the_scoring_and_index_jobs_share_one_example_source(monkeypatch, capsys):
-    """One name per concept: the examples / model / feature flags of both Beam jobs are generated from
-    ``ExampleSource`` (same flags, help texts, defaults; required where it has no default), and a bad
-    value is refused by the dataclass, naming the field."""
+    """One name per concept: the examples / model / feature flags of the three Beam jobs are generated
+    from ``ExampleSource`` (same flags, help texts, defaults; required where it has no default — the
+    factor job's ``--examples`` alone takes several patterns), and a bad value is refused by the
+    dataclass, naming the field."""
     import dataclasses
     import importlib
 
     from tfx_components.example_io import ExampleSource
     actions = {}
-    for module, argv in (("tfx_components.beam_scoring", []), ("tfx_components.beam_index", ["build"])):
+    for module, argv in (("tfx_components.beam_scoring", []), ("tfx_components.beam_index", ["build"]),
+                         ("tfx_components.beam_factors", [])):
         parsers = []
         real = argparse.ArgumentParser.parse_known_args
 
@@ -118,3 +154,5 @@ def test_the_scoring_and_index_jobs_share_one_example_source(monkeypatch, capsys
         scoring, index = actions["tfx_components.beam_scoring"][f.name], actions["tfx_components.beam_index"][f.name]
         assert scoring == index, f.name
         assert scoring[3] == (f.default is dataclasses.MISSING), f.name
+        if f.name != "examples":
+            assert actions["tfx_components.beam_factors"][f.name] == scoring, f.name

@@ -102,12 +102,17 @@ def _save_vector(tmp_path, spec_json):
 
 
 def test_factors_as_a_beam_combiner_equal_the_in_process_fit(setup):
-    """Two worker processes each sum their batches; the combined factors equal ``fit_factors``."""
+    """Two worker processes each sum their batches; the combined factors equal ``fit_factors``. The
+    examples are given as several patterns (one per file): every one is read."""
+    import glob
+
     from tf_influence import kfac
     from tfx_components import beam_factors
     root, path, index, x, y, pre = setup
     out = str(root / "factors")
-    beam_factors.main(["--examples", str(root / "examples" / "Split-train" / "*"), "--model", path,
+    files = sorted(glob.glob(str(root / "examples" / "Split-train" / "*")))
+    assert len(files) == 3
+    beam_factors.main(["--examples", *files, "--model", path,
                        "--feature-spec", json.dumps(SPEC), "--output", out, "--fisher", "empirical",
                        "--batch-size", "16", "--direct_running_mode=multi_processing", "--direct_num_workers=2"])
     got = kfac.KFACFactors.load(out)

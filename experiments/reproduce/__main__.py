@@ -1,0 +1,5 @@
+"""``python -m experiments.reproduce`` (see the package docstring)."""
+
+from experiments.reproduce.cli import main
+
+main()

@@ -1,0 +1,114 @@
+"""``python -m experiments.reproduce``: run the chosen experiments, cache and report them."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+import tensorflow as tf
+
+from tf_influence import console
+
+from .analyse import (case1_fixed, case1_fixed_ekfac, case2_updated, case2_updated_ekfac, cleansing, cross_task, figure3,
+                      finetune_size, identity_baseline, loss_baseline, task_similarity, text_multistage)
+from .config import EXPERIMENTS, Context, ReproConfig
+from .datamodels import lds
+from .report import _fmt, write_report
+
+EXPERIMENT_FUNCTIONS = {
+    "case1_fixed": case1_fixed,
+    "case2_updated": case2_updated,
+    "case1_fixed_ekfac": case1_fixed_ekfac,
+    "case2_updated_ekfac": case2_updated_ekfac,
+    "identity_baseline": identity_baseline,
+    "loss_baseline": loss_baseline,
+    "cleansing": cleansing,
+    "task_similarity": task_similarity,
+    "finetune_size": finetune_size,
+    "cross_task": cross_task,
+    "figure3": figure3,
+    "text_multistage": text_multistage,
+    "lds": lds,
+}
+assert tuple(EXPERIMENT_FUNCTIONS) == EXPERIMENTS
+
+
+def _apply_overrides(cfg: ReproConfig, items, ap) -> ReproConfig:
+    fields = {f.name: f for f in dataclasses.fields(ReproConfig)}
+    changes = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            ap.error(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+        current = getattr(cfg, key)
+        try:
+            if isinstance(current, bool):
+                changes[key] = value.lower() in ("1", "true", "yes")
+            elif isinstance(current, tuple):
+                changes[key] = tuple(int(v) for v in value.split(","))
+            elif current is None:
+                changes[key] = None if value.lower() == "none" else (int(value) if value.isdigit() else value)
+            else:
+                changes[key] = type(current)(value)
+        except ValueError:
+            ap.error(f"--set {item!r}: cannot convert {value!r} to {type(current).__name__}")
+    return dataclasses.replace(cfg, **changes)
+
+
+def main(argv=None):
+    import experiments.reproduce as package
+    ap = argparse.ArgumentParser(prog="python -m experiments.reproduce", description=package.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="reduced sizes (CI): checks the harness, not the numbers")
+    ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(EXPERIMENTS)}")
+    ap.add_argument("--out", default="reports/reproduction")
+    ap.add_argument("--data-dir", default=None, help="TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a ReproConfig field, e.g. --set case2_finetune_steps=1000 (repeatable)",
+    )
+    console.add_verbose_flag(ap)
+    args = ap.parse_args(argv)
+    only = [e for e in args.only.split(",") if e] or list(EXPERIMENTS)
+    unknown = sorted(set(only) - set(EXPERIMENTS))
+    if unknown:
+        ap.error(f"unknown experiment(s) {unknown}; choose from {EXPERIMENTS}")
+    cfg = ReproConfig.quick_config(data_dir=args.data_dir) if args.quick else ReproConfig(data_dir=args.data_dir)
+    cfg = _apply_overrides(cfg, args.set, ap)
+    t0 = time.perf_counter()
+    tf.config.experimental.enable_op_determinism()
+    ctx = Context(cfg, args.out, progress=not args.no_progress)
+    path = os.path.join(args.out, "results.json")
+    results = {}
+    if os.path.exists(path) and args.only:
+        with open(path) as fh:
+            results = json.load(fh)  # keep the other experiments of an earlier run
+    failures = []
+    for name in only:
+        t = time.perf_counter()
+        print(f"[reproduce] {name} …", flush=True)
+        try:
+            r = EXPERIMENT_FUNCTIONS[name](ctx)
+        except Exception as err:  # report and continue with the other experiments
+            import traceback
+
+            traceback.print_exc()
+            failures.append(name)
+            r = {"error": f"{type(err).__name__}: {err}"}
+        r["seconds"] = time.perf_counter() - t
+        results[name] = r
+        print(f"[reproduce] {name}: {_fmt(name, r)} ({r['seconds']:.0f} s)", flush=True)
+        with open(path, "w") as fh:
+            json.dump(results, fh, indent=1, default=float)
+    table = write_report(results, cfg, args.out, time.perf_counter() - t0)
+    print(table)
+    print(f"wrote {path} and {os.path.join(args.out, 'report.md')}")
+    if failures:
+        raise SystemExit(f"experiments failed: {failures}")
