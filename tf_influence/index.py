@@ -39,11 +39,13 @@ import hashlib
 import json
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 
+from .configs import JsonConfig
 from .params import ParameterGroup, tf_variable
 from .projection import GradientProjector, ProjectionArgs
 
@@ -54,6 +56,62 @@ SHARD_PATTERN = "vectors-*.npz"
 EXACT_MAX = 1_000_000
 #: Indexes up to this many bytes (as float32) stay in memory after their first query.
 CACHE_BYTES = 1 << 30
+
+
+PRECONDITIONERS = ("none", "diagonal", "ekfac")
+BACKENDS = ("auto", "exact", "faiss")
+
+
+@dataclass(frozen=True)
+class QueryArgs(JsonConfig):
+    """How an index answers queries (:meth:`GradientIndex.query`; the query command's flags)."""
+
+    top_k: int = field(default=100, metadata={"help": "examples per query and side (harmful / helpful)"})
+    all_scores: bool = field(default=False, metadata={"help": "also return every indexed example's score"})
+    precondition: str = field(default="none", metadata={
+        "choices": PRECONDITIONERS,
+        "help": "none: the queries as given (multi-stage test vectors already hold both inverse Hessians); "
+                "diagonal: divided by the corpus' per-dimension mean squared projected gradient; ekfac: the "
+                "damped inverse of the (E)K-FAC factors in `factors`, applied to each query over the index's "
+                "parameters before it is projected (for raw test gradients)"})
+    damping: float = field(default=1e-3, metadata={
+        "help": "the preconditioner's damping, relative to its mean curvature (diagonal: the mean square; "
+                "ekfac: each block's mean eigenvalue)"})
+    factors: Optional[str] = field(default=None, metadata={
+        "help": "directory of (E)K-FAC factors of the index's parameters (KFACFactors.save, the FactorFitter "
+                "artifact, the factor job's --output); precondition='ekfac' only"})
+    backend: str = field(default="auto", metadata={
+        "choices": BACKENDS, "help": "exact: streamed matrix products; faiss: an inverted-file index in memory "
+                                     "(approximate); auto: exact up to EXACT_MAX examples"})
+    query_batch: int = field(default=256, metadata={"help": "queries per matrix product"})
+    nprobe: Optional[int] = field(default=None, metadata={
+        "help": "faiss: inverted lists searched per query (None: an eighth of them)"})
+
+    def __post_init__(self):
+        if int(self.top_k) < 1 or int(self.query_batch) < 1:
+            raise ValueError(f"QueryArgs: top_k and query_batch must be ≥ 1, got {self.top_k}, {self.query_batch}")
+        if self.precondition not in PRECONDITIONERS:
+            raise ValueError(f"QueryArgs: precondition must be one of {PRECONDITIONERS}, got '{self.precondition}'")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"QueryArgs: backend must be one of {BACKENDS}, got '{self.backend}'")
+        if float(self.damping) < 0:
+            raise ValueError(f"QueryArgs: damping must be ≥ 0, got {self.damping}")
+        if (self.precondition == "ekfac") != (self.factors is not None):
+            raise ValueError("QueryArgs: precondition='ekfac' needs factors (a directory of saved factors), and "
+                             f"factors are only used by it (got precondition='{self.precondition}', "
+                             f"factors={self.factors!r})")
+        if self.all_scores and self.backend == "faiss":
+            raise ValueError("QueryArgs: all_scores needs the exact backend")
+
+
+def _query_args(args: "QueryArgs | None", overrides: dict) -> QueryArgs:
+    """``args`` with keyword overrides (the keyword form ``query(..., top_k=5)`` keeps working)."""
+    from dataclasses import replace
+    names = {f.name for f in fields(QueryArgs)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise TypeError(f"unknown query option(s) {unknown}; QueryArgs has {sorted(names)}")
+    return replace(args or QueryArgs(), **overrides)
 
 
 class IndexMismatchError(ValueError):
@@ -275,44 +333,69 @@ class GradientIndex:
             sq.append(np.einsum("nd,nd->n", v, v))
         return np.concatenate(keys), np.concatenate(sq)
 
-    def query(self, objective, vectors, top_k: int = 100, all_scores: bool = False, precondition: str = "none",
-              damping: float = 1e-3, backend: str = "auto", query_batch: int = 256,
-              vector_group: ParameterGroup | None = None) -> QueryResult:
+    def query(self, objective, vectors, args: QueryArgs | None = None, *,
+              vector_group: ParameterGroup | None = None, factors=None, **options) -> QueryResult:
         """Score queries against the index: ``vectors`` over the index's parameter group (``[p]`` one
         query, ``[p, Q]`` one per column — e.g. ``MultiStageInfluence.test_vectors(..., "each")``),
         projected with the index's ``P`` on ``objective``'s model (refused if it is another model).
-        ``vector_group``: the group the vectors are laid out over when it is not the index's (e.g. the
-        multi-stage (W, U) order); its variables are placed by identity, the index's others get 0."""
+        ``args`` (:class:`QueryArgs`) or its fields as keywords (``top_k=5``). ``vector_group``: the
+        group the vectors are laid out over when it is not the index's (e.g. the multi-stage (W, U)
+        order); its variables are placed by identity, the index's others get 0. ``factors``: fitted
+        :class:`~tf_influence.kfac.KFACFactors` for ``precondition="ekfac"`` instead of ``args.factors``'
+        directory — the queries become ``(F̂ + λ)⁻¹ q`` over the index's parameters, so a score is
+        ``⟨P∇g(z), P(F̂ + λ)⁻¹q⟩``: the EK-FAC influence of a raw test gradient, projected."""
+        if args is not None and not isinstance(args, QueryArgs):     # the old positional form: top_k
+            options, args = {"top_k": args, **options}, None
+        fitted = None
+        if factors is not None:
+            if isinstance(factors, (str, os.PathLike)):
+                options["factors"] = os.fspath(factors)
+            else:
+                fitted, options["factors"] = factors, "<in memory>"
+            if "precondition" not in options and (args is None or args.precondition == "none"):
+                options["precondition"] = "ekfac"
+        args = _query_args(args, options)
         proj = self.projector(objective)
         if vector_group is not None:
             v = np.asarray(vectors)
             placed = np.zeros((proj.group.size,) + v.shape[1:], v.dtype)
             placed[proj.group.slices(vector_group)] = v
             vectors = placed
+        if args.precondition == "ekfac":
+            from .kfac import KFACFactors, KFACInverse
+            fitted = fitted if fitted is not None else KFACFactors.load(args.factors)
+            inverse = KFACInverse(fitted, objective.model, proj.group, relative_damping=args.damping)
+            v = np.asarray(vectors)
+            vectors = inverse(tf.constant(v, proj.group.dtype)).numpy()
+            args = _query_args(args, {"precondition": "none", "factors": None})
         q = np.atleast_2d(proj.project_vector(vectors))
-        return self.query_projected(q, top_k, all_scores, precondition, damping, backend, query_batch)
+        return self.query_projected(q, args)
 
-    def query_projected(self, q, top_k: int = 100, all_scores: bool = False, precondition: str = "none",
-                        damping: float = 1e-3, backend: str = "auto", query_batch: int = 256,
-                        nprobe: int | None = None) -> QueryResult:
-        """As :meth:`query` for already projected queries ``[Q, dim]``. ``precondition="diagonal"``
-        divides by the corpus' per-dimension mean square (+ ``damping`` × its mean) — a diagonal
-        Gauss–Newton preconditioner in the projected space, for raw test gradients; multi-stage test
-        vectors already hold both inverse Hessians (leave it ``"none"``). ``backend``: ``"exact"``
-        (streamed products, one shard in memory), ``"faiss"`` (an inverted-file inner-product index
-        in memory, ``4√N`` lists of which ``nprobe`` — default an eighth — are searched; approximate), ``"auto"`` (exact up to :data:`EXACT_MAX` examples)."""
+    def query_projected(self, q, args: QueryArgs | None = None, **options) -> QueryResult:
+        """As :meth:`query` for already projected queries ``[Q, dim]`` (``args`` or its fields as
+        keywords). ``precondition="diagonal"`` divides by the corpus' per-dimension mean square (+
+        ``damping`` × its mean) — a diagonal Gauss–Newton preconditioner in the projected space, for raw
+        test gradients; ``"ekfac"`` needs the queries over the parameters (:meth:`query`). ``backend``:
+        ``"exact"`` (streamed products, one shard in memory), ``"faiss"`` (an inverted-file
+        inner-product index in memory, ``4√N`` lists of which ``nprobe`` — default an eighth — are
+        searched; approximate), ``"auto"`` (exact up to :data:`EXACT_MAX` examples)."""
+        if args is not None and not isinstance(args, QueryArgs):     # the old positional form: top_k
+            options = {"top_k": args, **options}
+            args = None
+        args = _query_args(args, options)
+        top_k, all_scores, precondition, damping = args.top_k, args.all_scores, args.precondition, args.damping
+        backend, query_batch, nprobe = args.backend, args.query_batch, args.nprobe
         q = np.atleast_2d(np.asarray(q, np.float32))
         if q.shape[1] != self.dim:
             raise ValueError(f"queries have dimension {q.shape[1]}, the index {self.dim}")
         if not np.all(np.isfinite(q)):
             raise ValueError("query vectors contain NaN/Inf")
+        if precondition == "ekfac":
+            raise ValueError("precondition='ekfac' is applied over the parameters: use GradientIndex.query with the "
+                             "unprojected query vectors")
         if precondition == "diagonal":
             ms = self.mean_square()
             q = (q / (ms + damping * ms.mean())).astype(np.float32)
-        elif precondition != "none":
-            raise ValueError(f"precondition must be 'none' or 'diagonal', got '{precondition}'")
-        if backend not in ("auto", "exact", "faiss"):
-            raise ValueError(f"backend must be 'auto', 'exact' or 'faiss', got '{backend}'")
         if backend == "auto":
             backend = "exact"
             if self.count > EXACT_MAX and not all_scores:
@@ -322,8 +405,6 @@ class GradientIndex:
                 except ImportError:
                     pass
         if backend == "faiss":
-            if all_scores:
-                raise ValueError("all_scores needs the exact backend")
             return self._query_faiss(q, top_k, nprobe)
         hi = lo = None
         parts = []

@@ -183,7 +183,9 @@ def _query(args):
         vectors = np.load(args.vector)
     else:
         raise SystemExit("query needs --result (a saved InfluenceResult) or --vector (a .npy over the index's group)")
-    res = index.query(objective, vectors, top_k=args.top_k, precondition=args.precondition, backend=args.backend)
+    from tf_influence.cli import from_args
+    from tf_influence.index import QueryArgs
+    res = index.query(objective, vectors, from_args(QueryArgs, args))
     out = {"index": args.index, "backend": res.backend, "queries": [
         {"harmful": [[k.decode(errors="replace"), float(s)] for k, s in zip(hk, hs)],
          "helpful": [[k.decode(errors="replace"), float(s)] for k, s in zip(lk, ls)]}
@@ -218,11 +220,8 @@ def main(argv=None):
     q.add_argument("--model", required=True, help="the model the index was built from (checked by fingerprint)")
     q.add_argument("--result", default=None, help="a saved InfluenceResult: its test vector(s) are the queries")
     q.add_argument("--vector", default=None, help=".npy with one query vector [p] or one per column [p, Q]")
-    q.add_argument("--top-k", type=int, default=100, help="examples per query and side (default 100)")
-    q.add_argument("--precondition", choices=["none", "diagonal"], default="none",
-                   help="diagonal: divide by the corpus' mean squared projected gradient (for raw test gradients)")
-    q.add_argument("--backend", choices=["auto", "exact", "faiss"], default="auto",
-                   help="exact streamed products, or a FAISS inverted-file index (auto: exact up to 10^6 examples)")
+    from tf_influence.index import QueryArgs
+    add_arguments(q, QueryArgs, exclude=("all_scores",))     # the command prints each query's top-k
     q.add_argument("--loss", default=None, help="Keras loss config JSON (default: the model's compiled loss)")
     q.add_argument("--out", default=None, help="JSON file for the results (default: print)")
     console.add_verbose_flag(q)
@@ -235,6 +234,9 @@ def main(argv=None):
     else:
         if beam_args:
             ap.error(f"unrecognized arguments: {beam_args}")
+        from tf_influence.cli import from_args
+        from tf_influence.index import QueryArgs
+        from_args(QueryArgs, args, parser=q)                 # a bad combination is a usage error
         _query(args)
 
 

@@ -203,6 +203,37 @@ def test_stored_vectors_equal_numpy_quantisation_and_the_diagonal_preconditioner
         build_index(obj, bad, str(tmp_path / "nan"), args=args)
 
 
+def test_ekfac_preconditioned_queries_and_query_args(indexed):
+    """``precondition="ekfac"``: each query is multiplied by the factors' damped inverse over the
+    index's parameters before projection, so (identity projection) the scores are exactly
+    ``∇g(z)·(F̂ + λ)⁻¹q`` from per-example gradients; the options are one ``QueryArgs`` (keywords
+    override it; an unknown one, ekfac without factors, all_scores with faiss are refused)."""
+    from tf_influence import kfac
+    from tf_influence.index import QueryArgs
+    model, obj, x, y, ds, index, _ = indexed
+    group = tfi.ParameterGroup.from_model(model)
+    factors = kfac.fit_factors(obj, ds, group)
+    S = np.random.default_rng(5).normal(size=(group.size, 2))
+    inv = kfac.KFACInverse(factors, model, group, relative_damping=0.1)
+    exact = gradients.per_example_dot(obj, ds, group, inv(tf.constant(S, group.dtype)).numpy(), method="jacobian")
+    res = index.query(obj, S, QueryArgs(top_k=4, all_scores=True, damping=0.1), factors=factors)
+    order = np.argsort([int(k) for k in res.keys])
+    np.testing.assert_allclose(res.scores[:, order].T, exact, rtol=1e-4, atol=1e-6 * np.abs(exact).max())
+    assert not np.allclose(exact, gradients.per_example_dot(obj, ds, group, S, method="jacobian"), rtol=0.1)
+    assert QueryArgs.from_json(QueryArgs(top_k=7, precondition="diagonal").to_json()) == QueryArgs(
+        top_k=7, precondition="diagonal")
+    assert [int(k) for k in index.query(obj, S[:, 0], 3).harmful_keys[0]] == [     # old positional top_k
+        int(k) for k in index.query(obj, S[:, 0], QueryArgs(top_k=3)).harmful_keys[0]]
+    with pytest.raises(TypeError, match="unknown query option"):
+        index.query(obj, S, top_kk=3)
+    with pytest.raises(ValueError, match="needs factors"):
+        QueryArgs(precondition="ekfac")
+    with pytest.raises(ValueError, match="all_scores needs the exact backend"):
+        QueryArgs(all_scores=True, backend="faiss")
+    with pytest.raises(ValueError, match="over the parameters"):
+        index.query_projected(np.zeros((1, index.dim)), precondition="ekfac", factors="x")
+
+
 def test_the_budget_is_shared_by_gradient_norm():
     """``allocate``: within the budget, equal shares get equal sizes, a larger share never fewer, a
     block's small side is made exact (a 10-class head keeps its 10 outputs) while a square block
@@ -259,6 +290,18 @@ def test_the_beam_job_equals_the_in_process_index_and_the_query_cli(indexed, tmp
     lib = job.query(obj, s, top_k=5)
     assert [k for k, _ in top["harmful"]] == [k.decode() for k in lib.harmful_keys[0]]
     assert [k for k, _ in top["helpful"]] == [k.decode() for k in lib.helpful_keys[0]]
+    # EK-FAC-preconditioned queries from saved factors: the command equals the library
+    from tf_influence import kfac
+    kfac.fit_factors(obj, ds, tfi.ParameterGroup.from_model(model)).save(str(tmp_path / "factors"))
+    beam_index.main(["query", "--index", str(tmp_path / "idx"), "--model", path, "--vector", str(tmp_path / "s.npy"),
+                     "--top-k", "5", "--precondition", "ekfac", "--factors", str(tmp_path / "factors"),
+                     "--damping", "0.1", "--out", str(tmp_path / "top_ekfac.json")])
+    top = json.load(open(tmp_path / "top_ekfac.json"))["queries"][0]
+    lib = job.query(obj, s, top_k=5, factors=str(tmp_path / "factors"), damping=0.1)
+    assert [k for k, _ in top["harmful"]] == [k.decode() for k in lib.harmful_keys[0]]
+    with pytest.raises(SystemExit):          # ekfac without factors: a usage error naming the rule
+        beam_index.main(["query", "--index", str(tmp_path / "idx"), "--model", path, "--vector",
+                         str(tmp_path / "s.npy"), "--precondition", "ekfac"])
     assert not [p for p in os.listdir(tmp_path / "idx") if p.startswith(".tmp-")]
     # the defaults: the driver shares the budget by gradient norm on the first file's examples and the
     # workers project with the resolved sizes — the in-process projection with the index's own arguments
