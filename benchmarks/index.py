@@ -19,7 +19,10 @@ sized on its own; ``digits-k16`` measures the CNN with one k = 16 per block side
   after a traced one; each the faster of two, alternated); ``seconds_per_query_index`` (project the query, score every indexed example, top-k both
   sides; averaged over a batch of queries; the index held in memory, as a query service keeps it —
   ``seconds_per_query_index_streamed`` reads every shard from disk for the batch) against ``seconds_per_query_exact`` (one forward-mode
-  pass over the corpus for one query: what answering a new question costs without an index).
+  pass over the corpus for one query: what answering a new question costs without an index);
+* ``--rerank R``: the same queries with ``QueryArgs(rerank=R)`` — the index's R best candidates per
+  query and side re-scored with exact per-example gradients — ``recall_at_100_rerank`` and one query's
+  ``seconds_per_query_rerank`` (``query_speedup_rerank`` against the exact pass).
 
 Models: ``digits`` — the Table-A CNN on noisy copies of scikit-learn's digits (``--digits-n``
 examples); ``gpt2`` — the keras-hub GPT-2 causal LM of ``benchmarks.hub`` (≈ 1.04 M parameters) on
@@ -89,7 +92,7 @@ def _recall(index_keys, exact_scores, top, largest):
 
 
 def measure(name, model, loss, ds, qds, n_queries: int, top: int = 100, train_epochs: int = 2,
-            args: ProjectionArgs | None = None, index_batch: int | None = None) -> dict:
+            args: ProjectionArgs | None = None, index_batch: int | None = None, rerank: int = 0) -> dict:
     from scipy.stats import spearmanr
     # a trained model (the index is of a model someone trained), then timed epochs and index builds,
     # alternated twice; each cost is the faster of its two (this VM's speed drifts by up to 2× between
@@ -125,6 +128,12 @@ def measure(name, model, loss, ds, qds, n_queries: int, top: int = 100, train_ep
         all_res = index.query_projected(proj.project_vector(Q), all_scores=True, backend="exact")
         approx = all_res.scores                                      # [Q, N], index (= dataset) order
         assert [int(k) for k in all_res.keys] == list(range(index.count))
+        if rerank:      # exact re-scoring of the index's candidates: one query, then all (quality)
+            index.query(obj, Q[:, 1], top_k=top, rerank=rerank, dataset=ds)          # traces the kernels
+            t0 = time.perf_counter()
+            index.query(obj, Q[:, 0], top_k=top, rerank=rerank, dataset=ds)
+            per_query_rerank = time.perf_counter() - t0
+            reranked = index.query(obj, Q, top_k=top, rerank=rerank, dataset=ds)
     t0 = time.perf_counter()
     gradients.per_example_dot(obj, ds, group, Q[:, 0], method="jvp")
     per_query_exact = time.perf_counter() - t0
@@ -134,6 +143,13 @@ def measure(name, model, loss, ds, qds, n_queries: int, top: int = 100, train_ep
         recalls.append(0.5 * (_recall(res.harmful_keys[q], exact[:, q], top, True)
                               + _recall(res.helpful_keys[q], exact[:, q], top, False)))
         rhos.append(spearmanr(approx[q], exact[:, q]).statistic)
+    extra = {}
+    if rerank:
+        rr = [0.5 * (_recall(reranked.harmful_keys[q], exact[:, q], top, True)
+                     + _recall(reranked.helpful_keys[q], exact[:, q], top, False)) for q in range(Q.shape[1])]
+        extra = {"rerank": int(rerank), "recall_at_100_rerank": float(np.mean(rr)),
+                 "recall_at_100_rerank_min": float(np.min(rr)), "seconds_per_query_rerank": per_query_rerank,
+                 "query_speedup_rerank": per_query_exact / per_query_rerank}
     return {"model": name, "n_examples": int(index.count), "n_params": int(group.size), "k": int(index.meta.get("k", 0)),
             "dim": int(index.dim), "dtype": args.dtype,
             "index_build_seconds": build, "train_epoch_seconds": epoch, "build_over_epoch": build / epoch,
@@ -144,7 +160,7 @@ def measure(name, model, loss, ds, qds, n_queries: int, top: int = 100, train_ep
             "seconds_per_query_index": per_query_index, "seconds_per_query_index_streamed": per_query_cold,
             "seconds_per_query_exact": per_query_exact,
             "query_speedup": per_query_exact / per_query_index,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            **extra, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def _measured(cmd):
@@ -207,6 +223,9 @@ def main(argv=None):
                          "budget split uniformly, for comparison). Entries of models not measured are kept from --out")
     ap.add_argument("--digits-n", type=int, default=100_000, help="corpus size of the digits CNN")
     ap.add_argument("--gpt2-n", type=int, default=2_000, help="corpus size (sequences) of the GPT-2 LM")
+    ap.add_argument("--rerank", type=int, default=0,
+                    help="also measure QueryArgs.rerank with this many candidates per query and side (recall of the "
+                         "re-scored top 100, and one query's cost)")
     ap.add_argument("--digits-index-batch", type=int, default=1024,
                     help="examples per projection call while building the digits index (build_index's batch_size; "
                          "the timed training epoch keeps batches of 256); the GPT-2 index uses the dataset's batches")
@@ -243,7 +262,8 @@ def main(argv=None):
         pargs = {"digits-k16": ProjectionArgs(k=16), "gpt2-uniform": ProjectionArgs(allocation="uniform")}.get(name)
         label = name if not name.startswith("gpt2") or args.gpt2_n == 2000 else f"{name}-n{args.gpt2_n}"
         models.append(measure(label, *case, n_queries=args.queries, args=pargs,
-                              index_batch=args.digits_index_batch if name.startswith("digits") else None))
+                              index_batch=args.digits_index_batch if name.startswith("digits") else None,
+                              rerank=args.rerank))
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in models[-1].items()}, flush=True)
     measured = {m["model"] for m in models}
     models += [m for m in previous.get("models", []) if m["model"] not in measured]

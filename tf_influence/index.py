@@ -86,6 +86,11 @@ class QueryArgs(JsonConfig):
     query_batch: int = field(default=256, metadata={"help": "queries per matrix product"})
     nprobe: Optional[int] = field(default=None, metadata={
         "help": "faiss: inverted lists searched per query (None: an eighth of them)"})
+    rerank: int = field(default=0, metadata={
+        "help": "re-score the index's best `rerank` candidates per query and side with exact (unprojected) "
+                "per-example gradients and keep the top_k of those: the top-k lists and their scores become "
+                "exact wherever the true top-k is among the candidates, at the cost of up to 2·rerank gradients "
+                "per query; needs the corpus (query(..., dataset=)); 0: off"})
 
     def __post_init__(self):
         if int(self.top_k) < 1 or int(self.query_batch) < 1:
@@ -102,6 +107,11 @@ class QueryArgs(JsonConfig):
                              f"factors={self.factors!r})")
         if self.all_scores and self.backend == "faiss":
             raise ValueError("QueryArgs: all_scores needs the exact backend")
+        if int(self.rerank) < 0:
+            raise ValueError(f"QueryArgs: rerank must be ≥ 0, got {self.rerank}")
+        if self.rerank and self.precondition == "diagonal":
+            raise ValueError("QueryArgs: rerank re-scores in parameter space, where the diagonal preconditioner "
+                             "(of the projected space) does not exist; use precondition 'none' or 'ekfac'")
 
 
 def _query_args(args: "QueryArgs | None", overrides: dict) -> QueryArgs:
@@ -334,7 +344,8 @@ class GradientIndex:
         return np.concatenate(keys), np.concatenate(sq)
 
     def query(self, objective, vectors, args: QueryArgs | None = None, *,
-              vector_group: ParameterGroup | None = None, factors=None, **options) -> QueryResult:
+              vector_group: ParameterGroup | None = None, factors=None, dataset=None, keys=None,
+              **options) -> QueryResult:
         """Score queries against the index: ``vectors`` over the index's parameter group (``[p]`` one
         query, ``[p, Q]`` one per column — e.g. ``MultiStageInfluence.test_vectors(..., "each")``),
         projected with the index's ``P`` on ``objective``'s model (refused if it is another model).
@@ -343,7 +354,9 @@ class GradientIndex:
         order); its variables are placed by identity, the index's others get 0. ``factors``: fitted
         :class:`~tf_influence.kfac.KFACFactors` for ``precondition="ekfac"`` instead of ``args.factors``'
         directory — the queries become ``(F̂ + λ)⁻¹ q`` over the index's parameters, so a score is
-        ``⟨P∇g(z), P(F̂ + λ)⁻¹q⟩``: the EK-FAC influence of a raw test gradient, projected."""
+        ``⟨P∇g(z), P(F̂ + λ)⁻¹q⟩``: the EK-FAC influence of a raw test gradient, projected.
+        ``dataset`` (and ``keys``, when the index was built with keys): the indexed corpus, batched as
+        for :func:`build_index`, for ``rerank`` — the index's candidates are re-scored exactly there."""
         if args is not None and not isinstance(args, QueryArgs):     # the old positional form: top_k
             options, args = {"top_k": args, **options}, None
         fitted = None
@@ -369,7 +382,56 @@ class GradientIndex:
             vectors = inverse(tf.constant(v, proj.group.dtype)).numpy()
             args = _query_args(args, {"precondition": "none", "factors": None})
         q = np.atleast_2d(proj.project_vector(vectors))
-        return self.query_projected(q, args)
+        if not args.rerank:
+            return self.query_projected(q, args)
+        if dataset is None:
+            raise ValueError("QueryArgs.rerank re-scores candidates with exact gradients: pass the indexed corpus, "
+                             "query(..., dataset=...)")
+        wide = _query_args(args, {"rerank": 0, "top_k": max(args.top_k, args.rerank)})
+        return self._rerank(objective, proj.group, np.asarray(vectors), self.query_projected(q, wide), args,
+                            dataset, keys)
+
+    def _rerank(self, objective, group, vectors, approx: QueryResult, args: QueryArgs, dataset, keys):
+        """Exact scores of the approximate result's candidates (one pass over ``dataset`` that computes
+        gradients of the candidates only); each query's ``top_k`` per side among its candidates."""
+        from .gradients import per_example_dot
+        V = vectors if vectors.ndim == 2 else vectors[:, None]
+        position = ({str(i).encode(): i for i in range(self.count)} if keys is None else
+                    {(k if isinstance(k, bytes) else str(k).encode()): i for i, k in enumerate(keys)})
+        wanted = np.unique(np.concatenate([approx.harmful_keys.ravel(), approx.helpful_keys.ravel()]))
+        missing = [k for k in wanted[:3] if k not in position]
+        if missing:
+            raise ValueError(f"rerank: keys {missing} of the index are not in the dataset's keys (pass the keys the "
+                             "index was built with)")
+        rows = np.array(sorted(position[k] for k in wanted))
+        mask = np.zeros(rows.max() + 1, bool)
+        mask[rows] = True
+        mask_t, n_mask = tf.constant(mask), tf.constant(len(mask), tf.int64)
+        first = next(iter(dataset))
+        batch = int(tf.shape(tf.nest.flatten(first)[0])[0])
+        subset = dataset.unbatch().enumerate().filter(
+            lambda i, e: tf.logical_and(i < n_mask, tf.gather(mask_t, tf.minimum(i, n_mask - 1)))).map(
+            lambda i, e: e).batch(batch)
+        # few queries: forward mode (no per-example gradient block); many: blocks of at most 2^26 numbers
+        exact = per_example_dot(objective, subset, group, V, method="jvp" if V.shape[1] <= 4 else "jacobian",
+                                chunk_size=max(1, min(64, (1 << 26) // group.size)), name="rerank candidates")
+        if len(exact) != len(rows):
+            raise ValueError(f"rerank: the dataset yielded {len(exact)} of the {len(rows)} candidate examples — "
+                             "is it the corpus the index was built from?")
+        row_of = {int(r): j for j, r in enumerate(rows)}
+        out = {"harmful_keys": [], "harmful_scores": [], "helpful_keys": [], "helpful_scores": []}
+        for qi in range(V.shape[1]):
+            cand = np.unique(np.concatenate([approx.harmful_keys[qi], approx.helpful_keys[qi]]))
+            ex = np.array([exact[row_of[position[k]], qi] for k in cand])
+            for side, sign in (("harmful", -1.0), ("helpful", 1.0)):
+                order = np.argsort(sign * ex, kind="stable")[:args.top_k]
+                out[f"{side}_keys"].append(cand[order])
+                out[f"{side}_scores"].append(ex[order])
+        res = QueryResult(*(np.array(out[n]) for n in ("harmful_keys", "harmful_scores", "helpful_keys",
+                                                        "helpful_scores")), backend=f"{approx.backend}+rerank")
+        if args.all_scores:                       # every example's score stays the index's (approximate) one
+            res.scores, res.keys = approx.scores, approx.keys
+        return res
 
     def query_projected(self, q, args: QueryArgs | None = None, **options) -> QueryResult:
         """As :meth:`query` for already projected queries ``[Q, dim]`` (``args`` or its fields as

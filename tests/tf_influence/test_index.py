@@ -234,6 +234,39 @@ def test_ekfac_preconditioned_queries_and_query_args(indexed):
         index.query_projected(np.zeros((1, index.dim)), precondition="ekfac", factors="x")
 
 
+def test_rerank_rescored_candidates_exactly(indexed, tmp_path):
+    """``rerank``: the candidates of a lossy index (k = 2) are re-scored with exact per-example
+    gradients — with every example a candidate the top-k and its scores are the exact ones; with
+    fewer, the kept keys carry their exact scores in order and recall does not drop."""
+    model, obj, x, y, ds, _, _ = indexed
+    group = tfi.ParameterGroup.from_model(model)
+    lossy = build_index(obj, ds, str(tmp_path / "lossy"), args=ProjectionArgs(k=2, k_other=2, dtype="float32"),
+                        keys=[f"ex{i}" for i in range(50)])
+    keys = [f"ex{i}" for i in range(50)]
+    S = np.random.default_rng(7).normal(size=(group.size, 3))
+    exact = gradients.per_example_dot(obj, ds, group, S, method="jacobian")
+    full = lossy.query(obj, S, top_k=5, rerank=50, dataset=ds, keys=keys)
+    assert full.backend == "exact+rerank"
+    plain = lossy.query(obj, S, top_k=5)
+    some = lossy.query(obj, S, top_k=5, rerank=12, dataset=ds, keys=keys)
+    for q in range(3):
+        want = np.argsort(-exact[:, q])[:5]
+        assert [int(k[2:]) for k in full.harmful_keys[q]] == list(want)
+        np.testing.assert_allclose(full.harmful_scores[q], exact[want, q], rtol=1e-5, atol=1e-8)
+        assert [int(k[2:]) for k in full.helpful_keys[q]] == list(np.argsort(exact[:, q])[:5])
+        got = [int(k[2:]) for k in some.harmful_keys[q]]
+        np.testing.assert_allclose(some.harmful_scores[q], exact[got, q], rtol=1e-5, atol=1e-8)
+        assert list(some.harmful_scores[q]) == sorted(some.harmful_scores[q], reverse=True)
+        recall = lambda ks: len(set(int(k[2:]) for k in ks) & set(want)) / 5  # noqa: E731
+        assert recall(some.harmful_keys[q]) >= recall(plain.harmful_keys[q])
+    with pytest.raises(ValueError, match="pass the indexed corpus"):
+        lossy.query(obj, S, rerank=10)
+    with pytest.raises(ValueError, match="not in the dataset's keys"):
+        lossy.query(obj, S, rerank=10, dataset=ds)                 # built with keys: positions do not match
+    with pytest.raises(ValueError, match="diagonal preconditioner"):
+        lossy.query(obj, S, rerank=10, precondition="diagonal", dataset=ds, keys=keys)
+
+
 def test_the_budget_is_shared_by_gradient_norm():
     """``allocate``: within the budget, equal shares get equal sizes, a larger share never fewer, a
     block's small side is made exact (a 10-class head keeps its 10 outputs) while a square block
