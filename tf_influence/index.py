@@ -161,7 +161,7 @@ def encode_batch(v, dtype: str) -> dict:
     projection's graph — :func:`build_index` — or eagerly): ``vectors`` in ``dtype`` (int8 with a
     per-example ``scales``: max ``|v|`` ↦ 127, rounded half to even), ``sum_sq`` the per-dimension sums
     of squares of the *stored* values (what the index holds, for the diagonal preconditioner) and
-    ``finite`` (False when a value is NaN/Inf)."""
+    ``finite`` (False when a value is NaN/Inf, or overflows float16)."""
     v = tf.convert_to_tensor(v)
     v32 = tf.cast(v, tf.float32)
     out = {"finite": tf.math.is_finite(tf.reduce_sum(v32))}        # a NaN or an Inf makes the sum non-finite
@@ -172,7 +172,9 @@ def encode_batch(v, dtype: str) -> dict:
                    sum_sq=tf.linalg.matvec(tf.square(q), tf.square(scales), transpose_a=True))   # Σ_n (q s)²
     else:
         out["vectors"] = tf.cast(v, dtype)
-        out["sum_sq"] = tf.reduce_sum(tf.square(tf.cast(out["vectors"], tf.float32)), axis=0)
+        stored = tf.cast(out["vectors"], tf.float32)
+        out["finite"] = tf.math.is_finite(tf.reduce_sum(stored))    # also a float16 overflow (|v| > 65504)
+        out["sum_sq"] = tf.reduce_sum(tf.square(stored), axis=0)
     return out
 
 
