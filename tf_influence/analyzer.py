@@ -25,6 +25,7 @@ What the analyzer writes (``output_dir``)::
     factors/<name>/          KFACFactors of fit_factors(name, ...)  (+ factor_args.json)
     scores/<name>/           InfluenceResult of influence(name, ...) (+ influence_args.json)
     self_influence/<name>/   scores.npy + meta.json of self_influence(name, ...)
+    index/<name>/            the gradient index of build_index(name, ...) (+ index_args.json); query_index
 
 A name already computed is loaded, not recomputed (``overwrite=True`` recomputes); the arguments it
 was computed with are compared with the ones asked for, and a mismatch raises instead of returning
@@ -271,6 +272,48 @@ class Analyzer:
         if not os.path.exists(path):
             raise FileNotFoundError(f"no self-influence scores named '{name}' under {self.output_dir}")
         return np.load(path)
+
+
+    # -- gradient index ----------------------------------------------------------------------------
+    def build_index(self, name: str, pretrain_data, projection_args=None, keys=None, batch_size: int | None = None,
+                    overwrite: bool = False):
+        """A gradient index (:mod:`tf_influence.index`) of the pretraining examples over ``(W, U)`` —
+        the parameters of :meth:`influence`'s test vectors —, saved as ``index/<name>``; kept when its
+        projection arguments and the model's weights (fingerprint) are unchanged."""
+        from .index import INDEX_FILE, GradientIndex, build_index, fingerprint
+        from .projection import ProjectionArgs
+        projection_args = projection_args or ProjectionArgs()
+        directory = self._dir("index", name)
+        record = json.dumps({"projection_args": json.loads(projection_args.to_json()), "keys": keys is not None,
+                             "fingerprint": fingerprint(self.task.pretrain_model, self.pretrain_group())},
+                            sort_keys=True)
+        if os.path.exists(os.path.join(directory, INDEX_FILE)) and not overwrite:
+            self._check_same(directory, "index_args.json", record, f"index '{name}' (or the model changed)")
+            return GradientIndex(directory)
+        index = build_index(self.pretrain_objective, pretrain_data, directory, self.pretrain_group(),
+                            projection_args, keys=keys, progress=self.progress, name="pretraining data",
+                            batch_size=batch_size)
+        with open(os.path.join(directory, "index_args.json"), "w") as fh:
+            fh.write(record)
+        return index
+
+    def query_index(self, name: str, query, args=None, **options):
+        """Top-k helpful / harmful pretraining examples from the index ``name`` (:meth:`build_index`).
+        ``query``: an :class:`~tf_influence.influence.InfluenceResult` (its test vector(s) ``s``, laid
+        out by its group spec — e.g. :meth:`influence`'s or :meth:`load_scores`'), or an array over
+        :meth:`pretrain_group`. ``args`` / ``options``: :class:`~tf_influence.index.QueryArgs`."""
+        from .index import GradientIndex
+        from .params import ParameterGroup
+        index = GradientIndex(self._dir("index", name))
+        model = self.task.pretrain_model
+        if isinstance(query, InfluenceResult):
+            if query.group_spec is None:
+                raise AnalyzerError("the InfluenceResult has no group spec: its test vector cannot be placed")
+            group = ParameterGroup.from_spec(model, query.group_spec.to_json())
+            vectors = np.asarray(query.test_vector)
+        else:
+            group, vectors = self.pretrain_group(), np.asarray(query)
+        return index.query(self.pretrain_objective, vectors, args, vector_group=group, **options)
 
 
 def _whole(model):

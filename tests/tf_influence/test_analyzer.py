@@ -85,6 +85,30 @@ def test_self_influence_over_the_named_layer_set_or_every_layer(world, tmp_path)
                                tfi.self_influence(g, data(P), tfi.ParameterGroup.from_model(pre)), rtol=1e-10)
 
 
+def test_a_gradient_index_through_the_front_door(world, tmp_path, monkeypatch):
+    """``build_index`` indexes the pretraining examples over (W, U); ``query_index`` with the saved
+    influence result answers with that result's scores (identity projection: exactly) and top-k; a
+    rebuild with the same arguments is loaded, with other arguments refused."""
+    from tf_influence.projection import ProjectionArgs
+    pre, ft, P, F = world
+    task = tfi.Task(pre, ft, h.sce(), h.sce(), embedding=["embedding"])
+    a = tfi.Analyzer(task, str(tmp_path), args=tfi.InfluenceArgs(hessian_samples=None, test_target="each"),
+                     progress=False)
+    res = a.influence("t3", data(P), data(F), data((F[0][:3], F[1][:3])))
+    exact = ProjectionArgs(k=1000, k_other=1000, dtype="float32")
+    index = a.build_index("corpus", data(P), exact)
+    assert index.count == 40 and (tmp_path / "index" / "corpus" / "index_args.json").exists()
+    top = a.query_index("corpus", a.load_scores("t3"), top_k=5, all_scores=True)
+    order = np.argsort([int(k) for k in top.keys])
+    np.testing.assert_allclose(top.scores[:, order].T, res.scores, rtol=1e-4, atol=1e-6 * np.abs(res.scores).max())
+    for q in range(3):
+        assert [int(k) for k in top.harmful_keys[q]] == list(np.argsort(-res.scores[:, q])[:5])
+    monkeypatch.setattr("tf_influence.index.build_index", lambda *a, **k: pytest.fail("rebuilt"))
+    assert a.build_index("corpus", data(P), exact).count == 40                            # loaded, not rebuilt
+    with pytest.raises(an.AnalyzerError, match="other arguments"):
+        a.build_index("corpus", data(P), ProjectionArgs(k=2))
+
+
 def test_bad_tasks_say_what_is_missing(world, tmp_path):
     pre, ft, P, F = world
     with pytest.raises(an.AnalyzerError, match="no pretrain_loss given and the pretrain model 'pretrain' is not "
