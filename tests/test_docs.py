@@ -59,6 +59,8 @@ def test_readme_is_short_and_quotes_the_results_file():
     assert f"{index['gpt2-n10000']['query_speedup']:,.0f}×" in readme and f"{index['digits']['query_speedup']:.0f}×" in readme
     assert f"{index['digits']['spearman_vs_exact']:.3f} / {index['digits']['recall_at_100']:.3f}" in readme
     assert f"built in {index['digits']['build_over_epoch']:.2f} epochs" in readme
+    scale = json.loads((ROOT / "docs" / "results" / "index.json").read_text())["scale"]["runs"][-1]
+    assert scale["n_examples"] == 10**6 and f"indexed 10⁶ examples in {scale['build_seconds']:.0f} s" in readme
     n10k = index["gpt2-n10000"]
     assert f"`rerank={n10k['rerank']}`, lifts recall@100 to {n10k['recall_at_100_rerank']:.3f}" in readme
     assert f"{n10k['query_speedup_rerank']:.1f}× less than the corpus pass" in readme
