@@ -57,16 +57,21 @@ class AnalyzerError(ValueError):
 class FactorArgs(JsonConfig):
     """How :meth:`Analyzer.fit_factors` fits Kronecker-factored curvature (:func:`~tf_influence.kfac.fit_factors`).
 
-    >>> FactorArgs.from_json(FactorArgs(kind="kfac", max_examples=500).to_json())
-    FactorArgs(kind='kfac', fisher='true', max_examples=500, seed=0)
+    >>> FactorArgs.from_json(FactorArgs(kind="kfac", hessian_samples=500).to_json())
+    FactorArgs(kind='kfac', fisher='true', hessian_samples=500, max_examples=None, seed=0)
     """
 
     kind: str = field(default="ekfac", metadata={"help": "'ekfac' (eigenvalue-corrected) or 'kfac'",
                                                  "choices": ("ekfac", "kfac")})
     fisher: str = field(default="true", metadata={"help": "'true' (labels sampled from the model) or 'empirical'",
                                                   "choices": ("true", "empirical")})
-    max_examples: int | None = field(default=None, metadata={"help": "fit on the first N examples (None: all)"})
-    seed: int = field(default=0, metadata={"help": "seed of the sampled labels"})
+    hessian_samples: int | None = field(default=None, metadata={
+        "help": "fit on a fixed random subset of N examples, drawn by the rule of InfluenceArgs.hessian_samples "
+                "(tf_influence.objective.subsample with `seed`; None: all)"})
+    max_examples: int | None = field(default=None, metadata={
+        "help": "fit on the first N examples only (a streaming cap, as kronfluence's covariance_max_examples: "
+                "shuffle the data first; None: all)"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampled labels and of the hessian_samples subset"})
 
     def __post_init__(self):
         from .kfac import FISHERS, KINDS
@@ -76,6 +81,11 @@ class FactorArgs(JsonConfig):
             raise ValueError(f"FactorArgs.fisher must be one of {FISHERS}, got '{self.fisher}'")
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError(f"FactorArgs.max_examples must be ≥ 1 or None, got {self.max_examples}")
+        if self.hessian_samples is not None and self.hessian_samples < 1:
+            raise ValueError(f"FactorArgs.hessian_samples must be ≥ 1 or None, got {self.hessian_samples}")
+        if self.hessian_samples is not None and self.max_examples is not None:
+            raise ValueError("FactorArgs: give hessian_samples (a random subset) or max_examples (the first N), "
+                             "not both")
 
 
 
@@ -186,10 +196,19 @@ class Analyzer:
         from .kfac import KFACFactors, fit_factors
         factor_args = factor_args or FactorArgs()
         directory = self._dir("factors", name)
-        if os.path.exists(os.path.join(directory, "factor_args.json")) and not overwrite:
-            self._check_same(directory, "factor_args.json", factor_args.to_json(), f"factors '{name}'")
+        saved_args = os.path.join(directory, "factor_args.json")
+        if os.path.exists(saved_args) and not overwrite:
+            with open(saved_args) as fh:
+                saved = fh.read()
+            if FactorArgs.from_json(saved) != factor_args:      # fields added since then take their defaults
+                raise AnalyzerError(f"factors '{name}' in {directory} were computed with other arguments ({saved}); "
+                                    "choose another name or pass overwrite=True")
             return KFACFactors.load(directory)
         group = self.pretrain_group()
+        if factor_args.hessian_samples is not None:     # the one subsampling rule (as the Hessian's)
+            from .objective import subsample
+            pretrain_data = subsample(pretrain_data, factor_args.hessian_samples, seed=factor_args.seed,
+                                      name="pretraining data")
         factors = fit_factors(self.pretrain_objective, pretrain_data, group, kind=factor_args.kind,
                               fisher=factor_args.fisher, seed=factor_args.seed, progress=self.progress,
                               name="pretraining data", max_examples=factor_args.max_examples)

@@ -68,6 +68,31 @@ def test_fitted_factors_are_saved_once_and_invert_the_pretraining_hessian(world,
     np.testing.assert_allclose(res.scores, ref.scores, rtol=1e-8)
 
 
+def test_factor_hessian_samples_are_the_hessians_random_subset(world, tmp_path):
+    """``FactorArgs.hessian_samples``: the factors are fitted on the examples that
+    ``InfluenceArgs.hessian_samples`` would draw (the one rule, ``objective.subsample_mask``), picked
+    here by numpy indexing; factors saved before the field existed still load."""
+    import json as json_
+    from tf_influence.objective import subsample_mask
+    pre, ft, P, F = world
+    a = tfi.Analyzer(tfi.Task(pre, ft, h.sce(), h.sce(), embedding=["embedding"]), str(tmp_path), progress=False)
+    got = a.fit_factors("sub", data(P), tfi.FactorArgs(fisher="empirical", hessian_samples=15, seed=3))
+    keep = subsample_mask(40, 15, seed=3)
+    ref = kfac.fit_factors(tfi.Objective(pre, h.sce()), data((P[0][keep], P[1][keep])), a.pretrain_group(),
+                           fisher="empirical")
+    assert got.num_examples == 15
+    for name, blk in ref.blocks.items():
+        np.testing.assert_allclose(got.blocks[name]["eig"], blk["eig"], rtol=1e-8, atol=1e-12)
+    with pytest.raises(ValueError, match="not both"):
+        tfi.FactorArgs(hessian_samples=5, max_examples=5)
+    a.fit_factors("ek_old", data(P), tfi.FactorArgs(fisher="empirical"))
+    old_dir = tmp_path / "factors" / "ek_old" / "factor_args.json"
+    legacy = json_.loads(old_dir.read_text())
+    del legacy["hessian_samples"]                       # as written before the field existed
+    old_dir.write_text(json_.dumps(legacy))
+    assert a.fit_factors("ek_old", data(P), tfi.FactorArgs(fisher="empirical")).num_examples == 40
+
+
 def test_self_influence_over_the_named_layer_set_or_every_layer(world, tmp_path):
     pre, ft, P, _ = world
     a = tfi.Analyzer(tfi.Task(pre, ft, h.sce(), h.sce(), embedding=["embedding"], si_layers=["embedding"]),
