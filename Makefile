@@ -20,7 +20,7 @@ $(STAMP): requirements.txt requirements-tfx.txt requirements-hub.txt requirement
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q -n 4 --dist loadfile -m "not experiment" tests   # 4 workers on 2 cores: much is single-threaded tracing, Beam / Dask start-up and subprocess waits (docs/testing.md); loadfile keeps module fixtures together
+	$(PY) -m pytest -q -n 3 --dist loadfile -m "not experiment" tests   # 3 workers on 2 cores (much is single-threaded tracing / Beam start-up: 7:22 vs 8:06 with 2); loadfile keeps module fixtures together
 
 test-experiments: install
 	$(PY) -m pytest -q -n 2 --dist loadfile -m experiment tests   # the reduced experiments end to end (~4 min)
