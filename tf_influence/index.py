@@ -114,9 +114,12 @@ class QueryArgs(JsonConfig):
                              "(of the projected space) does not exist; use precondition 'none' or 'ekfac'")
 
 
-def _query_args(args: "QueryArgs | None", overrides: dict) -> QueryArgs:
-    """``args`` with keyword overrides (the keyword form ``query(..., top_k=5)`` keeps working)."""
+def _query_args(args: "QueryArgs | int | None", overrides: dict) -> QueryArgs:
+    """``args`` with keyword overrides (the keyword form ``query(..., top_k=5)`` keeps working, and so
+    does the old positional ``top_k`` in the place of ``args``)."""
     from dataclasses import replace
+    if args is not None and not isinstance(args, QueryArgs):
+        overrides, args = {"top_k": args, **overrides}, None
     names = {f.name for f in fields(QueryArgs)}
     unknown = sorted(set(overrides) - names)
     if unknown:
@@ -134,6 +137,11 @@ def fingerprint(model, group: ParameterGroup) -> str:
     for v in group.variables:
         h.update(np.ascontiguousarray(tf_variable(v).numpy()).tobytes())
     return h.hexdigest()[:16]
+
+
+def _key_bytes(k) -> bytes:
+    """An example key as an index stores it."""
+    return k if isinstance(k, bytes) else str(k).encode()
 
 
 def _write_npz(path, **arrays):
@@ -195,7 +203,7 @@ def write_shard(path: str, keys, vectors, dtype: str, scales=None, sum_sq=None) 
         if not enc["finite"]:
             raise ValueError(f"{path}: projected gradients contain NaN/Inf")
         vectors, scales, sum_sq = enc["vectors"], enc.get("scales"), enc["sum_sq"]
-    keys = np.array([k if isinstance(k, bytes) else str(k).encode() for k in keys], dtype=bytes)
+    keys = np.array([_key_bytes(k) for k in keys], dtype=bytes)
     arrays = dict(keys=keys, vectors=np.asarray(vectors), sum_sq=np.asarray(sum_sq, np.float64))
     if dtype == "int8":
         arrays["scales"] = np.asarray(scales, np.float32)
@@ -359,15 +367,13 @@ class GradientIndex:
         ``⟨P∇g(z), P(F̂ + λ)⁻¹q⟩``: the EK-FAC influence of a raw test gradient, projected.
         ``dataset`` (and ``keys``, when the index was built with keys): the indexed corpus, batched as
         for :func:`build_index`, for ``rerank`` — the index's candidates are re-scored exactly there."""
-        if args is not None and not isinstance(args, QueryArgs):     # the old positional form: top_k
-            options, args = {"top_k": args, **options}, None
         fitted = None
         if factors is not None:
             if isinstance(factors, (str, os.PathLike)):
                 options["factors"] = os.fspath(factors)
             else:
                 fitted, options["factors"] = factors, "<in memory>"
-            if "precondition" not in options and (args is None or args.precondition == "none"):
+            if "precondition" not in options and not (isinstance(args, QueryArgs) and args.precondition != "none"):
                 options["precondition"] = "ekfac"
         args = _query_args(args, options)
         proj = self.projector(objective)
@@ -397,9 +403,9 @@ class GradientIndex:
         """Exact scores of the approximate result's candidates (one pass over ``dataset`` that computes
         gradients of the candidates only); each query's ``top_k`` per side among its candidates."""
         from .gradients import per_example_dot
+        from .objective import first_batch_size, take_positions
         V = vectors if vectors.ndim == 2 else vectors[:, None]
-        position = ({str(i).encode(): i for i in range(self.count)} if keys is None else
-                    {(k if isinstance(k, bytes) else str(k).encode()): i for i, k in enumerate(keys)})
+        position = {_key_bytes(k): i for i, k in enumerate(range(self.count) if keys is None else keys)}
         wanted = np.unique(np.concatenate([approx.harmful_keys.ravel(), approx.helpful_keys.ravel()]))
         missing = [k for k in wanted[:3] if k not in position]
         if missing:
@@ -408,12 +414,7 @@ class GradientIndex:
         rows = np.array(sorted(position[k] for k in wanted))
         mask = np.zeros(rows.max() + 1, bool)
         mask[rows] = True
-        mask_t, n_mask = tf.constant(mask), tf.constant(len(mask), tf.int64)
-        first = next(iter(dataset))
-        batch = int(tf.shape(tf.nest.flatten(first)[0])[0])
-        subset = dataset.unbatch().enumerate().filter(
-            lambda i, e: tf.logical_and(i < n_mask, tf.gather(mask_t, tf.minimum(i, n_mask - 1)))).map(
-            lambda i, e: e).batch(batch)
+        subset = take_positions(dataset, mask, first_batch_size(dataset))
         # few queries: forward mode (no per-example gradient block); many: blocks of at most 2^26 numbers
         exact = per_example_dot(objective, subset, group, V, method="jvp" if V.shape[1] <= 4 else "jacobian",
                                 chunk_size=max(1, min(64, (1 << 26) // group.size)), name="rerank candidates")
@@ -443,9 +444,6 @@ class GradientIndex:
         ``"exact"`` (streamed products, one shard in memory), ``"faiss"`` (an inverted-file
         inner-product index in memory, ``4√N`` lists of which ``nprobe`` — default an eighth — are
         searched; approximate), ``"auto"`` (exact up to :data:`EXACT_MAX` examples)."""
-        if args is not None and not isinstance(args, QueryArgs):     # the old positional form: top_k
-            options = {"top_k": args, **options}
-            args = None
         args = _query_args(args, options)
         top_k, all_scores, precondition, damping = args.top_k, args.all_scores, args.precondition, args.damping
         backend, query_batch, nprobe = args.backend, args.query_batch, args.nprobe
@@ -530,6 +528,7 @@ def build_index(objective, dataset, directory: str, group: ParameterGroup | None
     writer = ThreadPoolExecutor(1)          # shards are written while the next ones are projected
     try:
         written, buf, n = [], [], 0          # buf: (keys, vectors, scales, sum_sq) parts of the next shard
+        buffered = 0                         # examples in buf
 
         def flush():
             path = os.path.join(tmp, f"part-{len(written):05d}.npz")
@@ -554,18 +553,21 @@ def build_index(objective, dataset, directory: str, group: ParameterGroup | None
             ks = [str(i).encode() for i in range(n, n + len(v))] if keys is None else list(keys[n:n + len(v)])
             n += len(v)
             while len(v):
-                room = shard_size - sum(len(b[0]) for b in buf)
+                room = shard_size - buffered
                 if len(v) > room:                 # a batch across a shard boundary: each part's own sums
                     head = decode(v[:room], None if sc is None else sc[:room])
                     buf.append((ks[:room], v[:room], None if sc is None else sc[:room],
                                 np.square(head).sum(0, dtype=np.float64)))
                     v, ks, sc = v[room:], ks[room:], None if sc is None else sc[room:]
                     sq = np.square(decode(v, sc)).sum(0, dtype=np.float64)
+                    buffered = shard_size
                 else:
                     buf.append((ks, v, sc, sq))
+                    buffered += len(v)
                     v = v[:0]
-                if sum(len(b[0]) for b in buf) == shard_size:
+                if buffered == shard_size:
                     flush()
+                    buffered = 0
         if buf:
             flush()
         written = [f.result() for f in written]

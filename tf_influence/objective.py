@@ -229,12 +229,22 @@ def subsample(dataset, n: int, seed: int = 0, batch_size: int | None = None, nam
         return dataset
     if n < 1:
         raise ValueError(f"{name}: a subsample needs at least 1 example, got {n}")
-    if batch_size is None:
-        first = next(iter(dataset))
-        batch_size = int(tf.shape(tf.nest.flatten(split_batch(first)[1])[0])[0])
-    mask = tf.constant(subsample_mask(total, n, seed))
-    ds = dataset.unbatch().enumerate().filter(lambda i, e: tf.gather(mask, i)).map(lambda i, e: e)
-    return ds.batch(batch_size)
+    return take_positions(dataset, subsample_mask(total, n, seed), batch_size or first_batch_size(dataset))
+
+
+def first_batch_size(dataset) -> int:
+    """The number of examples in the first batch of a batched ``(x, y)`` dataset."""
+    return int(tf.shape(tf.nest.flatten(split_batch(next(iter(dataset)))[1])[0])[0])
+
+
+def take_positions(dataset, mask, batch_size: int | None = None):
+    """The examples of a batched dataset at the positions where ``mask`` (``[N]`` booleans) is true, in
+    order — unbatched, or batched by ``batch_size``; positions past the mask are not taken."""
+    mask = np.asarray(mask, bool)
+    padded = tf.constant(np.append(mask, False))        # position ≥ N reads the padding False
+    n = tf.constant(len(mask), tf.int64)
+    ds = dataset.unbatch().enumerate().filter(lambda i, e: tf.gather(padded, tf.minimum(i, n))).map(lambda i, e: e)
+    return ds.batch(batch_size) if batch_size else ds
 
 
 _LABEL_RANGE = re.compile(r"Received a label value of (-?\d+) which is outside the valid range of \[(-?\d+), (-?\d+)\)")

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 
 import numpy as np
-import tensorflow as tf
 
-from dataclasses import dataclass
-from ..objective import EmptyDatasetError, Objective
+from ..objective import EmptyDatasetError, Objective, take_positions
 from ..selection import select_kept
 from ..tracin import self_influence
 
@@ -32,9 +31,7 @@ class FilterResult:
         idx = self.kept if which == "kept" else self.dropped
         mask = np.zeros(len(self.scores), bool)
         mask[idx] = True
-        mask = tf.constant(mask)
-        ds = dataset.unbatch().enumerate().filter(lambda i, e: tf.gather(mask, i)).map(lambda i, e: e)
-        return ds.batch(batch_size) if batch_size else ds
+        return take_positions(dataset, mask, batch_size)
 
 
 def presence_sequential(objective: Objective, dataset, si_layers, keep: int, reverse: bool = False,
