@@ -58,20 +58,21 @@ class FactorArgs(JsonConfig):
     """How :meth:`Analyzer.fit_factors` fits Kronecker-factored curvature (:func:`~tf_influence.kfac.fit_factors`).
 
     >>> FactorArgs.from_json(FactorArgs(kind="kfac", hessian_samples=500).to_json())
-    FactorArgs(kind='kfac', fisher='true', hessian_samples=500, max_examples=None, seed=0)
+    FactorArgs(kind='kfac', fisher='true', max_examples=None, seed=0, hessian_samples=500)
     """
 
     kind: str = field(default="ekfac", metadata={"help": "'ekfac' (eigenvalue-corrected) or 'kfac'",
                                                  "choices": ("ekfac", "kfac")})
     fisher: str = field(default="true", metadata={"help": "'true' (labels sampled from the model) or 'empirical'",
                                                   "choices": ("true", "empirical")})
-    hessian_samples: int | None = field(default=None, metadata={
-        "help": "fit on a fixed random subset of N examples, drawn by the rule of InfluenceArgs.hessian_samples "
-                "(tf_influence.objective.subsample with `seed`; None: all)"})
     max_examples: int | None = field(default=None, metadata={
         "help": "fit on the first N examples only (a streaming cap, as kronfluence's covariance_max_examples: "
                 "shuffle the data first; None: all)"})
     seed: int = field(default=0, metadata={"help": "seed of the sampled labels and of the hessian_samples subset"})
+    # added last, so positional FactorArgs(kind, fisher, max_examples, seed) calls keep their meaning
+    hessian_samples: int | None = field(default=None, metadata={
+        "help": "fit on a fixed random subset of N examples, drawn by the rule of InfluenceArgs.hessian_samples "
+                "(tf_influence.objective.subsample with `seed`; None: all)"})
 
     def __post_init__(self):
         from .kfac import FISHERS, KINDS

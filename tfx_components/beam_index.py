@@ -60,7 +60,7 @@ class IndexFile(beam.DoFn):
 
         import tensorflow as tf
 
-        from tf_influence.index import encode_batch, write_shard
+        from tf_influence.index import write_shard
         dtype = self.projector.args.dtype
         keys, vecs, scales, sum_sq, n = [], [], [], np.zeros(self.projector.dim), 0
         for records in _record_batches(path, self.batch_size, self.worker_threads):
@@ -170,7 +170,7 @@ def _build(args, beam_args):
           f"{index.bytes_per_example():.0f} bytes per example)")
 
 
-def _query(args):
+def _query(args, query_args):
     import tf_influence as tfi
     from tf_influence.index import GradientIndex
     model = load_keras_model(args.model)
@@ -183,9 +183,7 @@ def _query(args):
         vectors = np.load(args.vector)
     else:
         raise SystemExit("query needs --result (a saved InfluenceResult) or --vector (a .npy over the index's group)")
-    from tf_influence.cli import from_args
-    from tf_influence.index import QueryArgs
-    res = index.query(objective, vectors, from_args(QueryArgs, args))
+    res = index.query(objective, vectors, query_args)
     out = {"index": args.index, "backend": res.backend, "queries": [
         {"harmful": [[k.decode(errors="replace"), float(s)] for k, s in zip(hk, hs)],
          "helpful": [[k.decode(errors="replace"), float(s)] for k, s in zip(lk, ls)]}
@@ -221,7 +219,8 @@ def main(argv=None):
     q.add_argument("--result", default=None, help="a saved InfluenceResult: its test vector(s) are the queries")
     q.add_argument("--vector", default=None, help=".npy with one query vector [p] or one per column [p, Q]")
     from tf_influence.index import QueryArgs
-    add_arguments(q, QueryArgs, exclude=("all_scores",))     # the command prints each query's top-k
+    # the command prints each query's top-k (no all_scores) and reads no corpus (no rerank)
+    add_arguments(q, QueryArgs, exclude=("all_scores", "rerank"))
     q.add_argument("--loss", default=None, help="Keras loss config JSON (default: the model's compiled loss)")
     q.add_argument("--out", default=None, help="JSON file for the results (default: print)")
     console.add_verbose_flag(q)
@@ -236,8 +235,7 @@ def main(argv=None):
             ap.error(f"unrecognized arguments: {beam_args}")
         from tf_influence.cli import from_args
         from tf_influence.index import QueryArgs
-        from_args(QueryArgs, args, parser=q)                 # a bad combination is a usage error
-        _query(args)
+        _query(args, from_args(QueryArgs, args, parser=q))   # a bad combination is a usage error
 
 
 if __name__ == "__main__":
