@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from .compiled import function
 from .params import ParameterGroup
 from .kfac.blocks import kronecker_blocks, norm_blocks
 from .kfac.capture import _norm_per_example, _vectorized_gradients, captured_pass
@@ -29,7 +30,7 @@ class GhostNorms:
         self.objective, self.group = objective, group
         self.blocks, self.diagonal = kronecker_blocks(objective.model, group)
         self.norms, self.rest = norm_blocks(objective.model, self.diagonal)
-        self.fn = tf.function(self._norms, reduce_retracing=True)
+        self.fn = function(self._norms, reduce_retracing=True)
 
     @classmethod
     def get(cls, objective, group):

@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 
-from .compiled import cached_kernel
+from .compiled import cached_kernel, function
 from .objective import EmptyDatasetError, Objective, batches, check_finite, finite_check
 from .params import ParameterGroup, densify
 from .safety import per_example_map
@@ -40,10 +40,10 @@ class GradientKernels:
 
     def __init__(self, objective: Objective, group: ParameterGroup):
         self.objective, self.group = objective, group
-        self.sum_grad = tf.function(self._sum_grad, reduce_retracing=True)
-        self.jacobian = tf.function(self._jacobian, reduce_retracing=True)
-        self.jvp = tf.function(self._jvp, reduce_retracing=True)
-        self.reg_grad = tf.function(self._reg_grad)
+        self.sum_grad = function(self._sum_grad, reduce_retracing=True)
+        self.jacobian = function(self._jacobian, reduce_retracing=True)
+        self.jvp = function(self._jvp, reduce_retracing=True)
+        self.reg_grad = function(self._reg_grad)
 
     @classmethod
     def get(cls, objective: Objective, group: ParameterGroup) -> "GradientKernels":
@@ -192,7 +192,7 @@ def per_example_dot(objective: Objective, dataset, group: ParameterGroup, V, met
 def per_example_losses(objective: Objective, dataset, name: str = "dataset") -> np.ndarray:
     """``l(z)`` for every example in dataset order (the rebuttal's pretraining-loss baseline)."""
     out = []
-    fn = cached_kernel(objective, "losses", (), lambda: tf.function(
+    fn = cached_kernel(objective, "losses", (), lambda: function(
         lambda x, y: objective.per_example_losses(x, y, training=False), reduce_retracing=True))
     with finite_check(f"losses of {objective.name} on {name}"):
         for x, y in batches(dataset, name, objective.model):

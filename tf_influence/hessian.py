@@ -30,7 +30,7 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from .compiled import cached_kernel
+from .compiled import cached_kernel, function
 from .objective import Objective, batches, check_dataset, check_finite, count_examples, finite_check, subsample
 from .params import ParameterGroup, densify
 from .safety import function_safe
@@ -103,10 +103,10 @@ class HvpKernels:
 
     def __init__(self, objective: Objective, rows: ParameterGroup, cols: ParameterGroup, mode: str):
         self.objective, self.rows, self.cols, self.mode = objective, rows, cols, mode
-        self.batch = tf.function(self._batch_hvp, reduce_retracing=True)
-        self.block = tf.function(self._batch_block, reduce_retracing=True)
-        self.reg = tf.function(self._reg_hvp, reduce_retracing=True)
-        self.reg_block = tf.function(self._reg_block, reduce_retracing=True)
+        self.batch = function(self._batch_hvp, reduce_retracing=True)
+        self.block = function(self._batch_block, reduce_retracing=True)
+        self.reg = function(self._reg_hvp, reduce_retracing=True)
+        self.reg_block = function(self._reg_block, reduce_retracing=True)
 
     @classmethod
     def get(cls, objective, rows, cols, mode) -> "HvpKernels":

@@ -45,6 +45,7 @@ from typing import Optional
 import numpy as np
 import tensorflow as tf
 
+from .compiled import function
 from .configs import JsonConfig
 from .kfac.blocks import kronecker_blocks, norm_blocks
 from .kfac.capture import _norm_per_example, _vectorized_gradients, captured_pass
@@ -208,7 +209,7 @@ def calibrate(objective, data, group: ParameterGroup | None = None, args: "Proje
     # per-segment squared norms of every example from one captured pass per batch (ghost norms)
     from .ghost_norms import GhostNorms
     ghost = GhostNorms(objective, group)
-    fn = tf.function(ghost.segments, reduce_retracing=True, autograph=False)
+    fn = function(ghost.segments, reduce_retracing=True)
     sq, n = dict.fromkeys(segments, 0.0), 0
     for x, y in sample:
         parts, losses = fn(x, y)
@@ -267,7 +268,7 @@ class GradientProjector:
             layout.append({"key": key, "kind": "variable", "size": size, "dim": size if p is None else p.shape[1]})
         self.layout = layout
         self.dim = int(sum(s["dim"] for s in layout))
-        self._fn = tf.function(self._project, reduce_retracing=True, autograph=False)   # no tensor control flow
+        self._fn = function(self._project, reduce_retracing=True)
         self._concrete = {}                                   # compiled_for: traced once per dataset spec
 
     def _budget_k(self, blocks, a) -> int:
@@ -347,7 +348,7 @@ class GradientProjector:
                 v = self._project(x, y)
                 v = v if output_dtype is None else tf.cast(v, output_dtype)
                 return v if then is None else then(v)
-            fn = self._fn if output_dtype is None and then is None else tf.function(run, autograph=False)
+            fn = self._fn if output_dtype is None and then is None else function(run)
             cache[key] = fn.get_concrete_function(*relaxed)
         return cache[key]
 

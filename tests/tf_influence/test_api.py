@@ -6,6 +6,7 @@ import json
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import tf_influence as tfi
 from tf_influence import scores_io, selection, tracin
@@ -109,6 +110,32 @@ def test_repeated_calls_do_not_retrace():
     assert [hvp_kern.batch.experimental_get_tracing_count(), grad_kern.jvp.experimental_get_tracing_count(),
             grad_kern.sum_grad.experimental_get_tracing_count()] == counts  # ... without retracing
     np.testing.assert_allclose(first.scores, second.scores, rtol=1e-12)
+
+
+def _clipped_cross_entropy(y, logits):
+    """A loss with Python control flow on a tensor, as TF users write one: needs AutoGraph in a graph."""
+    if tf.reduce_max(tf.abs(logits)) > 1e6:
+        logits = tf.clip_by_value(logits, -1e6, 1e6)
+    return keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+
+
+def test_kernels_trace_without_autograph_unless_the_loss_needs_it():
+    """The kernels are traced without AutoGraph (their own code has no tensor control flow); a loss
+    that branches on a tensor in Python makes them trace again with it, with the same per-example
+    gradient products as the plain cross-entropy (the branch is never taken on this data). (Its
+    second derivatives would not help: TensorFlow's forward-over-back differentiation of a tf.cond
+    fails, with or without this library.)"""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 5)), rng.integers(0, 3, 20)
+    model = h.mlp(seed=3)
+    group = tfi.ParameterGroup.from_model(model)
+    v = rng.normal(size=(group.size, 2))
+    products = {}
+    for name, loss in (("plain", h.sce()), ("branchy", _clipped_cross_entropy)):
+        obj = tfi.Objective(model, loss)
+        products[name] = np.asarray(tfi.per_example_dot(obj, h.dataset(x, y, 8), group, v))
+        assert GradientKernels.get(obj, group).jvp.autograph == (name == "branchy")   # k = 2: forward mode
+    np.testing.assert_allclose(products["branchy"], products["plain"], rtol=1e-12)
 
 
 def test_the_order_cut_keeps_what_select_kept_keeps():

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
+from ..compiled import function
 from ..objective import Objective
 from ..params import ParameterGroup, complement_group, group_from_layers
 from .retraining import WeightedTrainer, restore, snapshot
@@ -121,7 +122,7 @@ class TwoStageRetrainer:
         self.start_pre, self.start_ft = snapshot(pretrain_model), snapshot(finetune_model)
         self.theta_start = (list(finetune_start_weights) if finetune_start_weights is not None
                             else [v.numpy().copy() for v in self.Theta.tf_variables])
-        self._test_loss = tf.function(lambda: tf.reduce_sum(self.ft_obj.per_example_losses(self.x_test, self.y_test)))
+        self._test_loss = function(lambda: tf.reduce_sum(self.ft_obj.per_example_losses(self.x_test, self.y_test)))
         self.key = "-".join([
             hashlib.sha1(json.dumps(dataclasses.asdict(p), sort_keys=True).encode()).hexdigest()[:12],
             _hash_arrays(*self.start_pre, *self.start_ft, *self.theta_start),

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ..compiled import function
 from ..objective import batches, check_dataset, finite_check, reduce_per_example
 from ..params import ParameterGroup, tf_variable
 from .blocks import kronecker_blocks, norm_blocks
@@ -72,8 +73,8 @@ class FactorStatistics:
         # per-batch products in the model's precision (float32 models: 2–4× faster einsums on the
         # big layers), sums accumulated in float64
         self.compute = tf.float64 if group.dtype == tf.float64 else tf.float32
-        self._stats = tf.function(self._stats_fn, reduce_retracing=True)
-        self._correction = tf.function(self._correction_fn, reduce_retracing=True)
+        self._stats = function(self._stats_fn, reduce_retracing=True)
+        self._correction = function(self._correction_fn, reduce_retracing=True)
 
     # -- compiled per-batch kernels ---------------------------------------------------------------
     def _forward(self, x, y, step, with_norms=False):
