@@ -191,16 +191,17 @@ class Executor(base_beam_executor.BaseBeamExecutor):
 
         # Beam: the boundary element from the smaller side, then every key decided alone
         def build(p):
+            counted = []   # every count of the job, written by one sink (each sink is several stages)
             for split, desc, pattern, dst, sdir in plan:
                 if sdir is None:
                     records = _read(p, pattern, f"Read[{split}]")
-                    _count(records, tmp, split, "in")
+                    counted.append(_count(records, split, "in"))
                     _write(records, staged[split], f"Copy[{split}]")
                     continue
                 from tfx_components.beam_scoring import ShardNames
                 keyed = (p | f"Files[{split}]" >> ShardNames(pattern)
                          | f"Key[{split}]" >> beam.ParDo(_KeyedRecords(key_feature, desc)))
-                _count(keyed, tmp, split, "in")
+                counted.append(_count(keyed, split, "in"))
                 sdesc = f"InfluenceScores artifact {scores.uri}, split '{split}'"
                 scored = (_read(p, os.path.join(sdir, scores_io.PATTERN), f"ReadScores[{split}]")
                           | f"DecodeScores[{split}]" >> beam.ParDo(_Score(sdesc)))
@@ -213,19 +214,22 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                     "kept", "dropped", "orphans", "extra")
                 _write(routed.kept, staged[split], f"Write[{split}]")
                 for what in ("kept", "dropped", "orphans", "extra"):
-                    _count(routed[what], tmp, split, what)
+                    counted.append(_count(routed[what], split, what))
+            (counted | "Counts" >> beam.Flatten()
+             | "SaveCounts" >> beam.io.WriteToText(os.path.join(tmp, COUNTS_FILE), shard_name_template=""))
         common.run_beam(self, build, f"ScoreFilter on Examples artifact {examples.uri} and InfluenceScores "
                                      f"artifact {scores.uri}", output_dirs=[odir for _, _, _, odir, _ in plan])
         for split, _, _, dst, _ in plan:
             _move_files(staged[split], dst)
         counts = {}
         total = {"in": 0, "kept": 0, "dropped": 0}
+        counted = _read_counts(tmp)
         for split, desc, _, _, sdir in plan:
             if sdir is None:
-                n = _read_count(tmp, split, "in")
+                n = counted[split, "in"]
                 c = {"in": n, "kept": n, "dropped": 0, "filtered": False}
             else:
-                c = {k: _read_count(tmp, split, k) for k in ("in", "kept", "dropped", "orphans", "extra")}
+                c = {k: counted[split, k] for k in ("in", "kept", "dropped", "orphans", "extra")}
                 if c["extra"]:
                     raise ValueError(f"{desc}: {c['extra']} examples share a key; keys must be unique")
                 if c["orphans"]:
@@ -266,12 +270,21 @@ def _move_files(src: str, dst: str) -> None:
         tf.io.gfile.rename(path, os.path.join(dst, os.path.basename(path)), overwrite=True)
 
 
-def _count(pcoll, tmp, split, what):
-    (pcoll | f"Count[{split},{what}]" >> beam.combiners.Count.Globally()
-     | f"Save[{split},{what}]" >> beam.io.WriteToText(os.path.join(tmp, f"count-{split}-{what}"),
-                                                       shard_name_template=""))
+COUNTS_FILE = "counts.jsonl"
 
 
-def _read_count(tmp, split, what) -> int:
-    with tf.io.gfile.GFile(os.path.join(tmp, f"count-{split}-{what}")) as fh:
-        return int(fh.read().strip() or 0)
+def _count(pcoll, split, what):
+    """One JSON line ``[split, what, n]`` (``Count.Globally`` gives 0 for an empty collection)."""
+    return (pcoll | f"Count[{split},{what}]" >> beam.combiners.Count.Globally()
+            | f"Line[{split},{what}]" >> beam.Map(lambda n, s=split, w=what: json.dumps([s, w, int(n)])))
+
+
+def _read_counts(tmp) -> dict:
+    """``{(split, what): n}`` from the job's counts file."""
+    out = {}
+    with tf.io.gfile.GFile(os.path.join(tmp, COUNTS_FILE)) as fh:
+        for line in fh:
+            if line.strip():
+                split, what, n = json.loads(line)
+                out[split, what] = int(n)
+    return out
