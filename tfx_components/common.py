@@ -155,6 +155,22 @@ def stream_split(examples, split: str, spec: dict, batch_size: int = 256):
         tf.data.TFRecordDataset(split_files(examples, split), compression_type="GZIP").batch(batch_size), spec)
 
 
+def split_keys(examples, split: str, key_feature: str | None) -> list:
+    """The keys of a split's examples in file order — the order :func:`stream_split` yields them —
+    as the Beam jobs give them (the key feature, or file and position); only the keys are held."""
+    desc = f"Examples artifact {examples.uri}, split '{split}'"
+    keys = []
+    for f in split_files(examples, split):
+        start = 0
+        try:
+            for records in tf.data.TFRecordDataset(f, compression_type="GZIP").batch(1024).as_numpy_iterator():
+                keys += example_io.batch_keys(list(records), key_feature, desc, file=f, start=start)
+                start += len(records)
+        except tf.errors.DataLossError as err:
+            raise ValueError(f"{desc}: corrupt TFRecord {f} ({err.message})") from None
+    return keys
+
+
 #: What this package writes in an execution's temporary folder: scorers' files until published,
 #: ScoreFilter's Beam output (with Beam's beam-temp-* shards) until moved into the output artifact.
 EXECUTION_TEMPORARIES = ("scores", "staged")

@@ -224,6 +224,26 @@ def test_influence_scorer_takes_influence_args_whole_and_the_old_keywords_for_on
         InfluenceScorer(**inputs, dampng_pretrain=1e-2)
     with pytest.raises(ValueError, match="case must be 'fixed'"):
         InfluenceScorer(**inputs, influence_args={"case": "fxed"})
+    # the index's queries: QueryArgs passed whole; index_top_k = k is QueryArgs(top_k=k) for one release
+    from tf_influence.index import QueryArgs
+    from tfx_components.artifacts import GradientIndex
+    idx = dict(inputs, index=ch(GradientIndex))
+    query = QueryArgs(top_k=7, rerank=50, backend="exact")
+    assert QueryArgs.from_json(InfluenceScorer(**idx, query_args=query).exec_properties["query_args"]) == query
+    assert InfluenceScorer(**idx).exec_properties["query_args"] is None        # scores only, no per-test lists
+    with pytest.warns(DeprecationWarning, match=r"query_args=tf_influence.index.QueryArgs\(top_k=k\)"):
+        old = InfluenceScorer(**idx, index_top_k=5)
+    assert QueryArgs.from_json(old.exec_properties["query_args"]) == QueryArgs(top_k=5)
+    with pytest.raises(TypeError, match="not both"):
+        InfluenceScorer(**idx, index_top_k=5, query_args=query)
+    with pytest.raises(ValueError, match="give the index input"):
+        InfluenceScorer(**inputs, query_args=query)
+    with pytest.raises(ValueError, match="already hold both inverse Hessians"):
+        InfluenceScorer(**idx, query_args={"precondition": "diagonal"})
+    with pytest.raises(ValueError, match="every pretraining example's score is always written"):
+        InfluenceScorer(**idx, query_args=QueryArgs(all_scores=True))
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['top_kk'\]"):
+        InfluenceScorer(**idx, query_args={"top_kk": 3})
 
 
 def test_factor_fitter_feeds_the_influence_scorer(world, tmp_path):
@@ -372,7 +392,9 @@ def test_every_component_documents_itself_with_an_example():
 def test_influence_scorer_queries_a_gradient_index(world, tmp_path):
     """GradientIndexer → InfluenceScorer(index=...): with a projection as wide as every block (the
     identity) the index's scores equal the Beam pass's, and each test point's top-k harmful / helpful
-    keys are the largest / most negative of its own exact scores (``test_vectors(..., "each")``)."""
+    keys are the largest / most negative of its own exact scores (``test_vectors(..., "each")``),
+    re-scored (``QueryArgs.rerank``) over the streamed split with its keys, as the scores show."""
+    from tf_influence.index import QueryArgs
     from tf_influence.projection import ProjectionArgs
     from tfx_components import beam_scoring, common
     from tfx_components.artifacts import GradientIndex, InfluenceScores
@@ -391,7 +413,8 @@ def test_influence_scorer_queries_a_gradient_index(world, tmp_path):
         out.uri = str(tmp_path / mode)
         InfluenceExecutor(ctx(tmp_path / f"tmp_{mode}")).Do(
             {"pretrain_examples": [a["pre_ex"]], "finetune_examples": [a["ft_ex"]], "pretrain_model": [a["pre_m"]],
-             "finetune_model": [a["ft_m"]], **extra}, {"scores": [out]}, {**INFLUENCE_PROPS, "index_top_k": 5})
+             "finetune_model": [a["ft_m"]], **extra}, {"scores": [out]},
+            {**INFLUENCE_PROPS, "query_args": QueryArgs(top_k=5, rerank=20).to_json() if extra else None})
         outs[mode] = out
     beam = scores_io.read_scores(os.path.join(outs["beam"].uri, "Split-train"))
     got = scores_io.read_scores(os.path.join(outs["index"].uri, "Split-train"))
@@ -417,3 +440,8 @@ def test_influence_scorer_queries_a_gradient_index(world, tmp_path):
     for j, row in enumerate(top):
         assert [k.encode() for k, _ in row["harmful"]] == [pk[i] for i in np.argsort(-exact[:, j])[:5]]
         assert [k.encode() for k, _ in row["helpful"]] == [pk[i] for i in np.argsort(exact[:, j])[:5]]
+        position = {k: i for i, k in enumerate(pk)}
+        for k, v in row["harmful"] + row["helpful"]:   # the exact (re-scored) products of those examples
+            assert v == pytest.approx(float(exact[position[k.encode()], j]), rel=1e-5, abs=1e-7)
+    assert outs["index"].get_string_custom_property("index_backend") == "exact+rerank"
+    assert QueryArgs.from_json(outs["index"].get_string_custom_property("query_args")).rerank == 20

@@ -53,7 +53,8 @@ class GradientIndexer(base_beam_component.BaseBeamComponent):
 
         indexer = GradientIndexer(examples=pre_gen.outputs["examples"], model=pre_trainer.outputs["model"],
                                   projection_args=ProjectionArgs(k=16))
-        scorer = InfluenceScorer(..., index=indexer.outputs["index"], index_top_k=100)
+        scorer = InfluenceScorer(..., index=indexer.outputs["index"],
+                                 query_args=QueryArgs(top_k=100, rerank=500))   # tf_influence.index.QueryArgs
     """
     SPEC_CLASS = GradientIndexerSpec
     EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(executor.Executor)

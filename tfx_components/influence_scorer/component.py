@@ -20,8 +20,12 @@ the pretraining Hessian ∂²G/∂(W,U)² is then inverted with those (E)K-FAC f
 kind is the factors'), and the driver reads no pretraining corpus. Optional input ``index`` (a
 GradientIndex of the pretraining Examples from ``GradientIndexer``): the scores come from the index
 (``⟨P∇g(z), Ps⟩``, the same ``s`` projected) instead of a Beam pass over the corpus, and with
-``index_top_k = k`` every test point is also its own query — its ``k`` most harmful / helpful
-pretraining examples in ``Split-<split>/top_k.json``.
+``query_args`` (a ``tf_influence.index.QueryArgs``, serialised whole) every test point is also its own
+query — its ``top_k`` most harmful / helpful pretraining examples in ``Split-<split>/top_k.json``, from
+the index's ``backend``, and with ``rerank = R`` re-scored exactly over its R best candidates (one
+streamed pass over the split, computing the candidates' gradients only). ``precondition`` must stay
+``"none"``: the multi-stage test vectors already hold both inverse Hessians. (``index_top_k = k``, the
+0.3 development form, still works: ``QueryArgs(top_k=k)``, with a ``DeprecationWarning``.)
 
 The driver computes the test-side vector once (both IHVP chains, ``MultiStageInfluence.test_vectors``);
 the per-example products run in Beam with the vector as a side input, over the (W, U) group
@@ -32,7 +36,7 @@ solver diagnostics and a score summary in its custom properties.
 
 import json
 import warnings
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import tf_influence as tfi
 
@@ -43,6 +47,9 @@ from tfx.types.component_spec import ChannelParameter, ExecutionParameter
 
 from tfx_components.artifacts import GradientIndex, InfluenceScores, KFACFactors
 from tfx_components.influence_scorer import executor
+
+if TYPE_CHECKING:
+    from tf_influence.index import QueryArgs
 
 
 class InfluenceScorerSpec(types.ComponentSpec):
@@ -57,7 +64,7 @@ class InfluenceScorerSpec(types.ComponentSpec):
         "test_keys": ExecutionParameter(type=str, optional=True),
         "loss": ExecutionParameter(type=str, optional=True),
         "batch_size": ExecutionParameter(type=int, optional=True),
-        "index_top_k": ExecutionParameter(type=int, optional=True),
+        "query_args": ExecutionParameter(type=str, optional=True),
     }
     INPUTS = {"pretrain_examples": ChannelParameter(type=standard_artifacts.Examples),
               "finetune_examples": ChannelParameter(type=standard_artifacts.Examples),
@@ -101,19 +108,53 @@ class InfluenceScorer(base_beam_component.BaseBeamComponent):
                  pretrain_factors: Optional[types.BaseChannel] = None, schema: Optional[types.BaseChannel] = None,
                  transform_graph: Optional[types.BaseChannel] = None, label_key: Optional[str] = None,
                  key_feature: Optional[str] = None, index: Optional[types.BaseChannel] = None,
-                 index_top_k: int = 0, **deprecated):
+                 index_top_k: Optional[int] = None, query_args: Optional[Union["QueryArgs", dict]] = None,
+                 **deprecated):
         args = influence_args_from(influence_args, deprecated)
+        query = query_args_from(query_args, index_top_k, index is not None)
         spec = InfluenceScorerSpec(
             pretrain_examples=pretrain_examples, finetune_examples=finetune_examples, pretrain_model=pretrain_model,
             finetune_model=finetune_model, feature_spec=json.dumps(feature_spec) if feature_spec else None,
             embedding=json.dumps(list(embedding)) if embedding is not None else None, schema=schema,
             transform_graph=transform_graph, label_key=label_key, key_feature=key_feature, index=index,
-            index_top_k=int(index_top_k) or None,
+            query_args=query.to_json() if query is not None else None,
             influence_args=args.to_json(), finetune_train_split=finetune_train_split, test_split=test_split,
             test_keys=json.dumps([k if isinstance(k, str) else k.decode() for k in test_keys]) if test_keys else None,
             loss=json.dumps(loss) if loss else None, batch_size=batch_size, pretrain_factors=pretrain_factors,
             scores=channel_utils.as_channel([InfluenceScores()]))
         super().__init__(spec=spec)
+
+
+def query_args_from(query_args, index_top_k, has_index: bool) -> "Optional[QueryArgs]":
+    """The component's :class:`tf_influence.index.QueryArgs` (an object or its dict), or ``None`` (no
+    per-test lists); the deprecated ``index_top_k = k`` is ``QueryArgs(top_k=k)``. Options that cannot
+    apply to multi-stage test vectors, or a query without an index, are refused."""
+    from tf_influence.index import QueryArgs
+    if index_top_k:
+        if query_args is not None:
+            raise TypeError("InfluenceScorer: pass query_args=QueryArgs(top_k=...) or the deprecated index_top_k, "
+                            "not both")
+        warnings.warn("InfluenceScorer(index_top_k=k) is deprecated: pass query_args=tf_influence.index."
+                      "QueryArgs(top_k=k)", DeprecationWarning, stacklevel=3)
+        query_args = QueryArgs(top_k=int(index_top_k))
+    if query_args is None:
+        return None
+    if isinstance(query_args, dict):
+        query_args = QueryArgs.from_dict(query_args)
+    if not isinstance(query_args, QueryArgs):
+        raise TypeError(f"query_args must be a tf_influence.index.QueryArgs or its dict, got "
+                        f"{type(query_args).__name__}")
+    if not has_index:
+        raise ValueError("InfluenceScorer: query_args answers queries against a GradientIndex; give the index "
+                         "input (GradientIndexer's output) too")
+    if query_args.precondition != "none":
+        raise ValueError(f"InfluenceScorer: QueryArgs.precondition='{query_args.precondition}' would precondition "
+                         "the multi-stage test vectors again — they already hold both inverse Hessians; use "
+                         "'none'")
+    if query_args.all_scores:
+        raise ValueError("InfluenceScorer: QueryArgs.all_scores is not an option here — every pretraining "
+                         "example's score is always written")
+    return query_args
 
 
 #: The 0.2 keyword arguments of ``InfluenceScorer`` and where they live now (one release of grace).

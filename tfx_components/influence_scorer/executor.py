@@ -36,24 +36,32 @@ def shared_layers(pre_model, ft_model, desc: str) -> list:
     return shared
 
 
-def query_from_index(index_uri, splits, objective, ms, s, test_ds, test_keys, top_k: int, out_uri: str):
+def query_from_index(index_uri, splits, objective, ms, s, test_ds, test_keys, query, out_uri: str,
+                     corpus=None):
     """Index mode of InfluenceScorer: the scores of every example of each split from the
-    GradientIndex (``⟨P∇g(z), Ps⟩`` — the same ``s``, projected), and with ``top_k`` the
-    ``top_k`` harmful / helpful examples of every test point (``test_vectors(..., "each")``, one query
-    each) in ``<out>/Split-<split>/top_k.json``."""
+    GradientIndex (``⟨P∇g(z), Ps⟩`` — the same ``s``, projected), and with ``query`` (a
+    :class:`~tf_influence.index.QueryArgs`) the ``top_k`` harmful / helpful examples of every test
+    point (``test_vectors(..., "each")``, one query each) in ``<out>/Split-<split>/top_k.json``.
+    ``corpus(split)`` → ``(dataset, keys)`` of the indexed split, for ``query.rerank``. Returns the
+    backend that answered the per-test queries (``None`` without ``query``)."""
+    from dataclasses import replace
+
     from tf_influence import scores_io
-    from tf_influence.index import GradientIndex
-    each = None
-    if top_k:
+    from tf_influence.index import GradientIndex, QueryArgs
+    each, backend = None, None
+    if query is not None:
         each, _, _ = ms.test_vectors(test_ds, "each")
         each = np.asarray(each)
     for split in splits:
         index = GradientIndex(os.path.join(index_uri, f"Split-{split}"))
-        res = index.query(objective, np.asarray(s), top_k=1, all_scores=True, vector_group=ms.WU)
+        res = index.query(objective, np.asarray(s), QueryArgs(top_k=1, all_scores=True), vector_group=ms.WU)
         d = os.path.join(out_uri, f"Split-{split}")
         scores_io.write_scores(d, res.keys, res.scores[0].astype(np.float64))
         if each is not None:
-            top = index.query(objective, each, top_k=top_k, vector_group=ms.WU)
+            data = {}
+            if query.rerank:
+                data["dataset"], data["keys"] = corpus(split)
+            top = index.query(objective, each, replace(query, all_scores=False), vector_group=ms.WU, **data)
             rows = [{"test_key": tk.decode(errors="replace"),
                      "harmful": [[k.decode(errors="replace"), float(v)] for k, v in zip(hk, hs)],
                      "helpful": [[k.decode(errors="replace"), float(v)] for k, v in zip(lk, ls)]}
@@ -61,6 +69,8 @@ def query_from_index(index_uri, splits, objective, ms, s, test_ds, test_keys, to
                                                   top.helpful_scores)]
             with tf.io.gfile.GFile(os.path.join(d, "top_k.json"), "w") as fh:
                 fh.write(json.dumps(rows, indent=1))
+            backend = top.backend
+    return backend
 
 
 class Executor(base_beam_executor.BaseBeamExecutor):
@@ -144,15 +154,30 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         group_spec = ms.WU.spec(pre_model).to_json()
 
         index_art = input_dict.get("index") or []
-        top_k = int(e.get("index_top_k") or 0)
+        query = None
+        if e.get("query_args"):
+            from tf_influence.index import QueryArgs
+            query = QueryArgs.from_json(e["query_args"])
+        elif e.get("index_top_k"):     # an execution recorded before query_args existed
+            from tf_influence.index import QueryArgs
+            query = QueryArgs(top_k=int(e["index_top_k"]))
         if index_art:
             # the corpus pass is replaced by queries against the GradientIndex (projected gradients)
             index_uri = artifact_utils.get_single_instance(index_art).uri
-            query_from_index(index_uri, pre_splits, tfi.Objective(pre_model, pre_loss), ms, s, _ds(xt, yt), tkeys_sel,
-                             top_k, out.uri)
-            out.set_string_custom_property("scored_by", f"GradientIndex {index_uri}")
             indexed_spec = artifact_utils.get_single_instance(index_art).get_string_custom_property("feature_spec")
             spec = {**spec, "key": json.loads(indexed_spec).get("key") if indexed_spec else spec["key"]}
+
+            def corpus(split):   # rerank: the split streamed, and its keys in the same order
+                return (common.stream_split(pre_ex, split, spec, int(e.get("batch_size") or 256)),
+                        common.split_keys(pre_ex, split, spec["key"]))
+            backend = query_from_index(index_uri, pre_splits, tfi.Objective(pre_model, pre_loss), ms, s, _ds(xt, yt),
+                                       tkeys_sel, query, out.uri, corpus=corpus)
+            out.set_string_custom_property("scored_by", f"GradientIndex {index_uri}")
+            if query is not None:
+                out.set_string_custom_property("query_args", query.to_json())
+                out.set_string_custom_property("index_backend", backend)
+        elif query is not None:
+            raise ValueError("InfluenceScorer: query_args is set but there is no index input")
         else:
             def build(p):
                 for split in pre_splits:
