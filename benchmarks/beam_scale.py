@@ -40,7 +40,6 @@ time (user + system, summed over worker processes) over the job's wall time.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -49,8 +48,10 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
+from typing import Optional
 
-from benchmarks.common import write_report
+from benchmarks.common import VERBOSE_HELP, parse_args, write_report
 from tf_influence import console
 
 console.quiet_for_cli()
@@ -223,23 +224,28 @@ def run_job(corpus: str, model: str, spec: dict, scorer: str, runner: str, worke
             "worker_cpu_seconds": float(sum(rss.cpu.values()))}
 
 
+@dataclass
+class BeamScaleBenchArgs:
+    """The Beam scale benchmark's options."""
+
+    out: str = field(default="reports/benchmarks/beam_scale.json", metadata={"help": "JSON report path"})
+    sizes: list[int] = field(default_factory=lambda: [100_000, 1_000_000], metadata={"help": "corpus sizes"})
+    runners: list[str] = field(default_factory=lambda: list(RUNNERS), metadata={"choices": RUNNERS})
+    scorers: list[str] = field(default_factory=lambda: list(SCORERS), metadata={"choices": SCORERS})
+    workers: list[int] = field(default_factory=lambda: [1, 2], metadata={"help": "worker counts at the first size"})
+    large_workers: list[int] = field(default_factory=lambda: [1, 2], metadata={
+        "help": "worker counts run at sizes after the first (the memory comparison needs one)"})
+    examples_per_shard: int = field(default=5_000, metadata={"help": "examples per TFRecord shard"})
+    batch_size: int = field(default=1024, metadata={"help": "examples per scoring batch"})
+    ceiling_files: int = field(default=20, metadata={
+        "help": "files of the largest corpus scored by 1 vs 2 plain processes (0: skip)"})
+    work_dir: Optional[str] = field(default=None, metadata={
+        "help": "corpora are kept here between runs (default: a temp dir)"})
+    verbose: bool = field(default=False, metadata={"help": VERBOSE_HELP})
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="reports/benchmarks/beam_scale.json")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
-    ap.add_argument("--runners", nargs="+", choices=RUNNERS, default=list(RUNNERS))
-    ap.add_argument("--scorers", nargs="+", choices=SCORERS, default=list(SCORERS))
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--large-workers", type=int, nargs="+", default=[1, 2],
-                    help="worker counts run at sizes after the first (the memory comparison needs one)")
-    ap.add_argument("--examples-per-shard", type=int, default=5_000)
-    ap.add_argument("--batch-size", type=int, default=1024)
-    ap.add_argument("--ceiling-files", type=int, default=20,
-                    help="files of the largest corpus scored by 1 vs 2 plain processes (0: skip)")
-    ap.add_argument("--work-dir", default=None, help="corpora are kept here between runs (default: a temp dir)")
-    console.add_verbose_flag(ap)
-    args = ap.parse_args(argv)
-    console.quiet(args.verbose)
+    args = parse_args(BeamScaleBenchArgs, argv, __doc__)
     from pipelines import synthetic_corpus
 
     work = args.work_dir or tempfile.mkdtemp(prefix="beam_scale_")

@@ -30,3 +30,22 @@ def write_report(out: dict, path: str, width: int = 45, indent: int = 2) -> None
         json.dump(out, fh, indent=indent)
     for k, val in out.items():
         print(f"{k:{width}s} {val:.4g}" if isinstance(val, float) else f"{k:{width}s} {val}")
+
+
+#: ``--verbose`` of every benchmark (a field of its arguments dataclass)
+VERBOSE_HELP = "show third-party warnings and TensorFlow / Beam / TFX logs (hidden by default)"
+
+
+def parse_args(cls, argv, doc: str | None):
+    """The benchmark's arguments dataclass ``cls`` from the command line: its flags are generated
+    from the fields (``tf_influence.cli``, as every other command of the project), and a value the
+    dataclass refuses is a usage error. A ``verbose`` field, when present, is applied at once."""
+    import argparse
+
+    from tf_influence import cli, console
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_arguments(ap, cls)
+    args = cli.from_args(cls, ap.parse_args(argv), parser=ap)
+    if hasattr(args, "verbose"):
+        console.quiet(args.verbose)
+    return args

@@ -18,23 +18,26 @@ with like:
 
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import dataclass, field
 
-from benchmarks.common import median_seconds, write_report
-from tf_influence import console
+from benchmarks.common import VERBOSE_HELP, median_seconds, parse_args, write_report
+
+
+@dataclass
+class EngineBenchArgs:
+    """The engine benchmark's options."""
+
+    out: str = field(default="reports/benchmarks/engine.json", metadata={"help": "JSON report path"})
+    batch: int = field(default=512, metadata={"help": "examples per batch"})
+    repeats: int = field(default=20, metadata={"help": "timed repetitions (median)"})
+    loop_examples: int = field(default=64, metadata={"help": "examples of the one-at-a-time loop it is compared with"})
+    cg_iters: int = field(default=50, metadata={"help": "CG iterations of the timed solve"})
+    verbose: bool = field(default=False, metadata={"help": VERBOSE_HELP})
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="reports/benchmarks/engine.json")
-    ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--loop-examples", type=int, default=64)
-    ap.add_argument("--cg-iters", type=int, default=50)
-    console.add_verbose_flag(ap)
-    args = ap.parse_args(argv)
-    console.quiet(args.verbose)
+    args = parse_args(EngineBenchArgs, argv, __doc__)
     import keras
     import numpy as np
     import tensorflow as tf

@@ -20,10 +20,10 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
+from dataclasses import dataclass, field
 
 from tf_influence.console import quiet
 
@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_influence as tfi  # noqa: E402
-from benchmarks.common import write_report  # noqa: E402
+from benchmarks.common import parse_args, write_report  # noqa: E402
 from model_zoo import text  # noqa: E402
 from tf_influence.evaluation import derivative_check, loo  # noqa: E402
 from tf_influence.lm import CausalLMLoss, causal_lm_examples  # noqa: E402
@@ -172,17 +172,24 @@ def fidelity(n_pre: int, n_loo: int, width: int, length: int, steps: int) -> dic
                                        for name in out if name != "identity"}}
 
 
+PARTS = ("derivatives", "fidelity", "speed")
+
+
+@dataclass
+class HubBenchArgs:
+    """The keras-hub benchmark's options."""
+
+    out: str = field(default="docs/results/hub.json", metadata={"help": "JSON report path (the docs render it)"})
+    quick: bool = field(default=False, metadata={"help": "tiny sizes: a smoke run, not the reported numbers"})
+    examples: int = field(default=20_000, metadata={"help": "pretraining sequences of the speed run"})
+    width: int = field(default=168, metadata={"help": "GPT-2 hidden width of the speed run (1.04 M parameters)"})
+    layers: int = field(default=3, metadata={"help": "GPT-2 layers of the speed run"})
+    length: int = field(default=32, metadata={"help": "sequence length (characters)"})
+    parts: list[str] = field(default_factory=lambda: list(PARTS), metadata={"choices": PARTS, "help": "what to run"})
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="docs/results/hub.json", help="JSON report path (the docs render it)")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run, not the reported numbers")
-    parser.add_argument("--examples", type=int, default=20_000, help="pretraining sequences of the speed run")
-    parser.add_argument("--width", type=int, default=168, help="GPT-2 hidden width of the speed run (1.04 M parameters)")
-    parser.add_argument("--layers", type=int, default=3, help="GPT-2 layers of the speed run")
-    parser.add_argument("--length", type=int, default=32, help="sequence length (characters)")
-    parser.add_argument("--parts", nargs="*", default=["derivatives", "fidelity", "speed"],
-                        choices=["derivatives", "fidelity", "speed"], help="what to run")
-    args = parser.parse_args(argv)
+    args = parse_args(HubBenchArgs, argv, __doc__.split("\n\n")[0])
     if args.quick:
         args.examples, args.width, args.layers = 600, 32, 1
     out = {}

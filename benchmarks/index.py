@@ -31,11 +31,11 @@ windows of the embedded text corpus (``--gpt2-n`` sequences).
 
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import tempfile
 import time
+from dataclasses import dataclass, field
 
 from tf_influence.console import quiet
 
@@ -46,7 +46,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tf_influence as tfi  # noqa: E402
-from benchmarks.common import write_report  # noqa: E402
+from benchmarks.common import parse_args, write_report  # noqa: E402
 from tf_influence import gradients  # noqa: E402
 from tf_influence.index import GradientIndex, build_index  # noqa: E402
 from tf_influence.projection import ProjectionArgs  # noqa: E402
@@ -213,29 +213,35 @@ def scale_run(n: int, shards: int, root: str, workers: int = 2) -> dict:
             "index_bytes_per_example": index.bytes_per_example()}
 
 
+@dataclass
+class IndexBenchArgs:
+    """The gradient index benchmark's options."""
+
+    out: str = field(default="docs/results/index.json", metadata={"help": "JSON report path"})
+    models: list[str] = field(default_factory=lambda: ["digits", "digits-k16", "gpt2"], metadata={
+        "choices": ["digits", "digits-k16", "gpt2", "gpt2-uniform"],
+        "help": "which models to measure (digits-k16: the digits CNN with one k = 16 per block side — the "
+                "default budget sizes each side by gradient norm; gpt2-uniform: the GPT-2 with the budget split "
+                "uniformly, for comparison). Entries of models not measured are kept from --out"})
+    digits_n: int = field(default=100_000, metadata={"help": "corpus size of the digits CNN"})
+    gpt2_n: int = field(default=2_000, metadata={"help": "corpus size (sequences) of the GPT-2 LM"})
+    rerank: int = field(default=0, metadata={
+        "help": "also measure QueryArgs.rerank with this many candidates per query and side (recall of the "
+                "re-scored top 100, and one query's cost)"})
+    digits_index_batch: int = field(default=1024, metadata={
+        "help": "examples per projection call while building the digits index (build_index's batch_size; the "
+                "timed training epoch keeps batches of 256); the GPT-2 index uses the dataset's batches"})
+    queries: int = field(default=100, metadata={"help": "queries per model (held-out examples)"})
+    parts: list[str] = field(default_factory=lambda: ["quality", "scale"], metadata={
+        "choices": ["quality", "scale"],
+        "help": "quality: the per-model measurements; scale: the Beam build + a streamed query at --scale-sizes "
+                "(results merged into --out)"})
+    scale_sizes: list[int] = field(default_factory=lambda: [100_000, 1_000_000], metadata={
+        "help": "corpus sizes of the scale part (5,000 examples per shard)"})
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="docs/results/index.json", help="JSON report path")
-    ap.add_argument("--models", nargs="+", default=["digits", "digits-k16", "gpt2"],
-                    choices=["digits", "digits-k16", "gpt2", "gpt2-uniform"],
-                    help="which models to measure (digits-k16: the digits CNN with one k = 16 per block side — the "
-                         "default budget sizes each side by gradient norm; gpt2-uniform: the GPT-2 with the "
-                         "budget split uniformly, for comparison). Entries of models not measured are kept from --out")
-    ap.add_argument("--digits-n", type=int, default=100_000, help="corpus size of the digits CNN")
-    ap.add_argument("--gpt2-n", type=int, default=2_000, help="corpus size (sequences) of the GPT-2 LM")
-    ap.add_argument("--rerank", type=int, default=0,
-                    help="also measure QueryArgs.rerank with this many candidates per query and side (recall of the "
-                         "re-scored top 100, and one query's cost)")
-    ap.add_argument("--digits-index-batch", type=int, default=1024,
-                    help="examples per projection call while building the digits index (build_index's batch_size; "
-                         "the timed training epoch keeps batches of 256); the GPT-2 index uses the dataset's batches")
-    ap.add_argument("--queries", type=int, default=100, help="queries per model (held-out examples)")
-    ap.add_argument("--parts", nargs="+", default=["quality", "scale"], choices=["quality", "scale"],
-                    help="quality: the per-model measurements; scale: the Beam build + a streamed query at "
-                         "--scale-sizes (results merged into --out)")
-    ap.add_argument("--scale-sizes", nargs="+", type=int, default=[100_000, 1_000_000],
-                    help="corpus sizes of the scale part (5,000 examples per shard)")
-    args = ap.parse_args(argv)
+    args = parse_args(IndexBenchArgs, argv, __doc__)
     import json
     previous = json.load(open(args.out)) if os.path.exists(args.out) else {}
     if "scale" in args.parts:

@@ -14,21 +14,25 @@ against leave-one-out on this setting, exact influence 0.99.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
+from dataclasses import dataclass, field
 
-from tf_influence import console
+from benchmarks.common import VERBOSE_HELP, parse_args
+
+
+@dataclass
+class KfacDigitsBenchArgs:
+    """The EK-FAC digits benchmark's options."""
+
+    out: str = field(default="reports/benchmarks/kfac_digits.json", metadata={"help": "JSON report path"})
+    loo: int = field(default=60, metadata={"help": "leave-one-out retrains (0 = skip)"})
+    verbose: bool = field(default=False, metadata={"help": VERBOSE_HELP})
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="reports/benchmarks/kfac_digits.json")
-    ap.add_argument("--loo", type=int, default=60, help="leave-one-out retrains (0 = skip)")
-    console.add_verbose_flag(ap)
-    args = ap.parse_args(argv)
-    console.quiet(args.verbose)
+    args = parse_args(KfacDigitsBenchArgs, argv, __doc__)
     import keras
     import numpy as np
     import tensorflow as tf

@@ -13,24 +13,27 @@ experiment's batch size and microbatch count.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
+from dataclasses import dataclass, field
 
-from benchmarks.common import median_seconds, write_report
-from tf_influence import console
+from benchmarks.common import VERBOSE_HELP, median_seconds, parse_args, write_report
+
+
+@dataclass
+class PresenceBenchArgs:
+    """The PRESENCE benchmark's options."""
+
+    out: str = field(default="reports/benchmarks/presence.json", metadata={"help": "JSON report path"})
+    batch: int = field(default=256, metadata={"help": "examples per training step"})
+    microbatches: int = field(default=4, metadata={"help": "PRESENCE microbatches per step"})
+    repeats: int = field(default=30, metadata={"help": "timed repetitions (median)"})
+    si_examples: int = field(default=2048, metadata={"help": "examples scored for self-influence throughput"})
+    verbose: bool = field(default=False, metadata={"help": VERBOSE_HELP})
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="reports/benchmarks/presence.json")
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--microbatches", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--si-examples", type=int, default=2048)
-    console.add_verbose_flag(ap)
-    args = ap.parse_args(argv)
-    console.quiet(args.verbose)
+    args = parse_args(PresenceBenchArgs, argv, __doc__)
     import keras
     import numpy as np
     import tensorflow as tf

@@ -40,11 +40,11 @@ windowed with overlap to reach that count). Measured in this one run, on the sam
 
 from __future__ import annotations
 
-import argparse
 import resource
 import time
+from dataclasses import dataclass, field
 
-from benchmarks.common import median_seconds, write_report
+from benchmarks.common import VERBOSE_HELP, median_seconds, parse_args, write_report
 from tf_influence import console
 
 console.quiet_for_cli()
@@ -85,24 +85,28 @@ def build_lm(vocab: int, seq_len: int, width: int, heads: int, blocks: int, ffn:
     return text.build_transformer_lm(vocab, seq_len, width, heads, blocks, ffn, seed=seed)
 
 
+@dataclass
+class ScaleBenchArgs:
+    """The transformer-scale benchmark's options."""
+
+    out: str = field(default="reports/benchmarks/scale.json", metadata={"help": "JSON report path"})
+    n_sequences: int = field(default=20480, metadata={"help": "pretraining sequences"})
+    seq_len: int = field(default=32, metadata={"help": "tokens per sequence"})
+    vocab: int = field(default=1024, metadata={"help": "vocabulary size"})
+    width: int = field(default=192, metadata={"help": "model width"})
+    heads: int = field(default=4, metadata={"help": "attention heads"})
+    blocks: int = field(default=2, metadata={"help": "transformer blocks"})
+    ffn: int = field(default=768, metadata={"help": "feed-forward width"})
+    batch: int = field(default=64, metadata={"help": "examples per batch"})
+    cg_iters: int = field(default=8, metadata={"help": "CG iterations actually run (timed, extrapolated)"})
+    cg_budget: int = field(default=200, metadata={"help": "the CG budget extrapolated to (library default)"})
+    hessian_samples: int = field(default=1000, metadata={"help": "examples of the subsampled Hessian"})
+    interleaved_rounds: int = field(default=9, metadata={"help": "alternating timing rounds"})
+    verbose: bool = field(default=False, metadata={"help": VERBOSE_HELP})
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="reports/benchmarks/scale.json")
-    ap.add_argument("--n-sequences", type=int, default=20480)
-    ap.add_argument("--seq-len", type=int, default=32)
-    ap.add_argument("--vocab", type=int, default=1024)
-    ap.add_argument("--width", type=int, default=192)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--blocks", type=int, default=2)
-    ap.add_argument("--ffn", type=int, default=768)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--cg-iters", type=int, default=8, help="CG iterations actually run (timed, extrapolated)")
-    ap.add_argument("--cg-budget", type=int, default=200, help="the CG budget extrapolated to (library default)")
-    ap.add_argument("--hessian-samples", type=int, default=1000)
-    ap.add_argument("--interleaved-rounds", type=int, default=9)
-    console.add_verbose_flag(ap)
-    args = ap.parse_args(argv)
-    console.quiet(args.verbose)
+    args = parse_args(ScaleBenchArgs, argv, __doc__)
     import keras
     import tensorflow as tf
     from scipy import stats

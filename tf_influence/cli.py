@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import types
 import typing
 
 __all__ = ["add_arguments", "from_args"]
@@ -115,7 +116,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "", exclud
         own = f.name in defaults
         if own:
             default, class_default = defaults[f.name], default
-        args = typing.get_args(hint)
+        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else ()  # X | None
         optional = type(None) in args
         base = next((a for a in args if a is not type(None)), hint) if args else hint
         help_ = f.metadata.get("help", "")
@@ -139,6 +140,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "", exclud
                 kwargs["action"] = "append"
             else:
                 kwargs["nargs"] = "+"
+            element = next(iter(typing.get_args(base)), str)
+            if element in (int, float):     # list[int] / tuple[float, ...]: each value converted
+                kwargs["type"] = element
         else:
             raise TypeError(f"{cls.__name__}.{f.name}: no flag for type {hint}")
         if "choices" in f.metadata:

@@ -156,3 +156,35 @@ def test_the_scoring_and_index_jobs_share_one_example_source(monkeypatch, capsys
         assert scoring[3] == (f.default is dataclasses.MISSING), f.name
         if f.name != "examples":
             assert actions["tfx_components.beam_factors"][f.name] == scoring, f.name
+
+
+BENCHMARKS = {"engine": "EngineBenchArgs", "presence": "PresenceBenchArgs", "kfac_digits": "KfacDigitsBenchArgs",
+              "beam_scale": "BeamScaleBenchArgs", "hub": "HubBenchArgs", "index": "IndexBenchArgs",
+              "scale": "ScaleBenchArgs"}
+
+
+@pytest.mark.parametrize("name", sorted(BENCHMARKS))
+def test_the_benchmark_flags_are_generated_from_their_dataclasses(name):
+    """Every benchmark reads one arguments dataclass through the generated flags (no hand-written
+    ``add_argument``): no flags give its defaults, and list flags convert their values."""
+    import importlib
+    import inspect
+
+    from benchmarks.common import parse_args
+    module = importlib.import_module(f"benchmarks.{name}")
+    assert "add_argument(" not in inspect.getsource(module)
+    cls = getattr(module, BENCHMARKS[name])
+    assert parse_args(cls, [], None) == cls()
+    with pytest.raises(SystemExit):                      # an unknown flag is a usage error
+        parse_args(cls, ["--no-such-flag", "1"], None)
+
+
+def test_benchmark_list_flags_take_typed_values():
+    from benchmarks.common import parse_args
+    from benchmarks.index import IndexBenchArgs
+    args = parse_args(IndexBenchArgs, ["--models", "gpt2", "--gpt2-n", "10000", "--rerank", "500", "--parts",
+                                       "quality", "--scale-sizes", "1000", "2000"], None)
+    assert (args.models, args.gpt2_n, args.rerank, args.parts, args.scale_sizes) == (
+        ["gpt2"], 10000, 500, ["quality"], [1000, 2000])
+    with pytest.raises(SystemExit):                      # a choice outside the list
+        parse_args(IndexBenchArgs, ["--models", "gpt3"], None)
