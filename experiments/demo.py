@@ -1,6 +1,7 @@
 """Demo: multi-stage influence of pretraining digits (0–3) on a finetuned classifier (4–9).
 
     python -m experiments.demo [--case fixed|updated] [--top 5] [--out reports/demo]
+                               [--pretrain-solver '{"method": "cg_squared"}'] [--hessian-samples 1000] ...
 
 Trains the pretraining model, finetunes the head on the fixed embedding (case 1, or the whole
 model for ``--case updated``), computes every pretraining example's influence on the sum of
@@ -14,28 +15,61 @@ import argparse
 import json
 import os
 import time
+import warnings
+from dataclasses import dataclass, field
 
 from tf_influence import console
 
 
-def main(argv=None):
+@dataclass
+class DemoArgs:
+    """The demo's own options (the influence options are :class:`tf_influence.InfluenceArgs`' flags)."""
+
+    top: int = field(default=5, metadata={"help": "examples shown per side (harmful / helpful)"})
+    pretrain_steps: int = field(default=1500, metadata={"help": "full-batch Adam steps of pretraining"})
+    finetune_steps: int = field(default=1500, metadata={
+        "help": "full-batch Adam steps of finetuning (case 'updated': a fifth of them, on every layer)"})
+    n_finetune: int = field(default=400, metadata={"help": "finetuning examples"})
+    out: str = field(default="reports/demo", metadata={"help": "folder for scores.json and top_examples.png"})
+    seed: int = field(default=0, metadata={
+        "help": "seed of the data split, the models and the Hessian subsample (InfluenceArgs.seed)"})
+    verbose: bool = field(default=False, metadata={
+        "help": "show third-party warnings and TensorFlow logs (hidden by default)"})
+
+
+def parse(argv=None):
+    """``(DemoArgs, InfluenceArgs)`` from the command line; both sets of flags are generated from
+    the dataclasses. ``--cg-iters N`` (0.2) is deprecated: both solvers' ``max_iter``."""
+    from dataclasses import replace
+
+    import tf_influence as tfi
+    from tf_influence import cli
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--case", choices=["fixed", "updated"], default="fixed")
-    ap.add_argument("--alpha", type=float, default=0.01)
-    ap.add_argument("--top", type=int, default=5)
-    ap.add_argument("--pretrain-steps", type=int, default=1500)
-    ap.add_argument("--finetune-steps", type=int, default=1500)
-    ap.add_argument("--n-finetune", type=int, default=400)
-    ap.add_argument("--cg-iters", type=int, default=200)
-    ap.add_argument("--out", default="reports/demo")
-    ap.add_argument("--seed", type=int, default=0)
-    console.add_verbose_flag(ap)
-    args = ap.parse_args(argv)
-    console.quiet(args.verbose)
+    cli.add_arguments(ap, DemoArgs)
+    cli.add_arguments(ap, tfi.InfluenceArgs, exclude=("seed",))    # one --seed: the demo's
+    ap.add_argument("--cg-iters", type=int, default=None, help=argparse.SUPPRESS)   # deprecated
+    ns = ap.parse_args(argv)
+    demo = cli.from_args(DemoArgs, ns, parser=ap)
+    args = cli.from_args(tfi.InfluenceArgs, ns, parser=ap, seed=demo.seed)
+    if args.test_target != "sum":
+        ap.error("the demo ranks pretraining examples by their influence on the summed test loss: "
+                 "--test-target sum")
+    if ns.cg_iters is not None:
+        warnings.warn("--cg-iters is deprecated: --pretrain-solver / --finetune-solver '{\"max_iter\": N}'",
+                      DeprecationWarning, stacklevel=2)
+        args = replace(args, pretrain_solver=replace(args.pretrain_solver, max_iter=ns.cg_iters),
+                       finetune_solver=replace(args.finetune_solver, max_iter=ns.cg_iters))
+    return demo, args
+
+
+def main(argv=None):
+    console.quiet("--verbose" in (argv or []))
+    demo, influence_args = parse(argv)
+    console.quiet(demo.verbose)
+    case = influence_args.case
 
     import keras
     import numpy as np
-    import tensorflow as tf
 
     import tf_influence as tfi
     from model_zoo import digits as data_mod
@@ -43,36 +77,33 @@ def main(argv=None):
     from tf_influence.evaluation import WeightedTrainer
 
     t0 = time.perf_counter()
-    data = data_mod.load_two_stage(n_finetune=args.n_finetune, seed=args.seed)
+    data = data_mod.load_two_stage(n_finetune=demo.n_finetune, seed=demo.seed)
     print(data.summary())
     pre, ft, emb = models.build_two_stage_models(data.x_pre.shape[1:], len(data.pretrain_classes),
-                                                 len(data.finetune_classes), seed=args.seed, l2=1e-4)
+                                                 len(data.finetune_classes), seed=demo.seed, l2=1e-4)
 
     def train(model, x, y, group, steps):  # full-batch Adam, deterministic
         WeightedTrainer(tfi.Objective(model, models.sparse_ce()), x, y, group, "adam", 1e-2).run(steps)
 
     everything = lambda m: tfi.ParameterGroup.from_model(m, "all")  # noqa: E731
-    train(pre, data.x_pre, data.y_pre, everything(pre), args.pretrain_steps)
-    if args.case == "fixed":  # finetune the head Θ on the fixed embedding
+    train(pre, data.x_pre, data.y_pre, everything(pre), demo.pretrain_steps)
+    if case == "fixed":  # finetune the head Θ on the fixed embedding
         train(ft, data.x_ft, data.y_ft, tfi.complement_group(ft, tfi.group_from_layers(ft, ["embedding"])),
-              args.finetune_steps)
+              demo.finetune_steps)
         pretrain_model = pre
     else:  # keep the pretrained model (W̄, Ū) and finetune a copy of everything
         pretrain_model = keras.models.clone_model(pre)
         pretrain_model.set_weights(pre.get_weights())
-        train(ft, data.x_ft, data.y_ft, everything(ft), args.finetune_steps // 5)
+        train(ft, data.x_ft, data.y_ft, everything(ft), demo.finetune_steps // 5)
     acc = lambda m, x, y: float(np.mean(np.argmax(m.predict(x, verbose=0), 1) == y))  # noqa: E731
     print(f"pretrain accuracy {acc(pretrain_model, data.x_pre, data.y_pre):.3f}, "
           f"finetune test accuracy {acc(ft, data.x_test, data.y_test):.3f} ({time.perf_counter() - t0:.1f}s)")
 
     pre_ds, ft_ds, test_ds = data.datasets()
-    pre_solver, ft_solver = tfi.default_solvers(args.case)  # cg_squared with the documented dampings
-    for cfg in (pre_solver, ft_solver):
-        cfg.max_iter, cfg.dtype = args.cg_iters, tf.float64
-    result = tfi.multi_stage_influence(
-        tfi.Objective(pretrain_model, models.sparse_ce()), pre_ds, tfi.Objective(ft, models.sparse_ce()), ft_ds, test_ds,
-        embedding=["embedding"], case=args.case, alpha=args.alpha, pretrain_solver=pre_solver,
-        finetune_solver=ft_solver, hessian_samples=1000, progress=True)
+    ms = tfi.MultiStageInfluence(
+        tfi.Objective(pretrain_model, models.sparse_ce()), pre_ds, tfi.Objective(ft, models.sparse_ce()), ft_ds,
+        embedding=["embedding"], args=influence_args, progress=True)   # every option from the one InfluenceArgs
+    result = ms(test_ds, influence_args.test_target)
     scores = result.scores
     print(f"influence of {len(scores)} pretraining examples on the sum of {len(data.x_test)} test losses "
           f"(test side {result.seconds['test_side']:.1f}s, scoring {result.seconds['scoring']:.1f}s)")
@@ -80,20 +111,20 @@ def main(argv=None):
         print(f"  {name} IHVP: {s['method']} {s['iterations']} iterations, residual {s['max_relative_residual']:.2e}")
     delta = result.predicted_loss_change_on_removal()
     cls = np.array(data.pretrain_classes)
-    for title, idx in (("most HARMFUL (positive score: removing lowers the test loss)", result.top_harmful(args.top)),
-                       ("most HELPFUL (negative score: removing raises the test loss)", result.top_helpful(args.top))):
+    for title, idx in (("most HARMFUL (positive score: removing lowers the test loss)", result.top_harmful(demo.top)),
+                       ("most HELPFUL (negative score: removing raises the test loss)", result.top_helpful(demo.top))):
         print(title)
         for i in idx:
             print(f"  pretraining example {i:4d}  digit {cls[data.y_pre[i]]}  score {scores[i]:+.4f}  "
                   f"predicted Δ test loss on removal {delta[i]:+.2e}")
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "scores.json"), "w") as fh:
-        json.dump({"case": args.case, "scores": scores.tolist(), "solves": result.solves,
-                   "top_harmful": result.top_harmful(args.top).tolist(),
-                   "top_helpful": result.top_helpful(args.top).tolist(), "seconds": result.seconds}, fh, indent=1)
-    _plot(data, scores, result.top_harmful(args.top), result.top_helpful(args.top), cls,
-          os.path.join(args.out, "top_examples.png"))
-    print(f"wrote {args.out}/scores.json and {args.out}/top_examples.png ({time.perf_counter() - t0:.1f}s total)")
+    os.makedirs(demo.out, exist_ok=True)
+    with open(os.path.join(demo.out, "scores.json"), "w") as fh:
+        json.dump({"case": case, "influence_args": influence_args.to_dict(), "scores": scores.tolist(), "solves": result.solves,
+                   "top_harmful": result.top_harmful(demo.top).tolist(),
+                   "top_helpful": result.top_helpful(demo.top).tolist(), "seconds": result.seconds}, fh, indent=1)
+    _plot(data, scores, result.top_harmful(demo.top), result.top_helpful(demo.top), cls,
+          os.path.join(demo.out, "top_examples.png"))
+    print(f"wrote {demo.out}/scores.json and {demo.out}/top_examples.png ({time.perf_counter() - t0:.1f}s total)")
 
 
 def _plot(data, scores, harmful, helpful, cls, path):

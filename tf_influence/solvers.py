@@ -320,9 +320,17 @@ def auto_choice(op, dense_max: int = AUTO_DENSE_MAX, kronecker_min: int | None =
       higher): ``cg_squared`` (eq. 16).
 
     Never plain CG: a Hessian of a model stopped short of a minimum is indefinite.
-    ``kronecker_min`` defaults to ``dense_max + 1``."""
-    kronecker_min = dense_max + 1 if kronecker_min is None else kronecker_min
+    ``kronecker_min`` defaults to ``dense_max + 1``, except on an operator that names a reason not to
+    approximate it (its ``avoid_kronecker`` attribute — multi-stage influence sets it on the case-1
+    finetuning head, whose inverse feeds a near-cancellation): there the default is never EK-FAC, and
+    an explicit ``kronecker_min`` still decides."""
+    avoid = getattr(op, "avoid_kronecker", None)
     p = int(op.shape[0])
+    if kronecker_min is None and avoid:
+        if p <= dense_max:
+            return "dense_squared", f"p = {p} ≤ {dense_max}: exact eq. 16 solve"
+        return "cg_squared", f"{dense_max} < p = {p}; not EK-FAC: {avoid}"
+    kronecker_min = dense_max + 1 if kronecker_min is None else kronecker_min
     kfac_ok = getattr(op, "rows", None) is not None and getattr(op, "objective", None) is not None and \
         op.rows.variables == op.cols.variables
     if p <= dense_max:

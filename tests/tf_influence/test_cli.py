@@ -188,3 +188,17 @@ def test_benchmark_list_flags_take_typed_values():
         ["gpt2"], 10000, 500, ["quality"], [1000, 2000])
     with pytest.raises(SystemExit):                      # a choice outside the list
         parse_args(IndexBenchArgs, ["--models", "gpt3"], None)
+
+
+def test_the_demo_takes_influence_args_flags_and_keeps_cg_iters_for_one_release():
+    import tf_influence as tfi
+    from experiments.demo import DemoArgs, parse
+    demo, args = parse([])
+    assert demo == DemoArgs() and args == tfi.InfluenceArgs()        # the library's defaults, not a copy
+    demo, args = parse(["--case", "updated", "--alpha", "0.05", "--seed", "3", "--top", "2"])
+    assert (args.case, args.alpha, args.seed, demo.seed, demo.top) == ("updated", 0.05, 3, 3, 2)
+    with pytest.warns(DeprecationWarning, match="--cg-iters is deprecated"):
+        _, args = parse(["--cg-iters", "50"])
+    assert args.pretrain_solver.max_iter == args.finetune_solver.max_iter == 50
+    with pytest.raises(SystemExit):
+        parse(["--test-target", "each"])

@@ -268,6 +268,19 @@ def test_both_multi_stage_chains_take_ekfac():
         v = b_W - H_WT @ F_inv(b_T).numpy()
         s = -G_inv(np.r_[v, np.zeros(U.size)]).numpy()
         np.testing.assert_allclose(res.scores[:, j], G @ s, rtol=1e-6, atol=1e-10 * np.abs(G @ s).max())
+    # solver "auto" above dense_max: EK-FAC on the pretraining Hessian, never on the case-1 head (its
+    # inverse feeds the near-cancellation of v_W): cg_squared there, with the reason recorded; an explicit
+    # kronecker_min still puts EK-FAC there
+    auto = tfi.SolverConfig("auto", damping=1e-3, dense_max=4, curvature_iterations=0)
+    res = tfi.multi_stage_influence(pre_obj, ds(xp, yp, 16), ft_obj, ds(xf, yf, 16), ds(xt, yt), embedding=["embedding"],
+                                    hessian_samples=None, pretrain_solver=auto, finetune_solver=auto)
+    assert res.solves["pretrain"]["auto"]["chose"] == "ekfac"
+    assert res.solves["finetune"]["auto"]["chose"] == "cg_squared"
+    assert "case 'fixed' head" in res.solves["finetune"]["auto"]["why"]
+    explicit = tfi.SolverConfig("auto", damping=1e-3, dense_max=4, kronecker_min=5, curvature_iterations=0)
+    res = tfi.multi_stage_influence(pre_obj, ds(xp, yp, 16), ft_obj, ds(xf, yf, 16), ds(xt, yt), embedding=["embedding"],
+                                    hessian_samples=None, pretrain_solver=auto, finetune_solver=explicit)
+    assert res.solves["finetune"]["auto"]["chose"] == "ekfac"
 
 
 @pytest.mark.parametrize("which", ["cnn", "conv1d", "transformer_with_norm", "two_blocks"])
