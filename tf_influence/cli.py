@@ -5,7 +5,8 @@ Built on the standard library's ``argparse`` (no dependency the wheel would have
 absl flags are global per process, which the CLIs' ``main(argv)`` entry points and tests cannot
 share). Each field ``name`` of the dataclass becomes ``--<prefix>name`` (underscores → dashes) with
 its default, its ``metadata["help"]`` and its type; a field whose type is itself a configuration
-dataclass (e.g. :class:`~tf_influence.solvers.SolverConfig`) takes JSON; ``bool`` fields get
+dataclass (e.g. :class:`~tf_influence.solvers.SolverConfig`) takes JSON, or a bare word for its first
+field when that is a string (``--pretrain-solver ekfac`` = ``'{"method": "ekfac"}'``); ``bool`` fields get
 ``--flag`` / ``--no-flag``; ``int | None`` fields take ``none``; a field without a default is a
 required flag; a list field with ``metadata["repeat"]`` is a repeatable flag taking one value each time,
 named ``metadata["flag"]`` when given (``--beam-arg=--runner=DataflowRunner --beam-arg=…``). :func:`from_args`
@@ -20,6 +21,8 @@ builds the object back, so validation runs once, in the dataclass.
 >>> args = from_args(InfluenceArgs, ns)
 >>> args.case, args.hessian_samples, args.pretrain_solver.method, args.alpha
 ('updated', None, 'ekfac', 0.01)
+>>> from_args(InfluenceArgs, ap.parse_args(["--finetune-solver", "cg_squared"])).finetune_solver.method
+'cg_squared'
 >>> from_args(InfluenceArgs, ap.parse_args([])) == InfluenceArgs()
 True
 >>> ap = argparse.ArgumentParser()
@@ -66,7 +69,11 @@ def _parse_optional(kind):
 
 
 def _parse_json_dataclass(cls):
+    first = dataclasses.fields(cls)[0]
+
     def parse(text: str):
+        if not text.lstrip().startswith("{") and typing.get_type_hints(cls).get(first.name) is str:
+            text = json.dumps({first.name: text})     # a bare word: the first field (--pretrain-solver ekfac)
         try:
             value = json.loads(text)
         except json.JSONDecodeError as err:

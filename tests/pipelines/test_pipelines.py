@@ -38,6 +38,10 @@ def test_influence_pipeline_runs_end_to_end(run):
     for k in ("original", "drop_top", "drop_random"):
         assert 0 <= comp[k]["accuracy"] <= 1 and comp[k]["loss"] > 0
     assert s["wall_seconds"] > 0
+    # the scorer ran with the pipeline's InfluenceArgs, whole: its defaults and the quick CG budget
+    import tf_influence as tfi
+    assert tfi.InfluenceArgs.from_dict(s["influence_args"]) == influence_pipeline.pipeline_influence_args(quick=True)
+    assert s["influence_args"]["pretrain_solver"]["max_iter"] == influence_pipeline.QUICK_CG_ITERATIONS
 
 
 def _kept_keys(uri):
