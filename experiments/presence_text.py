@@ -24,7 +24,7 @@ import argparse
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from tf_influence import console
 
@@ -240,16 +240,25 @@ def _report(r, out_dir):
         fh.write("\n".join(lines) + "\n")
 
 
+@dataclass
+class PresenceTextArgs:
+    """How the text experiment runs (the command's flags; the experiment itself is ``TextConfig``)."""
+
+    quick: bool = field(default=False, metadata={"help": "reduced sizes (CI): checks the harness, not the numbers"})
+    out: str = field(default="reports/presence", metadata={"help": "folder of the report"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+    verbose: bool = field(default=False, metadata={
+        "help": "show third-party warnings and TensorFlow / Beam / TFX logs (hidden by default)"})
+
+
 def main(argv=None):
+    from tf_influence.cli import add_arguments, from_args
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default="reports/presence")
-    ap.add_argument("--no-progress", action="store_true")
-    console.add_verbose_flag(ap)
-    args = ap.parse_args(argv)
+    add_arguments(ap, PresenceTextArgs)
+    args = from_args(PresenceTextArgs, ap.parse_args(argv), parser=ap)
     console.quiet(args.verbose)
     cfg = TextConfig.quick_config() if args.quick else TextConfig()
-    run(cfg, args.out, progress=not args.no_progress)
+    run(cfg, args.out, progress=args.progress)
     print(open(os.path.join(args.out, "report.md")).read())
 
 

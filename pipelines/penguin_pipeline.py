@@ -26,9 +26,11 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Optional
 
 from pipelines.summary import BEAM_DEFAULT, RunArgs, execute, run_arguments
-from tf_influence.cli import from_args
+from tf_influence.cli import add_arguments, from_args
 from tf_influence import console
 
 MODULE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "penguin_module.py")
@@ -98,26 +100,33 @@ def create_pipeline(root: str, data_root: str | None = None, beam_args=None, dro
                             beam_pipeline_args=list(beam_args if beam_args is not None else BEAM_DEFAULT), **kwargs)
 
 
+@dataclass
+class PenguinArgs:
+    """What the penguin pipeline builds (the command's own flags; ``create_pipeline``'s arguments)."""
+
+    two_stage: bool = field(default=False, metadata={
+        "help": "add the finetuning Trainer (frozen hidden layers) and InfluenceScorer"})
+    drop_fraction: float = field(default=0.1, metadata={"help": "ScoreFilter's drop_top_fraction"})
+    train_steps: int = field(default=100, metadata={"help": "TrainArgs(num_steps) of every Trainer"})
+    data_root: Optional[str] = field(default=None, metadata={
+        "help": "folder with Split-train/ and Split-eval/ GZIP TFRecords (None: tfx's penguin data)"})
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run_arguments(ap, "reports/pipelines/penguin", "penguin_pipeline")
-    ap.add_argument("--two-stage", action="store_true",
-                    help="add the finetuning Trainer (frozen hidden layers) and InfluenceScorer")
-    ap.add_argument("--drop-fraction", type=float, default=0.1, help="ScoreFilter's drop_top_fraction")
-    ap.add_argument("--train-steps", type=int, default=100, help="TrainArgs(num_steps) of every Trainer")
-    ap.add_argument("--data-root", default=None,
-                    help="folder with Split-train/ and Split-eval/ GZIP TFRecords (default: tfx's penguin data)")
+    add_arguments(ap, PenguinArgs)
     console.add_verbose_flag(ap)
-    args = ap.parse_args(argv)
-    run = from_args(RunArgs, args, parser=ap)
-    console.quiet(args.verbose)
+    ns = ap.parse_args(argv)
+    run, args = from_args(RunArgs, ns, parser=ap), from_args(PenguinArgs, ns, parser=ap)
+    console.quiet(ns.verbose)
     t0 = time.perf_counter()
     root = os.path.abspath(run.root)
     return execute("penguin_pipeline",
                    lambda md: create_pipeline(root, args.data_root, run.beam_args, args.drop_fraction, args.two_stage,
                                               args.train_steps, metadata_path=md),
                    root, run.runner, run.image, run.report, {"two_stage": args.two_stage}, t0,
-                   verbose=args.verbose)
+                   verbose=ns.verbose)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import tensorflow as tf
@@ -111,17 +112,29 @@ def write_corpus(out_dir: str, n: int, kind: str = "digits", shards: int = 8, se
             "seconds": time.perf_counter() - t0}
 
 
+@dataclass
+class CorpusArgs:
+    """What ``write_corpus`` writes (the command's flags)."""
+
+    n: int = field(metadata={"help": "number of examples"})
+    out: str = field(metadata={"help": "output directory (local or gs://)"})
+    kind: str = field(default="digits", metadata={"choices": KINDS, "help": "digits (8x8 images) or tokens (sequences)"})
+    shards: int = field(default=8, metadata={"help": "number of output files (parallelism of the scoring jobs)"})
+    seed: int = field(default=0, metadata={"help": "random seed (the same seed gives byte-identical files)"})
+    classes: int = field(default=4, metadata={"help": "digits: number of classes"})
+    seq_len: int = field(default=32, metadata={"help": "tokens: sequence length"})
+    vocab: int = field(default=256, metadata={"help": "tokens: vocabulary size"})
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got '{self.kind}'")
+
+
 def main(argv=None):
+    from tf_influence.cli import add_arguments, from_args
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kind", choices=KINDS, default="digits", help="digits (8x8 images) or tokens (sequences)")
-    ap.add_argument("--n", type=int, required=True, help="number of examples")
-    ap.add_argument("--out", required=True, help="output directory (local or gs://)")
-    ap.add_argument("--shards", type=int, default=8, help="number of output files (parallelism of the scoring jobs)")
-    ap.add_argument("--seed", type=int, default=0, help="random seed (the same seed gives byte-identical files)")
-    ap.add_argument("--classes", type=int, default=4, help="digits: number of classes")
-    ap.add_argument("--seq-len", type=int, default=32, help="tokens: sequence length")
-    ap.add_argument("--vocab", type=int, default=256, help="tokens: vocabulary size")
-    args = ap.parse_args(argv)
+    add_arguments(ap, CorpusArgs)
+    args = from_args(CorpusArgs, ap.parse_args(argv), parser=ap)
     summary = write_corpus(args.out, args.n, args.kind, args.shards, args.seed, args.classes, args.seq_len,
                            args.vocab, progress=True)
     summary["files"] = len(summary["files"])

@@ -79,7 +79,8 @@ class QueryArgs(JsonConfig):
                 "ekfac: each block's mean eigenvalue)"})
     factors: Optional[str] = field(default=None, metadata={
         "help": "directory of (E)K-FAC factors of the index's parameters (KFACFactors.save, the FactorFitter "
-                "artifact, the factor job's --output); precondition='ekfac' only"})
+                "artifact, the factor job's --output); precondition='ekfac' only, which needs them here or "
+                "fitted factors passed to query(..., factors=)"})
     backend: str = field(default="auto", metadata={
         "choices": BACKENDS, "help": "exact: streamed matrix products; faiss: an inverted-file index in memory "
                                      "(approximate); auto: exact up to EXACT_MAX examples"})
@@ -101,10 +102,9 @@ class QueryArgs(JsonConfig):
             raise ValueError(f"QueryArgs: backend must be one of {BACKENDS}, got '{self.backend}'")
         if float(self.damping) < 0:
             raise ValueError(f"QueryArgs: damping must be ≥ 0, got {self.damping}")
-        if (self.precondition == "ekfac") != (self.factors is not None):
-            raise ValueError("QueryArgs: precondition='ekfac' needs factors (a directory of saved factors), and "
-                             f"factors are only used by it (got precondition='{self.precondition}', "
-                             f"factors={self.factors!r})")
+        if self.factors is not None and self.precondition != "ekfac":
+            raise ValueError(f"QueryArgs: factors are only used by precondition='ekfac' (got "
+                             f"precondition='{self.precondition}', factors={self.factors!r})")
         if self.all_scores and self.backend == "faiss":
             raise ValueError("QueryArgs: all_scores needs the exact backend")
         if int(self.rerank) < 0:
@@ -372,10 +372,13 @@ class GradientIndex:
             if isinstance(factors, (str, os.PathLike)):
                 options["factors"] = os.fspath(factors)
             else:
-                fitted, options["factors"] = factors, "<in memory>"
+                fitted = factors
             if "precondition" not in options and not (isinstance(args, QueryArgs) and args.precondition != "none"):
                 options["precondition"] = "ekfac"
         args = _query_args(args, options)
+        if args.precondition == "ekfac" and fitted is None and args.factors is None:
+            raise ValueError("precondition='ekfac' needs factors: QueryArgs.factors (a directory of saved factors) or "
+                             "query(..., factors=<fitted KFACFactors>)")
         proj = self.projector(objective)
         if vector_group is not None:
             v = np.asarray(vectors)

@@ -235,7 +235,10 @@ def main(argv=None):
             ap.error(f"unrecognized arguments: {beam_args}")
         from tf_influence.cli import from_args
         from tf_influence.index import QueryArgs
-        _query(args, from_args(QueryArgs, args, parser=q))   # a bad combination is a usage error
+        query_args = from_args(QueryArgs, args, parser=q)   # a bad combination is a usage error
+        if query_args.precondition == "ekfac" and query_args.factors is None:
+            q.error("--precondition ekfac needs --factors (a directory of saved factors)")
+        _query(args, query_args)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from typing import Optional
 
 from tf_influence import console
 
@@ -12,20 +13,29 @@ from .config import LMConfig
 from .grid import PARTS, run
 
 
+@dataclass
+class PresenceLMArgs:
+    """How the LM grid runs (the command's flags; the grid itself is ``LMConfig``)."""
+
+    quick: bool = field(default=False, metadata={"help": "reduced sizes (CI): checks the harness, not the numbers"})
+    out: str = field(default="reports/presence", metadata={"help": "folder of the runs cache and the report"})
+    seeds: Optional[int] = field(default=None, metadata={"help": "number of seeds (None: 3; quick 1)"})
+    steps: Optional[int] = field(default=None, metadata={"help": "training steps (None: LMConfig's)"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+    parts: str = field(default=",".join(PARTS), metadata={
+        "help": "comma-separated subset of main,side,corner to run; a subset only fills the run cache (results "
+                "are written when all parts are run)"})
+    verbose: bool = field(default=False, metadata={
+        "help": "show third-party warnings and TensorFlow / Beam / TFX logs (hidden by default)"})
+
+
 def main(argv=None):
     import experiments.presence_lm as package
+    from tf_influence.cli import add_arguments, from_args
     ap = argparse.ArgumentParser(prog="python -m experiments.presence_lm", description=package.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default="reports/presence")
-    ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; quick 1)")
-    ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("--parts", default=",".join(PARTS),
-                    help="comma-separated subset of main,side,corner to run; a subset only fills the run cache "
-                         "(results are written when all parts are run)")
-    console.add_verbose_flag(ap)
-    args = ap.parse_args(argv)
+    add_arguments(ap, PresenceLMArgs)
+    args = from_args(PresenceLMArgs, ap.parse_args(argv), parser=ap)
     console.quiet(args.verbose)
     cfg = LMConfig.quick_config() if args.quick else LMConfig()
     if args.seeds:
@@ -33,7 +43,7 @@ def main(argv=None):
     if args.steps:
         cfg = replace(cfg, steps=args.steps)
     parts = tuple(p for p in args.parts.split(",") if p)
-    out = run(cfg, args.out, progress=not args.no_progress, parts=parts)
+    out = run(cfg, args.out, progress=args.progress, parts=parts)
     if set(parts) != set(PARTS):
         print(f"cached {out['runs']} runs of {', '.join(parts)} in {args.out}/lm_runs")
         return

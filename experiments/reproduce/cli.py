@@ -7,6 +7,8 @@ import dataclasses
 import json
 import os
 import time
+from dataclasses import dataclass, field
+from typing import Optional
 
 import tensorflow as tf
 
@@ -58,33 +60,40 @@ def _apply_overrides(cfg: ReproConfig, items, ap) -> ReproConfig:
     return dataclasses.replace(cfg, **changes)
 
 
+@dataclass
+class ReproduceArgs:
+    """How the reproduction runs (the command's flags; the experiments' sizes are ``ReproConfig``'s)."""
+
+    quick: bool = field(default=False, metadata={"help": "reduced sizes (CI): checks the harness, not the numbers"})
+    only: str = field(default="", metadata={"help": f"comma-separated subset of {','.join(EXPERIMENTS)}"})
+    out: str = field(default="reports/reproduction", metadata={"help": "folder of results.json and the report"})
+    data_dir: Optional[str] = field(default=None, metadata={
+        "help": "TFDS data dir (None: $TFDS_DATA_DIR or ~/tensorflow_datasets)"})
+    progress: bool = field(default=True, metadata={"help": "progress bars"})
+    overrides: list = field(default_factory=list, metadata={
+        "repeat": True, "flag": "set",
+        "help": "FIELD=VALUE: override a ReproConfig field, e.g. --set case2_finetune_steps=1000 (repeatable)"})
+    verbose: bool = field(default=False, metadata={
+        "help": "show third-party warnings and TensorFlow / Beam / TFX logs (hidden by default)"})
+
+
 def main(argv=None):
     import experiments.reproduce as package
+    from tf_influence.cli import add_arguments, from_args
     ap = argparse.ArgumentParser(prog="python -m experiments.reproduce", description=package.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="reduced sizes (CI): checks the harness, not the numbers")
-    ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(EXPERIMENTS)}")
-    ap.add_argument("--out", default="reports/reproduction")
-    ap.add_argument("--data-dir", default=None, help="TFDS data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets)")
-    ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a ReproConfig field, e.g. --set case2_finetune_steps=1000 (repeatable)",
-    )
-    console.add_verbose_flag(ap)
-    args = ap.parse_args(argv)
+    add_arguments(ap, ReproduceArgs)
+    args = from_args(ReproduceArgs, ap.parse_args(argv), parser=ap)
+    console.quiet(args.verbose)
     only = [e for e in args.only.split(",") if e] or list(EXPERIMENTS)
     unknown = sorted(set(only) - set(EXPERIMENTS))
     if unknown:
         ap.error(f"unknown experiment(s) {unknown}; choose from {EXPERIMENTS}")
     cfg = ReproConfig.quick_config(data_dir=args.data_dir) if args.quick else ReproConfig(data_dir=args.data_dir)
-    cfg = _apply_overrides(cfg, args.set, ap)
+    cfg = _apply_overrides(cfg, args.overrides, ap)
     t0 = time.perf_counter()
     tf.config.experimental.enable_op_determinism()
-    ctx = Context(cfg, args.out, progress=not args.no_progress)
+    ctx = Context(cfg, args.out, progress=args.progress)
     path = os.path.join(args.out, "results.json")
     results = {}
     if os.path.exists(path) and args.only:

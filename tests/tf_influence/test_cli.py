@@ -97,7 +97,9 @@ def test_the_pipelines_share_run_args_with_a_repeatable_beam_flag(monkeypatch):
 @pytest.mark.parametrize("module", ["tfx_components.beam_scoring", "tfx_components.beam_factors",
                                     "tfx_components.beam_index",
                                     "pipelines.influence_pipeline", "pipelines.presence_pipeline",
-                                    "pipelines.penguin_pipeline", "pipelines.synthetic_corpus"])
+                                    "pipelines.penguin_pipeline", "pipelines.synthetic_corpus", "experiments.demo",
+                                    "experiments.reproduce.cli", "experiments.presence_lm.cli",
+                                    "experiments.presence_text"])
 def test_every_flag_of_every_cli_is_documented(module, monkeypatch):
     """``--help`` documents every flag (deprecated aliases are hidden on purpose)."""
     import importlib

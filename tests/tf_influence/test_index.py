@@ -227,7 +227,10 @@ def test_ekfac_preconditioned_queries_and_query_args(indexed):
     with pytest.raises(TypeError, match="unknown query option"):
         index.query(obj, S, top_kk=3)
     with pytest.raises(ValueError, match="needs factors"):
-        QueryArgs(precondition="ekfac")
+        index.query(obj, S, precondition="ekfac")              # neither a directory nor fitted factors
+    with pytest.raises(ValueError, match="only used by precondition='ekfac'"):
+        QueryArgs(factors="some/dir")
+    assert QueryArgs(precondition="ekfac").factors is None     # fitted factors come with the call
     with pytest.raises(ValueError, match="all_scores needs the exact backend"):
         QueryArgs(all_scores=True, backend="faiss")
     with pytest.raises(ValueError, match="over the parameters"):
