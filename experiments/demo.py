@@ -63,7 +63,7 @@ def parse(argv=None):
 
 
 def main(argv=None):
-    console.quiet("--verbose" in (argv or []))
+    console.quiet_for_cli(argv)                           # before the configuration classes import TensorFlow
     demo, influence_args = parse(argv)
     console.quiet(demo.verbose)
     case = influence_args.case

@@ -6,7 +6,7 @@ retrain, and compare finetuning test accuracy (against dropping a random set of 
         [--case ...] [--finetune-solver '{"method": "cg_squared", "max_iter": 100}'] ...
 
 The InfluenceScorer's options are ``tf_influence.InfluenceArgs``, passed whole: every field is a flag,
-with this pipeline's defaults (:data:`PIPELINE_INFLUENCE`: ``cg_squared`` on both inverses in float64,
+with this pipeline's defaults (:func:`pipeline_influence_defaults`: ``cg_squared`` on both inverses in float64,
 the whole pretraining corpus as the Hessian's data). ``--pretrain-solver ekfac`` (or ``kfac``) adds a
 FactorFitter: the pretraining curvature is fitted over the corpus in Beam and the scorer inverts it.
 
@@ -31,13 +31,17 @@ from pipelines.summary import BEAM_DEFAULT, RunArgs, execute, run_arguments
 from tf_influence.cli import add_arguments, from_args
 from tf_influence import console
 
-#: This pipeline's InfluenceArgs where they differ from the library's (said in ``--help``): the paper's
-#: cg_squared on both inverses in float64, the whole (small) pretraining corpus as the Hessian's data.
-PIPELINE_INFLUENCE = {
-    "hessian_samples": None,
-    "pretrain_solver": tfi.SolverConfig("cg_squared", damping=tfi.DEFAULT_PRETRAIN_DAMPING, dtype="float64"),
-    "finetune_solver": tfi.SolverConfig("cg_squared", damping=tfi.DEFAULT_FINETUNE_DAMPING, dtype="float64"),
-}
+
+def pipeline_influence_defaults() -> dict:
+    """This pipeline's InfluenceArgs where they differ from the library's (said in ``--help``): the
+    paper's cg_squared on both inverses in float64, the whole (small) pretraining corpus as the Hessian's
+    data. (A function: building SolverConfigs imports TensorFlow, which the command quiets first.)"""
+    return {
+        "hessian_samples": None,
+        "pretrain_solver": tfi.SolverConfig("cg_squared", damping=tfi.DEFAULT_PRETRAIN_DAMPING, dtype="float64"),
+        "finetune_solver": tfi.SolverConfig("cg_squared", damping=tfi.DEFAULT_FINETUNE_DAMPING, dtype="float64"),
+    }
+
 #: ``--quick`` (CI): CG iterations of both solves when the solver flags are not given
 QUICK_CG_ITERATIONS = 50
 
@@ -46,7 +50,7 @@ def pipeline_influence_args(quick: bool = False, pretrain_solver: str | None = N
     """The InfluenceArgs the pipeline runs with by default (``quick``: 50 CG iterations), with
     ``pretrain_solver`` (a method name) replacing the pretraining solver's method."""
     from dataclasses import replace
-    args = tfi.InfluenceArgs(**PIPELINE_INFLUENCE)
+    args = tfi.InfluenceArgs(**pipeline_influence_defaults())
     if quick:
         args = replace(args, pretrain_solver=replace(args.pretrain_solver, max_iter=QUICK_CG_ITERATIONS),
                        finetune_solver=replace(args.finetune_solver, max_iter=QUICK_CG_ITERATIONS))
@@ -139,6 +143,7 @@ def create_pipeline(root: str, data_root: str, quick: bool = False, beam_args=No
 
 
 def main(argv=None):
+    console.quiet_for_cli(argv)                           # before the configuration classes import TensorFlow
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     quick = "--quick" in (argv if argv is not None else sys.argv[1:])
     preset = pipeline_influence_args(quick)              # the quick preset's CG budget is a default, shown in --help
@@ -149,7 +154,7 @@ def main(argv=None):
     ap.add_argument("--data-dir", default=None, help="TFDS data dir for the embedded digits")
     add_arguments(ap, tfi.InfluenceArgs, title="the InfluenceScorer (InfluenceArgs; --pretrain-solver ekfac / kfac "
                                                 "adds a FactorFitter)",
-                  defaults={**PIPELINE_INFLUENCE, "pretrain_solver": preset.pretrain_solver,
+                  defaults={**pipeline_influence_defaults(), "pretrain_solver": preset.pretrain_solver,
                             "finetune_solver": preset.finetune_solver})
     console.add_verbose_flag(ap)
     args = ap.parse_args(argv)

@@ -93,6 +93,7 @@ def create_pipeline(root: str, data_root: str, n_train: int, quick: bool = False
 
 
 def main(argv=None):
+    console.quiet_for_cli(argv)                           # before PresenceArgs' module imports TensorFlow
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="reduced sizes (CI)")
     run_arguments(ap, "reports/pipelines/presence", "presence_pipeline")

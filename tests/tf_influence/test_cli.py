@@ -224,3 +224,17 @@ def test_the_influence_pipeline_reads_influence_args_whole(monkeypatch):
     assert tfi.InfluenceArgs.from_dict(seen["extra"]["influence_args"]) == ip.pipeline_influence_args()
     with pytest.raises(SystemExit):
         ip.main(["--root", "/tmp/unused-influence-root", "--case", "updated"])
+
+
+def test_the_main_job_starts_without_library_noise():
+    """``python -m pipelines.influence_pipeline``: TensorFlow is quieted before the configuration
+    classes import it, so the first lines a person reads are the command's, not TensorFlow's."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    out = subprocess.run([sys.executable, "-m", "pipelines.influence_pipeline", "--help"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith("usage: ")
+    assert "Unable to register" not in out.stderr and "tensorflow/" not in out.stderr, out.stderr[:500]
