@@ -29,7 +29,8 @@ import sys
 import apache_beam as beam
 import numpy as np
 
-from tfx_components.beam_scoring import ShardNames, _record_batches, remove_temporaries
+from tfx_components.beam_scoring import ShardNames, remove_temporaries
+from tfx_components.example_io import record_batches
 from tfx_components.example_io import decode_batch, load_keras_model, parse_feature_spec, resolve_loss
 
 
@@ -63,7 +64,7 @@ class IndexFile(beam.DoFn):
         from tf_influence.index import write_shard
         dtype = self.projector.args.dtype
         keys, vecs, scales, sum_sq, n = [], [], [], np.zeros(self.projector.dim), 0
-        for records in _record_batches(path, self.batch_size, self.worker_threads):
+        for records in record_batches(path, self.batch_size, self.worker_threads):
             try:
                 k, x, y = decode_batch(records, self.spec, self.desc, file=path, start=n)
             except ValueError as e:
@@ -114,7 +115,7 @@ def calibrated_args(objective, group, args, examples_pattern, feature_spec, exam
         return args
     examples = examples or CALIBRATION_EXAMPLES
     first = sorted(tf.io.gfile.glob(examples_pattern))[0]
-    records = next(iter(_record_batches(first, examples)))
+    records = next(iter(record_batches(first, examples)))
     _, x, y = decode_batch(records, parse_feature_spec(feature_spec), first)
     return calibrate(objective, tf.data.Dataset.from_tensor_slices((x, y)).batch(64), group, args, examples)
 

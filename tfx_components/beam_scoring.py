@@ -45,7 +45,7 @@ import numpy as np
 
 
 from tfx_components.example_io import (decode_batch, example_key, load_keras_model,  # noqa: F401 (re-exported)
-                                      parse_feature_spec, resolve_loss)
+                                      parse_feature_spec, record_batches, resolve_loss)
 
 
 KINDS = ("self_influence", "influence")
@@ -96,25 +96,6 @@ class ScoreBatch(beam.DoFn):
             yield k, float(s)
 
 
-def _record_batches(path, batch_size, threads=None):
-    """Batches of a TFRecord file's serialized records (TensorFlow's C++ reader; GZIP by the
-    ``.gz`` / ``.gzip`` extension); a corrupt or truncated file fails naming the file.
-    ``threads``: the size of tf.data's own thread pool (which intra-op settings do not limit)."""
-    import tensorflow as tf
-    gz = path.endswith((".gz", ".gzip"))
-    try:
-        ds = tf.data.TFRecordDataset(path, compression_type="GZIP" if gz else "").batch(batch_size)
-        if threads:
-            opts = tf.data.Options()
-            opts.threading.private_threadpool_size = int(threads)
-            opts.threading.max_intra_op_parallelism = 1
-            ds = ds.with_options(opts)
-        for batch in ds.as_numpy_iterator():
-            yield list(batch)
-    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError, tf.errors.OutOfRangeError) as e:
-        raise IOError(f"reading {path}: corrupt or truncated TFRecord file ({e.message.splitlines()[0]})") from None
-
-
 class ScoreFile(ScoreBatch):
     """One examples file → one scores file: reads it in batches of ``batch_size``, scores each
     batch with one library call, writes ``(key, score)`` records to a temporary GZIP TFRecord file
@@ -141,7 +122,7 @@ class ScoreFile(ScoreBatch):
         tmp = os.path.join(tmp_dir, "scores.tfrecord.gz")
         n = 0
         with tf.io.TFRecordWriter(tmp, options="GZIP") as writer:
-            for records in _record_batches(path, self.batch_size, self.worker_threads):
+            for records in record_batches(path, self.batch_size, self.worker_threads):
                 try:
                     keys, scores = self.score(records, vector, file=path, start=n)
                 except ValueError as e:  # e.g. an example without the key feature: name the file
@@ -248,7 +229,7 @@ def resolve_spec(args) -> dict:
         raise IOError(f"No files found based on the file pattern {args.examples}")
     sample = None
     if not args.feature_spec:
-        sample = next(_record_batches(files[0], 1), [None])[0]
+        sample = next(record_batches(files[0], 1), [None])[0]
         if sample is None:
             raise ValueError(f"{files[0]}: no examples to read the features from")
     model = None if args.feature_spec else example_io.load_keras_model(args.model)

@@ -161,13 +161,11 @@ def split_keys(examples, split: str, key_feature: str | None) -> list:
     desc = f"Examples artifact {examples.uri}, split '{split}'"
     keys = []
     for f in split_files(examples, split):
-        start = 0
         try:
-            for records in tf.data.TFRecordDataset(f, compression_type="GZIP").batch(1024).as_numpy_iterator():
-                keys += example_io.batch_keys(list(records), key_feature, desc, file=f, start=start)
-                start += len(records)
-        except tf.errors.DataLossError as err:
-            raise ValueError(f"{desc}: corrupt TFRecord {f} ({err.message})") from None
+            for batch, _ in example_io.keyed_batches(f, key_feature, desc):
+                keys += batch
+        except IOError as err:                     # a corrupt file: named, with the artifact
+            raise ValueError(f"{desc}: {err}") from None
     return keys
 
 

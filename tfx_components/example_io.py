@@ -118,6 +118,34 @@ def batch_keys(records, key_feature: str | None, desc: str, file: str | None = N
     return [record_key(file or desc, start + i) for i in range(len(records))]
 
 
+def record_batches(path, batch_size, threads=None):
+    """Batches of a TFRecord file's serialized records (TensorFlow's C++ reader; GZIP by the
+    ``.gz`` / ``.gzip`` extension); a corrupt or truncated file fails naming the file.
+    ``threads``: the size of tf.data's own thread pool (which intra-op settings do not limit)."""
+    import tensorflow as tf
+    gz = path.endswith((".gz", ".gzip"))
+    try:
+        ds = tf.data.TFRecordDataset(path, compression_type="GZIP" if gz else "").batch(batch_size)
+        if threads:
+            opts = tf.data.Options()
+            opts.threading.private_threadpool_size = int(threads)
+            opts.threading.max_intra_op_parallelism = 1
+            ds = ds.with_options(opts)
+        for batch in ds.as_numpy_iterator():
+            yield list(batch)
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError, tf.errors.OutOfRangeError) as e:
+        raise IOError(f"reading {path}: corrupt or truncated TFRecord file ({e.message.splitlines()[0]})") from None
+
+
+def keyed_batches(path: str, key_feature: str | None, desc: str, batch_size: int = 1024):
+    """``(keys, records)`` of each batch of a TFRecord file, in order (:func:`record_batches`), the keys
+    as :func:`batch_keys` gives them: the key feature, or the file-and-position identity."""
+    start = 0
+    for records in record_batches(path, batch_size):
+        yield batch_keys(records, key_feature, desc, file=path, start=start), records
+        start += len(records)
+
+
 # --------------------------------------------------------------------------- decoding
 
 def decode_batch(records, spec, desc: str = "examples", file: str | None = None, start: int = 0):

@@ -45,12 +45,8 @@ class _KeyedRecords(beam.DoFn):
         self.key_feature, self.desc = key_feature, artifact_desc
 
     def process(self, path):
-        from tfx_components.beam_scoring import _record_batches
-        from tfx_components.example_io import batch_keys
-        start = 0
-        for records in _record_batches(path, 1024):
-            keys = batch_keys(records, self.key_feature, f"{self.desc}, file {path}", file=path, start=start)
-            start += len(records)
+        from tfx_components.example_io import keyed_batches
+        for keys, records in keyed_batches(path, self.key_feature, f"{self.desc}, file {path}"):
             yield from zip(keys, records)
 
 
