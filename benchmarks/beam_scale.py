@@ -51,7 +51,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from benchmarks.common import VERBOSE_HELP, parse_args, write_report
+from benchmarks.common import parse_args, write_report
 from tf_influence import console
 
 console.quiet_for_cli()
@@ -241,7 +241,7 @@ class BeamScaleBenchArgs:
         "help": "files of the largest corpus scored by 1 vs 2 plain processes (0: skip)"})
     work_dir: Optional[str] = field(default=None, metadata={
         "help": "corpora are kept here between runs (default: a temp dir)"})
-    verbose: bool = field(default=False, metadata={"help": VERBOSE_HELP})
+    verbose: bool = field(default=False, metadata={"help": console.VERBOSE_HELP})
 
 
 def main(argv=None):

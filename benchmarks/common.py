@@ -32,10 +32,6 @@ def write_report(out: dict, path: str, width: int = 45, indent: int = 2) -> None
         print(f"{k:{width}s} {val:.4g}" if isinstance(val, float) else f"{k:{width}s} {val}")
 
 
-#: ``--verbose`` of every benchmark (a field of its arguments dataclass)
-VERBOSE_HELP = "show third-party warnings and TensorFlow / Beam / TFX logs (hidden by default)"
-
-
 def parse_args(cls, argv, doc: str | None):
     """The benchmark's arguments dataclass ``cls`` from the command line: its flags are generated
     from the fields (``tf_influence.cli``, as every other command of the project), and a value the

@@ -21,7 +21,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from benchmarks.common import VERBOSE_HELP, median_seconds, parse_args, write_report
+from benchmarks.common import median_seconds, parse_args, write_report
+from tf_influence.console import VERBOSE_HELP
 
 
 @dataclass

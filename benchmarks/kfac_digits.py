@@ -19,7 +19,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from benchmarks.common import VERBOSE_HELP, parse_args
+from benchmarks.common import parse_args
+from tf_influence.console import VERBOSE_HELP
 
 
 @dataclass

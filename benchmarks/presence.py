@@ -17,7 +17,8 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from benchmarks.common import VERBOSE_HELP, median_seconds, parse_args, write_report
+from benchmarks.common import median_seconds, parse_args, write_report
+from tf_influence.console import VERBOSE_HELP
 
 
 @dataclass

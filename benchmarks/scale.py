@@ -44,7 +44,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 
-from benchmarks.common import VERBOSE_HELP, median_seconds, parse_args, write_report
+from benchmarks.common import median_seconds, parse_args, write_report
 from tf_influence import console
 
 console.quiet_for_cli()
@@ -102,7 +102,7 @@ class ScaleBenchArgs:
     cg_budget: int = field(default=200, metadata={"help": "the CG budget extrapolated to (library default)"})
     hessian_samples: int = field(default=1000, metadata={"help": "examples of the subsampled Hessian"})
     interleaved_rounds: int = field(default=9, metadata={"help": "alternating timing rounds"})
-    verbose: bool = field(default=False, metadata={"help": VERBOSE_HELP})
+    verbose: bool = field(default=False, metadata={"help": console.VERBOSE_HELP})
 
 
 def main(argv=None):

@@ -33,8 +33,7 @@ class DemoArgs:
     out: str = field(default="reports/demo", metadata={"help": "folder for scores.json and top_examples.png"})
     seed: int = field(default=0, metadata={
         "help": "seed of the data split, the models and the Hessian subsample (InfluenceArgs.seed)"})
-    verbose: bool = field(default=False, metadata={
-        "help": "show third-party warnings and TensorFlow logs (hidden by default)"})
+    verbose: bool = field(default=False, metadata={"help": console.VERBOSE_HELP})
 
 
 def parse(argv=None):

@@ -247,8 +247,7 @@ class PresenceTextArgs:
     quick: bool = field(default=False, metadata={"help": "reduced sizes (CI): checks the harness, not the numbers"})
     out: str = field(default="reports/presence", metadata={"help": "folder of the report"})
     progress: bool = field(default=True, metadata={"help": "progress bars"})
-    verbose: bool = field(default=False, metadata={
-        "help": "show third-party warnings and TensorFlow / Beam / TFX logs (hidden by default)"})
+    verbose: bool = field(default=False, metadata={"help": console.VERBOSE_HELP})
 
 
 def main(argv=None):

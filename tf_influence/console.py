@@ -60,10 +60,13 @@ def quiet_for_cli(argv=None) -> None:
     quiet(verbose="--verbose" in argv)
 
 
+#: the help of every command's ``--verbose`` (this flag, or a ``verbose`` field of a command's dataclass)
+VERBOSE_HELP = "show third-party warnings and TensorFlow / Beam / TFX logs (hidden by default)"
+
+
 def add_verbose_flag(parser) -> None:
     """``--verbose``: show every third-party warning and log line (see :func:`quiet`)."""
-    parser.add_argument("--verbose", action="store_true",
-                        help="show third-party warnings and TensorFlow / Beam / TFX logs (hidden by default)")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
 
 class redirect_output:

@@ -25,8 +25,7 @@ class PresenceLMArgs:
     parts: str = field(default=",".join(PARTS), metadata={
         "help": "comma-separated subset of main,side,corner to run; a subset only fills the run cache (results "
                 "are written when all parts are run)"})
-    verbose: bool = field(default=False, metadata={
-        "help": "show third-party warnings and TensorFlow / Beam / TFX logs (hidden by default)"})
+    verbose: bool = field(default=False, metadata={"help": console.VERBOSE_HELP})
 
 
 def main(argv=None):

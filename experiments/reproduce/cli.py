@@ -73,8 +73,7 @@ class ReproduceArgs:
     overrides: list = field(default_factory=list, metadata={
         "repeat": True, "flag": "set",
         "help": "FIELD=VALUE: override a ReproConfig field, e.g. --set case2_finetune_steps=1000 (repeatable)"})
-    verbose: bool = field(default=False, metadata={
-        "help": "show third-party warnings and TensorFlow / Beam / TFX logs (hidden by default)"})
+    verbose: bool = field(default=False, metadata={"help": console.VERBOSE_HELP})
 
 
 def main(argv=None):
