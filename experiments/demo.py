@@ -118,8 +118,8 @@ def main(argv=None):
                   f"predicted Δ test loss on removal {delta[i]:+.2e}")
     os.makedirs(demo.out, exist_ok=True)
     with open(os.path.join(demo.out, "scores.json"), "w") as fh:
-        json.dump({"case": case, "influence_args": influence_args.to_dict(), "scores": scores.tolist(), "solves": result.solves,
-                   "top_harmful": result.top_harmful(demo.top).tolist(),
+        json.dump({"case": case, "influence_args": influence_args.to_dict(), "scores": scores.tolist(),
+                   "solves": result.solves, "top_harmful": result.top_harmful(demo.top).tolist(),
                    "top_helpful": result.top_helpful(demo.top).tolist(), "seconds": result.seconds}, fh, indent=1)
     _plot(data, scores, result.top_harmful(demo.top), result.top_helpful(demo.top), cls,
           os.path.join(demo.out, "top_examples.png"))

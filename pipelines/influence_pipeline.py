@@ -42,6 +42,7 @@ def pipeline_influence_defaults() -> dict:
         "finetune_solver": tfi.SolverConfig("cg_squared", damping=tfi.DEFAULT_FINETUNE_DAMPING, dtype="float64"),
     }
 
+
 #: ``--quick`` (CI): CG iterations of both solves when the solver flags are not given
 QUICK_CG_ITERATIONS = 50
 
@@ -57,7 +58,6 @@ def pipeline_influence_args(quick: bool = False, pretrain_solver: str | None = N
     if pretrain_solver is not None:
         args = replace(args, pretrain_solver=replace(args.pretrain_solver, method=pretrain_solver))
     return args
-
 
 
 def create_pipeline(root: str, data_root: str, quick: bool = False, beam_args=None, drop_fraction: float = 0.1,
@@ -154,8 +154,7 @@ def main(argv=None):
     ap.add_argument("--data-dir", default=None, help="TFDS data dir for the embedded digits")
     add_arguments(ap, tfi.InfluenceArgs, title="the InfluenceScorer (InfluenceArgs; --pretrain-solver ekfac / kfac "
                                                 "adds a FactorFitter)",
-                  defaults={**pipeline_influence_defaults(), "pretrain_solver": preset.pretrain_solver,
-                            "finetune_solver": preset.finetune_solver})
+                  defaults={name: getattr(preset, name) for name in pipeline_influence_defaults()})
     console.add_verbose_flag(ap)
     args = ap.parse_args(argv)
     run = from_args(RunArgs, args, parser=ap)

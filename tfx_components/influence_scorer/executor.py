@@ -158,9 +158,6 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         if e.get("query_args"):
             from tf_influence.index import QueryArgs
             query = QueryArgs.from_json(e["query_args"])
-        elif e.get("index_top_k"):     # an execution recorded before query_args existed
-            from tf_influence.index import QueryArgs
-            query = QueryArgs(top_k=int(e["index_top_k"]))
         if index_art:
             # the corpus pass is replaced by queries against the GradientIndex (projected gradients)
             index_uri = artifact_utils.get_single_instance(index_art).uri
