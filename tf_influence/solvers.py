@@ -170,19 +170,28 @@ def _batched_cg(apply_A, R0, tol, max_iter, progress=None, max_restarts=3):
     return X, it, true_rel
 
 
+def _check_vectors(op, B, count: int, method: str, memory_budget) -> None:
+    """Refuse before iterating when ``count`` working ``[p, k]`` vectors exceed the memory budget."""
+    from .memory import vectors_plan
+    vectors_plan(int(B.shape[0]), int(B.shape[1]), count, f"{method} with {getattr(op, 'name', 'operator')}",
+                 B.dtype.size).check(memory_budget)
+
+
 def cg(op, b, damping: float = 0.0, tol: float = 1e-6, max_iter: int = 200, dtype=None,
-       on_nonconvergence: str = "warn", progress=None) -> SolveResult:
+       on_nonconvergence: str = "warn", progress=None, memory_budget=None) -> SolveResult:
     """Conjugate gradients on ``(H + λI) x = b`` for positive-definite ``H + λI``."""
     B, was_vector, apply, out_dtype = _prepare(op, b, dtype)
+    _check_vectors(op, B, 8, "cg", memory_budget)
     X, it, res = _batched_cg(lambda V: apply(V) + damping * V, B, tol, max_iter, progress)
     return _finish(X, was_vector, out_dtype, "cg", it, res, tol, damping, on_nonconvergence,
                    getattr(op, "name", "operator"))
 
 
 def cg_squared(op, b, damping: float = 0.0, tol: float = 1e-6, max_iter: int = 200, dtype=None,
-               on_nonconvergence: str = "warn", progress=None) -> SolveResult:
+               on_nonconvergence: str = "warn", progress=None, memory_budget=None) -> SolveResult:
     """The paper's eq. 16: CG on ``(H² + λI) x = H b``; works for indefinite symmetric ``H``."""
     B, was_vector, apply, out_dtype = _prepare(op, b, dtype)
+    _check_vectors(op, B, 10, "cg_squared", memory_budget)
     HB = apply(B)
     X, it, res = _batched_cg(lambda V: apply(apply(V)) + damping * V, HB, tol, max_iter, progress)
     return _finish(X, was_vector, out_dtype, "cg_squared", it, res, tol, damping, on_nonconvergence,
@@ -190,13 +199,15 @@ def cg_squared(op, b, damping: float = 0.0, tol: float = 1e-6, max_iter: int = 2
 
 
 def lissa(op, b, damping: float = 0.0, scale: float | None = None, tol: float = 1e-6, max_iter: int = 1000,
-          dtype=None, on_nonconvergence: str = "warn", progress=None, check_every: int = 10) -> SolveResult:
+          dtype=None, on_nonconvergence: str = "warn", progress=None, check_every: int = 10,
+          memory_budget=None) -> SolveResult:
     """LiSSA: ``x_{j+1} = b + (I − (H + λI)/s) x_j``, ``x = x_J / s``.
 
     Converges when ``0 < λ_min(H)+λ`` and ``λ_max(H)+λ < 2s``. ``scale=None`` estimates
     ``λ_max`` by 20 power iterations and uses ``s = 1.1 (λ_max + λ)``.
     """
     B, was_vector, apply, out_dtype = _prepare(op, b, dtype)
+    _check_vectors(op, B, 8, "lissa", memory_budget)
     A = lambda V: apply(V) + damping * V  # noqa: E731
     if scale is None:
         v = tf.random.stateless_normal([B.shape[0], 1], seed=[0, 1], dtype=B.dtype)
@@ -224,12 +235,16 @@ def lissa(op, b, damping: float = 0.0, scale: float | None = None, tol: float = 
 
 
 def dense(op, b, damping: float = 0.0, squared: bool = False, max_params: int = 4096, dtype=tf.float64,
-          on_nonconvergence: str = "warn", tol: float = 1e-6) -> SolveResult:
-    """Exact solve with the explicit matrix (``np.linalg.solve``); refuses above ``max_params``."""
+          on_nonconvergence: str = "warn", tol: float = 1e-6, memory_budget=None) -> SolveResult:
+    """Exact solve with the explicit matrix (``np.linalg.solve``); refuses above ``max_params``, and
+    before building the matrix when it does not fit ``memory_budget`` (:mod:`tf_influence.memory`)."""
     p = op.shape[0]
     if p > max_params:
         raise ValueError(f"dense solver refuses a {p}×{p} system (max_params={max_params}); "
                          "use solver='cg', 'cg_squared' or 'lissa'")
+    from .memory import dense_plan
+    dense_plan(int(p), 1 if tf.convert_to_tensor(b).shape.rank == 1 else int(b.shape[1]),
+               getattr(op, "name", "operator")).check(memory_budget)
     B, was_vector, _, out_dtype = _prepare(op, b, tf.float64)
     Hm = np.asarray(op.to_dense(max_params=max_params), dtype=np.float64)
     Hm = 0.5 * (Hm + Hm.T)
@@ -254,7 +269,8 @@ def dense(op, b, damping: float = 0.0, squared: bool = False, max_params: int = 
 
 def kronecker(op, b, damping: float = 0.0, kind: str = "ekfac", fisher: str = "true", relative_damping: float = 0.0,
               factors=None, seed: int = 0, progress=None, on_nonconvergence: str = "warn", tol: float = 0.0,
-              max_examples: int | None = None) -> SolveResult:
+              max_examples: int | None = None, dense_factor_max: int | None = None,
+              memory_budget=None) -> SolveResult:
     """(E)K-FAC: ``(F̂ + D + λ)⁻¹ b`` with Kronecker-factored curvature fitted on the operator's data
     (:mod:`tf_influence.kfac`); ``D`` = the exact L2-regulariser Hessian and the operator's extra
     diagonal, ``λ = damping + relative_damping × mean eigenvalue`` per block.
@@ -273,15 +289,20 @@ def kronecker(op, b, damping: float = 0.0, kind: str = "ekfac", fisher: str = "t
         factors = kfac.KFACFactors.load(factors)
     if factors is None:
         cache = op.__dict__.setdefault("kfac_factors", {})
-        key = (kind, fisher, seed, max_examples)
+        dense_factor_max = kfac.DENSE_FACTOR_MAX if dense_factor_max is None else dense_factor_max
+        key = (kind, fisher, seed, max_examples, dense_factor_max)
         if key not in cache:
             cache[key] = kfac.fit_factors(op.objective, op.dataset, op.rows, kind=kind, fisher=fisher, seed=seed,
                                           progress=progress is not None, name=f"dataset of {op.name}",
-                                          max_examples=max_examples)
+                                          max_examples=max_examples, dense_factor_max=dense_factor_max,
+                                          memory_budget=memory_budget)
         factors = cache[key]
+    b = tf.convert_to_tensor(b)
+    from .memory import vectors_plan
+    vectors_plan(int(op.shape[0]), 1 if b.shape.rank == 1 else int(b.shape[1]), 5,
+                 f"the {kind} inverse of {op.name}").check(memory_budget)
     inverse = kfac.KFACInverse(factors, model, op.rows, damping=damping, relative_damping=relative_damping,
                                extra_diagonal=op.extra_diagonal)
-    b = tf.convert_to_tensor(b)
     if not bool(tf.reduce_all(tf.math.is_finite(tf.cast(b, tf.float64)))):
         raise NonFiniteError(f"right-hand side of the {kind} solve with {op.name} has NaN/Inf")
     x = tf.cast(inverse(b), op.dtype)
@@ -289,6 +310,9 @@ def kronecker(op, b, damping: float = 0.0, kind: str = "ekfac", fisher: str = "t
     return SolveResult(x, kind, 0, np.full(k, np.nan), True, damping,
                        {"relative_damping": relative_damping, "fisher": factors.fisher, **factors.summary(),
                         "unmodelled_regularizers": inverse.unmodelled,
+                        "factor_sides": {k: [("diagonal" if not np.size(v["QA"]) else "dense"),
+                                             ("diagonal" if not np.size(v["QS"]) else "dense")]
+                                         for k, v in factors.blocks.items()},
                         "spectrum": (*inverse.spectrum(), kind)})
 
 
@@ -308,8 +332,9 @@ AUTO_DENSE_MAX = 2048
 AUTO_KRONECKER_MIN = AUTO_DENSE_MAX + 1
 
 
-def auto_choice(op, dense_max: int = AUTO_DENSE_MAX, kronecker_min: int | None = None) -> tuple:
-    """``(method, reason)`` that ``solver="auto"`` picks for ``op``.
+def auto_choice(op, dense_max: int = AUTO_DENSE_MAX, kronecker_min: int | None = None, memory_budget=None,
+                dense_factor_max: int | None = None, columns: int = 1) -> tuple:
+    """``(method, reason)`` that ``solver="auto"`` picks for ``op``, within ``memory_budget``.
 
     * ``p ≤ dense_max`` (finetuning heads, small models): ``dense_squared`` — the eq. 16 system
       ``(H² + λI) x = H b`` solved exactly from the explicit block (``⌈p/256⌉`` vectorised passes);
@@ -323,37 +348,74 @@ def auto_choice(op, dense_max: int = AUTO_DENSE_MAX, kronecker_min: int | None =
     ``kronecker_min`` defaults to ``dense_max + 1``, except on an operator that names a reason not to
     approximate it (its ``avoid_kronecker`` attribute — multi-stage influence sets it on the case-1
     finetuning head, whose inverse feeds a near-cancellation): there the default is never EK-FAC, and
-    an explicit ``kronecker_min`` still decides."""
+    an explicit ``kronecker_min`` still decides.
+
+    Memory (:mod:`tf_influence.memory`): a choice whose plan does not fit ``memory_budget`` (the
+    explicit matrix of ``dense_squared``, the EK-FAC factors with vocabulary-sized sides kept
+    diagonal above ``dense_factor_max``) is passed over for the next one, and the reason says so;
+    when nothing fits, :class:`~tf_influence.memory.MemoryBudgetError` is raised before any work."""
+    from .memory import MemoryBudgetError, dense_plan, factor_plan, human, resolve_budget, vectors_plan
+    budget = resolve_budget(memory_budget)
     avoid = getattr(op, "avoid_kronecker", None)
     p = int(op.shape[0])
+    notes = []
     if kronecker_min is None and avoid:
-        if p <= dense_max:
-            return "dense_squared", f"p = {p} ≤ {dense_max}: exact eq. 16 solve"
-        return "cg_squared", f"{dense_max} < p = {p}; not EK-FAC: {avoid}"
-    kronecker_min = dense_max + 1 if kronecker_min is None else kronecker_min
+        kronecker_min = None
+        allow_kronecker = False
+    else:
+        kronecker_min = dense_max + 1 if kronecker_min is None else kronecker_min
+        allow_kronecker = True
     kfac_ok = getattr(op, "rows", None) is not None and getattr(op, "objective", None) is not None and \
         op.rows.variables == op.cols.variables
     if p <= dense_max:
-        return "dense_squared", f"p = {p} ≤ {dense_max}: exact eq. 16 solve"
-    if p >= kronecker_min and kfac_ok:
-        return "ekfac", f"p = {p} ≥ {kronecker_min}: Kronecker-factored curvature"
-    return "cg_squared", f"{dense_max} < p = {p}" + (f" < {kronecker_min}" if kfac_ok else " (no model block for EK-FAC)")
+        plan = dense_plan(p, columns, getattr(op, "name", "operator"))
+        if plan.total <= budget:
+            return "dense_squared", f"p = {p} ≤ {dense_max}: exact eq. 16 solve"
+        notes.append(f"the explicit {p}×{p} system needs {human(plan.total)} > budget {human(budget)}")
+    if allow_kronecker and p >= kronecker_min and kfac_ok:
+        from .kfac import DENSE_FACTOR_MAX, FactorStatistics
+        stats = FactorStatistics(op.objective, op.rows,
+                                 dense_factor_max=DENSE_FACTOR_MAX if dense_factor_max is None else dense_factor_max)
+        plan = factor_plan(stats, op.dataset)
+        if plan.total <= budget:
+            diag = [b.name for b in stats.blocks if (b.diag_in and b.kind != "embedding") or b.diag_out]
+            return "ekfac", (f"p = {p} ≥ {kronecker_min}: Kronecker-factored curvature (factors {human(plan.total)})"
+                             + (f"; vocabulary-sized sides kept diagonal: {diag}" if diag else ""))
+        notes.append(f"EK-FAC factors need {human(plan.total)} > budget {human(budget)} "
+                     f"(largest: {plan.largest(1)[0].name} {human(plan.largest(1)[0].nbytes)})")
+    plan = vectors_plan(p, columns, 10, f"cg_squared with {getattr(op, 'name', 'operator')}", 8)
+    if plan.total > budget:
+        raise MemoryBudgetError(plan.message(budget) + (" — and " + "; ".join(notes) if notes else ""), plan, budget)
+    if not allow_kronecker and p > dense_max:
+        reason = f"{dense_max} < p = {p}; not EK-FAC: {avoid}"
+    elif not kfac_ok or not allow_kronecker or p < kronecker_min:
+        reason = f"{dense_max} < p = {p}" + (f" < {kronecker_min}" if kfac_ok and allow_kronecker else
+                                              "" if allow_kronecker else "") + ("" if kfac_ok else " (no model block for EK-FAC)")
+    else:
+        reason = f"p = {p}"
+    if p <= dense_max and notes:
+        reason = f"p = {p}"
+    return "cg_squared", reason + ("; " + "; ".join(notes) if notes else "")
 
 
 def auto(op, b, damping: float = 0.0, tol: float = 1e-5, max_iter: int = 200, dtype=None,
          on_nonconvergence: str = "warn", progress=None, dense_max: int = AUTO_DENSE_MAX,
          kronecker_min: int | None = None, fisher: str = "true", relative_damping: float = 0.0, factors=None,
-         max_examples: int | None = None, seed: int = 0) -> SolveResult:
-    """Pick the solver by the size of the system (:func:`auto_choice`) and run it; the result's
-    ``method`` is the solver that ran and ``extra["auto"]`` says why. ``fisher``, ``relative_damping``,
-    ``factors``, ``max_examples`` and ``seed`` go to EK-FAC when it is chosen."""
-    method, reason = auto_choice(op, dense_max, kronecker_min)
-    common = dict(damping=damping, tol=tol, on_nonconvergence=on_nonconvergence)
+         max_examples: int | None = None, seed: int = 0, dense_factor_max: int | None = None,
+         memory_budget=None) -> SolveResult:
+    """Pick the solver by the size of the system and the memory budget (:func:`auto_choice`) and run
+    it; the result's ``method`` is the solver that ran and ``extra["auto"]`` says why. ``fisher``,
+    ``relative_damping``, ``factors``, ``max_examples``, ``seed`` and ``dense_factor_max`` go to EK-FAC
+    when it is chosen."""
+    columns = 1 if tf.convert_to_tensor(b).shape.rank == 1 else int(b.shape[1])
+    method, reason = auto_choice(op, dense_max, kronecker_min, memory_budget, dense_factor_max, columns)
+    common = dict(damping=damping, tol=tol, on_nonconvergence=on_nonconvergence, memory_budget=memory_budget)
     if method == "dense_squared":
         res = dense(op, b, squared=True, max_params=max(dense_max, int(op.shape[0])), **common)
     elif method == "ekfac":
         res = kronecker(op, b, kind="ekfac", progress=progress, fisher=fisher, relative_damping=relative_damping,
-                        factors=factors, max_examples=max_examples, seed=seed, **common)
+                        factors=factors, max_examples=max_examples, seed=seed, dense_factor_max=dense_factor_max,
+                        **common)
     else:
         res = cg_squared(op, b, max_iter=max_iter, dtype=dtype, progress=progress, **common)
     res.extra["auto"] = {"chose": method, "why": reason}
@@ -378,9 +440,9 @@ DEFAULT_PRETRAIN_DAMPING = 1e-3
 #: short of convergence have near-zero and negative eigenvalues that a tiny damping amplifies.
 DEFAULT_FINETUNE_DAMPING = 1e-3
 
-_COMMON = ("damping", "tol", "on_nonconvergence")
+_COMMON = ("damping", "tol", "on_nonconvergence", "memory_budget")
 _ITERATIVE = _COMMON + ("max_iter", "dtype")
-_KRONECKER = _COMMON + ("fisher", "relative_damping", "factors", "max_examples", "seed")
+_KRONECKER = _COMMON + ("fisher", "relative_damping", "factors", "max_examples", "seed", "dense_factor_max")
 #: The :class:`SolverConfig` fields each solver reads (beside ``method`` and ``curvature_iterations``).
 SOLVER_FIELDS = {
     "cg": _ITERATIVE, "cg_squared": _ITERATIVE, "lissa": _ITERATIVE + ("scale",),
@@ -433,6 +495,14 @@ class SolverConfig(JsonConfig):
     dense_max: int = field(default=2048, metadata={"help": "auto: dense eq. 16 solve up to this many parameters"})
     kronecker_min: int | None = field(default=None, metadata={
         "help": "auto: EK-FAC from this many parameters (None: dense_max + 1)"})
+    dense_factor_max: int | None = field(default=None, metadata={
+        "help": "ekfac / kfac / auto: a Kronecker factor side larger than this (a vocabulary) is kept diagonal "
+                "instead of a dense covariance and eigendecomposition (None: tf_influence.kfac.DENSE_FACTOR_MAX, "
+                "4,096)"})
+    memory_budget: object = field(default=None, metadata={
+        "help": "memory the solve may allocate: bytes, '8GB', or a fraction of the available memory (None: "
+                "70 % of it, or $TF_INFLUENCE_MEMORY_BUDGET); a solve whose plan exceeds it is refused before "
+                "it starts, and auto chooses within it"})
     #: Deprecated (0.2): the typed fields above. Known keys are moved onto them with a
     #: ``DeprecationWarning``; an unknown key raises.
     options: dict = field(default_factory=dict, metadata={"help": "deprecated: use the typed fields"})
@@ -462,6 +532,10 @@ class SolverConfig(JsonConfig):
             raise ValueError(f"fisher must be 'true' or 'empirical', got '{self.fisher}'")
         if self.max_examples is not None and self.max_examples < 1:
             raise ValueError(f"max_examples must be a positive number of examples, got {self.max_examples}")
+        if self.dense_factor_max is not None and int(self.dense_factor_max) < 1:
+            raise ValueError(f"dense_factor_max must be ≥ 1 or None, got {self.dense_factor_max}")
+        from .memory import check_budget_value
+        check_budget_value(self.memory_budget)
         defaults = _defaults()
         reads = SOLVER_FIELDS[self.method]
         for name in _OPTION_FIELDS:  # max_iter / dtype / tol are shared; the solver-specific ones must apply
@@ -499,7 +573,7 @@ def _saved_kind(directory: str) -> str:
 
 
 _OPTION_FIELDS = ("scale", "max_params", "fisher", "relative_damping", "factors", "max_examples", "seed",
-                  "dense_max", "kronecker_min")
+                  "dense_max", "kronecker_min", "dense_factor_max", "memory_budget")
 
 
 def _defaults() -> dict:

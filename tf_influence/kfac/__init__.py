@@ -17,6 +17,12 @@ Per layer (Martens & Grosse 2015; George et al. 2018 for the eigenvalue correcti
 
   For ``Embedding`` ``a`` is the one-hot token, so ``A`` is diagonal (token frequencies) and is
   never materialised as a dense ``[vocab, vocab]`` matrix's eigendecomposition.
+* vocabulary-sized sides (more than ``dense_factor_max`` = :data:`DENSE_FACTOR_MAX` entries: the
+  logits side of a tied ``ReversibleEmbedding``, of an untied ``reverse_embeddings`` or of a
+  ``Dense(vocab)`` head) are kept **diagonal** too — ``diag(Σ a²)`` / ``diag(Σ g²)`` with the identity
+  as eigenbasis — and EK-FAC's correction then fits the exact Fisher diagonal in the basis
+  ``I ⊗ Q_S`` (or ``Q_A ⊗ I``); smaller sides are dense exactly as before, so small vocabularies give
+  the same numbers. Why diagonal and what it costs: ``docs/guides/ekfac.md``.
 * ``kind="kfac"``: eigenvalues of the block are ``λ_A ⊗ λ_S``;
   ``kind="ekfac"``: the eigenbasis of ``A ⊗ S`` is kept and the eigenvalues are refit in a second
   pass, ``Λ_ij = 1/N Σ_n ((Q_Aᵀ G_n Q_S)_ij)²`` — the exact diagonal of the Fisher in that basis.
@@ -44,11 +50,12 @@ which use the same capture, live in :mod:`tf_influence.ghost_norms`.
 from .blocks import kronecker_blocks, norm_blocks
 from .factors import FISHERS, KINDS, KFACFactors
 from .inverse import KFACInverse, regularizer_diagonal
-from .statistics import CORRECTION_SEED_OFFSET, FactorStatistics, add_statistics, eigenbases, fit_factors
+from .statistics import (CORRECTION_SEED_OFFSET, DENSE_FACTOR_MAX, FactorStatistics, add_statistics, eigenbases,
+                         fit_factors)
 
 __all__ = ["FactorStatistics", "GhostNorms", "KFACFactors", "KFACInverse", "add_statistics", "eigenbases",
            "fit_factors", "kronecker_blocks", "norm_blocks", "regularizer_diagonal", "KINDS", "FISHERS",
-           "CORRECTION_SEED_OFFSET"]
+           "CORRECTION_SEED_OFFSET", "DENSE_FACTOR_MAX"]
 
 
 def __getattr__(name):

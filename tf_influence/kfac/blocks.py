@@ -79,6 +79,32 @@ class _Block:
             self.k_shape = [int(s) for s in kernel.shape]
         self.rows = self.d_in + (1 if bias is not None else 0)
         self.variables = [kernel] + ([bias] if bias is not None else [])
+        # which sides of the Kronecker factor A ⊗ S are kept diagonal (identity eigenbasis) instead of a
+        # dense covariance and its eigendecomposition: an Embedding's token side always (it *is* diagonal);
+        # vocabulary-sized sides of output projections when FactorStatistics says so (see set_sides)
+        self.diag_in, self.diag_out = kind == "embedding", False
+
+    def set_sides(self, dense_factor_max: int | None):
+        """Keep a side diagonal when it has more than ``dense_factor_max`` entries (a vocabulary:
+        GPT-2's tied ``[50257, d]`` table, an untied ``Dense(vocab)`` head); ``None``: every side dense
+        but an ``Embedding``'s token side. Returns the block."""
+        limit = float("inf") if dense_factor_max is None else int(dense_factor_max)
+        self.diag_in = self.kind == "embedding" or self.rows > limit
+        self.diag_out = self.d_out > limit
+        return self
+
+    def sparse_pairs(self, inputs, g, reverse: bool):
+        """``(a, g, ids)``: like :meth:`pairs`, but a token lookup (an ``Embedding``, a tied table's
+        forward call) gives its token ids ``[B, P]`` with ``ids=True`` instead of one-hot rows — what
+        a diagonal token side needs (``Σ_t e_t e_tᵀ`` is the token counts) without a ``[B, P, vocab]``
+        tensor."""
+        if self.kind == "embedding":
+            return self.activations(inputs), self.out_grads(g), True
+        if self.kind == "tied" and not reverse:
+            n = tf.shape(g)[0]
+            return tf.reshape(tf.cast(inputs, tf.int32), [n, -1]), tf.reshape(g, [n, -1, self.d_out]), True
+        a, gg = self.pairs(inputs, g, reverse)
+        return a, gg, False
 
     # activations and output gradients as [B, P, d] -------------------------------------------
     def _patches(self, inputs):

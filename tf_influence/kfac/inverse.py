@@ -60,13 +60,16 @@ class KFACInverse:
         for b in self.blocks:
             f = factors.blocks[b.name]
             D = b.to_matrix([tf.constant(diag_parts[index[id(tf_variable(x))]]) for x in b.variables]).numpy()
-            QS2 = f["QS"] ** 2
-            projected = (D @ QS2) if b.kind == "embedding" else (f["QA"] ** 2).T @ D @ QS2
+            # an empty Q is the identity: a side kept diagonal (tokens, a vocabulary)
+            QA = f["QA"] if np.size(f["QA"]) else None
+            QS = f["QS"] if np.size(f["QS"]) else None
+            projected = D if QA is None else (QA ** 2).T @ D
+            projected = projected if QS is None else projected @ (QS ** 2)
             lam = damping + relative_damping * float(np.mean(f["eig"]))
             self._curvature.append(f["eig"] + projected)
             self.denominators[b.name] = tf.constant(f["eig"] + projected + lam)
-            b.QA = None if b.kind == "embedding" else tf.constant(f["QA"])
-            b.QS = tf.constant(f["QS"])
+            b.QA = None if QA is None else tf.constant(QA)
+            b.QS = None if QS is None else tf.constant(QS)
         self.diag = {}
         for v in group.variables:
             path = getattr(v, "path", tf_variable(v).name)
@@ -96,12 +99,11 @@ class KFACInverse:
         for b in self.blocks:
             idx = [self.index[id(tf_variable(x))] for x in b.variables]
             m = b.to_matrix([per_var[i] for i in idx])              # [k, rows, d_out]
-            if b.kind == "embedding":
-                r = tf.einsum("kro,oc->krc", m, b.QS) / self.denominators[b.name]
-                m = tf.einsum("krc,oc->kro", r, b.QS)
-            else:
-                r = tf.einsum("ra,kro,oc->kac", b.QA, m, b.QS) / self.denominators[b.name]
-                m = tf.einsum("ra,kac,oc->kro", b.QA, r, b.QS)
+            r = m if b.QA is None else tf.einsum("ra,kro->kao", b.QA, m)
+            r = r if b.QS is None else tf.einsum("kao,oc->kac", r, b.QS)
+            r = r / self.denominators[b.name]
+            r = r if b.QS is None else tf.einsum("kac,oc->kao", r, b.QS)
+            m = r if b.QA is None else tf.einsum("ra,kao->kro", b.QA, r)
             for i, piece in zip(idx, b.from_matrix(m)):
                 out[i] = piece
         for i, v in enumerate(self.group.variables):

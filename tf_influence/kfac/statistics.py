@@ -41,6 +41,39 @@ def _sample_labels(loss, y_pred, y, fisher: str, seed):
     return tf.cast(tf.reshape(sample, tf.shape(logits)[:-1]), y.dtype)
 
 
+#: Largest factor side (rows of ``A``, or ``d_out`` of ``S``) kept as a dense covariance with a dense
+#: eigendecomposition; a larger side — a vocabulary: GPT-2's 50,257-token tied table, BERT's or Llama's
+#: ``Dense(vocab)`` head — is kept diagonal (``docs/guides/ekfac.md``). A ``[4096, 4096]`` float64 factor is
+#: 128 MB and its ``eigh`` takes seconds; GPT-2's would be 20 GB and 10¹⁴ flops.
+DENSE_FACTOR_MAX = 4096
+
+#: Blocks whose one-example ``G_n`` has at most this many entries get their EK-FAC correction from a
+#: batch of ``G_n`` at once; larger ones (vocabulary-sized) one example at a time.
+PER_EXAMPLE_BATCHED_MAX = 1 << 21
+
+
+def _token_rows(ids, gq, rows):
+    """``[B, rows, d]``: per example, ``Σ_{t: token v} gq_t`` in row ``v`` (small ``rows`` only)."""
+    n = tf.shape(ids)[0]
+    seg = tf.reshape(tf.cast(ids, tf.int32) + tf.range(n)[:, None] * rows, [-1])
+    d = tf.shape(gq)[-1]
+    out = tf.math.unsorted_segment_sum(tf.reshape(gq, [-1, d]), seg, n * rows)
+    return tf.reshape(out, [n, rows, d])
+
+
+def _token_rows_squared(ids, gq, rows, dtype):
+    """``Σ_n (G_n)²`` for token lookups, ``G_n`` row ``v`` = ``Σ_{t: token v} gq_t``: only the
+    (example, token) pairs present in the batch have non-zero rows — sum over those (≤ B·P of them,
+    not B·vocabulary), square, then add up by token."""
+    d = tf.shape(gq)[-1]
+    n = tf.shape(ids)[0]
+    pairs = tf.reshape(tf.cast(ids, tf.int64) + tf.range(tf.cast(n, tf.int64))[:, None] * rows, [-1])
+    present, idx = tf.unique(pairs)
+    summed = tf.math.unsorted_segment_sum(tf.reshape(gq, [-1, d]), idx, tf.size(present))
+    token = tf.cast(present % rows, tf.int32)
+    return tf.cast(tf.math.unsorted_segment_sum(tf.square(summed), token, rows), dtype)
+
+
 # -- the factors ---------------------------------------------------------------------------------
 
 class FactorStatistics:
@@ -61,14 +94,19 @@ class FactorStatistics:
     """
 
     def __init__(self, objective, group: ParameterGroup, kind: str = "ekfac", fisher: str = "true",
-                 seed: int = 0, strategy=None):
+                 seed: int = 0, strategy=None, dense_factor_max: int | None = DENSE_FACTOR_MAX):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got '{kind}'")
         if fisher not in FISHERS:
             raise ValueError(f"fisher must be one of {FISHERS}, got '{fisher}'")
+        if dense_factor_max is not None and int(dense_factor_max) < 1:
+            raise ValueError(f"dense_factor_max must be ≥ 1 or None, got {dense_factor_max}")
         self.objective, self.group, self.kind, self.fisher = objective, group, kind, fisher
         self.seed, self.strategy = int(seed), strategy
+        self.dense_factor_max = dense_factor_max
         self.blocks, self.diag_vars = kronecker_blocks(objective.model, group)
+        for b in self.blocks:
+            b.set_sides(dense_factor_max)
         self.norms, self.rest = norm_blocks(objective.model, self.diag_vars)
         # per-batch products in the model's precision (float32 models: 2–4× faster einsums on the
         # big layers), sums accumulated in float64
@@ -76,9 +114,15 @@ class FactorStatistics:
         self._stats = function(self._stats_fn, reduce_retracing=True)
         self._correction = function(self._correction_fn, reduce_retracing=True)
 
+    def sides(self) -> dict:
+        """``{block: {"in": "dense" | "diagonal", "out": …, "rows", "d_out"}}``: how each factor side is kept."""
+        return {b.name: {"in": "diagonal" if b.diag_in else "dense", "out": "diagonal" if b.diag_out else "dense",
+                         "rows": b.rows, "d_out": b.d_out} for b in self.blocks}
+
     # -- compiled per-batch kernels ---------------------------------------------------------------
     def _forward(self, x, y, step, with_norms=False):
-        """Kronecker blocks' ``(activations, output gradients)`` per call, the sampled labels, and
+        """Kronecker blocks' ``(activations, output gradients, ids)`` per call (``ids``: the
+        activations are token ids, :meth:`_Block.sparse_pairs`), the sampled labels, and
         (``with_norms``) the captured ``LayerNormalization`` records with their output gradients."""
         model, objective = self.objective.model, self.objective
         layers = self.blocks + (self.norms if with_norms else [])
@@ -95,8 +139,8 @@ class FactorStatistics:
         for b in self.blocks:
             res[b.name] = []
             for (inp, _), g, rev in zip(records[b.name], grads[b.name], modes[b.name]):
-                a, gg = b.pairs(inp, g, rev)
-                res[b.name].append((a, tf.cast(gg, self.compute)))
+                a, gg, ids = b.sparse_pairs(inp, g, rev)
+                res[b.name].append((a, tf.cast(gg, self.compute), ids))
         if with_norms:
             return res, ys, (records, grads, cap.options)
         return res, ys
@@ -106,18 +150,21 @@ class FactorStatistics:
         res, ys, (records, layer_grads, options) = self._forward(x, y, step, with_norms=True)
         out = {}
         for b in self.blocks:
-            A = tf.zeros([b.rows] if b.kind == "embedding" else [b.rows, b.rows], dtype)
-            S = tf.zeros([b.d_out, b.d_out], dtype)
+            A = tf.zeros([b.rows] if b.diag_in else [b.rows, b.rows], dtype)
+            S = tf.zeros([b.d_out] if b.diag_out else [b.d_out, b.d_out], dtype)
             tokens = tf.constant(0.0, dtype)
-            for a, g in res[b.name]:
-                if b.kind == "embedding":
-                    ids = tf.reshape(a, [-1])
-                    A += tf.math.unsorted_segment_sum(tf.ones_like(ids, dtype), ids, b.rows)
+            for a, g, ids in res[b.name]:
+                if ids:   # one-hot tokens: Σ_t e_t e_tᵀ is the diagonal of token counts
+                    flat = tf.reshape(a, [-1])
+                    counts = tf.math.unsorted_segment_sum(tf.ones_like(flat, dtype), flat, b.rows)
+                    A += counts if b.diag_in else tf.linalg.diag(counts)
                 else:
                     a = tf.cast(a, self.compute)
-                    A += tf.cast(tf.einsum("bpi,bpj->ij", a, a), dtype)
+                    A += tf.cast(tf.reduce_sum(tf.square(a), axis=[0, 1]) if b.diag_in
+                                 else tf.einsum("bpi,bpj->ij", a, a), dtype)
                 tokens += tf.cast(tf.shape(g)[0] * tf.shape(g)[1], dtype)
-                S += tf.cast(tf.einsum("bpi,bpj->ij", g, g), dtype)
+                S += tf.cast(tf.reduce_sum(tf.square(g), axis=[0, 1]) if b.diag_out
+                             else tf.einsum("bpi,bpj->ij", g, g), dtype)
             out[b.name] = (A, S, tokens)
         sq = _diagonal_squares(self.objective, self.norms, records, layer_grads, self.rest, x, ys, dtype, options)
         diag = [sq[id(tf_variable(v))] for v in self.diag_vars]
@@ -128,30 +175,44 @@ class FactorStatistics:
         res, _ = self._forward(x, y, step)
         out = {}
         for b in self.blocks:
-            QA, QS = (tf.cast(q, self.compute) for q in bases[b.name])
+            QA, QS = (None if side else tf.cast(q, self.compute)
+                      for side, q in zip((b.diag_in, b.diag_out), bases[b.name]))
             lam = tf.zeros([b.rows, b.d_out], dtype)
             if not res[b.name]:       # a block the loss never calls: no gradient, zero eigenvalues
                 out[b.name] = lam
                 continue
             # G_n sums over every call of the layer in the forward pass (a tied ReversibleEmbedding:
-            # its lookup and its output projection), so the calls are joined along the positions
-            # before the square — squaring per call would drop the cross terms between calls
-            a = tf.concat([tf.cast(r[0], tf.int32) if b.kind == "embedding" else tf.cast(r[0], self.compute)
-                           for r in res[b.name]], axis=1)
-            g = tf.concat([r[1] for r in res[b.name]], axis=1)
-            gq = tf.einsum("bpo,oc->bpc", g, QS)
-            if b.kind == "embedding":  # G_n Q_S row v = Σ_{t: token v} (g_t Q_S)
-                # only the (example, token) pairs present in the batch have non-zero rows: sum
-                # over those (≤ B·P of them, not B·vocabulary), square, then add up by token
-                n = tf.shape(a)[0]
-                pairs = tf.reshape(tf.cast(a, tf.int64) + tf.range(tf.cast(n, tf.int64))[:, None] * b.rows, [-1])
-                present, idx = tf.unique(pairs)
-                rows = tf.math.unsorted_segment_sum(tf.reshape(gq, [-1, b.d_out]), idx, tf.size(present))
-                token = tf.cast(present % b.rows, tf.int32)
-                lam += tf.cast(tf.math.unsorted_segment_sum(tf.square(rows), token, b.rows), dtype)
+            # its lookup and its output projection): the calls are summed per example before the
+            # square — squaring per call would drop the cross terms between calls
+            dense, sparse = [], []
+            for a, g, ids in res[b.name]:
+                gq = g if QS is None else tf.einsum("bpo,oc->bpc", g, QS)
+                if ids and QA is None:
+                    sparse.append((a, gq))
+                elif ids:                 # one-hot rows times Q_A: the rows of Q_A
+                    dense.append((tf.gather(QA, a), gq))
+                else:
+                    a = tf.cast(a, self.compute)
+                    dense.append((a if QA is None else tf.einsum("bpi,ia->bpa", a, QA), gq))
+            if not dense:             # token lookups only (an Embedding): sparse rows
+                a = tf.concat([p[0] for p in sparse], axis=1)
+                gq = tf.concat([p[1] for p in sparse], axis=1)
+                lam += _token_rows_squared(a, gq, b.rows, dtype)
+            elif b.rows * b.d_out <= PER_EXAMPLE_BATCHED_MAX:
+                M = tf.add_n([tf.einsum("bpa,bpc->bac", aq, gq) for aq, gq in dense])
+                for ids_, gq in sparse:
+                    M += _token_rows(ids_, gq, b.rows)
+                lam += tf.cast(tf.reduce_sum(tf.square(M), axis=0), dtype)
             else:
-                aq = tf.einsum("bpi,ia->bpa", a, QA)
-                lam += tf.cast(tf.reduce_sum(tf.square(tf.einsum("bpa,bpc->bac", aq, gq)), axis=0), dtype)
+                # a vocabulary-sized block (GPT-2's tied table: [50257, d]): one example's G_n at a time,
+                # so the per-batch memory is one [rows, d_out] matrix, not a batch of them
+                def one(acc, i, dense=dense, sparse=sparse, rows=b.rows):
+                    M = tf.add_n([tf.matmul(aq[i], gq[i], transpose_a=True) for aq, gq in dense])
+                    for ids_, gq in sparse:
+                        M = tf.tensor_scatter_nd_add(M, tf.reshape(ids_[i], [-1, 1]), gq[i])
+                    return acc + tf.cast(tf.square(M), dtype)
+                n = tf.shape(dense[0][1])[0]
+                lam = tf.foldl(one, tf.range(n), initializer=lam, parallel_iterations=1)
             out[b.name] = lam
         return out
 
@@ -196,8 +257,9 @@ class FactorStatistics:
 
 def eigenbases(sums: dict) -> dict:
     """Pass-1 sums of :class:`FactorStatistics` → ``{block: {"QA", "QS", "eig"}}`` with the K-FAC
-    eigenvalues ``λ_A ⊗ λ_S`` (an ``Embedding`` block's ``A`` is diagonal: its ``QA`` is empty and
-    its eigenvalues are the token frequencies). Needs only the sums, not the model."""
+    eigenvalues ``λ_A ⊗ λ_S``. A side kept diagonal (an ``Embedding``'s tokens, a vocabulary-sized side:
+    :data:`DENSE_FACTOR_MAX`) has an empty ``Q`` (the identity) and its diagonal as eigenvalues.
+    Needs only the sums, not the model."""
     n = sums["n"]
     if n == 0:
         from ..objective import EmptyDatasetError
@@ -206,11 +268,9 @@ def eigenbases(sums: dict) -> dict:
     for name, (A, S, tokens) in sums["blocks"].items():
         A = A / max(float(tokens), 1.0)   # a block its loss never calls (an unused reverse projection): zeros
         S = S / n
-        eS, QS = np.linalg.eigh(0.5 * (S + S.T))
-        if A.ndim == 1:  # Embedding
-            eA, QA = A, np.zeros((0, 0))
-        else:
-            eA, QA = np.linalg.eigh(0.5 * (A + A.T))
+        # a diagonal side (token counts, a vocabulary): identity eigenbasis, stored as an empty Q
+        eS, QS = (S, np.zeros((0, 0))) if S.ndim == 1 else np.linalg.eigh(0.5 * (S + S.T))
+        eA, QA = (A, np.zeros((0, 0))) if A.ndim == 1 else np.linalg.eigh(0.5 * (A + A.T))
         fitted[name] = {"QA": QA, "QS": QS, "eig": np.outer(np.maximum(eA, 0), np.maximum(eS, 0))}
     return fitted
 
@@ -236,7 +296,8 @@ def _global_batch_size(y, strategy) -> int:
 
 def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", fisher: str = "true",
                 seed: int = 0, progress: bool = False, name: str = "dataset", strategy=None,
-                max_examples: int | None = None) -> KFACFactors:
+                max_examples: int | None = None, dense_factor_max: int | None = DENSE_FACTOR_MAX,
+                memory_budget=None) -> KFACFactors:
     """Fit (E)K-FAC factors of ``objective`` on ``dataset`` for ``group`` (one pass, two for EK-FAC).
 
     The passes are :class:`FactorStatistics`' steps, summed batch by batch in bounded memory (the
@@ -245,6 +306,11 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
     eigenvalue sums) of its share of every global batch and the sums are all-reduced: the factors
     equal the single-device ones (tested with MirroredStrategy on two logical CPUs; with
     ``fisher="true"`` each replica draws its own labels, an equally valid Monte Carlo sample).
+
+    ``dense_factor_max``: a factor side larger than this (a vocabulary) is kept diagonal
+    (:data:`DENSE_FACTOR_MAX`); ``memory_budget``: bytes, a fraction of the available memory, or a
+    string such as ``"8GB"`` (default: :func:`tf_influence.memory.default_budget`) — the factors'
+    memory plan is checked against it before the first pass (:class:`~tf_influence.memory.MemoryBudgetError`).
 
     ``max_examples``: fit both passes on the dataset's first ``max_examples`` examples only (shuffle
     it first), as kronfluence's ``covariance_max_examples`` / ``lambda_max_examples`` (its default:
@@ -256,8 +322,10 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
     >>> factors = fit_factors(Objective(model), train_ds, ParameterGroup.from_model(model))  # doctest: +SKIP
     >>> factors.summary()["diagonal_variables"]      # what has no Kronecker block  # doctest: +SKIP
     """
-    stats = FactorStatistics(objective, group, kind, fisher, seed, strategy)
+    stats = FactorStatistics(objective, group, kind, fisher, seed, strategy, dense_factor_max)
     model = objective.model
+    from ..memory import factor_plan
+    factor_plan(stats, dataset).check(memory_budget)   # refuse before any pass
     if max_examples is not None and int(max_examples) < 1:
         raise ValueError(f"max_examples must be a positive number of examples, got {max_examples}")
 

@@ -1,0 +1,298 @@
+"""Memory plans: what a computation will allocate, checked against a budget *before* it starts.
+
+At the sizes users bring (GPT-2's 50,257-token vocabulary, BERT base, a 100 M-parameter Llama) the
+difference between a request that fits and one that does not is a single dense ``[vocab, vocab]``
+matrix (20 GB in float64). A :class:`MemoryPlan` lists the large allocations of one step — fitted
+factors and eigenbases, dense Hessian blocks, per-example gradient buffers, projections, index
+shards — each with its size, and :meth:`MemoryPlan.check` raises :class:`MemoryBudgetError` naming
+the largest items and the options *before* any work is done. Never an out-of-memory error after
+minutes, never a process killed by the kernel.
+
+The budget (``memory_budget`` in :class:`~tf_influence.solvers.SolverConfig`,
+:class:`~tf_influence.influence.InfluenceArgs`, :class:`~tf_influence.analyzer.FactorArgs`, …) is
+read by :func:`resolve_budget`:
+
+* ``None`` — :data:`DEFAULT_FRACTION` of the memory available now (``MemAvailable``, or the cgroup's
+  limit less its usage when that is smaller), or the environment variable
+  ``TF_INFLUENCE_MEMORY_BUDGET`` when it is set;
+* a float in ``(0, 1]`` — that fraction of the available memory;
+* a number of bytes, or a string ``"8GB"`` / ``"512MB"`` / ``"1.5GiB"``.
+
+Plans estimate what a step adds to the process, not what it holds already (the model, the
+runtime): the available memory already excludes that.
+
+>>> plan = MemoryPlan("EK-FAC factors").add("dense A of 'token_embedding'", 50257 ** 2 * 8, "[50257, 50257] float64")
+>>> plan.fits("4GB")
+False
+>>> plan.check("4GB")
+Traceback (most recent call last):
+...
+tf_influence.memory.MemoryBudgetError: EK-FAC factors need 20.2 GB, over the memory budget of 4.0 GB: dense A of 'token_embedding' 20.2 GB ([50257, 50257] float64)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+#: Fraction of the memory available at the check that a plan may use by default.
+DEFAULT_FRACTION = 0.7
+ENV_VAR = "TF_INFLUENCE_MEMORY_BUDGET"
+
+_UNITS = {"": 1, "b": 1, "k": 10 ** 3, "kb": 10 ** 3, "m": 10 ** 6, "mb": 10 ** 6, "g": 10 ** 9, "gb": 10 ** 9,
+          "t": 10 ** 12, "tb": 10 ** 12, "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+class MemoryBudgetError(MemoryError):
+    """A request whose memory plan exceeds the budget; raised before the work starts."""
+
+    def __init__(self, message: str, plan: "MemoryPlan | None" = None, budget: int | None = None):
+        super().__init__(message)
+        self.plan, self.budget = plan, budget
+
+
+def human(nbytes: float) -> str:
+    """``20.2 GB``: decimal units, three significant figures."""
+    n = float(nbytes)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n:.1f} TB"
+
+
+def parse_bytes(value) -> int:
+    """``"8GB"`` → 8·10⁹, ``"1.5GiB"`` → 1.5·2³⁰, ``123`` → 123."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"memory size must be a number of bytes or a string such as '8GB' / '512MiB', got {value!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return None
+
+
+def available_bytes() -> int:
+    """Memory this process can still allocate: ``MemAvailable`` of ``/proc/meminfo``, or the cgroup
+    (v2 or v1) limit less its usage when smaller; ``psutil`` where there is no ``/proc``."""
+    avail = None
+    info = _read("/proc/meminfo")
+    if info:
+        m = re.search(r"^MemAvailable:\s+(\d+)\s+kB", info, re.M)
+        if m:
+            avail = int(m.group(1)) * 1024
+    if avail is None:
+        try:
+            import psutil
+            avail = int(psutil.virtual_memory().available)
+        except Exception:   # noqa: BLE001 — no way to read it: assume plenty, the plan still names sizes
+            avail = 1 << 50
+    for limit_path, usage_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read(limit_path), _read(usage_path)
+        if limit and usage and limit.isdigit() and usage.isdigit() and int(limit) < (1 << 60):
+            avail = min(avail, max(0, int(limit) - int(usage)))
+    return int(avail)
+
+
+def default_budget() -> int:
+    """The budget when none is given: ``TF_INFLUENCE_MEMORY_BUDGET`` if set, else
+    :data:`DEFAULT_FRACTION` of :func:`available_bytes`."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return resolve_budget(float(env) if re.fullmatch(r"0?\.\d+|1(\.0*)?", env.strip()) else env)
+    return int(DEFAULT_FRACTION * available_bytes())
+
+
+def resolve_budget(budget=None) -> int:
+    """Bytes of a ``memory_budget`` (see the module docstring)."""
+    if budget is None:
+        return default_budget()
+    if isinstance(budget, float) and 0.0 < budget <= 1.0:
+        return int(budget * available_bytes())
+    n = parse_bytes(budget)
+    if n <= 0:
+        raise ValueError(f"memory_budget must be positive, got {budget!r}")
+    return n
+
+
+def check_budget_value(budget) -> None:
+    """Raise ``ValueError`` unless ``budget`` is a valid ``memory_budget`` (configs call it on construction)."""
+    if budget is None:
+        return
+    if isinstance(budget, float) and 0.0 < budget <= 1.0:
+        return
+    if parse_bytes(budget) <= 0:
+        raise ValueError(f"memory_budget must be positive, got {budget!r}")
+
+
+@dataclass
+class MemoryItem:
+    name: str
+    nbytes: int
+    what: str = ""
+
+
+@dataclass
+class MemoryPlan:
+    """The large allocations of one step (see the module docstring); ``options`` is what the error
+    message suggests when the plan does not fit."""
+
+    title: str
+    items: list = field(default_factory=list)
+    options: list = field(default_factory=list)
+
+    def add(self, name: str, nbytes: float, what: str = "") -> "MemoryPlan":
+        self.items.append(MemoryItem(name, int(max(0, nbytes)), what))
+        return self
+
+    def extend(self, other: "MemoryPlan") -> "MemoryPlan":
+        self.items.extend(other.items)
+        self.options.extend(o for o in other.options if o not in self.options)
+        return self
+
+    def suggest(self, *options: str) -> "MemoryPlan":
+        self.options.extend(o for o in options if o not in self.options)
+        return self
+
+    @property
+    def total(self) -> int:
+        return int(sum(i.nbytes for i in self.items))
+
+    def largest(self, k: int = 3) -> list:
+        return sorted(self.items, key=lambda i: -i.nbytes)[:k]
+
+    def fits(self, budget=None) -> bool:
+        return self.total <= resolve_budget(budget)
+
+    def message(self, budget: int) -> str:
+        parts = [f"{i.name} {human(i.nbytes)}" + (f" ({i.what})" if i.what else "") for i in self.largest()]
+        msg = f"{self.title} need {human(self.total)}, over the memory budget of {human(budget)}: " + "; ".join(parts)
+        if self.options:
+            msg += ". Options: " + "; ".join(self.options)
+        return msg
+
+    def check(self, budget=None) -> "MemoryPlan":
+        """Raise :class:`MemoryBudgetError` when the plan exceeds ``budget`` (see :func:`resolve_budget`)."""
+        limit = resolve_budget(budget)
+        if self.total > limit:
+            raise MemoryBudgetError(self.message(limit), self, limit)
+        return self
+
+    def summary(self) -> dict:
+        return {"title": self.title, "total_bytes": self.total, "total": human(self.total),
+                "items": [{"name": i.name, "bytes": i.nbytes, "what": i.what} for i in self.largest(len(self.items))]}
+
+
+# -- estimates of the library's steps --------------------------------------------------------------
+def first_batch_shape(dataset) -> tuple:
+    """``(batch, positions)`` of a batched ``(x, y)`` dataset: from its static shapes where known, else
+    from its first batch (one batch read). ``positions`` is the label's second axis (tokens), 1 if none."""
+    import tensorflow as tf
+    spec = tf.nest.flatten(dataset.element_spec[1])[0]
+    shape = list(spec.shape)
+    if shape and shape[0] is not None and (len(shape) < 2 or shape[1] is not None):
+        return int(shape[0]), int(shape[1]) if len(shape) > 1 else 1
+    for _, y in dataset.take(1):
+        t = tf.nest.flatten(y)[0]
+        return int(t.shape[0]), int(t.shape[1]) if t.shape.rank > 1 else 1
+    return 1, 1
+
+
+def _dsize(dtype) -> int:
+    import tensorflow as tf
+    return tf.as_dtype(dtype).size
+
+
+def factor_plan(stats, dataset=None, batch_shape: tuple | None = None) -> MemoryPlan:
+    """Memory of fitting (E)K-FAC factors with a :class:`~tf_influence.kfac.FactorStatistics`:
+    per block the covariances ``A`` and ``S`` (dense ``rows²`` / ``d_out²`` in float64, with the
+    eigendecomposition's copies, or a diagonal), the eigenvalues ``[rows, d_out]`` and the per-batch
+    products (captured activations and output gradients, the correction's ``G_n``)."""
+    return _factor_plan(stats, dataset, batch_shape)
+
+
+def _factor_plan(stats, dataset, batch_shape) -> MemoryPlan:
+    from .kfac.statistics import PER_EXAMPLE_BATCHED_MAX
+    B, P = batch_shape if batch_shape is not None else (first_batch_shape(dataset) if dataset is not None else (32, 1))
+    c = _dsize(stats.compute)
+    plan = MemoryPlan(f"(E)K-FAC factors of {stats.objective.name} over '{stats.group.name}'")
+    passes = 2 if stats.kind == "ekfac" else 1
+    per_batch = 0
+    for b in stats.blocks:
+        for side, n, diag in (("A", b.rows, b.diag_in), ("S", b.d_out, b.diag_out)):
+            if diag:
+                plan.add(f"diagonal {side} of '{b.name}'", n * 8 * 3, f"[{n}] float64")
+            else:
+                # the running sum, the average, numpy's eigh copy, the eigenvectors and eigh's workspace
+                plan.add(f"dense {side} of '{b.name}'", n * n * 8 * 5, f"[{n}, {n}] float64 and its eigenbasis")
+        plan.add(f"eigenvalues of '{b.name}'", b.rows * b.d_out * 8 * (2 + passes),
+                 f"[{b.rows}, {b.d_out}] float64")
+        # captured inputs and output gradients of each call (a tied table: its lookups and its logits)
+        per_batch += B * P * (min(b.rows, 1 << 30) + b.d_out) * c * 2
+        if stats.kind == "ekfac":
+            g_n = b.rows * b.d_out * c
+            per_batch += (B * g_n * 2) if g_n <= PER_EXAMPLE_BATCHED_MAX * c else g_n * 3 + b.rows * b.d_out * 8
+    rest = {id(v) for v in stats.rest}
+    for v in stats.diag_vars:
+        size = 1
+        for s in v.shape:
+            size *= int(s)
+        plan.add(f"Fisher diagonal of '{getattr(v, 'path', v.name)}'", size * 8 * 3, f"[{size}] float64")
+        if id(v) in rest:
+            per_batch += B * size * c * 3   # vectorised per-example gradients of the variables no layer covers
+    plan.add("per-batch products", per_batch, f"batch {B} × {P} positions")
+    vocab = [b.name for b in stats.blocks if not (b.diag_in and b.diag_out) and max(b.rows, b.d_out) > 4096]
+    plan.suggest("a smaller dense_factor_max (sides above it are kept diagonal)" if vocab else
+                 "a smaller batch", "solver='cg_squared' (no factors)", "a larger memory_budget")
+    return plan
+
+
+def dense_plan(p: int, k: int = 1, what: str = "Hessian") -> MemoryPlan:
+    """An explicit ``[p, p]`` float64 system (``dense`` / ``dense_squared``): the matrix, its square
+    or damped copy, ``solve``'s LU copy, and the eigenvalues."""
+    return (MemoryPlan(f"the dense {what} solve").add(f"explicit {what}", p * p * 8 * 4, f"[{p}, {p}] float64 × 4")
+            .add("right-hand sides", p * k * 8 * 4, f"[{p}, {k}]")
+            .suggest("solver='cg_squared' or 'ekfac'", "a smaller dense_max / max_params", "a larger memory_budget"))
+
+
+def vectors_plan(p: int, k: int, count: int, title: str, dtype_size: int = 8) -> MemoryPlan:
+    """``count`` working vectors of ``[p, k]`` (CG's iterates, an (E)K-FAC inverse's input and output)."""
+    return MemoryPlan(title).add("working vectors", p * k * dtype_size * count, f"{count} × [{p}, {k}]").suggest(
+        "fewer test points per solve (test_target='sum')", "a larger memory_budget")
+
+
+def kfac_inverse_plan(stats_or_blocks, p: int, k: int) -> MemoryPlan:
+    """Applying a damped (E)K-FAC inverse to ``k`` columns over ``p`` parameters: the denominators and
+    bases of every block (float64) and the columns in float64."""
+    blocks = getattr(stats_or_blocks, "blocks", stats_or_blocks)
+    plan = MemoryPlan("the (E)K-FAC inverse")
+    for b in blocks:
+        plan.add(f"denominators of '{b.name}'", b.rows * b.d_out * 8, f"[{b.rows}, {b.d_out}] float64")
+        q = (0 if b.diag_in else b.rows * b.rows) + (0 if b.diag_out else b.d_out * b.d_out)
+        if q:
+            plan.add(f"eigenbases of '{b.name}'", q * 8)
+    plan.add("columns", p * k * 8 * 5, f"[{p}, {k}] float64 × 5")
+    return plan
+
+
+def per_example_plan(p: int, chunk: int, dtype_size: int = 4) -> MemoryPlan:
+    """Per-example gradient blocks ``[chunk, p]`` (the vectorised backward pass holds about three)."""
+    return (MemoryPlan("per-example gradients").add("per-example gradient block", chunk * p * dtype_size * 3,
+                                                    f"[{chunk}, {p}] × 3")
+            .suggest("a smaller batch or chunk_size", "few test points: the forward-mode product (method='jvp')",
+                     "a larger memory_budget"))
+
+
+__all__ = ["DEFAULT_FRACTION", "MemoryBudgetError", "MemoryItem", "MemoryPlan", "available_bytes", "default_budget",
+           "dense_plan", "factor_plan", "first_batch_shape", "human", "kfac_inverse_plan", "parse_bytes",
+           "per_example_plan", "resolve_budget", "vectors_plan"]
