@@ -1,4 +1,4 @@
-"""Tiny random-weight keras-hub models (vocabulary 400 or less, 2 layers, width 32) for the tests.
+"""Tiny random-weight keras-hub models (vocabulary 160 — more than 8 × the width, as real LMs —, 2 layers, width 16) for the tests.
 
 Each builder returns a :class:`HubCase`: the pretraining model (a causal LM, or BERT with a masked-LM
 style token head), a finetuning classifier over the *same* backbone object (case 1: the backbone
@@ -16,10 +16,10 @@ import tensorflow as tf
 import tf_influence as tfi
 from tf_influence.lm import CausalLMLoss, causal_lm_examples
 
-VOCAB, LENGTH, WIDTH = 97, 8, 16
+VOCAB, LENGTH, WIDTH = 160, 8, 16   # vocabulary > 8 × width, the shape of real LMs
 KINDS = ("bert", "gpt2", "llama")
 #: the float64 models whose influence is compared with dense numpy formulas
-TINY = dict(vocab=17, width=4, layers=1, length=5, n_pre=10, n_ft=8, n_test=3, batch=5)
+TINY = dict(vocab=37, width=4, layers=1, length=5, n_pre=10, n_ft=8, n_test=3, batch=5)
 
 
 @dataclass

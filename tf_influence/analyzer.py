@@ -58,7 +58,7 @@ class FactorArgs(JsonConfig):
     """How :meth:`Analyzer.fit_factors` fits Kronecker-factored curvature (:func:`~tf_influence.kfac.fit_factors`).
 
     >>> FactorArgs.from_json(FactorArgs(kind="kfac", hessian_samples=500).to_json())
-    FactorArgs(kind='kfac', fisher='true', max_examples=None, seed=0, hessian_samples=500)
+    FactorArgs(kind='kfac', fisher='true', max_examples=None, seed=0, hessian_samples=500, dense_factor_max=None, memory_budget=None)
     """
 
     kind: str = field(default="ekfac", metadata={"help": "'ekfac' (eigenvalue-corrected) or 'kfac'",
@@ -73,6 +73,12 @@ class FactorArgs(JsonConfig):
     hessian_samples: int | None = field(default=None, metadata={
         "help": "fit on a fixed random subset of N examples, drawn by the rule of InfluenceArgs.hessian_samples "
                 "(tf_influence.objective.subsample with `seed`; None: all)"})
+    dense_factor_max: int | None = field(default=None, metadata={
+        "help": "a factor side larger than this (a vocabulary) is kept diagonal (None: "
+                "tf_influence.kfac.DENSE_FACTOR_MAX, 4,096)"})
+    memory_budget: object = field(default=None, metadata={
+        "help": "memory the fit may allocate: bytes, '8GB' or a fraction of the available memory (None: 70 % of "
+                "it); a fit whose plan exceeds it is refused before the first pass"})
 
     def __post_init__(self):
         from .kfac import FISHERS, KINDS
@@ -84,6 +90,10 @@ class FactorArgs(JsonConfig):
             raise ValueError(f"FactorArgs.max_examples must be ≥ 1 or None, got {self.max_examples}")
         if self.hessian_samples is not None and self.hessian_samples < 1:
             raise ValueError(f"FactorArgs.hessian_samples must be ≥ 1 or None, got {self.hessian_samples}")
+        if self.dense_factor_max is not None and self.dense_factor_max < 1:
+            raise ValueError(f"FactorArgs.dense_factor_max must be ≥ 1 or None, got {self.dense_factor_max}")
+        from .memory import check_budget_value
+        check_budget_value(self.memory_budget)
         if self.hessian_samples is not None and self.max_examples is not None:
             raise ValueError("FactorArgs: give hessian_samples (a random subset) or max_examples (the first N), "
                              "not both")
@@ -194,7 +204,7 @@ class Analyzer:
     def fit_factors(self, name: str, pretrain_data, factor_args: FactorArgs | None = None, overwrite: bool = False):
         """(E)K-FAC factors of the pretraining Hessian over ``(W, U)``, saved as ``factors/<name>``;
         pass ``factors_name=name`` to :meth:`influence` to invert ``∂²G`` with them."""
-        from .kfac import KFACFactors, fit_factors
+        from .kfac import DENSE_FACTOR_MAX, KFACFactors, fit_factors
         factor_args = factor_args or FactorArgs()
         directory = self._dir("factors", name)
         saved_args = os.path.join(directory, "factor_args.json")
@@ -212,7 +222,9 @@ class Analyzer:
                                       name="pretraining data")
         factors = fit_factors(self.pretrain_objective, pretrain_data, group, kind=factor_args.kind,
                               fisher=factor_args.fisher, seed=factor_args.seed, progress=self.progress,
-                              name="pretraining data", max_examples=factor_args.max_examples)
+                              name="pretraining data", max_examples=factor_args.max_examples,
+                              dense_factor_max=DENSE_FACTOR_MAX if factor_args.dense_factor_max is None
+                              else factor_args.dense_factor_max, memory_budget=factor_args.memory_budget)
         factors.save(directory)
         with open(os.path.join(directory, "factor_args.json"), "w") as fh:
             fh.write(factor_args.to_json())

@@ -99,6 +99,10 @@ class InfluenceArgs(JsonConfig):
         "help": "case 'fixed': check that W has the same values in both models"})
     test_target: str = field(default="sum", metadata={
         "help": "'sum': score against the summed test loss (eq. 8); 'each': one column per test point"})
+    memory_budget: object = field(default=None, metadata={
+        "help": "memory the computation may allocate: bytes, '8GB', or a fraction of the available memory "
+                "(None: 70 % of it, or $TF_INFLUENCE_MEMORY_BUDGET); both solvers choose within it unless their "
+                "SolverConfig sets its own, and a request that cannot fit is refused before any work"})
 
     def __post_init__(self):
         for name in ("pretrain_solver", "finetune_solver"):
@@ -118,6 +122,18 @@ class InfluenceArgs(JsonConfig):
             raise ValueError(f"hvp_mode must be None, 'fob' or 'rr', got '{self.hvp_mode}'")
         if self.test_target not in TEST_TARGETS:
             raise ValueError(f"test_target must be one of {TEST_TARGETS}, got '{self.test_target}'")
+        from .memory import check_budget_value
+        check_budget_value(self.memory_budget)
+
+    def solver(self, which: str) -> SolverConfig:
+        """``pretrain_solver`` / ``finetune_solver`` with :attr:`memory_budget` applied where the solver
+        reads a budget and does not set its own."""
+        from .solvers import SOLVER_FIELDS
+        config = getattr(self, f"{which}_solver")
+        if (self.memory_budget is not None and config.memory_budget is None
+                and "memory_budget" in SOLVER_FIELDS[config.method]):
+            return replace(config, memory_budget=self.memory_budget)
+        return config
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -343,7 +359,7 @@ class MultiStageInfluence:
         self.case, self.alpha, self.progress = case, float(alpha), progress
         self.g, self.f = pretrain_objective, finetune_objective
         self.pretrain_data, self.finetune_data = pretrain_data, finetune_data
-        self.pretrain_solver, self.finetune_solver = self.args.pretrain_solver, self.args.finetune_solver
+        self.pretrain_solver, self.finetune_solver = self.args.solver("pretrain"), self.args.solver("finetune")
         self.measurement = as_measurement(measurement, finetune_objective.model) or finetune_objective
 
         if isinstance(embedding, (tuple, list)) and len(embedding) == 2 and all(
@@ -443,8 +459,32 @@ class MultiStageInfluence:
         solves["pretrain"] = r2.summary()
         return -r2.x, solves, {"test_side": time.perf_counter() - t0}
 
+    def memory_plan(self, test_data=None, test_target: str = "sum"):
+        """The :class:`~tf_influence.memory.MemoryPlan` of a whole call — test gradients, both solves
+        (``auto`` resolved within the budget), the scoring pass — from the models and the arguments,
+        before anything is computed. :meth:`__call__` checks it against ``args.memory_budget``."""
+        from .memory import MemoryPlan
+        from .solvers import solve_plan
+        k = 1 if test_target == "sum" or test_data is None else count_examples(test_data, "test data", self.f.model)
+        plan = MemoryPlan(f"multi-stage influence (case '{self.case}')")
+        plan.add("test gradients over (Θ, W)", self.TW.size * k * self.TW.dtype.size * 3, f"[{self.TW.size}, {k}] × 3")
+        first = self.H_TT if self.case == "fixed" else self.K
+        method_f, plan_f = solve_plan(first, self.finetune_solver, k)
+        method_g, plan_g = solve_plan(self.H_G, self.pretrain_solver, k)
+        # the solves run one after the other: the larger of the two is what the peak holds
+        worst = max((plan_f, plan_g), key=lambda p_: p_.total)
+        for item in worst.items:
+            plan.add(f"{'finetuning' if worst is plan_f else 'pretraining'} solve ({method_f if worst is plan_f else method_g}): "
+                     f"{item.name}", item.nbytes, item.what)
+        plan.suggest(*worst.options)
+        plan.add("scoring (forward-mode tangents over (W, U))", self.WU.size * self.WU.dtype.size * 3 * min(k, 4),
+                 f"[{self.WU.size}] × 3 per column")
+        return plan
+
     def __call__(self, test_data, test_target: str = "sum", score_data=None) -> InfluenceResult:
-        """Scores of every pretraining example (or of ``score_data``) on the test target."""
+        """Scores of every pretraining example (or of ``score_data``) on the test target; the call's
+        memory plan (:meth:`memory_plan`) is checked first."""
+        self.memory_plan(test_data, test_target).check(self.args.memory_budget)
         s, solves, seconds = self.test_vectors(test_data, test_target)
         t0 = time.perf_counter()
         data = score_data if score_data is not None else self.pretrain_data

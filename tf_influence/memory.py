@@ -222,7 +222,7 @@ def factor_plan(stats, dataset=None, batch_shape: tuple | None = None) -> Memory
 
 
 def _factor_plan(stats, dataset, batch_shape) -> MemoryPlan:
-    from .kfac.statistics import PER_EXAMPLE_BATCHED_MAX
+    from .kfac.statistics import DENSE_FACTOR_MAX, PER_EXAMPLE_BATCHED_MAX
     B, P = batch_shape if batch_shape is not None else (first_batch_shape(dataset) if dataset is not None else (32, 1))
     c = _dsize(stats.compute)
     plan = MemoryPlan(f"(E)K-FAC factors of {stats.objective.name} over '{stats.group.name}'")
@@ -251,9 +251,11 @@ def _factor_plan(stats, dataset, batch_shape) -> MemoryPlan:
         if id(v) in rest:
             per_batch += B * size * c * 3   # vectorised per-example gradients of the variables no layer covers
     plan.add("per-batch products", per_batch, f"batch {B} × {P} positions")
-    vocab = [b.name for b in stats.blocks if not (b.diag_in and b.diag_out) and max(b.rows, b.d_out) > 4096]
-    plan.suggest("a smaller dense_factor_max (sides above it are kept diagonal)" if vocab else
-                 "a smaller batch", "solver='cg_squared' (no factors)", "a larger memory_budget")
+    sides = sorted({n for b in stats.blocks for n, diag in ((b.rows, b.diag_in), (b.d_out, b.diag_out)) if not diag})
+    if sides:
+        plan.suggest(f"dense_factor_max below {sides[-1]} (a factor side above it is kept diagonal; "
+                     f"the default {DENSE_FACTOR_MAX} already keeps vocabularies diagonal)")
+    plan.suggest("a smaller batch", "solver='cg_squared' (no factors)", "a larger memory_budget")
     return plan
 
 

@@ -422,6 +422,32 @@ def auto(op, b, damping: float = 0.0, tol: float = 1e-5, max_iter: int = 200, dt
     return res
 
 
+def solve_plan(op, config: "SolverConfig | None" = None, columns: int = 1):
+    """``(method, MemoryPlan)`` of solving with ``op`` under ``config`` (``auto`` resolved by
+    :func:`auto_choice`, which raises :class:`~tf_influence.memory.MemoryBudgetError` when nothing
+    fits): what the solve will allocate, for a caller that checks a whole computation up front."""
+    from .memory import MemoryPlan, dense_plan, factor_plan, kfac_inverse_plan, vectors_plan
+    config = config or SolverConfig()
+    p = int(op.shape[0])
+    method = config.method
+    if method == "auto":
+        method, _ = auto_choice(op, config.dense_max, config.kronecker_min, config.memory_budget,
+                                config.dense_factor_max, columns)
+    name = getattr(op, "name", "operator")
+    if method in ("dense", "dense_squared"):
+        return method, dense_plan(p, columns, name)
+    if method in ("ekfac", "kfac") and config.factors is None:
+        from .kfac import DENSE_FACTOR_MAX, FactorStatistics
+        stats = FactorStatistics(op.objective, op.rows, kind=method, dense_factor_max=DENSE_FACTOR_MAX
+                                 if config.dense_factor_max is None else config.dense_factor_max)
+        return method, factor_plan(stats, op.dataset).extend(kfac_inverse_plan(stats, p, columns))
+    if method in ("ekfac", "kfac"):
+        return method, vectors_plan(p, columns, 5, f"the {method} inverse of {name}")
+    if method == "identity":
+        return method, MemoryPlan(f"identity with {name}")
+    return method, vectors_plan(p, columns, 10, f"{method} with {name}")
+
+
 SOLVERS = {"cg": cg, "cg_squared": cg_squared, "lissa": lissa, "dense": dense, "identity": identity,
            "dense_squared": lambda op, b, **kw: dense(op, b, squared=True, **kw),
            "ekfac": lambda op, b, **kw: kronecker(op, b, kind="ekfac", **kw),
