@@ -12,6 +12,26 @@ from .kfac.blocks import kronecker_blocks, norm_blocks
 from .kfac.capture import _norm_per_example, _vectorized_gradients, captured_pass
 
 
+def _mixed_gram(pairs, dtype):
+    """``[B, T, T]`` inner products ``a_t·a_t'`` over the positions of all calls of a block, where some
+    calls give token ids (one-hot rows: ``e_i·e_j = [i = j]``, ``e_i·s = s[i]``) and others dense rows."""
+    rows = []
+    for ai, _, ids_i in pairs:
+        row = []
+        for aj, _, ids_j in pairs:
+            if ids_i and ids_j:
+                m = tf.cast(tf.equal(ai[:, :, None], aj[:, None, :]), dtype)
+            elif ids_i:                       # e_{token_p} · s_q = s_q[token_p]
+                m = tf.transpose(tf.gather(tf.cast(aj, dtype), ai, axis=2, batch_dims=1), [0, 2, 1])
+            elif ids_j:
+                m = tf.gather(tf.cast(ai, dtype), aj, axis=2, batch_dims=1)
+            else:
+                m = tf.einsum("bpi,bqi->bpq", tf.cast(ai, dtype), tf.cast(aj, dtype))
+            row.append(m)
+        rows.append(tf.concat(row, axis=2))
+    return tf.concat(rows, axis=1)
+
+
 # -- per-example squared gradient norms without per-example gradients ("ghost norms") --------------
 class GhostNorms:
     """``‖∇_K l(z)‖²`` for every example of a batch over a parameter group K, from one ordinary
@@ -50,6 +70,17 @@ class GhostNorms:
         out = {}
         for b in self.blocks:
             # a layer called several times in one forward pass: G_n sums over its calls
+            sparse = [b.sparse_pairs(inp, gr, rev) for (inp, _), gr, rev in
+                      zip(records[b.name], grads[b.name], modes[b.name])]
+            mixed = b.kind == "tied" and any(p[2] for p in sparse) and not all(p[2] for p in sparse)
+            positions = sum(int(p[0].shape[1]) if p[0].shape[1] is not None else -10 ** 9 for p in sparse)
+            if mixed and 0 < positions and positions * positions <= b.rows * b.d_out:
+                # a tied table's lookups (token ids) and output projections (logit gradients): the Gram of
+                # the one-hot rows against the logit gradients is a gather, never a [B, P, vocab] one-hot
+                g = tf.concat([tf.cast(p[1], losses.dtype) for p in sparse], axis=1)
+                out[b.name] = tf.einsum("bpq,bpq->b", _mixed_gram(sparse, g.dtype),
+                                        tf.einsum("bpo,bqo->bpq", g, g))
+                continue
             pairs = [b.pairs(inp, gr, rev) for (inp, _), gr, rev in
                      zip(records[b.name], grads[b.name], modes[b.name])]
             a = tf.concat([p[0] for p in pairs], axis=1)

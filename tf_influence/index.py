@@ -506,7 +506,7 @@ class GradientIndex:
 
 def build_index(objective, dataset, directory: str, group: ParameterGroup | None = None,
                 args: ProjectionArgs | None = None, keys=None, shard_size: int = 50_000, progress: bool = False,
-                name: str = "dataset", batch_size: int | None = None) -> GradientIndex:
+                name: str = "dataset", batch_size: int | None = None, memory_budget=None) -> GradientIndex:
     """Project every example of a batched ``(x, y)`` dataset and write an index to ``directory``
     (in process; shards of ``shard_size``; ``keys`` default to the example's position). With the
     default ``ProjectionArgs`` the budget is shared by gradient norm, measured on the dataset's first
@@ -524,6 +524,8 @@ def build_index(objective, dataset, directory: str, group: ParameterGroup | None
         dataset = dataset.rebatch(int(batch_size))
     proj = GradientProjector(objective, group, calibrate(objective, dataset, group, args))
     dtype = proj.args.dtype
+    from .memory import index_plan
+    index_plan(proj, dataset, shard_size).check(memory_budget)       # before the corpus pass
     tf.io.gfile.makedirs(directory)
     tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
     tf.io.gfile.makedirs(tmp)

@@ -295,6 +295,26 @@ def per_example_plan(p: int, chunk: int, dtype_size: int = 4) -> MemoryPlan:
                      "a larger memory_budget"))
 
 
+def index_plan(projector, dataset=None, shard_size: int = 50_000) -> MemoryPlan:
+    """Building a gradient index: the projection matrices (float32), the shard being filled (the stored
+    dtype plus its float32 copy while encoding) and the per-batch captured products. It does not grow
+    with the vocabulary beyond the projection's ``[vocab, k_in]`` rows."""
+    B, P = first_batch_shape(dataset) if dataset is not None else (32, 1)
+    plan = MemoryPlan("the gradient index build")
+    for name, (p_in, p_out) in projector._block_p.items():   # noqa: SLF001 (the projector's own matrices)
+        size = sum(int(p.size) for p in (p_in, p_out) if p is not None)
+        if size:
+            plan.add(f"projection of '{name}'", size * 4 * 2, "float32, numpy and graph copies")
+    stored = {"int8": 1, "float16": 2, "float32": 4}[projector.args.dtype]
+    plan.add("index shard buffer", shard_size * projector.dim * (stored + 4), f"{shard_size} × {projector.dim}")
+    per_batch = sum(B * P * (s.get("k_in", 0) + s.get("k_out", 0)) * 4 * 2 for s in projector.layout)
+    vocab = max([b.rows for b in projector.blocks if b.kind == "tied"] + [b.d_out for b in projector.blocks] + [0])
+    per_batch += B * P * vocab * 4 * 3          # the logits, their gradient and the captured logits gradient
+    plan.add("per-batch products", per_batch, f"batch {B} × {P} positions")
+    return plan.suggest("a smaller batch (build_index(batch_size=...))", "a smaller shard_size",
+                        "a smaller ProjectionArgs.max_dim", "a larger memory_budget")
+
+
 __all__ = ["DEFAULT_FRACTION", "MemoryBudgetError", "MemoryItem", "MemoryPlan", "available_bytes", "default_budget",
-           "dense_plan", "factor_plan", "first_batch_shape", "human", "kfac_inverse_plan", "parse_bytes",
+           "dense_plan", "factor_plan", "first_batch_shape", "human", "index_plan", "kfac_inverse_plan", "parse_bytes",
            "per_example_plan", "resolve_budget", "vectors_plan"]

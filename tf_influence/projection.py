@@ -196,7 +196,10 @@ def calibrate(objective, data, group: ParameterGroup | None = None, args: "Proje
         return args
     group = group if group is not None else ParameterGroup.from_model(objective.model)
     probe = GradientProjector(objective, group, replace(args, allocation="uniform"))
-    sample = data.unbatch().take(int(examples)).batch(32)
+    # in the data's own batch size: a language model's per-batch logits are [B, T, vocab] (a batch of 32
+    # GPT-2 sequences of 128 tokens: 0.8 GB per tensor), so re-batching larger would raise the peak
+    from .objective import first_batch_size
+    sample = data.unbatch().take(int(examples)).batch(max(1, min(32, first_batch_size(data))))
     segments = {}
     for b in probe.blocks:
         # token tables (Embedding, tied ReversibleEmbedding): keep the token side exact when the table is
@@ -304,9 +307,9 @@ class GradientProjector:
             p_in, p_out = (self._mat(p) for p in self._block_p[b.name])
             acc = None
             for (inp, _), gr, rev in zip(records[b.name], grads[b.name], modes[b.name]):
-                a, g = b.pairs(inp, gr, rev)
+                a, g, ids = b.sparse_pairs(inp, gr, rev)      # lookups as token ids: no [B, T, vocab] one-hot
                 g = tf.cast(g, self.dtype)
-                if b.kind == "embedding":                     # a: token ids [B, T]; P_inᵀ e_token = P_in[token]
+                if ids:                                       # a: token ids [B, T]; P_inᵀ e_token = P_in[token]
                     a = tf.gather(p_in, a) if p_in is not None else tf.one_hot(a, b.rows, dtype=self.dtype)
                 else:
                     a = tf.cast(a, self.dtype)
