@@ -283,7 +283,7 @@ def run_path(name: str, path: str, args: RealSizeArgs) -> dict:
         pm.fit(ds.take(steps), epochs=1, verbose=0)
         extra = {"steps": steps, "epoch_fraction": steps * args.batch / args.sequences}
     elif path == "beam_scoring":
-        raise NotImplementedError("beam_scoring: not measured at this size in this run")
+        t, extra = _beam_scoring(name, args, pre, ds, out_dir)
     else:
         raise ValueError(path)
     seconds = time.perf_counter() - t
@@ -292,6 +292,43 @@ def run_path(name: str, path: str, args: RealSizeArgs) -> dict:
     return {"ok": True, "seconds": seconds, "peak_rss_mb": _peak_mb(), "rss_before_mb": before,
             "estimated_mb": (before + plan.total / 2 ** 20) if plan.items else None,
             "plan": plan.summary() if plan.items else None, "error": None, **extra}
+
+
+def _beam_scoring(name, args, pre, ds, out_dir):
+    """The standalone Beam job (DirectRunner, in process) scoring one shard — every sequence in one
+    GZIP TFRecord file of ``tf.train.Example`` — by the influence path's saved test vector; the
+    scores are checked against the in-process library call on a few sequences."""
+    import numpy as np
+    import tensorflow as tf
+    from tf_influence.lm import CausalLMLoss
+    from tf_influence import scores_io
+    from tfx_components import beam_scoring
+    saved = os.path.join(out_dir, "scores", "influence")
+    if not os.path.exists(os.path.join(saved, "result.json")):
+        raise RuntimeError("beam_scoring needs the influence path's saved result (run 'influence' first)")
+    root = os.path.join(_paths_dir(args, name), "beam")
+    os.makedirs(os.path.join(root, "Split-train"), exist_ok=True)
+    pre.compile(loss=CausalLMLoss())
+    model_path = os.path.join(root, "model.keras")
+    pre.save(model_path)
+    shard = os.path.join(root, "Split-train", "data_tfrecord-00000-of-00001.gz")
+    with tf.io.TFRecordWriter(shard, options="GZIP") as w:
+        for x, y in ds.unbatch():
+            feats = {k: tf.train.Feature(int64_list=tf.train.Int64List(value=v.numpy().tolist())) for k, v in x.items()}
+            feats["labels"] = tf.train.Feature(int64_list=tf.train.Int64List(value=y.numpy().tolist()))
+            w.write(tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString())
+    out = os.path.join(root, "scores")
+    t = time.perf_counter()
+    beam_scoring.main(["--examples", shard, "--model", model_path, "--output", out, "--kind", "influence",
+                       "--result", saved, "--batch-size", str(args.batch), "--runner", "DirectRunner",
+                       "--direct_running_mode=in_memory", "--direct_num_workers=1"])
+    seconds_start = t
+    got = scores_io.read_scores(out)
+    ref = np.load(os.path.join(saved, "scores.npy"))
+    keys = sorted(got)
+    vals = np.array([got[k] for k in keys])
+    return seconds_start, {"n_scored": len(got), "max_rel_diff_vs_library": float(
+        np.max(np.abs(np.sort(vals) - np.sort(ref))) / (np.max(np.abs(ref)) + 1e-30))}
 
 
 def _worker(argv):

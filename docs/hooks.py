@@ -189,11 +189,53 @@ def index_scale_tables(d: dict) -> str:
     return "\n".join(rows + [""] + lines)
 
 
-GENERATORS = {"index": index_tables, "index-scale": index_scale_tables, "hub": hub_tables, "scale": scale_tables, "engine": engine_tables, "presence": presence_tables}
+def vocab_side_tables(d: dict) -> str:
+    """The price of a diagonal vocabulary side (benchmarks/vocab_side.py)."""
+    rows = ["| vocabulary side of the token table | factor fit (s) | plan of the factors (MB) |", "|---|---|---|"]
+    for label in ("dense", "diagonal"):
+        rows.append(f"| {label} | {_fmt(d[label]['fit_seconds'])} | {_fmt(d[label]['plan_mb'])} |")
+    sp = d["spearman_diagonal_vs_dense"]
+    return "\n".join(rows + [
+        "", f"Scores with the diagonal side against the dense side's ({_fmt(d['n_params'])}-parameter GPT-2, vocabulary "
+        f"{_fmt(d['vocab'])}, {d['sequences']} sequences): Pearson {_fmt(d['pearson_diagonal_vs_dense'])}, "
+        f"Spearman **{_fmt(sp)}** (per test point: {', '.join(_fmt(v) for v in d['spearman_per_test_point'])}) — "
+        f"target within 0.05 of the exact block's: **{'met' if sp >= 0.95 else 'missed'}**; the inverse-HVPs differ by "
+        f"{_fmt(d['ihvp_relative_difference'])} (relative). For scale, the identity-Hessian baseline's Spearman against "
+        f"the dense side's scores is {_fmt(d['spearman_identity_vs_dense'])}."])
+
+
+def real_size_tables(d: dict) -> str:
+    """Every path at real sizes (benchmarks/real_size.py): one table per model."""
+    limits = {"influence": 4, "influence_updated": 4, "fit_factors": 2.5, "self_influence": 1, "index_build": 1.5}
+    out = [f"Machine: {d.get('machine', '?')}."]
+    for name, m in d["models"].items():
+        if "paths" not in m:
+            out += ["", f"### {name}", "", f"not measured: {m.get('error')}"]
+            continue
+        out += ["", f"### {name}", "",
+                f"{_fmt(m['n_params'])} parameters, vocabulary {_fmt(m['vocab'])}, {m['layers']} × {m['width']}, "
+                f"{_fmt(m['n_sequences'])} sequences of {m['length']} tokens, batch {m['batch']}; one training epoch "
+                f"(`train_epoch_seconds`) {_fmt(m['train_epoch_seconds'])} s.", "",
+                "| path | ok | seconds | training epochs (target) | peak RSS MB (≤ 10,000) | plan estimate MB "
+                "(estimate / peak) | error |", "|---|---|---|---|---|---|---|"]
+        for path, r in m["paths"].items():
+            over, peak, est = r.get("over_epoch"), r.get("peak_rss_mb"), r.get("estimated_mb")
+            lim = limits.get(path)
+            target = "" if lim is None or over is None else f" (≤ {lim}: {'met' if over <= lim else 'missed'})"
+            if path == "index_query" and r.get("ok"):
+                target = f" ({_fmt(r['seconds'])} s per query; ≤ 1 s: {'met' if r['seconds'] <= 1 else 'missed'})"
+            ratio = f" ({_fmt(est / peak)})" if est and peak else ""
+            err = (str(r.get("error") or "")[:160]).replace("|", "/").replace("\n", " ")
+            out.append(f"| `{path}` | {r.get('ok')} | {_fmt(r.get('seconds'))} | {_fmt(over)}{target} | {_fmt(peak)} | "
+                       f"{_fmt(est)}{ratio} | {err} |")
+    return "\n".join(out)
+
+
+GENERATORS = {"vocab_side": vocab_side_tables, "real_size": real_size_tables, "index": index_tables, "index-scale": index_scale_tables, "hub": hub_tables, "scale": scale_tables, "engine": engine_tables, "presence": presence_tables}
 
 
 def render(name: str) -> str:
-    path = os.path.join(HERE, "results", f"{name.split('-')[0]}.json")
+    path = os.path.join(HERE, "results", f"{name if name in ('vocab_side', 'real_size') else name.split('-')[0]}.json")
     if name not in GENERATORS:
         raise KeyError(f"no generator for results '{name}' (known: {sorted(GENERATORS)})")
     with open(path) as fh:

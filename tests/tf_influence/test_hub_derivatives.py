@@ -30,6 +30,13 @@ from tests.hub_models import KINDS, TINY  # noqa: E402
 #: float64 comparisons formula vs formula; Llama's RMS norms compute in float32 by design
 #: (keras-hub casts), so its float64 numbers carry float32 rounding in different summation orders
 RTOL = 2e-5
+#: Llama: that float32 rounding (≈ 1e-7 relative) goes through the eq. 16 systems (H² + λI, λ = 1e-3), whose
+#: conditioning grew with the real-shaped vocabulary (37 tokens at width 4): measured 8e-5 on one score of ten
+RTOL_LLAMA = 2e-4
+
+
+def rtol(case) -> float:
+    return RTOL_LLAMA if case.name == "llama" else RTOL
 
 
 # -- second derivatives -------------------------------------------------------------------------------
@@ -109,7 +116,7 @@ def test_multistage_fixed_defaults_equal_dense_formula(tiny64):
     res = tfi.multi_stage_influence(g, c.pretrain_data, f, c.finetune_data, c.test_data, embedding=c.backbone,
                                     hessian_samples=None)
     expected, U = dense_multistage(c, g, f, "fixed", tfi.DEFAULT_PRETRAIN_DAMPING, tfi.DEFAULT_FINETUNE_DAMPING)
-    np.testing.assert_allclose(res.scores, expected, rtol=RTOL, atol=1e-8 * np.abs(expected).max())
+    np.testing.assert_allclose(res.scores, expected, rtol=rtol(c), atol=1e-8 * np.abs(expected).max())
     assert res.solves["pretrain"]["auto"]["chose"] == "dense_squared"
     assert res.solves["finetune"]["method"] == "dense_squared"
     # GPT-2's and Llama's LM heads are the backbone's ReversibleEmbedding (tied / untied): U is empty
@@ -149,7 +156,7 @@ def test_single_stage_default_equals_dense_formula():
     H = h.explicit_hessian(f, xf, yf, group)
     expected = -h.one_at_a_time_gradients(f, xf, yf, group) @ _sq(
         H, h.loss_gradient(f, xt, yt, group), tfi.DEFAULT_FINETUNE_DAMPING)
-    np.testing.assert_allclose(res.scores, expected, rtol=RTOL, atol=1e-8 * np.abs(expected).max())
+    np.testing.assert_allclose(res.scores, expected, rtol=rtol(c), atol=1e-8 * np.abs(expected).max())
 
 
 def test_completion_log_probability_measurement():
@@ -178,7 +185,7 @@ def test_completion_log_probability_measurement():
     meas = tfi.Objective(c.pretrain, lm.completion_log_probability(), include_model_losses=False)
     ref = -h.one_at_a_time_gradients(g, xp, yp, group) @ _sq(H, h.loss_gradient(meas, x, labels, group),
                                                             tfi.DEFAULT_FINETUNE_DAMPING)
-    np.testing.assert_allclose(res.scores, ref, rtol=RTOL, atol=1e-8 * np.abs(ref).max())
+    np.testing.assert_allclose(res.scores, ref, rtol=rtol(c), atol=1e-8 * np.abs(ref).max())
 
 
 def test_causal_lm_examples_rejects_sequences_without_targets():

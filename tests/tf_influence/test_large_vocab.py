@@ -170,3 +170,21 @@ def test_budget_values():
         tfi.SolverConfig("auto", memory_budget=-1)
     with pytest.raises(ValueError, match="does not apply"):
         tfi.SolverConfig("identity", memory_budget="1GB")
+
+
+def test_per_example_gradients_are_chunked_to_fit_and_equal_unchunked():
+    """The chunk shrinks to fit half the budget; the blocks are the same gradients, in order; a budget
+    that cannot hold one example's blocks is refused before any gradient, naming the size."""
+    from tf_influence.gradients import fit_chunk, stack_per_example_gradients
+    c = hm.build("gpt2", n_pre=8)
+    g, _ = hm.objectives(c)
+    group = tfi.ParameterGroup.from_model(c.pretrain)
+    per = group.size * 4 * 3
+    assert fit_chunk(512, group.size, 4, 2 * per * 3) == 3
+    full = stack_per_example_gradients(g, c.pretrain_data, group).numpy()
+    small = np.concatenate([b.numpy() for b in tfi.per_example_gradients(
+        g, c.pretrain_data, group, memory_budget=2 * per * 3)])
+    assert small.shape == full.shape == (8, group.size)
+    np.testing.assert_allclose(small, full, rtol=1e-6, atol=1e-9)
+    with pytest.raises(memory.MemoryBudgetError, match=memory.human(per)):
+        next(tfi.per_example_gradients(g, c.pretrain_data, group, memory_budget=per))
