@@ -227,14 +227,14 @@ def _factor_plan(stats, dataset, batch_shape) -> MemoryPlan:
     c = _dsize(stats.compute)
     plan = MemoryPlan(f"(E)K-FAC factors of {stats.objective.name} over '{stats.group.name}'")
     passes = 2 if stats.kind == "ekfac" else 1
-    per_batch = 0
+    per_batch, largest_dense = 0, 0
     for b in stats.blocks:
         for side, n, diag in (("A", b.rows, b.diag_in), ("S", b.d_out, b.diag_out)):
             if diag:
                 plan.add(f"diagonal {side} of '{b.name}'", n * 8 * 3, f"[{n}] float64")
-            else:
-                # the running sum, the average, numpy's eigh copy, the eigenvectors and eigh's workspace
-                plan.add(f"dense {side} of '{b.name}'", n * n * 8 * 5, f"[{n}, {n}] float64 and its eigenbasis")
+            else:   # the running sum and the eigenvectors are held for every block at once
+                plan.add(f"dense {side} of '{b.name}'", n * n * 8 * 2, f"[{n}, {n}] float64 and its eigenbasis")
+                largest_dense = max(largest_dense, n)
         plan.add(f"eigenvalues of '{b.name}'", b.rows * b.d_out * 8 * (2 + passes),
                  f"[{b.rows}, {b.d_out}] float64")
         # captured inputs and output gradients of each call (a tied table: its lookups and its logits)
@@ -251,6 +251,8 @@ def _factor_plan(stats, dataset, batch_shape) -> MemoryPlan:
         if id(v) in rest:
             per_batch += B * size * c * 3   # vectorised per-example gradients of the variables no layer covers
     plan.add("per-batch products", per_batch, f"batch {B} × {P} positions")
+    if largest_dense:   # one eigendecomposition at a time: the average, numpy's copy and LAPACK's workspace
+        plan.add("eigendecomposition workspace", largest_dense ** 2 * 8 * 3, f"[{largest_dense}, {largest_dense}] × 3")
     sides = sorted({n for b in stats.blocks for n, diag in ((b.rows, b.diag_in), (b.d_out, b.diag_out)) if not diag})
     if sides:
         plan.suggest(f"dense_factor_max below {sides[-1]} (a factor side above it is kept diagonal; "

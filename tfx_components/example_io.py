@@ -418,13 +418,49 @@ def load_keras_model(path: str):
                                                          os.path.join(path, "Format-Serving", "model.keras")]
     for c in candidates:
         if tf.io.gfile.exists(c):
+            import tf_influence.lm  # noqa: F401 — registers CausalLMLoss, so a saved LM's loss deserialises
             with warnings.catch_warnings():
                 # scoring never uses the optimizer: a saved optimizer whose slots were not built is harmless
                 warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-                return keras.models.load_model(c, compile=True)
+                # a keras-hub Task (GPT2CausalLM, …) overrides compile(): Keras does not restore its compile
+                # configuration and the constructor's default loss stands — we restore the saved loss below
+                warnings.filterwarnings("ignore", message=r"`compile\(\)` was not called as part of model loading")
+                model = keras.models.load_model(c, compile=True)
+            _restore_saved_loss(model, c)
+            return model
     raise FileNotFoundError(f"no Keras model file at {path} (looked for {candidates}); add "
                             "`tfx_components.saving.save_for_influence(model, fn_args)` to the Trainer's run_fn "
                             "(Keras 3 cannot rebuild trainable layers from the SavedModel alone)")
+
+
+def saved_loss(path: str):
+    """The loss a ``.keras`` archive was compiled with (its ``config.json``'s ``compile_config``), or None."""
+    import zipfile
+
+    import keras
+    import tensorflow as tf
+    try:
+        with tf.io.gfile.GFile(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
+            cfg = json.loads(zf.read("config.json"))
+    except (KeyError, OSError, zipfile.BadZipFile, ValueError):
+        return None
+    loss = (cfg.get("compile_config") or {}).get("loss")
+    if loss is None:
+        return None
+    return keras.losses.deserialize(loss) if isinstance(loss, dict) else keras.losses.get(loss)
+
+
+def _restore_saved_loss(model, path: str):
+    """Re-attach the saved loss where loading replaced it (keras-hub's ``CausalLM`` compiles itself with
+    ``SparseCategoricalCrossentropy`` and Keras skips the saved compile configuration of a model whose
+    ``compile()`` is custom): scoring a causal LM saved with ``CausalLMLoss`` must use that loss, not a
+    default one that fails on its ignored positions (or silently counts them)."""
+    want = saved_loss(path)
+    have = getattr(model, "loss", None)
+    if want is None or (have is not None and type(have) is type(want) and
+                        getattr(have, "get_config", dict)() == getattr(want, "get_config", dict)()):
+        return
+    model.compile(loss=want)
 
 
 def set_worker_threads(threads: int | None):

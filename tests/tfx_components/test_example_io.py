@@ -174,3 +174,20 @@ def test_a_killed_job_leaves_no_temporary_after_the_rerun(tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert names == ["scores-00000-of-00002.tfrecord.gz", "scores-00001-of-00002.tfrecord.gz"], names
     assert len(scores_io.read_scores(str(out))) == 3000
+
+
+def test_a_keras_hub_lm_loads_with_the_loss_it_was_saved_with(tmp_path):
+    """keras-hub's CausalLM compiles itself (SparseCategoricalCrossentropy) and Keras skips the saved
+    compile configuration of a model whose compile() is custom: without restoring it, the jobs scored a
+    model saved with CausalLMLoss by another loss (and failed on its ignored positions)."""
+    from tests import hub_models as hm
+    from tf_influence.lm import CausalLMLoss
+    model = hm.pretrain_model("gpt2", hm.backbone("gpt2"))
+    model.compile(loss=CausalLMLoss(per_example="sum"))
+    path = str(tmp_path / "lm.keras")
+    model.save(path)
+    keras.config.disable_interactive_logging()
+    raw = keras.models.load_model(path)
+    assert not isinstance(raw.loss, CausalLMLoss)          # what Keras alone gives back
+    loaded = example_io.load_keras_model(path)
+    assert isinstance(loaded.loss, CausalLMLoss) and loaded.loss.per_example == "sum"
