@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-experiments docs pipeline pipeline-compile penguin-pipeline presence-pipeline demo bench bench-presence bench-kfac bench-scale bench-hub bench-index bench-beam-scale presence presence-quick presence-lm presence-lm-quick bazel-test reproduce reproduce-quick clean
+.PHONY: install test test-experiments docs pipeline pipeline-compile penguin-pipeline presence-pipeline demo bench bench-presence bench-kfac bench-scale bench-hub bench-index bench-beam-scale bench-real-size bench-vocab-side presence presence-quick presence-lm presence-lm-quick bazel-test reproduce reproduce-quick clean
 
 install: $(STAMP)
 
@@ -60,6 +60,12 @@ bench-hub: install
 
 bench-index: install
 	$(PY) -m benchmarks.index --out docs/results/index.json
+
+bench-real-size: install   # ~3 h on 2 cores: every path on GPT-2 small, BERT base, a 100 M Llama, GPT-2-mid
+	$(PY) -m benchmarks.real_size --out docs/results/real_size.json --models gpt2-small bert-base llama-100m gpt2-mid
+
+bench-vocab-side: install
+	$(PY) -m benchmarks.vocab_side --out docs/results/vocab_side.json
 
 bench-beam-scale: install
 	$(PY) -m benchmarks.beam_scale --out reports/benchmarks/beam_scale.json

@@ -58,6 +58,9 @@ class RealSizeArgs:
     test_points: int = field(default=4, metadata={"help": "test points"})
     workdir: str = field(default="reports/real_size", metadata={"help": "weights and results of the run"})
     timeout: int = field(default=7200, metadata={"help": "seconds one path may run"})
+    reuse: bool = field(default=False, metadata={
+        "help": "reuse the trained weights and epoch time of an earlier run in --workdir (same sequences), and add "
+                "the paths to that model's entry in --out"})
     verbose: bool = field(default=False, metadata={"help": "TensorFlow's and the libraries' own logs"})
 
 
@@ -269,8 +272,11 @@ def run_path(name: str, path: str, args: RealSizeArgs) -> dict:
                 raise RuntimeError("index_query needs the influence path's saved result (run 'influence' first)")
             result = an.load_scores("influence")
             t = time.perf_counter()
+            an.query_index("ix", result, top_k=10)          # the first query also builds the projector
+            extra["cold_seconds"] = time.perf_counter() - t
+            t = time.perf_counter()
             top = an.query_index("ix", result, top_k=10)
-            extra["queries"] = 1
+            extra["queries"] = int(np.asarray(result.test_vector).reshape(result.test_vector.shape[0], -1).shape[1])
             extra["top_harmful"] = np.asarray(top.harmful_keys).reshape(-1)[:3].tolist()
     elif path == "presence_step":
         pre.trainable = True
@@ -384,12 +390,24 @@ def main(argv=None):
         cfg = MODELS[name]
         print(f"== {name}: vocabulary {cfg['vocab']:,}, {cfg['layers']} × {cfg['width']}, "
               f"{args.sequences} sequences of {args.length} tokens", flush=True)
-        prep = _spawn(name, "prepare", args)
+        saved = os.path.join(_paths_dir(args, name), "prepared.json")
+        prep = None
+        if args.reuse and os.path.exists(saved):
+            with open(saved) as fh:
+                prep = json.load(fh)
+            if prep.get("sequences") != args.sequences or prep.get("length") != args.length:
+                prep = None
+        if prep is None:
+            prep = _spawn(name, "prepare", args)
+            if "train_epoch_seconds" in prep:
+                with open(saved, "w") as fh:
+                    json.dump({**prep, "sequences": args.sequences, "length": args.length}, fh)
         if not prep.get("ok", True) or "train_epoch_seconds" not in prep:
             print(f"   prepare failed: {prep.get('error')}", flush=True)
             results[name] = {"error": prep.get("error")}
             continue
-        entry = {"n_params": prep["n_params"], "vocab": cfg["vocab"], "n_sequences": args.sequences,
+        entry = results.get(name) if args.reuse and "paths" in results.get(name, {}) else None
+        entry = entry or {"n_params": prep["n_params"], "vocab": cfg["vocab"], "n_sequences": args.sequences,
                  "length": args.length, "batch": args.batch, "train_epoch_seconds": prep["train_epoch_seconds"],
                  "layers": cfg["layers"], "width": cfg["width"], "paths": {}}
         print(f"   {prep['n_params']:,} parameters; one training epoch {prep['train_epoch_seconds']:.1f} s, "

@@ -334,9 +334,16 @@ class Analyzer:
         ``query``: an :class:`~tf_influence.influence.InfluenceResult` (its test vector(s) ``s``, laid
         out by its group spec — e.g. :meth:`influence`'s or :meth:`load_scores`'), or an array over
         :meth:`pretrain_group`. ``args`` / ``options``: :class:`~tf_influence.index.QueryArgs`."""
-        from .index import GradientIndex
+        from .index import INDEX_FILE, GradientIndex
         from .params import ParameterGroup
-        index = GradientIndex(self._dir("index", name))
+        directory = self._dir("index", name)
+        stamp = os.path.getmtime(os.path.join(directory, INDEX_FILE)) if os.path.exists(
+            os.path.join(directory, INDEX_FILE)) else None
+        cached = self.__dict__.setdefault("_indexes", {}).get(name)
+        if cached is None or cached[0] != stamp:       # loaded once (its projector too) while the files stand
+            cached = (stamp, GradientIndex(directory))
+            self._indexes[name] = cached
+        index = cached[1]
         model = self.task.pretrain_model
         if isinstance(query, InfluenceResult):
             if query.group_spec is None:

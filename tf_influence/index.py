@@ -320,10 +320,15 @@ class GradientIndex:
                 f"gradient index {self.directory} was built from model fingerprint {self.meta['model_fingerprint']}, "
                 f"but model '{objective.model.name}' has fingerprint {got}: other weights or another parameter "
                 "group; rebuild the index for this model")
+        # kept per objective while its weights keep the index's fingerprint (checked above on every call)
+        cache = self.__dict__.setdefault("_projectors", {})
+        if id(objective) in cache and cache[id(objective)][0] is objective:
+            return cache[id(objective)][1]
         proj = GradientProjector(objective, group, self.projection_args)
         if proj.dim != self.dim:
             raise IndexMismatchError(f"gradient index {self.directory}: projection of dimension {proj.dim}, index "
                                      f"has {self.dim}")
+        cache[id(objective)] = (objective, proj)
         return proj
 
     def iter_shards(self):
@@ -383,7 +388,10 @@ class GradientIndex:
         if vector_group is not None:
             v = np.asarray(vectors)
             placed = np.zeros((proj.group.size,) + v.shape[1:], v.dtype)
-            placed[proj.group.slices(vector_group)] = v
+            at = 0
+            for start, n in proj.group.ranges(vector_group):     # contiguous copies, variable by variable
+                placed[start:start + n] = v[at:at + n]
+                at += n
             vectors = placed
         if args.precondition == "ekfac":
             from .kfac import KFACFactors, KFACInverse
