@@ -42,36 +42,71 @@ from tf_influence.lm import CausalLMLoss, causal_lm_examples  # noqa: E402
 SCE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
+class CharTokens:
+    """The embedded corpus' character vocabulary (:mod:`model_zoo.text`)."""
+
+    name = "char"
+    vocab_size = text.VOCAB_SIZE
+
+    def encode(self, s: str) -> np.ndarray:
+        return text.encode([s])[0]
+
+
+class BPETokens:
+    """A byte-level BPE of ``vocab_size`` tokens trained offline on the embedded corpus with the ``tokenizers``
+    package (installed with keras-hub): a subword vocabulary of a realistic size, id 0 the padding."""
+
+    name = "bpe"
+
+    def __init__(self, vocab_size: int = 8192):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        prose, code = text.load_corpus()
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator(list(prose) + code.split("\n"), trainers.BpeTrainer(
+            vocab_size=int(vocab_size), special_tokens=["[PAD]"], show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        self.tok, self.vocab_size = tok, int(tok.get_vocab_size())
+
+    def encode(self, s: str) -> np.ndarray:
+        return np.asarray(self.tok.encode(s).ids, np.int32)
+
+
+TOKENS = CharTokens()      # main() sets the benchmark's tokenizer
+
+
 def corpus_windows(n: int, length: int, seed: int = 0) -> np.ndarray:
-    """``[n, length]`` character ids of windows of the embedded corpus (prose + code, stride length/2)."""
+    """``[n, length]`` token ids of windows of the embedded corpus (prose + code, stride length/2)."""
     prose, code = text.load_corpus()
-    stream = " ".join(prose) + " " + code
+    stream = TOKENS.encode(" ".join(prose) + " " + code)
     stride = max(1, length // 2)
     starts = np.arange(0, len(stream) - length, stride)
     if len(starts) < n:
         raise ValueError(f"the embedded corpus gives {len(starts)} windows of {length}, asked for {n}")
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(starts, size=n, replace=False))
-    return text.encode([stream[s:s + length] for s in chosen])
+    return np.stack([stream[s:s + length] for s in chosen]).astype(np.int32)
 
 
 def domain_task(n: int, length: int, seed: int = 1):
-    """Windows of the prose paragraphs with their :data:`model_zoo.text.DOMAINS` label."""
+    """Windows of ``length`` tokens of the prose paragraphs with their :data:`model_zoo.text.DOMAINS` label."""
     prose, _, domains = text.load_corpus(with_domains=True)
     xs, ys = [], []
     for para, d in zip(prose, domains):
-        for w in text.windows(para, length):
-            xs.append(w)
+        ids = TOKENS.encode(para)
+        for i in range(0, len(ids) - length + 1, length):
+            xs.append(ids[i:i + length])
             ys.append(d)
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(xs))[:n]
-    return text.encode([xs[i] for i in idx]), np.array([ys[i] for i in idx], np.int32)
+    return np.stack([xs[i] for i in idx]).astype(np.int32), np.array([ys[i] for i in idx], np.int32)
 
 
 def build(width: int, layers: int, length: int, seed: int = 0):
     import keras_hub
     keras.utils.set_random_seed(seed)
-    backbone = keras_hub.models.GPT2Backbone(vocabulary_size=text.VOCAB_SIZE, num_layers=layers, num_heads=4,
+    backbone = keras_hub.models.GPT2Backbone(vocabulary_size=TOKENS.vocab_size, num_layers=layers, num_heads=4,
                                              hidden_dim=width, intermediate_dim=4 * width,
                                              max_sequence_length=length, name="backbone")
     lm = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
@@ -151,6 +186,10 @@ def fidelity(n_pre: int, n_loo: int, width: int, length: int, steps: int) -> dic
                                                            max_iter=300)),
                "ekfac": dict(pretrain_solver=tfi.SolverConfig("ekfac", damping=tfi.DEFAULT_PRETRAIN_DAMPING)),
                "identity": dict(pretrain_solver=tfi.SolverConfig("identity"))}
+    from tf_influence.kfac import DENSE_FACTOR_MAX
+    if TOKENS.vocab_size > DENSE_FACTOR_MAX:   # the exact (dense) vocabulary side, where it still fits
+        methods["ekfac_dense_vocab"] = dict(pretrain_solver=tfi.SolverConfig(
+            "ekfac", damping=tfi.DEFAULT_PRETRAIN_DAMPING, dense_factor_max=10 ** 9))
     predicted, solver = {}, {}
     for name, kw in methods.items():
         res = tfi.multi_stage_influence(g, pre_ds, f, ft_ds, te_ds, embedding=backbone, hessian_samples=None, **kw)
@@ -165,7 +204,13 @@ def fidelity(n_pre: int, n_loo: int, width: int, length: int, steps: int) -> dic
     out = {name: loo.correlation(p[chosen], actual) for name, p in predicted.items()}
     for v in out.values():
         v["n"] = v.pop("n_examples")
-    return {"fidelity": out, "fidelity_solvers": solver,
+    extra = {}
+    if "ekfac_dense_vocab" in predicted:   # bounded (diagonal) against exact (dense) vocabulary side, every example
+        from scipy import stats
+        extra["fidelity_diagonal_vs_dense_vocab_spearman"] = float(
+            stats.spearmanr(predicted["ekfac"], predicted["ekfac_dense_vocab"])[0])
+    return {"fidelity": out, "fidelity_solvers": solver, "fidelity_tokenizer": TOKENS.name,
+            "fidelity_vocab": int(TOKENS.vocab_size), **extra,
             "fidelity_setup": {"n_params": int(tfi.ParameterGroup.from_model(lm).size), "n_pretrain": n_pre,
                                "n_loo": n_loo, "protocol": {"steps": steps, "optimizer": "sgd", "lr": 0.05}},
             "fidelity_over_identity": {name: (abs(out[name]["pearson"]) / max(abs(out["identity"]["pearson"]), 1e-12))
@@ -186,6 +231,10 @@ class HubBenchArgs:
     layers: int = field(default=3, metadata={"help": "GPT-2 layers of the speed run"})
     length: int = field(default=32, metadata={"help": "sequence length (characters)"})
     parts: list[str] = field(default_factory=lambda: list(PARTS), metadata={"choices": PARTS, "help": "what to run"})
+    tokenizer: str = field(default="bpe", metadata={
+        "choices": ("bpe", "char"), "help": "fidelity: a byte-level BPE trained on the embedded corpus (a vocabulary "
+                                           "of --bpe-vocab, which has the large-vocabulary problem) or its characters"})
+    bpe_vocab: int = field(default=8192, metadata={"help": "fidelity: BPE vocabulary size"})
 
 
 def main(argv=None):
@@ -200,10 +249,14 @@ def main(argv=None):
         print("second derivatives vs float64 central differences …", flush=True)
         out["hvp_fd_rel_error"] = derivative_check.check_all()
     if "fidelity" in args.parts:
-        print("fidelity on a small GPT-2 LM (leave-one-out retraining) …", flush=True)
+        global TOKENS
+        TOKENS = BPETokens(args.bpe_vocab) if args.tokenizer == "bpe" else CharTokens()
+        print(f"fidelity on a small GPT-2 LM, {TOKENS.name} vocabulary of {TOKENS.vocab_size:,} "
+              "(leave-one-out retraining) …", flush=True)
         out.update(fidelity(n_pre=80 if args.quick else 240, n_loo=12 if args.quick else 40, width=16,
                             length=16, steps=10 if args.quick else 30))
     if "speed" in args.parts:
+        TOKENS = CharTokens()      # the speed run's figures are on the character corpus (20,000 sequences)
         print(f"speed: GPT-2 LM, {args.examples} sequences …", flush=True)
         out.update(speed(args.examples, args.width, args.layers, args.length, batch=64))
     out["quick"] = bool(args.quick)
