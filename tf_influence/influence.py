@@ -471,14 +471,15 @@ class MultiStageInfluence:
         first = self.H_TT if self.case == "fixed" else self.K
         method_f, plan_f = solve_plan(first, self.finetune_solver, k)
         method_g, plan_g = solve_plan(self.H_G, self.pretrain_solver, k)
-        # the solves run one after the other: the larger of the two is what the peak holds
-        worst = max((plan_f, plan_g), key=lambda p_: p_.total)
-        for item in worst.items:
-            plan.add(f"{'finetuning' if worst is plan_f else 'pretraining'} solve ({method_f if worst is plan_f else method_g}): "
-                     f"{item.name}", item.nbytes, item.what)
-        plan.suggest(*worst.options)
+        # the finetuning solve is over before the pretraining one starts: one phase of its own (its peak)
+        plan.add(f"finetuning solve ({method_f})", plan_f.total, plan_f.largest(1)[0].name if plan_f.items else "",
+                 phase="finetuning solve")
+        for item in plan_g.items:          # the pretraining solve's factors are held through the scoring
+            plan.add(f"pretraining solve ({method_g}): {item.name}", item.nbytes, item.what,
+                     phase=None if item.phase is None else f"pretraining {item.phase}")
+        plan.suggest(*plan_g.options, *plan_f.options)
         plan.add("scoring (forward-mode tangents over (W, U))", self.WU.size * self.WU.dtype.size * 3 * min(k, 4),
-                 f"[{self.WU.size}] × 3 per column")
+                 f"[{self.WU.size}] × 3 per column", phase="scoring")
         return plan
 
     def __call__(self, test_data, test_target: str = "sum", score_data=None) -> InfluenceResult:

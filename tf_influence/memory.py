@@ -137,9 +137,13 @@ def check_budget_value(budget) -> None:
 
 @dataclass
 class MemoryItem:
+    """One allocation: held through the whole step (``phase=None``) or only during one phase of it
+    (the factor passes, the eigendecomposition, a solve, scoring: phases run one after the other)."""
+
     name: str
     nbytes: int
     what: str = ""
+    phase: str | None = None
 
 
 @dataclass
@@ -151,8 +155,8 @@ class MemoryPlan:
     items: list = field(default_factory=list)
     options: list = field(default_factory=list)
 
-    def add(self, name: str, nbytes: float, what: str = "") -> "MemoryPlan":
-        self.items.append(MemoryItem(name, int(max(0, nbytes)), what))
+    def add(self, name: str, nbytes: float, what: str = "", phase: str | None = None) -> "MemoryPlan":
+        self.items.append(MemoryItem(name, int(max(0, nbytes)), what, phase))
         return self
 
     def extend(self, other: "MemoryPlan") -> "MemoryPlan":
@@ -166,10 +170,25 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return int(sum(i.nbytes for i in self.items))
+        """The peak: what is held throughout plus the largest phase."""
+        held = sum(i.nbytes for i in self.items if i.phase is None)
+        return int(held + max(self.phases().values(), default=0))
+
+    def phases(self) -> dict:
+        out = {}
+        for i in self.items:
+            if i.phase is not None:
+                out[i.phase] = out.get(i.phase, 0) + i.nbytes
+        return out
+
+    def peak_items(self) -> list:
+        """The items of the peak: those held throughout and those of the largest phase."""
+        phases = self.phases()
+        worst = max(phases, key=phases.get) if phases else None
+        return [i for i in self.items if i.phase is None or i.phase == worst]
 
     def largest(self, k: int = 3) -> list:
-        return sorted(self.items, key=lambda i: -i.nbytes)[:k]
+        return sorted(self.peak_items(), key=lambda i: -i.nbytes)[:k]
 
     def fits(self, budget=None) -> bool:
         return self.total <= resolve_budget(budget)
@@ -189,8 +208,9 @@ class MemoryPlan:
         return self
 
     def summary(self) -> dict:
-        return {"title": self.title, "total_bytes": self.total, "total": human(self.total),
-                "items": [{"name": i.name, "bytes": i.nbytes, "what": i.what} for i in self.largest(len(self.items))]}
+        return {"title": self.title, "total_bytes": self.total, "total": human(self.total), "phases": self.phases(),
+                "items": [{"name": i.name, "bytes": i.nbytes, "what": i.what, "phase": i.phase}
+                          for i in sorted(self.items, key=lambda i: -i.nbytes)]}
 
 
 # -- estimates of the library's steps --------------------------------------------------------------
@@ -226,33 +246,52 @@ def _factor_plan(stats, dataset, batch_shape) -> MemoryPlan:
     B, P = batch_shape if batch_shape is not None else (first_batch_shape(dataset) if dataset is not None else (32, 1))
     c = _dsize(stats.compute)
     plan = MemoryPlan(f"(E)K-FAC factors of {stats.objective.name} over '{stats.group.name}'")
-    passes = 2 if stats.kind == "ekfac" else 1
-    per_batch, largest_dense = 0, 0
+    ekfac = stats.kind == "ekfac"
+    captured, temp, largest_dense, sums, eig_total, largest_name = 0, 0, 0, 0, 0, ""
     for b in stats.blocks:
         for side, n, diag in (("A", b.rows, b.diag_in), ("S", b.d_out, b.diag_out)):
             if diag:
-                plan.add(f"diagonal {side} of '{b.name}'", n * 8 * 3, f"[{n}] float64")
-            else:   # the running sum and the eigenvectors are held for every block at once
-                plan.add(f"dense {side} of '{b.name}'", n * n * 8 * 2, f"[{n}, {n}] float64 and its eigenbasis")
-                largest_dense = max(largest_dense, n)
-        plan.add(f"eigenvalues of '{b.name}'", b.rows * b.d_out * 8 * (2 + passes),
-                 f"[{b.rows}, {b.d_out}] float64")
-        # captured inputs and output gradients of each call (a tied table: its lookups and its logits)
-        per_batch += B * P * (min(b.rows, 1 << 30) + b.d_out) * c * 2
-        if stats.kind == "ekfac":
-            g_n = b.rows * b.d_out * c
-            per_batch += (B * g_n * 2) if g_n <= PER_EXAMPLE_BATCHED_MAX * c else g_n * 3 + b.rows * b.d_out * 8
+                sums += n * 8
+                continue
+            # the covariance's running sum (and each batch's, added to it) through the first pass, then its
+            # eigenvectors for the rest of the fit
+            plan.add(f"dense {side} of '{b.name}'", n * n * 8 * 2, f"[{n}, {n}] float64, running and batch sums",
+                     phase="covariance pass")
+            plan.add(f"eigenvectors of {side} of '{b.name}'", n * n * 8, f"[{n}, {n}] float64")
+            if n > largest_dense:
+                largest_dense, largest_name = n, f"{side} of '{b.name}'"
+        e = b.rows * b.d_out * 8
+        eig_total += e
+        # EK-FAC: the corrected eigenvalues' running sum (kept as the result) and each batch's; K-FAC: λ_A ⊗ λ_S
+        plan.add(f"eigenvalues of '{b.name}'", e, f"[{b.rows}, {b.d_out}] float64")
+        if ekfac:
+            plan.add(f"a batch's eigenvalue sums of '{b.name}'", e, f"[{b.rows}, {b.d_out}] float64",
+                     phase="correction pass")
+        # captured inputs and output gradients (a vocabulary side: the logits and their gradient)
+        captured += B * P * (b.rows + b.d_out) * c * 2
+        g_n = b.rows * b.d_out * c
+        temp = max(temp, B * g_n * 2 if b.rows * b.d_out <= PER_EXAMPLE_BATCHED_MAX else g_n * 3 + e)
     rest = {id(v) for v in stats.rest}
+    vectorised = 0
     for v in stats.diag_vars:
         size = 1
-        for s in v.shape:
-            size *= int(s)
-        plan.add(f"Fisher diagonal of '{getattr(v, 'path', v.name)}'", size * 8 * 3, f"[{size}] float64")
+        for d in v.shape:
+            size *= int(d)
+        plan.add(f"Fisher diagonal of '{getattr(v, 'path', v.name)}'", size * 8 * 2, f"[{size}] float64")
         if id(v) in rest:
-            per_batch += B * size * c * 3   # vectorised per-example gradients of the variables no layer covers
-    plan.add("per-batch products", per_batch, f"batch {B} × {P} positions")
+            vectorised += B * size * c * 3   # vectorised per-example gradients of the variables no layer covers
+    plan.add("per-batch products (first pass)", captured + vectorised, f"batch {B} × {P} positions",
+             phase="covariance pass")
+    if sums:
+        plan.add("diagonal sums", sums, phase="covariance pass")
     if largest_dense:   # one eigendecomposition at a time: the average, numpy's copy and LAPACK's workspace
-        plan.add("eigendecomposition workspace", largest_dense ** 2 * 8 * 3, f"[{largest_dense}, {largest_dense}] × 3")
+        plan.add("covariance sums held for the eigendecomposition",
+                 sum(i.nbytes for i in plan.items if i.name.startswith("dense ")) // 2, phase="eigendecomposition")
+        plan.add(f"eigendecomposition of {largest_name}", largest_dense ** 2 * 8 * 3,
+                 f"[{largest_dense}, {largest_dense}] float64 × 3 (average, copy, workspace)", phase="eigendecomposition")
+    if ekfac:
+        plan.add("per-batch products (correction pass)", captured + temp, f"batch {B} × {P} positions",
+                 phase="correction pass")
     sides = sorted({n for b in stats.blocks for n, diag in ((b.rows, b.diag_in), (b.d_out, b.diag_out)) if not diag})
     if sides:
         plan.suggest(f"dense_factor_max below {sides[-1]} (a factor side above it is kept diagonal; "
@@ -269,10 +308,11 @@ def dense_plan(p: int, k: int = 1, what: str = "Hessian") -> MemoryPlan:
             .suggest("solver='cg_squared' or 'ekfac'", "a smaller dense_max / max_params", "a larger memory_budget"))
 
 
-def vectors_plan(p: int, k: int, count: int, title: str, dtype_size: int = 8) -> MemoryPlan:
+def vectors_plan(p: int, k: int, count: int, title: str, dtype_size: int = 8, phase: str | None = None) -> MemoryPlan:
     """``count`` working vectors of ``[p, k]`` (CG's iterates, an (E)K-FAC inverse's input and output)."""
-    return MemoryPlan(title).add("working vectors", p * k * dtype_size * count, f"{count} × [{p}, {k}]").suggest(
-        "fewer test points per solve (test_target='sum')", "a larger memory_budget")
+    return MemoryPlan(title).add("working vectors", p * k * dtype_size * count, f"{count} × [{p}, {k}]",
+                                 phase=phase).suggest("fewer test points per solve (test_target='sum')",
+                                                      "a larger memory_budget")
 
 
 def kfac_inverse_plan(stats_or_blocks, p: int, k: int) -> MemoryPlan:
@@ -280,12 +320,12 @@ def kfac_inverse_plan(stats_or_blocks, p: int, k: int) -> MemoryPlan:
     bases of every block (float64) and the columns in float64."""
     blocks = getattr(stats_or_blocks, "blocks", stats_or_blocks)
     plan = MemoryPlan("the (E)K-FAC inverse")
-    for b in blocks:
-        plan.add(f"denominators of '{b.name}'", b.rows * b.d_out * 8, f"[{b.rows}, {b.d_out}] float64")
+    for b in blocks:   # the factors themselves are in their fit's plan
+        plan.add(f"denominators of '{b.name}'", b.rows * b.d_out * 8, f"[{b.rows}, {b.d_out}] float64", phase="solve")
         q = (0 if b.diag_in else b.rows * b.rows) + (0 if b.diag_out else b.d_out * b.d_out)
         if q:
-            plan.add(f"eigenbases of '{b.name}'", q * 8)
-    plan.add("columns", p * k * 8 * 5, f"[{p}, {k}] float64 × 5")
+            plan.add(f"eigenbases of '{b.name}' as tensors", q * 8, phase="solve")
+    plan.add("columns", p * k * 8 * 3, f"[{p}, {k}] float64 × 3 (input, result, result as a tensor)", phase="solve")
     return plan
 
 

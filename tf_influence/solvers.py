@@ -299,7 +299,7 @@ def kronecker(op, b, damping: float = 0.0, kind: str = "ekfac", fisher: str = "t
         factors = cache[key]
     b = tf.convert_to_tensor(b)
     from .memory import vectors_plan
-    vectors_plan(int(op.shape[0]), 1 if b.shape.rank == 1 else int(b.shape[1]), 5,
+    vectors_plan(int(op.shape[0]), 1 if b.shape.rank == 1 else int(b.shape[1]), 3,
                  f"the {kind} inverse of {op.name}").check(memory_budget)
     inverse = kfac.KFACInverse(factors, model, op.rows, damping=damping, relative_damping=relative_damping,
                                extra_diagonal=op.extra_diagonal)
@@ -442,7 +442,7 @@ def solve_plan(op, config: "SolverConfig | None" = None, columns: int = 1):
                                  if config.dense_factor_max is None else config.dense_factor_max)
         return method, factor_plan(stats, op.dataset).extend(kfac_inverse_plan(stats, p, columns))
     if method in ("ekfac", "kfac"):
-        return method, vectors_plan(p, columns, 5, f"the {method} inverse of {name}")
+        return method, vectors_plan(p, columns, 3, f"the {method} inverse of {name}")
     if method == "identity":
         return method, MemoryPlan(f"identity with {name}")
     return method, vectors_plan(p, columns, 10, f"{method} with {name}")

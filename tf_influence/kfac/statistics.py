@@ -86,7 +86,8 @@ class FactorStatistics:
 
         stats = FactorStatistics(objective, group)
         sums = add_statistics(stats.covariances(x1, y1, 0), stats.covariances(x2, y2, 1))
-        bases = stats.eigenbases(sums)                               # pass 1 → eigenbases
+        bases = stats.eigenbases(sums)
+    sums = {"n": sums["n"], "diag": sums["diag"]}       # the covariances are no longer needed: free them                               # pass 1 → eigenbases
         corr = add_statistics(stats.correction(x1, y1, 0, bases), stats.correction(x2, y2, 1, bases))
         factors = stats.factors(sums, bases, corr)                   # EK-FAC (kind="kfac": corr=None)
 
@@ -233,8 +234,9 @@ class FactorStatistics:
         return {"n": float(n), "blocks": {k: tuple(v) for k, v in out.items()}, "diag": list(diag)}
 
     def eigenbases(self, sums: dict) -> dict:
-        """Eigendecomposition of the pass-1 averages (see :func:`eigenbases`)."""
-        return eigenbases(sums)
+        """Eigendecomposition of the pass-1 averages (see :func:`eigenbases`); EK-FAC's K-FAC
+        eigenvalues are not formed (the correction replaces them: one ``[rows, d_out]`` array less per block)."""
+        return eigenbases(sums, with_eigenvalues=self.kind == "kfac" or not self.blocks)
 
     def correction(self, x, y, step: int, bases: dict) -> dict:
         """Pass 2 sums of one batch (EK-FAC): ``{name: Σ_n ((Q_Aᵀ G_n Q_S)_ij)²}``."""
@@ -249,13 +251,15 @@ class FactorStatistics:
             if correction is None:
                 raise ValueError("EK-FAC needs the eigenvalue-correction sums of the second pass")
             for b in self.blocks:
-                fitted[b.name]["eig"] = correction[b.name] / n
+                eig = np.asarray(correction[b.name], np.float64)
+                eig /= n                                  # in place: a vocabulary block's is [vocab, d]
+                fitted[b.name]["eig"] = eig
         diagonal = {getattr(v, "path", tf_variable(v).name): d / n for v, d in zip(self.diag_vars, sums["diag"])}
         return KFACFactors(self.kind, self.fisher, int(round(n)), self.group.spec(self.objective.model), fitted,
                            diagonal)
 
 
-def eigenbases(sums: dict) -> dict:
+def eigenbases(sums: dict, with_eigenvalues: bool = True) -> dict:
     """Pass-1 sums of :class:`FactorStatistics` → ``{block: {"QA", "QS", "eig"}}`` with the K-FAC
     eigenvalues ``λ_A ⊗ λ_S``. A side kept diagonal (an ``Embedding``'s tokens, a vocabulary-sized side:
     :data:`DENSE_FACTOR_MAX`) has an empty ``Q`` (the identity) and its diagonal as eigenvalues.
@@ -271,7 +275,9 @@ def eigenbases(sums: dict) -> dict:
         # a diagonal side (token counts, a vocabulary): identity eigenbasis, stored as an empty Q
         eS, QS = (S, np.zeros((0, 0))) if S.ndim == 1 else np.linalg.eigh(0.5 * (S + S.T))
         eA, QA = (A, np.zeros((0, 0))) if A.ndim == 1 else np.linalg.eigh(0.5 * (A + A.T))
-        fitted[name] = {"QA": QA, "QS": QS, "eig": np.outer(np.maximum(eA, 0), np.maximum(eS, 0))}
+        fitted[name] = {"QA": QA, "QS": QS}
+        if with_eigenvalues:
+            fitted[name]["eig"] = np.outer(np.maximum(eA, 0), np.maximum(eS, 0))
     return fitted
 
 
@@ -285,6 +291,22 @@ def add_statistics(a, b):
     if b is None:
         return a
     return tf.nest.map_structure(lambda u, v: u + v, a, b)
+
+
+def _accumulate(total, new):
+    """``total + new`` like :func:`add_statistics`, adding numpy arrays into ``total`` in place (the running
+    sums of :func:`fit_factors` are its own: no second ``[vocab, d]`` array per block and batch)."""
+    if total is None:
+        return new
+    if isinstance(total, np.ndarray) and isinstance(new, np.ndarray) and total.shape == new.shape \
+            and total.dtype == new.dtype:
+        total += new
+        return total
+    if isinstance(total, dict):
+        return {k: _accumulate(total[k], new[k]) for k in total}
+    if isinstance(total, (list, tuple)):
+        return type(total)(_accumulate(a, b) for a, b in zip(total, new))
+    return total + new
 
 
 def _global_batch_size(y, strategy) -> int:
@@ -359,14 +381,15 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
     sums = None
     with finite_check(f"K-FAC factors of {objective.name} on {name}"):
         for step, (x, y) in loop("K-FAC covariances"):
-            sums = add_statistics(sums, stats.covariances(x, y, step))
+            sums = _accumulate(sums, stats.covariances(x, y, step))
     if sums is None or sums["n"] == 0:
         from ..objective import EmptyDatasetError
         raise EmptyDatasetError(f"{name} is empty: it yielded no examples")
     bases = stats.eigenbases(sums)
+    sums = {"n": sums["n"], "diag": sums["diag"]}       # the covariances are no longer needed: free them
     corr = None
     if kind == "ekfac" and stats.blocks:
         with finite_check(f"EK-FAC eigenvalue correction of {objective.name} on {name}"):
             for step, (x, y) in loop("EK-FAC eigenvalue correction"):
-                corr = add_statistics(corr, stats.correction(x, y, step, bases))
+                corr = _accumulate(corr, stats.correction(x, y, step, bases))
     return stats.factors(sums, bases, corr)
