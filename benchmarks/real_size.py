@@ -341,6 +341,7 @@ def _worker(argv):
     """``--_worker NAME PATH JSON_ARGS OUT``: one process, one path."""
     name, path, raw, out = argv
     from tf_influence import console
+    console.tune_openblas()      # before numpy loads OpenBLAS (see console.openblas_coretype)
     args = RealSizeArgs(**json.loads(raw))
     console.quiet(args.verbose)
     try:

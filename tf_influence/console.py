@@ -29,7 +29,9 @@ _LOGGERS = ("absl", "tensorflow", "apache_beam", "tfx", "ml_metadata", "h5py", "
 
 
 def quiet(verbose: bool = False) -> None:
-    """Hide known-harmless third-party output (see module docstring); no-op with ``verbose=True``."""
+    """Hide known-harmless third-party output (see module docstring); no-op with ``verbose=True``. Also
+    picks numpy's OpenBLAS kernels for this CPU when the user has not (:func:`tune_openblas`)."""
+    tune_openblas()
     if verbose:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
         return
@@ -112,3 +114,60 @@ class redirect_output:
         if exc[0] is not None:
             print(f"(full log: {self.log_path})", file=sys.stderr, flush=True)
         return False
+
+
+# -- numpy's BLAS on virtual machines -----------------------------------------------------------------
+def openblas_coretype() -> str | None:
+    """The fastest OpenBLAS kernel set this CPU supports by its ``/proc/cpuinfo`` flags (``SkylakeX`` with
+    AVX-512, ``Haswell`` with AVX2), or None. OpenBLAS detects the CPU itself, but on some virtual machines
+    it sees an unknown model and falls back to generic ``Prescott`` kernels (SSE3): on the 2-core VM where
+    this was measured, a ``[3072, 3072]`` ``eigh`` — one factor side of GPT-2 small's MLP — took 8.8 s
+    instead of 3.2 s."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        return None
+    if "avx512f" in flags:
+        return "SkylakeX"
+    if "avx2" in flags and "fma" in flags:
+        return "Haswell"
+    return None
+
+
+def tune_openblas() -> str | None:
+    """Entry points call this first: set ``OPENBLAS_CORETYPE`` to :func:`openblas_coretype` when the user
+    has not set it and numpy is not imported yet (OpenBLAS reads it when it loads). Returns what is set."""
+    if "OPENBLAS_CORETYPE" in os.environ:
+        return os.environ["OPENBLAS_CORETYPE"]
+    if "numpy" in sys.modules:
+        return None
+    core = openblas_coretype()
+    if core:
+        os.environ["OPENBLAS_CORETYPE"] = core
+    return core
+
+
+_BLAS_WARNED = []
+
+
+def warn_generic_blas() -> None:
+    """Warn once when numpy's OpenBLAS runs generic (``Prescott``) kernels on a CPU with AVX2 / AVX-512:
+    the factor fits' eigendecompositions are then about 2.8× slower than they need to be."""
+    if _BLAS_WARNED:
+        return
+    _BLAS_WARNED.append(True)
+    core = openblas_coretype()
+    if core is None or "OPENBLAS_CORETYPE" in os.environ:
+        return
+    try:
+        from threadpoolctl import threadpool_info
+        generic = any(str(i.get("architecture", "")).lower() in ("prescott", "generic")
+                      for i in threadpool_info() if i.get("internal_api") == "openblas")
+    except Exception:   # noqa: BLE001 — no way to tell: say nothing
+        return
+    if generic:
+        warnings.warn(f"numpy's OpenBLAS did not recognise this CPU and runs generic kernels; set "
+                      f"OPENBLAS_CORETYPE={core} before starting Python (the CPU has "
+                      f"{'AVX-512' if core == 'SkylakeX' else 'AVX2'}): the factor fits' eigendecompositions run "
+                      "about 2.8× faster", UserWarning, stacklevel=3)

@@ -292,6 +292,9 @@ def _factor_plan(stats, dataset, batch_shape) -> MemoryPlan:
     if ekfac:
         plan.add("per-batch products (correction pass)", captured + temp, f"batch {B} × {P} positions",
                  phase="correction pass")
+        q_total = sum(i.nbytes for i in plan.items if i.name.startswith("eigenvectors of "))
+        if q_total:
+            plan.add("eigenvectors as compute-dtype tensors", q_total * c // 8, phase="correction pass")
     sides = sorted({n for b in stats.blocks for n, diag in ((b.rows, b.diag_in), (b.d_out, b.diag_out)) if not diag})
     if sides:
         plan.suggest(f"dense_factor_max below {sides[-1]} (a factor side above it is kept diagonal; "

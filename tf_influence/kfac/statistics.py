@@ -240,8 +240,15 @@ class FactorStatistics:
 
     def correction(self, x, y, step: int, bases: dict) -> dict:
         """Pass 2 sums of one batch (EK-FAC): ``{name: Σ_n ((Q_Aᵀ G_n Q_S)_ij)²}``."""
-        tb = {k: (tf.constant(v["QA"]), tf.constant(v["QS"])) for k, v in bases.items()}
-        return self._run(self._correction, x, y, tf.constant(CORRECTION_SEED_OFFSET + step, tf.int64), tb)
+        # the bases as tensors in the compute dtype, made once per set of bases (not per batch: at GPT-2
+        # small they are 2.4 GB in float64)
+        cached = getattr(self, "_bases_tensors", None)
+        if cached is None or cached[0] is not bases:
+            self._bases_tensors = None
+            tb = {k: (tf.constant(np.asarray(v["QA"]), self.compute), tf.constant(np.asarray(v["QS"]), self.compute))
+                  for k, v in bases.items()}
+            self._bases_tensors = cached = (bases, tb)
+        return self._run(self._correction, x, y, tf.constant(CORRECTION_SEED_OFFSET + step, tf.int64), cached[1])
 
     def factors(self, sums: dict, bases: dict, correction: dict | None = None) -> KFACFactors:
         """The fitted :class:`KFACFactors` (``correction`` required for ``kind="ekfac"`` with blocks)."""
@@ -346,6 +353,9 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
     """
     stats = FactorStatistics(objective, group, kind, fisher, seed, strategy, dense_factor_max)
     model = objective.model
+    if any(not (b.diag_in and b.diag_out) and max(b.rows, b.d_out) >= 1024 for b in stats.blocks):
+        from ..console import warn_generic_blas
+        warn_generic_blas()          # large eigendecompositions ahead: say so if numpy's BLAS is generic
     from ..memory import factor_plan
     factor_plan(stats, dataset).check(memory_budget)   # refuse before any pass
     if max_examples is not None and int(max_examples) < 1:
