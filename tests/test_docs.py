@@ -64,3 +64,27 @@ def test_readme_is_short_and_quotes_the_results_file():
     n10k = index["gpt2-n10000"]
     assert f"`rerank={n10k['rerank']}`, lifts recall@100 to {n10k['recall_at_100_rerank']:.3f}" in readme
     assert f"{n10k['query_speedup_rerank']:.1f}× less than the corpus pass" in readme
+
+
+def test_real_size_and_vocabulary_tables_follow_their_json():
+    """The real-size page's tables and the vocabulary-side price come from their JSON files; met / missed
+    is computed from the numbers, and a path that failed shows its error."""
+    h = hooks()
+    data = json.loads((ROOT / "docs" / "results" / "real_size.json").read_text())
+    name, model = next((k, m) for k, m in data["models"].items() if "paths" in m)
+    text = h.real_size_tables(data)
+    assert f"### {name}" in text and f"{model['n_params']:,}" in text
+    for path in model["paths"]:
+        assert f"`{path}`" in text
+    changed = json.loads(json.dumps(data))
+    first = next(iter(changed["models"][name]["paths"]))
+    changed["models"][name]["paths"]["fit_factors"] = {"ok": True, "seconds": 10.0, "over_epoch": 9.5,
+                                                      "peak_rss_mb": 1000.0, "estimated_mb": 1100.0, "error": None}
+    changed["models"][name]["paths"][first] = {"ok": False, "seconds": None, "over_epoch": None, "peak_rss_mb": None,
+                                               "estimated_mb": None, "error": "MemoryBudgetError: too big"}
+    text = h.real_size_tables(changed)
+    assert "9.5 (≤ 2.5: missed)" in text and "(1.1)" in text and "MemoryBudgetError: too big" in text
+    vs = json.loads((ROOT / "docs" / "results" / "vocab_side.json").read_text())
+    text = h.vocab_side_tables(vs)
+    assert f"Spearman **{h._fmt(vs['spearman_diagonal_vs_dense'])}**" in text
+    assert h.vocab_side_tables(dict(vs, spearman_diagonal_vs_dense=0.9)).count("missed") == 1

@@ -41,11 +41,12 @@ _EXPORTS = {
                 "SolverNotConvergedWarning", "cg", "cg_squared", "dense", "identity", "lissa", "solve"],
     "kfac": ["FactorStatistics", "KFACFactors", "fit_factors"],
     "memory": ["MemoryBudgetError", "MemoryPlan"],
+    "provenance": ["StaleResultError"],
     "tracin": ["self_influence"],
     "presence": ["FilterResult", "PresenceArgs", "PresenceCallback", "PresenceModel", "presence_sequential"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-_SUBMODULES = {"analyzer", "baselines", "compiled", "console", "diagnostics", "evaluation", "ghost_norms", "gradients", "hessian", "influence", "kfac", "memory", "objective",
+_SUBMODULES = {"analyzer", "baselines", "compiled", "console", "diagnostics", "evaluation", "ghost_norms", "gradients", "hessian", "influence", "index", "kfac", "lm", "memory", "objective", "projection", "provenance",
                "params", "presence", "scores_io", "selection", "solvers", "tracin"}
 
 #: The names a user needs — ``from tf_influence import *``, the API reference's front page. Every

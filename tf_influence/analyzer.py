@@ -49,8 +49,8 @@ from .objective import Objective
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class AnalyzerError(ValueError):
-    """A name, a saved result or the arguments of a saved result do not fit the request."""
+from . import provenance  # noqa: E402
+from .provenance import AnalyzerError, StaleResultError  # noqa: E402,F401 (the front door's errors)
 
 
 @dataclass
@@ -208,14 +208,18 @@ class Analyzer:
         factor_args = factor_args or FactorArgs()
         directory = self._dir("factors", name)
         saved_args = os.path.join(directory, "factor_args.json")
+        group = self.pretrain_group()
+        prov = lambda: provenance.record({"pretrain": (self.task.pretrain_model, group)},   # noqa: E731
+                                         {"pretrain": pretrain_data}, {"factor_args": factor_args.to_dict()})
         if os.path.exists(saved_args) and not overwrite:
             with open(saved_args) as fh:
                 saved = fh.read()
             if FactorArgs.from_json(saved) != factor_args:      # fields added since then take their defaults
                 raise AnalyzerError(f"factors '{name}' in {directory} were computed with other arguments ({saved}); "
                                     "choose another name or pass overwrite=True")
+            provenance.check(directory, prov(), f"factors '{name}'")
             return KFACFactors.load(directory)
-        group = self.pretrain_group()
+        record = prov()
         if factor_args.hessian_samples is not None:     # the one subsampling rule (as the Hessian's)
             from .objective import subsample
             pretrain_data = subsample(pretrain_data, factor_args.hessian_samples, seed=factor_args.seed,
@@ -228,11 +232,22 @@ class Analyzer:
         factors.save(directory)
         with open(os.path.join(directory, "factor_args.json"), "w") as fh:
             fh.write(factor_args.to_json())
+        provenance.save(directory, record)
         return factors
 
     def load_factors(self, name: str):
         from .kfac import KFACFactors
-        return KFACFactors.load(self._dir("factors", name))
+        directory = self._dir("factors", name)
+        path = os.path.join(directory, provenance.PROVENANCE_FILE)
+        if os.path.exists(path):        # factors of other weights are refused (their data may differ: a subset)
+            with open(path) as fh:
+                saved = json.load(fh)["models"].get("pretrain")
+            now = provenance.weights_fingerprint(self.task.pretrain_model, self.pretrain_group())
+            if saved != now:
+                raise StaleResultError(f"factors '{name}' in {directory} were fitted on other weights of the "
+                                       f"pretraining model (fingerprint {saved} → {now}); refit them "
+                                       "(fit_factors(..., overwrite=True)) or choose another name")
+        return KFACFactors.load(directory)
 
     def pretrain_group(self):
         """(W, U) of the pretraining model — what the pretraining Hessian and the scores are over
@@ -262,8 +277,15 @@ class Analyzer:
         args = args or self.args
         directory = self._dir("scores", name)
         record = json.dumps({"influence_args": json.loads(args.to_json()), "factors": factors_name}, sort_keys=True)
+
+        def prov():   # both models' weights, the three datasets, the arguments
+            return provenance.record({"pretrain": (self.task.pretrain_model, None),
+                                      "finetune": (self.task.finetune_model, None)},
+                                     {"pretrain": pretrain_data, "finetune": finetune_data, "test": test_data},
+                                     json.loads(record))
         if os.path.exists(os.path.join(directory, "result.json")) and not overwrite:
             self._check_same(directory, "influence_args.json", record, f"scores '{name}'")
+            provenance.check(directory, prov(), f"scores '{name}'")
             return InfluenceResult.load(directory)
         run_args = args
         if factors_name is not None:
@@ -273,6 +295,7 @@ class Analyzer:
         result.save(directory)
         with open(os.path.join(directory, "influence_args.json"), "w") as fh:
             fh.write(record)
+        provenance.save(directory, prov())     # the datasets' fingerprints come from the call's counting passes
         return result
 
     def load_scores(self, name: str) -> InfluenceResult:
@@ -289,14 +312,24 @@ class Analyzer:
         group = _whole(self.task.pretrain_model) if layers is None else layers
         directory = self._dir("self_influence", name)
         record = json.dumps({"si_layers": _describe(layers), "method": method}, sort_keys=True)
+
+        def prov():
+            return provenance.record({"pretrain": (self.task.pretrain_model, None)}, {"pretrain": data},
+                                     json.loads(record))
         if os.path.exists(os.path.join(directory, "scores.npy")) and not overwrite:
             self._check_same(directory, "meta.json", record, f"self-influence '{name}'")
+            provenance.check(directory, prov(), f"self-influence '{name}'")
             return np.load(os.path.join(directory, "scores.npy"))
         scores = self_influence(self.pretrain_objective, data, group, progress=self.progress, method=method)
+        current = prov()
+        if current["datasets"]["pretrain"]["size"] != len(scores):     # the data changed under the pass
+            raise StaleResultError(f"self-influence '{name}': {len(scores)} scores for a dataset of "
+                                   f"{current['datasets']['pretrain']['size']} examples")
         os.makedirs(directory, exist_ok=True)
         np.save(os.path.join(directory, "scores.npy"), scores)
         with open(os.path.join(directory, "meta.json"), "w") as fh:
             fh.write(record)
+        provenance.save(directory, current)
         return scores
 
     def load_self_influence(self, name: str) -> np.ndarray:
@@ -312,21 +345,30 @@ class Analyzer:
         """A gradient index (:mod:`tf_influence.index`) of the pretraining examples over ``(W, U)`` —
         the parameters of :meth:`influence`'s test vectors —, saved as ``index/<name>``; kept when its
         projection arguments and the model's weights (fingerprint) are unchanged."""
-        from .index import INDEX_FILE, GradientIndex, build_index, fingerprint
+        from .index import INDEX_FILE, GradientIndex, build_index
         from .projection import ProjectionArgs
         projection_args = projection_args or ProjectionArgs()
         directory = self._dir("index", name)
-        record = json.dumps({"projection_args": json.loads(projection_args.to_json()), "keys": keys is not None,
-                             "fingerprint": fingerprint(self.task.pretrain_model, self.pretrain_group())},
+        # the weights' fingerprint is in the provenance (a change is named as such, not as other arguments)
+        record = json.dumps({"projection_args": json.loads(projection_args.to_json()), "keys": keys is not None},
                             sort_keys=True)
+        def prov():
+            return provenance.record({"pretrain": (self.task.pretrain_model, self.pretrain_group())},
+                                     {"pretrain": pretrain_data}, json.loads(record))
         if os.path.exists(os.path.join(directory, INDEX_FILE)) and not overwrite:
-            self._check_same(directory, "index_args.json", record, f"index '{name}' (or the model changed)")
+            self._check_same(directory, "index_args.json", record, f"index '{name}'")
+            provenance.check(directory, prov(), f"index '{name}'")
             return GradientIndex(directory)
         index = build_index(self.pretrain_objective, pretrain_data, directory, self.pretrain_group(),
                             projection_args, keys=keys, progress=self.progress, name="pretraining data",
                             batch_size=batch_size)
         with open(os.path.join(directory, "index_args.json"), "w") as fh:
             fh.write(record)
+        current = prov()
+        if current["datasets"]["pretrain"]["size"] != index.count:
+            raise StaleResultError(f"index '{name}': {index.count} examples indexed from a dataset of "
+                                   f"{current['datasets']['pretrain']['size']}")
+        provenance.save(directory, current)
         return index
 
     def query_index(self, name: str, query, args=None, **options):

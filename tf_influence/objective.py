@@ -205,11 +205,14 @@ def batches(dataset, name: str = "dataset", model=None):
 def count_examples(dataset, name: str = "dataset", model=None) -> int:
     """Number of examples in a batched ``(x, y)`` dataset; raises if it is empty (or not batched:
     see :func:`check_dataset`)."""
-    n = 0
-    for _, y in batches(dataset, name, model):
+    from .provenance import DatasetHasher, remember
+    n, hasher = 0, DatasetHasher()      # the pass fingerprints the data too (tf_influence.provenance)
+    for x, y in batches(dataset, name, model):
         n += int(tf.shape(tf.nest.flatten(y)[0])[0])
+        hasher.update(x, y)
     if n == 0:
         raise EmptyDatasetError(f"{name} is empty: it yielded no examples")
+    remember(dataset, hasher.digest())
     return n
 
 
