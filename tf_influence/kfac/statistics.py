@@ -86,8 +86,7 @@ class FactorStatistics:
 
         stats = FactorStatistics(objective, group)
         sums = add_statistics(stats.covariances(x1, y1, 0), stats.covariances(x2, y2, 1))
-        bases = stats.eigenbases(sums)
-    sums = {"n": sums["n"], "diag": sums["diag"]}       # the covariances are no longer needed: free them                               # pass 1 → eigenbases
+        bases = stats.eigenbases(sums)                               # pass 1 → eigenbases
         corr = add_statistics(stats.correction(x1, y1, 0, bases), stats.correction(x2, y2, 1, bases))
         factors = stats.factors(sums, bases, corr)                   # EK-FAC (kind="kfac": corr=None)
 
@@ -233,10 +232,10 @@ class FactorStatistics:
         out, diag, n = self._run(self._stats, x, y, tf.constant(step, tf.int64))
         return {"n": float(n), "blocks": {k: tuple(v) for k, v in out.items()}, "diag": list(diag)}
 
-    def eigenbases(self, sums: dict) -> dict:
+    def eigenbases(self, sums: dict, consume: bool = False) -> dict:
         """Eigendecomposition of the pass-1 averages (see :func:`eigenbases`); EK-FAC's K-FAC
         eigenvalues are not formed (the correction replaces them: one ``[rows, d_out]`` array less per block)."""
-        return eigenbases(sums, with_eigenvalues=self.kind == "kfac" or not self.blocks)
+        return eigenbases(sums, with_eigenvalues=self.kind == "kfac" or not self.blocks, consume=consume)
 
     def correction(self, x, y, step: int, bases: dict) -> dict:
         """Pass 2 sums of one batch (EK-FAC): ``{name: Σ_n ((Q_Aᵀ G_n Q_S)_ij)²}``."""
@@ -266,17 +265,19 @@ class FactorStatistics:
                            diagonal)
 
 
-def eigenbases(sums: dict, with_eigenvalues: bool = True) -> dict:
+def eigenbases(sums: dict, with_eigenvalues: bool = True, consume: bool = False) -> dict:
     """Pass-1 sums of :class:`FactorStatistics` → ``{block: {"QA", "QS", "eig"}}`` with the K-FAC
     eigenvalues ``λ_A ⊗ λ_S``. A side kept diagonal (an ``Embedding``'s tokens, a vocabulary-sized side:
     :data:`DENSE_FACTOR_MAX`) has an empty ``Q`` (the identity) and its diagonal as eigenvalues.
-    Needs only the sums, not the model."""
+    Needs only the sums, not the model. ``consume``: take each block's sums out of ``sums`` as it is
+    decomposed, so the covariances and the eigenvectors are not all held at once (:func:`fit_factors`)."""
     n = sums["n"]
     if n == 0:
         from ..objective import EmptyDatasetError
         raise EmptyDatasetError("no examples: the K-FAC covariances are empty")
     fitted = {}
-    for name, (A, S, tokens) in sums["blocks"].items():
+    for name in list(sums["blocks"]):
+        A, S, tokens = sums["blocks"].pop(name) if consume else sums["blocks"][name]
         A = A / max(float(tokens), 1.0)   # a block its loss never calls (an unused reverse projection): zeros
         S = S / n
         # a diagonal side (token counts, a vocabulary): identity eigenbasis, stored as an empty Q
@@ -285,7 +286,21 @@ def eigenbases(sums: dict, with_eigenvalues: bool = True) -> dict:
         fitted[name] = {"QA": QA, "QS": QS}
         if with_eigenvalues:
             fitted[name]["eig"] = np.outer(np.maximum(eA, 0), np.maximum(eS, 0))
+        del A, S
     return fitted
+
+
+def _release_memory() -> None:
+    """Give freed heap memory back to the system (glibc's ``malloc_trim``): between the factor passes the
+    process has just freed gigabytes (a GPT-2 small batch's covariances), which glibc would otherwise keep
+    as resident memory. A no-op elsewhere."""
+    import gc
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 CORRECTION_SEED_OFFSET = 10_000_019  # the second pass draws its labels with other seeds than the first
@@ -395,11 +410,18 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
     if sums is None or sums["n"] == 0:
         from ..objective import EmptyDatasetError
         raise EmptyDatasetError(f"{name} is empty: it yielded no examples")
-    bases = stats.eigenbases(sums)
+    _release_memory()
+    if kind == "kfac":                                  # K-FAC's eigenvalues need the sums' diagonal parts whole
+        bases = stats.eigenbases(sums)
+    else:                                               # each block's covariances freed once decomposed
+        bases = stats.eigenbases(sums, consume=True)
     sums = {"n": sums["n"], "diag": sums["diag"]}       # the covariances are no longer needed: free them
+    _release_memory()
     corr = None
     if kind == "ekfac" and stats.blocks:
         with finite_check(f"EK-FAC eigenvalue correction of {objective.name} on {name}"):
             for step, (x, y) in loop("EK-FAC eigenvalue correction"):
                 corr = _accumulate(corr, stats.correction(x, y, step, bases))
+        stats._bases_tensors = None                     # the bases as tensors are not needed any more
+        _release_memory()
     return stats.factors(sums, bases, corr)
