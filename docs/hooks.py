@@ -54,9 +54,25 @@ def hub_tables(d: dict) -> str:
         "**Speed** (multi-stage influence with every argument at its default: tracing, factors, both "
         "solves, scoring every sequence, over one training epoch of the LM):", "", *rows, "",
         f"**Fidelity** against warm-started leave-one-out retraining ({_fmt(setup['n_params'])}-parameter "
-        f"GPT-2, {setup['n_pretrain']} sequences, {setup['n_loo']} removals; target ≥ 2× identity):", "", *fid, "",
+        f"GPT-2, {setup['n_pretrain']} sequences, {setup['n_loo']} removals; "
+        f"{_vocab_note(d)}target ≥ 2× identity):", "", *fid, "", *_dense_vocab_line(d),
         "**Second derivatives**: HVP against float64 central differences of the gradient (target ≤ 1e-6):",
         "", *hvp, "", f"`quick` run: {d.get('quick')}."])
+
+
+def _vocab_note(d: dict) -> str:
+    tok = d.get("fidelity_tokenizer", "char")
+    what = {"bpe": "a byte-level BPE of the embedded corpus", "char": "the embedded corpus' characters"}.get(tok, tok)
+    return f"tokens: {what}, vocabulary {_fmt(d['fidelity_vocab'])}; " if "fidelity_vocab" in d else ""
+
+
+def _dense_vocab_line(d: dict) -> list:
+    v = d.get("fidelity_diagonal_vs_dense_vocab_spearman")
+    if v is None:
+        return []
+    return [f"EK-FAC with the vocabulary side diagonal (the default) against the same with it dense (exact), over "
+            f"every pretraining sequence: Spearman **{_fmt(v)}** (target ≥ 0.95: "
+            f"**{'met' if v >= 0.95 else 'missed'}**).", ""]
 
 
 def _table(d: dict, rows) -> str:

@@ -360,7 +360,6 @@ def auto_choice(op, dense_max: int = AUTO_DENSE_MAX, kronecker_min: int | None =
     p = int(op.shape[0])
     notes = []
     if kronecker_min is None and avoid:
-        kronecker_min = None
         allow_kronecker = False
     else:
         kronecker_min = dense_max + 1 if kronecker_min is None else kronecker_min
@@ -386,15 +385,14 @@ def auto_choice(op, dense_max: int = AUTO_DENSE_MAX, kronecker_min: int | None =
     plan = vectors_plan(p, columns, 10, f"cg_squared with {getattr(op, 'name', 'operator')}", 8)
     if plan.total > budget:
         raise MemoryBudgetError(plan.message(budget) + (" — and " + "; ".join(notes) if notes else ""), plan, budget)
-    if not allow_kronecker and p > dense_max:
+    if p <= dense_max or (allow_kronecker and kfac_ok and p >= kronecker_min):
+        reason = f"p = {p}"                                    # passed over for memory: the notes say why
+    elif not allow_kronecker:
         reason = f"{dense_max} < p = {p}; not EK-FAC: {avoid}"
-    elif not kfac_ok or not allow_kronecker or p < kronecker_min:
-        reason = f"{dense_max} < p = {p}" + (f" < {kronecker_min}" if kfac_ok and allow_kronecker else
-                                              "" if allow_kronecker else "") + ("" if kfac_ok else " (no model block for EK-FAC)")
+    elif not kfac_ok:
+        reason = f"{dense_max} < p = {p} (no model block for EK-FAC)"
     else:
-        reason = f"p = {p}"
-    if p <= dense_max and notes:
-        reason = f"p = {p}"
+        reason = f"{dense_max} < p = {p} < {kronecker_min}"
     return "cg_squared", reason + ("; " + "; ".join(notes) if notes else "")
 
 
