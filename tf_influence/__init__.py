@@ -42,6 +42,8 @@ _EXPORTS = {
     "kfac": ["FactorStatistics", "KFACFactors", "fit_factors"],
     "memory": ["MemoryBudgetError", "MemoryPlan"],
     "provenance": ["StaleResultError"],
+    "index": ["QueryArgs", "GradientIndex", "build_index"],
+    "projection": ["ProjectionArgs"],
     "tracin": ["self_influence"],
     "presence": ["FilterResult", "PresenceArgs", "PresenceCallback", "PresenceModel", "presence_sequential"],
 }
@@ -51,8 +53,9 @@ _SUBMODULES = {"analyzer", "baselines", "compiled", "console", "diagnostics", "e
 
 #: The names a user needs — ``from tf_influence import *``, the API reference's front page. Every
 #: other name of ``_EXPORTS`` still resolves here (the 0.2 surface), and lives in its submodule.
-__all__ = ["Analyzer", "FactorArgs", "InfluenceArgs", "Objective", "PresenceCallback", "PresenceModel",
-           "SolverConfig", "Task", "multi_stage_influence", "self_influence", "single_stage_influence"]
+__all__ = ["Analyzer", "FactorArgs", "InfluenceArgs", "InfluenceResult", "MemoryBudgetError", "Objective",
+           "PresenceCallback", "PresenceModel", "ProjectionArgs", "QueryArgs", "SolverConfig", "StaleResultError",
+           "Task", "multi_stage_influence", "self_influence", "single_stage_influence"]
 
 
 def __getattr__(name):
