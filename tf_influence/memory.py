@@ -325,9 +325,6 @@ def kfac_inverse_plan(stats_or_blocks, p: int, k: int) -> MemoryPlan:
     plan = MemoryPlan("the (E)K-FAC inverse")
     for b in blocks:   # the factors themselves are in their fit's plan
         plan.add(f"denominators of '{b.name}'", b.rows * b.d_out * 8, f"[{b.rows}, {b.d_out}] float64", phase="solve")
-        q = (0 if b.diag_in else b.rows * b.rows) + (0 if b.diag_out else b.d_out * b.d_out)
-        if q:
-            plan.add(f"eigenbases of '{b.name}' as tensors", q * 8, phase="solve")
     plan.add("columns", p * k * 8 * 3, f"[{p}, {k}] float64 × 3 (input, result, result as a tensor)", phase="solve")
     return plan
 
