@@ -224,6 +224,8 @@ def real_size_tables(d: dict) -> str:
     """Every path at real sizes (benchmarks/real_size.py): one table per model."""
     limits = {"influence": 4, "influence_updated": 4, "fit_factors": 2.5, "self_influence": 1, "index_build": 1.5}
     out = [f"Machine: {d.get('machine', '?')}."]
+    for key, note in d.get("notes", {}).items():
+        out.append(f"\n- **{key}**: {note}.")
     for name, m in d["models"].items():
         if "paths" not in m:
             out += ["", f"### {name}", "", f"not measured: {m.get('error')}"]

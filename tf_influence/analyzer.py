@@ -76,7 +76,7 @@ class FactorArgs(JsonConfig):
     dense_factor_max: int | None = field(default=None, metadata={
         "help": "a factor side larger than this (a vocabulary) is kept diagonal (None: "
                 "tf_influence.kfac.DENSE_FACTOR_MAX, 4,096)"})
-    memory_budget: object = field(default=None, metadata={
+    memory_budget: str | None = field(default=None, metadata={
         "help": "memory the fit may allocate: bytes, '8GB' or a fraction of the available memory (None: 70 % of "
                 "it); a fit whose plan exceeds it is refused before the first pass"})
 

@@ -99,7 +99,7 @@ class InfluenceArgs(JsonConfig):
         "help": "case 'fixed': check that W has the same values in both models"})
     test_target: str = field(default="sum", metadata={
         "help": "'sum': score against the summed test loss (eq. 8); 'each': one column per test point"})
-    memory_budget: object = field(default=None, metadata={
+    memory_budget: str | None = field(default=None, metadata={
         "help": "memory the computation may allocate: bytes, '8GB', or a fraction of the available memory "
                 "(None: 70 % of it, or $TF_INFLUENCE_MEMORY_BUDGET); both solvers choose within it unless their "
                 "SolverConfig sets its own, and a request that cannot fit is refused before any work"})

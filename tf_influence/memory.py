@@ -117,6 +117,7 @@ def resolve_budget(budget=None) -> int:
     """Bytes of a ``memory_budget`` (see the module docstring)."""
     if budget is None:
         return default_budget()
+    budget = _as_fraction(budget)
     if isinstance(budget, float) and 0.0 < budget <= 1.0:
         return int(budget * available_bytes())
     n = parse_bytes(budget)
@@ -125,10 +126,18 @@ def resolve_budget(budget=None) -> int:
     return n
 
 
+def _as_fraction(budget):
+    """A string such as ``"0.5"`` (a command-line flag) is the fraction 0.5; anything else as it is."""
+    if isinstance(budget, str) and re.fullmatch(r"\s*(0?\.\d+|1(\.0*)?)\s*", budget):
+        return float(budget)
+    return budget
+
+
 def check_budget_value(budget) -> None:
     """Raise ``ValueError`` unless ``budget`` is a valid ``memory_budget`` (configs call it on construction)."""
     if budget is None:
         return
+    budget = _as_fraction(budget)
     if isinstance(budget, float) and 0.0 < budget <= 1.0:
         return
     if parse_bytes(budget) <= 0:
