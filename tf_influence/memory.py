@@ -109,7 +109,7 @@ def default_budget() -> int:
     :data:`DEFAULT_FRACTION` of :func:`available_bytes`."""
     env = os.environ.get(ENV_VAR)
     if env:
-        return resolve_budget(float(env) if re.fullmatch(r"0?\.\d+|1(\.0*)?", env.strip()) else env)
+        return resolve_budget(env)       # a fraction such as "0.5" or a size such as "8GB" (_as_fraction)
     return int(DEFAULT_FRACTION * available_bytes())
 
 
@@ -247,16 +247,12 @@ def factor_plan(stats, dataset=None, batch_shape: tuple | None = None) -> Memory
     per block the covariances ``A`` and ``S`` (dense ``rows²`` / ``d_out²`` in float64, with the
     eigendecomposition's copies, or a diagonal), the eigenvalues ``[rows, d_out]`` and the per-batch
     products (captured activations and output gradients, the correction's ``G_n``)."""
-    return _factor_plan(stats, dataset, batch_shape)
-
-
-def _factor_plan(stats, dataset, batch_shape) -> MemoryPlan:
     from .kfac.statistics import DENSE_FACTOR_MAX, PER_EXAMPLE_BATCHED_MAX
     B, P = batch_shape if batch_shape is not None else (first_batch_shape(dataset) if dataset is not None else (32, 1))
     c = _dsize(stats.compute)
     plan = MemoryPlan(f"(E)K-FAC factors of {stats.objective.name} over '{stats.group.name}'")
     ekfac = stats.kind == "ekfac"
-    captured, temp, largest_dense, sums, eig_total, largest_name = 0, 0, 0, 0, 0, ""
+    captured, temp, largest_dense, sums, largest_name = 0, 0, 0, 0, ""
     for b in stats.blocks:
         for side, n, diag in (("A", b.rows, b.diag_in), ("S", b.d_out, b.diag_out)):
             if diag:
@@ -270,7 +266,6 @@ def _factor_plan(stats, dataset, batch_shape) -> MemoryPlan:
             if n > largest_dense:
                 largest_dense, largest_name = n, f"{side} of '{b.name}'"
         e = b.rows * b.d_out * 8
-        eig_total += e
         # EK-FAC: the corrected eigenvalues' running sum (kept as the result) and each batch's; K-FAC: λ_A ⊗ λ_S
         plan.add(f"eigenvalues of '{b.name}'", e, f"[{b.rows}, {b.d_out}] float64")
         if ekfac:
