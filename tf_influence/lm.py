@@ -96,6 +96,13 @@ class CausalLMLoss(keras.losses.Loss):
             return total
         return total / tf.maximum(tf.reduce_sum(keep, axis=-1), 1.0)
 
+    def token_terms(self, y_true, y_pred):
+        """``[B, T]`` per-token terms whose sum over ``T`` is :meth:`call` (zero where the label is ignored)."""
+        nll, keep = _token_nll(y_true, y_pred)
+        if self.per_example == "sum":
+            return nll
+        return nll / tf.maximum(tf.reduce_sum(keep, axis=-1, keepdims=True), 1.0)
+
     def get_config(self):
         return {**super().get_config(), "per_example": self.per_example}
 
@@ -113,7 +120,13 @@ def completion_log_probability(per_token: bool = False):
         if per_token:
             return total / tf.maximum(tf.reduce_sum(keep, axis=-1), 1.0)
         return total
+    def token_terms(y_true, y_pred):
+        nll, keep = _token_nll(y_true, y_pred)
+        if per_token:
+            return -nll / tf.maximum(tf.reduce_sum(keep, axis=-1, keepdims=True), 1.0)
+        return -nll
     log_probability.__name__ = "completion_log_probability" + ("_per_token" if per_token else "")
+    log_probability.token_terms = token_terms
     return log_probability
 
 
@@ -121,4 +134,59 @@ def is_causal_lm_loss(loss) -> bool:
     return isinstance(loss, CausalLMLoss)
 
 
-__all__ = ["IGNORE", "CausalLMLoss", "causal_lm_examples", "completion_log_probability"]
+def _token_terms_fn(loss):
+    """The ``token_terms(y_true, y_pred) -> [B, T]`` of a per-token loss or measurement, or a clear error."""
+    fn = getattr(loss, "token_terms", None)
+    if fn is None:
+        raise TypeError(f"{getattr(loss, '__name__', type(loss).__name__)} has no per-token decomposition: per-token "
+                        "scores need CausalLMLoss or completion_log_probability() (a loss whose value is a sum "
+                        "of per-token terms, with a token_terms(y_true, y_pred) method)")
+    return fn
+
+
+def token_scores(objective, dataset, group, vector, progress: bool = False, name: str = "dataset") -> list:
+    """Per-token terms of the influence scores ``∇l(z) · s``: one ``[T]`` array per example of ``dataset``
+    (dataset order) whose sum is the example's score (:func:`~tf_influence.gradients.per_example_dot`).
+
+    ``l(z) = Σ_t l_t(z)`` for a causal LM (:class:`CausalLMLoss`: ``l_t`` is the token's cross-entropy
+    over the number of labelled tokens; :func:`completion_log_probability`: the completion token's
+    log-probability), so ``∇l(z) · s = Σ_t ∇l_t(z) · s``: the terms are the directional derivatives of
+    the per-token losses along ``s``, all ``T`` of them from one forward-mode pass
+    (``tf.autodiff.ForwardAccumulator``) — which tokens of a sequence carry its influence. Positions
+    whose label is ignored (:data:`IGNORE`: padding, a prompt) get exactly 0.
+
+    ``objective``: an :class:`~tf_influence.objective.Objective` whose loss is a :class:`CausalLMLoss` or a
+    :func:`completion_log_probability` measurement; ``group`` the parameters ``vector`` (``[p]``, e.g. an
+    :class:`~tf_influence.influence.InfluenceResult`'s ``test_vector`` column) lives on.
+
+    >>> # scores = token_scores(Objective(lm, CausalLMLoss()), corpus, result.group, result.test_vector[:, 0])
+    >>> # scores[i].sum() == result.scores[i, 0]; scores[i][t] is token t+1's share (label t)
+    """
+    from .compiled import cached_kernel, function
+    from .exact import exact_moments
+    from .objective import EmptyDatasetError, batches, finite_check
+    terms_fn = _token_terms_fn(objective.loss)
+    v = tf.cast(tf.reshape(tf.convert_to_tensor(vector), [-1]), group.dtype)
+    if int(v.shape[0]) != group.size:
+        raise ValueError(f"vector has {int(v.shape[0])} entries, group '{group.name}' has {group.size} parameters")
+
+    def jvp(x, y, tangent):
+        with tf.autodiff.ForwardAccumulator(group.tf_variables, group.unflatten(tangent)) as acc, exact_moments():
+            terms = tf.cast(terms_fn(y, objective.model(x, training=False)), group.dtype)
+        return acc.jvp(terms, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
+    fn = cached_kernel(objective, "token_scores", (group,), lambda: function(jvp, reduce_retracing=True))
+    out = []
+    it = batches(dataset, name, objective.model)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc=f"per-token scores ({name})", leave=False)
+    with finite_check(f"per-token scores of {objective.name} on {name}"):
+        for x, y in it:
+            out.extend(np.asarray(fn(x, y, v).numpy(), np.float64))
+    if not out:
+        raise EmptyDatasetError(f"{name} is empty: it yielded no examples")
+    return out
+
+
+__all__ = ["IGNORE", "CausalLMLoss", "causal_lm_examples", "completion_log_probability", "token_scores"]

@@ -111,11 +111,20 @@ class _Finalize(beam.DoFn):
         yield factors.save(self.output_dir)
 
 
-def _eigenbases(sums, desc):
-    from tf_influence.kfac import eigenbases
-    if sums is None:
-        raise ValueError(f"{desc}: no examples to fit K-FAC factors on")
-    return eigenbases(sums)
+class _Eigenbases(beam.DoFn):
+    """The pass-1 sums → eigenbases, by the model's :meth:`FactorStatistics.eigenbases` (its precision: the
+    same bases as the in-process fit)."""
+
+    def __init__(self, factor_pass: _FactorPass, desc: str):
+        self.factor_pass, self.desc = factor_pass, desc
+
+    def setup(self):
+        self.factor_pass.setup()
+
+    def process(self, sums):
+        if sums is None:
+            raise ValueError(f"{self.desc}: no examples to fit K-FAC factors on")
+        yield self.factor_pass.stats.eigenbases(sums)
 
 
 def fit_factors(pipeline, examples_patterns, model_path, feature_spec, output_dir, group_spec=None,
@@ -147,7 +156,7 @@ def fit_factors(pipeline, examples_patterns, model_path, feature_spec, output_di
 
     sums = (read("1") | f"{label}Covariances" >> beam.ParDo(make("covariances"))
             | f"{label}SumCovariances" >> beam.CombineGlobally(SumStatistics()))
-    bases = sums | f"{label}Eigenbases" >> beam.Map(_eigenbases, desc)
+    bases = sums | f"{label}Eigenbases" >> beam.ParDo(_Eigenbases(make("covariances"), desc))
     if kind == "ekfac":
         corr = (read("2") | f"{label}Correction" >> beam.ParDo(make("correction"), beam.pvalue.AsSingleton(bases))
                 | f"{label}SumCorrection" >> beam.CombineGlobally(SumStatistics()))

@@ -171,50 +171,112 @@ class FactorStatistics:
         return out, diag, tf.cast(tf.shape(tf.nest.flatten(y)[0])[0], dtype)
 
     def _correction_fn(self, x, y, step, bases):
-        dtype = tf.float64
+        """``{block: Σ_n ((Q_Aᵀ G_n Q_S)_ij)²}`` of the batch, float64."""
         res, _ = self._forward(x, y, step)
-        out = {}
-        for b in self.blocks:
-            QA, QS = (None if side else tf.cast(q, self.compute)
-                      for side, q in zip((b.diag_in, b.diag_out), bases[b.name]))
-            lam = tf.zeros([b.rows, b.d_out], dtype)
-            if not res[b.name]:       # a block the loss never calls: no gradient, zero eigenvalues
-                out[b.name] = lam
-                continue
-            # G_n sums over every call of the layer in the forward pass (a tied ReversibleEmbedding:
-            # its lookup and its output projection): the calls are summed per example before the
-            # square — squaring per call would drop the cross terms between calls
-            dense, sparse = [], []
-            for a, g, ids in res[b.name]:
-                gq = g if QS is None else tf.einsum("bpo,oc->bpc", g, QS)
-                if ids and QA is None:
-                    sparse.append((a, gq))
-                elif ids:                 # one-hot rows times Q_A: the rows of Q_A
-                    dense.append((tf.gather(QA, a), gq))
-                else:
-                    a = tf.cast(a, self.compute)
-                    dense.append((a if QA is None else tf.einsum("bpi,ia->bpa", a, QA), gq))
-            if not dense:             # token lookups only (an Embedding): sparse rows
-                a = tf.concat([p[0] for p in sparse], axis=1)
-                gq = tf.concat([p[1] for p in sparse], axis=1)
-                lam += _token_rows_squared(a, gq, b.rows, dtype)
-            elif b.rows * b.d_out <= PER_EXAMPLE_BATCHED_MAX:
-                M = tf.add_n([tf.einsum("bpa,bpc->bac", aq, gq) for aq, gq in dense])
-                for ids_, gq in sparse:
-                    M += _token_rows(ids_, gq, b.rows)
-                lam += tf.cast(tf.reduce_sum(tf.square(M), axis=0), dtype)
+        return {b.name: self._block_correction(b, res[b.name], bases[b.name]) for b in self.blocks}
+
+    def _block_correction(self, b, calls, bases):
+        dtype = tf.float64
+        QA, QS = (None if side else tf.cast(q, self.compute) for side, q in zip((b.diag_in, b.diag_out), bases))
+        if not calls:             # a block the loss never calls: no gradient, zero eigenvalues
+            return tf.zeros([b.rows, b.d_out], dtype)
+        # G_n sums over every call of the layer in the forward pass (a tied ReversibleEmbedding:
+        # its lookup and its output projection): the calls are summed per example before the
+        # square — squaring per call would drop the cross terms between calls
+        dense, sparse = [], []
+        for a, g, ids in calls:
+            gq = g if QS is None else tf.einsum("bpo,oc->bpc", g, QS)
+            if ids and QA is None:
+                sparse.append((a, gq))
+            elif ids:                 # one-hot rows times Q_A: the rows of Q_A
+                dense.append((tf.gather(QA, a), gq))
             else:
-                # a vocabulary-sized block (GPT-2's tied table: [50257, d]): one example's G_n at a time,
-                # so the per-batch memory is one [rows, d_out] matrix, not a batch of them
-                def one(acc, i, dense=dense, sparse=sparse, rows=b.rows):
-                    M = tf.add_n([tf.matmul(aq[i], gq[i], transpose_a=True) for aq, gq in dense])
-                    for ids_, gq in sparse:
-                        M = tf.tensor_scatter_nd_add(M, tf.reshape(ids_[i], [-1, 1]), gq[i])
-                    return acc + tf.cast(tf.square(M), dtype)
-                n = tf.shape(dense[0][1])[0]
-                lam = tf.foldl(one, tf.range(n), initializer=lam, parallel_iterations=1)
-            out[b.name] = lam
-        return out
+                a = tf.cast(a, self.compute)
+                dense.append((a if QA is None else tf.einsum("bpi,ia->bpa", a, QA), gq))
+        if not dense:             # token lookups only (an Embedding): sparse rows
+            a = tf.concat([p[0] for p in sparse], axis=1)
+            gq = tf.concat([p[1] for p in sparse], axis=1)
+            return _token_rows_squared(a, gq, b.rows, dtype)
+        if b.rows * b.d_out <= PER_EXAMPLE_BATCHED_MAX:
+            M = tf.add_n([tf.einsum("bpa,bpc->bac", aq, gq) for aq, gq in dense])
+            for ids_, gq in sparse:
+                M += _token_rows(ids_, gq, b.rows)
+            return tf.cast(tf.reduce_sum(tf.square(M), axis=0), dtype)
+
+        # a vocabulary-sized block (GPT-2's tied table: [50257, d]): one example's G_n at a time, so the
+        # per-batch memory is one [rows, d_out] matrix, not a batch of them; the batch's squares summed in
+        # the compute dtype (as the batched branch above does) and cast once — a float64 running sum
+        # doubles the memory traffic, which is what this loop spends its time on
+        def one(acc, i):
+            M = tf.add_n([tf.matmul(aq[i], gq[i], transpose_a=True) for aq, gq in dense])
+            for ids_, gq in sparse:
+                M = tf.tensor_scatter_nd_add(M, tf.reshape(ids_[i], [-1, 1]), gq[i])
+            return acc + tf.square(M)
+        n = tf.shape(dense[0][1])[0]
+        zero = tf.zeros([b.rows, b.d_out], self.compute)
+        return tf.cast(tf.foldl(one, tf.range(n), initializer=zero, parallel_iterations=1), dtype)
+
+    # -- in-graph running sums (fit_factors on one device) --------------------------------------------
+    def _zeros(self, what: str):
+        """float64 variables shaped like one batch's sums of pass ``what`` (``"covariances"`` or
+        ``"correction"``), zero."""
+        def var(shape):
+            return tf.Variable(tf.zeros(shape, tf.float64), trainable=False)
+        if what == "correction":
+            return {b.name: var([b.rows, b.d_out]) for b in self.blocks}
+        blocks = {b.name: (var([b.rows] if b.diag_in else [b.rows, b.rows]),
+                           var([b.d_out] if b.diag_out else [b.d_out, b.d_out]), var([])) for b in self.blocks}
+        return blocks, [var(tf_variable(v).shape) for v in self.diag_vars], var([])
+
+    def add(self, what: str, x, y, step: int, bases: dict | None = None) -> None:
+        """Add one batch's sums of pass ``what`` to float64 variables inside the compiled step (no per-batch
+        arrays leave the graph: at GPT-2 small a batch's covariances are 2.4 GB); :meth:`take` returns
+        them as :meth:`covariances` / :meth:`correction` would have summed them. One device only (under a
+        ``strategy`` the per-batch steps are summed across replicas instead)."""
+        if getattr(self, "_sums", None) is None or self._sums[0] != what:
+            self._sums = (what, self._zeros(what))
+            into = self._sums[1]
+            if what == "correction":
+                def step_fn(x, y, step, bases):
+                    for k, t in self._correction_fn(x, y, step, bases).items():
+                        into[k].assign_add(t)
+            else:
+                def step_fn(x, y, step):
+                    out, diag, n = self._stats_fn(x, y, step)
+                    for k, ts in out.items():
+                        for v, t in zip(into[0][k], ts):
+                            v.assign_add(t)
+                    for v, t in zip(into[1], diag):
+                        v.assign_add(t)
+                    into[2].assign_add(n)
+            self._add = function(step_fn, reduce_retracing=True)
+        if what == "correction":
+            self._add(x, y, tf.constant(CORRECTION_SEED_OFFSET + step, tf.int64), self._bases_as_tensors(bases))
+        else:
+            self._add(x, y, tf.constant(step, tf.int64))
+
+    def take(self, what: str):
+        """The running sums of :meth:`add` as numpy (float64), released from the graph."""
+        if getattr(self, "_sums", None) is None or self._sums[0] != what:
+            return None
+        sums = self._sums[1]
+        self._sums, self._add = None, None
+        if what == "correction":
+            return {k: v.numpy() for k, v in sums.items()}
+        blocks, diag, n = sums
+        return {"n": float(n.numpy()), "blocks": {k: tuple(v.numpy() for v in vs) for k, vs in blocks.items()},
+                "diag": [v.numpy() for v in diag]}
+
+    def _bases_as_tensors(self, bases: dict) -> dict:
+        """The bases as tensors in the compute dtype, made once per set of bases (not per batch: at GPT-2
+        small they are 2.4 GB in float64)."""
+        cached = getattr(self, "_bases_tensors", None)
+        if cached is None or cached[0] is not bases:
+            self._bases_tensors = None
+            tb = {k: (tf.constant(np.asarray(v["QA"]), self.compute), tf.constant(np.asarray(v["QS"]), self.compute))
+                  for k, v in bases.items()}
+            self._bases_tensors = cached = (bases, tb)
+        return cached[1]
 
     def _run(self, fn, *args):
         """``fn`` on the batch (on every replica's share of it, summed across replicas)."""
@@ -235,19 +297,13 @@ class FactorStatistics:
     def eigenbases(self, sums: dict, consume: bool = False) -> dict:
         """Eigendecomposition of the pass-1 averages (see :func:`eigenbases`); EK-FAC's K-FAC
         eigenvalues are not formed (the correction replaces them: one ``[rows, d_out]`` array less per block)."""
-        return eigenbases(sums, with_eigenvalues=self.kind == "kfac" or not self.blocks, consume=consume)
+        return eigenbases(sums, with_eigenvalues=self.kind == "kfac" or not self.blocks, consume=consume,
+                          precision=np.float32 if self.compute == tf.float32 else np.float64)
 
     def correction(self, x, y, step: int, bases: dict) -> dict:
         """Pass 2 sums of one batch (EK-FAC): ``{name: Σ_n ((Q_Aᵀ G_n Q_S)_ij)²}``."""
-        # the bases as tensors in the compute dtype, made once per set of bases (not per batch: at GPT-2
-        # small they are 2.4 GB in float64)
-        cached = getattr(self, "_bases_tensors", None)
-        if cached is None or cached[0] is not bases:
-            self._bases_tensors = None
-            tb = {k: (tf.constant(np.asarray(v["QA"]), self.compute), tf.constant(np.asarray(v["QS"]), self.compute))
-                  for k, v in bases.items()}
-            self._bases_tensors = cached = (bases, tb)
-        return self._run(self._correction, x, y, tf.constant(CORRECTION_SEED_OFFSET + step, tf.int64), cached[1])
+        return self._run(self._correction, x, y, tf.constant(CORRECTION_SEED_OFFSET + step, tf.int64),
+                         self._bases_as_tensors(bases))
 
     def factors(self, sums: dict, bases: dict, correction: dict | None = None) -> KFACFactors:
         """The fitted :class:`KFACFactors` (``correction`` required for ``kind="ekfac"`` with blocks)."""
@@ -265,12 +321,15 @@ class FactorStatistics:
                            diagonal)
 
 
-def eigenbases(sums: dict, with_eigenvalues: bool = True, consume: bool = False) -> dict:
+def eigenbases(sums: dict, with_eigenvalues: bool = True, consume: bool = False, precision=np.float64) -> dict:
     """Pass-1 sums of :class:`FactorStatistics` → ``{block: {"QA", "QS", "eig"}}`` with the K-FAC
     eigenvalues ``λ_A ⊗ λ_S``. A side kept diagonal (an ``Embedding``'s tokens, a vocabulary-sized side:
     :data:`DENSE_FACTOR_MAX`) has an empty ``Q`` (the identity) and its diagonal as eigenvalues.
     Needs only the sums, not the model. ``consume``: take each block's sums out of ``sums`` as it is
-    decomposed, so the covariances and the eigenvectors are not all held at once (:func:`fit_factors`)."""
+    decomposed, so the covariances and the eigenvectors are not all held at once (:func:`fit_factors`).
+    ``precision``: the dtype of the eigendecomposition (``numpy.float32`` for a float32 model, whose
+    per-batch products are float32 anyway: half the time of a float64 ``eigh`` — GPT-2 small's 24
+    ``[3072, 3072]`` sides); the bases are returned as float64 either way."""
     n = sums["n"]
     if n == 0:
         from ..objective import EmptyDatasetError
@@ -281,13 +340,19 @@ def eigenbases(sums: dict, with_eigenvalues: bool = True, consume: bool = False)
         A = A / max(float(tokens), 1.0)   # a block its loss never calls (an unused reverse projection): zeros
         S = S / n
         # a diagonal side (token counts, a vocabulary): identity eigenbasis, stored as an empty Q
-        eS, QS = (S, np.zeros((0, 0))) if S.ndim == 1 else np.linalg.eigh(0.5 * (S + S.T))
-        eA, QA = (A, np.zeros((0, 0))) if A.ndim == 1 else np.linalg.eigh(0.5 * (A + A.T))
+        eS, QS = (S, np.zeros((0, 0))) if S.ndim == 1 else _eigh(S, precision)
+        eA, QA = (A, np.zeros((0, 0))) if A.ndim == 1 else _eigh(A, precision)
         fitted[name] = {"QA": QA, "QS": QS}
         if with_eigenvalues:
             fitted[name]["eig"] = np.outer(np.maximum(eA, 0), np.maximum(eS, 0))
         del A, S
     return fitted
+
+
+def _eigh(M, precision):
+    """Eigendecomposition of the symmetric part of ``M`` in ``precision``, returned as float64."""
+    e, Q = np.linalg.eigh((0.5 * (M + M.T)).astype(precision, copy=False))
+    return e.astype(np.float64), Q.astype(np.float64)
 
 
 def _release_memory() -> None:
@@ -403,10 +468,16 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
             it = tqdm(it, desc=desc, leave=False)
         return enumerate(it)
 
+    in_graph = strategy is None      # one device: the running sums stay in the graph (FactorStatistics.add)
     sums = None
     with finite_check(f"K-FAC factors of {objective.name} on {name}"):
         for step, (x, y) in loop("K-FAC covariances"):
-            sums = _accumulate(sums, stats.covariances(x, y, step))
+            if in_graph:
+                stats.add("covariances", x, y, step)
+            else:
+                sums = _accumulate(sums, stats.covariances(x, y, step))
+        if in_graph:
+            sums = stats.take("covariances")
     if sums is None or sums["n"] == 0:
         from ..objective import EmptyDatasetError
         raise EmptyDatasetError(f"{name} is empty: it yielded no examples")
@@ -421,7 +492,12 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
     if kind == "ekfac" and stats.blocks:
         with finite_check(f"EK-FAC eigenvalue correction of {objective.name} on {name}"):
             for step, (x, y) in loop("EK-FAC eigenvalue correction"):
-                corr = _accumulate(corr, stats.correction(x, y, step, bases))
+                if in_graph:
+                    stats.add("correction", x, y, step, bases)
+                else:
+                    corr = _accumulate(corr, stats.correction(x, y, step, bases))
+            if in_graph:
+                corr = stats.take("correction")
         stats._bases_tensors = None                     # the bases as tensors are not needed any more
         _release_memory()
     return stats.factors(sums, bases, corr)
