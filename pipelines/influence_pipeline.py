@@ -72,6 +72,7 @@ def create_pipeline(root: str, data_root: str, quick: bool = False, beam_args=No
     from pipelines import digits_data
     from pipelines.pipeline_components import CompareModels, RandomScores
     from tfx_components.factor_fitter.component import FactorFitter
+    from tfx_components.influence_report.component import InfluenceReport
     from tfx_components.influence_scorer.component import InfluenceScorer
     from tfx_components.score_filter.component import ScoreFilter
 
@@ -123,6 +124,10 @@ def create_pipeline(root: str, data_root: str, quick: bool = False, beam_args=No
                              pretrain_factors=extra[0].outputs["factors"] if extra else None)
     top = ScoreFilter(examples=pre_gen.outputs["examples"], scores=scorer.outputs["scores"],
                       mode="drop_top_fraction", value=drop_fraction).with_id("drop_top")
+    report = InfluenceReport(examples=pre_gen.outputs["examples"], scores=scorer.outputs["scores"], renderer="image",
+                             feature="image", image_shape=[8, 8], label_feature="label",
+                             drop_mode="drop_top_fraction", drop_value=drop_fraction,
+                             title="Pretraining digits by their influence on the finetuned test loss")
     rnd_scores = RandomScores(examples=pre_gen.outputs["examples"], seed=0, key_feature="key")
     rnd = ScoreFilter(examples=pre_gen.outputs["examples"], scores=rnd_scores.outputs["scores"],
                       mode="drop_top_fraction", value=drop_fraction).with_id("drop_random")
@@ -131,7 +136,7 @@ def create_pipeline(root: str, data_root: str, quick: bool = False, beam_args=No
     compare = CompareModels(test_examples=ft_gen.outputs["examples"], original=ft_t.outputs["model"],
                             dropped_top=ft_top.outputs["model"], dropped_random=ft_rnd.outputs["model"],
                             feature_spec=json.dumps(spec))
-    components = [pre_gen, ft_gen, pre_t, ft_t, *extra, scorer, top, rnd_scores, rnd, pre_top, ft_top, pre_rnd, ft_rnd,
+    components = [pre_gen, ft_gen, pre_t, ft_t, *extra, scorer, report, top, rnd_scores, rnd, pre_top, ft_top, pre_rnd, ft_rnd,
                   compare]
     kwargs = {}
     if metadata_path:

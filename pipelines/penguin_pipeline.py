@@ -54,6 +54,7 @@ def create_pipeline(root: str, data_root: str | None = None, beam_args=None, dro
     from tfx.proto import example_gen_pb2
 
     import tf_influence as tfi
+    from tfx_components.influence_report.component import InfluenceReport
     from tfx_components.influence_scorer.component import InfluenceScorer
     from tfx_components.score_filter.component import ScoreFilter
     from tfx_components.self_influence_scorer.component import SelfInfluenceScorer
@@ -80,8 +81,11 @@ def create_pipeline(root: str, data_root: str | None = None, beam_args=None, dro
     si = SelfInfluenceScorer(examples=examples, model=model.outputs["model"], transform_graph=graph)
     drop = ScoreFilter(examples=examples, scores=si.outputs["scores"], mode="drop_top_fraction",
                        value=drop_fraction).with_id("drop_top_self_influence")
+    report = InfluenceReport(examples=examples, scores=si.outputs["scores"], renderer="table",
+                             drop_mode="drop_top_fraction", drop_value=drop_fraction, splits=["train"],
+                             title="Penguins by self-influence (the most self-influential are dropped)")
     retrained = trainer("trainer_filtered", drop.outputs["filtered_examples"])
-    components = [example_gen, statistics_gen, schema_gen, transform, model, si, drop, retrained]
+    components = [example_gen, statistics_gen, schema_gen, transform, model, si, report, drop, retrained]
     if two_stage:
         finetuned = trainer("finetune_trainer", examples, base_model=model.outputs["model"],
                             custom_config={"stage": "finetune"})

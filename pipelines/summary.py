@@ -67,6 +67,11 @@ def summarize(metadata_path: str) -> dict:
         for a in store.get_artifacts_by_type("tf_influence.InfluenceScores"):
             kind = a.custom_properties["score_kind"].string_value if "score_kind" in a.custom_properties else ""
             out.setdefault("scores", []).append({"uri": a.uri, "score_kind": kind})
+        for a in store.get_artifacts_by_type("tf_influence.InfluenceReport"):
+            if "report_path" in a.custom_properties:
+                page = a.custom_properties["report_path"].string_value
+                if page not in out.setdefault("reports", []):
+                    out["reports"].append(page)
         for a in store.get_artifacts_by_type("ModelEvaluation"):
             if "comparison" in a.custom_properties:
                 out["comparison"] = json.loads(a.custom_properties["comparison"].string_value)
@@ -149,5 +154,7 @@ def execute(name: str, make_pipeline, root: str, runner: str, image: str, report
     with open(report, "w") as fh:
         json.dump(summary, fh, indent=1)
     print(format_comparison(summary.get("comparison", {})))
+    for page in summary.get("reports", []):
+        print(f"report: {page}")
     print(f"wrote {report} ({summary['wall_seconds']:.0f} s)")
     return report

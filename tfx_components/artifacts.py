@@ -52,6 +52,14 @@ def scores_kind(artifact) -> str:
     return artifact.get_string_custom_property("score_kind")
 
 
+class InfluenceReport(tfx.dsl.Artifact):
+    """The evidence report of a scorer's output (``tf_influence.report``): ``Split-<name>/index.html`` (one
+    self-contained page per split) and ``summary.json``. Custom properties: ``split_names``,
+    ``report_path`` (the first page) and ``pages`` (JSON list)."""
+
+    TYPE_NAME = "tf_influence.InfluenceReport"
+
+
 class KFACFactors(tfx.dsl.Artifact):
     """(E)K-FAC curvature factors of a model (``tf_influence.kfac.KFACFactors``): ``factors.npz`` and
     ``factors.json`` in the artifact's directory, loadable with ``KFACFactors.load(artifact.uri)``.

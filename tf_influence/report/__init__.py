@@ -36,6 +36,8 @@ from .renderers import PRINTABLE_ASCII, ImageRenderer, TableRenderer, TextRender
 def examples_at(dataset, indices, model=None, name: str = "dataset") -> dict:
     """``{index: (x, y)}`` (numpy, one example each) of the examples at ``indices`` of a batched dataset,
     in one pass over it (dataset order: the order of the scores)."""
+    if callable(dataset) and not isinstance(dataset, tf.data.Dataset):   # a lookup of its own (records.py)
+        return dataset(sorted({int(i) for i in indices}))
     from ..objective import batches
     want = sorted({int(i) for i in indices})
     out, pos, j = {}, 0, 0
@@ -93,8 +95,8 @@ class Report:
         self.summary["examples"] += 1
         lab = r.label(y)
         lab = f' · label <b>{lab}</b>' if lab else ""
-        return (f'<div class="example {cls}"><div class="score">{page.esc(head)}{lab}</div>'
-                f'{r.html(x, y, highlights)}</div>')
+        return (f'<div class="example {cls} kind-{getattr(r, "kind", "other")}"><div class="score">{page.esc(head)}'
+                f'{lab}</div>{r.html(x, y, highlights)}</div>')
 
     # -- sections ------------------------------------------------------------------------------------
     def add_influence(self, result, train, test=None, model=None, measurement=None, top_k: int = 5,
@@ -131,8 +133,9 @@ class Report:
         if token_objective is not None and group is None and getattr(result, "group_spec", None) is not None:
             from ..params import ParameterGroup
             group = ParameterGroup.from_spec(token_objective.model, result.group_spec)
-        vector = np.asarray(result.test_vector)
-        vector = vector.reshape(vector.shape[0], -1)
+        if token_objective is not None:
+            vector = np.asarray(result.test_vector)
+            vector = vector.reshape(vector.shape[0], -1)
         out = {"columns": []}
         heading = title or f"Influence: {page.esc(result.method)} on {m:,} pretraining examples"
         blocks = [f"<h2>{page.esc(heading)}</h2>", page.LEGEND, self._diagnostics(result)]
@@ -179,6 +182,16 @@ class Report:
         self.summary["sections"].append("influence")
         return out
 
+    def add_ranked(self, scores, train, keys=None, top_k: int = 8, title: str | None = None, renderer=None,
+                   name: str = "every example, ranked") -> dict:
+        """The ``top_k`` highest and lowest of plain ``scores`` (one per example of ``train``: a dataset, or
+        a function ``indices -> {index: (x, y)}``) — e.g. scores read back from a scorer's files."""
+        from types import SimpleNamespace
+        res = SimpleNamespace(scores=np.asarray(scores, np.float64).reshape(-1), method="scores", solves={},
+                              test_vector=None, group=None)
+        return self.add_influence(res, train, top_k=top_k, keys=keys, renderer=renderer, title=title,
+                                  test_names=[name])
+
     def add_query(self, query, train, keys, test=None, renderer=None, test_renderer=None, title: str | None = None,
                   test_names=None) -> None:
         """A gradient-index :class:`~tf_influence.index.QueryResult`: per query row its top harmful and
@@ -217,7 +230,7 @@ class Report:
         self.summary["sections"].append("query")
 
     def add_self_influence(self, scores, train=None, threshold=None, keys=None, top_k: int = 10, renderer=None,
-                           title: str | None = None) -> None:
+                           title: str | None = None, xlabel: str = "self-influence") -> None:
         """Self-influence scores: their histogram with the filter's ``threshold`` (examples above it are
         the ones a :class:`ScoreFilter` / PRESENCE-Sequential drops) and the ``top_k`` highest examples."""
         s = np.asarray(scores, np.float64).reshape(-1)
@@ -227,7 +240,7 @@ class Report:
         if threshold is not None:
             line += f"; threshold {threshold:.4g}: dropped {dropped:,} of {len(s):,}"
         head.append(f"<p>{page.esc(line)}</p>")
-        head.append(f'<img class="plot" alt="self-influence histogram" src="{page.threshold_histogram(s, threshold)}">')
+        head.append(f'<img class="plot" alt="self-influence histogram" src="{page.threshold_histogram(s, threshold, xlabel=xlabel)}">')
         if train is not None and top_k:
             idx = np.argsort(-s, kind="stable")[:min(int(top_k), len(s))]
             shown = examples_at(train, idx, name="scored data")

@@ -19,6 +19,7 @@ section{background:#fff;border:1px solid #e3e3e3;border-radius:6px;padding:.6em 
 .cols{display:flex;gap:1.5em;flex-wrap:wrap} .col{flex:1 1 440px;min-width:320px}
 .example{border-left:4px solid #ccc;padding:.3em .6em;margin:.4em 0;background:#fcfcfc}
 .example.harmful{border-color:#d33} .example.helpful{border-color:#36c}
+.col .example.kind-image,.self-influence .example.kind-image{display:inline-block;vertical-align:top;margin:.3em .3em 0 0}
 .score{font-family:ui-monospace,monospace;font-size:.85em;color:#444}
 .text{font-family:ui-monospace,monospace;font-size:.85em;white-space:pre-wrap;word-break:break-all;line-height:1.5}
 .tok{border-radius:2px} .more{color:#999}
