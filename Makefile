@@ -5,9 +5,16 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-experiments docs pipeline pipeline-compile penguin-pipeline presence-pipeline demo bench bench-presence bench-kfac bench-scale bench-hub bench-index bench-beam-scale bench-real-size bench-vocab-side presence presence-quick presence-lm presence-lm-quick bazel-test reproduce reproduce-quick clean
+.PHONY: install browser test evidence serve-demo bench-serve test-experiments docs pipeline pipeline-compile penguin-pipeline presence-pipeline demo bench bench-presence bench-kfac bench-scale bench-hub bench-index bench-beam-scale bench-real-size bench-vocab-side presence presence-quick presence-lm presence-lm-quick bazel-test reproduce reproduce-quick clean
 
-install: $(STAMP)
+install: $(STAMP) browser
+
+# headless Chromium for the page tests (tests/browser.py): Debian's chromium + chromium-driver, installed when missing
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else echo "install chromium and chromium-driver (apt-get install chromium chromium-driver) for the page tests"; fi; }
 
 $(STAMP): requirements.txt requirements-tfx.txt requirements-hub.txt requirements-docs.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -42,6 +49,13 @@ presence-pipeline: install
 
 demo: install
 	$(PY) -m experiments.demo
+
+evidence: install   # the LM evidence end to end: model, corpus, index, report.html (per-token highlights)
+	$(PY) -m experiments.evidence_lm --out reports/evidence/lm
+
+serve-demo: evidence   # the index page on http://127.0.0.1:8765/
+	$(PY) -m tf_influence.serve --index reports/evidence/lm/index --model reports/evidence/lm/model.keras \
+	    --data 'reports/evidence/lm/data/*.tfrecord.gz' --key-feature key
 
 bench: install
 	$(PY) -m benchmarks.engine --out docs/results/engine.json

@@ -33,6 +33,9 @@ class DemoArgs:
     out: str = field(default="reports/demo", metadata={"help": "folder for scores.json and top_examples.png"})
     seed: int = field(default=0, metadata={
         "help": "seed of the data split, the models and the Hessian subsample (InfluenceArgs.seed)"})
+    report_test_points: int = field(default=3, metadata={
+        "help": "test points shown one by one in report.html (each its own column of scores; 0: the summed "
+                "test loss only)"})
     verbose: bool = field(default=False, metadata={"help": console.VERBOSE_HELP})
 
 
@@ -123,7 +126,29 @@ def main(argv=None):
                    "top_helpful": result.top_helpful(demo.top).tolist(), "seconds": result.seconds}, fh, indent=1)
     _plot(data, scores, result.top_harmful(demo.top), result.top_helpful(demo.top), cls,
           os.path.join(demo.out, "top_examples.png"))
+    page = write_report(demo, ms, result, data, ft, pre_ds, test_ds)
     print(f"wrote {demo.out}/scores.json and {demo.out}/top_examples.png ({time.perf_counter() - t0:.1f}s total)")
+    print(f"report: {page}")
+
+
+def write_report(demo, ms, result, data, ft, pre_ds, test_ds) -> str:
+    """``report.html``: the summed test loss's ranking, then each of the first ``report_test_points`` test
+    points with its own top examples (multi-stage scores with ``test_target="each"``)."""
+    from tf_influence.report import ImageRenderer, Report
+    pre_names = [str(c) for c in data.pretrain_classes]
+    ft_names = [str(c) for c in data.finetune_classes]
+    rep = Report(f"Multi-stage influence on the digits (case '{ms.args.case}')",
+                 renderer=ImageRenderer(class_names=pre_names), test_renderer=ImageRenderer(class_names=ft_names),
+                 subtitle=f"pretraining on digits {', '.join(pre_names)}; finetuning on {', '.join(ft_names)}")
+    rep.add_influence(result, pre_ds, top_k=demo.top, title="The summed test loss")
+    if demo.report_test_points:
+        k = int(demo.report_test_points)
+        first = test_ds.unbatch().take(k).batch(k)
+        each = ms(first, "each")
+        from model_zoo import cnn
+        rep.add_influence(each, pre_ds, test=first, model=ft, loss=cnn.sparse_ce(), top_k=demo.top,
+                          title=f"The first {k} test points, one by one")
+    return rep.write(os.path.join(demo.out, "report.html"))
 
 
 def _plot(data, scores, harmful, helpful, cls, path):

@@ -89,7 +89,7 @@ def test_report_shows_the_library_top_k_for_each_test_point(tmp_path):
         np.testing.assert_array_equal(col["helpful"], np.argsort(res.scores[:, j], kind="stable")[:4])
     page = rep.html()
     assert page.count('class="test-point"') == 3
-    assert page.count('class="example harmful"') == page.count('class="example helpful"') == 12
+    assert page.count('class="example harmful ') == page.count('class="example helpful ') == 12
     assert page.count('<img class="thumb"') == 24 + 3            # the examples and the test points
     # each shown score is the result's
     first = shown["columns"][0]["harmful"][0]

@@ -99,7 +99,7 @@ class Report:
                 f'{lab}</div>{r.html(x, y, highlights)}</div>')
 
     # -- sections ------------------------------------------------------------------------------------
-    def add_influence(self, result, train, test=None, model=None, measurement=None, top_k: int = 5,
+    def add_influence(self, result, train, test=None, model=None, measurement=None, loss=None, top_k: int = 5,
                       token_objective=None, keys=None, renderer=None, test_renderer=None,
                       title: str | None = None, test_names=None) -> dict:
         """One section per test point (a column of ``result.scores``; a ``test_target="sum"`` result is one
@@ -107,7 +107,8 @@ class Report:
 
         ``test``: the test points' dataset (one example per column); with ``model`` (the finetuned model)
         each test point shows the model's prediction and its loss (or ``measurement``: a per-example
-        ``fn(y_true, y_pred)``, e.g. :func:`~tf_influence.lm.completion_log_probability`). ``token_objective``:
+        ``fn(y_true, y_pred)``, e.g. :func:`~tf_influence.lm.completion_log_probability`; ``loss``: the
+        model's loss when it was not compiled with one). ``token_objective``:
         the pretraining :class:`~tf_influence.objective.Objective` of a language model — the shown
         sequences' tokens are coloured by their per-token terms (:func:`~tf_influence.lm.token_scores`,
         which sum to the score; needs ``result.group``, or ``result.group_spec`` and the objective's model).
@@ -128,7 +129,7 @@ class Report:
             if scores.ndim == 2:           # one test point per column
                 tests = examples_at(test, range(k), name="test data")
             if model is not None:
-                measured = self._measure(model, test, measurement)
+                measured = self._measure(model, test, measurement, loss)
         group = getattr(result, "group", None)
         if token_objective is not None and group is None and getattr(result, "group_spec", None) is not None:
             from ..params import ParameterGroup
@@ -138,7 +139,9 @@ class Report:
             vector = vector.reshape(vector.shape[0], -1)
         out = {"columns": []}
         heading = title or f"Influence: {page.esc(result.method)} on {m:,} pretraining examples"
-        blocks = [f"<h2>{page.esc(heading)}</h2>", page.LEGEND, self._diagnostics(result)]
+        higher_is_better = _higher_is_better(measurement)
+        blocks = [f"<h2>{page.esc(heading)}</h2>", page.LEGEND_GAIN if higher_is_better else page.LEGEND,
+                  self._diagnostics(result)]
         for j, (harm, help_) in enumerate(picks):
             token = {}
             if token_objective is not None:
@@ -166,12 +169,19 @@ class Report:
             body.append(f'<img class="plot" alt="score distribution" src="'
                         f'{page.score_histogram(cols[:, j], harm, help_, "scores of every pretraining example")}">')
             body.append('<div class="cols">')
-            for cls, idx in (("harmful", harm), ("helpful", help_)):
-                body.append(f'<div class="col"><h3>top {len(idx)} {cls}</h3>')
+            # a loss: the highest scores are harmful (removal lowers it); a measurement to raise (a
+            # log-probability): the highest scores support it (removal lowers it), drawn as helpful, and the
+            # token colours flipped to match (red: against the measurement)
+            sides = ((("supporting", "helpful", harm), ("opposing", "harmful", help_)) if higher_is_better
+                     else (("harmful", "harmful", harm), ("helpful", "helpful", help_)))
+            for label, cls, idx in sides:
+                body.append(f'<div class="col"><h3>top {len(idx)} {label}</h3>')
                 for i in idx:
                     head = f"{_key(keys, int(i))} · score {cols[i, j]:+.4g}"
                     x, y = shown[int(i)]
-                    body.append(self._example(r, x, y, cls, head, token.get(int(i))))
+                    w = token.get(int(i))
+                    body.append(self._example(r, x, y, cls, head, None if w is None else (-w if higher_is_better
+                                                                                          else w)))
                 body.append("</div>")
             body.append("</div></section>")
             blocks.append("".join(body))
@@ -276,11 +286,11 @@ class Report:
 
     # -- pieces --------------------------------------------------------------------------------------
     @staticmethod
-    def _measure(model, test, measurement):
+    def _measure(model, test, measurement, loss=None):
         """``(predictions or None, values, what)`` of the test points."""
         from ..objective import Objective, batches
         if measurement is None:
-            obj, what = Objective(model, include_model_losses=False), "test loss"
+            obj, what = Objective(model, loss, include_model_losses=False), "test loss"
         else:
             obj = Objective(model, measurement, include_model_losses=False)
             what = getattr(measurement, "__name__", "measurement").replace("_", " ")
@@ -332,6 +342,11 @@ class Report:
         with open(os.path.join(os.path.dirname(os.path.abspath(path)), "summary.json"), "w") as fh:
             json.dump(self.summary, fh, indent=1)
         return path
+
+
+def _higher_is_better(measurement) -> bool:
+    """A measurement to raise rather than a loss: :func:`~tf_influence.lm.completion_log_probability`."""
+    return getattr(measurement, "__name__", "").startswith("completion_log_probability")
 
 
 def _fmt(v) -> str:

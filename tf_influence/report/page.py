@@ -102,7 +102,12 @@ def document(title: str, body: str, subtitle: str = "") -> str:
             f'<body><h1>{esc(title)}</h1>{sub}{body}</body></html>\n')
 
 
-LEGEND = ('<p class="legend"><span class="sw" style="background:rgba(220,40,40,.7)"></span> harmful: a positive '
-          'score, removing the example is predicted to lower the test loss (raise the measurement\'s '
-          'loss-like value) &nbsp; <span class="sw" style="background:rgba(40,90,220,.7)"></span> helpful: a '
-          'negative score. Token colours: each token\'s share of its sequence\'s score.</p>')
+LEGEND = ('<p class="legend"><span class="sw" style="background:rgba(220,40,40,.7)"></span> <b>harmful</b>: the '
+          'highest scores — removing the example is predicted to lower the test loss &nbsp; '
+          '<span class="sw" style="background:rgba(40,90,220,.7)"></span> <b>helpful</b>: the lowest (removal raises '
+          'it). A token\'s colour is its share of its sequence\'s score (red: towards harmful).</p>')
+LEGEND_GAIN = ('<p class="legend">The measurement is to be raised (a log-probability): '
+               '<span class="sw" style="background:rgba(40,90,220,.7)"></span> <b>supporting</b>: the highest scores — '
+               'removing the example is predicted to lower the measurement &nbsp; '
+               '<span class="sw" style="background:rgba(220,40,40,.7)"></span> <b>opposing</b>: the lowest (removal '
+               'raises it). A token\'s colour is its share of its sequence\'s score (blue: supporting).</p>')

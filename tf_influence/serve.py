@@ -1,0 +1,284 @@
+"""A page to ask questions of a gradient index: type a prompt and a completion (a language model) and see the
+indexed examples that push the completion's probability up or down, drawn as text with the tokens that
+carry each score highlighted.
+
+    python -m tf_influence.serve --index DIR --model model.keras --data 'corpus/*.tfrecord.gz' \\
+        [--key-feature key] [--vocabulary tokens.txt] [--host 127.0.0.1] [--port 8765]
+
+``--index``: a :class:`~tf_influence.index.GradientIndex` built from ``--model`` (refused, on the page, if
+the weights differ); ``--data``: the indexed examples (TFRecords, keyed as the index is: ``--key-feature``,
+or file and position) — they are held as serialized records, parsed when shown. The test vector of a
+query is ``∇_θ log p(completion | prompt)`` over the index's parameters (single-stage, identity
+Hessian — the raw gradient, preconditioned as ``--precondition`` says), so a positive score means
+training on the example lowers the completion's probability ("harmful", the library's convention:
+removing it is predicted to lower the completion's loss). The highlighted tokens are each shown example's
+exact per-token terms of ``∇l(z) · q`` (:func:`tf_influence.lm.token_scores`, unprojected).
+
+The server is Flask's (a well-kept WSGI framework) on loopback by default, threaded, with the model's
+computations serialized by a lock; ``GET /`` is the page, ``GET /query?prompt=…&completion=…`` answers on
+the page, ``GET /api/query`` the same as JSON. Bad input (empty, unknown characters, too long, another
+model) is answered with a message (HTTP 400) and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .console import quiet_for_cli
+
+
+class QueryError(ValueError):
+    """A question the page cannot answer, with the message the page shows."""
+
+
+@dataclass(frozen=True)
+class ServeArgs:
+    """The server's options (the command's flags)."""
+
+    index: str = field(metadata={"help": "the gradient index's directory"})
+    model: str = field(metadata={"help": "the model the index was built from (.keras)"})
+    data: str = field(metadata={"help": "TFRecord file pattern of the indexed examples"})
+    key_feature: str | None = field(default=None, metadata={
+        "help": "the examples' key feature (None: keys are file and position, as the index builders give them)"})
+    vocabulary: str | None = field(default=None, metadata={
+        "help": "a file with one token per line (id = line number); None: the embedded corpus' characters"})
+    feature: str = field(default="token_ids", metadata={"help": "the examples' token-id feature"})
+    top_k: int = field(default=5, metadata={"help": "examples shown per side"})
+    precondition: str = field(default="none", metadata={
+        "choices": ("none", "diagonal"), "help": "the index query's preconditioner (QueryArgs.precondition)"})
+    highlights: bool = field(default=True, metadata={"help": "per-token highlights of the shown examples"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (loopback by default)"})
+    port: int = field(default=8765, metadata={"help": "port"})
+
+
+class Tokens:
+    """Text ↔ token ids: the embedded corpus' characters (id 0 padding), or a vocabulary file matched greedily,
+    longest token first."""
+
+    def __init__(self, vocabulary: str | None = None):
+        from .report.renderers import PRINTABLE_ASCII
+        if vocabulary is None:
+            self.tokens = [""] + PRINTABLE_ASCII
+        else:
+            with open(vocabulary, encoding="utf-8") as fh:
+                self.tokens = [line.rstrip("\n") for line in fh]
+        self.ids = {t: i for i, t in enumerate(self.tokens) if t}
+        self.longest = max(len(t) for t in self.ids)
+
+    def encode(self, text: str, what: str) -> list:
+        out, i = [], 0
+        while i < len(text):
+            for n in range(min(self.longest, len(text) - i), 0, -1):
+                if text[i:i + n] in self.ids:
+                    out.append(self.ids[text[i:i + n]])
+                    i += n
+                    break
+            else:
+                raise QueryError(f"the {what} has a character the model's vocabulary does not have: {text[i]!r} "
+                                 f"(position {i})")
+        return out
+
+
+class IndexService:
+    """The model, the index and the corpus, loaded once; :meth:`ask` answers one question."""
+
+    def __init__(self, args: ServeArgs):
+        import tensorflow as tf
+
+        from . import Objective
+        from .index import GradientIndex
+        from .lm import CausalLMLoss, completion_log_probability
+        from .report import TextRenderer
+        from tfx_components.example_io import keyed_batches, load_keras_model
+        self.args = args
+        self.model = load_keras_model(args.model)
+        self.index = GradientIndex(args.index)
+        self.objective = Objective(self.model, CausalLMLoss(), include_model_losses=False)
+        self.measure = Objective(self.model, completion_log_probability(), include_model_losses=False)
+        self.tokens = Tokens(args.vocabulary)
+        self.renderer = TextRenderer(vocabulary=self.tokens.tokens, feature=args.feature)
+        self.lock = threading.Lock()
+        self.length = self._length()
+        files = sorted(tf.io.gfile.glob(args.data))
+        if not files:
+            raise FileNotFoundError(f"--data {args.data!r} matches no file")
+        self.records = {}
+        for f in files:
+            for keys, recs in keyed_batches(f, args.key_feature, f"--data file {f}"):
+                self.records.update(zip(keys, recs))
+        if len(self.records) != self.index.count:
+            raise ValueError(f"--data has {len(self.records):,} examples, the index {self.index.count:,}: "
+                             "not the indexed corpus")
+        self.mismatch = None
+        try:
+            self.projector = self.index.projector(self.objective)
+        except ValueError as err:            # another model: said on the page for every question
+            self.mismatch = str(err)
+
+    def _length(self):
+        """The longest sequence the model reads: its inputs' length, or its backbone's
+        ``max_sequence_length`` (keras-hub models take ``(None, None)`` inputs), or None."""
+        shapes = [tuple(t.shape) for t in self.model.inputs]
+        if shapes and len(shapes[0]) > 1 and shapes[0][1] is not None:
+            return int(shapes[0][1])
+        n = getattr(getattr(self.model, "backbone", None), "max_sequence_length", None)
+        return int(n) if n else None
+
+    def _inputs(self, ids: np.ndarray, mask: np.ndarray):
+        names = [t.name.split(":")[0] for t in self.model.inputs]
+        if len(self.model.inputs) > 1 or "token_ids" in names:
+            return {"token_ids": ids, "padding_mask": mask}
+        return ids
+
+    def encode(self, prompt: str, completion: str):
+        """``(x, y, prompt_length)`` of one test sequence: the completion's positions labelled, the rest not."""
+        from .lm import causal_lm_examples
+        if not completion.strip():
+            raise QueryError("the completion is empty: type the text whose probability you ask about")
+        p, c = self.tokens.encode(prompt, "prompt"), self.tokens.encode(completion, "completion")
+        n = len(p) + len(c)
+        if not p:
+            raise QueryError("the prompt is empty: the completion is predicted from at least one token")
+        if self.length is not None and n > self.length:
+            raise QueryError(f"prompt and completion are {n} tokens; the model reads at most {self.length}")
+        width = self.length or n
+        ids = np.zeros((1, width), np.int32)
+        mask = np.zeros((1, width), np.int32)
+        ids[0, :n] = p + c
+        mask[0, :n] = 1
+        x, y = causal_lm_examples(ids, mask, prompt_lengths=[len(p)])
+        return self._inputs(x["token_ids"], x["padding_mask"]), y, len(p)
+
+    def ask(self, prompt: str, completion: str) -> dict:
+        """``{"harmful": [(key, score, features, per-token terms)], "helpful": …, "log_probability", "seconds"}``."""
+        import tensorflow as tf
+
+        from .gradients import GradientKernels
+        from .lm import token_scores
+        if self.mismatch:
+            raise QueryError(self.mismatch)
+        t0 = time.perf_counter()
+        x, y, _ = self.encode(prompt, completion)
+        with self.lock:
+            group = self.projector.group
+            q = GradientKernels.get(self.measure, group).sum_grad(x, tf.constant(y)).numpy()
+            logp = float(self.measure.per_example_losses(x, tf.constant(y)).numpy()[0])
+            res = self.index.query(self.objective, q, top_k=self.args.top_k, precondition=self.args.precondition)
+            out = {"log_probability": logp}
+            for side in ("harmful", "helpful"):
+                keys = getattr(res, f"{side}_keys")[0]
+                scores = getattr(res, f"{side}_scores")[0]
+                feats = [self._example(k) for k in keys]
+                terms = [None] * len(keys)
+                if self.args.highlights and len(keys):
+                    ds = tf.data.Dataset.from_tensor_slices(self._batch(feats)).batch(len(keys))
+                    terms = token_scores(self.objective, ds, group, q)
+                out[side] = [(k.decode() if isinstance(k, bytes) else str(k), float(s), f, t)
+                             for k, s, f, t in zip(keys, scores, feats, terms)]
+        out["seconds"] = time.perf_counter() - t0
+        return out
+
+    def _example(self, key):
+        from .report.records import _features
+        return _features(self.records[key])
+
+    def _batch(self, feats):
+        from .lm import causal_lm_examples
+        ids = np.stack([np.asarray(f[self.args.feature]).reshape(-1) for f in feats]).astype(np.int32)
+        mask = (np.stack([np.asarray(f["padding_mask"]).reshape(-1) for f in feats]) if "padding_mask" in feats[0]
+                else (ids != 0)).astype(np.int32)
+        x, y = causal_lm_examples(ids, mask)
+        return self._inputs(x["token_ids"], x["padding_mask"]), y
+
+
+def _form(prompt: str = "", completion: str = "") -> str:
+    return ('<form class="query" action="query" method="get"><label>prompt<br><textarea name="prompt" rows="2" '
+            f'id="prompt">{html.escape(prompt)}</textarea></label><br><label>completion<br><textarea name="completion" '
+            f'rows="2" id="completion">{html.escape(completion)}</textarea></label><br>'
+            '<button type="submit" id="ask">ask the index</button></form>')
+
+
+def create_app(service: IndexService):
+    """The Flask application of one :class:`IndexService`."""
+    from flask import Flask, jsonify, request
+
+    from .report import page
+    app = Flask("tf_influence.serve")
+    title = "Ask the gradient index"
+    sub = (f"{service.index.count:,} indexed examples, dimension {service.index.dim:,}; model "
+           f"{service.args.model}")
+
+    def answer_html(prompt, completion, res):
+        parts = [_form(prompt, completion), page.LEGEND,
+                 f'<p class="meta">log p(completion | prompt) = {res["log_probability"]:.4f} · answered in '
+                 f'{res["seconds"]:.2f} s</p><section class="test-point"><div class="cols">']
+        for side in ("harmful", "helpful"):
+            parts.append(f'<div class="col"><h3>top {len(res[side])} {side}</h3>')
+            for key, score, feats, terms in res[side]:
+                parts.append(f'<div class="example {side} kind-text"><div class="score">{html.escape(key)} · score '
+                             f'{score:+.4g}</div>{service.renderer.html(feats, None, terms)}</div>')
+            parts.append("</div>")
+        parts.append("</div></section>")
+        return "".join(parts)
+
+    def error_html(prompt, completion, message):
+        return f'{_form(prompt, completion)}<p class="error" id="error">{html.escape(message)}</p>'
+
+    @app.get("/")
+    def index():
+        return page.document(title, _form(), sub)
+
+    def _ask():
+        prompt = request.args.get("prompt", "")
+        completion = request.args.get("completion", "")
+        try:
+            return prompt, completion, service.ask(prompt, completion), None
+        except QueryError as err:
+            return prompt, completion, None, str(err)
+        except Exception as err:   # noqa: BLE001 — said on the page; the server keeps serving
+            app.logger.exception("query failed")
+            return prompt, completion, None, f"the query failed: {type(err).__name__}: {str(err)[:300]}"
+
+    @app.get("/query")
+    def query():
+        prompt, completion, res, err = _ask()
+        if err:
+            return page.document(title, error_html(prompt, completion, err), sub), 400
+        return page.document(title, answer_html(prompt, completion, res), sub)
+
+    @app.get("/api/query")
+    def api_query():
+        _, _, res, err = _ask()
+        if err:
+            return jsonify({"error": err}), 400
+        return jsonify({"log_probability": res["log_probability"], "seconds": res["seconds"],
+                        **{side: [{"key": k, "score": s, "token_terms": None if t is None else np.asarray(t).tolist()}
+                                  for k, s, _, t in res[side]] for side in ("harmful", "helpful")}})
+
+    return app
+
+
+def main(argv=None):
+    quiet_for_cli(argv)
+    from .cli import add_arguments, from_args
+    ap = argparse.ArgumentParser(prog="python -m tf_influence.serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap, ServeArgs)
+    ap.add_argument("--verbose", action="store_true", help="show library logs")
+    args = from_args(ServeArgs, ap.parse_args(argv), parser=ap)
+    service = IndexService(args)
+    if service.mismatch:
+        print(f"warning: {service.mismatch}", file=sys.stderr)
+    print(f"serving {service.index.count:,} examples on http://{args.host}:{args.port}/", flush=True)
+    create_app(service).run(host=args.host, port=args.port, threaded=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
