@@ -135,7 +135,7 @@ def create_pipeline(root: str, data_root: str, quick: bool = False, beam_args=No
     pre_rnd, ft_rnd = trainers("_drop_random", rnd.outputs["filtered_examples"])
     compare = CompareModels(test_examples=ft_gen.outputs["examples"], original=ft_t.outputs["model"],
                             dropped_top=ft_top.outputs["model"], dropped_random=ft_rnd.outputs["model"],
-                            feature_spec=json.dumps(spec))
+                            feature_spec=json.dumps(spec), finetune_steps=steps)
     components = [pre_gen, ft_gen, pre_t, ft_t, *extra, scorer, report, top, rnd_scores, rnd, pre_top, ft_top, pre_rnd, ft_rnd,
                   compare]
     kwargs = {}

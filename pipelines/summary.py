@@ -75,6 +75,10 @@ def summarize(metadata_path: str) -> dict:
         for a in store.get_artifacts_by_type("ModelEvaluation"):
             if "comparison" in a.custom_properties:
                 out["comparison"] = json.loads(a.custom_properties["comparison"].string_value)
+            if "report_path" in a.custom_properties:
+                page = a.custom_properties["report_path"].string_value
+                if page not in out.setdefault("reports", []):
+                    out["reports"].append(page)
     return out
 
 
@@ -111,10 +115,17 @@ def format_comparison(comparison: dict) -> str:
     """The comparison report as aligned lines: one per model (its metrics), then the other entries."""
     lines = []
     for name, value in comparison.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and "loss_mean" in value:        # the finetuning seeds' mean ± sd
+            lines.append(f"  {name:22s} test loss {value['loss_mean']:.4f} ± {value['loss_std']:.4f}, accuracy "
+                         f"{100 * value['accuracy_mean']:.2f} ± {100 * value['accuracy_std']:.2f} % over "
+                         f"{len(value.get('losses', []))} finetuning seeds (the pipeline's model: "
+                         f"{value['loss']:.4f}, {100 * value['accuracy']:.2f} %)")
+        elif isinstance(value, dict):
             metrics = ", ".join(f"{k} {100 * v:.2f} %" if k == "accuracy" else f"{k} {v:.4g}"
                                 for k, v in value.items())
             lines.append(f"  {name:22s} {metrics}")
+        elif name == "seeds":
+            continue
         else:
             lines.append(f"  {name:22s} {value}")
     return "\n".join(lines)

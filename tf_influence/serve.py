@@ -102,6 +102,8 @@ class IndexService:
         self.index = GradientIndex(args.index)
         self.objective = Objective(self.model, CausalLMLoss(), include_model_losses=False)
         self.measure = Objective(self.model, completion_log_probability(), include_model_losses=False)
+        from .compiled import function
+        self._log_probability = function(lambda x, y: self.measure.per_example_losses(x, y), reduce_retracing=True)
         self.tokens = Tokens(args.vocabulary)
         self.renderer = TextRenderer(vocabulary=self.tokens.tokens, feature=args.feature)
         self.lock = threading.Lock()
@@ -169,7 +171,7 @@ class IndexService:
         with self.lock:
             group = self.projector.group
             q = GradientKernels.get(self.measure, group).sum_grad(x, tf.constant(y)).numpy()
-            logp = float(self.measure.per_example_losses(x, tf.constant(y)).numpy()[0])
+            logp = float(self._log_probability(x, tf.constant(y)).numpy()[0])
             res = self.index.query(self.objective, q, top_k=self.args.top_k, precondition=self.args.precondition)
             out = {"log_probability": logp}
             for side in ("harmful", "helpful"):

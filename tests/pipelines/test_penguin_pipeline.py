@@ -161,3 +161,31 @@ def test_two_stage_variant_scores_with_the_frozen_shared_layers_as_embedding(run
 def penguin_pipeline_module():
     from pipelines import penguin_module
     return penguin_module
+
+
+def test_report_artifact_shows_what_the_filter_dropped(run):
+    """The InfluenceReport artifact: one page, opened in headless Chromium — the filter's count, the top-scored
+    examples in score order, drawn as feature tables."""
+    from selenium.webdriver.common.by import By
+
+    from tests.browser import browser, screenshot
+    from tf_influence import scores_io
+    root, s = run
+    assert s["components"]["InfluenceReport"] == ["COMPLETE"]
+    (page,) = s["reports"]
+    (flt,) = s["filters"]
+    (si_uri,) = [a["uri"] for a in s["scores"] if a["score_kind"] == "self_influence"]
+    scores = scores_io.read_scores(os.path.join(si_uri, "Split-train"))
+    top = sorted(scores, key=lambda k: -scores[k])[:8]
+    d = browser()
+    try:
+        d.get("file://" + page)
+        c = flt["counts"]["train"]
+        assert f"dropped {c['dropped']} of {c['in']}" in d.find_element(By.CSS_SELECTOR, "section.self-influence").text
+        shown = [e.text.split(" · ")[0] for e in d.find_elements(By.CSS_SELECTOR, ".example .score")]
+        assert shown == [k.decode() for k in top]
+        assert len(d.find_elements(By.CSS_SELECTOR, ".example table.features")) == 8
+        assert d.find_element(By.CSS_SELECTOR, "img.plot").get_property("naturalWidth") > 0
+        screenshot(d, "report_penguin.png")
+    finally:
+        d.quit()

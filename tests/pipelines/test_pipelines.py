@@ -4,6 +4,8 @@ Kubeflow V2 / Vertex compilation."""
 import json
 import os
 
+import numpy as np
+
 import pytest
 
 pytest.importorskip("tfx")
@@ -30,6 +32,12 @@ def test_influence_pipeline_runs_end_to_end(run):
         assert s["components"][name] and all(st == "COMPLETE" for st in s["components"][name]), name
     assert len(s["components"]["Trainer"]) == 6
     assert len(s["filters"]) == 2
+    # the report artifact: the influence scores' page, its images, and the top-10 % cut the filter made
+    (page,) = [p for p in s["reports"] if "/InfluenceReport/" in p]
+    html = open(page).read()
+    top = next(f for f in s["filters"] if "drop_top" in f["uri"])["counts"]["train"]
+    assert f"dropped {top['dropped']} of {top['in']}" in html
+    assert html.count('<img class="thumb"') == 16 and 'class="example harmful' in html
     for f in s["filters"]:
         c = f["counts"]["train"]
         assert c["in"] == s["data"]["pretrain"] == c["kept"] + c["dropped"] and c["dropped"] == round(0.1 * c["in"])
@@ -37,6 +45,14 @@ def test_influence_pipeline_runs_end_to_end(run):
     assert comp["n_test"] == s["data"]["finetune_test"]
     for k in ("original", "drop_top", "drop_random"):
         assert 0 <= comp[k]["accuracy"] <= 1 and comp[k]["loss"] > 0
+        # the finetuning seeds: their mean and spread are those of the listed runs
+        assert len(comp[k]["losses"]) == comp["seeds"] == 5
+        assert comp[k]["loss_mean"] == pytest.approx(np.mean(comp[k]["losses"]))
+        assert comp[k]["loss_std"] == pytest.approx(np.std(comp[k]["losses"], ddof=1))
+        assert len(set(comp[k]["losses"])) > 1                     # the seeds differ
+    (comparison,) = [p for p in s["reports"] if p.endswith("comparison.html")]
+    text = open(comparison).read()
+    assert f"{comp['drop_top']['loss_mean']:.4f} ± {comp['drop_top']['loss_std']:.4f}" in text
     assert s["wall_seconds"] > 0
     # the scorer ran with the pipeline's InfluenceArgs, whole: its defaults and the quick CG budget
     import tf_influence as tfi

@@ -240,11 +240,13 @@ class Report:
         self.summary["sections"].append("query")
 
     def add_self_influence(self, scores, train=None, threshold=None, keys=None, top_k: int = 10, renderer=None,
-                           title: str | None = None, xlabel: str = "self-influence") -> None:
+                           title: str | None = None, xlabel: str = "self-influence", dropped: int | None = None) -> None:
         """Self-influence scores: their histogram with the filter's ``threshold`` (examples above it are
-        the ones a :class:`ScoreFilter` / PRESENCE-Sequential drops) and the ``top_k`` highest examples."""
+        the ones a :class:`ScoreFilter` / PRESENCE-Sequential drops; ``dropped``: its count when known) and the
+        ``top_k`` highest examples."""
         s = np.asarray(scores, np.float64).reshape(-1)
-        dropped = int(np.sum(s > threshold)) if threshold is not None else None
+        if dropped is None and threshold is not None:     # else: the filter's own count (ties decided by key)
+            dropped = int(np.sum(s > threshold))
         head = [f"<h2>{page.esc(title or 'Self-influence')}</h2><section class='self-influence'>"]
         line = f"{len(s):,} examples; median {np.median(s):.4g}, max {s.max():.4g}"
         if threshold is not None:

@@ -101,10 +101,10 @@ def report_from_files(scores_dir: str, example_files, args: ReportArgs | None = 
     if not np.all(np.isfinite(s)):
         bad = [keys[i] for i in np.where(~np.isfinite(s))[0][:5]]
         raise ValueError(f"scores in {scores_dir} are NaN/Inf for key(s) {bad}")
-    threshold = None
+    threshold = dropped = None
     if args.drop_mode is not None:
         kept = scores_io.select_kept(table, args.drop_mode, args.drop_value)
-        dropped = [table[k] for k in keys if k not in kept]
+        dropped = len(keys) - len(kept)
         threshold = max(table[k] for k in kept) if dropped and kept else None
     k = min(int(args.top_k), len(keys))
     high = list(np.argsort(-s, kind="stable")[:k])
@@ -126,7 +126,8 @@ def report_from_files(scores_dir: str, example_files, args: ReportArgs | None = 
                            top_k=k if kind == "self_influence" else 0,
                            title="Scores" + (f" and what {args.drop_mode}={args.drop_value:g} drops"
                                              if args.drop_mode else ""),
-                           xlabel="self-influence" if kind == "self_influence" else "influence score")
+                           xlabel="self-influence" if kind == "self_influence" else "influence score",
+                           dropped=dropped)
     if kind != "self_influence":
         rep.add_ranked(s, lookup, keys=keys, top_k=k, title=f"The {k} highest and lowest scores")
     return rep
