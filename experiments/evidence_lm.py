@@ -2,7 +2,7 @@
 vocabulary) trained on windows of the corpus, its gradient index, and a report of which windows make it
 complete a few prompts the way it does — each shown window's tokens coloured by their share of its score.
 
-    python -m experiments.evidence_lm [--out reports/evidence/lm] [--sequences 1200] [--length 48] [--epochs 6]
+    python -m experiments.evidence_lm [--out reports/evidence/lm] [--sequences 1200] [--length 48] [--epochs 20]
 
 Writes ``model.keras``, ``data/corpus-00000.tfrecord.gz`` (token_ids, padding_mask, key), ``index/`` and
 ``report.html`` under ``--out``, and prints the command that serves the index
@@ -29,7 +29,7 @@ class EvidenceArgs:
     length: int = field(default=48, metadata={"help": "characters per window"})
     width: int = field(default=64, metadata={"help": "GPT-2 width"})
     layers: int = field(default=2, metadata={"help": "GPT-2 layers"})
-    epochs: int = field(default=6, metadata={"help": "training epochs"})
+    epochs: int = field(default=20, metadata={"help": "training epochs"})
     top: int = field(default=4, metadata={"help": "examples shown per side"})
     seed: int = field(default=0, metadata={"help": "seed"})
     verbose: bool = field(default=False, metadata={"help": console.VERBOSE_HELP})

@@ -142,6 +142,7 @@ class Report:
         higher_is_better = _higher_is_better(measurement)
         blocks = [f"<h2>{page.esc(heading)}</h2>", page.LEGEND_GAIN if higher_is_better else page.LEGEND,
                   self._diagnostics(result)]
+        colours = ("#36c", "#d33") if higher_is_better else ("#d33", "#36c")
         for j, (harm, help_) in enumerate(picks):
             token = {}
             if token_objective is not None:
@@ -167,7 +168,7 @@ class Report:
                 body.append(f'<div class="example test"><div class="score">{" · ".join(line)}</div>'
                             f'{tr.html(x, y)}</div>')
             body.append(f'<img class="plot" alt="score distribution" src="'
-                        f'{page.score_histogram(cols[:, j], harm, help_, "scores of every pretraining example")}">')
+                        f'{page.score_histogram(cols[:, j], harm, help_, "scores of every pretraining example", colours=colours)}">')
             body.append('<div class="cols">')
             # a loss: the highest scores are harmful (removal lowers it); a measurement to raise (a
             # log-probability): the highest scores support it (removal lowers it), drawn as helpful, and the

@@ -50,16 +50,18 @@ def _plt():
     return plt
 
 
-def score_histogram(scores, marked_high=(), marked_low=(), title: str = "", xlabel: str = "score") -> str:
-    """Histogram of ``scores`` with the selected examples marked (red: harmful, blue: helpful)."""
+def score_histogram(scores, marked_high=(), marked_low=(), title: str = "", xlabel: str = "score",
+                    colours=("#d33", "#36c")) -> str:
+    """Histogram of ``scores`` with the selected examples marked (``colours``: of the highest and the
+    lowest; red: harmful, blue: helpful)."""
     plt = _plt()
     s = np.asarray(scores, np.float64).reshape(-1)
     fig, ax = plt.subplots(figsize=(5.2, 2.4))
     ax.hist(s, bins=min(60, max(10, len(s) // 10)), color="#999")
     for i in marked_high:
-        ax.axvline(s[i], color="#d33", lw=1)
+        ax.axvline(s[i], color=colours[0], lw=1)
     for i in marked_low:
-        ax.axvline(s[i], color="#36c", lw=1)
+        ax.axvline(s[i], color=colours[1], lw=1)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("examples")
     if title:
