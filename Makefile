@@ -75,6 +75,9 @@ bench-hub: install
 bench-index: install
 	$(PY) -m benchmarks.index --out docs/results/index.json
 
+bench-serve: install   # the index page under load: 10⁵ indexed windows, 100 queries from 4 clients (~5 min)
+	$(PY) -m benchmarks.serve --out docs/results/serve.json
+
 bench-real-size: install   # ~3 h on 2 cores: every path on GPT-2 small, BERT base, a 100 M Llama, GPT-2-mid
 	$(PY) -m benchmarks.real_size --out docs/results/real_size.json --models gpt2-small bert-base llama-100m gpt2-mid
 

@@ -113,7 +113,7 @@ def main(argv=None):
 
     import tf_influence as tfi
     from tf_influence.gradients import GradientKernels
-    from tf_influence.kfac import GhostNorms
+    from tf_influence.ghost_norms import GhostNorms
 
     t0 = time.perf_counter()
     ids, vocab = tokens_of_corpus(args.vocab)

@@ -96,7 +96,8 @@ def main(argv=None):
     cmd = [sys.executable, "-m", "tf_influence.serve", "--index", prep["index"], "--model", prep["model"],
            "--data", prep["data"], "--key-feature", "key", "--port", str(port)]
     t0 = time.perf_counter()
-    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = open(os.path.join(args.workdir, "server.log"), "w")     # a file, not a pipe nobody reads: a full pipe
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)   # blocks the server's logging
     url = f"http://127.0.0.1:{port}"
     try:
         while True:
@@ -105,7 +106,7 @@ def main(argv=None):
                 break
             except requests.ConnectionError:
                 if server.poll() is not None or time.perf_counter() - t0 > 600:
-                    raise RuntimeError(f"the server did not start: {server.stdout.read()[-2000:]}")
+                    raise RuntimeError(f"the server did not start: see {log.name}")
                 time.sleep(0.5)
         startup = time.perf_counter() - t0
         prose, code = text.load_corpus()

@@ -249,7 +249,21 @@ def real_size_tables(d: dict) -> str:
     return "\n".join(out)
 
 
-GENERATORS = {"vocab_side": vocab_side_tables, "real_size": real_size_tables, "index": index_tables, "index-scale": index_scale_tables, "hub": hub_tables, "scale": scale_tables, "engine": engine_tables, "presence": presence_tables}
+GENERATORS = {"serve": serve_table, "vocab_side": vocab_side_tables, "real_size": real_size_tables, "index": index_tables, "index-scale": index_scale_tables, "hub": hub_tables, "scale": scale_tables, "engine": engine_tables, "presence": presence_tables}
+
+
+def serve_table(d: dict) -> str:
+    """The index page under load (``benchmarks/serve.py``)."""
+    ix = d["index"]
+    rows = [("indexed examples × dimension", f"{ix['count']:,} × {ix['dim']:,} ({ix['bytes'] / 2 ** 20:.0f} MB on disk)"),
+            ("model", f"keras-hub GPT-2, {ix['n_params']:,} parameters"),
+            ("queries, concurrent clients", f"{d['queries']}, {d['clients']}"),
+            ("latency p50 / p99", f"**{d['p50_seconds']:.3f} s** / **{d['p99_seconds']:.3f} s** (targets 0.5 / 2 s)"),
+            ("throughput", f"{d['throughput_per_second']:.1f} queries/s"),
+            ("malformed requests answered 400", f"{d['malformed_answered_400']} of {d['malformed']}"),
+            ("answering afterwards", "yes" if d["answers_after_malformed"] else "**no**"),
+            ("server start-up (loading the corpus and the index)", f"{d['startup_seconds']:.0f} s")]
+    return "| | |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows) + f"\n\n{d['machine']}.\n"
 
 
 def render(name: str) -> str:

@@ -57,8 +57,8 @@ def parse(argv=None):
         ap.error("the demo ranks pretraining examples by their influence on the summed test loss: "
                  "--test-target sum")
     if ns.cg_iters is not None:
-        warnings.warn("--cg-iters is deprecated: --pretrain-solver / --finetune-solver '{\"max_iter\": N}'",
-                      DeprecationWarning, stacklevel=2)
+        from tf_influence.deprecation import warn
+        warn("--cg-iters", "--pretrain-solver / --finetune-solver '{\"max_iter\": N}'")
         args = replace(args, pretrain_solver=replace(args.pretrain_solver, max_iter=ns.cg_iters),
                        finetune_solver=replace(args.finetune_solver, max_iter=ns.cg_iters))
     return demo, args

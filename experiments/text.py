@@ -1,7 +1,8 @@
-"""Moved to :mod:`model_zoo.text` (the pipelines import it from there); this name stays for one release."""
+"""Moved to :mod:`model_zoo.text` (the pipelines import it from there); this name stays for one release
+and warns (:mod:`tf_influence.deprecation`)."""
 
 import sys
 
-from model_zoo import text as _moved
+from tf_influence.deprecation import moved_module
 
-sys.modules[__name__] = _moved
+sys.modules[__name__] = moved_module(__name__, "model_zoo.text")

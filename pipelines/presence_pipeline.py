@@ -47,8 +47,8 @@ def create_pipeline(root: str, data_root: str, n_train: int, quick: bool = False
     if tau1 is not None:
         import dataclasses
         import warnings
-        warnings.warn("create_pipeline(tau1=...) is deprecated: pass presence_args=PresenceArgs(tau1=...)",
-                      DeprecationWarning, stacklevel=2)
+        from tf_influence.deprecation import warn
+        warn("create_pipeline(tau1=...)", "presence_args=PresenceArgs(tau1=...)")
         presence_args = dataclasses.replace(presence_args, tau1=float(tau1))
 
     from pipelines import text_data

@@ -296,7 +296,17 @@ class GradientProjector:
 
     # -- the projection of a batch (captured inputs and output gradients) --------------------------
     def _mat(self, p):
-        return None if p is None else tf.constant(p, self.dtype)
+        """``p`` as a tensor; eagerly (:meth:`project_vector`, a query) made once per matrix and kept, not
+        copied from numpy on every call."""
+        if p is None:
+            return None
+        if not tf.executing_eagerly():
+            return tf.constant(p, self.dtype)
+        cache = self.__dict__.setdefault("_mats", {})
+        hit = cache.get(id(p))
+        if hit is None or hit[0] is not p:
+            hit = cache[id(p)] = (p, tf.constant(p, self.dtype))
+        return hit[1]
 
     def _project(self, x, y):
         obj = self.objective

@@ -174,16 +174,19 @@ class IndexService:
             logp = float(self._log_probability(x, tf.constant(y)).numpy()[0])
             res = self.index.query(self.objective, q, top_k=self.args.top_k, precondition=self.args.precondition)
             out = {"log_probability": logp}
-            for side in ("harmful", "helpful"):
-                keys = getattr(res, f"{side}_keys")[0]
-                scores = getattr(res, f"{side}_scores")[0]
-                feats = [self._example(k) for k in keys]
-                terms = [None] * len(keys)
-                if self.args.highlights and len(keys):
-                    ds = tf.data.Dataset.from_tensor_slices(self._batch(feats)).batch(len(keys))
-                    terms = token_scores(self.objective, ds, group, q)
+            sides = {side: (getattr(res, f"{side}_keys")[0], getattr(res, f"{side}_scores")[0])
+                     for side in ("harmful", "helpful")}
+            feats = {side: [self._example(k) for k in keys] for side, (keys, _) in sides.items()}
+            shown = feats["harmful"] + feats["helpful"]
+            terms = [None] * len(shown)
+            if self.args.highlights and shown:          # both sides' highlights in one forward-mode pass
+                ds = tf.data.Dataset.from_tensor_slices(self._batch(shown)).batch(len(shown))
+                terms = token_scores(self.objective, ds, group, q)
+            at = 0
+            for side, (keys, scores) in sides.items():
                 out[side] = [(k.decode() if isinstance(k, bytes) else str(k), float(s), f, t)
-                             for k, s, f, t in zip(keys, scores, feats, terms)]
+                             for k, s, f, t in zip(keys, scores, feats[side], terms[at:at + len(keys)])]
+                at += len(keys)
         out["seconds"] = time.perf_counter() - t0
         return out
 

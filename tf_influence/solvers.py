@@ -539,9 +539,9 @@ class SolverConfig(JsonConfig):
             if unknown:
                 raise ValueError(f"SolverConfig(method='{self.method}'): unknown option(s) {unknown}; the options "
                                  f"are the fields {sorted(_OPTION_FIELDS)}")
-            warnings.warn("SolverConfig(options={...}) is deprecated: pass the options as fields, e.g. "
-                          f"SolverConfig('{self.method}', {', '.join(f'{k}=...' for k in self.options)})",
-                          DeprecationWarning, stacklevel=3)
+            from .deprecation import warn
+            warn("SolverConfig(options={...})", f"the fields, e.g. SolverConfig('{self.method}', "
+                 f"{', '.join(f'{k}=...' for k in self.options)})", stacklevel=4)
             for k, v in self.options.items():
                 setattr(self, k, v)
             self.options = {}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from .deprecation import moved_names
 from .gradients import per_example_gradients
 from .objective import EmptyDatasetError, Objective, batches, finite_check
 from .params import ParameterGroup, ParameterGroupError, as_layer_list, group_from_layers
@@ -152,9 +153,6 @@ def microbatch_self_influence(objective: Objective, x, y, si_layers, num_microba
 __all__ = ["layer_set", "self_influence", "tracin", "microbatch_self_influence"]
 
 
-def __getattr__(name):
-    # PRESENCE-Sequential lived here before 0.3; it is now tf_influence.presence.sequential
-    if name in ("presence_sequential", "FilterResult"):
-        from .presence import sequential
-        return getattr(sequential, name)
-    raise AttributeError(f"module 'tf_influence.tracin' has no attribute {name!r}")
+# PRESENCE-Sequential lived here before 0.3; it is tf_influence.presence.sequential now
+__getattr__ = moved_names(__name__, {"presence_sequential": ("tf_influence.presence.sequential", "presence_sequential"),
+                                     "FilterResult": ("tf_influence.presence.sequential", "FilterResult")})

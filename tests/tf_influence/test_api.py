@@ -2,6 +2,7 @@
 saved results, measurements, no retracing on repeated calls."""
 
 import json
+import re
 
 import keras
 import numpy as np
@@ -65,7 +66,7 @@ def test_presence_sequential_uses_the_same_rule_with_keys():
     y = np.tile([0, 1], 4)
     obj = tfi.Objective(model, h.sce())
     keys = [f"k{7 - i}".encode() for i in range(8)]
-    res = tracin.presence_sequential(obj, h.dataset(x, y, 3), ["hidden"], keep=3, keys=keys)
+    res = tfi.presence_sequential(obj, h.dataset(x, y, 3), ["hidden"], keep=3, keys=keys)
     table = dict(zip(keys, tracin.self_influence(obj, h.dataset(x, y, 3), ["hidden"])))
     assert {keys[i] for i in res.kept} == scores_io.select_kept(table, "keep_lowest", 3)
 
@@ -155,3 +156,28 @@ def test_the_order_cut_keeps_what_select_kept_keeps():
         boundary = None if k == 0 else (max(ordered[:k]) if side == "smallest" else min(ordered[n - k:]))
         got = [S.kept_by_cut(s, key, keep_first, side, boundary) for s, key in zip(scores, keys)]
         assert got == S.select_kept(scores, mode, value, keys).tolist(), (mode, value, n)
+
+
+@pytest.mark.parametrize("old, new", [
+    ("tf_influence.tracin.presence_sequential", "tf_influence.presence.sequential.presence_sequential"),
+    ("tf_influence.tracin.FilterResult", "tf_influence.presence.sequential.FilterResult"),
+    ("tf_influence.kfac.GhostNorms", "tf_influence.ghost_norms.GhostNorms"),
+])
+def test_moved_names_warn_and_resolve(old, new):
+    import importlib
+    mod, name = old.rsplit(".", 1)
+    new_mod, new_name = new.rsplit(".", 1)
+    with pytest.warns(DeprecationWarning, match=rf"{re.escape(old)} is deprecated: use {re.escape(new)} \(it is removed in 0\.4\)"):
+        got = getattr(importlib.import_module(mod), name)
+    assert got is getattr(importlib.import_module(new_mod), new_name)
+
+
+@pytest.mark.parametrize("old, new", [("experiments.digits", "model_zoo.digits"), ("experiments.models", "model_zoo.cnn"),
+                                      ("experiments.text", "model_zoo.text")])
+def test_moved_modules_warn(old, new):
+    import importlib
+    import sys
+    sys.modules.pop(old, None)
+    with pytest.warns(DeprecationWarning, match=rf"module {re.escape(old)} is deprecated: use module {re.escape(new)}"):
+        got = importlib.import_module(old)
+    assert got is importlib.import_module(new)

@@ -48,7 +48,8 @@ class LDSResult:
     @property
     def alpha(self) -> float | None:
         """Deprecated name of :attr:`subset_fraction` (``alpha`` is the case-2 proximal weight elsewhere)."""
-        warnings.warn("LDSResult.alpha is deprecated: use subset_fraction", DeprecationWarning, stacklevel=2)
+        from ..deprecation import warn
+        warn("LDSResult.alpha", "subset_fraction")
         return self.subset_fraction
 
     def summary(self) -> dict:
@@ -66,7 +67,8 @@ def _fraction(subset_fraction, alpha, where: str) -> float:
     if alpha is not None:
         if subset_fraction is not None:
             raise TypeError(f"{where}: give subset_fraction, not both subset_fraction and its deprecated alias alpha")
-        warnings.warn(f"{where}(alpha=...) is deprecated: use subset_fraction=...", DeprecationWarning, stacklevel=3)
+        from ..deprecation import warn
+        warn(f"{where}(alpha=...)", "subset_fraction=...", stacklevel=4)
         return float(alpha)
     return DEFAULT_SUBSET_FRACTION if subset_fraction is None else float(subset_fraction)
 

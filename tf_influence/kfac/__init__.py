@@ -47,20 +47,17 @@ Modules: :mod:`~tf_influence.kfac.blocks` (which layers are factored and how),
 which use the same capture, live in :mod:`tf_influence.ghost_norms`.
 """
 
+from ..deprecation import moved_names
 from .blocks import kronecker_blocks, norm_blocks
 from .factors import FISHERS, KINDS, KFACFactors
 from .inverse import KFACInverse, regularizer_diagonal
 from .statistics import (CORRECTION_SEED_OFFSET, DENSE_FACTOR_MAX, FactorStatistics, add_statistics, eigenbases,
                          fit_factors)
 
-__all__ = ["FactorStatistics", "GhostNorms", "KFACFactors", "KFACInverse", "add_statistics", "eigenbases",
+__all__ = ["FactorStatistics", "KFACFactors", "KFACInverse", "add_statistics", "eigenbases",
            "fit_factors", "kronecker_blocks", "norm_blocks", "regularizer_diagonal", "KINDS", "FISHERS",
            "CORRECTION_SEED_OFFSET", "DENSE_FACTOR_MAX"]
 
 
-def __getattr__(name):
-    # GhostNorms lived here before 0.3; it moved beside the other per-example gradient code
-    if name == "GhostNorms":
-        from ..ghost_norms import GhostNorms
-        return GhostNorms
-    raise AttributeError(f"module 'tf_influence.kfac' has no attribute {name!r}")
+# GhostNorms lived here before 0.3; it moved beside the other per-example gradient code
+__getattr__ = moved_names(__name__, {"GhostNorms": ("tf_influence.ghost_norms", "GhostNorms")})

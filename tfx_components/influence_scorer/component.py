@@ -134,8 +134,8 @@ def query_args_from(query_args, index_top_k, has_index: bool) -> "Optional[Query
         if query_args is not None:
             raise TypeError("InfluenceScorer: pass query_args=QueryArgs(top_k=...) or the deprecated index_top_k, "
                             "not both")
-        warnings.warn("InfluenceScorer(index_top_k=k) is deprecated: pass query_args=tf_influence.index."
-                      "QueryArgs(top_k=k)", DeprecationWarning, stacklevel=3)
+        from tf_influence.deprecation import warn
+        warn("InfluenceScorer(index_top_k=k)", "query_args=tf_influence.index.QueryArgs(top_k=k)", stacklevel=4)
         query_args = QueryArgs(top_k=int(index_top_k))
     if query_args is None:
         return None
@@ -181,8 +181,9 @@ def influence_args_from(influence_args, deprecated: dict) -> "tfi.InfluenceArgs"
     given = {k: v for k, v in deprecated.items() if v is not None}
     if not given:
         return args
-    warnings.warn(f"InfluenceScorer({', '.join(f'{k}=' for k in given)}) is deprecated: pass "
-                  "influence_args=tf_influence.InfluenceArgs(...)", DeprecationWarning, stacklevel=3)
+    from tf_influence.deprecation import warn
+    warn(f"InfluenceScorer({', '.join(f'{k}=' for k in given)})", "influence_args=tf_influence.InfluenceArgs(...)",
+         stacklevel=4)
     import dataclasses
     top = {k: given[k] for k in ("case", "alpha", "hessian_samples") if k in given}
     solver = {}
