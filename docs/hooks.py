@@ -249,9 +249,6 @@ def real_size_tables(d: dict) -> str:
     return "\n".join(out)
 
 
-GENERATORS = {"serve": serve_table, "vocab_side": vocab_side_tables, "real_size": real_size_tables, "index": index_tables, "index-scale": index_scale_tables, "hub": hub_tables, "scale": scale_tables, "engine": engine_tables, "presence": presence_tables}
-
-
 def serve_table(d: dict) -> str:
     """The index page under load (``benchmarks/serve.py``)."""
     ix = d["index"]
@@ -266,6 +263,9 @@ def serve_table(d: dict) -> str:
     return "| | |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows) + f"\n\n{d['machine']}.\n"
 
 
+GENERATORS = {"serve": serve_table, "vocab_side": vocab_side_tables, "real_size": real_size_tables, "index": index_tables, "index-scale": index_scale_tables, "hub": hub_tables, "scale": scale_tables, "engine": engine_tables, "presence": presence_tables}
+
+
 def render(name: str) -> str:
     path = os.path.join(HERE, "results", f"{name if name in ('vocab_side', 'real_size') else name.split('-')[0]}.json")
     if name not in GENERATORS:
@@ -277,7 +277,8 @@ def render(name: str) -> str:
 def include(rel: str) -> str:
     path = os.path.normpath(os.path.join(HERE, os.pardir, rel))
     with open(path) as fh:
-        return fh.read()
+        text = fh.read()
+    return text.replace("](docs/", "](")     # the README's links into docs/ (its screenshot), seen from the site
 
 
 def on_page_markdown(markdown, page, config, files):

@@ -49,7 +49,7 @@ _EXPORTS = {
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 _SUBMODULES = {"analyzer", "baselines", "compiled", "console", "diagnostics", "evaluation", "ghost_norms", "gradients", "hessian", "influence", "index", "kfac", "lm", "memory", "objective", "projection", "provenance",
-               "params", "presence", "scores_io", "selection", "solvers", "tracin"}
+               "params", "presence", "report", "scores_io", "selection", "serve", "solvers", "tracin", "deprecation"}
 
 #: The names a user needs — ``from tf_influence import *``, the API reference's front page. Every
 #: other name of ``_EXPORTS`` still resolves here (the 0.2 surface), and lives in its submodule.

@@ -160,7 +160,7 @@ def token_scores(objective, dataset, group, vector, progress: bool = False, name
     :class:`~tf_influence.influence.InfluenceResult`'s ``test_vector`` column) lives on.
 
     >>> # scores = token_scores(Objective(lm, CausalLMLoss()), corpus, result.group, result.test_vector[:, 0])
-    >>> # scores[i].sum() == result.scores[i, 0]; scores[i][t] is token t+1's share (label t)
+    >>> # the sum of scores[i] is result.scores[i, 0]; its entry t is the share of token t + 1 (label t)
     """
     from .compiled import cached_kernel, function
     from .exact import exact_moments
@@ -189,4 +189,29 @@ def token_scores(objective, dataset, group, vector, progress: bool = False, name
     return out
 
 
-__all__ = ["IGNORE", "CausalLMLoss", "causal_lm_examples", "completion_log_probability", "token_scores"]
+def split_completion(x, labels):
+    """One test point per labelled token: ``(x, labels, owner, position)`` where row ``r`` repeats test sequence
+    ``owner[r]`` with only the label at ``position[r]`` kept (every other position :data:`IGNORE`).
+
+    A completion's log-probability is a sum over its tokens, so its test vector is the sum of the tokens' own
+    (``s = Σ_t s_t``, the solve is linear) and every training example's score splits into the contributions
+    of the completion tokens: score the split points with ``test_target="each"`` and sum the columns of a
+    sequence to get its score back. What each token of the completion owes to a training example.
+
+    >>> x, y = causal_lm_examples(np.array([[5, 6, 7, 8]]), prompt_lengths=[2])
+    >>> xs, ys, owner, pos = split_completion(x, y)
+    >>> ys.tolist(), owner.tolist(), pos.tolist()
+    ([[-100, 7, -100, -100], [-100, -100, 8, -100]], [0, 0], [1, 2])
+    """
+    labels = np.asarray(labels)
+    owner, pos = np.nonzero(labels != IGNORE)
+    if owner.size == 0:
+        raise ValueError("no labelled position to split (every label is IGNORE)")
+    ys = np.full((owner.size, labels.shape[1]), IGNORE, labels.dtype)
+    ys[np.arange(owner.size), pos] = labels[owner, pos]
+    xs = {k: np.asarray(v)[owner] for k, v in x.items()} if isinstance(x, dict) else np.asarray(x)[owner]
+    return xs, ys, owner, pos
+
+
+__all__ = ["IGNORE", "CausalLMLoss", "causal_lm_examples", "completion_log_probability", "split_completion",
+           "token_scores"]

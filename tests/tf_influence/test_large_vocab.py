@@ -80,6 +80,10 @@ def test_diagonal_vocabulary_side_is_the_dense_diagonal_and_exact_in_its_basis(c
 
 
 def test_default_keeps_small_vocabularies_dense_bit_for_bit(case):
+    # one kind is enough: the same branch (side ≤ dense_factor_max) for every layer kind; GPT-2's tied table
+    # has both a lookup and an output projection (the other kinds' vocabulary sides: the test above)
+    if case.name != "gpt2":
+        pytest.skip("checked on the tied GPT-2 table, which has both kinds of call")
     g, _ = hm.objectives(case)
     group = tfi.ParameterGroup.from_model(case.pretrain)
     default = kfac.fit_factors(g, case.pretrain_data, group, fisher="empirical")

@@ -55,6 +55,11 @@ def test_report_in_a_browser(evidence, driver):
     assert "rgba" in spans[0].value_of_css_property("background-color")
     assert all(img.get_property("naturalWidth") > 0 for img in driver.find_elements(By.CSS_SELECTOR, "img.plot"))
     assert evidence["token_sum_error"] < 1e-5
+    # each shown example carries the test completion coloured by what its tokens owe to it; the completion
+    # tokens' shares (one solve per token) sum to the sequence's score
+    assert len(driver.find_elements(By.CSS_SELECTOR, ".example .completion")) == 6 * len(QUESTIONS)
+    assert driver.find_elements(By.CSS_SELECTOR, ".completion span.tok.hl")
+    assert evidence["completion_split_error"] < 1e-4
     screenshot(driver, "report_lm.png")
 
 

@@ -101,7 +101,7 @@ class Report:
     # -- sections ------------------------------------------------------------------------------------
     def add_influence(self, result, train, test=None, model=None, measurement=None, loss=None, top_k: int = 5,
                       token_objective=None, keys=None, renderer=None, test_renderer=None,
-                      title: str | None = None, test_names=None) -> dict:
+                      title: str | None = None, test_names=None, completion_terms=None) -> dict:
         """One section per test point (a column of ``result.scores``; a ``test_target="sum"`` result is one
         point: the summed test loss) with its ``top_k`` harmful and helpful pretraining examples of ``train``.
 
@@ -112,7 +112,10 @@ class Report:
         the pretraining :class:`~tf_influence.objective.Objective` of a language model — the shown
         sequences' tokens are coloured by their per-token terms (:func:`~tf_influence.lm.token_scores`,
         which sum to the score; needs ``result.group``, or ``result.group_spec`` and the objective's model).
-        ``keys``: the pretraining examples' keys, shown instead of positions. Returns what was shown:
+        ``keys``: the pretraining examples' keys, shown instead of positions. ``completion_terms``: per test
+        point ``j``, an ``[m, T]`` array — each pretraining example's score split over the test sequence's
+        positions (:func:`~tf_influence.lm.split_completion`) — drawn under each shown example as the test
+        text with the completion tokens coloured by what they owe to it. Returns what was shown:
         ``{"columns": [{"harmful": [...], "helpful": [...], "token_sums": [...]}]}``.
         """
         scores = np.asarray(result.scores, np.float64)
@@ -181,8 +184,14 @@ class Report:
                     head = f"{_key(keys, int(i))} · score {cols[i, j]:+.4g}"
                     x, y = shown[int(i)]
                     w = token.get(int(i))
-                    body.append(self._example(r, x, y, cls, head, None if w is None else (-w if higher_is_better
-                                                                                          else w)))
+                    card = self._example(r, x, y, cls, head, None if w is None else (-w if higher_is_better else w))
+                    if completion_terms is not None and j in tests:
+                        c = np.asarray(completion_terms[j][int(i)], np.float64)
+                        card = card[:-len("</div>")] + (
+                            '<div class="completion"><span class="score">the test completion, each token by its '
+                            f'share:</span>{tr.html(tests[j][0], tests[j][1], -c if higher_is_better else c)}'
+                            '</div></div>')
+                    body.append(card)
                 body.append("</div>")
             body.append("</div></section>")
             blocks.append("".join(body))
