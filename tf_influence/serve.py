@@ -3,7 +3,7 @@ indexed examples that push the completion's probability up or down, drawn as tex
 carry each score highlighted.
 
     python -m tf_influence.serve --index DIR --model model.keras --data 'corpus/*.tfrecord.gz' \\
-        [--key-feature key] [--vocabulary tokens.txt] [--host 127.0.0.1] [--port 8765]
+        [--key-feature key] [--vocabulary tokens.txt | --tokenizer PRESET_DIR] [--host 127.0.0.1] [--port 8765]
 
 ``--index``: a :class:`~tf_influence.index.GradientIndex` built from ``--model`` (refused, on the page, if
 the weights differ); ``--data``: the indexed examples (TFRecords, keyed as the index is: ``--key-feature``,
@@ -13,6 +13,10 @@ Hessian — the raw gradient, preconditioned as ``--precondition`` says), so a p
 training on the example lowers the completion's probability ("harmful", the library's convention:
 removing it is predicted to lower the completion's loss). The highlighted tokens are each shown example's
 exact per-token terms of ``∇l(z) · q`` (:func:`tf_influence.lm.token_scores`, unprojected).
+
+With ``--result DIR`` (a saved :class:`~tf_influence.influence.InfluenceResult`, e.g. multi-stage, whose test
+vectors already hold both inverse Hessians) the page also lists its test points; picking one queries the
+index with that column, placed on the index's parameters (``GET /point?j=…``).
 
 The server is Flask's (a well-kept WSGI framework) on loopback by default, threaded, with the model's
 computations serialized by a lock; ``GET /`` is the page, ``GET /query?prompt=…&completion=…`` answers on
@@ -49,21 +53,33 @@ class ServeArgs:
         "help": "the examples' key feature (None: keys are file and position, as the index builders give them)"})
     vocabulary: str | None = field(default=None, metadata={
         "help": "a file with one token per line (id = line number); None: the embedded corpus' characters"})
+    tokenizer: str | None = field(default=None, metadata={
+        "help": "a keras-hub tokenizer preset directory (Tokenizer.save_to_preset), instead of --vocabulary"})
     feature: str = field(default="token_ids", metadata={"help": "the examples' token-id feature"})
     top_k: int = field(default=5, metadata={"help": "examples shown per side"})
     precondition: str = field(default="none", metadata={
         "choices": ("none", "diagonal"), "help": "the index query's preconditioner (QueryArgs.precondition)"})
     highlights: bool = field(default=True, metadata={"help": "per-token highlights of the shown examples"})
+    result: str | None = field(default=None, metadata={
+        "help": "a saved InfluenceResult (InfluenceResult.save / Analyzer): its test points (the columns of its "
+                "test vector — multi-stage ones hold both inverse Hessians) can be picked on the page"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (loopback by default)"})
     port: int = field(default=8765, metadata={"help": "port"})
 
 
 class Tokens:
-    """Text ↔ token ids: the embedded corpus' characters (id 0 padding), or a vocabulary file matched greedily,
-    longest token first."""
+    """Text ↔ token ids: the embedded corpus' characters (id 0 padding), a vocabulary file matched greedily,
+    longest token first, or a keras-hub tokenizer (a preset directory)."""
 
-    def __init__(self, vocabulary: str | None = None):
+    def __init__(self, vocabulary: str | None = None, tokenizer: str | None = None):
         from .report.renderers import PRINTABLE_ASCII
+        self.tokenizer = None
+        if tokenizer is not None:
+            if vocabulary is not None:
+                raise ValueError("give --tokenizer or --vocabulary, not both")
+            import keras_hub
+            self.tokenizer = keras_hub.tokenizers.Tokenizer.from_preset(tokenizer)
+            return
         if vocabulary is None:
             self.tokens = [""] + PRINTABLE_ASCII
         else:
@@ -73,6 +89,8 @@ class Tokens:
         self.longest = max(len(t) for t in self.ids)
 
     def encode(self, text: str, what: str) -> list:
+        if self.tokenizer is not None:
+            return [int(t) for t in np.asarray(self.tokenizer(text)).reshape(-1)]
         out, i = [], 0
         while i < len(text):
             for n in range(min(self.longest, len(text) - i), 0, -1):
@@ -104,8 +122,10 @@ class IndexService:
         self.measure = Objective(self.model, completion_log_probability(), include_model_losses=False)
         from .compiled import function
         self._log_probability = function(lambda x, y: self.measure.per_example_losses(x, y), reduce_retracing=True)
-        self.tokens = Tokens(args.vocabulary)
-        self.renderer = TextRenderer(vocabulary=self.tokens.tokens, feature=args.feature)
+        self.tokens = Tokens(args.vocabulary, args.tokenizer)
+        self.renderer = (TextRenderer(tokenizer=self.tokens.tokenizer, feature=args.feature)
+                         if self.tokens.tokenizer is not None else
+                         TextRenderer(vocabulary=self.tokens.tokens, feature=args.feature))
         self.lock = threading.Lock()
         self.length = self._length()
         files = sorted(tf.io.gfile.glob(args.data))
@@ -123,6 +143,17 @@ class IndexService:
             self.projector = self.index.projector(self.objective)
         except ValueError as err:            # another model: said on the page for every question
             self.mismatch = str(err)
+        self.result = self.result_group = None
+        if args.result:
+            from .influence import InfluenceResult
+            from .params import ParameterGroup
+            self.result = InfluenceResult.load(args.result)
+            if self.result.group_spec is None:
+                raise ValueError(f"--result {args.result}: the saved result has no group spec (its test vector "
+                                 "cannot be placed on the model's parameters)")
+            self.result_group = ParameterGroup.from_spec(self.model, self.result.group_spec.to_json())
+            v = np.asarray(self.result.test_vector)
+            self.points = v.reshape(v.shape[0], -1)
 
     def _length(self):
         """The longest sequence the model reads: its inputs' length, or its backbone's
@@ -158,12 +189,55 @@ class IndexService:
         x, y = causal_lm_examples(ids, mask, prompt_lengths=[len(p)])
         return self._inputs(x["token_ids"], x["padding_mask"]), y, len(p)
 
+    def ask_point(self, j) -> dict:
+        """The saved result's test point ``j``: its test vector (a column of ``--result``) queried as it is."""
+        import tensorflow as tf  # noqa: F401  (the kernels below)
+        if self.result is None:
+            raise QueryError("no saved result: start the server with --result DIR to pick its test points")
+        try:
+            j = int(j)
+        except (TypeError, ValueError):
+            raise QueryError(f"test point {j!r} is not a number") from None
+        if not 0 <= j < self.points.shape[1]:
+            raise QueryError(f"test point {j} does not exist: the saved result has {self.points.shape[1]} "
+                             f"(0 … {self.points.shape[1] - 1})")
+        if self.mismatch:
+            raise QueryError(self.mismatch)
+        t0 = time.perf_counter()
+        with self.lock:
+            res = self.index.query(self.objective, self.points[:, j], top_k=self.args.top_k,
+                                   precondition=self.args.precondition, vector_group=self.result_group)
+            out = self._shown(res, self.result_group, self.points[:, j])
+        out["seconds"] = time.perf_counter() - t0
+        out["test_point"] = j
+        return out
+
+    def _shown(self, res, group, vector) -> dict:
+        """The query's examples of both sides with their per-token terms along ``vector`` (over ``group``)."""
+        import tensorflow as tf
+
+        from .lm import token_scores
+        out = {}
+        sides = {side: (getattr(res, f"{side}_keys")[0], getattr(res, f"{side}_scores")[0])
+                 for side in ("harmful", "helpful")}
+        feats = {side: [self._example(k) for k in keys] for side, (keys, _) in sides.items()}
+        shown = feats["harmful"] + feats["helpful"]
+        terms = [None] * len(shown)
+        if self.args.highlights and shown:          # both sides' highlights in one forward-mode pass
+            ds = tf.data.Dataset.from_tensor_slices(self._batch(shown)).batch(len(shown))
+            terms = token_scores(self.objective, ds, group, vector)
+        at = 0
+        for side, (keys, scores) in sides.items():
+            out[side] = [(k.decode() if isinstance(k, bytes) else str(k), float(s), f, t)
+                         for k, s, f, t in zip(keys, scores, feats[side], terms[at:at + len(keys)])]
+            at += len(keys)
+        return out
+
     def ask(self, prompt: str, completion: str) -> dict:
         """``{"harmful": [(key, score, features, per-token terms)], "helpful": …, "log_probability", "seconds"}``."""
         import tensorflow as tf
 
         from .gradients import GradientKernels
-        from .lm import token_scores
         if self.mismatch:
             raise QueryError(self.mismatch)
         t0 = time.perf_counter()
@@ -173,20 +247,7 @@ class IndexService:
             q = GradientKernels.get(self.measure, group).sum_grad(x, tf.constant(y)).numpy()
             logp = float(self._log_probability(x, tf.constant(y)).numpy()[0])
             res = self.index.query(self.objective, q, top_k=self.args.top_k, precondition=self.args.precondition)
-            out = {"log_probability": logp}
-            sides = {side: (getattr(res, f"{side}_keys")[0], getattr(res, f"{side}_scores")[0])
-                     for side in ("harmful", "helpful")}
-            feats = {side: [self._example(k) for k in keys] for side, (keys, _) in sides.items()}
-            shown = feats["harmful"] + feats["helpful"]
-            terms = [None] * len(shown)
-            if self.args.highlights and shown:          # both sides' highlights in one forward-mode pass
-                ds = tf.data.Dataset.from_tensor_slices(self._batch(shown)).batch(len(shown))
-                terms = token_scores(self.objective, ds, group, q)
-            at = 0
-            for side, (keys, scores) in sides.items():
-                out[side] = [(k.decode() if isinstance(k, bytes) else str(k), float(s), f, t)
-                             for k, s, f, t in zip(keys, scores, feats[side], terms[at:at + len(keys)])]
-                at += len(keys)
+            out = {"log_probability": logp, **self._shown(res, group, q)}
         out["seconds"] = time.perf_counter() - t0
         return out
 
@@ -220,9 +281,20 @@ def create_app(service: IndexService):
     sub = (f"{service.index.count:,} indexed examples, dimension {service.index.dim:,}; model "
            f"{service.args.model}")
 
+    def points_form():
+        if service.result is None:
+            return ""
+        n = service.points.shape[1]
+        opts = "".join(f'<option value="{j}">test point {j}</option>' for j in range(n))
+        return (f'<form class="query" action="point" method="get"><label>or a test point of the saved result '
+                f'({html.escape(service.result.method)}, {n} point{"s" if n > 1 else ""}) <select name="j" '
+                f'id="point">{opts}</select></label> <button type="submit" id="ask-point">ask</button></form>')
+
     def answer_html(prompt, completion, res):
-        parts = [_form(prompt, completion), page.LEGEND,
-                 f'<p class="meta">log p(completion | prompt) = {res["log_probability"]:.4f} · answered in '
+        what = (f'test point {res["test_point"]} of the saved result' if "test_point" in res else
+                f'log p(completion | prompt) = {res["log_probability"]:.4f}')
+        parts = [_form(prompt, completion), points_form(), page.LEGEND,
+                 f'<p class="meta">{what} · answered in '
                  f'{res["seconds"]:.2f} s</p><section class="test-point"><div class="cols">']
         for side in ("harmful", "helpful"):
             parts.append(f'<div class="col"><h3>top {len(res[side])} {side}</h3>')
@@ -234,11 +306,19 @@ def create_app(service: IndexService):
         return "".join(parts)
 
     def error_html(prompt, completion, message):
-        return f'{_form(prompt, completion)}<p class="error" id="error">{html.escape(message)}</p>'
+        return f'{_form(prompt, completion)}{points_form()}<p class="error" id="error">{html.escape(message)}</p>'
 
     @app.get("/")
     def index():
-        return page.document(title, _form(), sub)
+        return page.document(title, _form() + points_form(), sub)
+
+    @app.get("/point")
+    def point():
+        try:
+            res = service.ask_point(request.args.get("j"))
+        except QueryError as err:
+            return page.document(title, error_html("", "", str(err)), sub), 400
+        return page.document(title, answer_html("", "", res), sub)
 
     def _ask():
         prompt = request.args.get("prompt", "")

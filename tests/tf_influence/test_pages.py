@@ -138,3 +138,53 @@ def test_another_model_is_named_on_the_page(evidence, tmp_path):
     client = create_app(service).test_client()
     r = client.get("/query", query_string={"prompt": "def ", "completion": "self"})
     assert r.status_code == 400 and b"fingerprint" in r.data and b"rebuild the index" in r.data
+
+
+def test_a_saved_results_test_points_are_asked_on_the_page(evidence, driver, tmp_path):
+    """--result: the page lists the saved result's test points; picking one queries the index with that
+    column of its test vector, placed on the index's parameters — the library's answer."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+    from werkzeug.serving import make_server
+
+    from tf_influence.serve import IndexService, ServeArgs, create_app
+    saved = evidence["result"].save(str(tmp_path / "result"))
+    service = IndexService(ServeArgs(index=evidence["index"], model=evidence["model"], data=evidence["data"],
+                                     key_feature="key", top_k=3, result=saved))
+    srv = make_server("127.0.0.1", 0, create_app(service), threaded=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        driver.get(f"http://127.0.0.1:{srv.server_port}/")
+        Select(driver.find_element(By.ID, "point")).select_by_value("1")
+        driver.find_element(By.ID, "ask-point").click()
+        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".example, #error"))
+        shown = [e.text.split(" · ")[0] for e in driver.find_elements(By.CSS_SELECTOR, ".example.harmful .score")]
+        want = service.index.query(service.objective, service.points[:, 1], top_k=3,
+                                   vector_group=service.result_group)
+        assert shown == [k.decode() for k in want.harmful_keys[0]]
+        assert driver.find_elements(By.CSS_SELECTOR, "span.tok.hl")
+        r = requests.get(f"http://127.0.0.1:{srv.server_port}/point", params={"j": 99}, timeout=30)
+        assert r.status_code == 400 and "test point 99 does not exist" in r.text
+    finally:
+        srv.shutdown()
+
+
+def test_a_keras_hub_tokenizer_preset(tmp_path):
+    """--tokenizer: a keras-hub tokenizer saved as a preset encodes the page's text (byte-level BPE: every
+    character has ids) and draws the tokens back."""
+    import keras_hub
+
+    from tf_influence.report import TextRenderer
+    from tf_influence.serve import Tokens
+    vocab = {"<|endoftext|>": 0, "d": 1, "e": 2, "f": 3, "Ġ": 4, "s": 5, "l": 6, "de": 7, "def": 8, "Ġs": 9}
+    tok = keras_hub.models.GPT2Tokenizer(vocabulary=vocab, merges=["d e", "de f", "Ġ s"])
+    backbone = keras_hub.models.GPT2Backbone(vocabulary_size=len(vocab), num_layers=1, num_heads=1, hidden_dim=4,
+                                             intermediate_dim=4, max_sequence_length=8)
+    backbone.save_to_preset(str(tmp_path / "tok"))         # a model's preset: its config.json and its tokenizer
+    tok.save_to_preset(str(tmp_path / "tok"))
+    t = Tokens(tokenizer=str(tmp_path / "tok"))
+    ids = t.encode("def sel", "prompt")
+    assert ids == [8, 9, 2, 6]
+    assert "".join(TextRenderer(tokenizer=t.tokenizer, padding_id=None).tokens(ids)) == "def sel"
+    with pytest.raises(ValueError, match="not both"):
+        Tokens(vocabulary="v.txt", tokenizer=str(tmp_path / "tok"))
