@@ -191,7 +191,6 @@ class IndexService:
 
     def ask_point(self, j) -> dict:
         """The saved result's test point ``j``: its test vector (a column of ``--result``) queried as it is."""
-        import tensorflow as tf  # noqa: F401  (the kernels below)
         if self.result is None:
             raise QueryError("no saved result: start the server with --result DIR to pick its test points")
         try:
