@@ -142,16 +142,46 @@ def run(args: EvidenceArgs) -> dict:
                               top_k=args.top, token_objective=obj, keys=keys, completion_terms=completion_terms,
                               test_names=[f"{p!r} → {c!r}" for p, c in QUESTIONS])
     page = rep.write(os.path.join(args.out, "report.html"))
-    sums = [(v, res.scores[i, j]) for j, col in enumerate(shown["columns"]) for i, v in col["token_sums"].items()]
-    err = max(abs(a - b) / max(abs(b), 1e-12) for a, b in sums)
-    print(f"per-token shares sum to the scores (largest relative difference {err:.1e}); the completion tokens' "
+    # relative to each column's largest score (float32 forward-mode terms against the float32 score)
+    scale = np.max(np.abs(res.scores), axis=0)
+    err = max(abs(v - res.scores[i, j]) / max(float(scale[j]), 1e-12)
+              for j, col in enumerate(shown["columns"]) for i, v in col["token_sums"].items())
+    print(f"per-token shares sum to the scores (largest difference over the largest score {err:.1e}); the completion tokens' "
           f"shares too ({split_error:.1e})")
     print(f"report: {page}")
+    shot = screenshot(page, os.path.join("reports", "screenshots", "evidence_lm.png"))
+    if shot:
+        print(f"screenshot: {shot}")
     print(f"serve the index: python -m tf_influence.serve --index {args.out}/index --model {model_path} "
           f"--data '{data_path}' --key-feature key")
     return {"report": page, "model": model_path, "data": data_path, "index": os.path.join(args.out, "index"),
             "keys": keys, "result": res, "seconds": time.perf_counter() - t0, "token_sum_error": err,
             "completion_split_error": split_error}
+
+
+def screenshot(page: str, out: str) -> str | None:
+    """A headless-Chromium screenshot of the page's first test point (None, with a line saying why, when
+    Debian's chromium / chromium-driver or Selenium are missing)."""
+    import shutil
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (browser and driver):
+        print("no screenshot: chromium and chromium-driver are not installed (make install installs them)")
+        return None
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    opts = webdriver.ChromeOptions()
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,900"):
+        opts.add_argument(a)
+    opts.binary_location = browser
+    d = webdriver.Chrome(service=Service(driver), options=opts)
+    try:
+        d.get("file://" + os.path.abspath(page))
+        d.execute_script("document.querySelectorAll('section.test-point')[0].scrollIntoView()")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        d.save_screenshot(out)
+    finally:
+        d.quit()
+    return out
 
 
 def main(argv=None):
