@@ -114,7 +114,8 @@ class component_progress:
 def format_comparison(comparison: dict) -> str:
     """The comparison report as aligned lines: one per model (its metrics), then the other entries."""
     lines = []
-    for name, value in comparison.items():
+    first = [k for k in ("original", "drop_top", "drop_random") if k in comparison]   # the arms, in reading order
+    for name, value in [(k, comparison[k]) for k in first] + [(k, v) for k, v in comparison.items() if k not in first]:
         if isinstance(value, dict) and "loss_mean" in value:        # the finetuning seeds' mean ± sd
             lines.append(f"  {name:22s} test loss {value['loss_mean']:.4f} ± {value['loss_std']:.4f}, accuracy "
                          f"{100 * value['accuracy_mean']:.2f} ± {100 * value['accuracy_std']:.2f} % over "
