@@ -150,3 +150,22 @@ def test_text_renderer_sources():
     assert TextRenderer(tokenizer=Tok(), padding_id=None).tokens([0, 2, 1]) == [" the", "cat", "\n"]
     from model_zoo import text
     assert [""] + text.VOCAB == TextRenderer().vocabulary     # the embedded corpus' vocabulary by default
+
+
+def test_a_measurement_to_raise_reads_supporting_and_opposing(gpt2):
+    """For log p(completion) the highest scores support the completion (removing them lowers it): the page
+    says so, draws them as helpful, and the token colours follow (sign flipped for display only)."""
+    case, obj, group, v = gpt2
+    m = completion_log_probability()
+    res = tfi.single_stage_influence(obj, case.pretrain_data, case.pretrain_data.take(1), test_target="each",
+                                     measurement=m)
+    rep = Report("lm", renderer=TextRenderer(vocabulary=[f"t{i} " for i in range(hub_models.VOCAB)]))
+    shown = rep.add_influence(res, case.pretrain_data, top_k=2, measurement=m, token_objective=obj)
+    page = rep.html()
+    assert "top 2 supporting" in page and "top 2 opposing" in page and "harmful</h3>" not in page
+    first = shown["columns"][0]["harmful"][0]                 # the highest score …
+    assert first == int(np.argmax(res.scores[:, 0]))
+    card = page[page.index(f"#{first} · score"):]
+    assert card.startswith(f"#{first} · score {res.scores[first, 0]:+.4g}")
+    before = page[:page.index(f"#{first} · score")]
+    assert before.rfind('class="example helpful') > before.rfind('class="example harmful')   # … drawn as helpful
