@@ -67,18 +67,15 @@ def summarize(metadata_path: str) -> dict:
         for a in store.get_artifacts_by_type("tf_influence.InfluenceScores"):
             kind = a.custom_properties["score_kind"].string_value if "score_kind" in a.custom_properties else ""
             out.setdefault("scores", []).append({"uri": a.uri, "score_kind": kind})
-        for a in store.get_artifacts_by_type("tf_influence.InfluenceReport"):
-            if "report_path" in a.custom_properties:
-                page = a.custom_properties["report_path"].string_value
-                if page not in out.setdefault("reports", []):
-                    out["reports"].append(page)
         for a in store.get_artifacts_by_type("ModelEvaluation"):
             if "comparison" in a.custom_properties:
                 out["comparison"] = json.loads(a.custom_properties["comparison"].string_value)
-            if "report_path" in a.custom_properties:
-                page = a.custom_properties["report_path"].string_value
-                if page not in out.setdefault("reports", []):
-                    out["reports"].append(page)
+        for type_name in ("tf_influence.InfluenceReport", "ModelEvaluation"):   # pages: the report, the comparison
+            for a in store.get_artifacts_by_type(type_name):
+                if "report_path" in a.custom_properties:
+                    page = a.custom_properties["report_path"].string_value
+                    if page not in out.setdefault("reports", []):
+                        out["reports"].append(page)
     return out
 
 

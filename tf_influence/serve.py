@@ -243,16 +243,17 @@ class IndexService:
         x, y, _ = self.encode(prompt, completion)
         with self.lock:
             group = self.projector.group
-            q = GradientKernels.get(self.measure, group).sum_grad(x, tf.constant(y)).numpy()
-            logp = float(self._log_probability(x, tf.constant(y)).numpy()[0])
+            y = tf.constant(y)
+            q = GradientKernels.get(self.measure, group).sum_grad(x, y).numpy()
+            logp = float(self._log_probability(x, y).numpy()[0])
             res = self.index.query(self.objective, q, top_k=self.args.top_k, precondition=self.args.precondition)
             out = {"log_probability": logp, **self._shown(res, group, q)}
         out["seconds"] = time.perf_counter() - t0
         return out
 
     def _example(self, key):
-        from .report.records import _features
-        return _features(self.records[key])
+        from .report.records import example_features
+        return example_features(self.records[key])
 
     def _batch(self, feats):
         from .lm import causal_lm_examples

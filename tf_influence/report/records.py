@@ -55,7 +55,8 @@ class ReportArgs(JsonConfig):
         return TableRenderer(class_names=self.class_names)
 
 
-def _features(record: bytes, skip=()) -> dict:
+def example_features(record: bytes, skip=()) -> dict:
+    """A serialized ``tf.train.Example``'s features as numpy (one value: a scalar), by name, ``skip`` left out."""
     out = {}
     for name, feat in sorted(tf.train.Example.FromString(record).features.feature.items()):
         if name in skip:
@@ -77,7 +78,7 @@ def keyed_examples(files, key_feature: str | None, wanted, desc: str = "examples
         for keys, records in keyed_batches(f, key_feature, desc):
             for k, r in zip(keys, records):
                 if k in wanted:
-                    out[k] = _features(r)
+                    out[k] = example_features(r)
         if len(out) == len(wanted):
             break
     missing = sorted(wanted - set(out))

@@ -43,6 +43,16 @@ def _scalar(y):
     return a.item() if a.size == 1 else a
 
 
+def _class_label(y, class_names) -> str:
+    """A one-value label as escaped text (its class name when ``class_names`` has it), else ``""``."""
+    if y is None or np.asarray(y).size != 1:
+        return ""
+    v = _scalar(y)
+    if class_names is not None and float(v).is_integer() and 0 <= int(v) < len(class_names):
+        return html.escape(str(class_names[int(v)]))
+    return html.escape(str(v))
+
+
 def _colour(w: float, scale: float) -> str:
     """Red for a positive weight (harmful: removal lowers the test loss), blue for a negative one."""
     if scale <= 0 or not np.isfinite(w) or w == 0:
@@ -134,7 +144,7 @@ class TextRenderer:
         return f'<div class="text">{"".join(parts)}</div>'
 
     def label(self, y) -> str:
-        return "" if y is None else html.escape(str(_scalar(y))) if np.asarray(y).size == 1 else ""
+        return _class_label(y, None)       # a language model's labels are a sequence: nothing to show
 
 
 class ImageRenderer:
@@ -174,12 +184,7 @@ class ImageRenderer:
         return f'<img class="thumb" alt="example" src="data:image/png;base64,{data}">'
 
     def label(self, y) -> str:
-        if y is None or np.asarray(y).size != 1:
-            return ""
-        v = _scalar(y)
-        if self.class_names is not None and float(v).is_integer() and 0 <= int(v) < len(self.class_names):
-            return html.escape(str(self.class_names[int(v)]))
-        return html.escape(str(v))
+        return _class_label(y, self.class_names)
 
 
 class TableRenderer:
@@ -217,12 +222,7 @@ class TableRenderer:
         return f'<table class="features"><tr>{head}</tr><tr>{row}</tr></table>'
 
     def label(self, y) -> str:
-        if y is None or np.asarray(y).size != 1:
-            return ""
-        v = _scalar(y)
-        if self.class_names is not None and float(v).is_integer() and 0 <= int(v) < len(self.class_names):
-            return html.escape(str(self.class_names[int(v)]))
-        return html.escape(str(v))
+        return _class_label(y, self.class_names)
 
 
 def renderer_for(x) -> object:
