@@ -337,6 +337,69 @@ def _beam_scoring(name, args, pre, ds, out_dir):
         np.max(np.abs(np.sort(vals) - np.sort(ref))) / (np.max(np.abs(ref)) + 1e-30))}
 
 
+class _Timeline:
+    """The worker's resident memory every ``interval`` seconds and the library phase it was in, so a result says
+    *where* its peak was, not only how high: ``{"peak_phase", "phases": {phase: peak MB}, "samples": [[s, MB,
+    phase], …]}`` (at most ~400 samples). Phases are marked by wrapping the factor fit's steps, the solves and
+    the scoring (a benchmark-side wrapper: the library is not changed for it)."""
+
+    def __init__(self, interval: float = 0.5):
+        import threading
+        self.interval, self.phase, self.samples = interval, "setup", []
+        self.t0 = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.samples.append((round(time.perf_counter() - self.t0, 2), round(_rss_mb()), self.phase))
+            self._stop.wait(self.interval)
+
+    def mark(self, phase: str):
+        self.phase = phase
+
+    def wrap(self, owner, attr: str, phase: str):
+        fn = getattr(owner, attr)
+        tl = self
+
+        def wrapped(*a, **k):
+            before, tl.phase = tl.phase, phase if isinstance(phase, str) else phase(*a, **k)
+            try:
+                return fn(*a, **k)
+            finally:
+                tl.phase = before
+        setattr(owner, attr, wrapped)
+
+    def __enter__(self):
+        from tf_influence import influence
+        from tf_influence.kfac import inverse, statistics
+        self.wrap(statistics.FactorStatistics, "add", lambda self_, what, *a, **k: f"factors: {what} pass")
+        self.wrap(statistics.FactorStatistics, "take", "factors: take sums")
+        self.wrap(statistics, "eigenbases", "factors: eigendecomposition")
+        self.wrap(inverse.KFACInverse, "__init__", "solve: inverse set-up")
+        self.wrap(inverse.KFACInverse, "__call__", "solve: ekfac apply")
+        self.wrap(influence, "_solve", lambda op, b, config, desc, *a, **k: f"solve: {desc}")
+        self.wrap(influence, "score_examples", "scoring")
+        self.wrap(influence, "test_gradients", "test gradients")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {}
+        phases = {}
+        for _, mb, ph in self.samples:
+            phases[ph] = max(phases.get(ph, 0), mb)
+        step = max(1, len(self.samples) // 400)
+        peak = max(self.samples, key=lambda s: s[1])
+        return {"peak_phase": peak[2], "peak_sampled_mb": peak[1], "phases": phases,
+                "samples": [list(s) for s in self.samples[::step]]}
+
+
 def _worker(argv):
     """``--_worker NAME PATH JSON_ARGS OUT``: one process, one path."""
     name, path, raw, out = argv
@@ -344,10 +407,17 @@ def _worker(argv):
     console.tune_openblas()      # before numpy loads OpenBLAS (see console.openblas_coretype)
     args = RealSizeArgs(**json.loads(raw))
     console.quiet(args.verbose)
+    timeline = _Timeline()
     try:
-        res = prepare(name, args) if path == "prepare" else run_path(name, path, args)
+        if path == "prepare":
+            res = prepare(name, args)
+        else:
+            with timeline:
+                res = run_path(name, path, args)
+            res["timeline"] = timeline.summary()
     except Exception as err:   # noqa: BLE001 — recorded in the result, the run goes on with the next path
-        res = {"ok": False, "seconds": None, "peak_rss_mb": _peak_mb(), "error": f"{type(err).__name__}: {err}"[:2000]}
+        res = {"ok": False, "seconds": None, "peak_rss_mb": _peak_mb(), "error": f"{type(err).__name__}: {err}"[:2000],
+               "timeline": timeline.summary()}
     with open(out, "w") as fh:
         json.dump(res, fh, default=str)
 

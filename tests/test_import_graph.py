@@ -95,3 +95,42 @@ def test_moved_name_shims_add_no_edge(module):
     edges = import_graph()
     assert "tf_influence.presence.sequential" not in edges[module]
     assert "tf_influence.ghost_norms" not in edges[module]
+
+
+def _private_imports(packages=("tf_influence", "tfx_components", "pipelines")):
+    """``(module, imported module, name)`` for every ``from X import _name`` (at any depth of the module) where
+    ``X`` is in another package than the importing module: a private name is a package's own business."""
+    found = []
+    for pkg in packages:
+        for m, path in _modules(pkg).items():
+            own = m if path.name == "__init__.py" else m.rsplit(".", 1)[0]
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.ImportFrom):
+                    continue
+                if node.level:
+                    base = own.split(".")[:len(own.split(".")) - (node.level - 1)]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                target_pkg = target if (ROOT / target.replace(".", "/")).is_dir() else target.rsplit(".", 1)[0]
+                for alias in node.names:
+                    if alias.name.startswith("_") and not alias.name.startswith("__") and target_pkg != own:
+                        found.append((m, target, alias.name))
+    return found
+
+
+def test_no_private_name_crosses_a_package():
+    assert _private_imports() == []
+
+
+def test_the_private_import_check_finds_one(tmp_path, monkeypatch):
+    """The walk itself: a module of another package importing a private name is reported."""
+    (tmp_path / "pa").mkdir()
+    (tmp_path / "pa" / "__init__.py").write_text("")
+    (tmp_path / "pa" / "sub").mkdir()
+    (tmp_path / "pa" / "sub" / "__init__.py").write_text("")
+    (tmp_path / "pa" / "a.py").write_text("def _hidden():\n    pass\n")
+    (tmp_path / "pa" / "b.py").write_text("from .a import _hidden\n")             # same package: allowed
+    (tmp_path / "pa" / "sub" / "c.py").write_text("def f():\n    from ..a import _hidden\n")
+    monkeypatch.setitem(globals(), "ROOT", tmp_path)
+    assert _private_imports(("pa",)) == [("pa.sub.c", "pa.a", "_hidden")]

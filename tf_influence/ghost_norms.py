@@ -9,7 +9,7 @@ import tensorflow as tf
 from .compiled import function
 from .params import ParameterGroup
 from .kfac.blocks import kronecker_blocks, norm_blocks
-from .kfac.capture import _norm_per_example, _vectorized_gradients, captured_pass
+from .capture import captured_pass, norm_per_example, vectorized_gradients
 
 
 def _mixed_gram(pairs, dtype):
@@ -104,11 +104,11 @@ class GhostNorms:
                     out[b.name] = tf.reduce_sum(tf.square(tf.einsum("bpi,bpo->bio", a, g)), axis=[1, 2])
         # diagonal variables, per example: Σ over each variable of (Σ_t ...)², not summed over the batch
         for nb in self.norms:
-            per = _norm_per_example(nb, records[nb.name], grads[nb.name], losses.dtype, options.get(nb.name))
+            per = norm_per_example(nb, records[nb.name], grads[nb.name], losses.dtype, options.get(nb.name))
             for v, pe in zip(nb.variables, per):
                 out[self.group.name_of(v)] = tf.reduce_sum(tf.reshape(tf.square(pe), [tf.shape(pe)[0], -1]), axis=1)
         if self.rest:
-            for v, gv in zip(self.rest, _vectorized_gradients(obj, self.rest, x, y)):
+            for v, gv in zip(self.rest, vectorized_gradients(obj, self.rest, x, y)):
                 gv = tf.cast(gv, losses.dtype)
                 out[self.group.name_of(v)] = tf.reduce_sum(tf.reshape(tf.square(gv), [tf.shape(gv)[0], -1]), axis=1)
         return out, losses

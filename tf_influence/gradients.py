@@ -22,10 +22,10 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 
+from .capture import vectorized_gradients
 from .compiled import cached_kernel, function
 from .objective import EmptyDatasetError, Objective, batches, check_finite, finite_check
 from .params import ParameterGroup, densify
-from .safety import per_example_map
 
 
 def _progress(iterable, desc: str, enabled: bool, total=None):
@@ -70,21 +70,9 @@ class GradientKernels:
     def _jacobian(self, x, y):
         # tf.vectorized_map over one-example gradients: pfor vectorises the whole backward pass.
         # Measured 7x faster than GradientTape.jacobian(..., experimental_use_pfor=True) on the
-        # digits CNN (benchmarks/engine.py), which converts conv / pooling gradients poorly.
-        variables = self.group.tf_variables
-
-        def one(example):
-            xi, yi = example
-            xi = tf.nest.map_structure(lambda t: t[None], xi)
-            yi = tf.nest.map_structure(lambda t: t[None], yi)
-            with tf.GradientTape() as tape:
-                tape.watch(variables)
-                loss = tf.reduce_sum(self.objective.per_example_losses(xi, yi, training=False))
-            return self.group.flatten(densify(tape.gradient(loss, variables,
-                                                           unconnected_gradients=tf.UnconnectedGradients.ZERO)))
-
-        # pfor where it is safe; a while-loop map on float32 attention models (see tf_influence.safety)
-        block = per_example_map(one, (x, y), tf.TensorSpec([self.group.size], self.group.dtype), self.objective, x, y)
+        # digits CNN (benchmarks/engine.py), which converts conv / pooling gradients poorly; a while-loop
+        # map on float32 attention models (see tf_influence.safety)
+        block = vectorized_gradients(self.objective, self.group.tf_variables, x, y, group=self.group)
         return check_finite(block, f"per-example gradient of {self.objective.name}")
 
     def _jvp(self, x, y, tangent):

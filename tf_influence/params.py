@@ -275,7 +275,7 @@ def _walk(model) -> list:
     return out
 
 
-def _all_layers(model) -> list:
+def all_layers(model) -> list:
     """Every layer reachable from ``model`` (depth first, nested sub-models and sub-layers included)."""
     return [layer for layer, _ in _walk(model)]
 
@@ -342,7 +342,7 @@ def _parameter_ids(layer) -> set:
     """Ids of the variables created trainable in ``layer`` and its sub-layers, frozen or not
     (Keras keeps them in ``_trainable_variables``; ``layer.trainable = False`` only flips their flag)."""
     ids = set()
-    for sub in [layer] + _all_layers(layer):
+    for sub in [layer] + all_layers(layer):
         for v in getattr(sub, "_trainable_variables", []):
             ids.add(id(tf_variable(v)))
     for v in getattr(layer, "trainable_weights", []):   # layers that track weights another way

@@ -48,7 +48,7 @@ import tensorflow as tf
 from .compiled import function
 from .configs import JsonConfig
 from .kfac.blocks import kronecker_blocks, norm_blocks
-from .kfac.capture import _norm_per_example, _vectorized_gradients, captured_pass
+from .capture import captured_pass, norm_per_example, vectorized_gradients
 from .objective import batches
 from .params import ParameterGroup, tf_variable
 
@@ -332,10 +332,10 @@ class GradientProjector:
             out.append(tf.reshape(acc, [n, -1]))
         per_var = []
         for nb in self.norms:
-            per_var += list(zip(nb.variables, _norm_per_example(nb, records[nb.name], grads[nb.name], self.dtype,
+            per_var += list(zip(nb.variables, norm_per_example(nb, records[nb.name], grads[nb.name], self.dtype,
                                                                 options.get(nb.name))))
         if self.rest:
-            per_var += list(zip(self.rest, _vectorized_gradients(obj, self.rest, x, y)))
+            per_var += list(zip(self.rest, vectorized_gradients(obj, self.rest, x, y)))
         for v, pe in per_var:
             flat = tf.reshape(tf.cast(pe, self.dtype), [n, -1])
             p = self._mat(self._var_p[id(tf_variable(v))])

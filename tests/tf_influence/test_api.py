@@ -173,7 +173,8 @@ def test_moved_names_warn_and_resolve(old, new):
 
 
 @pytest.mark.parametrize("old, new", [("experiments.digits", "model_zoo.digits"), ("experiments.models", "model_zoo.cnn"),
-                                      ("experiments.text", "model_zoo.text")])
+                                      ("experiments.text", "model_zoo.text"),
+                                      ("tf_influence.kfac.capture", "tf_influence.capture")])
 def test_moved_modules_warn(old, new):
     import importlib
     import sys

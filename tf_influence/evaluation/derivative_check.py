@@ -58,9 +58,9 @@ def float64_throughout():
 def promote_to_float64(model) -> list:
     """Give float64 to the sub-layers of a float64 model that run in float32 by their own dtype policy
     (keras-hub's attention softmax layers); returns their names. Part of a float64 reference check."""
-    from ..params import _all_layers
+    from ..params import all_layers
     promoted = []
-    for layer in _all_layers(model):
+    for layer in all_layers(model):
         if getattr(layer, "compute_dtype", None) in ("float32", "float16", "bfloat16"):
             layer.dtype_policy = "float64"
             promoted.append(layer.name)

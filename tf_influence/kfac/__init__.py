@@ -41,7 +41,8 @@ a kernel without bias) and ``λ = damping + relative_damping × mean(Λ)`` per b
 (kronfluence's heuristic is ``relative_damping = 0.1``).
 
 Modules: :mod:`~tf_influence.kfac.blocks` (which layers are factored and how),
-:mod:`~tf_influence.kfac.capture` (recording layer inputs / output gradients),
+:mod:`tf_influence.capture` (recording layer inputs / output gradients, shared with ghost norms,
+the projection and PRESENCE),
 :mod:`~tf_influence.kfac.statistics` (the two fitting passes), :mod:`~tf_influence.kfac.factors`
 (fitted factors and their files), :mod:`~tf_influence.kfac.inverse` (the damped inverse). Ghost norms,
 which use the same capture, live in :mod:`tf_influence.ghost_norms`.

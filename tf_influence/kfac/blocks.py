@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ..capture import is_position_embedding, is_reversible
 from ..params import ParameterGroup, ParameterGroupError, parameters, tf_variable
 
 
@@ -222,7 +223,7 @@ def kronecker_blocks(model, group: ParameterGroup):
         if layer is None or id(layer) in seen:
             continue
         seen.add(id(layer))
-        if _is_reversible(layer):
+        if is_reversible(layer):
             for block in _reversible_blocks(layer, in_group):
                 blocks.append(block)
                 covered.update(id(tf_variable(x)) for x in block.variables)
@@ -253,12 +254,6 @@ def kronecker_blocks(model, group: ParameterGroup):
     _assign_keys(blocks, "Kronecker-factored")
     diagonal = [v for v in group.variables if id(tf_variable(v)) not in covered]
     return blocks, diagonal
-
-
-def _is_reversible(layer) -> bool:
-    cls = getattr(keras.layers, "ReversibleEmbedding", None)
-    return (cls is not None and isinstance(layer, cls)) or (
-        isinstance(layer, keras.layers.Embedding) and hasattr(layer, "tie_weights"))
 
 
 def _reversible_blocks(layer, in_group) -> list:
@@ -328,9 +323,7 @@ class _PositionBlock:
         self.layer, self.name, self.table = layer, layer.name, table
         self.variables = [table]
 
-    @staticmethod
-    def owns(layer) -> bool:
-        return type(layer).__name__ == "PositionEmbedding" and getattr(layer, "position_embeddings", None) is not None
+    owns = staticmethod(is_position_embedding)
 
     def per_example(self, inputs, g, dtype, start_index=0, positions=None):
         rows = int(self.table.shape[0])

@@ -12,7 +12,7 @@ from ..compiled import function
 from ..objective import batches, check_dataset, finite_check, reduce_per_example
 from ..params import ParameterGroup, tf_variable
 from .blocks import kronecker_blocks, norm_blocks
-from .capture import _Capture, _diagonal_squares, _output_grads
+from ..capture import Capture, diagonal_squares, output_gradients
 from .factors import FISHERS, KFACFactors, KINDS
 
 
@@ -126,14 +126,14 @@ class FactorStatistics:
         (``with_norms``) the captured ``LayerNormalization`` records with their output gradients."""
         model, objective = self.objective.model, self.objective
         layers = self.blocks + (self.norms if with_norms else [])
-        cap = _Capture(layers)
+        cap = Capture(layers)
         with cap, tf.GradientTape() as tape:
             y_pred = model(x, training=False)
             ys = _sample_labels(objective.loss, y_pred, y, self.fisher, tf.stack([tf.constant(self.seed, tf.int64),
                                                                                   tf.cast(step, tf.int64)]))
             losses = reduce_per_example(objective.loss_fn(ys, y_pred))
             total = tf.reduce_sum(losses)
-        grads = _output_grads(tape, total, cap, layers)
+        grads = output_gradients(tape, total, cap, layers)
         records, modes = cap.records, cap.modes
         res = {}
         for b in self.blocks:
@@ -166,7 +166,7 @@ class FactorStatistics:
                 S += tf.cast(tf.reduce_sum(tf.square(g), axis=[0, 1]) if b.diag_out
                              else tf.einsum("bpi,bpj->ij", g, g), dtype)
             out[b.name] = (A, S, tokens)
-        sq = _diagonal_squares(self.objective, self.norms, records, layer_grads, self.rest, x, ys, dtype, options)
+        sq = diagonal_squares(self.objective, self.norms, records, layer_grads, self.rest, x, ys, dtype, options)
         diag = [sq[id(tf_variable(v))] for v in self.diag_vars]
         return out, diag, tf.cast(tf.shape(tf.nest.flatten(y)[0])[0], dtype)
 
