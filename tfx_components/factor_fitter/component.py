@@ -21,30 +21,26 @@ from typing import Optional
 
 from tfx import types
 from tfx.dsl.components.base import base_beam_component, executor_spec
-from tfx.types import channel_utils, standard_artifacts
+from tfx.types import channel_utils
 from tfx.types.component_spec import ChannelParameter, ExecutionParameter
 
+from tfx_components import component_specs as specs
 from tfx_components.artifacts import KFACFactors
 from tfx_components.factor_fitter import executor
 
 
 class FactorFitterSpec(types.ComponentSpec):
     PARAMETERS = {
-        "feature_spec": ExecutionParameter(type=str, optional=True),
-        "label_key": ExecutionParameter(type=str, optional=True),
-        "layers": ExecutionParameter(type=str, optional=True),
+        **specs.example_parameters(key_feature=False),
+        **specs.scoring_parameters(),
+        specs.LAYERS_KEY: ExecutionParameter(type=str, optional=True),
         "kind": ExecutionParameter(type=str),
         "fisher": ExecutionParameter(type=str),
-        "splits": ExecutionParameter(type=str, optional=True),
-        "loss": ExecutionParameter(type=str, optional=True),
-        "batch_size": ExecutionParameter(type=int, optional=True),
+        specs.SPLITS_KEY: ExecutionParameter(type=str, optional=True),
         "seed": ExecutionParameter(type=int, optional=True),
     }
-    INPUTS = {"examples": ChannelParameter(type=standard_artifacts.Examples),
-              "model": ChannelParameter(type=standard_artifacts.Model),
-              "schema": ChannelParameter(type=standard_artifacts.Schema, optional=True),
-              "transform_graph": ChannelParameter(type=standard_artifacts.TransformGraph, optional=True)}
-    OUTPUTS = {"factors": ChannelParameter(type=KFACFactors)}
+    INPUTS = specs.examples_and_model()
+    OUTPUTS = {specs.FACTORS_KEY: ChannelParameter(type=KFACFactors)}
 
 
 class FactorFitter(base_beam_component.BaseBeamComponent):

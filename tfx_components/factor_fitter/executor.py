@@ -6,6 +6,7 @@ import json
 from tfx.dsl.components.base import base_beam_executor
 from tfx.types import artifact_utils
 
+from tfx_components import component_specs as specs
 from tfx_components import beam_factors, beam_scoring, common
 
 
@@ -14,16 +15,16 @@ class Executor(base_beam_executor.BaseBeamExecutor):
     def Do(self, input_dict, output_dict, exec_properties):
         import tf_influence as tfi
         from tf_influence import kfac
-        examples = artifact_utils.get_single_instance(input_dict["examples"])
-        model = artifact_utils.get_single_instance(input_dict["model"])
-        out = artifact_utils.get_single_instance(output_dict["factors"])
+        examples = artifact_utils.get_single_instance(input_dict[specs.EXAMPLES_KEY])
+        model = artifact_utils.get_single_instance(input_dict[specs.MODEL_KEY])
+        out = artifact_utils.get_single_instance(output_dict[specs.FACTORS_KEY])
         e = exec_properties
-        splits = json.loads(e["splits"]) if e.get("splits") else artifact_utils.decode_split_names(examples.split_names)
+        splits = json.loads(e[specs.SPLITS_KEY]) if e.get(specs.SPLITS_KEY) else artifact_utils.decode_split_names(examples.split_names)
         path = common.model_path(model)
         # fail early, in the driver, with the artifact named: model file and layers
         keras_model = beam_scoring.load_keras_model(path)
         try:
-            group = (tfi.group_from_layers(keras_model, json.loads(e["layers"]), name="factors")
+            group = (tfi.group_from_layers(keras_model, json.loads(e[specs.LAYERS_KEY]), name="factors")
                      if e.get("layers") else tfi.ParameterGroup.from_model(keras_model))
             kfac.kronecker_blocks(keras_model, group)
         except (tfi.ParameterGroupError, ValueError) as err:
@@ -34,8 +35,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
 
         def build(p):
             beam_factors.fit_factors(p, patterns, path, spec, out.uri, group_spec=group_spec, kind=e["kind"],
-                                     fisher=e["fisher"], seed=int(e.get("seed") or 0), loss_config=e.get("loss"),
-                                     batch_size=int(e.get("batch_size") or 256))
+                                     fisher=e["fisher"], seed=int(e.get("seed") or 0), loss_config=e.get(specs.LOSS_KEY),
+                                     batch_size=specs.batch_size(e))
 
         common.run_beam(self, build, f"FactorFitter on Examples artifact {examples.uri} with Model artifact "
                                      f"{model.uri}")

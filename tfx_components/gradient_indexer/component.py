@@ -16,29 +16,24 @@ from typing import Optional, Union
 
 from tfx import types
 from tfx.dsl.components.base import base_beam_component, executor_spec
-from tfx.types import channel_utils, standard_artifacts
+from tfx.types import channel_utils
 from tfx.types.component_spec import ChannelParameter, ExecutionParameter
 
+from tfx_components import component_specs as specs
 from tfx_components.artifacts import GradientIndex
 from tfx_components.gradient_indexer import executor
 
 
 class GradientIndexerSpec(types.ComponentSpec):
     PARAMETERS = {
+        **specs.example_parameters(),
+        **specs.scoring_parameters(),
         "projection_args": ExecutionParameter(type=str),
-        "layers": ExecutionParameter(type=str, optional=True),
-        "splits": ExecutionParameter(type=str, optional=True),
-        "batch_size": ExecutionParameter(type=int, optional=True),
-        "loss": ExecutionParameter(type=str, optional=True),
-        "feature_spec": ExecutionParameter(type=str, optional=True),
-        "label_key": ExecutionParameter(type=str, optional=True),
-        "key_feature": ExecutionParameter(type=str, optional=True),
+        specs.LAYERS_KEY: ExecutionParameter(type=str, optional=True),
+        specs.SPLITS_KEY: ExecutionParameter(type=str, optional=True),
     }
-    INPUTS = {"examples": ChannelParameter(type=standard_artifacts.Examples),
-              "model": ChannelParameter(type=standard_artifacts.Model),
-              "schema": ChannelParameter(type=standard_artifacts.Schema, optional=True),
-              "transform_graph": ChannelParameter(type=standard_artifacts.TransformGraph, optional=True)}
-    OUTPUTS = {"index": ChannelParameter(type=GradientIndex)}
+    INPUTS = specs.examples_and_model()
+    OUTPUTS = {specs.INDEX_KEY: ChannelParameter(type=GradientIndex)}
 
 
 class GradientIndexer(base_beam_component.BaseBeamComponent):

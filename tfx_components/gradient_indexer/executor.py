@@ -6,6 +6,7 @@ import os
 from tfx.dsl.components.base import base_beam_executor
 from tfx.types import artifact_utils
 
+from tfx_components import component_specs as specs
 from tfx_components import beam_index, common, example_io
 
 
@@ -15,18 +16,18 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         import tf_influence as tfi
         from tf_influence.index import GradientIndex
         from tf_influence.projection import ProjectionArgs
-        examples = artifact_utils.get_single_instance(input_dict["examples"])
-        model = artifact_utils.get_single_instance(input_dict["model"])
-        out = artifact_utils.get_single_instance(output_dict["index"])
+        examples = artifact_utils.get_single_instance(input_dict[specs.EXAMPLES_KEY])
+        model = artifact_utils.get_single_instance(input_dict[specs.MODEL_KEY])
+        out = artifact_utils.get_single_instance(output_dict[specs.INDEX_KEY])
         e = exec_properties
         args = ProjectionArgs.from_json(e["projection_args"])
-        splits = json.loads(e["splits"]) if e.get("splits") else artifact_utils.decode_split_names(examples.split_names)
+        splits = json.loads(e[specs.SPLITS_KEY]) if e.get(specs.SPLITS_KEY) else artifact_utils.decode_split_names(examples.split_names)
         path = common.model_path(model)
         keras_model = example_io.load_keras_model(path)
         group_spec = None
         if e.get("layers"):
             try:
-                group_spec = tfi.group_from_layers(keras_model, json.loads(e["layers"]), name="index").spec(
+                group_spec = tfi.group_from_layers(keras_model, json.loads(e[specs.LAYERS_KEY]), name="index").spec(
                     keras_model).to_json()
             except (tfi.ParameterGroupError, ValueError) as err:
                 raise ValueError(f"Model artifact {model.uri}: {err}") from None
@@ -36,7 +37,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         def build(p):
             for split in splits:
                 beam_index.index_examples(p, common.split_pattern(examples, split), path, spec, dirs[split], args,
-                                          group_spec, e.get("loss"), int(e.get("batch_size") or 256),
+                                          group_spec, e.get(specs.LOSS_KEY), specs.batch_size(e),
                                           label=f"[{split}]",
                                           temp_dir=os.path.join(self._get_tmp_dir(), "scores", split))
 

@@ -12,12 +12,10 @@ from tfx.types import artifact_utils
 from tfx_components import common
 from tfx_components.artifacts import scores_key_feature, scores_kind, scores_split_names
 
-# keys of the component's spec (as TFX's standard_component_specs names its own)
-EXAMPLES_KEY = "examples"
-SCORES_KEY = "scores"
-REPORT_KEY = "report"
-ARGS_KEY = "report_args"
-SPLITS_KEY = "splits"
+# keys of the component's spec (tfx_components.component_specs, as TFX's standard_component_specs names its own)
+from tfx_components.component_specs import EXAMPLES_KEY, REPORT_KEY, SCORES_KEY, SPLITS_KEY  # noqa: E402
+from tfx_components.component_specs import REPORT_ARGS_KEY as ARGS_KEY  # noqa: E402
+
 REPORT_PATH_PROPERTY = "report_path"
 
 

@@ -35,7 +35,6 @@ solver diagnostics and a score summary in its custom properties.
 """
 
 import json
-import warnings
 from typing import TYPE_CHECKING, Optional, Union
 
 import tf_influence as tfi
@@ -45,6 +44,7 @@ from tfx.dsl.components.base import base_beam_component, executor_spec
 from tfx.types import channel_utils, standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ExecutionParameter
 
+from tfx_components import component_specs as specs
 from tfx_components.artifacts import GradientIndex, InfluenceScores, KFACFactors
 from tfx_components.influence_scorer import executor
 
@@ -54,27 +54,23 @@ if TYPE_CHECKING:
 
 class InfluenceScorerSpec(types.ComponentSpec):
     PARAMETERS = {
-        "feature_spec": ExecutionParameter(type=str, optional=True),
-        "label_key": ExecutionParameter(type=str, optional=True),
-        "key_feature": ExecutionParameter(type=str, optional=True),
-        "embedding": ExecutionParameter(type=str, optional=True),
-        "influence_args": ExecutionParameter(type=str),
-        "finetune_train_split": ExecutionParameter(type=str),
-        "test_split": ExecutionParameter(type=str),
-        "test_keys": ExecutionParameter(type=str, optional=True),
-        "loss": ExecutionParameter(type=str, optional=True),
-        "batch_size": ExecutionParameter(type=int, optional=True),
-        "query_args": ExecutionParameter(type=str, optional=True),
+        **specs.example_parameters(),
+        **specs.scoring_parameters(),
+        specs.EMBEDDING_KEY: ExecutionParameter(type=str, optional=True),
+        specs.INFLUENCE_ARGS_KEY: ExecutionParameter(type=str),
+        specs.FINETUNE_TRAIN_SPLIT_KEY: ExecutionParameter(type=str),
+        specs.TEST_SPLIT_KEY: ExecutionParameter(type=str),
+        specs.TEST_KEYS_KEY: ExecutionParameter(type=str, optional=True),
+        specs.QUERY_ARGS_KEY: ExecutionParameter(type=str, optional=True),
     }
-    INPUTS = {"pretrain_examples": ChannelParameter(type=standard_artifacts.Examples),
-              "finetune_examples": ChannelParameter(type=standard_artifacts.Examples),
-              "pretrain_model": ChannelParameter(type=standard_artifacts.Model),
-              "finetune_model": ChannelParameter(type=standard_artifacts.Model),
-              "pretrain_factors": ChannelParameter(type=KFACFactors, optional=True),
-              "schema": ChannelParameter(type=standard_artifacts.Schema, optional=True),
-              "transform_graph": ChannelParameter(type=standard_artifacts.TransformGraph, optional=True),
-              "index": ChannelParameter(type=GradientIndex, optional=True)}
-    OUTPUTS = {"scores": ChannelParameter(type=InfluenceScores)}
+    INPUTS = {specs.PRETRAIN_EXAMPLES_KEY: ChannelParameter(type=standard_artifacts.Examples),
+              specs.FINETUNE_EXAMPLES_KEY: ChannelParameter(type=standard_artifacts.Examples),
+              specs.PRETRAIN_MODEL_KEY: ChannelParameter(type=standard_artifacts.Model),
+              specs.FINETUNE_MODEL_KEY: ChannelParameter(type=standard_artifacts.Model),
+              specs.PRETRAIN_FACTORS_KEY: ChannelParameter(type=KFACFactors, optional=True),
+              **specs.transform_inputs(),
+              specs.INDEX_KEY: ChannelParameter(type=GradientIndex, optional=True)}
+    OUTPUTS = {specs.SCORES_KEY: ChannelParameter(type=InfluenceScores)}
 
 
 class InfluenceScorer(base_beam_component.BaseBeamComponent):

@@ -18,24 +18,25 @@ from tfx.dsl.components.base import base_beam_component, executor_spec
 from tfx.types import channel_utils, standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ExecutionParameter
 
+from tfx_components import component_specs as specs
 from tfx_components.artifacts import InfluenceScores
 from tfx_components.score_filter import executor
 
 
 class ScoreFilterSpec(types.ComponentSpec):
     PARAMETERS = {
-        "mode": ExecutionParameter(type=str),
-        "value": ExecutionParameter(type=float),
-        "key_feature": ExecutionParameter(type=str, optional=True),
-        "max_exact_boundary": ExecutionParameter(type=int, optional=True),
-        "quantile_epsilon": ExecutionParameter(type=float, optional=True),
+        specs.MODE_KEY: ExecutionParameter(type=str),
+        specs.VALUE_KEY: ExecutionParameter(type=float),
+        specs.KEY_FEATURE_KEY: ExecutionParameter(type=str, optional=True),
+        specs.MAX_EXACT_BOUNDARY_KEY: ExecutionParameter(type=int, optional=True),
+        specs.QUANTILE_EPSILON_KEY: ExecutionParameter(type=float, optional=True),
     }
     INPUTS = {
-        "examples": ChannelParameter(type=standard_artifacts.Examples),
-        "scores": ChannelParameter(type=InfluenceScores),
+        specs.EXAMPLES_KEY: ChannelParameter(type=standard_artifacts.Examples),
+        specs.SCORES_KEY: ChannelParameter(type=InfluenceScores),
     }
     OUTPUTS = {
-        "filtered_examples": ChannelParameter(type=standard_artifacts.Examples),
+        specs.FILTERED_EXAMPLES_KEY: ChannelParameter(type=standard_artifacts.Examples),
     }
 
 

@@ -20,6 +20,7 @@ by at most ``1.5·ε·n`` (e.g. ±15,000 of 10⁸), every example is still decid
 element, and ``filter_counts`` records the method and the actual counts.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from tfx.types import artifact_utils
 
 from tf_influence import scores_io, selection
 from tfx_components import common
+from tfx_components import component_specs as specs
 from tfx_components.artifacts import scores_key_feature, scores_split_names
 
 _DATA = "data_tfrecord"
@@ -131,126 +133,173 @@ def _read(p, pattern, label):
                                                  compression_type=beam.io.filesystem.CompressionTypes.AUTO)
 
 
-class Executor(base_beam_executor.BaseBeamExecutor):
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """The filter's execution properties, read and checked once."""
+    mode: str
+    value: float
+    key_feature: str | None       # the identity the scorer used
+    max_exact: int
+    epsilon: float
 
-    def Do(self, input_dict, output_dict, exec_properties):
-        examples = artifact_utils.get_single_instance(input_dict["examples"])
-        scores = artifact_utils.get_single_instance(input_dict["scores"])
-        out = artifact_utils.get_single_instance(output_dict["filtered_examples"])
-        mode, value = exec_properties["mode"], float(exec_properties["value"])
-        key_feature = scores_key_feature(scores)   # the identity the scorer used
-        if exec_properties.get("key_feature") and exec_properties["key_feature"] != key_feature:
-            raise ValueError(f"ScoreFilter(key_feature='{exec_properties['key_feature']}') but the InfluenceScores "
-                             f"artifact {scores.uri} is keyed by "
-                             f"{repr(key_feature) if key_feature else 'file and position (no key feature)'}")
-        max_exact = int(exec_properties.get("max_exact_boundary") or MAX_EXACT_BOUNDARY)
-        epsilon = float(exec_properties.get("quantile_epsilon") or QUANTILE_EPSILON)
+    @classmethod
+    def read(cls, e: dict, scores) -> "_Options":
+        mode, value = e[specs.MODE_KEY], float(e[specs.VALUE_KEY])
+        key_feature = scores_key_feature(scores)
+        asked = e.get(specs.KEY_FEATURE_KEY)
+        if asked and asked != key_feature:
+            raise ValueError(f"ScoreFilter(key_feature='{asked}') but the InfluenceScores artifact {scores.uri} is "
+                             f"keyed by {repr(key_feature) if key_feature else 'file and position (no key feature)'}")
+        epsilon = float(e.get(specs.QUANTILE_EPSILON_KEY) or QUANTILE_EPSILON)
         if not 0.0 < epsilon < 1.0:
             raise ValueError(f"quantile_epsilon must be in (0, 1), got {epsilon}")
         selection.check_mode(mode, value)
-        ex_splits = artifact_utils.decode_split_names(examples.split_names)
-        sc_splits = scores_split_names(scores)
-        missing = [s for s in sc_splits if s not in ex_splits]
-        if missing:
-            raise ValueError(f"InfluenceScores artifact {scores.uri} has scores for split(s) {missing} that the "
-                             f"Examples artifact {examples.uri} does not have (it has {ex_splits})")
-        if not sc_splits:
-            raise ValueError(f"InfluenceScores artifact {scores.uri} has no splits")
-        plan = []
-        for split in ex_splits:
-            desc = f"Examples artifact {examples.uri}, split '{split}'"
-            pattern = common.split_pattern(examples, split)  # names a split without files
-            sdir = os.path.join(scores.uri, f"Split-{split}") if split in sc_splits else None
-            if sdir is not None and not tf.io.gfile.glob(os.path.join(sdir, scores_io.PATTERN)):
-                raise ValueError(f"InfluenceScores artifact {scores.uri}, split '{split}': no score files "
-                                 f"({scores_io.PATTERN}) in {sdir}")
-            plan.append((split, desc, pattern, os.path.join(out.uri, f"Split-{split}"), sdir))
+        return cls(mode, value, key_feature, int(e.get(specs.MAX_EXACT_BOUNDARY_KEY) or MAX_EXACT_BOUNDARY), epsilon)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Split:
+    """One split of the examples: where it is read, staged and written, and its scores' folder (``None``: not
+    scored, copied as it is)."""
+    name: str
+    desc: str
+    pattern: str
+    dst: str
+    scores_dir: str | None
+
+
+def _splits(examples, scores, out) -> list:
+    """Every split of ``examples`` (the scored ones checked to have score files); fails on scores of a split the
+    examples do not have, or on no scored split at all."""
+    ex_splits = artifact_utils.decode_split_names(examples.split_names)
+    sc_splits = scores_split_names(scores)
+    missing = [s for s in sc_splits if s not in ex_splits]
+    if missing:
+        raise ValueError(f"InfluenceScores artifact {scores.uri} has scores for split(s) {missing} that the "
+                         f"Examples artifact {examples.uri} does not have (it has {ex_splits})")
+    if not sc_splits:
+        raise ValueError(f"InfluenceScores artifact {scores.uri} has no splits")
+    plan = []
+    for split in ex_splits:
+        sdir = os.path.join(scores.uri, f"Split-{split}") if split in sc_splits else None
+        if sdir is not None and not tf.io.gfile.glob(os.path.join(sdir, scores_io.PATTERN)):
+            raise ValueError(f"InfluenceScores artifact {scores.uri}, split '{split}': no score files "
+                             f"({scores_io.PATTERN}) in {sdir}")
+        plan.append(_Split(split, f"Examples artifact {examples.uri}, split '{split}'",
+                           common.split_pattern(examples, split),   # names a split without files
+                           os.path.join(out.uri, f"Split-{split}"), sdir))
+    return plan
+
+
+def _cuts(plan, scores, opts: _Options) -> dict:
+    """``{split: (keep_first, side, k, n)}``: the order-statistics cut of each scored split, from how many scores
+    it has (counted by streaming the files, nothing kept); none for ``drop_above``."""
+    cuts = {}
+    for sp in plan:
+        if sp.scores_dir is None or opts.mode == "drop_above":
+            continue
+        desc = f"InfluenceScores artifact {scores.uri}, split '{sp.name}'"
+        n = common.count_records(sorted(tf.io.gfile.glob(os.path.join(sp.scores_dir, scores_io.PATTERN))), desc)
+        try:
+            keep_first, q = selection.order_cut(opts.mode, opts.value, n)
+        except ValueError as err:
+            raise ValueError(f"{desc} ({n} scores): {err}") from None
+        cuts[sp.name] = (keep_first, *selection.first_set_boundary(q, n), n)
+    return cuts
+
+
+def _build(p, plan, staged, cuts, opts: _Options, scores, tmp) -> None:
+    """The Beam job: each scored split's boundary element from the smaller side of its cut, then every key decided
+    alone; unscored splits copied; every count of the job written by one sink (each sink is several stages)."""
+    from tfx_components.beam_scoring import ShardNames
+    counted = []
+    for sp in plan:
+        if sp.scores_dir is None:
+            records = _read(p, sp.pattern, f"Read[{sp.name}]")
+            counted.append(_count(records, sp.name, "in"))
+            _write(records, staged[sp.name], f"Copy[{sp.name}]")
+            continue
+        keyed = (p | f"Files[{sp.name}]" >> ShardNames(sp.pattern)
+                 | f"Key[{sp.name}]" >> beam.ParDo(_KeyedRecords(opts.key_feature, sp.desc)))
+        counted.append(_count(keyed, sp.name, "in"))
+        sdesc = f"InfluenceScores artifact {scores.uri}, split '{sp.name}'"
+        scored = (_read(p, os.path.join(sp.scores_dir, scores_io.PATTERN), f"ReadScores[{sp.name}]")
+                  | f"DecodeScores[{sp.name}]" >> beam.ParDo(_Score(sdesc)))
+        joined = {"examples": keyed, "scores": scored} | f"Join[{sp.name}]" >> beam.CoGroupByKey()
+        keep_first, side, k, n = cuts.get(sp.name, (True, "smallest", 0, 0))
+        args = [] if opts.mode == "drop_above" else [
+            beam.pvalue.AsSingleton(_boundary(scored, side, k, sp.name, n, opts.max_exact, opts.epsilon))]
+        routed = joined | f"Decide[{sp.name}]" >> beam.ParDo(
+            _Decide(sp.desc, opts.mode, opts.value, keep_first, side), *args).with_outputs(
+            "kept", "dropped", "orphans", "extra")
+        _write(routed.kept, staged[sp.name], f"Write[{sp.name}]")
+        for what in ("kept", "dropped", "orphans", "extra"):
+            counted.append(_count(routed[what], sp.name, what))
+    (counted | "Counts" >> beam.Flatten()
+     | "SaveCounts" >> beam.io.WriteToText(os.path.join(tmp, COUNTS_FILE), shard_name_template=""))
+
+
+def _checked_counts(plan, counted: dict, cuts: dict, opts: _Options, scores) -> dict:
+    """``{split: {"in", "kept", "dropped", "filtered"[, "cut"]}}`` from the job's counts; fails on examples sharing
+    a key, scores without an example, or kept + dropped ≠ in."""
+    counts = {}
+    for sp in plan:
+        if sp.scores_dir is None:
+            n = counted[sp.name, "in"]
+            counts[sp.name] = {"in": n, "kept": n, "dropped": 0, "filtered": False}
+            continue
+        c = {k: counted[sp.name, k] for k in ("in", "kept", "dropped", "orphans", "extra")}
+        if c["extra"]:
+            raise ValueError(f"{sp.desc}: {c['extra']} examples share a key; keys must be unique")
+        if c["orphans"]:
+            raise ValueError(f"{sp.desc}: {c['orphans']} score(s) in the InfluenceScores artifact "
+                             f"{scores.uri} have no example ({c['in']} examples)")
+        if c["kept"] + c["dropped"] != c["in"]:
+            raise RuntimeError(f"{sp.desc}: kept + dropped != in ({c})")
+        c = {"in": c["in"], "kept": c["kept"], "dropped": c["dropped"], "filtered": True}
+        if sp.name in cuts:
+            method = cut_method(cuts[sp.name][2], opts.max_exact)
+            c["cut"] = method if method == "exact" else f"approximate (quantile_epsilon={opts.epsilon:g})"
+        counts[sp.name] = c
+    return counts
+
+
+def _record(out, examples, plan, opts: _Options, counts: dict) -> None:
+    out.split_names = artifact_utils.encode_split_names([sp.name for sp in plan])
+    for prop in ("span", "version"):
+        try:
+            setattr(out, prop, getattr(examples, prop))
+        except (AttributeError, KeyError):
+            pass
+    out.set_string_custom_property("filter_mode", opts.mode)
+    out.set_string_custom_property("filter_value", repr(opts.value))
+    out.set_string_custom_property("filter_counts", json.dumps(counts, sort_keys=True))
+    for k in ("in", "kept", "dropped"):
+        out.set_int_custom_property(f"num_{k}", int(sum(c[k] for c in counts.values())))
+
+
+class Executor(base_beam_executor.BaseBeamExecutor):
+    """Plan the splits and cuts in the driver, decide every example in one Beam job, then move the finished files
+    into the output and record the counts (module docstring)."""
+
+    def Do(self, input_dict, output_dict, exec_properties):
+        examples = artifact_utils.get_single_instance(input_dict[specs.EXAMPLES_KEY])
+        scores = artifact_utils.get_single_instance(input_dict[specs.SCORES_KEY])
+        out = artifact_utils.get_single_instance(output_dict[specs.FILTERED_EXAMPLES_KEY])
+        opts = _Options.read(exec_properties, scores)
+        plan = _splits(examples, scores, out)
+        cuts = _cuts(plan, scores, opts)
         tmp = self._get_tmp_dir()
-        # Beam writes each split under the execution's temporary folder (its beam-temp-* shards
-        # included) and the finished files are moved into the output folder only after the whole job
-        # succeeded: a failed or killed run leaves nothing in an output folder
-        staged = {split: os.path.join(tmp, "staged", f"Split-{split}") for split, *_ in plan}
-
-        # how many scores each split has (the order-statistics cut needs n): streamed, nothing kept
-        cuts = {}
-        for split, _, _, _, sdir in plan:
-            if sdir is None or mode == "drop_above":
-                continue
-            n = common.count_records(sorted(tf.io.gfile.glob(os.path.join(sdir, scores_io.PATTERN))),
-                                     f"InfluenceScores artifact {scores.uri}, split '{split}'")
-            try:
-                keep_first, q = selection.order_cut(mode, value, n)
-            except ValueError as err:
-                raise ValueError(f"InfluenceScores artifact {scores.uri}, split '{split}' ({n} scores): "
-                                 f"{err}") from None
-            cuts[split] = (keep_first, *selection.first_set_boundary(q, n), n)
-
-        # Beam: the boundary element from the smaller side, then every key decided alone
-        def build(p):
-            counted = []   # every count of the job, written by one sink (each sink is several stages)
-            for split, desc, pattern, dst, sdir in plan:
-                if sdir is None:
-                    records = _read(p, pattern, f"Read[{split}]")
-                    counted.append(_count(records, split, "in"))
-                    _write(records, staged[split], f"Copy[{split}]")
-                    continue
-                from tfx_components.beam_scoring import ShardNames
-                keyed = (p | f"Files[{split}]" >> ShardNames(pattern)
-                         | f"Key[{split}]" >> beam.ParDo(_KeyedRecords(key_feature, desc)))
-                counted.append(_count(keyed, split, "in"))
-                sdesc = f"InfluenceScores artifact {scores.uri}, split '{split}'"
-                scored = (_read(p, os.path.join(sdir, scores_io.PATTERN), f"ReadScores[{split}]")
-                          | f"DecodeScores[{split}]" >> beam.ParDo(_Score(sdesc)))
-                joined = {"examples": keyed, "scores": scored} | f"Join[{split}]" >> beam.CoGroupByKey()
-                keep_first, side, k, n = cuts.get(split, (True, "smallest", 0, 0))
-                args = [] if mode == "drop_above" else [
-                    beam.pvalue.AsSingleton(_boundary(scored, side, k, split, n, max_exact, epsilon))]
-                routed = joined | f"Decide[{split}]" >> beam.ParDo(
-                    _Decide(desc, mode, value, keep_first, side), *args).with_outputs(
-                    "kept", "dropped", "orphans", "extra")
-                _write(routed.kept, staged[split], f"Write[{split}]")
-                for what in ("kept", "dropped", "orphans", "extra"):
-                    counted.append(_count(routed[what], split, what))
-            (counted | "Counts" >> beam.Flatten()
-             | "SaveCounts" >> beam.io.WriteToText(os.path.join(tmp, COUNTS_FILE), shard_name_template=""))
-        common.run_beam(self, build, f"ScoreFilter on Examples artifact {examples.uri} and InfluenceScores "
-                                     f"artifact {scores.uri}", output_dirs=[odir for _, _, _, odir, _ in plan])
-        for split, _, _, dst, _ in plan:
-            _move_files(staged[split], dst)
-        counts = {}
-        total = {"in": 0, "kept": 0, "dropped": 0}
-        counted = _read_counts(tmp)
-        for split, desc, _, _, sdir in plan:
-            if sdir is None:
-                n = counted[split, "in"]
-                c = {"in": n, "kept": n, "dropped": 0, "filtered": False}
-            else:
-                c = {k: counted[split, k] for k in ("in", "kept", "dropped", "orphans", "extra")}
-                if c["extra"]:
-                    raise ValueError(f"{desc}: {c['extra']} examples share a key; keys must be unique")
-                if c["orphans"]:
-                    raise ValueError(f"{desc}: {c['orphans']} score(s) in the InfluenceScores artifact "
-                                     f"{scores.uri} have no example ({c['in']} examples)")
-                if c["kept"] + c["dropped"] != c["in"]:
-                    raise RuntimeError(f"{desc}: kept + dropped != in ({c})")
-                c = {"in": c["in"], "kept": c["kept"], "dropped": c["dropped"], "filtered": True}
-                if split in cuts:
-                    method = cut_method(cuts[split][2], max_exact)
-                    c["cut"] = method if method == "exact" else f"approximate (quantile_epsilon={epsilon:g})"
-            counts[split] = c
-            for k in total:
-                total[k] += c[k]
-        out.split_names = artifact_utils.encode_split_names(ex_splits)
-        for prop in ("span", "version"):
-            try:
-                setattr(out, prop, getattr(examples, prop))
-            except (AttributeError, KeyError):
-                pass
-        out.set_string_custom_property("filter_mode", mode)
-        out.set_string_custom_property("filter_value", repr(value))
-        out.set_string_custom_property("filter_counts", json.dumps(counts, sort_keys=True))
-        for k, v in total.items():
-            out.set_int_custom_property(f"num_{k}", int(v))
+        # Beam writes each split under the execution's temporary folder (its beam-temp-* shards included) and the
+        # finished files are moved into the output folder only after the whole job succeeded: a failed or killed
+        # run leaves nothing in an output folder
+        staged = {sp.name: os.path.join(tmp, "staged", f"Split-{sp.name}") for sp in plan}
+        common.run_beam(self, lambda p: _build(p, plan, staged, cuts, opts, scores, tmp),
+                        f"ScoreFilter on Examples artifact {examples.uri} and InfluenceScores artifact {scores.uri}",
+                        output_dirs=[sp.dst for sp in plan])
+        for sp in plan:
+            _move_files(staged[sp.name], sp.dst)
+        _record(out, examples, plan, opts, _checked_counts(plan, _read_counts(tmp), cuts, opts, scores))
 
 
 def _write(pcoll, dst, label):

@@ -25,30 +25,25 @@ from typing import Optional
 
 from tfx import types
 from tfx.dsl.components.base import base_beam_component, executor_spec
-from tfx.types import channel_utils, standard_artifacts
+from tfx.types import channel_utils
 from tfx.types.component_spec import ChannelParameter, ExecutionParameter
 
+from tfx_components import component_specs as specs
 from tfx_components.artifacts import InfluenceScores
 from tfx_components.self_influence_scorer import executor
 
 
 class SelfInfluenceScorerSpec(types.ComponentSpec):
     PARAMETERS = {
-        "feature_spec": ExecutionParameter(type=str, optional=True),
-        "label_key": ExecutionParameter(type=str, optional=True),
-        "key_feature": ExecutionParameter(type=str, optional=True),
+        **specs.example_parameters(),
+        **specs.scoring_parameters(),
         "si_layers": ExecutionParameter(type=str, optional=True),
-        "splits": ExecutionParameter(type=str, optional=True),
-        "loss": ExecutionParameter(type=str, optional=True),
-        "batch_size": ExecutionParameter(type=int, optional=True),
+        specs.SPLITS_KEY: ExecutionParameter(type=str, optional=True),
         "checkpoints": ExecutionParameter(type=str, optional=True),
         "learning_rates": ExecutionParameter(type=str, optional=True),
     }
-    INPUTS = {"examples": ChannelParameter(type=standard_artifacts.Examples),
-              "model": ChannelParameter(type=standard_artifacts.Model),
-              "schema": ChannelParameter(type=standard_artifacts.Schema, optional=True),
-              "transform_graph": ChannelParameter(type=standard_artifacts.TransformGraph, optional=True)}
-    OUTPUTS = {"scores": ChannelParameter(type=InfluenceScores)}
+    INPUTS = specs.examples_and_model()
+    OUTPUTS = {specs.SCORES_KEY: ChannelParameter(type=InfluenceScores)}
 
 
 class SelfInfluenceScorer(base_beam_component.BaseBeamComponent):

@@ -7,6 +7,7 @@ import os
 from tfx.dsl.components.base import base_beam_executor
 from tfx.types import artifact_utils
 
+from tfx_components import component_specs as specs
 from tfx_components import beam_scoring, common
 from tfx_components.artifacts import set_scores_metadata
 
@@ -14,11 +15,11 @@ from tfx_components.artifacts import set_scores_metadata
 class Executor(base_beam_executor.BaseBeamExecutor):
 
     def Do(self, input_dict, output_dict, exec_properties):
-        examples = artifact_utils.get_single_instance(input_dict["examples"])
-        model = artifact_utils.get_single_instance(input_dict["model"])
-        out = artifact_utils.get_single_instance(output_dict["scores"])
+        examples = artifact_utils.get_single_instance(input_dict[specs.EXAMPLES_KEY])
+        model = artifact_utils.get_single_instance(input_dict[specs.MODEL_KEY])
+        out = artifact_utils.get_single_instance(output_dict[specs.SCORES_KEY])
         si_layers = json.loads(exec_properties.get("si_layers") or "null")   # None: every layer with parameters
-        splits = json.loads(exec_properties["splits"]) if exec_properties.get("splits") else \
+        splits = json.loads(exec_properties[specs.SPLITS_KEY]) if exec_properties.get(specs.SPLITS_KEY) else \
             artifact_utils.decode_split_names(examples.split_names)
         path = common.model_path(model)
         # fail early, in the driver, with the artifact named: model file, layer set, features
@@ -41,8 +42,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
             for split, pattern in patterns.items():
                 beam_scoring.score_examples(p, pattern, path, spec, "self_influence",
                                             os.path.join(out.uri, f"Split-{split}"), si_layers=si_layers,
-                                            loss_config=exec_properties.get("loss"),
-                                            batch_size=int(exec_properties.get("batch_size") or 256),
+                                            loss_config=exec_properties.get(specs.LOSS_KEY),
+                                            batch_size=specs.batch_size(exec_properties),
                                             label=f"[{split}]", checkpoints=checkpoints,
                                             learning_rates=learning_rates,
                                             temp_dir=os.path.join(self._get_tmp_dir(), "scores", split))
