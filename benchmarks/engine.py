@@ -87,8 +87,9 @@ def main(argv=None):
                                        on_nonconvergence="ignore", dtype=tf.float64)
     t = time.perf_counter()
     res = tfi.multi_stage_influence(obj, pre_ds, tfi.Objective(ft, models.sparse_ce()), ft_ds, test_ds,
-                                    embedding=["embedding"], pretrain_solver=cfg(tfi.DEFAULT_PRETRAIN_DAMPING),
-                                    finetune_solver=cfg(tfi.DEFAULT_FINETUNE_DAMPING))
+                                    embedding=["embedding"],
+                                    args=tfi.InfluenceArgs(pretrain_solver=cfg(tfi.DEFAULT_PRETRAIN_DAMPING),
+                                                           finetune_solver=cfg(tfi.DEFAULT_FINETUNE_DAMPING)))
     score_all = time.perf_counter() - t
 
     # the dense solver's explicit Hessian: 650-parameter logistic regression on every digit (64 pixels

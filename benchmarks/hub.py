@@ -192,7 +192,8 @@ def fidelity(n_pre: int, n_loo: int, width: int, length: int, steps: int) -> dic
             "ekfac", damping=tfi.DEFAULT_PRETRAIN_DAMPING, dense_factor_max=10 ** 9))
     predicted, solver = {}, {}
     for name, kw in methods.items():
-        res = tfi.multi_stage_influence(g, pre_ds, f, ft_ds, te_ds, embedding=backbone, hessian_samples=None, **kw)
+        res = tfi.multi_stage_influence(g, pre_ds, f, ft_ds, te_ds, embedding=backbone,
+                                        args=tfi.InfluenceArgs(hessian_samples=None, **kw))
         predicted[name] = res.predicted_loss_change_on_removal()
         solver[name] = {k: v.get("auto", {}).get("chose", v["method"]) for k, v in res.solves.items()}
     protocol = loo.RetrainProtocol(case="fixed", pretrain_steps=steps, finetune_steps=steps, optimizer="sgd",

@@ -174,9 +174,9 @@ def run(cfg: TextConfig, cache=None, progress: bool = True) -> dict:
     def score(method, head="cg_squared"):
         mk = lambda m, lam: tfi.SolverConfig(m, damping=lam, max_iter=cfg.cg_iters, dtype=tf.float64,  # noqa: E731
                                              tol=1e-5)
-        kw = dict(embedding=["embedding"], case="fixed", hessian_samples=None, progress=progress,
-                  pretrain_solver=mk(method, tfi.DEFAULT_PRETRAIN_DAMPING),
-                  finetune_solver=mk(head, tfi.DEFAULT_FINETUNE_DAMPING))
+        kw = dict(embedding=["embedding"], progress=progress, args=tfi.InfluenceArgs(
+            case="fixed", hessian_samples=None, pretrain_solver=mk(method, tfi.DEFAULT_PRETRAIN_DAMPING),
+            finetune_solver=mk(head, tfi.DEFAULT_FINETUNE_DAMPING)))
         args = (pre_obj, _ds(xp, yp), ft_obj, _ds(xf, yf), _ds(xt, yt))
         t = time.perf_counter()
         with warnings.catch_warnings():

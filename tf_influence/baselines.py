@@ -11,22 +11,30 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from .gradients import per_example_losses
-from .influence import InfluenceResult, MultiStageInfluence
+from .influence import (DEPRECATED_ARG_KEYWORDS, InfluenceArgs, InfluenceResult, MultiStageInfluence,
+                        args_with_keywords)
 from .objective import Objective
 from .solvers import SolverConfig
 
 
 def identity_hessian_influence(pretrain_objective, pretrain_data, finetune_objective, finetune_data, test_data,
-                               embedding, test_target: str = "sum", **kwargs) -> InfluenceResult:
-    """Multi-stage influence with ``(∂²G)⁻¹`` and ``(∂²F)⁻¹`` replaced by ``I``."""
-    kwargs = dict(kwargs)
-    kwargs["pretrain_solver"] = SolverConfig(method="identity", damping=0.0)
-    kwargs["finetune_solver"] = SolverConfig(method="identity", damping=0.0)
+                               embedding, pretrain_head=None, finetune_head=None, measurement=None,
+                               progress: bool = False, args: InfluenceArgs | None = None, **deprecated
+                               ) -> InfluenceResult:
+    """Multi-stage influence with ``(∂²G)⁻¹`` and ``(∂²F)⁻¹`` replaced by ``I`` (``args``' solvers are
+    replaced; its other fields apply)."""
+    args = args_with_keywords("identity_hessian_influence", args, deprecated,
+                              DEPRECATED_ARG_KEYWORDS + ("test_target",))
+    identity = SolverConfig(method="identity", damping=0.0)
+    args = replace(args, pretrain_solver=identity, finetune_solver=identity)
     result = MultiStageInfluence(pretrain_objective, pretrain_data, finetune_objective, finetune_data, embedding,
-                                 **kwargs)(test_data, test_target)
+                                 pretrain_head=pretrain_head, finetune_head=finetune_head, measurement=measurement,
+                                 progress=progress, args=args)(test_data)
     result.method = f"identity_hessian_{result.method}"
     return result
 

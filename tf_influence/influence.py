@@ -142,7 +142,27 @@ class InfluenceArgs(JsonConfig):
 
 
 
-_UNSET = object()
+#: the :class:`InfluenceArgs` fields that :class:`MultiStageInfluence` and the functional forms also took as
+#: keywords (deprecated: ``args=InfluenceArgs(...)`` is the one form; removed in 0.4)
+DEPRECATED_ARG_KEYWORDS = ("case", "alpha", "pretrain_solver", "finetune_solver", "hessian_samples", "hvp_mode",
+                           "seed", "check_fixed_embedding")
+
+
+def args_with_keywords(where: str, args: InfluenceArgs | None, keywords: dict, allowed=DEPRECATED_ARG_KEYWORDS
+                       ) -> InfluenceArgs:
+    """``args`` (default :class:`InfluenceArgs`) with the deprecated keyword forms of its fields applied, each
+    with a ``DeprecationWarning`` naming ``args=InfluenceArgs(field=...)``; any other keyword is a ``TypeError``
+    (as an unknown keyword of a signature is). A solver keyword given as ``None`` meant "the default"."""
+    from .deprecation import warn
+    unknown = sorted(k for k in keywords if k not in allowed)
+    if unknown:
+        raise TypeError(f"{where}() got an unexpected keyword argument '{unknown[0]}'")
+    if args is not None and not isinstance(args, InfluenceArgs):
+        raise TypeError(f"{where}(args=...) must be an InfluenceArgs, got {type(args).__name__}")
+    for k in keywords:
+        warn(f"{where}({k}=...)", f"{where}(args=InfluenceArgs({k}=...))", stacklevel=4)
+    given = {k: v for k, v in keywords.items() if not (k.endswith("_solver") and v is None)}
+    return replace(args or InfluenceArgs(), **given)   # replace() re-runs the validation
 
 
 def default_solvers(case: str = "fixed") -> tuple:
@@ -322,37 +342,34 @@ class MultiStageInfluence:
       pretrain_head: layers of U; default: every other parameter of the pretraining model. U may
         be empty (a tied-embedding LM whose output projection is W itself).
       finetune_head: layers of Θ; default: every other parameter of the finetuning model.
-      case: ``"fixed"`` (finetuning keeps W = W*; eq. 9–11) or ``"updated"`` (W is finetuned;
-        eq. 12–15 with the proximal weight ``alpha``).
-      alpha: α of eq. 12 (paper: 0.01).
-      pretrain_solver: :class:`SolverConfig` for ``(∂²G/∂(W,U)²)⁻¹``; default ``solver="auto"``
-        with :data:`DEFAULT_PRETRAIN_DAMPING` (:func:`default_solvers`).
-      finetune_solver: :class:`SolverConfig` for ``(∂²F/∂Θ²)⁻¹`` (case 1) or the block matrix of
-        eq. 15 (case 2); default ``solver="auto"`` with :data:`DEFAULT_FINETUNE_DAMPING`.
-      hessian_samples: pretraining examples used for ``∂²G`` (paper: 1,000); ``None`` = all.
       measurement: what is measured on the test points (default: the finetuning loss ``f``); an
         :class:`Objective` of the finetuning model or a function ``fn(y_true, y_pred) -> [B]``.
-      args: an :class:`InfluenceArgs` holding all of the options above (the keyword arguments
-        given explicitly override its fields).
-      hvp_mode: ``"fob"`` or ``"rr"`` for every Hessian product; ``None`` (default): ``"fob"`` for
-        the square blocks and ``"rr"`` for case 1's mixed block ``∂²F/∂W∂Θ``, whose inner gradient
-        is then over the small head Θ only (on a 1 M-parameter keras-hub GPT-2 under a 6-class head:
-        trace + first product 5.2 s instead of 14.5 s, then 1.3 s instead of 1.8 s; the products are
-        equal either way).
-      check_fixed_embedding: in case 1, verify that W has the same values in both models.
+      progress: progress bars on the solves and the scoring pass.
+      args: :class:`InfluenceArgs`, every option in one typed object: ``case`` (``"fixed"``: finetuning
+        kept W = W*, eq. 9–11; ``"updated"``: eq. 12–15 with the proximal weight ``alpha``, paper 0.01),
+        ``pretrain_solver`` / ``finetune_solver`` (:class:`SolverConfig`; default ``solver="auto"`` with
+        :data:`DEFAULT_PRETRAIN_DAMPING` / :data:`DEFAULT_FINETUNE_DAMPING`, :func:`default_solvers`),
+        ``hessian_samples`` (pretraining examples of ``∂²G``, paper 1,000; ``None`` = all), ``hvp_mode``
+        (``"fob"`` / ``"rr"`` for every Hessian product; ``None``: ``"fob"`` for the square blocks and
+        ``"rr"`` for case 1's mixed block ``∂²F/∂W∂Θ``, whose inner gradient is then over the small head Θ
+        only — on a 1 M-parameter keras-hub GPT-2 under a 6-class head: trace + first product 5.2 s instead
+        of 14.5 s, then 1.3 s instead of 1.8 s; the products are equal either way), ``seed``,
+        ``check_fixed_embedding`` (case 1: verify that W has the same values in both models),
+        ``test_target`` (the default of :meth:`__call__`) and ``memory_budget``. Those fields given as
+        keywords of this constructor (``case="updated"``) still work but are deprecated (removed in 0.4).
+
+    Example::
+
+        args = tfi.InfluenceArgs(case="updated", pretrain_solver=tfi.SolverConfig("ekfac"))
+        ms = tfi.MultiStageInfluence(tfi.Objective(pre, pre_loss), pre_ds, tfi.Objective(ft, ft_loss), ft_ds,
+                                     embedding=["embedding"], args=args)
+        result = ms(test_ds)          # one set of Hessians, queried as often as needed
     """
 
     def __init__(self, pretrain_objective: Objective, pretrain_data, finetune_objective: Objective, finetune_data,
-                 embedding, pretrain_head=None, finetune_head=None, case=_UNSET, alpha=_UNSET,
-                 pretrain_solver: SolverConfig | None = None, finetune_solver: SolverConfig | None = None,
-                 hessian_samples=_UNSET, measurement=None, hvp_mode=_UNSET, seed=_UNSET,
-                 check_fixed_embedding=_UNSET, progress: bool = False, args: InfluenceArgs | None = None):
-        given = {k: v for k, v in dict(case=case, alpha=alpha, hessian_samples=hessian_samples, hvp_mode=hvp_mode,
-                                       seed=seed, check_fixed_embedding=check_fixed_embedding).items()
-                 if v is not _UNSET}
-        given.update({k: v for k, v in dict(pretrain_solver=pretrain_solver, finetune_solver=finetune_solver).items()
-                      if v is not None})
-        self.args = replace(args or InfluenceArgs(), **given)   # replace() re-runs the validation
+                 embedding, pretrain_head=None, finetune_head=None, measurement=None, progress: bool = False,
+                 args: InfluenceArgs | None = None, **deprecated):
+        self.args = args_with_keywords("MultiStageInfluence", args, deprecated)
         case, alpha, hessian_samples, hvp_mode, seed = (self.args.case, self.args.alpha, self.args.hessian_samples,
                                                         self.args.hvp_mode, self.args.seed)
         check_fixed_embedding = self.args.check_fixed_embedding
@@ -410,8 +427,9 @@ class MultiStageInfluence:
         if shared:
             raise ParameterGroupError(f"parameter groups '{a.name}' and '{b.name}' share {len(shared)} variable(s)")
 
-    def test_vectors(self, test_data, test_target: str = "sum"):
-        """The test side of the score, solved once: ``s`` over (W, U) with ``I(z) = ∇g(z)·s``.
+    def test_vectors(self, test_data, test_target: str | None = None):
+        """The test side of the score, solved once: ``s`` over (W, U) with ``I(z) = ∇g(z)·s``
+        (``test_target`` default: ``args.test_target``).
 
         Case 1 — Algorithm 1 steps 1–4 with eq. 9's sign (see module docstring).
 
@@ -437,6 +455,7 @@ class MultiStageInfluence:
 
         Returns ``(s, solves, seconds)``.
         """
+        test_target = test_target or self.args.test_target
         t0 = time.perf_counter()
         solves = {}
         if self.case == "fixed":
@@ -459,12 +478,13 @@ class MultiStageInfluence:
         solves["pretrain"] = r2.summary()
         return -r2.x, solves, {"test_side": time.perf_counter() - t0}
 
-    def memory_plan(self, test_data=None, test_target: str = "sum"):
+    def memory_plan(self, test_data=None, test_target: str | None = None):
         """The :class:`~tf_influence.memory.MemoryPlan` of a whole call — test gradients, both solves
         (``auto`` resolved within the budget), the scoring pass — from the models and the arguments,
         before anything is computed. :meth:`__call__` checks it against ``args.memory_budget``."""
         from .memory import MemoryPlan
         from .solvers import solve_plan
+        test_target = test_target or self.args.test_target
         k = 1 if test_target == "sum" or test_data is None else count_examples(test_data, "test data", self.f.model)
         plan = MemoryPlan(f"multi-stage influence (case '{self.case}')")
         plan.add("test gradients over (Θ, W)", self.TW.size * k * self.TW.dtype.size * 3, f"[{self.TW.size}, {k}] × 3")
@@ -482,9 +502,10 @@ class MultiStageInfluence:
                  f"[{self.WU.size}] × 3 per column", phase="scoring")
         return plan
 
-    def __call__(self, test_data, test_target: str = "sum", score_data=None) -> InfluenceResult:
+    def __call__(self, test_data, test_target: str | None = None, score_data=None) -> InfluenceResult:
         """Scores of every pretraining example (or of ``score_data``) on the test target; the call's
         memory plan (:meth:`memory_plan`) is checked first."""
+        test_target = test_target or self.args.test_target
         self.memory_plan(test_data, test_target).check(self.args.memory_budget)
         s, solves, seconds = self.test_vectors(test_data, test_target)
         t0 = time.perf_counter()
@@ -496,8 +517,13 @@ class MultiStageInfluence:
 
 
 def multi_stage_influence(pretrain_objective, pretrain_data, finetune_objective, finetune_data, test_data,
-                          embedding, test_target: str | None = None, **kwargs) -> InfluenceResult:
-    """Functional form of :class:`MultiStageInfluence` (see there for the arguments); ``test_target``
-    defaults to ``args.test_target`` (``"sum"``)."""
-    ms = MultiStageInfluence(pretrain_objective, pretrain_data, finetune_objective, finetune_data, embedding, **kwargs)
-    return ms(test_data, test_target or ms.args.test_target)
+                          embedding, pretrain_head=None, finetune_head=None, measurement=None, progress: bool = False,
+                          args: InfluenceArgs | None = None, **deprecated) -> InfluenceResult:
+    """Functional form of :class:`MultiStageInfluence` (see there for the arguments): the options are ``args``
+    (an :class:`InfluenceArgs`; ``args.test_target`` says whether the summed test loss or each test point is
+    scored)."""
+    args = args_with_keywords("multi_stage_influence", args, deprecated, DEPRECATED_ARG_KEYWORDS + ("test_target",))
+    ms = MultiStageInfluence(pretrain_objective, pretrain_data, finetune_objective, finetune_data, embedding,
+                             pretrain_head=pretrain_head, finetune_head=finetune_head, measurement=measurement,
+                             progress=progress, args=args)
+    return ms(test_data)

@@ -113,23 +113,21 @@ def influence(
     c = ctx.cfg
     if damping_finetune is None:
         damping_finetune = c.damping_finetune if case == "fixed" else c.damping_finetune_case2
-    kw = dict(
-        embedding=["embedding"],
+    args = tfi.InfluenceArgs(
         case=case,
         alpha=c.alpha if alpha is None else alpha,
         pretrain_solver=mk(c.damping_pretrain if damping_pretrain is None else damping_pretrain),
         finetune_solver=mk(damping_finetune, finetune_solver or solver),
         hessian_samples=c.hessian_samples,
-        progress=ctx.progress,
+        test_target=test_target,
     )
+    kw = dict(embedding=["embedding"], progress=ctx.progress, args=args)
     pre_obj, ft_obj = tfi.Objective(pre, models.sparse_ce()), tfi.Objective(ft, models.sparse_ce())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", tfi.SolverNotConvergedWarning)
         if identity:
-            return tfi.identity_hessian_influence(
-                pre_obj, pre_ds, ft_obj, ft_ds, test_ds, test_target=test_target, **kw
-            )
-        return tfi.multi_stage_influence(pre_obj, pre_ds, ft_obj, ft_ds, test_ds, test_target=test_target, **kw)
+            return tfi.identity_hessian_influence(pre_obj, pre_ds, ft_obj, ft_ds, test_ds, **kw)
+        return tfi.multi_stage_influence(pre_obj, pre_ds, ft_obj, ft_ds, test_ds, **kw)
 
 
 def retrainer(ctx, pre, ft, d, case, theta0=None, protocol=None):

@@ -34,7 +34,7 @@ def test_analyzer_equals_the_function_and_keeps_results_by_name(world, tmp_path,
     a = tfi.Analyzer(task, str(tmp_path), args=args, progress=False)
     res = a.influence("t4", data(P), data(F), data((F[0][:4], F[1][:4])))
     ref = tfi.multi_stage_influence(tfi.Objective(pre, h.sce()), data(P), tfi.Objective(ft, h.sce()), data(F),
-                                    data((F[0][:4], F[1][:4])), ["embedding"], args=args, test_target="each")
+                                    data((F[0][:4], F[1][:4])), ["embedding"], args=args)
     assert res.scores.shape == (40, 4)
     np.testing.assert_allclose(res.scores, ref.scores, rtol=1e-10)
     assert os.path.exists(tmp_path / "scores" / "t4" / "influence_args.json")
@@ -63,8 +63,8 @@ def test_fitted_factors_are_saved_once_and_invert_the_pretraining_hessian(world,
     g = tfi.Objective(pre, h.sce())
     own = kfac.fit_factors(g, data(P), a.pretrain_group(), fisher="empirical")
     ref = tfi.multi_stage_influence(g, data(P), tfi.Objective(ft, h.sce()), data(F), data(F), ["embedding"],
-                                    hessian_samples=None,
-                                    pretrain_solver=tfi.SolverConfig("ekfac", damping=1e-2, factors=own))
+                                    args=tfi.InfluenceArgs(hessian_samples=None,
+                                                           pretrain_solver=tfi.SolverConfig("ekfac", damping=1e-2, factors=own)))
     np.testing.assert_allclose(res.scores, ref.scores, rtol=1e-8)
 
 

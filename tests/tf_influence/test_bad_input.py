@@ -1,5 +1,7 @@
 """Bad input gets a clear error naming the problem."""
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
@@ -18,11 +20,14 @@ def m():
 
 
 def ms(m, xp=None, xf=None, **kw):
+    """MultiStageInfluence on ``m``; keywords that are InfluenceArgs fields go into ``args``."""
     xp = m["xp"] if xp is None else xp
     xf = m["xf"] if xf is None else xf
+    options = {k: kw.pop(k) for k in list(kw) if k in {f.name for f in dataclasses.fields(tfi.InfluenceArgs)}}
     return tfi.MultiStageInfluence(tfi.Objective(m["pre"], h.sce()), h.dataset(xp, m["yp"][:len(xp)]),
                                    tfi.Objective(m["ft"], h.sce()), h.dataset(xf, m["yf"][:len(xf)]),
-                                   **{"embedding": ["embedding"], "hessian_samples": None, **kw})
+                                   **{"embedding": ["embedding"],
+                                      "args": tfi.InfluenceArgs(**{"hessian_samples": None, **options}), **kw})
 
 
 def test_missing_layer_is_named(m):
@@ -98,7 +103,7 @@ def test_labels_outside_the_models_classes_are_named(m):
     yp[4] = 7  # the pretraining model has 3 classes
     bad = tfi.MultiStageInfluence(tfi.Objective(m["pre"], h.sce()), h.dataset(m["xp"], yp),
                                   tfi.Objective(m["ft"], h.sce()), h.dataset(m["xf"], m["yf"]),
-                                  embedding=["embedding"], hessian_samples=None)
+                                  embedding=["embedding"], args=tfi.InfluenceArgs(hessian_samples=None))
     with pytest.raises(tfi.DatasetError, match=r"pretraining Hessian.*label value 7 is outside the model's "
                                                r"classes \[0, 3\)"):
         bad(h.dataset(m["xf"], m["yf"]))

@@ -26,10 +26,13 @@ def test_every_default_is_declared_once():
         assert inspect.signature(solvers.auto).parameters[name].default == cfg[name], name
     assert inspect.signature(solvers.auto).parameters["dense_max"].default == cfg["dense_max"] == solvers.AUTO_DENSE_MAX
     assert inspect.signature(solvers.dense).parameters["max_params"].default == cfg["max_params"]
-    # MultiStageInfluence takes its defaults from InfluenceArgs (no second copy in its signature)
-    sig = inspect.signature(influence.MultiStageInfluence.__init__).parameters
-    for name in ("case", "alpha", "hessian_samples", "hvp_mode", "seed", "check_fixed_embedding"):
-        assert sig[name].default is influence._UNSET, name
+    # MultiStageInfluence and the functional forms take their options from InfluenceArgs only (no second copy
+    # of a default in a signature: the fields as keywords are the deprecated **keywords)
+    from tf_influence.baselines import identity_hessian_influence
+    for fn in (influence.MultiStageInfluence.__init__, influence.multi_stage_influence, identity_hessian_influence):
+        sig = inspect.signature(fn).parameters
+        assert not set(sig) & {f.name for f in dataclasses.fields(tfi.InfluenceArgs)}, fn
+        assert sig["args"].default is None
 
 
 def test_presence_defaults_once_and_the_trainer_reads_them(tmp_path):
@@ -114,7 +117,9 @@ def test_options_reach_the_solver():
         tfi.solve(tfi.DenseOperator(A), b, tfi.SolverConfig("dense", max_params=2))
 
 
-def test_multistage_keywords_override_args(tmp_path):
+def test_multistage_keywords_override_args_with_a_deprecation(tmp_path):
+    """The fields of InfluenceArgs as keywords (the pre-0.3 form) still apply over ``args``, each with a
+    DeprecationWarning naming ``args=InfluenceArgs(...)``; the results equal the typed form's."""
     from tests import helpers as h
     pre, ft, _ = h.two_stage_mlps()
     rng = np.random.default_rng(1)
@@ -122,12 +127,25 @@ def test_multistage_keywords_override_args(tmp_path):
     xf, yf = rng.normal(size=(30, 5)), rng.integers(0, 2, 30)
     g, f = tfi.Objective(pre, h.sce()), tfi.Objective(ft, h.sce())
     args = tfi.InfluenceArgs(hessian_samples=None, pretrain_solver=tfi.SolverConfig("dense_squared", damping=1e-2))
-    ms = tfi.MultiStageInfluence(g, h.dataset(xp, yp), f, h.dataset(xf, yf), ["embedding"], args=args, seed=4)
+    with pytest.warns(DeprecationWarning, match=r"MultiStageInfluence\(seed=\.\.\.\) is deprecated: use "
+                                                r"MultiStageInfluence\(args=InfluenceArgs\(seed=\.\.\.\)\)"):
+        ms = tfi.MultiStageInfluence(g, h.dataset(xp, yp), f, h.dataset(xf, yf), ["embedding"], args=args, seed=4)
     assert ms.args.seed == 4 and ms.args.hessian_samples is None and ms.pretrain_solver.damping == 1e-2
     a = ms(h.dataset(xf[:4], yf[:4])).scores
     b = tfi.multi_stage_influence(g, h.dataset(xp, yp), f, h.dataset(xf, yf), h.dataset(xf[:4], yf[:4]),
-                                  ["embedding"], hessian_samples=None,
-                                  pretrain_solver=tfi.SolverConfig("dense_squared", damping=1e-2)).scores
+                                  ["embedding"],
+                                  args=tfi.InfluenceArgs(hessian_samples=None,
+                                                         pretrain_solver=tfi.SolverConfig("dense_squared", damping=1e-2))).scores
     np.testing.assert_allclose(a, b, rtol=1e-10)
+    with pytest.warns(DeprecationWarning, match=r"multi_stage_influence\(hessian_samples=\.\.\.\)"):
+        c = tfi.multi_stage_influence(g, h.dataset(xp, yp), f, h.dataset(xf, yf), h.dataset(xf[:4], yf[:4]),
+                                      ["embedding"], args=tfi.InfluenceArgs(pretrain_solver=args.pretrain_solver),
+                                      hessian_samples=None).scores
+    np.testing.assert_allclose(c, b, rtol=1e-10)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'hessian_sample'"):
+        tfi.MultiStageInfluence(g, h.dataset(xp, yp), f, h.dataset(xf, yf), ["embedding"], hessian_sample=3)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'test_target'"):   # a call's argument there
+        tfi.MultiStageInfluence(g, h.dataset(xp, yp), f, h.dataset(xf, yf), ["embedding"], test_target="each")
     with pytest.raises(ValueError, match="case must be 'fixed'"):
-        tfi.MultiStageInfluence(g, h.dataset(xp, yp), f, h.dataset(xf, yf), ["embedding"], case="fxed")
+        tfi.MultiStageInfluence(g, h.dataset(xp, yp), f, h.dataset(xf, yf), ["embedding"],
+                                args=tfi.InfluenceArgs(case="fxed"))

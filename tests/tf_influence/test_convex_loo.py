@@ -205,8 +205,9 @@ def test_case1_equals_dense_eq11(two_stage, method):
     mse = lambda y, p: 0.5 * tf.reduce_sum(tf.square(p - y), axis=-1)  # noqa: E731
     cfg = tfi.SolverConfig(method, damping=0.0, tol=1e-12, max_iter=300, on_nonconvergence="raise")
     res = tfi.multi_stage_influence(tfi.Objective(pre, mse), pre_ds, tfi.Objective(ft, logistic_loss), ft_ds,
-                                    test_ds, embedding=["embedding"], case="fixed", pretrain_solver=cfg,
-                                    finetune_solver=cfg, hessian_samples=None)
+                                    test_ds, embedding=["embedding"],
+                                    args=tfi.InfluenceArgs(case="fixed", pretrain_solver=cfg, finetune_solver=cfg,
+                                                           hessian_samples=None))
     exact = two_stage.exact_scores()
     np.testing.assert_allclose(res.scores, exact, rtol=1e-7, atol=1e-10)
 
@@ -228,9 +229,9 @@ def test_case1_predicts_leave_one_out(two_stage):
     mse = lambda y, p: 0.5 * tf.reduce_sum(tf.square(p - y), axis=-1)  # noqa: E731
     res = tfi.multi_stage_influence(tfi.Objective(pre, mse), pre_ds, tfi.Objective(ft, logistic_loss), ft_ds,
                                     test_ds, embedding=["embedding"],
-                                    pretrain_solver=tfi.SolverConfig("cg_squared", damping=0.0, tol=1e-10),
-                                    finetune_solver=tfi.SolverConfig("cg_squared", damping=0.0, tol=1e-10),
-                                    hessian_samples=None)
+                                    args=tfi.InfluenceArgs(pretrain_solver=tfi.SolverConfig("cg_squared", damping=0.0, tol=1e-10),
+                                                           finetune_solver=tfi.SolverConfig("cg_squared", damping=0.0, tol=1e-10),
+                                                           hessian_samples=None))
     base = two_stage.test_loss(two_stage.K, two_stage.theta)
     true = np.array([two_stage.perturbed_test_loss(i, -1.0 / two_stage.m) - base for i in range(two_stage.m)])
     pred = res.predicted_loss_change_on_removal()

@@ -86,7 +86,7 @@ def test_influence_results_carry_the_diagnostics_of_every_hessian():
         warnings.simplefilter("ignore")  # an untrained model: indefinite, as the diagnostics say
         res = tfi.multi_stage_influence(tfi.Objective(pre, h.sce()), h.dataset(xp, yp), tfi.Objective(ft, h.sce()),
                                         h.dataset(xf, yf), h.dataset(xf[:4], yf[:4]), ["embedding"],
-                                        hessian_samples=None)
+                                        args=tfi.InfluenceArgs(hessian_samples=None))
     for stage, group in (("pretrain", "(W,U)"), ("finetune", "Θ")):
         c = res.solves[stage]["curvature"]  # the default solves are dense: their exact spectrum, no Lanczos
         assert c["source"] == "dense" and c["lanczos_steps"] == 0, (stage, group)

@@ -114,7 +114,7 @@ def test_multistage_fixed_defaults_equal_dense_formula(tiny64):
     g, f = hm.objectives(c)
     assert not c.backbone.trainable
     res = tfi.multi_stage_influence(g, c.pretrain_data, f, c.finetune_data, c.test_data, embedding=c.backbone,
-                                    hessian_samples=None)
+                                    args=tfi.InfluenceArgs(hessian_samples=None))
     expected, U = dense_multistage(c, g, f, "fixed", tfi.DEFAULT_PRETRAIN_DAMPING, tfi.DEFAULT_FINETUNE_DAMPING)
     np.testing.assert_allclose(res.scores, expected, rtol=rtol(c), atol=1e-8 * np.abs(expected).max())
     assert res.solves["pretrain"]["auto"]["chose"] == "dense_squared"
@@ -132,7 +132,8 @@ def test_multistage_cg_squared_equals_dense_formula_on_tied_gpt2(tiny64):
     cfg = tfi.SolverConfig("cg_squared", damping=1e-1, tol=1e-10, max_iter=3000, on_nonconvergence="raise",
                            curvature_iterations=0)
     res = tfi.multi_stage_influence(g, c.pretrain_data, f, c.finetune_data, c.test_data, embedding="backbone",
-                                    pretrain_solver=cfg, finetune_solver=cfg, hessian_samples=None)
+                                    args=tfi.InfluenceArgs(pretrain_solver=cfg, finetune_solver=cfg,
+                                                           hessian_samples=None))
     expected, _ = dense_multistage(c, g, f, "fixed", 1e-1, 1e-1)
     np.testing.assert_allclose(res.scores, expected, rtol=1e-5, atol=1e-7 * np.abs(expected).max())
 
@@ -142,7 +143,8 @@ def test_multistage_updated_equals_dense_formula(tiny64_updated):
     g, f = hm.objectives(c)
     cfg = tfi.SolverConfig("dense_squared", damping=1e-3, curvature_iterations=0)
     res = tfi.multi_stage_influence(g, c.pretrain_data, f, c.finetune_data, c.test_data, embedding="backbone",
-                                    case="updated", pretrain_solver=cfg, finetune_solver=cfg, hessian_samples=None)
+                                    args=tfi.InfluenceArgs(case="updated", pretrain_solver=cfg, finetune_solver=cfg,
+                                                           hessian_samples=None))
     expected, _ = dense_multistage(c, g, f, "updated", 1e-3, 1e-3)
     np.testing.assert_allclose(res.scores, expected, rtol=1e-6, atol=1e-9 * np.abs(expected).max())
 

@@ -76,7 +76,7 @@ def test_multistage_and_single_stage_ekfac_run_on_float32_hub_models(kind):
     g, f = hm.objectives(c)
     ekfac = tfi.SolverConfig("ekfac", damping=1e-3, curvature_iterations=0)
     res = tfi.multi_stage_influence(g, c.pretrain_data, f, c.finetune_data, c.test_data, embedding=c.backbone,
-                                    pretrain_solver=ekfac, finetune_solver=ekfac)
+                                    args=tfi.InfluenceArgs(pretrain_solver=ekfac, finetune_solver=ekfac))
     assert res.scores.shape == (TINY["n_pre"],) and np.all(np.isfinite(res.scores))
     assert res.solves["pretrain"]["method"] == res.solves["finetune"]["method"] == "ekfac"
     single = tfi.single_stage_influence(f, c.finetune_data, c.test_data, solver=ekfac)
@@ -151,11 +151,11 @@ def test_frozen_and_unfrozen_backbone_give_the_same_groups_and_scores():
     c = hm.build("bert", dtype="float64", **TINY)
     g, f = hm.objectives(c)
     frozen = tfi.multi_stage_influence(g, c.pretrain_data, f, c.finetune_data, c.test_data, embedding=c.backbone,
-                                       hessian_samples=None)
+                                       args=tfi.InfluenceArgs(hessian_samples=None))
     c.backbone.trainable = True
     W_names = tfi.group_from_layers(c.finetune, "backbone").variable_names
     unfrozen = tfi.multi_stage_influence(g, c.pretrain_data, f, c.finetune_data, c.test_data, embedding="backbone",
-                                         hessian_samples=None)
+                                         args=tfi.InfluenceArgs(hessian_samples=None))
     c.backbone.trainable = False
     assert tfi.group_from_layers(c.finetune, c.backbone).variable_names == W_names
     np.testing.assert_allclose(frozen.scores, unfrozen.scores, rtol=1e-9, atol=1e-12 * np.abs(unfrozen.scores).max())

@@ -252,8 +252,10 @@ def test_both_multi_stage_chains_take_ekfac():
     emb.trainable = True
     pre_obj, ft_obj = tfi.Objective(pre, h.sce()), tfi.Objective(ft, h.sce())
     cfg = tfi.SolverConfig("ekfac", damping=1e-3)
-    res = tfi.multi_stage_influence(pre_obj, ds(xp, yp, 16), ft_obj, ds(xf, yf, 16), ds(xt, yt), embedding=["embedding"],
-                                    hessian_samples=None, pretrain_solver=cfg, finetune_solver=cfg, test_target="each")
+    res = tfi.multi_stage_influence(pre_obj, ds(xp, yp, 16), ft_obj, ds(xf, yf, 16), ds(xt, yt),
+                                    embedding=["embedding"],
+                                    args=tfi.InfluenceArgs(hessian_samples=None, pretrain_solver=cfg,
+                                                           finetune_solver=cfg, test_target="each"))
     assert res.solves["pretrain"]["method"] == res.solves["finetune"]["method"] == "ekfac"
     W_pre, W_ft = tfi.group_from_layers(pre, ["embedding"]), tfi.group_from_layers(ft, ["embedding"])
     U, T = tfi.complement_group(pre, W_pre), tfi.complement_group(ft, W_ft)
@@ -272,14 +274,18 @@ def test_both_multi_stage_chains_take_ekfac():
     # inverse feeds the near-cancellation of v_W): cg_squared there, with the reason recorded; an explicit
     # kronecker_min still puts EK-FAC there
     auto = tfi.SolverConfig("auto", damping=1e-3, dense_max=4, curvature_iterations=0)
-    res = tfi.multi_stage_influence(pre_obj, ds(xp, yp, 16), ft_obj, ds(xf, yf, 16), ds(xt, yt), embedding=["embedding"],
-                                    hessian_samples=None, pretrain_solver=auto, finetune_solver=auto)
+    res = tfi.multi_stage_influence(pre_obj, ds(xp, yp, 16), ft_obj, ds(xf, yf, 16), ds(xt, yt),
+                                    embedding=["embedding"],
+                                    args=tfi.InfluenceArgs(hessian_samples=None, pretrain_solver=auto,
+                                                           finetune_solver=auto))
     assert res.solves["pretrain"]["auto"]["chose"] == "ekfac"
     assert res.solves["finetune"]["auto"]["chose"] == "cg_squared"
     assert "case 'fixed' head" in res.solves["finetune"]["auto"]["why"]
     explicit = tfi.SolverConfig("auto", damping=1e-3, dense_max=4, kronecker_min=5, curvature_iterations=0)
-    res = tfi.multi_stage_influence(pre_obj, ds(xp, yp, 16), ft_obj, ds(xf, yf, 16), ds(xt, yt), embedding=["embedding"],
-                                    hessian_samples=None, pretrain_solver=auto, finetune_solver=explicit)
+    res = tfi.multi_stage_influence(pre_obj, ds(xp, yp, 16), ft_obj, ds(xf, yf, 16), ds(xt, yt),
+                                    embedding=["embedding"],
+                                    args=tfi.InfluenceArgs(hessian_samples=None, pretrain_solver=auto,
+                                                           finetune_solver=explicit))
     assert res.solves["finetune"]["auto"]["chose"] == "ekfac"
 
 

@@ -62,11 +62,11 @@ def run(m, **kw):
     kw.setdefault("finetune_solver", tfi.SolverConfig("cg_squared", damping=0.0, tol=1e-11, max_iter=2000,
                                                       on_nonconvergence="raise"))
     kw.setdefault("hessian_samples", None)
-    target = kw.pop("test_target", "sum")
     xt, yt = kw.pop("test", (m["xt"], m["yt"]))
+    measurement = kw.pop("measurement", None)
     return tfi.multi_stage_influence(pre_obj, h.dataset(m["xp"], m["yp"], 16), ft_obj,
                                      h.dataset(m["xf"], m["yf"], 16), h.dataset(xt, yt, 4),
-                                     embedding=["embedding"], test_target=target, **kw)
+                                     embedding=["embedding"], measurement=measurement, args=tfi.InfluenceArgs(**kw))
 
 
 @pytest.mark.parametrize("mode", ["fob", "rr"])

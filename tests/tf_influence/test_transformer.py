@@ -73,9 +73,11 @@ def test_multi_stage_influence_equals_a_dense_computation(world):
     lam_g, lam_f = 1e-3, 1e-4
     cfg = lambda lam: tfi.SolverConfig("cg_squared", damping=lam, tol=1e-12, max_iter=3000,  # noqa: E731
                                        on_nonconvergence="raise")
-    res = tfi.multi_stage_influence(pre_obj, ds(world["xp"], world["yp"], 8), ft_obj, ds(world["xf"], world["yf"], 8),
-                                    ds(world["xt"], world["yt"], 2), embedding=["embedding"], hessian_samples=None,
-                                    pretrain_solver=cfg(lam_g), finetune_solver=cfg(lam_f))
+    res = tfi.multi_stage_influence(pre_obj, ds(world["xp"], world["yp"], 8), ft_obj,
+                                    ds(world["xf"], world["yf"], 8), ds(world["xt"], world["yt"], 2),
+                                    embedding=["embedding"],
+                                    args=tfi.InfluenceArgs(hessian_samples=None, pretrain_solver=cfg(lam_g),
+                                                           finetune_solver=cfg(lam_f)))
     W_pre = tfi.group_from_layers(pre, ["embedding"])
     W_ft = tfi.group_from_layers(ft, ["embedding"])
     U, T = tfi.complement_group(pre, W_pre), tfi.complement_group(ft, W_ft)

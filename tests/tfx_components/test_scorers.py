@@ -109,8 +109,8 @@ def test_influence_scorer_equals_the_library(world, tmp_path):
     mk = lambda x, y: tf.data.Dataset.from_tensor_slices((x, y)).batch(256)  # noqa: E731
     ref = tfi.multi_stage_influence(tfi.Objective(pre, pre.loss), mk(px, py), tfi.Objective(ft, ft.loss),
                                     mk(fx, fy), mk(tx, ty), embedding=["embedding"],
-                                    pretrain_solver=cfg(1e-2), finetune_solver=cfg(1e-3),
-                                    hessian_samples=None).scores
+                                    args=tfi.InfluenceArgs(pretrain_solver=cfg(1e-2), finetune_solver=cfg(1e-3),
+                                                           hessian_samples=None)).scores
     assert sorted(pk) == sorted(pre_data["train"][0])
     for i, k in enumerate(pk):  # float32 agreement: Beam batches the per-example products differently
         assert got[k] == pytest.approx(ref[i], rel=1e-4, abs=1e-6)
@@ -131,8 +131,9 @@ def test_influence_scorer_equals_the_library(world, tmp_path):
     got_ek = scores_io.read_scores(os.path.join(out_ek.uri, "Split-train"))
     ek = lambda lam: tfi.SolverConfig("ekfac", damping=lam)  # noqa: E731
     ref_ek = tfi.multi_stage_influence(tfi.Objective(pre, pre.loss), mk(px, py), tfi.Objective(ft, ft.loss),
-                                       mk(fx, fy), mk(tx, ty), embedding=["embedding"], pretrain_solver=ek(1e-2),
-                                       finetune_solver=ek(1e-3), hessian_samples=None).scores
+                                       mk(fx, fy), mk(tx, ty), embedding=["embedding"],
+                                       args=tfi.InfluenceArgs(pretrain_solver=ek(1e-2), finetune_solver=ek(1e-3),
+                                                              hessian_samples=None)).scores
     for i, k in enumerate(pk):
         assert got_ek[k] == pytest.approx(ref_ek[i], rel=1e-4, abs=1e-6)
     assert json.loads(out_ek.get_string_custom_property("solves"))["pretrain"]["method"] == "ekfac"
@@ -178,11 +179,13 @@ def test_influence_scorer_streams_the_pretraining_corpus(world, tmp_path, monkey
     _, tx, ty = common.load_split(a["ft_ex"], "test", spec)
     mk = lambda x, y: tf.data.Dataset.from_tensor_slices((x, y)).batch(256)  # noqa: E731
     ref = tfi.multi_stage_influence(tfi.Objective(pre, pre.loss), mk(px, py), tfi.Objective(ft, ft.loss),
-                                    mk(fx, fy), mk(tx, ty), embedding=["embedding"], pretrain_solver=cfg(1e-2),
-                                    finetune_solver=cfg(1e-3), hessian_samples=30).scores
+                                    mk(fx, fy), mk(tx, ty), embedding=["embedding"],
+                                    args=tfi.InfluenceArgs(pretrain_solver=cfg(1e-2), finetune_solver=cfg(1e-3),
+                                                           hessian_samples=30)).scores
     full = tfi.multi_stage_influence(tfi.Objective(pre, pre.loss), mk(px, py), tfi.Objective(ft, ft.loss),
-                                     mk(fx, fy), mk(tx, ty), embedding=["embedding"], pretrain_solver=cfg(1e-2),
-                                     finetune_solver=cfg(1e-3), hessian_samples=None).scores
+                                     mk(fx, fy), mk(tx, ty), embedding=["embedding"],
+                                     args=tfi.InfluenceArgs(pretrain_solver=cfg(1e-2), finetune_solver=cfg(1e-3),
+                                                            hessian_samples=None)).scores
     assert not np.allclose(ref, full, rtol=1e-3)  # the subsample matters, so agreement below is not vacuous
     for i, k in enumerate(pk):
         assert got[k] == pytest.approx(ref[i], rel=1e-4, abs=1e-6)
@@ -275,12 +278,12 @@ def test_factor_fitter_feeds_the_influence_scorer(world, tmp_path):
     spec = beam_scoring.parse_feature_spec(SPEC)
     mk = lambda k_x_y: tf.data.Dataset.from_tensor_slices(k_x_y[1:]).batch(256)  # noqa: E731
     pk, *pre_xy = common.load_split(a["pre_ex"], "train", spec)
-    ref = tfi.multi_stage_influence(
-        tfi.Objective(pre, pre.loss), mk((pk, *pre_xy)), tfi.Objective(ft, ft.loss),
-        mk(common.load_split(a["ft_ex"], "train", spec)), mk(common.load_split(a["ft_ex"], "test", spec)),
-        embedding=["embedding"], hessian_samples=None,
-        pretrain_solver=tfi.SolverConfig("ekfac", damping=1e-2, fisher="empirical"),
-        finetune_solver=tfi.SolverConfig("cg_squared", damping=1e-3, max_iter=100, dtype=tf.float64)).scores
+    ref = tfi.multi_stage_influence(tfi.Objective(pre, pre.loss), mk((pk, *pre_xy)), tfi.Objective(ft, ft.loss),
+                                    mk(common.load_split(a["ft_ex"], "train", spec)),
+                                    mk(common.load_split(a["ft_ex"], "test", spec)), embedding=["embedding"],
+                                    args=tfi.InfluenceArgs(hessian_samples=None,
+                                                           pretrain_solver=tfi.SolverConfig("ekfac", damping=1e-2, fisher="empirical"),
+                                                           finetune_solver=tfi.SolverConfig("cg_squared", damping=1e-3, max_iter=100, dtype=tf.float64))).scores
     for i, k in enumerate(pk):
         assert got[k] == pytest.approx(ref[i], rel=1e-3, abs=1e-6)
     # factors of another model's parameters are refused, naming the artifact

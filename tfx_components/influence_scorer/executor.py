@@ -150,7 +150,8 @@ def test_vector(run: _Inputs, losses, pre_ds, finetune, test, embedding, args, p
     try:
         ms = tfi.MultiStageInfluence(
             tfi.Objective(run.pre_model, losses[0]), pre_ds, tfi.Objective(run.ft_model, losses[1]), finetune,
-            embedding=embedding, args=args, pretrain_solver=pre_solver, hessian_samples=None)
+            embedding=embedding,   # the driver's pretraining data is already the Hessian's sample (or one batch)
+            args=dataclasses.replace(args, pretrain_solver=pre_solver, hessian_samples=None))
         s, solves, _ = ms.test_vectors(test, "sum")
         return s, solves, ms
     except tfi.ParameterGroupError as err:
