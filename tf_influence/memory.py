@@ -242,11 +242,16 @@ def _dsize(dtype) -> int:
     return tf.as_dtype(dtype).size
 
 
+def _dname(size: int) -> str:
+    return {4: "float32", 8: "float64"}.get(size, f"{size}-byte")
+
+
 def factor_plan(stats, dataset=None, batch_shape: tuple | None = None) -> MemoryPlan:
     """Memory of fitting (E)K-FAC factors with a :class:`~tf_influence.kfac.FactorStatistics`:
-    per block the covariances ``A`` and ``S`` (dense ``rows²`` / ``d_out²`` in float64, with the
-    eigendecomposition's copies, or a diagonal), the eigenvalues ``[rows, d_out]`` and the per-batch
-    products (captured activations and output gradients, the correction's ``G_n``)."""
+    per block the covariances ``A`` and ``S`` (dense ``rows²`` / ``d_out²`` in the compute dtype — float32
+    for a float32 model — with the eigendecomposition's copies, or a float64 diagonal), the eigenvalues
+    ``[rows, d_out]`` and the per-batch products (captured activations and output gradients, the
+    correction's ``G_n``)."""
     from .kfac.statistics import DENSE_FACTOR_MAX, PER_EXAMPLE_BATCHED_MAX
     B, P = batch_shape if batch_shape is not None else (first_batch_shape(dataset) if dataset is not None else (32, 1))
     c = _dsize(stats.compute)
@@ -260,17 +265,17 @@ def factor_plan(stats, dataset=None, batch_shape: tuple | None = None) -> Memory
                 continue
             # the covariance's running sum (and each batch's, added to it) through the first pass, then its
             # eigenvectors for the rest of the fit
-            plan.add(f"dense {side} of '{b.name}'", n * n * 8 * 2, f"[{n}, {n}] float64, running and batch sums",
+            plan.add(f"dense {side} of '{b.name}'", n * n * c * 2, f"[{n}, {n}] {_dname(c)}, running and batch sums",
                      phase="covariance pass")
-            plan.add(f"eigenvectors of {side} of '{b.name}'", n * n * 8, f"[{n}, {n}] float64")
+            plan.add(f"eigenvectors of {side} of '{b.name}'", n * n * c, f"[{n}, {n}] {_dname(c)}")
             if n > largest_dense:
                 largest_dense, largest_name = n, f"{side} of '{b.name}'"
         e = b.rows * b.d_out * 8
         # EK-FAC: the corrected eigenvalues' running sum (kept as the result) and each batch's; K-FAC: λ_A ⊗ λ_S
         plan.add(f"eigenvalues of '{b.name}'", e, f"[{b.rows}, {b.d_out}] float64")
         if ekfac:
-            plan.add(f"a batch's eigenvalue sums of '{b.name}'", e, f"[{b.rows}, {b.d_out}] float64",
-                     phase="correction pass")
+            plan.add(f"a batch's eigenvalue sums of '{b.name}'", b.rows * b.d_out * c,
+                     f"[{b.rows}, {b.d_out}] {_dname(c)}", phase="correction pass")
         # captured inputs and output gradients (a vocabulary side: the logits and their gradient)
         captured += B * P * (b.rows + b.d_out) * c * 2
         g_n = b.rows * b.d_out * c
@@ -291,14 +296,15 @@ def factor_plan(stats, dataset=None, batch_shape: tuple | None = None) -> Memory
     if largest_dense:   # one eigendecomposition at a time: the average, numpy's copy and LAPACK's workspace
         plan.add("covariance sums held for the eigendecomposition",
                  sum(i.nbytes for i in plan.items if i.name.startswith("dense ")) // 2, phase="eigendecomposition")
-        plan.add(f"eigendecomposition of {largest_name}", largest_dense ** 2 * 8 * 3,
-                 f"[{largest_dense}, {largest_dense}] float64 × 3 (average, copy, workspace)", phase="eigendecomposition")
+        plan.add(f"eigendecomposition of {largest_name}", largest_dense ** 2 * c * 3,
+                 f"[{largest_dense}, {largest_dense}] {_dname(c)} × 3 (average, copy, workspace)",
+                 phase="eigendecomposition")
     if ekfac:
         plan.add("per-batch products (correction pass)", captured + temp, f"batch {B} × {P} positions",
                  phase="correction pass")
         q_total = sum(i.nbytes for i in plan.items if i.name.startswith("eigenvectors of "))
         if q_total:
-            plan.add("eigenvectors as compute-dtype tensors", q_total * c // 8, phase="correction pass")
+            plan.add("eigenvectors as compute-dtype tensors", q_total, phase="correction pass")
     sides = sorted({n for b in stats.blocks for n, diag in ((b.rows, b.diag_in), (b.d_out, b.diag_out)) if not diag})
     if sides:
         plan.suggest(f"dense_factor_max below {sides[-1]} (a factor side above it is kept diagonal; "

@@ -66,7 +66,8 @@ class KFACInverse:
             projected = D if QA is None else (QA ** 2).T @ D
             projected = projected if QS is None else projected @ (QS ** 2)
             lam = damping + relative_damping * float(np.mean(f["eig"]))
-            curvature = f["eig"] + projected
+            # in the eigenvalues' dtype (float32 factors of a float32 model: half the memory of float64)
+            curvature = f["eig"] + np.asarray(projected, f["eig"].dtype)
             self._curvature.append((float(np.min(curvature)), float(np.max(curvature))) if curvature.size else None)
             curvature += lam                               # in place: a vocabulary block's is [vocab, d]
             # numpy, not tensors: the factors' own arrays are used as they are (no second copy of every

@@ -145,38 +145,41 @@ class FactorStatistics:
             return res, ys, (records, grads, cap.options)
         return res, ys
 
-    def _stats_fn(self, x, y, step):
+    def _stats_fn(self, x, y, step, sums_dtype=tf.float64):
+        """One batch's pass-1 sums: the blocks' ``(Σ aaᵀ, Σ ggᵀ, tokens)`` with the covariances in
+        ``sums_dtype`` (float64 for the per-batch API, which Beam and ``tf.distribute`` sum across workers;
+        the compute dtype for :meth:`add`'s in-graph running sums), token counts and the diagonal in float64."""
         dtype = tf.float64
         res, ys, (records, layer_grads, options) = self._forward(x, y, step, with_norms=True)
         out = {}
         for b in self.blocks:
-            A = tf.zeros([b.rows] if b.diag_in else [b.rows, b.rows], dtype)
-            S = tf.zeros([b.d_out] if b.diag_out else [b.d_out, b.d_out], dtype)
+            # a diagonal side (token counts, a vocabulary) is a vector: kept in float64 whatever sums_dtype
+            A = tf.zeros([b.rows] if b.diag_in else [b.rows, b.rows], dtype if b.diag_in else sums_dtype)
+            S = tf.zeros([b.d_out] if b.diag_out else [b.d_out, b.d_out], dtype if b.diag_out else sums_dtype)
             tokens = tf.constant(0.0, dtype)
             for a, g, ids in res[b.name]:
                 if ids:   # one-hot tokens: Σ_t e_t e_tᵀ is the diagonal of token counts
                     flat = tf.reshape(a, [-1])
-                    counts = tf.math.unsorted_segment_sum(tf.ones_like(flat, dtype), flat, b.rows)
+                    counts = tf.math.unsorted_segment_sum(tf.ones_like(flat, A.dtype), flat, b.rows)
                     A += counts if b.diag_in else tf.linalg.diag(counts)
                 else:
                     a = tf.cast(a, self.compute)
                     A += tf.cast(tf.reduce_sum(tf.square(a), axis=[0, 1]) if b.diag_in
-                                 else tf.einsum("bpi,bpj->ij", a, a), dtype)
+                                 else tf.einsum("bpi,bpj->ij", a, a), A.dtype)
                 tokens += tf.cast(tf.shape(g)[0] * tf.shape(g)[1], dtype)
                 S += tf.cast(tf.reduce_sum(tf.square(g), axis=[0, 1]) if b.diag_out
-                             else tf.einsum("bpi,bpj->ij", g, g), dtype)
+                             else tf.einsum("bpi,bpj->ij", g, g), S.dtype)
             out[b.name] = (A, S, tokens)
         sq = diagonal_squares(self.objective, self.norms, records, layer_grads, self.rest, x, ys, dtype, options)
         diag = [sq[id(tf_variable(v))] for v in self.diag_vars]
         return out, diag, tf.cast(tf.shape(tf.nest.flatten(y)[0])[0], dtype)
 
-    def _correction_fn(self, x, y, step, bases):
-        """``{block: Σ_n ((Q_Aᵀ G_n Q_S)_ij)²}`` of the batch, float64."""
+    def _correction_fn(self, x, y, step, bases, dtype=tf.float64):
+        """``{block: Σ_n ((Q_Aᵀ G_n Q_S)_ij)²}`` of the batch in ``dtype`` (see :meth:`_stats_fn`)."""
         res, _ = self._forward(x, y, step)
-        return {b.name: self._block_correction(b, res[b.name], bases[b.name]) for b in self.blocks}
+        return {b.name: self._block_correction(b, res[b.name], bases[b.name], dtype) for b in self.blocks}
 
-    def _block_correction(self, b, calls, bases):
-        dtype = tf.float64
+    def _block_correction(self, b, calls, bases, dtype=tf.float64):
         QA, QS = (None if side else tf.cast(q, self.compute) for side, q in zip((b.diag_in, b.diag_out), bases))
         if not calls:             # a block the loss never calls: no gradient, zero eigenvalues
             return tf.zeros([b.rows, b.d_out], dtype)
@@ -218,31 +221,39 @@ class FactorStatistics:
 
     # -- in-graph running sums (fit_factors on one device) --------------------------------------------
     def _zeros(self, what: str):
-        """float64 variables shaped like one batch's sums of pass ``what`` (``"covariances"`` or
-        ``"correction"``), zero."""
-        def var(shape):
-            return tf.Variable(tf.zeros(shape, tf.float64), trainable=False)
+        """Variables shaped like one batch's sums of pass ``what`` (``"covariances"`` or ``"correction"``),
+        zero: the dense covariances and the eigenvalue sums in the compute dtype, counts and diagonals in
+        float64."""
+        def var(shape, dtype=tf.float64):
+            return tf.Variable(tf.zeros(shape, dtype), trainable=False)
         if what == "correction":
-            return {b.name: var([b.rows, b.d_out]) for b in self.blocks}
-        blocks = {b.name: (var([b.rows] if b.diag_in else [b.rows, b.rows]),
-                           var([b.d_out] if b.diag_out else [b.d_out, b.d_out]), var([])) for b in self.blocks}
+            return {b.name: var([b.rows, b.d_out], self.compute) for b in self.blocks}
+        blocks = {b.name: (var([b.rows]) if b.diag_in else var([b.rows, b.rows], self.compute),
+                           var([b.d_out]) if b.diag_out else var([b.d_out, b.d_out], self.compute), var([]))
+                  for b in self.blocks}
         return blocks, [var(tf_variable(v).shape) for v in self.diag_vars], var([])
 
     def add(self, what: str, x, y, step: int, bases: dict | None = None) -> None:
-        """Add one batch's sums of pass ``what`` to float64 variables inside the compiled step (no per-batch
-        arrays leave the graph: at GPT-2 small a batch's covariances are 2.4 GB); :meth:`take` returns
+        """Add one batch's sums of pass ``what`` to variables inside the compiled step (no per-batch arrays
+        leave the graph: at GPT-2 small a batch's covariances are 1.2 GB in float32); :meth:`take` returns
         them as :meth:`covariances` / :meth:`correction` would have summed them. One device only (under a
-        ``strategy`` the per-batch steps are summed across replicas instead)."""
+        ``strategy`` the per-batch steps are summed across replicas instead).
+
+        The dense sums run in the compute dtype (float32 for a float32 model, as its per-batch products
+        are): TensorFlow's CPU allocator (oneDNN, the default) keeps the high-water mark of its memory for
+        the life of the process, so float64 running sums — and each step's float64 casts of every block's
+        products, alive at once in the compiled step — would stay resident through the solves and the
+        scoring (measured at GPT-2 small: 18 GB peak). Counts and diagonals stay float64."""
         if getattr(self, "_sums", None) is None or self._sums[0] != what:
             self._sums = (what, self._zeros(what))
             into = self._sums[1]
             if what == "correction":
                 def step_fn(x, y, step, bases):
-                    for k, t in self._correction_fn(x, y, step, bases).items():
+                    for k, t in self._correction_fn(x, y, step, bases, self.compute).items():
                         into[k].assign_add(t)
             else:
                 def step_fn(x, y, step):
-                    out, diag, n = self._stats_fn(x, y, step)
+                    out, diag, n = self._stats_fn(x, y, step, self.compute)
                     for k, ts in out.items():
                         for v, t in zip(into[0][k], ts):
                             v.assign_add(t)
@@ -256,7 +267,7 @@ class FactorStatistics:
             self._add(x, y, tf.constant(step, tf.int64))
 
     def take(self, what: str):
-        """The running sums of :meth:`add` as numpy (float64), released from the graph."""
+        """The running sums of :meth:`add` as numpy arrays (in the variables' dtypes), released from the graph."""
         if getattr(self, "_sums", None) is None or self._sums[0] != what:
             return None
         sums = self._sums[1]
@@ -322,8 +333,9 @@ class FactorStatistics:
             if correction is None:
                 raise ValueError("EK-FAC needs the eigenvalue-correction sums of the second pass")
             for b in self.blocks:
-                eig = np.asarray(correction[b.name], np.float64)
-                eig /= n                                  # in place: a vocabulary block's is [vocab, d]
+                # in the running sums' dtype (a float32 model's: float32, as accurate as its eigenvectors)
+                eig = np.asarray(correction[b.name])
+                eig /= np.asarray(n, eig.dtype)           # in place: a vocabulary block's is [vocab, d]
                 fitted[b.name]["eig"] = eig
         diagonal = {getattr(v, "path", tf_variable(v).name): d / n for v, d in zip(self.diag_vars, sums["diag"])}
         return KFACFactors(self.kind, self.fisher, int(round(n)), self.group.spec(self.objective.model), fitted,
@@ -338,7 +350,8 @@ def eigenbases(sums: dict, with_eigenvalues: bool = True, consume: bool = False,
     decomposed, so the covariances and the eigenvectors are not all held at once (:func:`fit_factors`).
     ``precision``: the dtype of the eigendecomposition (``numpy.float32`` for a float32 model, whose
     per-batch products are float32 anyway: half the time of a float64 ``eigh`` — GPT-2 small's 24
-    ``[3072, 3072]`` sides); the bases are returned as float64 either way."""
+    ``[3072, 3072]`` sides); the bases are returned in ``precision`` too (a float32 eigendecomposition's
+    vectors hold float32 accuracy: storing them as float64 would double their memory for nothing)."""
     n = sums["n"]
     if n == 0:
         from ..objective import EmptyDatasetError
@@ -346,8 +359,8 @@ def eigenbases(sums: dict, with_eigenvalues: bool = True, consume: bool = False,
     fitted = {}
     for name in list(sums["blocks"]):
         A, S, tokens = sums["blocks"].pop(name) if consume else sums["blocks"][name]
-        A = A / max(float(tokens), 1.0)   # a block its loss never calls (an unused reverse projection): zeros
-        S = S / n
+        A = A / np.asarray(max(float(tokens), 1.0), A.dtype)  # a block its loss never calls: zeros
+        S = S / np.asarray(n, S.dtype)
         # a diagonal side (token counts, a vocabulary): identity eigenbasis, stored as an empty Q
         eS, QS = (S, np.zeros((0, 0))) if S.ndim == 1 else _eigh(S, precision)
         eA, QA = (A, np.zeros((0, 0))) if A.ndim == 1 else _eigh(A, precision)
@@ -359,9 +372,10 @@ def eigenbases(sums: dict, with_eigenvalues: bool = True, consume: bool = False,
 
 
 def _eigh(M, precision):
-    """Eigendecomposition of the symmetric part of ``M`` in ``precision``, returned as float64."""
+    """Eigendecomposition of the symmetric part of ``M`` in ``precision``: eigenvalues float64, eigenvectors
+    in ``precision``."""
     e, Q = np.linalg.eigh((0.5 * (M + M.T)).astype(precision, copy=False))
-    return e.astype(np.float64), Q.astype(np.float64)
+    return e.astype(np.float64), Q
 
 
 def _release_memory() -> None:
