@@ -119,21 +119,21 @@ def measure(name, model, loss, ds, qds, n_queries: int, top: int = 100, train_ep
         cold = GradientIndex(
             index.directory, cache_bytes=0)                          # streamed from disk on every query
         t0 = time.perf_counter()
-        cold.query_projected(proj.project_vector(Q), top_k=top, backend="exact")
+        cold.query_projected(proj.project_vector(Q), tfi.QueryArgs(top_k=top, backend="exact"))
         per_query_cold = (time.perf_counter() - t0) / Q.shape[1]
-        index.query_projected(proj.project_vector(Q[:, :1]), top_k=top, backend="exact")   # loads the shards
+        index.query_projected(proj.project_vector(Q[:, :1]), tfi.QueryArgs(top_k=top, backend="exact"))   # loads the shards
         t0 = time.perf_counter()
-        res = index.query_projected(proj.project_vector(Q), top_k=top, backend="exact")
+        res = index.query_projected(proj.project_vector(Q), tfi.QueryArgs(top_k=top, backend="exact"))
         per_query_index = (time.perf_counter() - t0) / Q.shape[1]
-        all_res = index.query_projected(proj.project_vector(Q), all_scores=True, backend="exact")
+        all_res = index.query_projected(proj.project_vector(Q), tfi.QueryArgs(all_scores=True, backend="exact"))
         approx = all_res.scores                                      # [Q, N], index (= dataset) order
         assert [int(k) for k in all_res.keys] == list(range(index.count))
         if rerank:      # exact re-scoring of the index's candidates: one query, then all (quality)
-            index.query(obj, Q[:, 1], top_k=top, rerank=rerank, dataset=ds)          # traces the kernels
+            index.query(obj, Q[:, 1], tfi.QueryArgs(top_k=top, rerank=rerank), dataset=ds)          # traces the kernels
             t0 = time.perf_counter()
-            index.query(obj, Q[:, 0], top_k=top, rerank=rerank, dataset=ds)
+            index.query(obj, Q[:, 0], tfi.QueryArgs(top_k=top, rerank=rerank), dataset=ds)
             per_query_rerank = time.perf_counter() - t0
-            reranked = index.query(obj, Q, top_k=top, rerank=rerank, dataset=ds)
+            reranked = index.query(obj, Q, tfi.QueryArgs(top_k=top, rerank=rerank), dataset=ds)
     t0 = time.perf_counter()
     gradients.per_example_dot(obj, ds, group, Q[:, 0], method="jvp")
     per_query_exact = time.perf_counter() - t0

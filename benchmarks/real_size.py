@@ -272,10 +272,10 @@ def run_path(name: str, path: str, args: RealSizeArgs) -> dict:
                 raise RuntimeError("index_query needs the influence path's saved result (run 'influence' first)")
             result = an.load_scores("influence")
             t = time.perf_counter()
-            an.query_index("ix", result, top_k=10)          # the first query also builds the projector
+            an.query_index("ix", result, tfi.QueryArgs(top_k=10))   # the first query also builds the projector
             extra["cold_seconds"] = time.perf_counter() - t
             t = time.perf_counter()
-            top = an.query_index("ix", result, top_k=10)
+            top = an.query_index("ix", result, tfi.QueryArgs(top_k=10))
             extra["queries"] = int(np.asarray(result.test_vector).reshape(result.test_vector.shape[0], -1).shape[1])
             extra["top_harmful"] = np.asarray(top.harmful_keys).reshape(-1)[:3].tolist()
     elif path == "presence_step":

@@ -33,8 +33,8 @@ _EXPORTS = {
     "influence": ["DEFAULT_FINETUNE_DAMPING", "DEFAULT_PRETRAIN_DAMPING", "InfluenceArgs", "InfluenceResult", "MultiStageInfluence",
                   "default_solvers", "multi_stage_influence", "predicted_loss_change_on_removal", "score_examples",
                   "single_stage_influence", "test_gradients"],
-    "objective": ["DatasetError", "EmptyDatasetError", "NonFiniteError", "Objective", "count_examples",
-                  "per_example_loss_fn", "reduce_per_example", "subsample"],
+    "errors": ["DatasetError", "EmptyDatasetError", "NonFiniteError", "require_finite"],
+    "objective": ["Objective", "count_examples", "per_example_loss_fn", "reduce_per_example", "subsample"],
     "params": ["GroupSpec", "ParameterGroup", "ParameterGroupError", "complement_group", "concat_groups",
                "find_layer", "group_from_layers"],
     "solvers": ["DenseOperator", "SolveResult", "SolverConfig", "SolverNotConvergedError",
@@ -48,7 +48,7 @@ _EXPORTS = {
     "presence": ["FilterResult", "PresenceArgs", "PresenceCallback", "PresenceModel", "presence_sequential"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-_SUBMODULES = {"analyzer", "baselines", "compiled", "console", "diagnostics", "evaluation", "ghost_norms", "gradients", "hessian", "influence", "index", "kfac", "lm", "memory", "objective", "projection", "provenance",
+_SUBMODULES = {"analyzer", "baselines", "capture", "compiled", "console", "diagnostics", "errors", "evaluation", "ghost_norms", "gradients", "hessian", "influence", "index", "kfac", "lm", "memory", "objective", "projection", "provenance",
                "params", "presence", "report", "scores_io", "selection", "serve", "solvers", "tracin", "deprecation"}
 
 #: The names a user needs — ``from tf_influence import *``, the API reference's front page. Every

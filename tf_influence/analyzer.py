@@ -375,7 +375,8 @@ class Analyzer:
         """Top-k helpful / harmful pretraining examples from the index ``name`` (:meth:`build_index`).
         ``query``: an :class:`~tf_influence.influence.InfluenceResult` (its test vector(s) ``s``, laid
         out by its group spec — e.g. :meth:`influence`'s or :meth:`load_scores`'), or an array over
-        :meth:`pretrain_group`. ``args`` / ``options``: :class:`~tf_influence.index.QueryArgs`."""
+        :meth:`pretrain_group`. ``args``: :class:`~tf_influence.index.QueryArgs` (its fields as keywords are
+        deprecated)."""
         from .index import INDEX_FILE, GradientIndex
         from .params import ParameterGroup
         directory = self._dir("index", name)
@@ -394,7 +395,9 @@ class Analyzer:
             vectors = np.asarray(query.test_vector)
         else:
             group, vectors = self.pretrain_group(), np.asarray(query)
-        return index.query(self.pretrain_objective, vectors, args, vector_group=group, **options)
+        from .index import _query_args
+        args = _query_args(args, options, "Analyzer.query_index")
+        return index.query(self.pretrain_objective, vectors, args, vector_group=group)
 
 
 def _whole(model):

@@ -28,7 +28,7 @@ Example::
     >>> index.count, len(index.shards)
     (50, 3)
     >>> s = rng.normal(size=index.projector(obj).group.size)       # any test-side vector over the group
-    >>> result = index.query(obj, s, top_k=5)
+    >>> result = index.query(obj, s, QueryArgs(top_k=5))
     >>> result.harmful_keys[0].shape, result.harmful_scores[0][0] >= result.harmful_scores[0][-1]
     ((5,), True)
 """
@@ -114,16 +114,24 @@ class QueryArgs(JsonConfig):
                              "(of the projected space) does not exist; use precondition 'none' or 'ekfac'")
 
 
-def _query_args(args: "QueryArgs | int | None", overrides: dict) -> QueryArgs:
-    """``args`` with keyword overrides (the keyword form ``query(..., top_k=5)`` keeps working, and so
-    does the old positional ``top_k`` in the place of ``args``)."""
+def _query_args(args: "QueryArgs | int | None", overrides: dict, where: str = "GradientIndex.query") -> QueryArgs:
+    """``args`` (:class:`QueryArgs`, the one form) with the deprecated forms applied: its fields as keywords
+    (``query(..., top_k=5)``) and the old positional ``top_k`` in the place of ``args`` — each with a
+    ``DeprecationWarning`` naming ``args=QueryArgs(...)`` (removed in 0.4). An unknown keyword is a
+    ``TypeError``."""
     from dataclasses import replace
-    if args is not None and not isinstance(args, QueryArgs):
-        overrides, args = {"top_k": args, **overrides}, None
+
+    from .deprecation import warn
     names = {f.name for f in fields(QueryArgs)}
     unknown = sorted(set(overrides) - names)
     if unknown:
         raise TypeError(f"unknown query option(s) {unknown}; QueryArgs has {sorted(names)}")
+    for k in overrides:
+        warn(f"{where}({k}=...)", f"{where}(args=QueryArgs({k}=...))", stacklevel=4)
+    if args is not None and not isinstance(args, QueryArgs):
+        warn(f"{where}(objective, vectors, {args!r}) with top_k in the place of args",
+             f"{where}(objective, vectors, QueryArgs(top_k={args!r}))", stacklevel=4)
+        overrides, args = {"top_k": args, **overrides}, None
     return replace(args or QueryArgs(), **overrides)
 
 
@@ -364,7 +372,7 @@ class GradientIndex:
         """Score queries against the index: ``vectors`` over the index's parameter group (``[p]`` one
         query, ``[p, Q]`` one per column — e.g. ``MultiStageInfluence.test_vectors(..., "each")``),
         projected with the index's ``P`` on ``objective``'s model (refused if it is another model).
-        ``args`` (:class:`QueryArgs`) or its fields as keywords (``top_k=5``). ``vector_group``: the
+        ``args``: :class:`QueryArgs` (its fields as keywords, ``top_k=5``, are deprecated). ``vector_group``: the
         group the vectors are laid out over when it is not the index's (e.g. the multi-stage (W, U)
         order); its variables are placed by identity, the index's others get 0. ``factors``: fitted
         :class:`~tf_influence.kfac.KFACFactors` for ``precondition="ekfac"`` instead of ``args.factors``'
@@ -372,15 +380,16 @@ class GradientIndex:
         ``⟨P∇g(z), P(F̂ + λ)⁻¹q⟩``: the EK-FAC influence of a raw test gradient, projected.
         ``dataset`` (and ``keys``, when the index was built with keys): the indexed corpus, batched as
         for :func:`build_index`, for ``rerank`` — the index's candidates are re-scored exactly there."""
+        from dataclasses import replace
+        args = _query_args(args, options, "GradientIndex.query")
         fitted = None
-        if factors is not None:
+        if factors is not None:   # fitted factors (or their directory): EK-FAC-preconditioned unless said otherwise
             if isinstance(factors, (str, os.PathLike)):
-                options["factors"] = os.fspath(factors)
+                args = replace(args, factors=os.fspath(factors))
             else:
                 fitted = factors
-            if "precondition" not in options and not (isinstance(args, QueryArgs) and args.precondition != "none"):
-                options["precondition"] = "ekfac"
-        args = _query_args(args, options)
+            if args.precondition == "none":
+                args = replace(args, precondition="ekfac")
         if args.precondition == "ekfac" and fitted is None and args.factors is None:
             raise ValueError("precondition='ekfac' needs factors: QueryArgs.factors (a directory of saved factors) or "
                              "query(..., factors=<fitted KFACFactors>)")
@@ -399,14 +408,14 @@ class GradientIndex:
             inverse = KFACInverse(fitted, objective.model, proj.group, relative_damping=args.damping)
             v = np.asarray(vectors)
             vectors = inverse(tf.constant(v, proj.group.dtype)).numpy()
-            args = _query_args(args, {"precondition": "none", "factors": None})
+            args = replace(args, precondition="none", factors=None)
         q = np.atleast_2d(proj.project_vector(vectors))
         if not args.rerank:
             return self.query_projected(q, args)
         if dataset is None:
             raise ValueError("QueryArgs.rerank re-scores candidates with exact gradients: pass the indexed corpus, "
                              "query(..., dataset=...)")
-        wide = _query_args(args, {"rerank": 0, "top_k": max(args.top_k, args.rerank)})
+        wide = replace(args, rerank=0, top_k=max(args.top_k, args.rerank))
         return self._rerank(objective, proj.group, np.asarray(vectors), self.query_projected(q, wide), args,
                             dataset, keys)
 
@@ -448,14 +457,14 @@ class GradientIndex:
         return res
 
     def query_projected(self, q, args: QueryArgs | None = None, **options) -> QueryResult:
-        """As :meth:`query` for already projected queries ``[Q, dim]`` (``args`` or its fields as
-        keywords). ``precondition="diagonal"`` divides by the corpus' per-dimension mean square (+
+        """As :meth:`query` for already projected queries ``[Q, dim]`` (``args``: :class:`QueryArgs`).
+        ``precondition="diagonal"`` divides by the corpus' per-dimension mean square (+
         ``damping`` × its mean) — a diagonal Gauss–Newton preconditioner in the projected space, for raw
         test gradients; ``"ekfac"`` needs the queries over the parameters (:meth:`query`). ``backend``:
         ``"exact"`` (streamed products, one shard in memory), ``"faiss"`` (an inverted-file
         inner-product index in memory, ``4√N`` lists of which ``nprobe`` — default an eighth — are
         searched; approximate), ``"auto"`` (exact up to :data:`EXACT_MAX` examples)."""
-        args = _query_args(args, options)
+        args = _query_args(args, options, "GradientIndex.query_projected")
         top_k, all_scores, precondition, damping = args.top_k, args.all_scores, args.precondition, args.damping
         backend, query_batch, nprobe = args.backend, args.query_batch, args.nprobe
         q = np.atleast_2d(np.asarray(q, np.float32))

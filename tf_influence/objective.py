@@ -10,28 +10,17 @@ objective is ``L = 1/N Σ_z l(z) + R``. Removing example ``z`` is the perturbati
 
 from __future__ import annotations
 
-import contextlib
 import json
-import re
 from typing import Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+# the error types and NaN/Inf checks live in tf_influence.errors (imported here: `objective.DatasetError` & co.
+# keep resolving, as the same objects)
+from .errors import DatasetError, EmptyDatasetError, NonFiniteError, check_finite, finite_check  # noqa: F401
 from .exact import exact_moments
-
-
-class NonFiniteError(ValueError):
-    """A loss, gradient or Hessian-vector product contained NaN or Inf."""
-
-
-class EmptyDatasetError(ValueError):
-    """A dataset that must hold examples holds none."""
-
-
-class DatasetError(ValueError):
-    """A dataset has the wrong layout (not ``(x, y)`` pairs, not batched, labels out of range)."""
 
 
 def per_example_loss_fn(loss) -> Callable:
@@ -249,28 +238,3 @@ def take_positions(dataset, mask, batch_size: int | None = None):
     ds = dataset.unbatch().enumerate().filter(lambda i, e: tf.gather(padded, tf.minimum(i, n))).map(lambda i, e: e)
     return ds.batch(batch_size) if batch_size else ds
 
-
-_LABEL_RANGE = re.compile(r"Received a label value of (-?\d+) which is outside the valid range of \[(-?\d+), (-?\d+)\)")
-
-
-@contextlib.contextmanager
-def finite_check(what: str):
-    """Turn TensorFlow runtime errors a user can act on into errors naming ``what``: NaN/Inf
-    (:class:`NonFiniteError`) and labels outside the model's classes (:class:`DatasetError`)."""
-    try:
-        yield
-    except tf.errors.InvalidArgumentError as err:
-        text = str(err)
-        if "NONFINITE" in text:
-            raise NonFiniteError(f"{what}: NaN or Inf encountered ({text.splitlines()[0]})") from None
-        m = _LABEL_RANGE.search(text)
-        if m:
-            raise DatasetError(f"{what}: a label value {m.group(1)} is outside the model's classes "
-                               f"[{m.group(2)}, {m.group(3)}) — check the labels of that dataset (are they "
-                               "re-indexed from 0 for this model?)") from None
-        raise
-
-
-def check_finite(t, tag: str):
-    """In-graph NaN/Inf check whose failure :func:`finite_check` turns into NonFiniteError."""
-    return tf.debugging.check_numerics(t, f"NONFINITE {tag}")

@@ -12,6 +12,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from .errors import require_finite
 from . import selection
 
 PATTERN = "scores-*.tfrecord.gz"
@@ -40,8 +41,7 @@ def write_scores(directory: str, keys, scores, rows=None, shard: int = 0) -> str
     keys, scores = list(keys), np.asarray(scores, dtype=np.float64)
     if len(keys) != len(scores):
         raise ValueError(f"{len(keys)} keys but {len(scores)} scores")
-    if not np.all(np.isfinite(scores)):
-        raise ValueError("scores contain NaN/Inf")
+    require_finite(scores, "scores", keys)
     tf.io.gfile.makedirs(directory)
     path = os.path.join(directory, f"scores-{shard:05d}.tfrecord.gz")
     with tf.io.TFRecordWriter(path, options="GZIP") as w:

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import require_finite
+
 SELECT_MODES = ("drop_top_fraction", "drop_above", "keep_lowest", "keep_highest")
 
 
@@ -94,8 +96,7 @@ def select_kept(scores, mode: str, value: float, keys=None) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float64)
     n = len(scores)
     check_mode(mode, value, n)
-    if not np.all(np.isfinite(scores)):
-        raise ValueError(f"{int(np.sum(~np.isfinite(scores)))} score(s) are NaN/Inf; cannot select")
+    require_finite(scores, "scores to select by", keys)
     kept = np.zeros(n, dtype=bool)
     if mode == "drop_above":
         kept[:] = scores <= value

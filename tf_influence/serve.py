@@ -189,6 +189,10 @@ class IndexService:
         x, y = causal_lm_examples(ids, mask, prompt_lengths=[len(p)])
         return self._inputs(x["token_ids"], x["padding_mask"]), y, len(p)
 
+    def _query_args(self):
+        from .index import QueryArgs
+        return QueryArgs(top_k=self.args.top_k, precondition=self.args.precondition)
+
     def ask_point(self, j) -> dict:
         """The saved result's test point ``j``: its test vector (a column of ``--result``) queried as it is."""
         if self.result is None:
@@ -204,8 +208,8 @@ class IndexService:
             raise QueryError(self.mismatch)
         t0 = time.perf_counter()
         with self.lock:
-            res = self.index.query(self.objective, self.points[:, j], top_k=self.args.top_k,
-                                   precondition=self.args.precondition, vector_group=self.result_group)
+            res = self.index.query(self.objective, self.points[:, j], self._query_args(),
+                                   vector_group=self.result_group)
             out = self._shown(res, self.result_group, self.points[:, j])
         out["seconds"] = time.perf_counter() - t0
         out["test_point"] = j
@@ -246,7 +250,7 @@ class IndexService:
             y = tf.constant(y)
             q = GradientKernels.get(self.measure, group).sum_grad(x, y).numpy()
             logp = float(self._log_probability(x, y).numpy()[0])
-            res = self.index.query(self.objective, q, top_k=self.args.top_k, precondition=self.args.precondition)
+            res = self.index.query(self.objective, q, self._query_args())
             out = {"log_probability": logp, **self._shown(res, group, q)}
         out["seconds"] = time.perf_counter() - t0
         return out

@@ -43,7 +43,7 @@ import numpy as np
 import tensorflow as tf
 
 from .configs import JsonConfig, dataclass_from_dict  # noqa: F401 (re-exported: it lived here)
-from .objective import NonFiniteError
+from .errors import require_finite
 
 
 class SolverNotConvergedError(RuntimeError):
@@ -96,8 +96,7 @@ def _prepare(op, b, dtype):
     if B.shape.rank != 2 or B.shape[0] != op.shape[1]:
         raise ValueError(f"right-hand side has shape {tuple(b.shape)}, operator {getattr(op, 'name', '')} "
                          f"expects {op.shape[1]} rows")
-    if not bool(tf.reduce_all(tf.math.is_finite(B))):
-        raise NonFiniteError(f"right-hand side of the solve with {getattr(op, 'name', 'operator')} has NaN/Inf")
+    require_finite(B, f"right-hand side of the solve with {getattr(op, 'name', 'operator')}")
     op_dtype = getattr(op, "dtype", B.dtype)
     compute = tf.as_dtype(dtype) if dtype is not None else tf.as_dtype(op_dtype)
 
@@ -109,8 +108,8 @@ def _prepare(op, b, dtype):
 
 def _finish(X, was_vector, out_dtype, method, iters, res, tol, damping, on_nonconvergence, name, extra=None):
     res = np.asarray(res, dtype=np.float64).reshape(-1)
-    if not np.all(np.isfinite(res)) or not bool(tf.reduce_all(tf.math.is_finite(X))):
-        raise NonFiniteError(f"{method} solve with {name} produced NaN/Inf (is the operator finite?)")
+    require_finite(res, f"{method} solve with {name}: residuals (is the operator finite?)")
+    require_finite(X, f"{method} solve with {name}: result (is the operator finite?)")
     converged = bool(np.all(res <= tol))
     if not converged:
         msg = (f"{method} with {name} did not converge: relative residual {res.max():.3e} > tol {tol:.1e} "
@@ -303,8 +302,7 @@ def kronecker(op, b, damping: float = 0.0, kind: str = "ekfac", fisher: str = "t
                  f"the {kind} inverse of {op.name}").check(memory_budget)
     inverse = kfac.KFACInverse(factors, model, op.rows, damping=damping, relative_damping=relative_damping,
                                extra_diagonal=op.extra_diagonal)
-    if not bool(tf.reduce_all(tf.math.is_finite(tf.cast(b, tf.float64)))):
-        raise NonFiniteError(f"right-hand side of the {kind} solve with {op.name} has NaN/Inf")
+    require_finite(b, f"right-hand side of the {kind} solve with {op.name}")
     x = tf.cast(inverse(b), op.dtype)
     k = 1 if b.shape.rank == 1 else b.shape[1]
     return SolveResult(x, kind, 0, np.full(k, np.nan), True, damping,

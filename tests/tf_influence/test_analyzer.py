@@ -123,7 +123,7 @@ def test_a_gradient_index_through_the_front_door(world, tmp_path, monkeypatch):
     exact = ProjectionArgs(k=1000, k_other=1000, dtype="float32")
     index = a.build_index("corpus", data(P), exact)
     assert index.count == 40 and (tmp_path / "index" / "corpus" / "index_args.json").exists()
-    top = a.query_index("corpus", a.load_scores("t3"), top_k=5, all_scores=True)
+    top = a.query_index("corpus", a.load_scores("t3"), tfi.QueryArgs(top_k=5, all_scores=True))
     order = np.argsort([int(k) for k in top.keys])
     np.testing.assert_allclose(top.scores[:, order].T, res.scores, rtol=1e-4, atol=1e-6 * np.abs(res.scores).max())
     for q in range(3):

@@ -127,7 +127,7 @@ def test_queries_equal_exact_influence_scores_and_their_top_k(indexed):
     group = tfi.ParameterGroup.from_model(model)
     S = np.random.default_rng(1).normal(size=(group.size, 3))
     exact = gradients.per_example_dot(obj, ds, group, S, method="jacobian")        # [N, 3]
-    res = index.query(obj, S, top_k=7, all_scores=True)
+    res = index.query(obj, S, tfi.QueryArgs(top_k=7, all_scores=True))
     order = np.argsort([int(k) for k in res.keys])
     np.testing.assert_allclose(res.scores[:, order].T, exact, rtol=1e-4, atol=1e-6)
     for q in range(3):
@@ -165,8 +165,8 @@ def test_int8_storage_scores_within_its_rounding_of_float32(indexed, tmp_path):
     f32 = build_index(obj, ds, str(tmp_path / "f32"), args=ProjectionArgs(k=3, k_other=2, dtype="float32"))
     assert i8.meta["dtype"] == "int8" and i8.dim == f32.dim
     q = np.random.default_rng(2).normal(size=(4, i8.dim)).astype(np.float32)
-    a = i8.query_projected(q, all_scores=True).scores
-    b = f32.query_projected(q, all_scores=True).scores
+    a = i8.query_projected(q, tfi.QueryArgs(all_scores=True)).scores
+    b = f32.query_projected(q, tfi.QueryArgs(all_scores=True)).scores
     vecs = np.concatenate([v for _, v in f32.iter_shards()])
     bound = np.abs(q).sum(1)[:, None] * (np.abs(vecs).max(1) / 127 / 2)[None, :]
     assert np.all(np.abs(a - b) <= bound * 1.001 + 1e-7)
@@ -195,7 +195,7 @@ def test_stored_vectors_equal_numpy_quantisation_and_the_diagonal_preconditioner
         np.testing.assert_allclose(index.mean_square(), (ref.astype(np.float64) ** 2).mean(0), rtol=1e-5)
     q = np.random.default_rng(3).normal(size=(2, index.dim)).astype(np.float32)
     ms = (ref.astype(np.float64) ** 2).mean(0)
-    res = index.query_projected(q, all_scores=True, precondition="diagonal", damping=0.1)
+    res = index.query_projected(q, tfi.QueryArgs(all_scores=True, precondition="diagonal", damping=0.1))
     np.testing.assert_allclose(res.scores, (q / (ms + 0.1 * ms.mean())) @ ref.T, rtol=1e-4)
     bad = tf.data.Dataset.from_tensor_slices((np.where(np.arange(50)[:, None] == 20, np.nan, x).astype(np.float32),
                                               y)).batch(16)
@@ -222,19 +222,24 @@ def test_ekfac_preconditioned_queries_and_query_args(indexed):
     assert not np.allclose(exact, gradients.per_example_dot(obj, ds, group, S, method="jacobian"), rtol=0.1)
     assert QueryArgs.from_json(QueryArgs(top_k=7, precondition="diagonal").to_json()) == QueryArgs(
         top_k=7, precondition="diagonal")
-    assert [int(k) for k in index.query(obj, S[:, 0], 3).harmful_keys[0]] == [     # old positional top_k
-        int(k) for k in index.query(obj, S[:, 0], QueryArgs(top_k=3)).harmful_keys[0]]
+    want = [int(k) for k in index.query(obj, S[:, 0], QueryArgs(top_k=3)).harmful_keys[0]]
+    with pytest.warns(DeprecationWarning, match=r"top_k in the place of args is deprecated: use "
+                                                r"GradientIndex\.query\(objective, vectors, QueryArgs\(top_k=3\)\)"):
+        assert [int(k) for k in index.query(obj, S[:, 0], 3).harmful_keys[0]] == want    # old positional top_k
+    with pytest.warns(DeprecationWarning, match=r"GradientIndex\.query\(top_k=\.\.\.\) is deprecated: use "
+                                                r"GradientIndex\.query\(args=QueryArgs\(top_k=\.\.\.\)\)"):
+        assert [int(k) for k in index.query(obj, S[:, 0], top_k=3).harmful_keys[0]] == want  # keyword form
     with pytest.raises(TypeError, match="unknown query option"):
         index.query(obj, S, top_kk=3)
     with pytest.raises(ValueError, match="needs factors"):
-        index.query(obj, S, precondition="ekfac")              # neither a directory nor fitted factors
+        index.query(obj, S, tfi.QueryArgs(precondition="ekfac"))              # neither a directory nor fitted factors
     with pytest.raises(ValueError, match="only used by precondition='ekfac'"):
         QueryArgs(factors="some/dir")
     assert QueryArgs(precondition="ekfac").factors is None     # fitted factors come with the call
     with pytest.raises(ValueError, match="all_scores needs the exact backend"):
         QueryArgs(all_scores=True, backend="faiss")
     with pytest.raises(ValueError, match="over the parameters"):
-        index.query_projected(np.zeros((1, index.dim)), precondition="ekfac", factors="x")
+        index.query_projected(np.zeros((1, index.dim)), tfi.QueryArgs(precondition="ekfac"))
 
 
 def test_rerank_rescored_candidates_exactly(indexed, tmp_path):
@@ -248,10 +253,10 @@ def test_rerank_rescored_candidates_exactly(indexed, tmp_path):
     keys = [f"ex{i}" for i in range(50)]
     S = np.random.default_rng(7).normal(size=(group.size, 3))
     exact = gradients.per_example_dot(obj, ds, group, S, method="jacobian")
-    full = lossy.query(obj, S, top_k=5, rerank=50, dataset=ds, keys=keys)
+    full = lossy.query(obj, S, tfi.QueryArgs(top_k=5, rerank=50), dataset=ds, keys=keys)
     assert full.backend == "exact+rerank"
-    plain = lossy.query(obj, S, top_k=5)
-    some = lossy.query(obj, S, top_k=5, rerank=12, dataset=ds, keys=keys)
+    plain = lossy.query(obj, S, tfi.QueryArgs(top_k=5))
+    some = lossy.query(obj, S, tfi.QueryArgs(top_k=5, rerank=12), dataset=ds, keys=keys)
     for q in range(3):
         want = np.argsort(-exact[:, q])[:5]
         assert [int(k[2:]) for k in full.harmful_keys[q]] == list(want)
@@ -263,11 +268,11 @@ def test_rerank_rescored_candidates_exactly(indexed, tmp_path):
         recall = lambda ks: len(set(int(k[2:]) for k in ks) & set(want)) / 5  # noqa: E731
         assert recall(some.harmful_keys[q]) >= recall(plain.harmful_keys[q])
     with pytest.raises(ValueError, match="pass the indexed corpus"):
-        lossy.query(obj, S, rerank=10)
+        lossy.query(obj, S, tfi.QueryArgs(rerank=10))
     with pytest.raises(ValueError, match="not in the dataset's keys"):
-        lossy.query(obj, S, rerank=10, dataset=ds)                 # built with keys: positions do not match
+        lossy.query(obj, S, tfi.QueryArgs(rerank=10), dataset=ds)                 # built with keys: positions do not match
     with pytest.raises(ValueError, match="diagonal preconditioner"):
-        lossy.query(obj, S, rerank=10, precondition="diagonal", dataset=ds, keys=keys)
+        lossy.query(obj, S, tfi.QueryArgs(rerank=10, precondition="diagonal"), dataset=ds, keys=keys)
 
 
 def test_the_budget_is_shared_by_gradient_norm():
@@ -323,7 +328,7 @@ def test_the_beam_job_equals_the_in_process_index_and_the_query_cli(indexed, tmp
     beam_index.main(["query", "--index", str(tmp_path / "idx"), "--model", path, "--vector", str(tmp_path / "s.npy"),
                      "--top-k", "5", "--out", str(tmp_path / "top.json")])
     top = json.load(open(tmp_path / "top.json"))["queries"][0]
-    lib = job.query(obj, s, top_k=5)
+    lib = job.query(obj, s, tfi.QueryArgs(top_k=5))
     assert [k for k, _ in top["harmful"]] == [k.decode() for k in lib.harmful_keys[0]]
     assert [k for k, _ in top["helpful"]] == [k.decode() for k in lib.helpful_keys[0]]
     # EK-FAC-preconditioned queries from saved factors: the command equals the library
@@ -333,7 +338,7 @@ def test_the_beam_job_equals_the_in_process_index_and_the_query_cli(indexed, tmp
                      "--top-k", "5", "--precondition", "ekfac", "--factors", str(tmp_path / "factors"),
                      "--damping", "0.1", "--out", str(tmp_path / "top_ekfac.json")])
     top = json.load(open(tmp_path / "top_ekfac.json"))["queries"][0]
-    lib = job.query(obj, s, top_k=5, factors=str(tmp_path / "factors"), damping=0.1)
+    lib = job.query(obj, s, tfi.QueryArgs(top_k=5, damping=0.1), factors=str(tmp_path / "factors"))
     assert [k for k, _ in top["harmful"]] == [k.decode() for k in lib.harmful_keys[0]]
     with pytest.raises(SystemExit):          # ekfac without factors: a usage error naming the rule
         beam_index.main(["query", "--index", str(tmp_path / "idx"), "--model", path, "--vector",
@@ -371,8 +376,8 @@ def test_the_faiss_backend_searching_every_list_is_the_exact_top_k(indexed):
     pytest.importorskip("faiss")
     model, obj, x, y, ds, index, _ = indexed
     q = np.random.default_rng(4).normal(size=(3, index.dim)).astype(np.float32)
-    exact = index.query_projected(q, top_k=5, backend="exact")
-    approx = index.query_projected(q, top_k=5, backend="faiss", nprobe=10_000)
+    exact = index.query_projected(q, tfi.QueryArgs(top_k=5, backend="exact"))
+    approx = index.query_projected(q, tfi.QueryArgs(top_k=5, backend="faiss", nprobe=10_000))
     assert approx.backend == "faiss"
     np.testing.assert_array_equal(approx.harmful_keys, exact.harmful_keys)
     np.testing.assert_array_equal(approx.helpful_keys, exact.helpful_keys)

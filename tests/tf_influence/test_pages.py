@@ -159,7 +159,8 @@ def test_a_saved_results_test_points_are_asked_on_the_page(evidence, driver, tmp
         driver.find_element(By.ID, "ask-point").click()
         WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".example, #error"))
         shown = [e.text.split(" · ")[0] for e in driver.find_elements(By.CSS_SELECTOR, ".example.harmful .score")]
-        want = service.index.query(service.objective, service.points[:, 1], top_k=3,
+        from tf_influence.index import QueryArgs
+        want = service.index.query(service.objective, service.points[:, 1], QueryArgs(top_k=3),
                                    vector_group=service.result_group)
         assert shown == [k.decode() for k in want.harmful_keys[0]]
         assert driver.find_elements(By.CSS_SELECTOR, "span.tok.hl")

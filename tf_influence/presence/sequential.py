@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import require_finite
 from ..objective import EmptyDatasetError, Objective, take_positions
 from ..selection import select_kept
 from ..tracin import self_influence
@@ -48,7 +49,6 @@ def presence_sequential(objective: Objective, dataset, si_layers, keep: int, rev
         raise EmptyDatasetError("PRESENCE-Sequential got an empty dataset")
     if not 0 <= keep <= n:
         raise ValueError(f"keep={keep} but the dataset has {n} examples")
-    if not np.all(np.isfinite(scores)):
-        raise ValueError("self-influence scores contain NaN/Inf")
+    require_finite(scores, "self-influence scores", keys)
     mask = select_kept(scores, "keep_highest" if reverse else "keep_lowest", keep, keys=keys)
     return FilterResult(np.flatnonzero(mask), np.flatnonzero(~mask), scores, reverse)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
+from ..errors import require_finite
 from .. import scores_io
 from ..configs import JsonConfig
 from . import Report
@@ -99,9 +100,7 @@ def report_from_files(scores_dir: str, example_files, args: ReportArgs | None = 
     table = scores_io.read_scores(scores_dir)
     keys = sorted(table)
     s = np.asarray([table[k] for k in keys], np.float64)
-    if not np.all(np.isfinite(s)):
-        bad = [keys[i] for i in np.where(~np.isfinite(s))[0][:5]]
-        raise ValueError(f"scores in {scores_dir} are NaN/Inf for key(s) {bad}")
+    require_finite(s, f"scores in {scores_dir}", keys)
     threshold = dropped = None
     if args.drop_mode is not None:
         kept = scores_io.select_kept(table, args.drop_mode, args.drop_value)
