@@ -51,12 +51,12 @@ which use the same capture, live in :mod:`tf_influence.ghost_norms`.
 from ..deprecation import moved_names
 from .blocks import kronecker_blocks, norm_blocks
 from .factors import FISHERS, KINDS, KFACFactors
-from .inverse import KFACInverse, regularizer_diagonal
+from .inverse import KFACInverse, regularizer_coefficients, regularizer_diagonal
 from .statistics import (CORRECTION_SEED_OFFSET, DENSE_FACTOR_MAX, FactorStatistics, add_statistics, eigenbases,
                          fit_factors)
 
 __all__ = ["FactorStatistics", "KFACFactors", "KFACInverse", "add_statistics", "eigenbases",
-           "fit_factors", "kronecker_blocks", "norm_blocks", "regularizer_diagonal", "KINDS", "FISHERS",
+           "fit_factors", "kronecker_blocks", "norm_blocks", "regularizer_diagonal", "regularizer_coefficients", "KINDS", "FISHERS",
            "CORRECTION_SEED_OFFSET", "DENSE_FACTOR_MAX"]
 
 

@@ -12,11 +12,11 @@ from .factors import KFACFactors
 
 
 # -- the inverse -----------------------------------------------------------------------------------
-def regularizer_diagonal(model, group: ParameterGroup):
-    """``(diag, unmodelled)``: the Hessian diagonal of the L2 penalties on the group's variables
-    (``2c`` per entry for ``L2(c)`` / ``L1L2(0, c)``) and the layers whose penalty is not an L2."""
+def regularizer_coefficients(model, group: ParameterGroup):
+    """``(coefficients, unmodelled)``: per variable of the group the Hessian diagonal of its L2 penalty, one
+    number (``2c`` for ``L2(c)`` / ``L1L2(0, c)``; 0 without one), and the layers whose penalty is not an L2."""
     owner = _owners(model)
-    parts, unmodelled = [], []
+    coefs, unmodelled = [], []
     for v in group.variables:
         layer = owner.get(id(tf_variable(v)))
         coef = 0.0
@@ -31,8 +31,14 @@ def regularizer_diagonal(model, group: ParameterGroup):
                         unmodelled.append(layer.name)
                         c = 0.0
                     coef = c
-        parts.append(np.full(tf_variable(v).shape, 2.0 * coef))
-    return parts, unmodelled
+        coefs.append(2.0 * coef)
+    return coefs, unmodelled
+
+
+def regularizer_diagonal(model, group: ParameterGroup):
+    """``(diag, unmodelled)``: :func:`regularizer_coefficients` as arrays shaped like the variables."""
+    coefs, unmodelled = regularizer_coefficients(model, group)
+    return [np.full(tf_variable(v).shape, c) for v, c in zip(group.variables, coefs)], unmodelled
 
 
 class KFACInverse:
@@ -46,44 +52,56 @@ class KFACInverse:
                                       f"('{factors.group_spec.name}'); refit them for '{group.name}'")
         self.group, self.model = group, model
         self.blocks, _ = kronecker_blocks(model, group)
-        diag_parts = [np.zeros(s) for s in group.shapes]
-        self.unmodelled = []
-        if include_regularizers:
-            reg, self.unmodelled = regularizer_diagonal(model, group)
-            diag_parts = [d + r for d, r in zip(diag_parts, reg)]
-        if extra_diagonal is not None:
-            extra = group.unflatten(tf.cast(tf.reshape(extra_diagonal, [-1]), group.dtype))
-            diag_parts = [d + e.numpy() for d, e in zip(diag_parts, extra)]
+        # the extra diagonal D per variable: a number (an L2 penalty's 2c, or 0) or, with extra_diagonal, an
+        # array — never a float64 copy of every parameter where D is constant (1 GB at GPT-2 small, held
+        # through the solve); a block whose D is 0 adds nothing to its eigenvalues
+        coefs, self.unmodelled = (regularizer_coefficients(model, group) if include_regularizers
+                                  else ([0.0] * len(group.variables), []))
+        extra = (group.unflatten(tf.cast(tf.reshape(extra_diagonal, [-1]), group.dtype))
+                 if extra_diagonal is not None else None)
+
+        def diag_part(i):
+            """Variable ``i``'s D: a float, or an array shaped like the variable."""
+            return coefs[i] if extra is None else extra[i].numpy() + coefs[i]
+
+        def full(i):
+            return np.broadcast_to(np.asarray(diag_part(i), np.float64), group.shapes[i])
+
         index = {id(tf_variable(v)): i for i, v in enumerate(group.variables)}
         self.denominators = {}
         self._curvature = []  # (min, max) of F̂ + D per block / diagonal variable, before the damping (spectrum())
         for b in self.blocks:
             f = factors.blocks[b.name]
-            D = b.to_matrix([tf.constant(diag_parts[index[id(tf_variable(x))]]) for x in b.variables]).numpy()
+            parts = [diag_part(index[id(tf_variable(x))]) for x in b.variables]
             # an empty Q is the identity: a side kept diagonal (tokens, a vocabulary)
             QA = f["QA"] if np.size(f["QA"]) else None
             QS = f["QS"] if np.size(f["QS"]) else None
-            projected = D if QA is None else (QA ** 2).T @ D
-            projected = projected if QS is None else projected @ (QS ** 2)
             lam = damping + relative_damping * float(np.mean(f["eig"]))
-            # in the eigenvalues' dtype (float32 factors of a float32 model: half the memory of float64)
-            curvature = f["eig"] + np.asarray(projected, f["eig"].dtype)
+            if all(np.isscalar(p) and p == 0 for p in parts):
+                curvature = np.array(f["eig"], copy=True)   # D = 0: the eigenvalues themselves
+            else:
+                D = b.to_matrix([tf.constant(full(index[id(tf_variable(x))])) for x in b.variables]).numpy()
+                projected = D if QA is None else (QA ** 2).T @ D
+                projected = projected if QS is None else projected @ (QS ** 2)
+                # in the eigenvalues' dtype (float32 factors of a float32 model: half the memory of float64)
+                curvature = f["eig"] + np.asarray(projected, f["eig"].dtype)
+                del D, projected
             self._curvature.append((float(np.min(curvature)), float(np.max(curvature))) if curvature.size else None)
             curvature += lam                               # in place: a vocabulary block's is [vocab, d]
             # numpy, not tensors: the factors' own arrays are used as they are (no second copy of every
-            # eigenbasis — 2.4 GB at GPT-2 small); the products run in numpy's BLAS
+            # eigenbasis — 1.2 GB at GPT-2 small); the products run in numpy's BLAS
             self.denominators[b.name] = curvature
             del curvature
             b.QA, b.QS = QA, QS
         self.diag = {}
-        for v in group.variables:
+        for i, v in enumerate(group.variables):
             path = getattr(v, "path", tf_variable(v).name)
             if path in factors.diagonal:
                 d = factors.diagonal[path]
                 lam = damping + relative_damping * float(np.mean(d))
-                c = d + diag_parts[index[id(tf_variable(v))]]
+                c = d + full(i)
                 self._curvature.append((float(np.min(c)), float(np.max(c))) if c.size else None)
-                self.diag[id(tf_variable(v))] = d + diag_parts[index[id(tf_variable(v))]] + lam
+                self.diag[id(tf_variable(v))] = c + lam
         self.index = index
 
     def spectrum(self) -> tuple:
