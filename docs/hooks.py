@@ -234,8 +234,8 @@ def real_size_tables(d: dict) -> str:
                 f"{_fmt(m['n_params'])} parameters, vocabulary {_fmt(m['vocab'])}, {m['layers']} × {m['width']}, "
                 f"{_fmt(m['n_sequences'])} sequences of {m['length']} tokens, batch {m['batch']}; one training epoch "
                 f"(`train_epoch_seconds`) {_fmt(m['train_epoch_seconds'])} s.", "",
-                "| path | ok | seconds | training epochs (target) | peak RSS MB (≤ 10,000) | plan estimate MB "
-                "(estimate / peak) | error |", "|---|---|---|---|---|---|---|"]
+                "| path | ok | seconds | training epochs (target) | peak RSS MB (≤ 10,000) | at (library phase) | "
+                "plan estimate MB (estimate / peak) | error |", "|---|---|---|---|---|---|---|---|"]
         for path, r in m["paths"].items():
             over, peak, est = r.get("over_epoch"), r.get("peak_rss_mb"), r.get("estimated_mb")
             lim = limits.get(path)
@@ -244,8 +244,9 @@ def real_size_tables(d: dict) -> str:
                 target = f" ({_fmt(r['seconds'])} s per query; ≤ 1 s: {'met' if r['seconds'] <= 1 else 'missed'})"
             ratio = f" ({_fmt(est / peak)})" if est and peak else ""
             err = (str(r.get("error") or "")[:160]).replace("|", "/").replace("\n", " ")
+            at = (r.get("timeline") or {}).get("peak_phase", "")
             out.append(f"| `{path}` | {r.get('ok')} | {_fmt(r.get('seconds'))} | {_fmt(over)}{target} | {_fmt(peak)} | "
-                       f"{_fmt(est)}{ratio} | {err} |")
+                       f"{at} | {_fmt(est)}{ratio} | {err} |")
     return "\n".join(out)
 
 

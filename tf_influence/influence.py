@@ -496,7 +496,7 @@ class MultiStageInfluence:
                  phase="finetuning solve")
         for item in plan_g.items:          # the pretraining solve's factors are held through the scoring
             plan.add(f"pretraining solve ({method_g}): {item.name}", item.nbytes, item.what,
-                     phase=None if item.phase is None else f"pretraining {item.phase}")
+                     phase=None if item.phase is None else f"pretraining {item.phase}", host=item.host)
         plan.suggest(*plan_g.options, *plan_f.options)
         plan.add("scoring (forward-mode tangents over (W, U))", self.WU.size * self.WU.dtype.size * 3 * min(k, 4),
                  f"[{self.WU.size}] × 3 per column", phase="scoring")

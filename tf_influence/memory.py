@@ -21,6 +21,12 @@ read by :func:`resolve_budget`:
 Plans estimate what a step adds to the process, not what it holds already (the model, the
 runtime): the available memory already excludes that.
 
+Phases run one after the other. What a finished phase frees returns to the system when numpy held it
+(``host=True`` items), but TensorFlow's default CPU allocator on x86 Linux (oneDNN, unless
+``TF_ENABLE_ONEDNN_OPTS=0``) keeps its high-water mark for the life of the process: there the peak is, over
+the phases in order, the phase's host memory plus the largest TensorFlow memory of any phase so far
+(:func:`retaining_allocator`; measured at GPT-2 small, ``benchmarks.real_size``'s timelines).
+
 >>> plan = MemoryPlan("EK-FAC factors").add("dense A of 'token_embedding'", 50257 ** 2 * 8, "[50257, 50257] float64")
 >>> plan.fits("4GB")
 False
@@ -153,6 +159,17 @@ class MemoryItem:
     nbytes: int
     what: str = ""
     phase: str | None = None
+    host: bool = False        # numpy (host) memory, returned when freed; else TensorFlow's allocator's
+
+
+def retaining_allocator() -> bool:
+    """Whether TensorFlow's CPU allocator keeps freed memory resident: oneDNN's (the default on x86 Linux
+    since TensorFlow 2.9, unless ``TF_ENABLE_ONEDNN_OPTS=0``). Measured: 2 GB of tensors freed leave the RSS
+    where it was under oneDNN, and give it back without it."""
+    import platform
+    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    return os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip() not in ("0", "false", "False")
 
 
 @dataclass
@@ -163,9 +180,11 @@ class MemoryPlan:
     title: str
     items: list = field(default_factory=list)
     options: list = field(default_factory=list)
+    retaining: bool | None = None     # None: retaining_allocator() when the total is read
 
-    def add(self, name: str, nbytes: float, what: str = "", phase: str | None = None) -> "MemoryPlan":
-        self.items.append(MemoryItem(name, int(max(0, nbytes)), what, phase))
+    def add(self, name: str, nbytes: float, what: str = "", phase: str | None = None,
+            host: bool = False) -> "MemoryPlan":
+        self.items.append(MemoryItem(name, int(max(0, nbytes)), what, phase, host))
         return self
 
     def extend(self, other: "MemoryPlan") -> "MemoryPlan":
@@ -179,9 +198,32 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        """The peak: what is held throughout plus the largest phase."""
+        """The peak: what is held throughout plus the largest phase — or, under a retaining allocator (see the
+        module docstring), plus the largest of (a phase's host memory + the largest TensorFlow memory of the
+        phases up to it)."""
         held = sum(i.nbytes for i in self.items if i.phase is None)
-        return int(held + max(self.phases().values(), default=0))
+        return int(held + self._peak()[0])
+
+    def _retaining(self) -> bool:
+        return retaining_allocator() if self.retaining is None else self.retaining
+
+    def _peak(self) -> tuple:
+        """``(bytes above what is held throughout, the phases whose items make it up)``."""
+        phases = self.phases()
+        if not phases:
+            return 0, ()
+        if not self._retaining():
+            worst = max(phases, key=phases.get)
+            return phases[worst], (worst,)
+        high, high_at, best, best_at = 0, None, 0, ()
+        for phase in phases:                     # insertion order: the order the phases run in
+            tf_bytes = sum(i.nbytes for i in self.items if i.phase == phase and not i.host)
+            host_bytes = sum(i.nbytes for i in self.items if i.phase == phase and i.host)
+            if tf_bytes > high:
+                high, high_at = tf_bytes, phase
+            if host_bytes + high > best:
+                best, best_at = host_bytes + high, (phase, high_at)
+        return best, best_at
 
     def phases(self) -> dict:
         out = {}
@@ -191,10 +233,15 @@ class MemoryPlan:
         return out
 
     def peak_items(self) -> list:
-        """The items of the peak: those held throughout and those of the largest phase."""
-        phases = self.phases()
-        worst = max(phases, key=phases.get) if phases else None
-        return [i for i in self.items if i.phase is None or i.phase == worst]
+        """The items of the peak: those held throughout and those of the phase(s) that make it up (under a
+        retaining allocator, the worst phase's host memory and the TensorFlow memory of the phase that set the
+        high-water mark before it)."""
+        _, at = self._peak()
+        if not self._retaining():
+            return [i for i in self.items if i.phase is None or i.phase in at]
+        worst, high_at = at if at else (None, None)
+        return [i for i in self.items if i.phase is None or (i.phase == worst and i.host)
+                or (i.phase == high_at and not i.host)]
 
     def largest(self, k: int = 3) -> list:
         return sorted(self.peak_items(), key=lambda i: -i.nbytes)[:k]
@@ -267,12 +314,12 @@ def factor_plan(stats, dataset=None, batch_shape: tuple | None = None) -> Memory
             # eigenvectors for the rest of the fit
             plan.add(f"dense {side} of '{b.name}'", n * n * c * 2, f"[{n}, {n}] {_dname(c)}, running and batch sums",
                      phase="covariance pass")
-            plan.add(f"eigenvectors of {side} of '{b.name}'", n * n * c, f"[{n}, {n}] {_dname(c)}")
+            plan.add(f"eigenvectors of {side} of '{b.name}'", n * n * c, f"[{n}, {n}] {_dname(c)}", host=True)
             if n > largest_dense:
                 largest_dense, largest_name = n, f"{side} of '{b.name}'"
         e = b.rows * b.d_out * 8
         # EK-FAC: the corrected eigenvalues' running sum (kept as the result) and each batch's; K-FAC: λ_A ⊗ λ_S
-        plan.add(f"eigenvalues of '{b.name}'", e, f"[{b.rows}, {b.d_out}] float64")
+        plan.add(f"eigenvalues of '{b.name}'", e, f"[{b.rows}, {b.d_out}] float64", host=True)
         if ekfac:
             plan.add(f"a batch's eigenvalue sums of '{b.name}'", b.rows * b.d_out * c,
                      f"[{b.rows}, {b.d_out}] {_dname(c)}", phase="correction pass")
@@ -295,10 +342,11 @@ def factor_plan(stats, dataset=None, batch_shape: tuple | None = None) -> Memory
         plan.add("diagonal sums", sums, phase="covariance pass")
     if largest_dense:   # one eigendecomposition at a time: the average, numpy's copy and LAPACK's workspace
         plan.add("covariance sums held for the eigendecomposition",
-                 sum(i.nbytes for i in plan.items if i.name.startswith("dense ")) // 2, phase="eigendecomposition")
+                 sum(i.nbytes for i in plan.items if i.name.startswith("dense ")) // 2, phase="eigendecomposition",
+                 host=True)
         plan.add(f"eigendecomposition of {largest_name}", largest_dense ** 2 * c * 3,
                  f"[{largest_dense}, {largest_dense}] {_dname(c)} × 3 (average, copy, workspace)",
-                 phase="eigendecomposition")
+                 phase="eigendecomposition", host=True)
     if ekfac:
         plan.add("per-batch products (correction pass)", captured + temp, f"batch {B} × {P} positions",
                  phase="correction pass")
@@ -334,8 +382,10 @@ def kfac_inverse_plan(stats_or_blocks, p: int, k: int) -> MemoryPlan:
     blocks = getattr(stats_or_blocks, "blocks", stats_or_blocks)
     plan = MemoryPlan("the (E)K-FAC inverse")
     for b in blocks:   # the factors themselves are in their fit's plan
-        plan.add(f"denominators of '{b.name}'", b.rows * b.d_out * 8, f"[{b.rows}, {b.d_out}] float64", phase="solve")
-    plan.add("columns", p * k * 8 * 3, f"[{p}, {k}] float64 × 3 (input, result, result as a tensor)", phase="solve")
+        plan.add(f"denominators of '{b.name}'", b.rows * b.d_out * 8, f"[{b.rows}, {b.d_out}] float64", phase="solve",
+                 host=True)
+    plan.add("columns", p * k * 8 * 3, f"[{p}, {k}] float64 × 3 (input, result, result as a tensor)", phase="solve",
+             host=True)
     return plan
 
 

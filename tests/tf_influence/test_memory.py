@@ -1,0 +1,68 @@
+"""The memory plan's peak under the two allocator behaviours, and the premise itself: TensorFlow's default CPU
+allocator (oneDNN) keeps freed tensor memory resident, numpy's does not."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tf_influence.memory import MemoryPlan, retaining_allocator
+
+MB = 2 ** 20
+
+
+def _plan(retaining):
+    # phases in the order they run: a pass of TensorFlow temporaries, then numpy work, then a smaller TF pass
+    return (MemoryPlan("p", retaining=retaining)
+            .add("model copy", 100 * MB)                                         # held throughout
+            .add("batch products", 400 * MB, phase="pass 1")
+            .add("eigendecomposition", 300 * MB, phase="decompose", host=True)
+            .add("correction products", 250 * MB, phase="pass 2")
+            .add("bases as tensors", 50 * MB, phase="pass 2")
+            .add("columns", 120 * MB, phase="pass 2", host=True))
+
+
+def test_a_releasing_allocator_peaks_at_the_largest_phase():
+    plan = _plan(False)
+    assert plan.total == 100 * MB + 420 * MB                                     # pass 2: 250 + 50 + 120
+    assert {i.name for i in plan.peak_items()} == {"model copy", "correction products", "bases as tensors", "columns"}
+
+
+def test_a_retaining_allocator_adds_the_high_water_mark_to_later_host_memory():
+    plan = _plan(True)
+    # decompose: 300 host + the 400 TF high-water of pass 1; pass 2: 120 host + max(400, 300) = 520 → 700 wins
+    assert plan.total == 100 * MB + 700 * MB
+    assert {i.name for i in plan.peak_items()} == {"model copy", "eigendecomposition", "batch products"}
+    assert plan.largest(1)[0].name == "batch products"
+    assert not plan.fits(750 * MB) and _plan(False).fits(750 * MB)
+
+
+_PROBE = """
+import gc, tensorflow as tf
+def rss():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmRSS'):
+            return int(line.split()[1]) / 1024
+base = rss()
+t = [tf.random.normal([64, 1024, 1024]) for _ in range(2)]        # 512 MB of tensors
+held = rss()
+del t
+gc.collect()
+print(round(held - base), round(rss() - base))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_premise_tensorflow_keeps_freed_memory_under_onednn_only():
+    def run(onednn: str):
+        env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": onednn, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+        out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300)
+        held, after = map(float, out.stdout.split()[-2:])
+        return held, after
+    held, after = run("1")
+    assert held > 400 and after > 0.8 * held, (held, after)                 # kept resident after the free
+    held, after = run("0")
+    assert held > 400 and after < 0.3 * held, (held, after)                 # given back
+    assert retaining_allocator() == (os.environ.get("TF_ENABLE_ONEDNN_OPTS", "") not in ("0", "false", "False")
+                                     and os.uname().machine in ("x86_64", "amd64"))
