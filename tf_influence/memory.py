@@ -377,15 +377,16 @@ def vectors_plan(p: int, k: int, count: int, title: str, dtype_size: int = 8, ph
 
 
 def kfac_inverse_plan(stats_or_blocks, p: int, k: int) -> MemoryPlan:
-    """Applying a damped (E)K-FAC inverse to ``k`` columns over ``p`` parameters: the denominators and
-    bases of every block (float64) and the columns in float64."""
+    """Applying a damped (E)K-FAC inverse to ``k`` columns over ``p`` parameters: the denominators of every
+    block and the columns, in the factors' precision (the compute dtype of ``stats``; float64 without it)."""
     blocks = getattr(stats_or_blocks, "blocks", stats_or_blocks)
     plan = MemoryPlan("the (E)K-FAC inverse")
     for b in blocks:   # the factors themselves are in their fit's plan
         plan.add(f"denominators of '{b.name}'", b.rows * b.d_out * 8, f"[{b.rows}, {b.d_out}] float64", phase="solve",
                  host=True)
-    plan.add("columns", p * k * 8 * 3, f"[{p}, {k}] float64 × 3 (input, result, result as a tensor)", phase="solve",
-             host=True)
+    c = _dsize(getattr(stats_or_blocks, "compute", None)) if hasattr(stats_or_blocks, "compute") else 8
+    plan.add("columns", p * k * c * 3, f"[{p}, {k}] {_dname(c)} × 3 (input, result, result as a tensor)",
+             phase="solve", host=True)
     return plan
 
 

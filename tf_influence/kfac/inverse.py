@@ -103,6 +103,8 @@ class KFACInverse:
                 self._curvature.append((float(np.min(c)), float(np.max(c))) if c.size else None)
                 self.diag[id(tf_variable(v))] = c + lam
         self.index = index
+        arrays = [a for b in self.blocks for a in (b.QA, b.QS) if a is not None] + list(self.denominators.values())
+        self.dtype = np.float32 if arrays and all(a.dtype == np.float32 for a in arrays) else np.float64
 
     def spectrum(self) -> tuple:
         """``(smallest, largest)`` eigenvalue of the curvature this inverse inverts, ``F̂ + D`` without
@@ -113,9 +115,11 @@ class KFACInverse:
 
     def __call__(self, V):
         """``(F̂ + D + λ)⁻¹ V`` for ``V`` ``[p]`` or ``[p, k]``: one variable's (one block's) slice at a time,
-        written into one ``[p, k]`` float64 result — about two copies of ``V`` in memory, not five
-        (a 124 M-parameter GPT-2: 1 GB each)."""
-        V = np.asarray(V.numpy() if hasattr(V, "numpy") else V, dtype=np.float64)
+        written into one ``[p, k]`` result — about two copies of ``V`` in memory, not five. In the factors'
+        precision: float32 factors (a float32 model's, :meth:`FactorStatistics.add`) apply in float32 — their
+        eigenvectors hold no more — so the columns take half the memory (a 124 M-parameter GPT-2: 0.5 GB
+        each, not 1 GB); float64 factors in float64."""
+        V = np.asarray(V.numpy() if hasattr(V, "numpy") else V, dtype=self.dtype)
         was_vector = V.ndim == 1
         M = V[:, None] if was_vector else V                       # [p, k] (a view)
         k = M.shape[1]
