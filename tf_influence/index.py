@@ -384,12 +384,11 @@ class GradientIndex:
         args = _query_args(args, options, "GradientIndex.query")
         fitted = None
         if factors is not None:   # fitted factors (or their directory): EK-FAC-preconditioned unless said otherwise
+            precondition = "ekfac" if args.precondition == "none" else args.precondition
             if isinstance(factors, (str, os.PathLike)):
-                args = replace(args, factors=os.fspath(factors))
+                args = replace(args, precondition=precondition, factors=os.fspath(factors))
             else:
-                fitted = factors
-            if args.precondition == "none":
-                args = replace(args, precondition="ekfac")
+                fitted, args = factors, replace(args, precondition=precondition)
         if args.precondition == "ekfac" and fitted is None and args.factors is None:
             raise ValueError("precondition='ekfac' needs factors: QueryArgs.factors (a directory of saved factors) or "
                              "query(..., factors=<fitted KFACFactors>)")
