@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser test evidence serve-demo bench-serve test-experiments docs pipeline pipeline-compile penguin-pipeline presence-pipeline demo bench bench-presence bench-kfac bench-scale bench-hub bench-index bench-beam-scale bench-real-size bench-vocab-side presence presence-quick presence-lm presence-lm-quick bazel-test reproduce reproduce-quick clean
+.PHONY: install browser test test-slow evidence serve-demo bench-serve test-experiments docs pipeline pipeline-compile penguin-pipeline presence-pipeline demo bench bench-presence bench-kfac bench-scale bench-hub bench-index bench-beam-scale bench-real-size bench-vocab-side presence presence-quick presence-lm presence-lm-quick bazel-test reproduce reproduce-quick clean
 
 install: $(STAMP) browser
 
@@ -27,7 +27,10 @@ $(STAMP): requirements.txt requirements-tfx.txt requirements-hub.txt requirement
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q -n 3 --dist loadfile -m "not experiment" tests   # 3 workers on 2 cores (much is single-threaded tracing / Beam start-up: 7:22 vs 8:06 with 2); loadfile keeps module fixtures together
+	$(PY) -m pytest -q -n 3 --dist loadfile -m "not experiment and not slow" tests   # 3 workers on 2 cores (much is single-threaded tracing / Beam start-up: 7:22 vs 8:06 with 2); loadfile keeps module fixtures together
+
+test-slow: install   # the other architectures / runners of checks make test runs once (~4 min)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "slow and not experiment" tests
 
 test-experiments: install
 	$(PY) -m pytest -q -n 2 --dist loadfile -m experiment tests   # the reduced experiments end to end (~4 min)

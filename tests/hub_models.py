@@ -18,6 +18,13 @@ from tf_influence.lm import CausalLMLoss, causal_lm_examples
 
 VOCAB, LENGTH, WIDTH = 160, 8, 16   # vocabulary > 8 × width, the shape of real LMs
 KINDS = ("bert", "gpt2", "llama")
+
+
+def kinds(slow=()):
+    """:data:`KINDS` as test parameters, those in ``slow`` marked ``slow`` (``make test-slow``, not
+    ``make test``: their code paths run in ``make test`` through the other kinds or other tests)."""
+    import pytest
+    return [pytest.param(k, marks=pytest.mark.slow) if k in slow else k for k in KINDS]
 #: the float64 models whose influence is compared with dense numpy formulas
 TINY = dict(vocab=37, width=4, layers=1, length=5, n_pre=10, n_ft=8, n_test=3, batch=5)
 

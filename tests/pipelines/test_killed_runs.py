@@ -31,6 +31,7 @@ def _temporaries(root):
                   if n.startswith((".tmp-", "beam-temp-")) or n == "staged")
 
 
+@pytest.mark.slow   # make test-slow: a killed standalone job runs in make test (test_example_io.py)
 def test_killed_pipeline_then_rerun_leaves_no_temporary(tmp_path):
     x_in = keras.Input((4,), name="x")
     model = keras.Model(x_in, keras.layers.Dense(3, name="head")(keras.layers.Dense(8, name="embedding")(x_in)))

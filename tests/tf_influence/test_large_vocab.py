@@ -30,7 +30,8 @@ def test_test_models_have_a_real_vocabulary_shape():
     assert hm.TINY["vocab"] > 8 * hm.TINY["width"]
 
 
-@pytest.fixture(scope="module", params=sorted(VOCAB_BLOCKS))
+@pytest.fixture(scope="module", params=[pytest.param(k, marks=pytest.mark.slow) if k == "llama" else k
+                                        for k in sorted(VOCAB_BLOCKS)])   # untied heads: BERT's runs in make test
 def case(request):
     return hm.build(request.param, n_pre=12)
 

@@ -30,6 +30,7 @@ def world():
     return dict(pre=pre, ft=ft, xp=xp, yp=yp, xf=xf, yf=yf, xt=xt, yt=yt, g=g, H_pre=H_pre)
 
 
+@pytest.mark.slow   # make test-slow: HVPs against explicit Hessians run in make test on MLPs / CNNs (test_hvp.py)
 def test_hvp_equals_the_explicit_hessian(world):
     obj = tfi.Objective(world["pre"], h.sce())
     g, H = world["g"], world["H_pre"]

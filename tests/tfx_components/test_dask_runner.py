@@ -185,6 +185,7 @@ def test_bad_input_fails_loudly(cluster, setup, tmp_path):  # noqa: F811
              | beam.Map(lambda v: (v, v)) | beam.GroupByKey())
 
 
+@pytest.mark.slow   # make test-slow: the scoring job and the factor combiner run on Dask in make test
 def test_gradient_index_job_on_dask_equals_the_in_process_index(cluster, setup, tmp_path):  # noqa: F811
     """The gradient index's Beam build job on the Dask cluster: every key once, each vector equal to the
     in-process projection of the same example (float32 storage, k = 8 per side)."""
