@@ -29,7 +29,7 @@ $(STAMP): requirements.txt requirements-tfx.txt requirements-hub.txt requirement
 test: install
 	$(PY) -m pytest -q -n 3 --dist loadfile -m "not experiment and not slow" tests   # 3 workers on 2 cores (much is single-threaded tracing / Beam start-up: 7:22 vs 8:06 with 2); loadfile keeps module fixtures together
 
-test-slow: install   # the other architectures / runners of checks make test runs once (~4 min)
+test-slow: install   # the other architectures / runners of checks make test runs once (~2 min)
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "slow and not experiment" tests
 
 test-experiments: install
