@@ -23,7 +23,8 @@ def ms(m, xp=None, xf=None, **kw):
     """MultiStageInfluence on ``m``; keywords that are InfluenceArgs fields go into ``args``."""
     xp = m["xp"] if xp is None else xp
     xf = m["xf"] if xf is None else xf
-    options = {k: kw.pop(k) for k in list(kw) if k in {f.name for f in dataclasses.fields(tfi.InfluenceArgs)}}
+    names = {f.name for f in dataclasses.fields(tfi.InfluenceArgs)}
+    options = {k: kw.pop(k) for k in list(kw) if k in names}
     return tfi.MultiStageInfluence(tfi.Objective(m["pre"], h.sce()), h.dataset(xp, m["yp"][:len(xp)]),
                                    tfi.Objective(m["ft"], h.sce()), h.dataset(xf, m["yf"][:len(xf)]),
                                    **{"embedding": ["embedding"],

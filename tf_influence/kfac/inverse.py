@@ -64,15 +64,17 @@ class KFACInverse:
             """Variable ``i``'s D: a float, or an array shaped like the variable."""
             return coefs[i] if extra is None else extra[i].numpy() + coefs[i]
 
-        def full(i):
-            return np.broadcast_to(np.asarray(diag_part(i), np.float64), group.shapes[i])
+        def full(i, part):
+            """``part`` (variable ``i``'s D) as an array shaped like the variable (a view for a number)."""
+            return np.broadcast_to(np.asarray(part, np.float64), group.shapes[i])
 
         index = {id(tf_variable(v)): i for i, v in enumerate(group.variables)}
         self.denominators = {}
         self._curvature = []  # (min, max) of F̂ + D per block / diagonal variable, before the damping (spectrum())
         for b in self.blocks:
             f = factors.blocks[b.name]
-            parts = [diag_part(index[id(tf_variable(x))]) for x in b.variables]
+            ids = [index[id(tf_variable(x))] for x in b.variables]
+            parts = [diag_part(i) for i in ids]
             # an empty Q is the identity: a side kept diagonal (tokens, a vocabulary)
             QA = f["QA"] if np.size(f["QA"]) else None
             QS = f["QS"] if np.size(f["QS"]) else None
@@ -80,7 +82,7 @@ class KFACInverse:
             if all(np.isscalar(p) and p == 0 for p in parts):
                 curvature = np.array(f["eig"], copy=True)   # D = 0: the eigenvalues themselves
             else:
-                D = b.to_matrix([tf.constant(full(index[id(tf_variable(x))])) for x in b.variables]).numpy()
+                D = b.to_matrix([tf.constant(full(i, p)) for i, p in zip(ids, parts)]).numpy()
                 projected = D if QA is None else (QA ** 2).T @ D
                 projected = projected if QS is None else projected @ (QS ** 2)
                 # in the eigenvalues' dtype (float32 factors of a float32 model: half the memory of float64)
@@ -99,7 +101,7 @@ class KFACInverse:
             if path in factors.diagonal:
                 d = factors.diagonal[path]
                 lam = damping + relative_damping * float(np.mean(d))
-                c = d + full(i)
+                c = d + full(i, diag_part(i))
                 self._curvature.append((float(np.min(c)), float(np.max(c))) if c.size else None)
                 self.diag[id(tf_variable(v))] = c + lam
         self.index = index
