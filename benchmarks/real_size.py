@@ -355,9 +355,6 @@ class _Timeline:
             self.samples.append((round(time.perf_counter() - self.t0, 2), round(_rss_mb()), self.phase))
             self._stop.wait(self.interval)
 
-    def mark(self, phase: str):
-        self.phase = phase
-
     def wrap(self, owner, attr: str, phase: str):
         fn = getattr(owner, attr)
         tl = self
