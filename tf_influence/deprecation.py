@@ -55,4 +55,34 @@ def renamed_keyword(where: str, kwargs: dict, old: str, new: str, stacklevel: in
     return kwargs.pop(old)
 
 
-__all__ = ["REMOVED_IN", "warn", "moved_names", "moved_module", "renamed_keyword"]
+def typed_options(where: str, cls, args, keywords: dict, allowed=None, stacklevel: int = 5):
+    """``args`` (an instance of the options dataclass ``cls``, the one form; default ``cls()``) with the
+    deprecated keyword forms of its fields applied, each with a ``DeprecationWarning`` naming
+    ``args=cls(field=...)``. A keyword outside ``allowed`` (default: every field of ``cls``) is a
+    ``TypeError``, as an unknown keyword of a signature is; ``args`` of another type too.
+
+    >>> from dataclasses import dataclass
+    >>> @dataclass
+    ... class Opts:
+    ...     top_k: int = 10
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as w:
+    ...     warnings.simplefilter("always")
+    ...     got = typed_options("query", Opts, None, {"top_k": 3})
+    >>> got, "query(args=Opts(top_k=...))" in str(w[0].message)
+    (Opts(top_k=3), True)
+    """
+    from dataclasses import fields, replace
+    allowed = {f.name for f in fields(cls)} if allowed is None else set(allowed)
+    unknown = sorted(k for k in keywords if k not in allowed)
+    if unknown:
+        raise TypeError(f"{where}() got an unexpected keyword argument '{unknown[0]}' (the options are the fields "
+                        f"of {cls.__name__}: {sorted(allowed)})")
+    if args is not None and not isinstance(args, cls):
+        raise TypeError(f"{where}(args=...) must be a {cls.__name__}, got {type(args).__name__}")
+    for k in keywords:
+        warn(f"{where}({k}=...)", f"{where}(args={cls.__name__}({k}=...))", stacklevel=stacklevel)
+    return replace(args or cls(), **keywords)   # replace() re-runs the validation
+
+
+__all__ = ["REMOVED_IN", "warn", "moved_names", "moved_module", "renamed_keyword", "typed_options"]

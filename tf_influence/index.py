@@ -39,7 +39,7 @@ import hashlib
 import json
 import os
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -119,20 +119,14 @@ def _query_args(args: "QueryArgs | int | None", overrides: dict, where: str = "G
     (``query(..., top_k=5)``) and the old positional ``top_k`` in the place of ``args`` — each with a
     ``DeprecationWarning`` naming ``args=QueryArgs(...)`` (removed in 0.4). An unknown keyword is a
     ``TypeError``."""
-    from dataclasses import replace
-
-    from .deprecation import warn
-    names = {f.name for f in fields(QueryArgs)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise TypeError(f"unknown query option(s) {unknown}; QueryArgs has {sorted(names)}")
-    for k in overrides:
-        warn(f"{where}({k}=...)", f"{where}(args=QueryArgs({k}=...))", stacklevel=4)
+    from .deprecation import typed_options, warn
     if args is not None and not isinstance(args, QueryArgs):
         warn(f"{where}(objective, vectors, {args!r}) with top_k in the place of args",
              f"{where}(objective, vectors, QueryArgs(top_k={args!r}))", stacklevel=4)
-        overrides, args = {"top_k": args, **overrides}, None
-    return replace(args or QueryArgs(), **overrides)
+        if "top_k" in overrides:
+            raise TypeError(f"{where}: top_k given twice (in the place of args and as top_k=)")
+        args = QueryArgs(top_k=args)
+    return typed_options(where, QueryArgs, args, overrides)
 
 
 class IndexMismatchError(ValueError):

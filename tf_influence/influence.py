@@ -153,16 +153,14 @@ def args_with_keywords(where: str, args: InfluenceArgs | None, keywords: dict, a
     """``args`` (default :class:`InfluenceArgs`) with the deprecated keyword forms of its fields applied, each
     with a ``DeprecationWarning`` naming ``args=InfluenceArgs(field=...)``; any other keyword is a ``TypeError``
     (as an unknown keyword of a signature is). A solver keyword given as ``None`` meant "the default"."""
-    from .deprecation import warn
-    unknown = sorted(k for k in keywords if k not in allowed)
+    from .deprecation import typed_options, warn
+    given = {k: v for k, v in keywords.items() if not (k.endswith("_solver") and v is None)}
+    unknown = sorted(set(keywords) - set(allowed))
     if unknown:
         raise TypeError(f"{where}() got an unexpected keyword argument '{unknown[0]}'")
-    if args is not None and not isinstance(args, InfluenceArgs):
-        raise TypeError(f"{where}(args=...) must be an InfluenceArgs, got {type(args).__name__}")
-    for k in keywords:
+    for k in sorted(set(keywords) - set(given)):         # the old form, though None changes nothing
         warn(f"{where}({k}=...)", f"{where}(args=InfluenceArgs({k}=...))", stacklevel=4)
-    given = {k: v for k, v in keywords.items() if not (k.endswith("_solver") and v is None)}
-    return replace(args or InfluenceArgs(), **given)   # replace() re-runs the validation
+    return typed_options(where, InfluenceArgs, args, given, allowed)
 
 
 def default_solvers(case: str = "fixed") -> tuple:
@@ -458,25 +456,33 @@ class MultiStageInfluence:
         test_target = test_target or self.args.test_target
         t0 = time.perf_counter()
         solves = {}
+        # the finetuning side in a function of its own: its test gradients and intermediate vectors (each
+        # as large as the model) are freed before the pretraining solve, which holds only its right-hand side
+        rhs = self._pretrain_rhs(test_data, test_target, solves)
+        r2 = _solve(self.H_G, rhs, self.pretrain_solver, "IHVP 2 (∂²G/∂(W,U)²)", self.progress)
+        solves["pretrain"] = r2.summary()
+        return -r2.x, solves, {"test_side": time.perf_counter() - t0}
+
+    def _pretrain_rhs(self, test_data, test_target: str, solves: dict):
+        """The right-hand side of the pretraining solve, ``[v_W, 0_U]`` (case 1: ``v_W = ∇_W f −
+        ∂²F/∂W∂Θ (∂²F/∂Θ²)⁻¹ ∇_Θ f``; case 2: ``2α [K⁻¹ b]_W``), recording the finetuning solve in ``solves``."""
+        b = test_gradients(self.measurement, test_data, self.TW, test_target)
         if self.case == "fixed":
-            b = test_gradients(self.measurement, test_data, self.TW, test_target)
             b_T = tf.gather(b, self.TW.slices(self.Theta), axis=0)
             b_W = tf.gather(b, self.TW.slices(self.W_ft), axis=0)
+            del b
             r1 = _solve(self.H_TT, b_T, self.finetune_solver, "IHVP 1 (∂²F/∂Θ²)", self.progress)
             solves["finetune"] = r1.summary()
             v_W = b_W - self.H_WT.matvec(r1.x)
         else:
-            b = test_gradients(self.measurement, test_data, self.TW, test_target)
             r1 = _solve(self.K, b, self.finetune_solver, "IHVP 1 (eq. 15 block)", self.progress)
+            del b
             solves["finetune"] = r1.summary()
-            y_W = tf.gather(r1.x, self.TW.slices(self.W_ft), axis=0)
-            v_W = 2.0 * self.alpha * y_W
+            v_W = 2.0 * self.alpha * tf.gather(r1.x, self.TW.slices(self.W_ft), axis=0)
+        del r1
         u_size = self.U.size if self.U is not None else 0
-        zeros_U = tf.zeros([u_size] + ([] if v_W.shape.rank == 1 else [v_W.shape[1]]), v_W.dtype)
-        rhs = tf.concat([tf.cast(v_W, self.WU.dtype), tf.cast(zeros_U, self.WU.dtype)], axis=0)
-        r2 = _solve(self.H_G, rhs, self.pretrain_solver, "IHVP 2 (∂²G/∂(W,U)²)", self.progress)
-        solves["pretrain"] = r2.summary()
-        return -r2.x, solves, {"test_side": time.perf_counter() - t0}
+        zeros_U = tf.zeros([u_size] + ([] if v_W.shape.rank == 1 else [v_W.shape[1]]), self.WU.dtype)
+        return tf.concat([tf.cast(v_W, self.WU.dtype), zeros_U], axis=0)
 
     def memory_plan(self, test_data=None, test_target: str | None = None):
         """The :class:`~tf_influence.memory.MemoryPlan` of a whole call — test gradients, both solves
@@ -487,7 +493,12 @@ class MultiStageInfluence:
         test_target = test_target or self.args.test_target
         k = 1 if test_target == "sum" or test_data is None else count_examples(test_data, "test data", self.f.model)
         plan = MemoryPlan(f"multi-stage influence (case '{self.case}')")
-        plan.add("test gradients over (Θ, W)", self.TW.size * k * self.TW.dtype.size * 3, f"[{self.TW.size}, {k}] × 3")
+        # the test gradients and the finetuning solve's vectors are freed before the pretraining solve, which
+        # holds its right-hand side through the factor passes
+        plan.add("test gradients over (Θ, W)", self.TW.size * k * self.TW.dtype.size * 3, f"[{self.TW.size}, {k}] × 3",
+                 phase="finetuning solve")
+        plan.add("right-hand side of the pretraining solve", self.WU.size * k * self.WU.dtype.size,
+                 f"[{self.WU.size}, {k}]")
         first = self.H_TT if self.case == "fixed" else self.K
         method_f, plan_f = solve_plan(first, self.finetune_solver, k)
         method_g, plan_g = solve_plan(self.H_G, self.pretrain_solver, k)

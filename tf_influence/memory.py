@@ -38,6 +38,7 @@ tf_influence.memory.MemoryBudgetError: EK-FAC factors need 20.2 GB, over the mem
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -293,18 +294,58 @@ def _dname(size: int) -> str:
     return {4: "float32", 8: "float64"}.get(size, f"{size}-byte")
 
 
-def factor_plan(stats, dataset=None, batch_shape: tuple | None = None) -> MemoryPlan:
+def _factor_batch_bytes(stats, B: int, P: int) -> tuple:
+    """``(first pass, correction pass)`` bytes of one batch's products in a factor fit: the captured inputs
+    and output gradients (a vocabulary side: the logits and their gradient), the correction's per-example
+    ``G_n`` and the vectorised per-example gradients of the variables no layer covers."""
+    from .kfac.statistics import PER_EXAMPLE_BATCHED_MAX
+    c = _dsize(stats.compute)
+    captured, temp = 0, 0
+    for b in stats.blocks:
+        captured += B * P * (b.rows + b.d_out) * c * 2
+        g_n = b.rows * b.d_out * c
+        temp = max(temp, B * g_n * 2 if b.rows * b.d_out <= PER_EXAMPLE_BATCHED_MAX else g_n * 3 + b.rows * b.d_out * 8)
+    rest = {id(v) for v in stats.rest}
+    vectorised = 0
+    for v in stats.diag_vars:
+        if id(v) in rest:
+            vectorised += B * math.prod(int(d) for d in v.shape) * c * 3
+    return captured + vectorised, captured + temp
+
+
+def factor_microbatch(stats, batch_shape: tuple, limit: int | None = None) -> int:
+    """The examples per step of a factor fit on batches of ``batch_shape = (B, P)``: ``B`` itself where one
+    batch's products (:func:`_factor_batch_bytes`) fit in ``limit`` bytes (default
+    :data:`~tf_influence.kfac.statistics.FACTOR_BATCH_BYTES`), else each batch is split into the fewest
+    microbatches that do (at least one example each) — of equal sizes where a divisor of ``B`` is within
+    a factor of two of that size (a last, shorter microbatch retraces the compiled step). The sums are the same either way (they are
+    sums over examples); the split bounds the TensorFlow memory of the passes, which the default CPU
+    allocator keeps for the rest of the process (the module docstring)."""
+    from .kfac.statistics import FACTOR_BATCH_BYTES
+    B, P = (int(batch_shape[0]), int(batch_shape[1]))
+    limit = FACTOR_BATCH_BYTES if limit is None else int(limit)
+
+    def fits(m):
+        return max(_factor_batch_bytes(stats, m, P)) <= limit
+    m = next((-(-B // split) for split in range(1, B + 1) if fits(-(-B // split))), 1)
+    # equal microbatches where a divisor of B is not much smaller: a last, shorter one retraces the step
+    divisor = max(d for d in range(1, m + 1) if B % d == 0)
+    return divisor if 2 * divisor >= m else m
+
+
+def factor_plan(stats, dataset=None, batch_shape: tuple | None = None, microbatch: int | None = None) -> MemoryPlan:
     """Memory of fitting (E)K-FAC factors with a :class:`~tf_influence.kfac.FactorStatistics`:
     per block the covariances ``A`` and ``S`` (dense ``rows²`` / ``d_out²`` in the compute dtype — float32
     for a float32 model — with the eigendecomposition's copies, or a float64 diagonal), the eigenvalues
     ``[rows, d_out]`` and the per-batch products (captured activations and output gradients, the
-    correction's ``G_n``)."""
-    from .kfac.statistics import DENSE_FACTOR_MAX, PER_EXAMPLE_BATCHED_MAX
+    correction's ``G_n``) of one microbatch (:func:`factor_microbatch`, or ``microbatch`` examples)."""
+    from .kfac.statistics import DENSE_FACTOR_MAX
     B, P = batch_shape if batch_shape is not None else (first_batch_shape(dataset) if dataset is not None else (32, 1))
+    m = min(B, int(microbatch)) if microbatch else factor_microbatch(stats, (B, P))
     c = _dsize(stats.compute)
     plan = MemoryPlan(f"(E)K-FAC factors of {stats.objective.name} over '{stats.group.name}'")
     ekfac = stats.kind == "ekfac"
-    captured, temp, largest_dense, sums, largest_name = 0, 0, 0, 0, ""
+    largest_dense, sums, largest_name = 0, 0, ""
     for b in stats.blocks:
         for side, n, diag in (("A", b.rows, b.diag_in), ("S", b.d_out, b.diag_out)):
             if diag:
@@ -323,21 +364,12 @@ def factor_plan(stats, dataset=None, batch_shape: tuple | None = None) -> Memory
         if ekfac:
             plan.add(f"a batch's eigenvalue sums of '{b.name}'", b.rows * b.d_out * c,
                      f"[{b.rows}, {b.d_out}] {_dname(c)}", phase="correction pass")
-        # captured inputs and output gradients (a vocabulary side: the logits and their gradient)
-        captured += B * P * (b.rows + b.d_out) * c * 2
-        g_n = b.rows * b.d_out * c
-        temp = max(temp, B * g_n * 2 if b.rows * b.d_out <= PER_EXAMPLE_BATCHED_MAX else g_n * 3 + e)
-    rest = {id(v) for v in stats.rest}
-    vectorised = 0
     for v in stats.diag_vars:
-        size = 1
-        for d in v.shape:
-            size *= int(d)
+        size = math.prod(int(d) for d in v.shape)
         plan.add(f"Fisher diagonal of '{getattr(v, 'path', v.name)}'", size * 8 * 2, f"[{size}] float64")
-        if id(v) in rest:
-            vectorised += B * size * c * 3   # vectorised per-example gradients of the variables no layer covers
-    plan.add("per-batch products (first pass)", captured + vectorised, f"batch {B} × {P} positions",
-             phase="covariance pass")
+    first, correction = _factor_batch_bytes(stats, m, P)
+    what = f"batch {B} × {P} positions" + (f", in microbatches of {m}" if m < B else "")
+    plan.add("per-batch products (first pass)", first, what, phase="covariance pass")
     if sums:
         plan.add("diagonal sums", sums, phase="covariance pass")
     if largest_dense:   # one eigendecomposition at a time: the average, numpy's copy and LAPACK's workspace
@@ -348,8 +380,7 @@ def factor_plan(stats, dataset=None, batch_shape: tuple | None = None) -> Memory
                  f"[{largest_dense}, {largest_dense}] {_dname(c)} × 3 (average, copy, workspace)",
                  phase="eigendecomposition", host=True)
     if ekfac:
-        plan.add("per-batch products (correction pass)", captured + temp, f"batch {B} × {P} positions",
-                 phase="correction pass")
+        plan.add("per-batch products (correction pass)", correction, what, phase="correction pass")
         q_total = sum(i.nbytes for i in plan.items if i.name.startswith("eigenvectors of "))
         if q_total:
             plan.add("eigenvectors as compute-dtype tensors", q_total, phase="correction pass")
@@ -381,11 +412,12 @@ def kfac_inverse_plan(stats_or_blocks, p: int, k: int) -> MemoryPlan:
     block and the columns, in the factors' precision (the compute dtype of ``stats``; float64 without it)."""
     blocks = getattr(stats_or_blocks, "blocks", stats_or_blocks)
     plan = MemoryPlan("the (E)K-FAC inverse")
-    for b in blocks:   # the factors themselves are in their fit's plan
-        plan.add(f"denominators of '{b.name}'", b.rows * b.d_out * 8, f"[{b.rows}, {b.d_out}] float64", phase="solve",
-                 host=True)
     c = _dsize(getattr(stats_or_blocks, "compute", None)) if hasattr(stats_or_blocks, "compute") else 8
-    plan.add("columns", p * k * c * 3, f"[{p}, {k}] {_dname(c)} × 3 (input, result, result as a tensor)",
+    for b in blocks:   # the factors themselves are in their fit's plan
+        plan.add(f"denominators of '{b.name}'", b.rows * b.d_out * c, f"[{b.rows}, {b.d_out}] {_dname(c)}",
+                 phase="solve", host=True)
+    plan.add("columns", p * k * c * 3, f"[{p}, {k}] {_dname(c)} × 3 (the caller's, the host copy transformed in "
+             "place, the result as a tensor)",
              phase="solve", host=True)
     return plan
 
@@ -419,5 +451,5 @@ def index_plan(projector, dataset=None, shard_size: int = 50_000) -> MemoryPlan:
 
 
 __all__ = ["DEFAULT_FRACTION", "MemoryBudgetError", "MemoryItem", "MemoryPlan", "available_bytes", "default_budget",
-           "dense_plan", "factor_plan", "first_batch_shape", "human", "index_plan", "kfac_inverse_plan", "parse_bytes",
-           "per_example_plan", "resolve_budget", "vectors_plan"]
+           "dense_plan", "factor_microbatch", "factor_plan", "first_batch_shape", "human", "index_plan",
+           "kfac_inverse_plan", "parse_bytes", "per_example_plan", "resolve_budget", "vectors_plan"]

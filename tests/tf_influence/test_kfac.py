@@ -111,6 +111,51 @@ def test_kfac_is_exact_on_one_example():
         np.testing.assert_allclose(inv.spectrum(), (0.0, g @ g), atol=1e-10)
 
 
+def test_factors_fitted_in_microbatches_equal_the_whole_batches(logreg, monkeypatch):
+    """A batch whose products exceed the per-step limit is split into microbatches: the fitted (E)K-FAC
+    factors are sums over examples, so they equal the whole-batch fit (the empirical Fisher: no sampling);
+    the plan sizes the step by the microbatch and says so."""
+    model, x, y = logreg
+    obj, group = tfi.Objective(model, h.sce()), tfi.ParameterGroup.from_model(model)
+    whole = kfac.fit_factors(obj, ds(x, y, 40), group, fisher="empirical")
+    stats = kfac.FactorStatistics(obj, group)
+    one = max(tfi.memory._factor_batch_bytes(stats, 1, 1))          # linear in the batch for a small layer
+    assert tfi.memory.factor_microbatch(stats, (40, 1)) == 40          # fits: the batch as it is
+    monkeypatch.setattr(kfac.statistics, "FACTOR_BATCH_BYTES", 7 * one)   # about 7 examples' products
+    # the fewest microbatches of ≤ 7 are 6 (of 7, …, 5); equal ones of 5 (a divisor of 40) are preferred
+    assert tfi.memory.factor_microbatch(stats, (40, 1)) == 5
+    assert tfi.memory.factor_microbatch(stats, (41, 1)) == 7             # 41 is prime: 6 of 7 and one of 6
+    plan = tfi.memory.factor_plan(stats, ds(x, y, 40))
+    item = next(i for i in plan.items if i.name == "per-batch products (first pass)")
+    assert "microbatches of 5" in item.what and item.nbytes == tfi.memory._factor_batch_bytes(stats, 5, 1)[0]
+    for split in (None, 3):
+        got = kfac.fit_factors(obj, ds(x, y, 40), group, fisher="empirical", microbatch=split)
+        assert got.num_examples == whole.num_examples == 120
+        for name, f in whole.blocks.items():
+            for key in ("QA", "QS", "eig"):
+                a, b = np.abs(f[key]), np.abs(got.blocks[name][key])   # eigenvectors up to sign
+                np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12, err_msg=f"{split} {name}/{key}")
+    with pytest.raises(ValueError, match="microbatch"):
+        kfac.fit_factors(obj, ds(x, y, 40), group, microbatch=0)
+
+
+def test_inverse_applied_a_column_at_a_time_in_place_is_the_dense_inverse(logreg, monkeypatch):
+    """The inverse transforms one host copy of the columns in place, a few columns per block at a time: with
+    one column per chunk, many columns give the explicit dense inverse column by column, and the caller's
+    array is left as it was."""
+    model, x, y = logreg
+    obj, group = tfi.Objective(model, h.sce()), tfi.ParameterGroup.from_model(model)
+    inv = kfac.KFACInverse(kfac.fit_factors(obj, ds(x, y, 40), group), model, group, damping=1e-2)
+    dense = np.linalg.inv(inv(tf.eye(group.size, dtype=tf.float64)).numpy())   # the matrix it inverts
+    V = np.random.default_rng(2).standard_normal((group.size, 5))
+    before = V.copy()
+    monkeypatch.setattr(kfac.inverse, "APPLY_CHUNK_BYTES", 1)              # one column per chunk
+    got = inv(V).numpy()
+    np.testing.assert_array_equal(V, before)
+    np.testing.assert_allclose(got, np.linalg.solve(dense, V), rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(inv(tf.constant(V[:, 3])).numpy(), got[:, 3], rtol=1e-12)
+
+
 def test_ekfac_solve_diagnoses_the_spectrum_of_the_matrix_it_inverts(logreg):
     """The curvature an EK-FAC solve reports (no Lanczos) is the extreme eigenvalues of the matrix it
     inverts — read back densely as ``inverse(I)⁻¹`` — with the L2 regulariser's diagonal included."""

@@ -44,10 +44,15 @@ class KFACFactors:
                 arrays[f"block/{name}/{key}"] = val
         for path, val in self.diagonal.items():
             arrays[f"diag/{path}"] = val
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        with tf.io.gfile.GFile(os.path.join(directory, "factors.npz"), "wb") as fh:
-            fh.write(buf.getvalue())
+        target = os.path.join(directory, "factors.npz")
+        if _is_local(directory):        # straight to the file: no in-memory copy of every factor (1.5 GB at GPT-2 small)
+            with open(target, "wb") as fh:
+                np.savez(fh, **arrays)
+        else:
+            buf = io.BytesIO()
+            np.savez(buf, **arrays)
+            with tf.io.gfile.GFile(target, "wb") as fh:
+                fh.write(buf.getbuffer())   # a view of the buffer, not a second copy
         with tf.io.gfile.GFile(os.path.join(directory, "factors.json"), "w") as fh:
             fh.write(json.dumps({"kind": self.kind, "fisher": self.fisher, "num_examples": self.num_examples,
                                  "group_spec": json.loads(self.group_spec.to_json())}, indent=1))
@@ -61,15 +66,25 @@ class KFACFactors:
             raise FileNotFoundError(f"no K-FAC factors in {directory} (missing factors.json)")
         with tf.io.gfile.GFile(meta_path) as fh:
             meta = json.load(fh)
-        with tf.io.gfile.GFile(os.path.join(directory, "factors.npz"), "rb") as fh:
-            data = np.load(io.BytesIO(fh.read()))
+        target = os.path.join(directory, "factors.npz")
+        if _is_local(directory):        # read array by array from the file, not the whole file into memory first
+            source = target
+        else:
+            with tf.io.gfile.GFile(target, "rb") as fh:
+                source = io.BytesIO(fh.read())
         blocks, diagonal = {}, {}
-        for key in data.files:
-            kind, rest = key.split("/", 1)
-            if kind == "block":
-                name, field_ = rest.rsplit("/", 1)
-                blocks.setdefault(name, {})[field_] = data[key]
-            else:
-                diagonal[rest] = data[key]
+        with np.load(source) as data:
+            for key in data.files:
+                kind, rest = key.split("/", 1)
+                if kind == "block":
+                    name, field_ = rest.rsplit("/", 1)
+                    blocks.setdefault(name, {})[field_] = data[key]
+                else:
+                    diagonal[rest] = data[key]
         return cls(meta["kind"], meta["fisher"], meta["num_examples"], GroupSpec.from_json(meta["group_spec"]),
                    blocks, diagonal)
+
+
+def _is_local(directory: str) -> bool:
+    """A path on this machine's file system (not a ``gs://`` or other ``tf.io.gfile`` URL)."""
+    return "://" not in str(directory)

@@ -11,6 +11,11 @@ from .blocks import _l2, _owners, kronecker_blocks
 from .factors import KFACFactors
 
 
+#: Host bytes of one block's columns transformed at a time by :meth:`KFACInverse.__call__` (at least one
+#: column: a vocabulary-sized block's is ``[vocab, d]``, 154 MB at GPT-2 small in float32).
+APPLY_CHUNK_BYTES = 256 << 20
+
+
 # -- the inverse -----------------------------------------------------------------------------------
 def regularizer_coefficients(model, group: ParameterGroup):
     """``(coefficients, unmodelled)``: per variable of the group the Hessian diagonal of its L2 penalty, one
@@ -116,38 +121,44 @@ class KFACInverse:
         return min(vals), max(highs)
 
     def __call__(self, V):
-        """``(F̂ + D + λ)⁻¹ V`` for ``V`` ``[p]`` or ``[p, k]``: one variable's (one block's) slice at a time,
-        written into one ``[p, k]`` result — about two copies of ``V`` in memory, not five. In the factors'
-        precision: float32 factors (a float32 model's, :meth:`FactorStatistics.add`) apply in float32 — their
+        """``(F̂ + D + λ)⁻¹ V`` for ``V`` ``[p]`` or ``[p, k]``, in one host copy of ``V``: each variable's
+        (each block's) slice is read, transformed and written back into that copy in place — the blocks cover
+        disjoint variables — a few columns at a time (:data:`APPLY_CHUNK_BYTES` per block), so the
+        temporaries of a vocabulary-sized block are bounded whatever ``k`` is. In the factors' precision:
+        float32 factors (a float32 model's, :meth:`FactorStatistics.add`) apply in float32 — their
         eigenvectors hold no more — so the columns take half the memory (a 124 M-parameter GPT-2: 0.5 GB
         each, not 1 GB); float64 factors in float64."""
-        V = np.asarray(V.numpy() if hasattr(V, "numpy") else V, dtype=self.dtype)
-        was_vector = V.ndim == 1
-        M = V[:, None] if was_vector else V                       # [p, k] (a view)
-        k = M.shape[1]
+        src = V.numpy() if hasattr(V, "numpy") else V
+        M = np.array(src, dtype=self.dtype, copy=True)            # the one host copy, overwritten in place
+        del src
+        was_vector = M.ndim == 1
+        M2 = M[:, None] if was_vector else M                       # [p, k] (a view)
+        k = M2.shape[1]
         offsets = np.concatenate([[0], np.cumsum(self.group.sizes)]).astype(np.int64)
-        out = np.empty_like(M)
 
-        def piece(i):                                               # variable i's columns as [k, *shape]
-            return tf.reshape(tf.constant(M[offsets[i]:offsets[i + 1]].T), [k] + list(self.group.shapes[i]))
+        def piece(i, j0, j1):                                       # variable i's columns j0:j1 as [c, *shape]
+            return tf.reshape(tf.constant(M2[offsets[i]:offsets[i + 1], j0:j1].T),
+                              [j1 - j0] + list(self.group.shapes[i]))
 
         for b in self.blocks:
             idx = [self.index[id(tf_variable(x))] for x in b.variables]
-            m = b.to_matrix([piece(i) for i in idx]).numpy()        # [k, rows, d_out]
-            r = m if b.QA is None else np.matmul(b.QA.T, m)          # Q_Aᵀ M Q_S, per column
-            r = r if b.QS is None else np.matmul(r, b.QS)
-            r = r / self.denominators[b.name]
-            r = r if b.QS is None else np.matmul(r, b.QS.T)
-            m = r if b.QA is None else np.matmul(b.QA, r)
-            for i, part in zip(idx, b.from_matrix(tf.constant(m))):
-                out[offsets[i]:offsets[i + 1]] = tf.reshape(part, [k, -1]).numpy().T
-        covered = {i for b in self.blocks for i in (self.index[id(tf_variable(x))] for x in b.variables)}
+            den = self.denominators[b.name]
+            step = max(1, int(APPLY_CHUNK_BYTES // max(1, den.size * M2.itemsize)))
+            for j0 in range(0, k, step):
+                j1 = min(k, j0 + step)
+                m = b.to_matrix([piece(i, j0, j1) for i in idx]).numpy()   # [c, rows, d_out]
+                r = m if b.QA is None else np.matmul(b.QA.T, m)           # Q_Aᵀ M Q_S, per column
+                r = r if b.QS is None else np.matmul(r, b.QS)
+                r = r / den if r is m else np.divide(r, den, out=r)       # m may be the tensor's own buffer
+                r = r if b.QS is None else np.matmul(r, b.QS.T)
+                m = r if b.QA is None else np.matmul(b.QA, r)
+                del r
+                for i, part in zip(idx, b.from_matrix(tf.constant(m))):
+                    M2[offsets[i]:offsets[i + 1], j0:j1] = tf.reshape(part, [j1 - j0, -1]).numpy().T
+                del m
         for i, v in enumerate(self.group.variables):
             key = id(tf_variable(v))
-            if key in self.diag:
-                d = np.reshape(np.asarray(self.diag[key]), [-1, 1])
-                out[offsets[i]:offsets[i + 1]] = M[offsets[i]:offsets[i + 1]] / d
-            elif i not in covered:
-                out[offsets[i]:offsets[i + 1]] = M[offsets[i]:offsets[i + 1]]
-        res = tf.constant(out[:, 0] if was_vector else out)
-        return res
+            if key in self.diag:                                    # a variable kept diagonal; the others no
+                d = np.reshape(np.asarray(self.diag[key], self.dtype), [-1, 1])  # block covers stay as they are
+                M2[offsets[i]:offsets[i + 1]] /= d
+        return tf.constant(M)

@@ -47,6 +47,15 @@ def _sample_labels(loss, y_pred, y, fisher: str, seed):
 #: 128 MB and its ``eigh`` takes seconds; GPT-2's would be 20 GB and 10¹⁴ flops.
 DENSE_FACTOR_MAX = 4096
 
+#: One step of a factor fit holds at most about this many bytes of per-batch products (captured activations,
+#: output gradients, per-example ``G_n``; :func:`tf_influence.memory.factor_microbatch`): a larger batch is
+#: split into microbatches. TensorFlow's default CPU allocator keeps its high-water mark, so a pass's
+#: per-batch memory stays resident through the rest of the process. The split costs time (GPT-2 small,
+#: 48 sequences of 128 tokens: microbatches of 3 instead of batches of 8 took 299 s instead of 242 s and
+#: peaked at 7.8 GB instead of 8.6 GB), so the limit is set where a batch of 8 such sequences (2.5 GB in
+#: the correction pass) is not split and a batch of 32 (9 GB) is.
+FACTOR_BATCH_BYTES = 3 << 30
+
 #: Blocks whose one-example ``G_n`` has at most this many entries get their EK-FAC correction from a
 #: batch of ``G_n`` at once; larger ones (vocabulary-sized) one example at a time.
 PER_EXAMPLE_BATCHED_MAX = 1 << 21
@@ -429,7 +438,7 @@ def _global_batch_size(y, strategy) -> int:
 def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", fisher: str = "true",
                 seed: int = 0, progress: bool = False, name: str = "dataset", strategy=None,
                 max_examples: int | None = None, dense_factor_max: int | None = DENSE_FACTOR_MAX,
-                memory_budget=None) -> KFACFactors:
+                memory_budget=None, microbatch: int | None = None) -> KFACFactors:
     """Fit (E)K-FAC factors of ``objective`` on ``dataset`` for ``group`` (one pass, two for EK-FAC).
 
     The passes are :class:`FactorStatistics`' steps, summed batch by batch in bounded memory (the
@@ -443,6 +452,10 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
     (:data:`DENSE_FACTOR_MAX`); ``memory_budget``: bytes, a fraction of the available memory, or a
     string such as ``"8GB"`` (default: :func:`tf_influence.memory.default_budget`) — the factors'
     memory plan is checked against it before the first pass (:class:`~tf_influence.memory.MemoryBudgetError`).
+    ``microbatch``: examples per step (default: the whole batch where its products fit in
+    :data:`FACTOR_BATCH_BYTES`, else the fewest equal microbatches that do,
+    :func:`~tf_influence.memory.factor_microbatch`); the sums are the same (with ``fisher="true"`` each
+    microbatch draws its own labels). One device only: under a ``strategy`` the global batch is kept.
 
     ``max_examples``: fit both passes on the dataset's first ``max_examples`` examples only (shuffle
     it first), as kronfluence's ``covariance_max_examples`` / ``lambda_max_examples`` (its default:
@@ -459,8 +472,16 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
     if any(not (b.diag_in and b.diag_out) and max(b.rows, b.d_out) >= 1024 for b in stats.blocks):
         from ..console import warn_generic_blas
         warn_generic_blas()          # large eigendecompositions ahead: say so if numpy's BLAS is generic
-    from ..memory import factor_plan
-    factor_plan(stats, dataset).check(memory_budget)   # refuse before any pass
+    from ..memory import factor_microbatch, factor_plan
+    if microbatch is not None and int(microbatch) < 1:
+        raise ValueError(f"microbatch must be a positive number of examples, got {microbatch}")
+    if strategy is None and dataset is not None:
+        from ..memory import first_batch_shape
+        shape = first_batch_shape(dataset)
+        microbatch = min(shape[0], int(microbatch)) if microbatch else factor_microbatch(stats, shape)
+    else:
+        microbatch = None
+    factor_plan(stats, dataset, microbatch=microbatch).check(memory_budget)   # refuse before any pass
     if max_examples is not None and int(max_examples) < 1:
         raise ValueError(f"max_examples must be a positive number of examples, got {max_examples}")
 
@@ -479,12 +500,22 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
             seen += k
             yield x, y
 
+    def split(it):
+        """Each batch as microbatches of ``microbatch`` examples (itself when it is no larger)."""
+        for x, y in it:
+            n = _global_batch_size(y, None)
+            if not microbatch or n <= microbatch:
+                yield x, y
+                continue
+            for i in range(0, n, microbatch):
+                yield tuple(tf.nest.map_structure(lambda t: t[i:i + microbatch], z) for z in (x, y))
+
     def loop(desc):
         if strategy is not None:
             check_dataset(dataset, name, model)
             it = iter(strategy.experimental_distribute_dataset(dataset))
         else:
-            it = batches(dataset, name, model)
+            it = split(batches(dataset, name, model))
         it = capped(it)
         if progress:
             from tqdm.auto import tqdm
