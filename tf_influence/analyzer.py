@@ -395,8 +395,12 @@ class Analyzer:
             vectors = np.asarray(query.test_vector)
         else:
             group, vectors = self.pretrain_group(), np.asarray(query)
+        from dataclasses import replace
+
         from .index import _query_args
         args = _query_args(args, options, "Analyzer.query_index")
+        if isinstance(query, InfluenceResult) and query.higher_is_better:   # its sides named for its measurement
+            args = replace(args, higher_is_better=True)
         return index.query(self.pretrain_objective, vectors, args, vector_group=group)
 
 

@@ -87,6 +87,9 @@ class QueryArgs(JsonConfig):
     query_batch: int = field(default=256, metadata={"help": "queries per matrix product"})
     nprobe: Optional[int] = field(default=None, metadata={
         "help": "faiss: inverted lists searched per query (None: an eighth of them)"})
+    higher_is_better: bool = field(default=False, metadata={
+        "help": "the queries measure a quantity to raise (a log-probability: an InfluenceResult's higher_is_better), "
+                "so the harmful side is the most negative scores and the helpful side the largest"})
     rerank: int = field(default=0, metadata={
         "help": "re-score the index's best `rerank` candidates per query and side with exact (unprojected) "
                 "per-example gradients and keep the top_k of those: the top-k lists and their scores become "
@@ -244,8 +247,9 @@ def publish(directory: str, parts, projector_description: dict, model_fingerprin
 @dataclass
 class QueryResult:
     """Top-k per query: ``harmful_*`` the largest scores (removal predicted to lower the test loss),
-    ``helpful_*`` the most negative, each ``[Q, k]`` (keys as bytes); ``scores`` ``[Q, N]`` and
-    ``keys`` ``[N]`` (index order) when all scores were asked for."""
+    ``helpful_*`` the most negative — the other way round for a measurement to raise
+    (``QueryArgs.higher_is_better``) — each ``[Q, k]`` (keys as bytes), most harmful / helpful first;
+    ``scores`` ``[Q, N]`` and ``keys`` ``[N]`` (index order) when all scores were asked for."""
 
     harmful_keys: np.ndarray
     harmful_scores: np.ndarray
@@ -254,6 +258,13 @@ class QueryResult:
     scores: np.ndarray | None = None
     keys: np.ndarray | None = None
     backend: str = "exact"
+
+    def _sides_for(self, higher_is_better: bool) -> "QueryResult":
+        """The result with its sides named for the measurement (swapped for one to raise)."""
+        if higher_is_better:
+            self.harmful_keys, self.helpful_keys = self.helpful_keys, self.harmful_keys
+            self.harmful_scores, self.helpful_scores = self.helpful_scores, self.harmful_scores
+        return self
 
 
 def _merge_top(best_s, best_k, s, k, top_k, largest):
@@ -408,9 +419,9 @@ class GradientIndex:
         if dataset is None:
             raise ValueError("QueryArgs.rerank re-scores candidates with exact gradients: pass the indexed corpus, "
                              "query(..., dataset=...)")
-        wide = replace(args, rerank=0, top_k=max(args.top_k, args.rerank))
+        wide = replace(args, rerank=0, top_k=max(args.top_k, args.rerank), higher_is_better=False)
         return self._rerank(objective, proj.group, np.asarray(vectors), self.query_projected(q, wide), args,
-                            dataset, keys)
+                            dataset, keys)._sides_for(args.higher_is_better)
 
     def _rerank(self, objective, group, vectors, approx: QueryResult, args: QueryArgs, dataset, keys):
         """Exact scores of the approximate result's candidates (one pass over ``dataset`` that computes
@@ -480,7 +491,7 @@ class GradientIndex:
                 except ImportError:
                     pass
         if backend == "faiss":
-            return self._query_faiss(q, top_k, nprobe)
+            return self._query_faiss(q, top_k, nprobe)._sides_for(args.higher_is_better)
         hi = lo = None
         parts = []
         for keys, v in self.iter_shards():
@@ -493,7 +504,7 @@ class GradientIndex:
         if all_scores:
             out.keys = np.concatenate([k for k, _ in parts])
             out.scores = np.concatenate([s for _, s in parts], axis=1)
-        return out
+        return out._sides_for(args.higher_is_better)
 
     def _query_faiss(self, q, top_k, nprobe=None):
         import faiss

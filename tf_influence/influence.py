@@ -186,6 +186,18 @@ def as_measurement(measurement, model) -> Objective | None:
     raise TypeError(f"measurement must be an Objective or a function (y_true, y_pred) -> [B], got {measurement!r}")
 
 
+def higher_is_better(measurement) -> bool:
+    """Whether ``measurement`` (a function, an :class:`Objective` or a loss) is a quantity to raise — a
+    log-probability (:func:`~tf_influence.lm.completion_log_probability`) — rather than a loss: its
+    ``higher_is_better`` attribute, on it or on the :class:`Objective`'s loss. A score's sign means the same
+    either way (positive: removing the example is predicted to *lower* the measurement); which side is
+    "harmful" depends on this: for a loss the positive side, for a log-probability the negative one."""
+    for m in (measurement, getattr(measurement, "loss", None)):
+        if m is not None and bool(getattr(m, "higher_is_better", False)):
+            return True
+    return False
+
+
 def predicted_loss_change_on_removal(scores, num_train: int):
     """First-order change of the test target when an example is removed (ε = −1/m): ``−score/m``."""
     return -np.asarray(scores) / float(num_train)
@@ -210,13 +222,17 @@ class InfluenceResult:
     solves: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
     group_spec: GroupSpec | None = None
+    #: the measurement is a quantity to raise (a log-probability, :func:`higher_is_better`): the harmful
+    #: examples are then those with the most negative scores
+    higher_is_better: bool = False
 
     def save(self, directory: str) -> str:
         os.makedirs(directory, exist_ok=True)
         np.save(os.path.join(directory, "scores.npy"), np.asarray(self.scores))
         np.save(os.path.join(directory, "test_vector.npy"), np.asarray(self.test_vector))
         meta = {"method": self.method, "num_train": int(self.num_train), "solves": self.solves,
-                "seconds": self.seconds, "group_spec": json.loads(self.group_spec.to_json()) if self.group_spec else None}
+                "seconds": self.seconds, "group_spec": json.loads(self.group_spec.to_json()) if self.group_spec else None,
+                "higher_is_better": bool(self.higher_is_better)}
         with open(os.path.join(directory, "result.json"), "w") as fh:
             json.dump(meta, fh, indent=1, default=float)
         return directory
@@ -231,7 +247,8 @@ class InfluenceResult:
         spec = GroupSpec.from_json(meta["group_spec"]) if meta.get("group_spec") else None
         return cls(np.load(os.path.join(directory, "scores.npy")),
                    tf.constant(np.load(os.path.join(directory, "test_vector.npy"))), None, meta["num_train"],
-                   meta["method"], meta.get("solves", {}), meta.get("seconds", {}), spec)
+                   meta["method"], meta.get("solves", {}), meta.get("seconds", {}), spec,
+                   bool(meta.get("higher_is_better", False)))
 
     def predicted_loss_change_on_removal(self):
         return predicted_loss_change_on_removal(self.scores, self.num_train)
@@ -240,12 +257,17 @@ class InfluenceResult:
         return self.scores if self.scores.ndim == 1 else self.scores.sum(axis=1)
 
     def top_harmful(self, k: int = 10) -> np.ndarray:
-        """Indices of the ``k`` largest positive scores (removal predicted to lower the test loss)."""
-        return np.argsort(-self._total())[:k]
+        """Indices of the ``k`` most harmful examples, those whose removal is predicted to improve the
+        measurement: the largest positive scores for a loss (removal lowers it), the most negative for a
+        quantity to raise (``higher_is_better``: a log-probability, which removal raises)."""
+        sign = -1.0 if self.higher_is_better else 1.0
+        return np.argsort(-sign * self._total(), kind="stable")[:k]
 
     def top_helpful(self, k: int = 10) -> np.ndarray:
-        """Indices of the ``k`` most negative scores."""
-        return np.argsort(self._total())[:k]
+        """Indices of the ``k`` most helpful examples, those whose removal is predicted to worsen the
+        measurement (the other end of :meth:`top_harmful`)."""
+        sign = -1.0 if self.higher_is_better else 1.0
+        return np.argsort(sign * self._total(), kind="stable")[:k]
 
 
 def _progress_cb(desc: str, enabled: bool, total: int):
@@ -309,7 +331,7 @@ def single_stage_influence(objective: Objective, train_data, test_data, group: P
     m = H.num_examples if hessian_samples is None else count_examples(train_data, "training data", objective.model)
     return InfluenceResult(scores, s, group, m, "single_stage",
                            {"hessian": res.summary()}, {"test_side": t1 - t0, "scoring": t2 - t1},
-                           group.spec(objective.model))
+                           group.spec(objective.model), higher_is_better(measurement))
 
 
 def pretrain_head_group(model, W: ParameterGroup, pretrain_head=None) -> ParameterGroup | None:
@@ -480,6 +502,10 @@ class MultiStageInfluence:
             solves["finetune"] = r1.summary()
             v_W = 2.0 * self.alpha * tf.gather(r1.x, self.TW.slices(self.W_ft), axis=0)
         del r1
+        # factors fitted for the finetuning solve (case 2's K over the whole backbone: as large as the
+        # pretraining ones) are not kept: the two sets are never held at once; a second call refits them
+        # (a pass over the finetuning data, small next to the pretraining corpus)
+        (self.H_TT if self.case == "fixed" else self.K).__dict__.pop("kfac_factors", None)
         u_size = self.U.size if self.U is not None else 0
         zeros_U = tf.zeros([u_size] + ([] if v_W.shape.rank == 1 else [v_W.shape[1]]), self.WU.dtype)
         return tf.concat([tf.cast(v_W, self.WU.dtype), zeros_U], axis=0)
@@ -524,7 +550,7 @@ class MultiStageInfluence:
         scores = score_examples(self.g, data, self.WU, s, progress=self.progress, name="pretraining data")
         seconds["scoring"] = time.perf_counter() - t0
         return InfluenceResult(scores, s, self.WU, self.num_pretrain, f"multi_stage_{self.case}", solves, seconds,
-                               self.WU.spec(self.g.model))
+                               self.WU.spec(self.g.model), higher_is_better(self.measurement))
 
 
 def multi_stage_influence(pretrain_objective, pretrain_data, finetune_objective, finetune_data, test_data,

@@ -127,6 +127,7 @@ def completion_log_probability(per_token: bool = False):
         return -nll
     log_probability.__name__ = "completion_log_probability" + ("_per_token" if per_token else "")
     log_probability.token_terms = token_terms
+    log_probability.higher_is_better = True     # a quantity to raise, not a loss (see influence.higher_is_better)
     return log_probability
 
 

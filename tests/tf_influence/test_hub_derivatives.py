@@ -188,6 +188,15 @@ def test_completion_log_probability_measurement():
     ref = -h.one_at_a_time_gradients(g, xp, yp, group) @ _sq(H, h.loss_gradient(meas, x, labels, group),
                                                             tfi.DEFAULT_FINETUNE_DAMPING)
     np.testing.assert_allclose(res.scores, ref, rtol=rtol(c), atol=1e-8 * np.abs(ref).max())
+    # a log-probability is a quantity to raise: the harmful examples are those whose removal raises it
+    # (predicted change −score/m > 0: the most negative scores), and a saved result keeps knowing it
+    assert res.higher_is_better and not tfi.single_stage_influence(g, c.pretrain_data, test).higher_is_better
+    assert list(res.top_harmful(3)) == list(np.argsort(ref)[:3])
+    assert list(res.top_helpful(3)) == list(np.argsort(-ref)[:3])
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        back = tfi.InfluenceResult.load(res.save(d))
+    assert back.higher_is_better and list(back.top_harmful(3)) == list(res.top_harmful(3))
 
 
 def test_causal_lm_examples_rejects_sequences_without_targets():

@@ -136,6 +136,12 @@ def test_queries_equal_exact_influence_scores_and_their_top_k(indexed):
         assert [int(k) for k in res.harmful_keys[q]] == list(want_hi)
         assert [int(k) for k in res.helpful_keys[q]] == list(want_lo)
         np.testing.assert_allclose(res.harmful_scores[q], exact[want_hi, q], rtol=1e-4, atol=1e-6)
+    # a measurement to raise (a log-probability): harmful are the most negative scores, most harmful first
+    up = index.query(obj, S, tfi.QueryArgs(top_k=7, higher_is_better=True))
+    for q in range(3):
+        assert [int(k) for k in up.harmful_keys[q]] == list(np.argsort(exact[:, q])[:7])
+        assert [int(k) for k in up.helpful_keys[q]] == list(np.argsort(-exact[:, q])[:7])
+        assert up.harmful_scores[q][0] == res.helpful_scores[q][0] < 0
 
 
 def test_self_influence_from_the_index_is_the_ghost_norm_scorer(indexed):
@@ -229,7 +235,7 @@ def test_ekfac_preconditioned_queries_and_query_args(indexed):
     with pytest.warns(DeprecationWarning, match=r"GradientIndex\.query\(top_k=\.\.\.\) is deprecated: use "
                                                 r"GradientIndex\.query\(args=QueryArgs\(top_k=\.\.\.\)\)"):
         assert [int(k) for k in index.query(obj, S[:, 0], top_k=3).harmful_keys[0]] == want  # keyword form
-    with pytest.raises(TypeError, match="unknown query option"):
+    with pytest.raises(TypeError, match=r"unexpected keyword argument .top_kk. \(the options are the fields of QueryArgs"):
         index.query(obj, S, top_kk=3)
     with pytest.raises(ValueError, match="needs factors"):
         index.query(obj, S, tfi.QueryArgs(precondition="ekfac"))              # neither a directory nor fitted factors

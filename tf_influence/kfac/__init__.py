@@ -52,12 +52,12 @@ from ..deprecation import moved_names
 from .blocks import kronecker_blocks, norm_blocks
 from .factors import FISHERS, KINDS, KFACFactors
 from .inverse import KFACInverse, regularizer_coefficients, regularizer_diagonal
-from .statistics import (CORRECTION_SEED_OFFSET, DENSE_FACTOR_MAX, FactorStatistics, add_statistics, eigenbases,
-                         fit_factors)
+from .statistics import (CORRECTION_SEED_OFFSET, DENSE_FACTOR_MAX, FACTOR_BATCH_BYTES, FactorStatistics,
+                         add_statistics, eigenbases, fit_factors)
 
 __all__ = ["FactorStatistics", "KFACFactors", "KFACInverse", "add_statistics", "eigenbases",
            "fit_factors", "kronecker_blocks", "norm_blocks", "regularizer_diagonal", "regularizer_coefficients", "KINDS", "FISHERS",
-           "CORRECTION_SEED_OFFSET", "DENSE_FACTOR_MAX"]
+           "CORRECTION_SEED_OFFSET", "DENSE_FACTOR_MAX", "FACTOR_BATCH_BYTES"]
 
 
 # GhostNorms lived here before 0.3; it moved beside the other per-example gradient code

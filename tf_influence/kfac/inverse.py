@@ -11,7 +11,7 @@ from .blocks import _l2, _owners, kronecker_blocks
 from .factors import KFACFactors
 
 
-#: Host bytes of one block's columns transformed at a time by :meth:`KFACInverse.__call__` (at least one
+#: Bytes of one block's columns transformed at a time by :meth:`KFACInverse.__call__` (at least one
 #: column: a vocabulary-sized block's is ``[vocab, d]``, 154 MB at GPT-2 small in float32).
 APPLY_CHUNK_BYTES = 256 << 20
 
@@ -121,44 +121,59 @@ class KFACInverse:
         return min(vals), max(highs)
 
     def __call__(self, V):
-        """``(F̂ + D + λ)⁻¹ V`` for ``V`` ``[p]`` or ``[p, k]``, in one host copy of ``V``: each variable's
-        (each block's) slice is read, transformed and written back into that copy in place — the blocks cover
-        disjoint variables — a few columns at a time (:data:`APPLY_CHUNK_BYTES` per block), so the
-        temporaries of a vocabulary-sized block are bounded whatever ``k`` is. In the factors' precision:
-        float32 factors (a float32 model's, :meth:`FactorStatistics.add`) apply in float32 — their
-        eigenvectors hold no more — so the columns take half the memory (a 124 M-parameter GPT-2: 0.5 GB
-        each, not 1 GB); float64 factors in float64."""
-        src = V.numpy() if hasattr(V, "numpy") else V
-        M = np.array(src, dtype=self.dtype, copy=True)            # the one host copy, overwritten in place
-        del src
-        was_vector = M.ndim == 1
-        M2 = M[:, None] if was_vector else M                       # [p, k] (a view)
-        k = M2.shape[1]
+        """``(F̂ + D + λ)⁻¹ V`` for ``V`` ``[p]`` or ``[p, k]``, in TensorFlow, one block at a time: each
+        block's slice of the columns (a few columns at a time, :data:`APPLY_CHUNK_BYTES`), its eigenbases and
+        denominators become tensors only while that block is transformed, and the result is assembled from the
+        blocks' parts. Everything it allocates is TensorFlow memory that the factor passes before it already
+        reserved — TensorFlow's default CPU allocator keeps what it freed and reuses it — rather than host
+        memory on top of it (a numpy version of this loop, with one host copy of the columns, added 1.1 GB to
+        the peak of multi-stage influence at GPT-2 small). In the factors' precision: float32 factors (a
+        float32 model's, :meth:`FactorStatistics.add`) apply in float32 — their eigenvectors hold no more —
+        and float64 factors in float64."""
+        dtype = tf.float32 if self.dtype == np.float32 else tf.float64
+        V = tf.cast(tf.convert_to_tensor(V), dtype)
+        was_vector = V.shape.rank == 1
+        M = V[:, None] if was_vector else V                         # [p, k]
+        k = int(M.shape[1])
         offsets = np.concatenate([[0], np.cumsum(self.group.sizes)]).astype(np.int64)
+        parts = [None] * len(self.group.variables)
 
         def piece(i, j0, j1):                                       # variable i's columns j0:j1 as [c, *shape]
-            return tf.reshape(tf.constant(M2[offsets[i]:offsets[i + 1], j0:j1].T),
+            return tf.reshape(tf.transpose(M[offsets[i]:offsets[i + 1], j0:j1]),
                               [j1 - j0] + list(self.group.shapes[i]))
 
         for b in self.blocks:
             idx = [self.index[id(tf_variable(x))] for x in b.variables]
-            den = self.denominators[b.name]
-            step = max(1, int(APPLY_CHUNK_BYTES // max(1, den.size * M2.itemsize)))
+            den_np = self.denominators[b.name]
+            step = max(1, int(APPLY_CHUNK_BYTES // max(1, den_np.size * den_np.itemsize)))
+            QA = None if b.QA is None else tf.constant(b.QA, dtype)
+            QS = None if b.QS is None else tf.constant(b.QS, dtype)
+            den = tf.constant(den_np, dtype)
+            chunks = {i: [] for i in idx}
             for j0 in range(0, k, step):
                 j1 = min(k, j0 + step)
-                m = b.to_matrix([piece(i, j0, j1) for i in idx]).numpy()   # [c, rows, d_out]
-                r = m if b.QA is None else np.matmul(b.QA.T, m)           # Q_Aᵀ M Q_S, per column
-                r = r if b.QS is None else np.matmul(r, b.QS)
-                r = r / den if r is m else np.divide(r, den, out=r)       # m may be the tensor's own buffer
-                r = r if b.QS is None else np.matmul(r, b.QS.T)
-                m = r if b.QA is None else np.matmul(b.QA, r)
+                m = b.to_matrix([piece(i, j0, j1) for i in idx])              # [c, rows, d_out]
+                r = m if QA is None else tf.linalg.matmul(QA, m, transpose_a=True)   # Q_Aᵀ M Q_S, per column
+                r = r if QS is None else tf.linalg.matmul(r, QS)
+                r = r / den
+                r = r if QS is None else tf.linalg.matmul(r, QS, transpose_b=True)
+                m = r if QA is None else tf.linalg.matmul(QA, r)
                 del r
-                for i, part in zip(idx, b.from_matrix(tf.constant(m))):
-                    M2[offsets[i]:offsets[i + 1], j0:j1] = tf.reshape(part, [j1 - j0, -1]).numpy().T
+                for i, part in zip(idx, b.from_matrix(m)):
+                    chunks[i].append(tf.transpose(tf.reshape(part, [j1 - j0, -1])))
                 del m
+            for i in idx:
+                parts[i] = chunks[i][0] if len(chunks[i]) == 1 else tf.concat(chunks[i], axis=1)
+            del QA, QS, den, chunks
         for i, v in enumerate(self.group.variables):
+            if parts[i] is not None:
+                continue
             key = id(tf_variable(v))
+            rows = M[offsets[i]:offsets[i + 1]]
             if key in self.diag:                                    # a variable kept diagonal; the others no
-                d = np.reshape(np.asarray(self.diag[key], self.dtype), [-1, 1])  # block covers stay as they are
-                M2[offsets[i]:offsets[i + 1]] /= d
-        return tf.constant(M)
+                d = tf.constant(np.reshape(np.asarray(self.diag[key]), [-1, 1]), dtype)   # block covers: as given
+                rows = rows / d
+            parts[i] = rows
+        out = tf.concat(parts, axis=0) if len(parts) > 1 else parts[0]
+        del parts
+        return out[:, 0] if was_vector else out

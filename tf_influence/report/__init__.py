@@ -357,8 +357,9 @@ class Report:
 
 
 def _higher_is_better(measurement) -> bool:
-    """A measurement to raise rather than a loss: :func:`~tf_influence.lm.completion_log_probability`."""
-    return getattr(measurement, "__name__", "").startswith("completion_log_probability")
+    """A measurement to raise rather than a loss (:func:`tf_influence.influence.higher_is_better`)."""
+    from ..influence import higher_is_better
+    return higher_is_better(measurement)
 
 
 def _fmt(v) -> str:
