@@ -65,6 +65,7 @@ def test_ekfac_eigenvalues_are_the_exact_fisher_diagonal_incl_reversible_embeddi
     np.testing.assert_allclose(got, G2, rtol=2e-3, atol=1e-6 * G2.max())
 
 
+@pytest.mark.slow   # make test-slow: Llama's float32 EK-FAC fit (with the fallback) runs in make test above
 @pytest.mark.parametrize("kind", ["llama"])
 def test_multistage_and_single_stage_ekfac_run_on_float32_hub_models(kind):
     """These calls used to kill the process (oneDNN + pfor over the attention's einsums). Llama is the
