@@ -94,6 +94,44 @@ def test_ekfac_eigenvalues_are_the_exact_fisher_diagonal_in_the_kronecker_basis(
             np.testing.assert_allclose(factors.diagonal[v.path], np.mean(part ** 2, axis=0), rtol=1e-9)
 
 
+class _Scale(keras.layers.Layer):
+    """``x · w``, a learned elementwise scale of a kind the library does not know: the per-example fallback."""
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[-1],), initializer="ones", name="w")
+
+    def call(self, x):
+        return x * self.w
+
+
+def test_rms_norm_scales_are_captured_and_unknown_layers_take_the_fallback():
+    """The Fisher diagonal of a keras-hub RMS norm's scale (captured input and output gradient) and of an
+    unknown layer's weight (vectorised per-example gradients) both equal the mean squared one-at-a-time
+    gradient, in float64."""
+    pytest.importorskip("keras_hub")
+    from keras_hub.src.models.llama.llama_layernorm import LlamaLayerNorm
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((4, 6), dtype="float64")
+    hdn = keras.layers.Dense(6, dtype="float64", name="d1")(inp)
+    hdn = _Scale(dtype="float64", name="scale")(hdn)
+    hdn = LlamaLayerNorm(dtype="float64", name="rms")(hdn)
+    out = keras.layers.Dense(3, dtype="float64", name="out")(keras.layers.GlobalAveragePooling1D()(hdn))
+    model = keras.Model(inp, out)
+    rng = np.random.default_rng(4)
+    model.get_layer("rms").scale.assign(1.0 + 0.3 * rng.standard_normal(6))
+    x, y = rng.normal(size=(10, 4, 6)), rng.integers(0, 3, 10)
+    obj, group = tfi.Objective(model, h.sce()), tfi.ParameterGroup.from_model(model)
+    _, diagonal = kfac.kronecker_blocks(model, group)
+    norms, rest = kfac.norm_blocks(model, diagonal)
+    assert [type(b).__name__ for b in norms] == ["_RMSNormBlock"] and [v.path for v in rest] == ["scale/w"]
+    factors = kfac.fit_factors(obj, ds(x, y, 4), group, fisher="empirical")
+    dgroup = tfi.ParameterGroup("diagonal", tuple(diagonal))
+    G2 = np.mean(h.one_at_a_time_gradients(obj, x, y, dgroup) ** 2, axis=0)
+    got = np.concatenate([factors.diagonal[v.path].ravel() for v in diagonal])
+    # the RMS norm computes in float32 whatever the model's dtype (as keras-hub's does): float32 agreement
+    np.testing.assert_allclose(got, G2, rtol=2e-6, atol=1e-14)
+
+
 def test_kfac_is_exact_on_one_example():
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4,), dtype="float64"), keras.layers.Dense(3, dtype="float64", name="out")])

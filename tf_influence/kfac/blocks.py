@@ -311,6 +311,38 @@ class _NormBlock:
         return out
 
 
+#: keras-hub's RMS normalisations ``out = x · rsqrt(mean(x², last axis) + ε) · scale`` (computed in float32),
+#: by class name: Llama, Mistral, Mixtral, Qwen (and MoE), Qwen3 (and MoE), Phi-3, GPT-OSS. Their ``scale``
+#: gets its per-example gradient from the captured input and output gradient (:class:`_RMSNormBlock`);
+#: another layer with the same computation can be added here by its class name.
+RMS_NORM_CLASSES = {"LlamaLayerNorm", "MistralLayerNormalization", "MixtralLayerNormalization", "QwenLayerNorm",
+                    "QwenMoeLayerNorm", "Qwen3LayerNorm", "Qwen3MoeLayerNorm", "Phi3LayerNorm",
+                    "GptOssLayerNormalization"}
+
+
+class _RMSNormBlock(_NormBlock):
+    """An RMS normalisation over the last axis (:data:`RMS_NORM_CLASSES`, ``x̂ = x · rsqrt(mean(x²) + ε)``
+    in float32, ``out = x̂ · scale``): ``∂l/∂scale = Σ_t g_t ⊙ x̂_t`` from the captured input and output
+    gradient, instead of vectorised per-example backward passes (the fallback for any other layer)."""
+
+    def __init__(self, layer, scale):
+        super().__init__(layer, scale, None)
+
+    @staticmethod
+    def owns(layer) -> bool:
+        scale = getattr(layer, "scale", None)
+        return (type(layer).__name__ in RMS_NORM_CLASSES and scale is not None and len(scale.shape) == 1
+                and hasattr(layer, "epsilon") and len(layer.weights) == 1)
+
+    def per_example(self, inputs, g, dtype, **_call_options):
+        x = tf.cast(inputs, tf.float32)                  # as the layer computes x̂: in float32
+        xhat = tf.cast(x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), axis=-1, keepdims=True) + self.layer.epsilon),
+                       dtype)
+        d = int(x.shape[-1])
+        g = tf.reshape(tf.cast(g, dtype), [tf.shape(g)[0], -1, d])
+        return [tf.reduce_sum(g * tf.reshape(xhat, [tf.shape(g)[0], -1, d]), axis=1)]
+
+
 class _PositionBlock:
     """A learned position embedding (keras-hub's ``PositionEmbedding``: ``out[b, t] = E[start + t]``,
     or ``E[positions[b, t]]``): its per-example gradient is the output gradient placed at the rows of
@@ -338,7 +370,8 @@ class _PositionBlock:
 
 def norm_blocks(model, variables):
     """``(norm_blocks, rest)``: the layers whose per-example gradients come from their captured input
-    and output gradient — ``LayerNormalization`` (last axis, no RMS scaling) and learned position
+    and output gradient — ``LayerNormalization`` (last axis, no RMS scaling), keras-hub's RMS
+    normalisations (:data:`RMS_NORM_CLASSES`: Llama, Mistral, Qwen, …) and learned position
     embeddings (:class:`_PositionBlock`) — owning some of ``variables``, and the variables no such
     layer covers."""
     owner = _owners(model)
@@ -352,6 +385,11 @@ def norm_blocks(model, variables):
             seen.add(id(layer))
             blocks.append(_PositionBlock(layer, layer.position_embeddings))
             covered.add(id(tf_variable(layer.position_embeddings)))
+            continue
+        if _RMSNormBlock.owns(layer) and id(tf_variable(layer.scale)) in wanted:
+            seen.add(id(layer))
+            blocks.append(_RMSNormBlock(layer, layer.scale))
+            covered.add(id(tf_variable(layer.scale)))
             continue
         if not isinstance(layer, keras.layers.LayerNormalization):
             continue
