@@ -109,21 +109,25 @@ def test_rms_norm_scales_are_captured_and_unknown_layers_take_the_fallback():
     unknown layer's weight (vectorised per-example gradients) both equal the mean squared one-at-a-time
     gradient, in float64."""
     pytest.importorskip("keras_hub")
+    from keras_hub.src.models.gemma.rms_normalization import RMSNormalization
     from keras_hub.src.models.llama.llama_layernorm import LlamaLayerNorm
     keras.utils.set_random_seed(3)
     inp = keras.Input((4, 6), dtype="float64")
     hdn = keras.layers.Dense(6, dtype="float64", name="d1")(inp)
     hdn = _Scale(dtype="float64", name="scale")(hdn)
     hdn = LlamaLayerNorm(dtype="float64", name="rms")(hdn)
+    hdn = keras.layers.Dense(6, dtype="float64", name="d2")(hdn)
+    hdn = RMSNormalization(dtype="float64", name="gemma_rms")(hdn)      # x̂ · (1 + scale)
     out = keras.layers.Dense(3, dtype="float64", name="out")(keras.layers.GlobalAveragePooling1D()(hdn))
     model = keras.Model(inp, out)
     rng = np.random.default_rng(4)
     model.get_layer("rms").scale.assign(1.0 + 0.3 * rng.standard_normal(6))
+    model.get_layer("gemma_rms").scale.assign(0.3 * rng.standard_normal(6))
     x, y = rng.normal(size=(10, 4, 6)), rng.integers(0, 3, 10)
     obj, group = tfi.Objective(model, h.sce()), tfi.ParameterGroup.from_model(model)
     _, diagonal = kfac.kronecker_blocks(model, group)
     norms, rest = kfac.norm_blocks(model, diagonal)
-    assert [type(b).__name__ for b in norms] == ["_RMSNormBlock"] and [v.path for v in rest] == ["scale/w"]
+    assert [type(b).__name__ for b in norms] == ["_RMSNormBlock"] * 2 and [v.path for v in rest] == ["scale/w"]
     factors = kfac.fit_factors(obj, ds(x, y, 4), group, fisher="empirical")
     dgroup = tfi.ParameterGroup("diagonal", tuple(diagonal))
     G2 = np.mean(h.one_at_a_time_gradients(obj, x, y, dgroup) ** 2, axis=0)

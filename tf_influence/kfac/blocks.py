@@ -312,9 +312,10 @@ class _NormBlock:
 
 
 #: keras-hub's RMS normalisations ``out = x · rsqrt(mean(x², last axis) + ε) · scale`` (computed in float32),
-#: by class name: Llama, Mistral, Mixtral, Qwen (and MoE), Qwen3 (and MoE), Phi-3, GPT-OSS. Their ``scale``
-#: gets its per-example gradient from the captured input and output gradient (:class:`_RMSNormBlock`);
-#: another layer with the same computation can be added here by its class name.
+#: by class name: Llama, Mistral, Mixtral, Qwen (and MoE), Qwen3 (and MoE), Phi-3, GPT-OSS — and Gemma's
+#: ``RMSNormalization`` (``· (1 + scale)``: the same gradient in ``scale``), recognised by its module. Their
+#: ``scale`` gets its per-example gradient from the captured input and output gradient
+#: (:class:`_RMSNormBlock`); another layer with the same computation can be added here by its class name.
 RMS_NORM_CLASSES = {"LlamaLayerNorm", "MistralLayerNormalization", "MixtralLayerNormalization", "QwenLayerNorm",
                     "QwenMoeLayerNorm", "Qwen3LayerNorm", "Qwen3MoeLayerNorm", "Phi3LayerNorm",
                     "GptOssLayerNormalization"}
@@ -330,9 +331,11 @@ class _RMSNormBlock(_NormBlock):
 
     @staticmethod
     def owns(layer) -> bool:
-        scale = getattr(layer, "scale", None)
-        return (type(layer).__name__ in RMS_NORM_CLASSES and scale is not None and len(scale.shape) == 1
-                and hasattr(layer, "epsilon") and len(layer.weights) == 1)
+        scale, cls = getattr(layer, "scale", None), type(layer)
+        known = cls.__name__ in RMS_NORM_CLASSES or (
+            cls.__name__ == "RMSNormalization" and cls.__module__.startswith("keras_hub.src.models.gemma"))
+        return known and scale is not None and len(scale.shape) == 1 and hasattr(layer, "epsilon") and len(
+            layer.weights) == 1
 
     def per_example(self, inputs, g, dtype, **_call_options):
         x = tf.cast(inputs, tf.float32)                  # as the layer computes x̂: in float32
