@@ -132,6 +132,20 @@ def _query_args(args: "QueryArgs | int | None", overrides: dict, where: str = "G
     return typed_options(where, QueryArgs, args, overrides)
 
 
+def weights_sample(group: ParameterGroup, per_variable: int = 1024) -> str:
+    """SHA-256 of the group's shapes and a strided sample of about ``per_variable`` numbers of each variable:
+    a cheap check that weights once fingerprinted in full (:func:`fingerprint`) have not changed since —
+    training or loading other weights changes nearly every number, so it changes the sample."""
+    h = hashlib.sha256()
+    for v in group.variables:
+        t = tf_variable(v)
+        flat = tf.reshape(t, [-1])
+        n = int(flat.shape[0])
+        h.update(f"{t.shape}{t.dtype.name}".encode())
+        h.update(np.ascontiguousarray(flat[::max(1, n // per_variable)].numpy()).tobytes())
+    return h.hexdigest()
+
+
 class IndexMismatchError(ValueError):
     """A query's model or parameter group is not the one the index was built with."""
 
@@ -327,12 +341,19 @@ class GradientIndex:
         """The index's projection rebuilt on ``objective``'s model (same group, same ``P``); refuses
         another model or group by fingerprint."""
         group = ParameterGroup.from_spec(objective.model, json.dumps(self.meta["group_spec"]))
-        got = fingerprint(objective.model, group)
-        if got != self.meta["model_fingerprint"]:
-            raise IndexMismatchError(
-                f"gradient index {self.directory} was built from model fingerprint {self.meta['model_fingerprint']}, "
-                f"but model '{objective.model.name}' has fingerprint {got}: other weights or another parameter "
-                "group; rebuild the index for this model")
+        # the whole weights are hashed the first time a model object is queried, and again only when a strided
+        # sample of every variable changed (hashing 124 M parameters on every query took 1 s)
+        verified = self.__dict__.setdefault("_verified", {})
+        sample = weights_sample(group)
+        seen = verified.get(id(objective.model))
+        if seen is None or seen[0] is not objective.model or seen[1] != sample:
+            got = fingerprint(objective.model, group)
+            if got != self.meta["model_fingerprint"]:
+                raise IndexMismatchError(
+                    f"gradient index {self.directory} was built from model fingerprint "
+                    f"{self.meta['model_fingerprint']}, but model '{objective.model.name}' has fingerprint {got}: other "
+                    "weights or another parameter group; rebuild the index for this model")
+            verified[id(objective.model)] = (objective.model, sample)
         # kept per objective while its weights keep the index's fingerprint (checked above on every call)
         cache = self.__dict__.setdefault("_projectors", {})
         if id(objective) in cache and cache[id(objective)][0] is objective:

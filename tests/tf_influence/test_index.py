@@ -156,6 +156,27 @@ def test_another_model_or_a_missing_index_is_refused(indexed, tmp_path):
     other, other_obj = mlp(seed=1)
     with pytest.raises(IndexMismatchError, match="fingerprint"):
         index.query(other_obj, np.zeros(tfi.ParameterGroup.from_model(other).size))
+    # the same model object: hashed in full once, then only a sample of every variable — until its weights
+    # change (as training or loading other weights changes them), when the full fingerprint refuses them
+    from tf_influence import index as index_module
+    calls = []
+    full = index_module.fingerprint
+    fresh = GradientIndex(index.directory)
+    saved = [w.numpy() for w in model.weights]
+    try:
+        index_module.fingerprint = lambda *a: calls.append(1) or full(*a)
+        p = tfi.ParameterGroup.from_model(model).size
+        fresh.query(obj, np.zeros(p))
+        fresh.query(obj, np.zeros(p))
+        assert len(calls) == 1
+        model.weights[0].assign(saved[0] * 1.01)
+        with pytest.raises(IndexMismatchError, match="fingerprint"):
+            fresh.query(obj, np.zeros(p))
+        assert len(calls) == 2
+    finally:
+        index_module.fingerprint = full
+        for w, v in zip(model.weights, saved):
+            w.assign(v)
     with pytest.raises(FileNotFoundError, match="no gradient index"):
         GradientIndex(str(tmp_path))
     with pytest.raises(ValueError, match="unknown field"):
