@@ -48,7 +48,7 @@ from .hessian import HessianOperator
 from .objective import Objective, count_examples
 from .params import (GroupSpec, ParameterGroup, ParameterGroupError, as_layer_list, check_groups_match, complement_group,
                      concat_groups, group_from_layers)
-from .solvers import DEFAULT_FINETUNE_DAMPING, DEFAULT_PRETRAIN_DAMPING, SolverConfig, solve
+from .solvers import DEFAULT_FINETUNE_DAMPING, DEFAULT_PRETRAIN_DAMPING, SolverConfig, forget_factors, solve
 
 TEST_TARGETS = ("sum", "each")
 CASES = ("fixed", "updated")
@@ -505,7 +505,7 @@ class MultiStageInfluence:
         # factors fitted for the finetuning solve (case 2's K over the whole backbone: as large as the
         # pretraining ones) are not kept: the two sets are never held at once; a second call refits them
         # (a pass over the finetuning data, small next to the pretraining corpus)
-        (self.H_TT if self.case == "fixed" else self.K).__dict__.pop("kfac_factors", None)
+        forget_factors(self.H_TT if self.case == "fixed" else self.K)
         u_size = self.U.size if self.U is not None else 0
         zeros_U = tf.zeros([u_size] + ([] if v_W.shape.rank == 1 else [v_W.shape[1]]), self.WU.dtype)
         return tf.concat([tf.cast(v_W, self.WU.dtype), zeros_U], axis=0)

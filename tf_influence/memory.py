@@ -305,11 +305,7 @@ def _factor_batch_bytes(stats, B: int, P: int) -> tuple:
         captured += B * P * (b.rows + b.d_out) * c * 2
         g_n = b.rows * b.d_out * c
         temp = max(temp, B * g_n * 2 if b.rows * b.d_out <= PER_EXAMPLE_BATCHED_MAX else g_n * 3 + b.rows * b.d_out * 8)
-    rest = {id(v) for v in stats.rest}
-    vectorised = 0
-    for v in stats.diag_vars:
-        if id(v) in rest:
-            vectorised += B * math.prod(int(d) for d in v.shape) * c * 3
+    vectorised = sum(B * math.prod(int(d) for d in v.shape) * c * 3 for v in stats.rest)
     return captured + vectorised, captured + temp
 
 
@@ -318,9 +314,9 @@ def factor_microbatch(stats, batch_shape: tuple, limit: int | None = None) -> in
     batch's products (:func:`_factor_batch_bytes`) fit in ``limit`` bytes (default
     :data:`~tf_influence.kfac.statistics.FACTOR_BATCH_BYTES`), else each batch is split into the fewest
     microbatches that do (at least one example each) — of equal sizes where a divisor of ``B`` is within
-    a factor of two of that size (a last, shorter microbatch retraces the compiled step). The sums are the same either way (they are
-    sums over examples); the split bounds the TensorFlow memory of the passes, which the default CPU
-    allocator keeps for the rest of the process (the module docstring)."""
+    a factor of two of that size (a last, shorter microbatch retraces the compiled step). The sums are the
+    same either way (they are sums over examples); the split bounds the TensorFlow memory of the passes,
+    which the default CPU allocator keeps for the rest of the process (the module docstring)."""
     from .kfac.statistics import FACTOR_BATCH_BYTES
     B, P = (int(batch_shape[0]), int(batch_shape[1]))
     limit = FACTOR_BATCH_BYTES if limit is None else int(limit)
@@ -416,9 +412,8 @@ def kfac_inverse_plan(stats_or_blocks, p: int, k: int) -> MemoryPlan:
     for b in blocks:   # the factors themselves are in their fit's plan
         plan.add(f"denominators of '{b.name}'", b.rows * b.d_out * c, f"[{b.rows}, {b.d_out}] {_dname(c)}",
                  phase="solve", host=True)
-    plan.add("columns", p * k * c * 3, f"[{p}, {k}] {_dname(c)} × 3 (the caller's, the host copy transformed in "
-             "place, the result as a tensor)",
-             phase="solve", host=True)
+    plan.add("columns", p * k * c * 3, f"[{p}, {k}] {_dname(c)} × 3 (the caller's, the blocks' parts, the "
+             "assembled result)", phase="solve", host=True)
     return plan
 
 

@@ -266,6 +266,10 @@ def dense(op, b, damping: float = 0.0, squared: bool = False, max_params: int = 
     return out
 
 
+#: The attribute of an operator under which :func:`kronecker` keeps the factors it fitted on it.
+_FACTOR_CACHE = "kfac_factors"
+
+
 def kronecker(op, b, damping: float = 0.0, kind: str = "ekfac", fisher: str = "true", relative_damping: float = 0.0,
               factors=None, seed: int = 0, progress=None, on_nonconvergence: str = "warn", tol: float = 0.0,
               max_examples: int | None = None, dense_factor_max: int | None = None,
@@ -287,7 +291,7 @@ def kronecker(op, b, damping: float = 0.0, kind: str = "ekfac", fisher: str = "t
     if isinstance(factors, str):
         factors = kfac.KFACFactors.load(factors)
     if factors is None:
-        cache = op.__dict__.setdefault("kfac_factors", {})
+        cache = op.__dict__.setdefault(_FACTOR_CACHE, {})
         dense_factor_max = kfac.DENSE_FACTOR_MAX if dense_factor_max is None else dense_factor_max
         key = (kind, fisher, seed, max_examples, dense_factor_max)
         if key not in cache:
@@ -312,6 +316,12 @@ def kronecker(op, b, damping: float = 0.0, kind: str = "ekfac", fisher: str = "t
                                              ("diagonal" if not np.size(v["QS"]) else "dense")]
                                          for k, v in factors.blocks.items()},
                         "spectrum": (*inverse.spectrum(), kind)})
+
+
+def forget_factors(op) -> None:
+    """Drop the (E)K-FAC factors :func:`kronecker` fitted on ``op`` and keeps for its next solve (a later
+    solve with ``op`` fits them again)."""
+    op.__dict__.pop(_FACTOR_CACHE, None)
 
 
 def identity(op, b) -> SolveResult:

@@ -475,13 +475,13 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
     from ..memory import factor_microbatch, factor_plan
     if microbatch is not None and int(microbatch) < 1:
         raise ValueError(f"microbatch must be a positive number of examples, got {microbatch}")
-    if strategy is None and dataset is not None:
-        from ..memory import first_batch_shape
-        shape = first_batch_shape(dataset)
+    from ..memory import first_batch_shape
+    shape = first_batch_shape(dataset)                 # read once: the plan and the split both use it
+    if strategy is None:
         microbatch = min(shape[0], int(microbatch)) if microbatch else factor_microbatch(stats, shape)
     else:
         microbatch = None
-    factor_plan(stats, dataset, microbatch=microbatch).check(memory_budget)   # refuse before any pass
+    factor_plan(stats, batch_shape=shape, microbatch=microbatch).check(memory_budget)   # refuse before any pass
     if max_examples is not None and int(max_examples) < 1:
         raise ValueError(f"max_examples must be a positive number of examples, got {max_examples}")
 
