@@ -45,6 +45,7 @@ import tensorflow as tf
 from .configs import JsonConfig
 from .gradients import mean_gradient, per_example_dot, stack_per_example_gradients
 from .hessian import HessianOperator
+from .head_features import head_operator
 from .objective import Objective, count_examples
 from .params import (GroupSpec, ParameterGroup, ParameterGroupError, as_layer_list, check_groups_match, complement_group,
                      concat_groups, group_from_layers)
@@ -429,8 +430,10 @@ class MultiStageInfluence:
         n_ft = count_examples(finetune_data, "finetuning data", finetune_objective.model)
         self.TW = concat_groups("(Θ,W)", self.Theta, self.W_ft)  # one pass gives both test gradients
         if case == "fixed":
-            self.H_TT = HessianOperator(finetune_objective, finetune_data, self.Theta, mode=square_mode,
-                                        name="finetuning Hessian ∂²F/∂Θ²", num_examples=n_ft)
+            # over the frozen part's features, computed once (tf_influence.head_features): the solve's
+            # products run the head only, not the backbone, where the model can be cut before Θ
+            self.H_TT = head_operator(finetune_objective, finetune_data, self.Theta, mode=square_mode,
+                                      name="finetuning Hessian ∂²F/∂Θ²", num_examples=n_ft)
             # solver "auto" does not pick EK-FAC here (an explicit method or kronecker_min still does)
             self.H_TT.avoid_kronecker = HEAD_KRONECKER_REASON
             self.H_WT = HessianOperator(finetune_objective, finetune_data, self.W_ft, self.Theta, mode=mixed_mode,
