@@ -365,19 +365,58 @@ def eigenbases(sums: dict, with_eigenvalues: bool = True, consume: bool = False,
     if n == 0:
         from ..objective import EmptyDatasetError
         raise EmptyDatasetError("no examples: the K-FAC covariances are empty")
-    fitted = {}
-    for name in list(sums["blocks"]):
+
+    def one(name):
         A, S, tokens = sums["blocks"].pop(name) if consume else sums["blocks"][name]
         A = A / np.asarray(max(float(tokens), 1.0), A.dtype)  # a block its loss never calls: zeros
         S = S / np.asarray(n, S.dtype)
         # a diagonal side (token counts, a vocabulary): identity eigenbasis, stored as an empty Q
         eS, QS = (S, np.zeros((0, 0))) if S.ndim == 1 else _eigh(S, precision)
         eA, QA = (A, np.zeros((0, 0))) if A.ndim == 1 else _eigh(A, precision)
-        fitted[name] = {"QA": QA, "QS": QS}
+        out = {"QA": QA, "QS": QS}
         if with_eigenvalues:
-            fitted[name]["eig"] = np.outer(np.maximum(eA, 0), np.maximum(eS, 0))
-        del A, S
-    return fitted
+            out["eig"] = np.outer(np.maximum(eA, 0), np.maximum(eS, 0))
+        return name, out
+
+    names = list(sums["blocks"])
+    with _eigh_pool() as run:
+        return dict(run(one, names))
+
+
+#: Eigendecompositions run at once (each on ``cpus // workers`` BLAS threads). LAPACK's tridiagonal reduction
+#: scales poorly with threads: on this project's 2-core machine four float32 ``[3073, 3073]`` sides took
+#: 31 s one after the other on two BLAS threads, 12 s on one thread, 9–10 s two at a time on one thread each
+#: (``benchmarks/eigh.py``). The memory plan counts one eigendecomposition's workspace per worker.
+EIGH_WORKERS = 4
+
+
+def eigh_workers() -> int:
+    """How many eigendecompositions :func:`eigenbases` runs at once: :data:`EIGH_WORKERS`, at most the CPUs."""
+    import os
+    return max(1, min(EIGH_WORKERS, os.cpu_count() or 1))
+
+
+def _eigh_pool():
+    """A context giving ``run(fn, items)`` (ordered results) over :func:`eigh_workers` threads, with the BLAS
+    limited to its share of the CPUs for the duration (``threadpoolctl``; sequential where it is missing)."""
+    import contextlib
+    import os
+
+    @contextlib.contextmanager
+    def pool():
+        workers = eigh_workers()
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:                              # pragma: no cover - a requirement
+            workers, threadpool_limits = 1, None
+        if workers == 1:
+            yield lambda fn, items: [fn(i) for i in items]
+            return
+        from concurrent.futures import ThreadPoolExecutor
+        with threadpool_limits(limits=max(1, (os.cpu_count() or 1) // workers), user_api="blas"), \
+                ThreadPoolExecutor(workers, thread_name_prefix="eigh") as ex:
+            yield lambda fn, items: list(ex.map(fn, items))
+    return pool()
 
 
 def _eigh(M, precision):
