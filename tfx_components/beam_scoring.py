@@ -69,6 +69,10 @@ class ScoreBatch(beam.DoFn):
         from tfx_components.example_io import set_worker_threads
         set_worker_threads(self.worker_threads)
         self.model = load_keras_model(self.model_path)
+        self.vector = None
+        if getattr(self, "vector_path", None):       # the test-side vector, read once per worker
+            import tensorflow as tf
+            self.vector = tf.constant(load_vector(self.vector_path))
         self.objective = tfi.Objective(self.model, resolve_loss(self.model, self.loss_config))
         if self.kind == "self_influence":
             from tf_influence import tracin
@@ -87,11 +91,11 @@ class ScoreBatch(beam.DoFn):
             scores = tracin.self_influence(self.objective, ds, self.group, checkpoints=self.checkpoints,
                                            learning_rates=self.learning_rates)
         else:
-            scores = gradients.per_example_dot(self.objective, ds, self.group, np.asarray(vector))
+            scores = gradients.per_example_dot(self.objective, ds, self.group, vector)
         return keys, scores
 
     def process(self, records, vector=None):
-        keys, scores = self.score(records, vector)
+        keys, scores = self.score(records, self.vector if vector is None else vector)
         for k, s in zip(keys, scores):
             yield k, float(s)
 
@@ -106,12 +110,14 @@ class ScoreFile(ScoreBatch):
     ``ReadFromTFRecord`` → ``BatchElements`` → ``WriteToTFRecord`` in one process, of which 5 s
     were reading, decoding, scoring and encoding)."""
 
-    def __init__(self, *args, output_dir, batch_size=256, temp_dir=None, **kwargs):
+    def __init__(self, *args, output_dir, batch_size=256, temp_dir=None, vector_path=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.output_dir, self.batch_size = output_dir, int(batch_size)
         self.temp_dir = temp_dir or output_dir
+        self.vector_path = vector_path
 
     def process(self, path, vector=None):
+        vector = self.vector if vector is None else vector
         import uuid
 
         import tensorflow as tf
@@ -133,10 +139,11 @@ class ScoreFile(ScoreBatch):
         yield path, tmp, n
 
 
-def _publish(written, output_dir):
+def _publish(written, output_dir, vector_file=None):
     """Move the temporary score files into place as ``scores-<i>-of-<n>.tfrecord.gz`` (in input file
     order), after removing score files of an earlier run in ``output_dir``; runs once, after every
-    file was scored — a failed job publishes nothing."""
+    file was scored — a failed job publishes nothing. ``vector_file``: the job's own copy of the test
+    vector (:func:`_write_vector`), removed with its folder."""
     import tensorflow as tf
 
     from tf_influence import scores_io
@@ -150,6 +157,8 @@ def _publish(written, output_dir):
                            overwrite=True)
         tf.io.gfile.rmtree(os.path.dirname(tmp))
         total += n
+    if vector_file and tf.io.gfile.exists(os.path.dirname(vector_file)):
+        tf.io.gfile.rmtree(os.path.dirname(vector_file))
     return total
 
 
@@ -205,17 +214,44 @@ def score_examples(pipeline, examples_pattern, model_path, feature_spec, kind, o
     components use their execution's temporary folder)."""
     if kind == "influence" and (vector is None or group_spec is None):
         raise ValueError("influence scoring needs the test-side vector and its parameter group spec")
+    vector_path, written_here = None, None
+    if vector is not None:
+        if isinstance(vector, (str, os.PathLike)):
+            vector_path = str(vector)
+        else:
+            vector_path = written_here = _write_vector(vector, temp_dir or output_dir)
     files = pipeline | f"{label}Read" >> ShardNames(examples_pattern)
     fn = ScoreFile(model_path, feature_spec, kind, si_layers, loss_config, group_spec, desc=examples_pattern,
                    checkpoints=checkpoints, learning_rates=learning_rates, worker_threads=worker_threads,
-                   output_dir=output_dir, batch_size=batch_size, temp_dir=temp_dir)
-    if vector is not None:
-        side = pipeline | f"{label}Vector" >> beam.Create([np.asarray(vector)])
-        written = files | f"{label}Score" >> beam.ParDo(fn, beam.pvalue.AsSingleton(side))
-    else:
-        written = files | f"{label}Score" >> beam.ParDo(fn)
+                   output_dir=output_dir, batch_size=batch_size, temp_dir=temp_dir, vector_path=vector_path)
+    written = files | f"{label}Score" >> beam.ParDo(fn)
     return (written | f"{label}Collect" >> beam.combiners.ToList()
-            | f"{label}Write" >> beam.Map(_publish, output_dir))
+            | f"{label}Write" >> beam.Map(_publish, output_dir, written_here))
+
+
+def _write_vector(vector, folder: str) -> str:
+    """The test-side vector as ``<folder>/.tmp-vector-<id>/vector.npy``, for the workers to read once each.
+    Not a Beam side input or a ``Create``d element: those are pickled into the pipeline (compressed — 73 s
+    for GPT-2-mid's 65 MB vector, most of a 140 s job) and copied per consumer. A ``.tmp-`` folder:
+    :func:`remove_temporaries` removes it with the job's other temporaries."""
+    import uuid
+
+    import tensorflow as tf
+    folder = os.path.join(folder, f".tmp-vector-{uuid.uuid4().hex}")
+    tf.io.gfile.makedirs(folder)
+    path = os.path.join(folder, "vector.npy")
+    with tf.io.gfile.GFile(path, "wb") as fh:
+        np.save(fh, np.asarray(vector))
+    return path
+
+
+def load_vector(path: str) -> np.ndarray:
+    """A ``.npy`` vector from a local or remote (``gs://``) path: memory-mapped where local."""
+    import tensorflow as tf
+    if "://" not in str(path):
+        return np.load(path, mmap_mode="r")
+    with tf.io.gfile.GFile(path, "rb") as fh:
+        return np.load(fh)
 
 
 def resolve_spec(args) -> dict:
@@ -276,15 +312,18 @@ def main(argv=None):
             saved = tfi.InfluenceResult.load(args.result)
             if saved.group_spec is None:
                 ap.error(f"--result {args.result}: the saved result has no group spec")
-            vector, group_spec = np.asarray(saved.test_vector), saved.group_spec.to_json()
+            # the saved file itself goes to the workers (read once each), not an array in the pipeline
+            vector, group_spec = os.path.join(args.result, "test_vector.npy"), saved.group_spec.to_json()
+            del saved
         if args.vector:
-            vector = np.load(args.vector)
+            vector = args.vector
         if args.group_spec:
             group_spec = open(args.group_spec).read() if args.group_spec.endswith(".json") else args.group_spec
         if vector is None or group_spec is None:
             ap.error("--kind influence needs --result, or --vector and --group-spec")
-        if vector.ndim != 1:
-            ap.error(f"the test vector must be one vector (test target 'sum'), got shape {vector.shape}")
+        shape = load_vector(vector).shape
+        if len(shape) != 1:
+            ap.error(f"the test vector must be one vector (test target 'sum'), got shape {shape}")
     feature_spec = resolve_spec(args)
     from apache_beam.options.pipeline_options import PipelineOptions
     remove_temporaries(args.output)   # a killed earlier run's partial files (components: common.run_beam)

@@ -54,7 +54,7 @@ def test_direct_runner_two_workers_equals_in_process(setup):
         assert got[k] == pytest.approx(float(ref[i]), rel=1e-5)
 
 
-def test_influence_kind_reads_a_saved_result_as_side_input(setup):
+def test_influence_kind_reads_a_saved_result(setup):
     root, path, index, x, y, pre = setup
     # (W, U) with U before W: the workers must rebuild this exact layout from the saved group spec
     group = tfi.concat_groups("(U,W)", tfi.group_from_layers(pre, ["pretrain_head"]),
@@ -71,6 +71,24 @@ def test_influence_kind_reads_a_saved_result_as_side_input(setup):
                               group, v)
     for k, i in index.items():
         assert got[k] == pytest.approx(float(ref[i]), rel=1e-4, abs=1e-6)
+
+    # an array given to score_examples travels as a file the workers read, not inside the pipeline (a pickled
+    # Create element: compressed into the job, 73 s for 65 MB); the file is removed once the scores are out
+    import apache_beam as beam
+    out2 = str(root / "inf_scores_array")
+    p = beam.Pipeline(options=beam.options.pipeline_options.PipelineOptions(["--direct_running_mode=in_memory"]))
+    beam_scoring.score_examples(p, str(root / "examples" / "Split-train" / "*"), path, json.dumps(SPEC), "influence",
+                                out2, group_spec=group.spec(pre).to_json(), vector=v)
+    from apache_beam.portability.api import beam_runner_api_pb2
+    transforms = p.to_runner_api().components.transforms.values()
+    score = [beam_runner_api_pb2.ParDoPayload.FromString(t.spec.payload) for t in transforms
+             if t.unique_name == "ScoreScore"]
+    assert len(score) == 1 and not score[0].side_inputs                   # no side input, no Create of it
+    assert not any(t.unique_name.endswith("Vector") for t in transforms)
+    assert [n for n in os.listdir(out2) if n.startswith(".tmp-vector-")]   # the file the workers read
+    p.run().wait_until_finish()
+    assert scores_io.read_scores(out2) == pytest.approx(got, rel=1e-6)
+    assert not [n for n in os.listdir(out2) if n.startswith(".tmp-")]
 
 
 def test_bad_input(setup, tmp_path):
