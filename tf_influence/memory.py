@@ -368,16 +368,13 @@ def factor_plan(stats, dataset=None, batch_shape: tuple | None = None, microbatc
     plan.add("per-batch products (first pass)", first, what, phase="covariance pass")
     if sums:
         plan.add("diagonal sums", sums, phase="covariance pass")
-    if largest_dense:   # eigh_workers() eigendecompositions at a time: the average, its copy, LAPACK's workspace
-        from .kfac.statistics import eigh_workers
-        workers = min(eigh_workers(), sum(1 for i in plan.items if i.name.startswith("dense ")))
+    if largest_dense:   # one eigendecomposition at a time: the average, numpy's copy and LAPACK's workspace
         plan.add("covariance sums held for the eigendecomposition",
                  sum(i.nbytes for i in plan.items if i.name.startswith("dense ")) // 2, phase="eigendecomposition",
                  host=True)
-        plan.add(f"eigendecomposition of {largest_name}" + (f" and {workers - 1} more at once" if workers > 1 else ""),
-                 largest_dense ** 2 * c * 3 * workers,
-                 f"[{largest_dense}, {largest_dense}] {_dname(c)} × 3 (average, copy, workspace)"
-                 + (f" × {workers}" if workers > 1 else ""), phase="eigendecomposition", host=True)
+        plan.add(f"eigendecomposition of {largest_name}", largest_dense ** 2 * c * 3,
+                 f"[{largest_dense}, {largest_dense}] {_dname(c)} × 3 (average, copy, workspace)",
+                 phase="eigendecomposition", host=True)
     if ekfac:
         plan.add("per-batch products (correction pass)", correction, what, phase="correction pass")
         q_total = sum(i.nbytes for i in plan.items if i.name.startswith("eigenvectors of "))

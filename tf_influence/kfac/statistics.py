@@ -358,72 +358,35 @@ def eigenbases(sums: dict, with_eigenvalues: bool = True, consume: bool = False,
     Needs only the sums, not the model. ``consume``: take each block's sums out of ``sums`` as it is
     decomposed, so the covariances and the eigenvectors are not all held at once (:func:`fit_factors`).
     ``precision``: the dtype of the eigendecomposition (``numpy.float32`` for a float32 model, whose
-    per-batch products are float32 anyway: half the time of a float64 ``eigh`` — GPT-2 small's 24
-    ``[3072, 3072]`` sides); the bases are returned in ``precision`` too (a float32 eigendecomposition's
+    per-batch products are float32 anyway: 1.8× faster than a float64 ``eigh`` on GPT-2 small's 24
+    ``[3072, 3072]`` sides, :func:`_eigh`); the bases are returned in ``precision`` too (a float32 eigendecomposition's
     vectors hold float32 accuracy: storing them as float64 would double their memory for nothing)."""
     n = sums["n"]
     if n == 0:
         from ..objective import EmptyDatasetError
         raise EmptyDatasetError("no examples: the K-FAC covariances are empty")
-
-    def one(name):
+    fitted = {}
+    for name in list(sums["blocks"]):
         A, S, tokens = sums["blocks"].pop(name) if consume else sums["blocks"][name]
         A = A / np.asarray(max(float(tokens), 1.0), A.dtype)  # a block its loss never calls: zeros
         S = S / np.asarray(n, S.dtype)
         # a diagonal side (token counts, a vocabulary): identity eigenbasis, stored as an empty Q
         eS, QS = (S, np.zeros((0, 0))) if S.ndim == 1 else _eigh(S, precision)
         eA, QA = (A, np.zeros((0, 0))) if A.ndim == 1 else _eigh(A, precision)
-        out = {"QA": QA, "QS": QS}
+        fitted[name] = {"QA": QA, "QS": QS}
         if with_eigenvalues:
-            out["eig"] = np.outer(np.maximum(eA, 0), np.maximum(eS, 0))
-        return name, out
-
-    names = list(sums["blocks"])
-    with _eigh_pool() as run:
-        return dict(run(one, names))
-
-
-#: Eigendecompositions run at once (each on ``cpus // workers`` BLAS threads). LAPACK's tridiagonal reduction
-#: scales poorly with threads: on this project's 2-core machine four float32 ``[3073, 3073]`` sides took
-#: 31 s one after the other on two BLAS threads, 12 s on one thread, 9–10 s two at a time on one thread each
-#: (``benchmarks/eigh.py``). The memory plan counts one eigendecomposition's workspace per worker.
-EIGH_WORKERS = 4
-
-
-def eigh_workers() -> int:
-    """How many eigendecompositions :func:`eigenbases` runs at once: :data:`EIGH_WORKERS`, at most the CPUs."""
-    import os
-    return max(1, min(EIGH_WORKERS, os.cpu_count() or 1))
-
-
-def _eigh_pool():
-    """A context giving ``run(fn, items)`` (ordered results) over :func:`eigh_workers` threads, with the BLAS
-    limited to its share of the CPUs for the duration (``threadpoolctl``; sequential where it is missing)."""
-    import contextlib
-    import os
-
-    @contextlib.contextmanager
-    def pool():
-        workers = eigh_workers()
-        try:
-            from threadpoolctl import threadpool_limits
-        except ImportError:                              # pragma: no cover - a requirement
-            workers, threadpool_limits = 1, None
-        if workers == 1:
-            yield lambda fn, items: [fn(i) for i in items]
-            return
-        from concurrent.futures import ThreadPoolExecutor
-        with threadpool_limits(limits=max(1, (os.cpu_count() or 1) // workers), user_api="blas"), \
-                ThreadPoolExecutor(workers, thread_name_prefix="eigh") as ex:
-            yield lambda fn, items: list(ex.map(fn, items))
-    return pool()
+            fitted[name]["eig"] = np.outer(np.maximum(eA, 0), np.maximum(eS, 0))
+        del A, S
+    return fitted
 
 
 def _eigh(M, precision):
     """Eigendecomposition of the symmetric part of ``M`` in ``precision``: eigenvalues float64, eigenvectors
-    in ``precision``. LAPACK's divide-and-conquer driver (``?syevd``) through SciPy: on this project's 2-core
-    machine a float32 ``[3073, 3073]`` side takes 4.7 s against NumPy's ``eigh`` 9.2 s
-    (``benchmarks/eigh.py``); NumPy's is the fallback where SciPy is missing."""
+    in ``precision``. LAPACK's divide-and-conquer driver (``ssyevd`` / ``dsyevd``) through SciPy: NumPy's
+    ``eigh`` computes a float32 matrix in float64, so on this project's 2-core machine a float32 ``[3073, 3073]``
+    side took 2.47 s there against 1.40 s here (``benchmarks/eigh.py``, which also found running two
+    decompositions at once on one BLAS thread each slower than one after the other: 8.3 s against 5.5 s for
+    four). NumPy's is the fallback where SciPy is missing."""
     S = (0.5 * (M + M.T)).astype(precision, copy=False)
     try:
         from scipy.linalg import eigh
