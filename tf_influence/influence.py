@@ -439,10 +439,21 @@ class MultiStageInfluence:
             self.H_WT = HessianOperator(finetune_objective, finetune_data, self.W_ft, self.Theta, mode=mixed_mode,
                                         name="mixed block ∂²F/∂W∂Θ", num_examples=n_ft)
         else:
-            diag = tf.concat([tf.zeros([self.Theta.size], self.TW.dtype),
-                              tf.fill([self.W_ft.size], tf.cast(2.0 * self.alpha, self.TW.dtype))], 0)
-            self.K = HessianOperator(finetune_objective, finetune_data, self.TW, mode=square_mode, extra_diagonal=diag,
-                                     name="proximal finetuning Hessian (eq. 15)", num_examples=n_ft)
+            self._K_args = (finetune_objective, finetune_data, square_mode, n_ft)
+
+    @property
+    def K(self) -> HessianOperator:
+        """Case 2's eq. 15 block ``[[F_ΘΘ, F_ΘW], [F_WΘ, F_WW + 2αI]]`` over (Θ, W), made when asked: its
+        ``2α`` diagonal is a vector as long as the model (0.5 GB at GPT-2 small) and its fitted factors are as
+        large as the pretraining ones, so the call's own operator goes with the finetuning solve instead of
+        staying resident through the pretraining one."""
+        if self.case == "fixed":
+            raise AttributeError("K is case 2's operator (case='updated'); case 1 has H_TT and H_WT")
+        objective, data, mode, n = self._K_args
+        diag = tf.concat([tf.zeros([self.Theta.size], self.TW.dtype),
+                          tf.fill([self.W_ft.size], tf.cast(2.0 * self.alpha, self.TW.dtype))], 0)
+        return HessianOperator(objective, data, self.TW, mode=mode, extra_diagonal=diag,
+                               name="proximal finetuning Hessian (eq. 15)", num_examples=n)
 
     @staticmethod
     def _check_disjoint(a: ParameterGroup, b: ParameterGroup):
@@ -492,6 +503,7 @@ class MultiStageInfluence:
         """The right-hand side of the pretraining solve, ``[v_W, 0_U]`` (case 1: ``v_W = ∇_W f −
         ∂²F/∂W∂Θ (∂²F/∂Θ²)⁻¹ ∇_Θ f``; case 2: ``2α [K⁻¹ b]_W``), recording the finetuning solve in ``solves``."""
         b = test_gradients(self.measurement, test_data, self.TW, test_target)
+        first = self.H_TT if self.case == "fixed" else self.K     # case 2's is this call's own (see K)
         if self.case == "fixed":
             b_T = tf.gather(b, self.TW.slices(self.Theta), axis=0)
             b_W = tf.gather(b, self.TW.slices(self.W_ft), axis=0)
@@ -500,7 +512,7 @@ class MultiStageInfluence:
             solves["finetune"] = r1.summary()
             v_W = b_W - self.H_WT.matvec(r1.x)
         else:
-            r1 = _solve(self.K, b, self.finetune_solver, "IHVP 1 (eq. 15 block)", self.progress)
+            r1 = _solve(first, b, self.finetune_solver, "IHVP 1 (eq. 15 block)", self.progress)
             del b
             solves["finetune"] = r1.summary()
             v_W = 2.0 * self.alpha * tf.gather(r1.x, self.TW.slices(self.W_ft), axis=0)
@@ -508,7 +520,8 @@ class MultiStageInfluence:
         # factors fitted for the finetuning solve (case 2's K over the whole backbone: as large as the
         # pretraining ones) are not kept: the two sets are never held at once; a second call refits them
         # (a pass over the finetuning data, small next to the pretraining corpus)
-        forget_factors(self.H_TT if self.case == "fixed" else self.K)
+        forget_factors(first)
+        del first
         u_size = self.U.size if self.U is not None else 0
         zeros_U = tf.zeros([u_size] + ([] if v_W.shape.rank == 1 else [v_W.shape[1]]), self.WU.dtype)
         return tf.concat([tf.cast(v_W, self.WU.dtype), zeros_U], axis=0)
