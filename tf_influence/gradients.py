@@ -117,21 +117,22 @@ def mean_gradient(objective: Objective, dataset, group: ParameterGroup, reductio
     return total
 
 
-#: The per-example gradient blocks of one chunk (about three ``[chunk, p]`` buffers) are kept under this many
-#: bytes whatever the budget, as the factor fits' batches are (``kfac.statistics.FACTOR_BATCH_BYTES``): a
-#: larger chunk is not faster — the vectorised backward pass is per example either way — and at GPT-2 small a
-#: batch of 8 whole held 12 GB (self-influence by per-example gradients peaked at 15.1 GB; chunks of 2 hold 3 GB).
-PER_EXAMPLE_BLOCK_BYTES = 3 * 2**30
+#: The per-example gradient blocks of one chunk (:data:`~tf_influence.memory.PER_EXAMPLE_COPIES` ``[chunk, p]``
+#: copies) are kept under this many bytes whatever the budget, as the factor fits' batches are
+#: (``kfac.statistics.FACTOR_BATCH_BYTES``): a larger chunk is not faster — the vectorised backward pass is per
+#: example either way — and at GPT-2 small a whole batch of 8 made self-influence by per-example gradients
+#: peak at 15.1 GB in 275 s; chunks of 2 peak at 6.45 GB in 225 s.
+PER_EXAMPLE_BLOCK_BYTES = 5 * 2**30
 
 
 def fit_chunk(chunk_size: int | None, p: int, dtype_size: int, memory_budget=None) -> int:
-    """The largest chunk ``≤ chunk_size`` whose per-example gradient blocks (about three ``[chunk, p]``
+    """The largest chunk ``≤ chunk_size`` whose per-example gradient blocks (``PER_EXAMPLE_COPIES`` ``[chunk, p]``
     buffers in the vectorised backward pass) fit half the memory budget and :data:`PER_EXAMPLE_BLOCK_BYTES`
     (at least one example); refuses, naming the sizes, when a single example does not fit the budget
     (:mod:`tf_influence.memory`). The chosen chunk's plan is checked against the budget."""
-    from .memory import per_example_plan, resolve_budget
+    from .memory import PER_EXAMPLE_COPIES, per_example_plan, resolve_budget
     budget = resolve_budget(memory_budget)
-    per = int(p) * int(dtype_size) * 3
+    per = int(p) * int(dtype_size) * PER_EXAMPLE_COPIES
     most = max(0, (budget // 2) // max(per, 1))
     if most < 1:
         per_example_plan(int(p), 1, dtype_size).check(budget // 2)

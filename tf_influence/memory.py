@@ -417,10 +417,19 @@ def kfac_inverse_plan(stats_or_blocks, p: int, k: int) -> MemoryPlan:
     return plan
 
 
+#: ``[chunk, p]`` copies a vectorised per-example backward pass holds at once: the per-variable gradients, their
+#: flattened block and the caller's reduction of it, with TensorFlow's temporaries — calibrated on GPT-2 small
+#: (124 M parameters, chunks of 2: 6.45 GB peak from 1.36 GB before, ``benchmarks/real_size.py``); three copies
+#: had planned 4.2 GB.
+PER_EXAMPLE_COPIES = 5
+
+
 def per_example_plan(p: int, chunk: int, dtype_size: int = 4) -> MemoryPlan:
-    """Per-example gradient blocks ``[chunk, p]`` (the vectorised backward pass holds about three)."""
-    return (MemoryPlan("per-example gradients").add("per-example gradient block", chunk * p * dtype_size * 3,
-                                                    f"[{chunk}, {p}] × 3")
+    """Per-example gradient blocks ``[chunk, p]`` (:data:`PER_EXAMPLE_COPIES` of them in the vectorised backward
+    pass)."""
+    return (MemoryPlan("per-example gradients").add("per-example gradient block",
+                                                    chunk * p * dtype_size * PER_EXAMPLE_COPIES,
+                                                    f"[{chunk}, {p}] × {PER_EXAMPLE_COPIES}")
             .suggest("a smaller batch or chunk_size", "few test points: the forward-mode product (method='jvp')",
                      "a larger memory_budget"))
 
@@ -447,4 +456,4 @@ def index_plan(projector, dataset=None, shard_size: int = 50_000) -> MemoryPlan:
 
 __all__ = ["DEFAULT_FRACTION", "MemoryBudgetError", "MemoryItem", "MemoryPlan", "available_bytes", "default_budget",
            "dense_plan", "factor_microbatch", "factor_plan", "first_batch_shape", "human", "index_plan",
-           "kfac_inverse_plan", "parse_bytes", "per_example_plan", "resolve_budget", "vectors_plan"]
+           "kfac_inverse_plan", "parse_bytes", "PER_EXAMPLE_COPIES", "per_example_plan", "resolve_budget", "vectors_plan"]

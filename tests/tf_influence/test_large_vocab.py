@@ -189,12 +189,13 @@ def test_per_example_gradients_are_chunked_to_fit_and_equal_unchunked():
     c = hm.build("gpt2", n_pre=8)
     g, _ = hm.objectives(c)
     group = tfi.ParameterGroup.from_model(c.pretrain)
-    per = group.size * 4 * 3
+    per = group.size * 4 * memory.PER_EXAMPLE_COPIES
     assert fit_chunk(512, group.size, 4, 2 * per * 3) == 3
     # whatever the budget, a chunk's blocks stay under PER_EXAMPLE_BLOCK_BYTES (at least one example)
     from tf_influence import gradients
-    assert fit_chunk(512, 10**9 // 12, 4, 10**12) == gradients.PER_EXAMPLE_BLOCK_BYTES // 10**9
-    assert fit_chunk(512, 10**10 // 12, 4, 10**12) == 1
+    p = 10**9 // (4 * memory.PER_EXAMPLE_COPIES)                     # one example's blocks: 1e9 bytes
+    assert fit_chunk(512, p, 4, 10**12) == gradients.PER_EXAMPLE_BLOCK_BYTES // 10**9
+    assert fit_chunk(512, 10 * p, 4, 10**12) == 1
     full = stack_per_example_gradients(g, c.pretrain_data, group).numpy()
     small = np.concatenate([b.numpy() for b in tfi.per_example_gradients(
         g, c.pretrain_data, group, memory_budget=2 * per * 3)])
