@@ -133,7 +133,7 @@ def head_operator(objective: Objective, dataset, group: ParameterGroup, mode: st
                                name=f"{objective.name} (head on held features)")
     op = HessianOperator(head_objective, data, group, mode=mode, name=name, num_examples=num_examples,
                          _batches=held)
-    op.features_of = features_model
+    op.features_of, op.held_bytes = features_model, 2 * size     # the features' dataset and the held batches
     return op
 
 

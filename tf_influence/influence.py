@@ -542,6 +542,9 @@ class MultiStageInfluence:
         plan.add("right-hand side of the pretraining solve", self.WU.size * k * self.WU.dtype.size,
                  f"[{self.WU.size}, {k}]")
         first = self.H_TT if self.case == "fixed" else self.K
+        if getattr(first, "held_bytes", 0):      # the frozen part's features (tf_influence.head_features)
+            plan.add("finetuning features held for the head's products", first.held_bytes,
+                     f"{first.num_examples} examples")
         method_f, plan_f = solve_plan(first, self.finetune_solver, k)
         method_g, plan_g = solve_plan(self.H_G, self.pretrain_solver, k)
         # the finetuning solve is over before the pretraining one starts: one phase of its own (its peak)

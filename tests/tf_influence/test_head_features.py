@@ -66,6 +66,9 @@ def test_multi_stage_case1_solves_over_the_head_and_keeps_its_scores():
                                        embedding=["embedding"], args=args)
     ms = make()
     assert ms.H_TT.objective.model.name == "finetune_head"
+    # the held features (10 examples × 3 float64 features, the dataset and the held batches) are in the plan
+    item = next(i for i in ms.memory_plan().items if i.name.startswith("finetuning features"))
+    assert item.nbytes == 2 * (10 * 3 * 8 + 10 * 8)
     cut = ms(h.dataset(xf[:3], yf[:3], 3))
     # the same call with the products over the whole model
     ms_full = make()
