@@ -325,8 +325,8 @@ def forget_factors(op) -> None:
     allocator (which maps its own regions) never reuses them — so without the trim case 2's pretraining
     fit started gigabytes above case 1's at GPT-2 small."""
     if op.__dict__.pop(_FACTOR_CACHE, None) is not None:
-        from .kfac.statistics import _release_memory
-        _release_memory()
+        from .memory import release_memory
+        release_memory()
 
 
 def identity(op, b) -> SolveResult:

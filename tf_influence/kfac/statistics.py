@@ -388,34 +388,30 @@ def eigenbases(sums: dict, with_eigenvalues: bool = True, consume: bool = False,
     return fitted
 
 
+#: Sides at least this large are decomposed in the factors' precision (float32 for a float32 model); smaller
+#: ones in float64, where the time is small: a float32 ``eigh`` is accurate to float32 only, and its vectors of
+#: nearly equal eigenvalues turn with float32-level changes of the covariance — the Beam fit (per-batch float64
+#: sums) and the in-process fit (float32 running sums) of a small model then gave scores 0.4 % apart, 0.04 %
+#: with float64 decompositions.
+EIGH_FLOAT32_MIN = 1024
+
+
 def _eigh(M, precision):
-    """Eigendecomposition of the symmetric part of ``M`` in ``precision``: eigenvalues float64, eigenvectors
-    in ``precision``. LAPACK's divide-and-conquer driver (``ssyevd`` / ``dsyevd``) through SciPy: NumPy's
-    ``eigh`` computes a float32 matrix in float64, so on this project's 2-core machine a float32 ``[3073, 3073]``
-    side took 2.47 s there against 1.40 s here (``benchmarks/eigh.py``, which also found running two
-    decompositions at once on one BLAS thread each slower than one after the other: 8.3 s against 5.5 s for
-    four). NumPy's is the fallback where SciPy is missing."""
-    S = (0.5 * (M + M.T)).astype(precision, copy=False)
+    """Eigendecomposition of the symmetric part of ``M``: eigenvalues float64, eigenvectors in ``precision``;
+    computed in ``precision`` from :data:`EIGH_FLOAT32_MIN` rows, else in float64. LAPACK's divide-and-conquer
+    driver (``ssyevd`` / ``dsyevd``) through SciPy: NumPy's ``eigh`` computes a float32 matrix in float64, so on
+    this project's 2-core machine a float32 ``[3073, 3073]`` side took 2.47 s there against 1.40 s here
+    (``benchmarks/eigh.py``, which also found running two decompositions at once on one BLAS thread each slower
+    than one after the other: 8.3 s against 5.5 s for four). NumPy's is the fallback where SciPy is missing."""
+    compute = precision if M.shape[0] >= EIGH_FLOAT32_MIN else np.float64
+    S = (0.5 * (M + M.T)).astype(compute, copy=False)
     try:
         from scipy.linalg import eigh
     except ImportError:                                  # pragma: no cover - SciPy is a requirement
         e, Q = np.linalg.eigh(S)
     else:
         e, Q = eigh(S, driver="evd", overwrite_a=True, check_finite=False)
-    return e.astype(np.float64), Q
-
-
-def _release_memory() -> None:
-    """Give freed heap memory back to the system (glibc's ``malloc_trim``): between the factor passes the
-    process has just freed gigabytes (a GPT-2 small batch's covariances), which glibc would otherwise keep
-    as resident memory. A no-op elsewhere."""
-    import gc
-    gc.collect()
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    return e.astype(np.float64), Q.astype(precision, copy=False)
 
 
 CORRECTION_SEED_OFFSET = 10_000_019  # the second pass draws its labels with other seeds than the first
@@ -490,7 +486,7 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
     if any(not (b.diag_in and b.diag_out) and max(b.rows, b.d_out) >= 1024 for b in stats.blocks):
         from ..console import warn_generic_blas
         warn_generic_blas()          # large eigendecompositions ahead: say so if numpy's BLAS is generic
-    from ..memory import factor_microbatch, factor_plan
+    from ..memory import factor_microbatch, factor_plan, release_memory
     if microbatch is not None and int(microbatch) < 1:
         raise ValueError(f"microbatch must be a positive number of examples, got {microbatch}")
     from ..memory import first_batch_shape
@@ -553,13 +549,13 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
     if sums is None or sums["n"] == 0:
         from ..objective import EmptyDatasetError
         raise EmptyDatasetError(f"{name} is empty: it yielded no examples")
-    _release_memory()
+    release_memory()
     if kind == "kfac":                                  # K-FAC's eigenvalues need the sums' diagonal parts whole
         bases = stats.eigenbases(sums)
     else:                                               # each block's covariances freed once decomposed
         bases = stats.eigenbases(sums, consume=True)
     sums = {"n": sums["n"], "diag": sums["diag"]}       # the covariances are no longer needed: free them
-    _release_memory()
+    release_memory()
     corr = None
     if kind == "ekfac" and stats.blocks:
         with finite_check(f"EK-FAC eigenvalue correction of {objective.name} on {name}"):
@@ -571,5 +567,5 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
             if in_graph:
                 corr = stats.take("correction")
         stats._bases_tensors = None                     # the bases as tensors are not needed any more
-        _release_memory()
+        release_memory()
     return stats.factors(sums, bases, corr)
