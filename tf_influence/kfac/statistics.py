@@ -392,9 +392,9 @@ def _eigh(M, precision):
     """Eigendecomposition of the symmetric part of ``M``: eigenvalues float64, eigenvectors in ``precision``;
     computed in ``precision`` from :data:`EIGH_FLOAT32_MIN` rows, else in float64. LAPACK's divide-and-conquer
     driver (``ssyevd`` / ``dsyevd``) through SciPy: NumPy's ``eigh`` computes a float32 matrix in float64, so on
-    this project's 2-core machine a float32 ``[3073, 3073]`` side took 2.47 s there against 1.40 s here
+    this project's 2-core machine a float32 ``[3073, 3073]`` side took 3.33 s there against 1.44 s here
     (``benchmarks/eigh.py``, which also found running two decompositions at once on one BLAS thread each slower
-    than one after the other: 8.3 s against 5.5 s for four). NumPy's is the fallback where SciPy is missing."""
+    than one after the other: 8.9 s against 5.7 s for four). NumPy's is the fallback where SciPy is missing."""
     compute = precision if M.shape[0] >= EIGH_FLOAT32_MIN else np.float64
     S = (0.5 * (M + M.T)).astype(compute, copy=False)
     try:
