@@ -508,7 +508,7 @@ class MultiStageInfluence:
             b_T = tf.gather(b, self.TW.slices(self.Theta), axis=0)
             b_W = tf.gather(b, self.TW.slices(self.W_ft), axis=0)
             del b
-            r1 = _solve(self.H_TT, b_T, self.finetune_solver, "IHVP 1 (∂²F/∂Θ²)", self.progress)
+            r1 = _solve(first, b_T, self.finetune_solver, "IHVP 1 (∂²F/∂Θ²)", self.progress)
             solves["finetune"] = r1.summary()
             v_W = b_W - self.H_WT.matvec(r1.x)
         else:

@@ -55,7 +55,7 @@ class ScoreBatch(beam.DoFn):
     """Batch of serialized examples → ``(key, score)`` with one library call per batch."""
 
     def __init__(self, model_path, feature_spec, kind, si_layers=None, loss_config=None, group_spec=None,
-                 desc="examples", checkpoints=None, learning_rates=None, worker_threads=None):
+                 desc="examples", checkpoints=None, learning_rates=None, worker_threads=None, vector_path=None):
         if kind not in KINDS:
             raise ValueError(f"unknown score kind '{kind}'; choose one of {KINDS}")
         self.model_path, self.spec, self.kind = model_path, parse_feature_spec(feature_spec), kind
@@ -63,6 +63,7 @@ class ScoreBatch(beam.DoFn):
         self.group_spec = group_spec if group_spec is None or isinstance(group_spec, str) else group_spec.to_json()
         self.checkpoints, self.learning_rates = checkpoints, learning_rates
         self.worker_threads = worker_threads
+        self.vector_path = vector_path        # the test-side vector's .npy file (influence), read in setup
 
     def setup(self):
         import tf_influence as tfi
@@ -70,7 +71,7 @@ class ScoreBatch(beam.DoFn):
         set_worker_threads(self.worker_threads)
         self.model = load_keras_model(self.model_path)
         self.vector = None
-        if getattr(self, "vector_path", None):       # the test-side vector, read once per worker
+        if self.vector_path:                          # the test-side vector, read once per worker
             import tensorflow as tf
             self.vector = tf.constant(load_vector(self.vector_path))
         self.objective = tfi.Objective(self.model, resolve_loss(self.model, self.loss_config))
@@ -110,11 +111,10 @@ class ScoreFile(ScoreBatch):
     ``ReadFromTFRecord`` → ``BatchElements`` → ``WriteToTFRecord`` in one process, of which 5 s
     were reading, decoding, scoring and encoding)."""
 
-    def __init__(self, *args, output_dir, batch_size=256, temp_dir=None, vector_path=None, **kwargs):
+    def __init__(self, *args, output_dir, batch_size=256, temp_dir=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.output_dir, self.batch_size = output_dir, int(batch_size)
         self.temp_dir = temp_dir or output_dir
-        self.vector_path = vector_path
 
     def process(self, path, vector=None):
         vector = self.vector if vector is None else vector
