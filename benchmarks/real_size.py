@@ -158,6 +158,17 @@ def _rss_mb() -> float:
     return 0.0
 
 
+def _tf_mb(which: str = "current"):
+    """MB that TensorFlow's CPU allocator has handed out (``"current"``) or at most had (``"peak"``); None where it
+    does not count. What it freed it keeps for reuse (oneDNN's allocator): RSS minus this is host memory (NumPy,
+    the Python heap) plus TensorFlow's free pool."""
+    try:
+        import tensorflow as tf
+        return round(tf.config.experimental.get_memory_info("CPU:0")[which] / 2 ** 20)
+    except Exception:   # noqa: BLE001 — an allocator without statistics
+        return None
+
+
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -357,9 +368,10 @@ def _beam_scoring(name, args, pre, ds, out_dir):
 
 class _Timeline:
     """The worker's resident memory every ``interval`` seconds and the library phase it was in, so a result says
-    *where* its peak was, not only how high: ``{"peak_phase", "phases": {phase: peak MB}, "samples": [[s, MB,
-    phase], …]}`` (at most ~400 samples). Phases are marked by wrapping the factor fit's steps, the solves and
-    the scoring (a benchmark-side wrapper: the library is not changed for it)."""
+    *where* its peak was, not only how high: ``{"peak_phase", "phases": {phase: peak MB}, "tensorflow_in_use_mb":
+    {phase: peak MB that TensorFlow had handed out}, "samples": [[s, MB, phase, TensorFlow MB], …]}`` (at most
+    ~400 samples). Phases are marked by wrapping the factor fit's steps, the solves and the scoring (a
+    benchmark-side wrapper: the library is not changed for it)."""
 
     def __init__(self, interval: float = 0.5):
         import threading
@@ -370,7 +382,7 @@ class _Timeline:
 
     def _run(self):
         while not self._stop.is_set():
-            self.samples.append((round(time.perf_counter() - self.t0, 2), round(_rss_mb()), self.phase))
+            self.samples.append((round(time.perf_counter() - self.t0, 2), round(_rss_mb()), self.phase, _tf_mb()))
             self._stop.wait(self.interval)
 
     def wrap(self, owner, attr: str, phase: str):
@@ -406,12 +418,14 @@ class _Timeline:
     def summary(self) -> dict:
         if not self.samples:
             return {}
-        phases = {}
-        for _, mb, ph in self.samples:
+        phases, tf_phases = {}, {}
+        for _, mb, ph, tf_mb in self.samples:
             phases[ph] = max(phases.get(ph, 0), mb)
+            tf_phases[ph] = max(tf_phases.get(ph, 0), tf_mb or 0)
         step = max(1, len(self.samples) // 400)
         peak = max(self.samples, key=lambda s: s[1])
         return {"peak_phase": peak[2], "peak_sampled_mb": peak[1], "phases": phases,
+                "tensorflow_in_use_mb": tf_phases, "tensorflow_peak_mb": _tf_mb("peak"),
                 "samples": [list(s) for s in self.samples[::step]]}
 
 
