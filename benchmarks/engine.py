@@ -83,8 +83,9 @@ def main(argv=None):
     vec_rate, loop_rate, batched_rate = B / t_vec, n_loop / t_loop, B / t_grad
 
     pre_ds, ft_ds, test_ds = data.datasets()
-    cfg = lambda lam: tfi.SolverConfig("cg_squared", damping=lam, max_iter=args.cg_iters, tol=0.0,  # noqa: E731
-                                       on_nonconvergence="ignore", dtype=tf.float64)
+    cfg = lambda lam: tfi.SolverConfig("cg_squared", damping=lam, tol=0.0,  # noqa: E731
+                                       on_nonconvergence="ignore",
+                                       iterative=tfi.IterativeOptions(max_iter=args.cg_iters, dtype=tf.float64))
     t = time.perf_counter()
     res = tfi.multi_stage_influence(obj, pre_ds, tfi.Objective(ft, models.sparse_ce()), ft_ds, test_ds,
                                     embedding=["embedding"],

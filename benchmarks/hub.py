@@ -183,13 +183,13 @@ def fidelity(n_pre: int, n_loo: int, width: int, length: int, steps: int) -> dic
     g, f = tfi.Objective(lm, CausalLMLoss()), tfi.Objective(clf, SCE)
     methods = {"default": {},
                "cg": dict(pretrain_solver=tfi.SolverConfig("cg_squared", damping=tfi.DEFAULT_PRETRAIN_DAMPING,
-                                                           max_iter=300)),
+                                                           iterative=tfi.IterativeOptions(max_iter=300))),
                "ekfac": dict(pretrain_solver=tfi.SolverConfig("ekfac", damping=tfi.DEFAULT_PRETRAIN_DAMPING)),
                "identity": dict(pretrain_solver=tfi.SolverConfig("identity"))}
     from tf_influence.kfac import DENSE_FACTOR_MAX
     if TOKENS.vocab_size > DENSE_FACTOR_MAX:   # the exact (dense) vocabulary side, where it still fits
         methods["ekfac_dense_vocab"] = dict(pretrain_solver=tfi.SolverConfig(
-            "ekfac", damping=tfi.DEFAULT_PRETRAIN_DAMPING, dense_factor_max=10 ** 9))
+            "ekfac", damping=tfi.DEFAULT_PRETRAIN_DAMPING, kronecker=tfi.KroneckerOptions(dense_factor_max=10 ** 9)))
     predicted, solver = {}, {}
     for name, kw in methods.items():
         res = tfi.multi_stage_influence(g, pre_ds, f, ft_ds, te_ds, embedding=backbone,

@@ -79,8 +79,9 @@ def main(argv=None):
     rows = {"exact_dense": {"seconds": t_exact}}
     variants = {
         "ekfac": tfi.SolverConfig("ekfac", damping=0.0),
-        "ekfac_empirical": tfi.SolverConfig("ekfac", damping=0.0, fisher="empirical"),
-        "ekfac_kronfluence_damping": tfi.SolverConfig("ekfac", damping=0.0, relative_damping=0.1),
+        "ekfac_empirical": tfi.SolverConfig("ekfac", damping=0.0, kronecker=tfi.KroneckerOptions(fisher="empirical")),
+        "ekfac_kronfluence_damping": tfi.SolverConfig("ekfac", damping=0.0,
+                                                      kronecker=tfi.KroneckerOptions(relative_damping=0.1)),
         "kfac": tfi.SolverConfig("kfac", damping=0.0),
         "identity": tfi.SolverConfig("identity", damping=0.0),
     }

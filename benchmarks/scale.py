@@ -157,8 +157,9 @@ def main(argv=None):
     print(f"[scale] EK-FAC factors on {factors.num_examples:,} sequences: {fit_s:.1f} s "
           f"({len(factors.blocks)} Kronecker blocks, {len(factors.diagonal)} diagonal variables)", flush=True)
     ek = tfi.single_stage_influence(obj, data, test, group, hessian_samples=None, progress=True,
-                                    solver=tfi.SolverConfig("ekfac", damping=1e-3, factors=factors,
-                                                            curvature_iterations=0))
+                                    solver=tfi.SolverConfig("ekfac", damping=1e-3,
+                                                            curvature_iterations=0,
+                                                            kronecker=tfi.KroneckerOptions(factors=factors)))
     ek_total = fit_s + ek.seconds["test_side"] + ek.seconds["scoring"]
     print(f"[scale] EK-FAC influence of every sequence: {ek_total:.1f} s "
           f"({ek_total / epoch:.2f}× an epoch)", flush=True)
@@ -169,16 +170,18 @@ def main(argv=None):
     factors_q = kfac.fit_factors(obj, data, group, progress=True, name="training sequences", max_examples=n_sub)
     fit_q = time.perf_counter() - t
     ekq = tfi.single_stage_influence(obj, data, test, group, hessian_samples=None, progress=True,
-                                     solver=tfi.SolverConfig("ekfac", damping=1e-3, factors=factors_q,
-                                                             curvature_iterations=0))
+                                     solver=tfi.SolverConfig("ekfac", damping=1e-3,
+                                                             curvature_iterations=0,
+                                                             kronecker=tfi.KroneckerOptions(factors=factors_q)))
     ekq_total = fit_q + ekq.seconds["test_side"] + ekq.seconds["scoring"]
     print(f"[scale] EK-FAC with factors on {n_sub:,} sequences: {ekq_total:.1f} s ({ekq_total / epoch:.2f}× an epoch)",
           flush=True)
     # CG: --cg-iters iterations timed, extrapolated to the budget
     cg = tfi.single_stage_influence(
         obj, data, test, group, hessian_samples=args.hessian_samples, progress=True,
-        solver=tfi.SolverConfig("cg_squared", damping=1e-3, max_iter=args.cg_iters, tol=0.0,
-                                on_nonconvergence="ignore", dtype=tf.float64, curvature_iterations=0))
+        solver=tfi.SolverConfig("cg_squared", damping=1e-3, tol=0.0,
+                                on_nonconvergence="ignore", curvature_iterations=0,
+                                iterative=tfi.IterativeOptions(max_iter=args.cg_iters, dtype=tf.float64)))
     # the test side ran: H b (one HVP), `iterations` × H² (two HVPs each), the final residual (two)
     # → per iteration = test side / (iterations + 1.5); the budget adds (budget − iterations) of them
     iters = cg.solves["hessian"]["iterations"]

@@ -81,8 +81,8 @@ def main(argv=None):
         factors = kfac.fit_factors(obj, train, group, dense_factor_max=limit)
         fit_s = time.perf_counter() - t
         factors_by[label] = factors
-        res = tfi.solve(H, b, tfi.SolverConfig("ekfac", damping=args.damping, factors=factors,
-                                               curvature_iterations=0))
+        res = tfi.solve(H, b, tfi.SolverConfig("ekfac", damping=args.damping,
+                                               curvature_iterations=0, kronecker=tfi.KroneckerOptions(factors=factors)))
         s = -res.x
         solutions[label] = s.numpy()
         scores[label] = tfi.influence.score_examples(obj, train, group, s)

@@ -58,9 +58,9 @@ def parse(argv=None):
                  "--test-target sum")
     if ns.cg_iters is not None:
         from tf_influence.deprecation import warn
-        warn("--cg-iters", "--pretrain-solver / --finetune-solver '{\"max_iter\": N}'")
-        args = replace(args, pretrain_solver=replace(args.pretrain_solver, max_iter=ns.cg_iters),
-                       finetune_solver=replace(args.finetune_solver, max_iter=ns.cg_iters))
+        warn("--cg-iters", "--pretrain-solver / --finetune-solver '{\"iterative\": {\"max_iter\": N}}'")
+        args = replace(args, pretrain_solver=args.pretrain_solver.replace(max_iter=ns.cg_iters),
+                       finetune_solver=args.finetune_solver.replace(max_iter=ns.cg_iters))
     return demo, args
 
 

@@ -172,8 +172,9 @@ def run(cfg: TextConfig, cache=None, progress: bool = True) -> dict:
     train_seconds = time.perf_counter() - t0
 
     def score(method, head="cg_squared"):
-        mk = lambda m, lam: tfi.SolverConfig(m, damping=lam, max_iter=cfg.cg_iters, dtype=tf.float64,  # noqa: E731
-                                             tol=1e-5)
+        mk = lambda m, lam: tfi.SolverConfig(m, damping=lam,  # noqa: E731
+                                             tol=1e-5,
+                                             iterative=tfi.IterativeOptions(max_iter=cfg.cg_iters, dtype=tf.float64))
         kw = dict(embedding=["embedding"], progress=progress, args=tfi.InfluenceArgs(
             case="fixed", hessian_samples=None, pretrain_solver=mk(method, tfi.DEFAULT_PRETRAIN_DAMPING),
             finetune_solver=mk(head, tfi.DEFAULT_FINETUNE_DAMPING)))

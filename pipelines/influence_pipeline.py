@@ -3,7 +3,7 @@ retrain, and compare finetuning test accuracy (against dropping a random set of 
 
     python -m pipelines.influence_pipeline [--quick] [--root reports/pipelines/influence]
         [--runner local|kubeflow_v2] [--beam-arg=--direct_num_workers=2 ...] [--pretrain-solver ekfac]
-        [--case ...] [--finetune-solver '{"method": "cg_squared", "max_iter": 100}'] ...
+        [--case ...] [--finetune-solver '{"method": "cg_squared", "iterative": {"max_iter": 100}}'] ...
 
 The InfluenceScorer's options are ``tf_influence.InfluenceArgs``, passed whole: every field is a flag,
 with this pipeline's defaults (:func:`pipeline_influence_defaults`: ``cg_squared`` on both inverses in float64,
@@ -38,8 +38,10 @@ def pipeline_influence_defaults() -> dict:
     data. (A function: building SolverConfigs imports TensorFlow, which the command quiets first.)"""
     return {
         "hessian_samples": None,
-        "pretrain_solver": tfi.SolverConfig("cg_squared", damping=tfi.DEFAULT_PRETRAIN_DAMPING, dtype="float64"),
-        "finetune_solver": tfi.SolverConfig("cg_squared", damping=tfi.DEFAULT_FINETUNE_DAMPING, dtype="float64"),
+        "pretrain_solver": tfi.SolverConfig("cg_squared", damping=tfi.DEFAULT_PRETRAIN_DAMPING,
+                                            iterative=tfi.IterativeOptions(dtype="float64")),
+        "finetune_solver": tfi.SolverConfig("cg_squared", damping=tfi.DEFAULT_FINETUNE_DAMPING,
+                                            iterative=tfi.IterativeOptions(dtype="float64")),
     }
 
 
@@ -53,8 +55,8 @@ def pipeline_influence_args(quick: bool = False, pretrain_solver: str | None = N
     from dataclasses import replace
     args = tfi.InfluenceArgs(**pipeline_influence_defaults())
     if quick:
-        args = replace(args, pretrain_solver=replace(args.pretrain_solver, max_iter=QUICK_CG_ITERATIONS),
-                       finetune_solver=replace(args.finetune_solver, max_iter=QUICK_CG_ITERATIONS))
+        args = replace(args, pretrain_solver=args.pretrain_solver.replace(max_iter=QUICK_CG_ITERATIONS),
+                       finetune_solver=args.finetune_solver.replace(max_iter=QUICK_CG_ITERATIONS))
     if pretrain_solver is not None:
         args = replace(args, pretrain_solver=replace(args.pretrain_solver, method=pretrain_solver))
     return args
@@ -117,7 +119,8 @@ def create_pipeline(root: str, data_root: str, quick: bool = False, beam_args=No
     pre_solver = influence_args.pretrain_solver
     if pre_solver.method in ("ekfac", "kfac"):  # the pretraining curvature fitted over the corpus in Beam
         extra = [FactorFitter(examples=pre_gen.outputs["examples"], model=pre_t.outputs["model"], feature_spec=spec,
-                              kind=pre_solver.method, fisher=pre_solver.fisher, seed=pre_solver.seed)]
+                              kind=pre_solver.method, fisher=pre_solver.kronecker.fisher,
+                              seed=pre_solver.kronecker.seed)]
     scorer = InfluenceScorer(pretrain_examples=pre_gen.outputs["examples"], finetune_examples=ft_gen.outputs["examples"],
                              pretrain_model=pre_t.outputs["model"], finetune_model=ft_t.outputs["model"],
                              feature_spec=spec, embedding=["embedding"], influence_args=influence_args,

@@ -37,7 +37,8 @@ _EXPORTS = {
     "objective": ["Objective", "count_examples", "per_example_loss_fn", "reduce_per_example", "subsample"],
     "params": ["GroupSpec", "ParameterGroup", "ParameterGroupError", "complement_group", "concat_groups",
                "find_layer", "group_from_layers"],
-    "solvers": ["DenseOperator", "SolveResult", "SolverConfig", "SolverNotConvergedError",
+    "solvers": ["AutoOptions", "DenseOperator", "DenseOptions", "IterativeOptions", "KroneckerOptions", "SolveResult",
+                "SolverConfig", "SolverNotConvergedError",
                 "SolverNotConvergedWarning", "cg", "cg_squared", "dense", "identity", "lissa", "solve"],
     "kfac": ["FactorStatistics", "KFACFactors", "fit_factors"],
     "memory": ["MemoryBudgetError", "MemoryPlan"],
@@ -55,7 +56,8 @@ _SUBMODULES = {"analyzer", "baselines", "capture", "compiled", "console", "diagn
 #: other name of ``_EXPORTS`` still resolves here (the 0.2 surface), and lives in its submodule.
 __all__ = ["Analyzer", "FactorArgs", "InfluenceArgs", "InfluenceResult", "MemoryBudgetError", "Objective",
            "PresenceCallback", "PresenceModel", "ProjectionArgs", "QueryArgs", "SolverConfig", "StaleResultError",
-           "Task", "multi_stage_influence", "self_influence", "single_stage_influence"]
+           "Task", "IterativeOptions", "KroneckerOptions", "DenseOptions", "AutoOptions", "multi_stage_influence",
+           "self_influence", "single_stage_influence"]
 
 
 def __getattr__(name):

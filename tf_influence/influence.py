@@ -284,7 +284,7 @@ def _progress_cb(desc: str, enabled: bool, total: int):
 
 
 def _solve(op, b, config: SolverConfig, desc: str, progress: bool):
-    cb, close = _progress_cb(desc, progress, config.max_iter)
+    cb, close = _progress_cb(desc, progress, config.iterative.max_iter)
     try:
         return solve(op, b, config, progress=cb)
     finally:

@@ -42,7 +42,7 @@ from dataclasses import MISSING, dataclass, field, fields
 import numpy as np
 import tensorflow as tf
 
-from .configs import JsonConfig, dataclass_from_dict  # noqa: F401 (re-exported: it lived here)
+from .configs import JsonConfig, dataclass_from_dict  # re-exported: it lived here
 from .errors import require_finite
 
 
@@ -442,15 +442,15 @@ def solve_plan(op, config: "SolverConfig | None" = None, columns: int = 1):
     p = int(op.shape[0])
     method = config.method
     if method == "auto":
-        method, _ = auto_choice(op, config.dense_max, config.kronecker_min, config.memory_budget,
-                                config.dense_factor_max, columns)
+        method, _ = auto_choice(op, config.auto.dense_max, config.auto.kronecker_min, config.memory_budget,
+                                config.kronecker.dense_factor_max, columns)
     name = getattr(op, "name", "operator")
     if method in ("dense", "dense_squared"):
         return method, dense_plan(p, columns, name)
-    if method in ("ekfac", "kfac") and config.factors is None:
+    if method in ("ekfac", "kfac") and config.kronecker.factors is None:
         from .kfac import DENSE_FACTOR_MAX, FactorStatistics
         stats = FactorStatistics(op.objective, op.rows, kind=method, dense_factor_max=DENSE_FACTOR_MAX
-                                 if config.dense_factor_max is None else config.dense_factor_max)
+                                 if config.kronecker.dense_factor_max is None else config.kronecker.dense_factor_max)
         return method, factor_plan(stats, op.dataset).extend(kfac_inverse_plan(stats, p, columns))
     if method in ("ekfac", "kfac"):
         return method, vectors_plan(p, columns, 3, f"the {method} inverse of {name}")
@@ -477,87 +477,216 @@ DEFAULT_PRETRAIN_DAMPING = 1e-3
 #: short of convergence have near-zero and negative eigenvalues that a tiny damping amplifies.
 DEFAULT_FINETUNE_DAMPING = 1e-3
 
-_COMMON = ("damping", "tol", "on_nonconvergence", "memory_budget")
-_ITERATIVE = _COMMON + ("max_iter", "dtype")
-_KRONECKER = _COMMON + ("fisher", "relative_damping", "factors", "max_examples", "seed", "dense_factor_max")
-#: The :class:`SolverConfig` fields each solver reads (beside ``method`` and ``curvature_iterations``).
-SOLVER_FIELDS = {
-    "cg": _ITERATIVE, "cg_squared": _ITERATIVE, "lissa": _ITERATIVE + ("scale",),
-    "dense": _COMMON + ("max_params",), "dense_squared": _COMMON + ("max_params",),
-    "identity": (), "ekfac": _KRONECKER, "kfac": _KRONECKER,
-    "auto": tuple(dict.fromkeys(_ITERATIVE + _KRONECKER + ("dense_max", "kronecker_min"))),
-}
+# -- the configuration: common fields, and one small typed class of options per solver family ---------------
+class _Options(JsonConfig):
+    """The repr of a configuration shows what differs from its defaults (``SolverConfig(method='ekfac',
+    kronecker=KroneckerOptions(fisher='empirical'))``), not every field of every family."""
+
+    def __repr__(self):
+        default = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(self)
+                   if f.default is not MISSING or f.default_factory is not MISSING}
+        shown = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                 if f.name not in default or f.name == "method" or getattr(self, f.name) != default[f.name]]
+        return f"{type(self).__name__}({', '.join(shown)})"
 
 
-@dataclass
-class SolverConfig(JsonConfig):
-    """How to invert one Hessian: the solver, its damping λ and its options — every option a typed
-    field with its default declared here once. A field the chosen solver does not read must stay at
-    its default (``SolverConfig("cg", fisher="empirical")`` raises: :data:`SOLVER_FIELDS`), and
-    :meth:`to_json` / :meth:`from_json` carry a configuration whole through a TFX component or a CLI.
+@dataclass(repr=False)
+class IterativeOptions(_Options):
+    """Options of the iterative solvers (``cg``, ``cg_squared``, ``lissa``; ``auto`` when it picks
+    ``cg_squared``).
 
-    >>> cfg = SolverConfig("ekfac", damping=1e-4, fisher="empirical")
-    >>> SolverConfig.from_json(cfg.to_json()) == cfg
-    True
-    >>> SolverConfig("cg", fisher="empirical")
-    Traceback (most recent call last):
-    ...
-    ValueError: SolverConfig(method='cg'): 'fisher' does not apply to 'cg' (it is read by: auto, ekfac, kfac)
+    >>> SolverConfig("cg", iterative=IterativeOptions(max_iter=50)).iterative.max_iter
+    50
     """
 
-    method: str = field(default="auto", metadata={"help": f"solver: one of {sorted(SOLVER_FIELDS)}"})
-    damping: float = field(default=DEFAULT_PRETRAIN_DAMPING, metadata={"help": "damping λ added to the system"})
-    tol: float = field(default=1e-5, metadata={"help": "relative residual an iterative solve must reach"})
     max_iter: int = field(default=200, metadata={"help": "iterations of cg / cg_squared / lissa"})
     dtype: object = field(default=None, metadata={"help": "compute dtype of iterative solves (None: the operator's)"})
+    scale: float | None = field(default=None, metadata={"help": "lissa only: s > λ_max + λ (None: power iteration)"})
+
+    def __post_init__(self):
+        if int(self.max_iter) < 0:
+            raise ValueError(f"max_iter must be ≥ 0, got {self.max_iter}")
+
+    def to_dict(self) -> dict:
+        return {"max_iter": self.max_iter, "dtype": None if self.dtype is None else tf.as_dtype(self.dtype).name,
+                "scale": self.scale}
+
+
+@dataclass(repr=False)
+class DenseOptions(_Options):
+    """Options of the explicit solves (``dense``, ``dense_squared``)."""
+
+    max_params: int = field(default=4096, metadata={"help": "dense: largest system built explicitly"})
+
+
+@dataclass(repr=False)
+class KroneckerOptions(_Options):
+    """Options of the Kronecker-factored solvers (``ekfac``, ``kfac``; ``auto`` when it picks ``ekfac``).
+
+    >>> SolverConfig("ekfac", kronecker=KroneckerOptions(fisher="empirical")).kronecker.fisher
+    'empirical'
+    """
+
+    fisher: str = field(default="true", metadata={"help": "'true' (sampled labels) or 'empirical'"})
+    relative_damping: float = field(default=0.0, metadata={
+        "help": "extra damping × the mean eigenvalue of each block"})
+    factors: object = field(default=None, metadata={
+        "help": "fitted KFACFactors or the directory they were saved to (None: fit them)"})
+    max_examples: int | None = field(default=None, metadata={
+        "help": "fit the factors on the first N examples (None: all the operator's)"})
+    seed: int = field(default=0, metadata={"help": "seed of the sampled labels"})
+    dense_factor_max: int | None = field(default=None, metadata={
+        "help": "a Kronecker factor side larger than this (a vocabulary) is kept diagonal instead of a dense "
+                "covariance and eigendecomposition (None: tf_influence.kfac.DENSE_FACTOR_MAX, 4,096)"})
+
+    def __post_init__(self):
+        if self.fisher not in ("true", "empirical"):
+            raise ValueError(f"fisher must be 'true' or 'empirical', got '{self.fisher}'")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise ValueError(f"max_examples must be a positive number of examples, got {self.max_examples}")
+        if self.dense_factor_max is not None and int(self.dense_factor_max) < 1:
+            raise ValueError(f"dense_factor_max must be ≥ 1 or None, got {self.dense_factor_max}")
+
+    def to_dict(self) -> dict:
+        from .kfac import KFACFactors
+        if isinstance(self.factors, KFACFactors):
+            raise ValueError("SolverConfig.to_json: factors is a KFACFactors object; save it "
+                             "(factors.save(directory)) and pass the directory")
+        return super().to_dict()
+
+
+@dataclass(repr=False)
+class AutoOptions(_Options):
+    """Where ``auto`` changes solver (:func:`auto_choice`)."""
+
+    dense_max: int = field(default=2048, metadata={"help": "dense eq. 16 solve up to this many parameters"})
+    kronecker_min: int | None = field(default=None, metadata={
+        "help": "EK-FAC from this many parameters (None: dense_max + 1)"})
+
+
+#: Each solver family's options: the :class:`SolverConfig` field that holds them and their class.
+FAMILIES = {"iterative": IterativeOptions, "dense": DenseOptions, "kronecker": KroneckerOptions, "auto": AutoOptions}
+#: The families each solver reads (``identity`` reads none; ``auto`` reads every family it may choose).
+SOLVER_FAMILIES = {
+    "cg": ("iterative",), "cg_squared": ("iterative",), "lissa": ("iterative",),
+    "dense": ("dense",), "dense_squared": ("dense",), "identity": (),
+    "ekfac": ("kronecker",), "kfac": ("kronecker",), "auto": ("iterative", "kronecker", "auto"),
+}
+_COMMON = ("damping", "tol", "on_nonconvergence", "memory_budget")
+#: The keyword arguments each solver function of :data:`SOLVERS` takes from a :class:`SolverConfig` (its
+#: common fields and its families' fields; ``scale`` is LiSSA's alone).
+SOLVER_FIELDS = {m: () if m == "identity" else
+                 _COMMON + tuple(f.name for fam in fams for f in fields(FAMILIES[fam])
+                                 if f.name != "scale" or m == "lissa")
+                 for m, fams in SOLVER_FAMILIES.items()}
+#: Deprecated (0.3): a family option given as a keyword of :class:`SolverConfig` itself — its family.
+FLAT_OPTIONS = {f.name: fam for fam, cls in FAMILIES.items() for f in fields(cls)}
+
+
+def _by_family(flat: dict) -> dict:
+    """``{family: {option: value}}`` of options named without their family."""
+    out = {}
+    for k, v in flat.items():
+        out.setdefault(FLAT_OPTIONS[k], {})[k] = v
+    return out
+
+
+def _with_flat(given: dict, flat: dict) -> dict:
+    """``given`` (``{family: options or None}``) with the options of ``flat`` set in their families (over a
+    family object given too: ``dataclasses.replace(cfg, max_iter=5)`` passes both)."""
+    from dataclasses import replace
+    given = dict(given)
+    for fam, kw in _by_family(flat).items():
+        given[fam] = FAMILIES[fam](**kw) if given[fam] is None else replace(given[fam], **kw)
+    return given
+
+
+@dataclass(init=False, repr=False)
+class SolverConfig(_Options):
+    """How to invert one Hessian: the solver, its damping λ, the fields every solver reads, and one
+    small typed options object per solver family — :class:`IterativeOptions`, :class:`DenseOptions`,
+    :class:`KroneckerOptions`, :class:`AutoOptions`. A family the chosen solver does not read must stay
+    at its defaults (``SolverConfig("cg", kronecker=KroneckerOptions(fisher="empirical"))`` raises) —
+    except the iterative ``max_iter`` / ``dtype``, which the other solvers ignore, so that a configuration
+    can switch its method (LiSSA's ``scale`` is policed) —, and
+    :meth:`to_json` / :meth:`from_json` carry a configuration whole through a TFX component or a CLI.
+
+    >>> cfg = SolverConfig("ekfac", damping=1e-4, kronecker=KroneckerOptions(fisher="empirical"))
+    >>> SolverConfig.from_json(cfg.to_json()) == cfg
+    True
+    >>> SolverConfig("cg", kronecker=KroneckerOptions(fisher="empirical"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: SolverConfig(method='cg'): the kronecker options (fisher) do not apply to 'cg' (read by: ...)
+
+    The family options as keywords of ``SolverConfig`` itself (``SolverConfig("cg", max_iter=50)``), and
+    reading them from it (``cfg.max_iter``), are deprecated aliases of the family form (removed in 0.4).
+    """
+
+    method: str = field(default="auto", metadata={"help": f"solver: one of {sorted(SOLVER_FAMILIES)}"})
+    damping: float = field(default=DEFAULT_PRETRAIN_DAMPING, metadata={"help": "damping λ added to the system"})
+    tol: float = field(default=1e-5, metadata={"help": "relative residual an iterative solve must reach"})
     on_nonconvergence: str = field(default="warn", metadata={"help": "'warn', 'raise' or 'ignore'"})
     #: Curvature diagnostics (:mod:`tf_influence.diagnostics`) after the solve — extreme eigenvalues,
     #: damping relative to them, :class:`CurvatureWarning`. ``None``: from what the solve already has
     #: (the explicit matrix of ``dense*``, the fitted factors of ``ekfac`` / ``kfac``; no extra pass)
-    #: and 10 Lanczos steps after an iterative solve; ``n > 0``: ``n`` Lanczos steps on the Hessian
+    #: and 10 Lanczos steps after an iterative one; ``n > 0``: ``n`` Lanczos steps on the Hessian
     #: itself whatever the solver (on an EK-FAC solve this also sees negative curvature the factored
     #: Fisher cannot show; each step is one Hessian-vector product); ``0`` = off.
     curvature_iterations: int | None = field(default=None, metadata={
         "help": "curvature diagnostics: None = from the solve, n = n Lanczos steps, 0 = off"})
-    scale: float | None = field(default=None, metadata={"help": "lissa: s > λ_max + λ (None: power iteration)"})
-    max_params: int = field(default=4096, metadata={"help": "dense: largest system built explicitly"})
-    fisher: str = field(default="true", metadata={"help": "ekfac / kfac: 'true' (sampled labels) or 'empirical'"})
-    relative_damping: float = field(default=0.0, metadata={
-        "help": "ekfac / kfac: extra damping × the mean eigenvalue of each block"})
-    factors: object = field(default=None, metadata={
-        "help": "ekfac / kfac: fitted KFACFactors or the directory they were saved to (None: fit them)"})
-    max_examples: int | None = field(default=None, metadata={
-        "help": "ekfac / kfac: fit the factors on the first N examples (None: all the operator's)"})
-    seed: int = field(default=0, metadata={"help": "ekfac / kfac: seed of the sampled labels"})
-    dense_max: int = field(default=2048, metadata={"help": "auto: dense eq. 16 solve up to this many parameters"})
-    kronecker_min: int | None = field(default=None, metadata={
-        "help": "auto: EK-FAC from this many parameters (None: dense_max + 1)"})
-    dense_factor_max: int | None = field(default=None, metadata={
-        "help": "ekfac / kfac / auto: a Kronecker factor side larger than this (a vocabulary) is kept diagonal "
-                "instead of a dense covariance and eigendecomposition (None: tf_influence.kfac.DENSE_FACTOR_MAX, "
-                "4,096)"})
     memory_budget: object = field(default=None, metadata={
         "help": "memory the solve may allocate: bytes, '8GB', or a fraction of the available memory (None: "
                 "70 % of it, or $TF_INFLUENCE_MEMORY_BUDGET); a solve whose plan exceeds it is refused before "
                 "it starts, and auto chooses within it"})
-    #: Deprecated (0.2): the typed fields above. Known keys are moved onto them with a
-    #: ``DeprecationWarning``; an unknown key raises.
-    options: dict = field(default_factory=dict, metadata={"help": "deprecated: use the typed fields"})
+    iterative: IterativeOptions = field(default_factory=IterativeOptions, metadata={
+        "help": "cg / cg_squared / lissa (and auto): IterativeOptions"})
+    dense: DenseOptions = field(default_factory=DenseOptions, metadata={"help": "dense / dense_squared: DenseOptions"})
+    kronecker: KroneckerOptions = field(default_factory=KroneckerOptions, metadata={
+        "help": "ekfac / kfac (and auto): KroneckerOptions"})
+    auto: AutoOptions = field(default_factory=AutoOptions, metadata={"help": "auto: AutoOptions"})
+
+    def __init__(self, method: str = "auto", damping: float = DEFAULT_PRETRAIN_DAMPING, tol: float = 1e-5,
+                 on_nonconvergence: str = "warn", curvature_iterations: int | None = None, memory_budget=None,
+                 iterative: IterativeOptions | None = None, dense: DenseOptions | None = None,
+                 kronecker: KroneckerOptions | None = None, auto: AutoOptions | None = None,
+                 options: dict | None = None, **flat):
+        self.method, self.damping, self.tol = method, damping, tol
+        self.on_nonconvergence, self.curvature_iterations, self.memory_budget = (on_nonconvergence,
+                                                                                 curvature_iterations, memory_budget)
+        given = {"iterative": iterative, "dense": dense, "kronecker": kronecker, "auto": auto}
+        for fam, value in given.items():
+            if isinstance(value, dict):                   # a family's JSON object
+                value = dataclass_from_dict(FAMILIES[fam], value)
+            if value is not None and not isinstance(value, FAMILIES[fam]):
+                raise TypeError(f"SolverConfig({fam}=...) must be a {FAMILIES[fam].__name__}, got "
+                                f"{type(value).__name__}")
+            given[fam] = value
+        if options:                                       # deprecated (0.2): a dict of the options
+            unknown = sorted(set(options) - set(FLAT_OPTIONS))
+            if unknown:
+                raise ValueError(f"SolverConfig(method='{method}'): unknown option(s) {unknown}; the options are "
+                                 f"the fields of {sorted(c.__name__ for c in FAMILIES.values())}")
+            from .deprecation import warn
+            warn("SolverConfig(options={...})", "the family options, e.g. SolverConfig('ekfac', "
+                 "kronecker=KroneckerOptions(...))")
+            given = _with_flat(given, options)
+        unknown = sorted(set(flat) - set(FLAT_OPTIONS))
+        if unknown:
+            raise TypeError(f"SolverConfig.__init__() got an unexpected keyword argument '{unknown[0]}'")
+        if flat:
+            from .deprecation import warn
+            for fam, kw in _by_family(flat).items():
+                warn(f"SolverConfig({', '.join(f'{k}=' for k in kw)})",
+                     f"SolverConfig({fam}={FAMILIES[fam].__name__}({', '.join(f'{k}=...' for k in kw)}))")
+            given = _with_flat(given, flat)
+        for fam, value in given.items():
+            setattr(self, fam, value if value is not None else FAMILIES[fam]())
+        self.__post_init__()
 
     def __post_init__(self):
-        if self.method not in SOLVERS:
-            raise ValueError(f"unknown solver '{self.method}'; choose one of {sorted(SOLVERS)}")
-        if self.options:
-            unknown = sorted(set(self.options) - set(_OPTION_FIELDS))
-            if unknown:
-                raise ValueError(f"SolverConfig(method='{self.method}'): unknown option(s) {unknown}; the options "
-                                 f"are the fields {sorted(_OPTION_FIELDS)}")
-            from .deprecation import warn
-            warn("SolverConfig(options={...})", f"the fields, e.g. SolverConfig('{self.method}', "
-                 f"{', '.join(f'{k}=...' for k in self.options)})", stacklevel=4)
-            for k, v in self.options.items():
-                setattr(self, k, v)
-            self.options = {}
+        if self.method not in SOLVER_FAMILIES:
+            raise ValueError(f"unknown solver '{self.method}'; choose one of {sorted(SOLVER_FAMILIES)}")
         if self.on_nonconvergence not in ("warn", "raise", "ignore"):
             raise ValueError("on_nonconvergence must be 'warn', 'raise' or 'ignore'")
         if self.damping < 0:
@@ -565,56 +694,81 @@ class SolverConfig(JsonConfig):
         if self.curvature_iterations is not None and self.curvature_iterations < 0:
             raise ValueError(f"curvature_iterations must be None (automatic), 0 (off) or > 0, "
                              f"got {self.curvature_iterations}")
-        if self.fisher not in ("true", "empirical"):
-            raise ValueError(f"fisher must be 'true' or 'empirical', got '{self.fisher}'")
-        if self.max_examples is not None and self.max_examples < 1:
-            raise ValueError(f"max_examples must be a positive number of examples, got {self.max_examples}")
-        if self.dense_factor_max is not None and int(self.dense_factor_max) < 1:
-            raise ValueError(f"dense_factor_max must be ≥ 1 or None, got {self.dense_factor_max}")
         from .memory import check_budget_value
         check_budget_value(self.memory_budget)
-        defaults = _defaults()
-        reads = SOLVER_FIELDS[self.method]
-        for name in _OPTION_FIELDS:  # max_iter / dtype / tol are shared; the solver-specific ones must apply
-            if name not in reads and getattr(self, name) != defaults[name]:
-                users = ", ".join(sorted(m for m, f in SOLVER_FIELDS.items() if name in f))
-                raise ValueError(f"SolverConfig(method='{self.method}'): '{name}' does not apply to "
-                                 f"'{self.method}' (it is read by: {users})")
+        reads = SOLVER_FAMILIES[self.method]
+        for fam, cls in FAMILIES.items():
+            value = getattr(self, fam)
+            if fam == "iterative":      # max_iter / dtype are shared: a configuration may switch method
+                continue
+            if fam not in reads and value != cls():
+                changed = [f.name for f in fields(cls) if getattr(value, f.name) != getattr(cls(), f.name)]
+                users = ", ".join(sorted(m for m, fs in SOLVER_FAMILIES.items() if fam in fs))
+                raise ValueError(f"SolverConfig(method='{self.method}'): the {fam} options ({', '.join(changed)}) "
+                                 f"do not apply to '{self.method}' (read by: {users})")
+        if self.iterative.scale is not None and self.method != "lissa":
+            raise ValueError(f"SolverConfig(method='{self.method}'): IterativeOptions.scale is LiSSA's alone")
+
+    def __getattr__(self, name):
+        """Deprecated (0.3): a family option read from the configuration itself (``cfg.max_iter``)."""
+        fam = FLAT_OPTIONS.get(name)
+        if fam is None or name.startswith("__"):
+            raise AttributeError(f"'SolverConfig' object has no attribute '{name}'")
+        options = self.__dict__.get(fam)
+        if options is None:
+            raise AttributeError(name)
+        from .deprecation import warn
+        warn(f"SolverConfig.{name}", f"SolverConfig.{fam}.{name}")
+        return getattr(options, name)
+
+    def replace(self, **changes) -> "SolverConfig":
+        """A copy with common fields and family options changed by name (``cfg.replace(max_iter=5,
+        damping=1e-4)``): each family option lands in its family (one name, one place)."""
+        from dataclasses import replace
+        top = {k: v for k, v in changes.items() if k not in FLAT_OPTIONS}
+        flat = {k: v for k, v in changes.items() if k in FLAT_OPTIONS}
+        top.update({fam: replace(getattr(self, fam), **kw) for fam, kw in _by_family(flat).items()})
+        return replace(self, **top)
 
     def with_factors(self, factors) -> "SolverConfig":
         """This configuration's damping (absolute and relative) and diagnostics applied to fitted
         (E)K-FAC ``factors`` (a :class:`~tf_influence.kfac.KFACFactors` or its directory): the
         solver becomes the factors' kind."""
         kind = factors.kind if hasattr(factors, "kind") else _saved_kind(factors)
-        return SolverConfig(kind, damping=self.damping, relative_damping=self.relative_damping, factors=factors,
-                            curvature_iterations=self.curvature_iterations)
+        return SolverConfig(kind, damping=self.damping, curvature_iterations=self.curvature_iterations,
+                            kronecker=KroneckerOptions(relative_damping=self.kronecker.relative_damping,
+                                                       factors=factors))
 
     def kwargs(self) -> dict:
         """The keyword arguments of the solver function :data:`SOLVERS` ``[method]``."""
-        return {k: getattr(self, k) for k in SOLVER_FIELDS[self.method]}
+        out = {k: getattr(self, k) for k in _COMMON}
+        for fam in SOLVER_FAMILIES[self.method]:
+            out.update({f.name: getattr(getattr(self, fam), f.name) for f in fields(FAMILIES[fam])})
+        return {k: v for k, v in out.items() if k in SOLVER_FIELDS[self.method]}
 
     def to_dict(self) -> dict:
         """JSON-able fields (``dtype`` by name; ``factors`` only as a directory)."""
-        from .kfac import KFACFactors
-        if isinstance(self.factors, KFACFactors):
-            raise ValueError("SolverConfig.to_json: factors is a KFACFactors object; save it "
-                             "(factors.save(directory)) and pass the directory")
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
-        out["dtype"] = None if self.dtype is None else tf.as_dtype(self.dtype).name
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in FAMILIES}
+        out.update({fam: getattr(self, fam).to_dict() for fam in FAMILIES})
         return out
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """From :meth:`to_dict`'s form; a family option at the top level (the JSON of 0.2) is moved into its
+        family with a ``DeprecationWarning``, an unknown key raises."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a SolverConfig is a JSON object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)} | set(FLAT_OPTIONS)
+        unknown = sorted(set(d) - known - {"options"})
+        if unknown:
+            raise ValueError(f"SolverConfig: unknown field(s) {unknown}; the fields are "
+                             f"{sorted(f.name for f in fields(cls))}")
+        return cls(**d)
 
 
 def _saved_kind(directory: str) -> str:
     from .kfac import KFACFactors
     return KFACFactors.load(directory).kind
-
-
-_OPTION_FIELDS = ("scale", "max_params", "fisher", "relative_damping", "factors", "max_examples", "seed",
-                  "dense_max", "kronecker_min", "dense_factor_max", "memory_budget")
-
-
-def _defaults() -> dict:
-    return {f.name: (f.default if f.default is not MISSING else f.default_factory()) for f in fields(SolverConfig)}
 
 
 def solve(op, b, config: SolverConfig | None = None, progress=None) -> SolveResult:

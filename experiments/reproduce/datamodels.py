@@ -140,7 +140,8 @@ def lds(ctx):
     for name, method in (("single_stage_cg", "cg"), ("single_stage_identity", "identity")):
         res = tfi.single_stage_influence(tfi.Objective(ft, models.sparse_ce()), ft_ds, test_ds, theta,
                                          tfi.SolverConfig(method, damping=c.damping_finetune, tol=1e-8,
-                                                          max_iter=c.cg_iters, dtype=tf.float64),
+                                                          iterative=tfi.IterativeOptions(max_iter=c.cg_iters,
+                                                                                         dtype=tf.float64)),
                                          test_target="each")
         r = L.linear_datamodeling_score(res.scores, masks_ft, meas_ft.mean(0), c.lds_alpha, c.lds_num_seeds)
         out["methods"][name] = {**r.summary(), "ground_truth": "scratch (finetuning subsets, head only)",

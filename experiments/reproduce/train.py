@@ -107,8 +107,8 @@ def influence(
     pre_ds, ft_ds, test_ds = d.datasets()
     if x_test is not None:
         test_ds = tf.data.Dataset.from_tensor_slices((x_test, y_test)).batch(256)
-    mk = lambda lam, method=solver: tfi.SolverConfig(
-        method, damping=lam, max_iter=ctx.cfg.cg_iters, dtype=tf.float64, tol=1e-5  # noqa: E731
+    mk = lambda lam, method=solver: tfi.SolverConfig(  # noqa: E731
+        method, damping=lam, tol=1e-5, iterative=tfi.IterativeOptions(max_iter=ctx.cfg.cg_iters, dtype=tf.float64)
     )
     c = ctx.cfg
     if damping_finetune is None:

@@ -57,7 +57,7 @@ def test_influence_pipeline_runs_end_to_end(run):
     # the scorer ran with the pipeline's InfluenceArgs, whole: its defaults and the quick CG budget
     import tf_influence as tfi
     assert tfi.InfluenceArgs.from_dict(s["influence_args"]) == influence_pipeline.pipeline_influence_args(quick=True)
-    assert s["influence_args"]["pretrain_solver"]["max_iter"] == influence_pipeline.QUICK_CG_ITERATIONS
+    assert s["influence_args"]["pretrain_solver"]["iterative"]["max_iter"] == influence_pipeline.QUICK_CG_ITERATIONS
 
 
 def _kept_keys(uri):

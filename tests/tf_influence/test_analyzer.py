@@ -64,7 +64,9 @@ def test_fitted_factors_are_saved_once_and_invert_the_pretraining_hessian(world,
     own = kfac.fit_factors(g, data(P), a.pretrain_group(), fisher="empirical")
     ref = tfi.multi_stage_influence(g, data(P), tfi.Objective(ft, h.sce()), data(F), data(F), ["embedding"],
                                     args=tfi.InfluenceArgs(hessian_samples=None,
-                                                           pretrain_solver=tfi.SolverConfig("ekfac", damping=1e-2, factors=own)))
+                                                           pretrain_solver=tfi.SolverConfig(
+                                                               "ekfac", damping=1e-2,
+                                                               kronecker=tfi.KroneckerOptions(factors=own))))
     np.testing.assert_allclose(res.scores, ref.scores, rtol=1e-8)
 
 

@@ -95,7 +95,8 @@ def test_repeated_calls_do_not_retrace():
 
     def call():  # a new Objective and new datasets each time, as a user writes it
         return tfi.single_stage_influence(tfi.Objective(model, h.sce()), h.dataset(x, y, 8), h.dataset(x[:4], y[:4]),
-                                          solver=tfi.SolverConfig("cg", damping=1e-3, max_iter=200))
+                                          solver=tfi.SolverConfig("cg", damping=1e-3,
+                                                                  iterative=tfi.IterativeOptions(max_iter=200)))
 
     def kernels():  # what a fresh call finds in the cache
         obj, group = tfi.Objective(model, h.sce()), tfi.ParameterGroup.from_model(model)

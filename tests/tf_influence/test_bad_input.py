@@ -143,9 +143,11 @@ def test_bad_arguments(m):
 
 
 def test_nonconverging_solver_raises_with_residual(m):
-    cfg = tfi.SolverConfig("cg_squared", damping=0.0, tol=1e-14, max_iter=2, on_nonconvergence="raise")
+    cfg = tfi.SolverConfig("cg_squared", damping=0.0, tol=1e-14, on_nonconvergence="raise",
+                           iterative=tfi.IterativeOptions(max_iter=2))
     with pytest.raises(tfi.SolverNotConvergedError, match="relative residual"):
         ms(m, pretrain_solver=cfg)(h.dataset(m["xf"], m["yf"]))
     with pytest.warns(tfi.SolverNotConvergedWarning):
-        ms(m, pretrain_solver=tfi.SolverConfig("cg_squared", damping=0.0, tol=1e-14, max_iter=2))(
+        ms(m, pretrain_solver=tfi.SolverConfig("cg_squared", damping=0.0, tol=1e-14,
+                                               iterative=tfi.IterativeOptions(max_iter=2)))(
             h.dataset(m["xf"], m["yf"]))

@@ -201,7 +201,7 @@ def test_the_demo_takes_influence_args_flags_and_keeps_cg_iters_for_one_release(
     assert (args.case, args.alpha, args.seed, demo.seed, demo.top) == ("updated", 0.05, 3, 3, 2)
     with pytest.warns(DeprecationWarning, match="--cg-iters is deprecated"):
         _, args = parse(["--cg-iters", "50"])
-    assert args.pretrain_solver.max_iter == args.finetune_solver.max_iter == 50
+    assert args.pretrain_solver.iterative.max_iter == args.finetune_solver.iterative.max_iter == 50
     with pytest.raises(SystemExit):
         parse(["--test-target", "each"])
 
@@ -215,10 +215,11 @@ def test_the_influence_pipeline_reads_influence_args_whole(monkeypatch):
     monkeypatch.setattr(ip, "execute", lambda name, make, *a, **k: seen.setdefault("extra", a[4]))
     monkeypatch.setattr("pipelines.digits_data.write", lambda *a, **k: {})
     ip.main(["--root", "/tmp/unused-influence-root", "--pretrain-solver", "ekfac",
-             "--finetune-solver", '{"method": "cg_squared", "max_iter": 7}', "--hessian-samples", "100"])
+             "--finetune-solver", '{"method": "cg_squared", "iterative": {"max_iter": 7}}', "--hessian-samples", "100"])
     args = tfi.InfluenceArgs.from_dict(seen["extra"]["influence_args"])
     assert args.pretrain_solver == tfi.SolverConfig("ekfac")
-    assert (args.finetune_solver.method, args.finetune_solver.max_iter, args.hessian_samples) == ("cg_squared", 7, 100)
+    assert (args.finetune_solver.method, args.finetune_solver.iterative.max_iter, args.hessian_samples) == (
+        "cg_squared", 7, 100)
     seen.clear()
     ip.main(["--root", "/tmp/unused-influence-root"])
     assert tfi.InfluenceArgs.from_dict(seen["extra"]["influence_args"]) == ip.pipeline_influence_args()

@@ -20,7 +20,8 @@ def test_every_default_is_declared_once():
     assert tfi.SolverConfig().method == pre.method == ft.method == "auto"
     assert tfi.SolverConfig().damping == tfi.DEFAULT_PRETRAIN_DAMPING
     # the solver functions' own defaults for the options the config passes agree with the config's
-    cfg = {f.name: f.default for f in dataclasses.fields(tfi.SolverConfig) if f.default is not dataclasses.MISSING}
+    cfg = {f.name: f.default for cls in solvers.FAMILIES.values() for f in dataclasses.fields(cls)
+           if f.default is not dataclasses.MISSING}
     for name in ("fisher", "relative_damping", "max_examples", "seed", "factors"):
         assert inspect.signature(solvers.kronecker).parameters[name].default == cfg[name], name
         assert inspect.signature(solvers.auto).parameters[name].default == cfg[name], name
@@ -67,14 +68,14 @@ def test_no_solver_swallows_unknown_options():
         solvers.dense(tfi.DenseOperator(np.eye(2)), np.ones(2), fisher="empirical")
     with pytest.raises(TypeError, match="unexpected keyword argument 'dampng'"):
         tfi.SolverConfig("cg", dampng=1e-3)
-    with pytest.raises(ValueError, match="'fisher' does not apply to 'cg'"):
-        tfi.SolverConfig("cg", fisher="empirical")
-    with pytest.raises(ValueError, match="'dense_max' does not apply to 'ekfac'"):
-        tfi.SolverConfig("ekfac", dense_max=10)
+    with pytest.raises(ValueError, match=r"the kronecker options \(fisher\) do not apply to 'cg'"):
+        tfi.SolverConfig("cg", kronecker=tfi.KroneckerOptions(fisher="empirical"))
+    with pytest.raises(ValueError, match=r"the auto options \(dense_max\) do not apply to 'ekfac'"):
+        tfi.SolverConfig("ekfac", auto=tfi.AutoOptions(dense_max=10))
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['fishr'\]"):
         tfi.SolverConfig("ekfac", options={"fishr": "empirical"})
     with pytest.raises(ValueError, match="fisher must be 'true' or 'empirical'"):
-        tfi.SolverConfig("ekfac", fisher="emprical")
+        tfi.SolverConfig("ekfac", kronecker=tfi.KroneckerOptions(fisher="emprical"))
     with pytest.raises(ValueError, match=r"unknown field\(s\) \['maxiter'\]"):
         tfi.SolverConfig.from_json(json.dumps({"method": "cg", "maxiter": 3}))
     with pytest.raises(ValueError, match=r"InfluenceArgs: unknown field\(s\) \['hessian_sample'\]"):
@@ -87,34 +88,40 @@ def test_no_solver_swallows_unknown_options():
 
 def test_json_round_trip_keeps_every_field():
     import tensorflow as tf
-    cfg = tfi.SolverConfig("cg_squared", damping=3e-4, tol=1e-7, max_iter=17, dtype=tf.float64,
-                           on_nonconvergence="raise", curvature_iterations=4)
+    cfg = tfi.SolverConfig("cg_squared", damping=3e-4, tol=1e-7,
+                           on_nonconvergence="raise", curvature_iterations=4,
+                           iterative=tfi.IterativeOptions(max_iter=17, dtype=tf.float64))
     back = tfi.SolverConfig.from_json(cfg.to_json())
-    assert back.to_dict() == cfg.to_dict() and back.dtype == "float64"
+    assert back.to_dict() == cfg.to_dict() and back.iterative.dtype == "float64"
     args = tfi.InfluenceArgs(case="updated", alpha=0.05, hessian_samples=None, seed=3, test_target="each",
-                             pretrain_solver=tfi.SolverConfig("ekfac", fisher="empirical", max_examples=50),
+                             pretrain_solver=tfi.SolverConfig(
+                                 "ekfac", kronecker=tfi.KroneckerOptions(fisher="empirical", max_examples=50)),
                              finetune_solver=cfg)
     again = tfi.InfluenceArgs.from_json(args.to_json())
     assert again.to_dict() == args.to_dict()
-    assert again.pretrain_solver.fisher == "empirical" and again.hessian_samples is None
+    assert again.pretrain_solver.kronecker.fisher == "empirical" and again.hessian_samples is None
     from tf_influence import kfac
     with pytest.raises(ValueError, match="save it"):
-        tfi.SolverConfig("ekfac", factors=kfac.KFACFactors("ekfac", "true", 1, None, {}, {})).to_json()
+        factors = kfac.KFACFactors("ekfac", "true", 1, None, {}, {})
+        tfi.SolverConfig("ekfac", kronecker=tfi.KroneckerOptions(factors=factors)).to_json()
 
 
 def test_options_reach_the_solver():
     """A field set on the config changes the solve (it is not dropped on the way)."""
     A = np.diag([1.0, 2.0, 50.0])
     b = np.ones(3)
-    few = tfi.solve(tfi.DenseOperator(A), b, tfi.SolverConfig("cg", damping=0.0, max_iter=1, tol=1e-12,
-                                                              on_nonconvergence="ignore", curvature_iterations=0))
+    few = tfi.solve(tfi.DenseOperator(A), b, tfi.SolverConfig("cg", damping=0.0, tol=1e-12,
+                                                              on_nonconvergence="ignore", curvature_iterations=0,
+                                                              iterative=tfi.IterativeOptions(max_iter=1)))
     assert few.iterations == 1 and not few.converged
-    lissa = tfi.solve(tfi.DenseOperator(A), b, tfi.SolverConfig("lissa", damping=0.0, scale=30.0, max_iter=3000,
-                                                                tol=1e-10, curvature_iterations=0))
+    lissa = tfi.solve(tfi.DenseOperator(A), b, tfi.SolverConfig("lissa", damping=0.0,
+                                                                tol=1e-10, curvature_iterations=0,
+                                                                iterative=tfi.IterativeOptions(scale=30.0,
+                                                                                               max_iter=3000)))
     assert lissa.extra["scale"] == 30.0
     np.testing.assert_allclose(lissa.x, 1.0 / np.diag(A), rtol=1e-8)
     with pytest.raises(ValueError, match="refuses a 3×3 system"):
-        tfi.solve(tfi.DenseOperator(A), b, tfi.SolverConfig("dense", max_params=2))
+        tfi.solve(tfi.DenseOperator(A), b, tfi.SolverConfig("dense", dense=tfi.DenseOptions(max_params=2)))
 
 
 def test_multistage_keywords_override_args_with_a_deprecation(tmp_path):
@@ -149,3 +156,47 @@ def test_multistage_keywords_override_args_with_a_deprecation(tmp_path):
     with pytest.raises(ValueError, match="case must be 'fixed'"):
         tfi.MultiStageInfluence(g, h.dataset(xp, yp), f, h.dataset(xf, yf), ["embedding"],
                                 args=tfi.InfluenceArgs(case="fxed"))
+
+
+def test_solver_options_live_in_their_family():
+    """Each family's options are a small class of their own; a family the solver does not read must stay at its
+    defaults; the 0.2 spellings (flat keywords, reading ``cfg.max_iter``, ``dataclasses.replace`` with a flat
+    name, flat JSON) still work — each with a ``DeprecationWarning`` naming the family form — and give the same
+    configuration as the family form."""
+    import dataclasses
+    import tensorflow as tf
+    new = tfi.SolverConfig("cg_squared", damping=1e-4, iterative=tfi.IterativeOptions(max_iter=17, dtype=tf.float64))
+    assert new.kwargs() == {"damping": 1e-4, "tol": 1e-5, "on_nonconvergence": "warn", "memory_budget": None,
+                            "max_iter": 17, "dtype": tf.float64}
+    assert set(tfi.SolverConfig("ekfac").kwargs()) == {"damping", "tol", "on_nonconvergence", "memory_budget",
+                                                       "fisher", "relative_damping", "factors", "max_examples",
+                                                       "seed", "dense_factor_max"}
+    assert "scale" in tfi.SolverConfig("lissa").kwargs() and "scale" not in tfi.SolverConfig("cg").kwargs()
+    assert tfi.SolverConfig("identity").kwargs() == {}
+    with pytest.raises(ValueError, match=r"the dense options \(max_params\) do not apply to 'ekfac'"):
+        tfi.SolverConfig("ekfac", dense=tfi.DenseOptions(max_params=3))
+    # max_iter / dtype are shared (the other solvers ignore them): a configuration can switch its method
+    assert tfi.SolverConfig("ekfac", iterative=tfi.IterativeOptions(max_iter=3)).kwargs()["fisher"] == "true"
+    with pytest.raises(ValueError, match="scale is LiSSA's alone"):
+        tfi.SolverConfig("cg", iterative=tfi.IterativeOptions(scale=2.0))
+    with pytest.raises(TypeError, match="must be a KroneckerOptions"):
+        tfi.SolverConfig("ekfac", kronecker=tfi.IterativeOptions())
+    with pytest.warns(DeprecationWarning, match=r"SolverConfig\(max_iter=, dtype=\) is deprecated: use "
+                                                r"SolverConfig\(iterative=IterativeOptions\(max_iter=\.\.\., dtype"):
+        old = tfi.SolverConfig("cg_squared", damping=1e-4, max_iter=17, dtype=tf.float64)
+    assert old == new
+    with pytest.warns(DeprecationWarning, match=r"SolverConfig.max_iter is deprecated: use "
+                                                r"SolverConfig.iterative.max_iter"):
+        assert new.max_iter == 17
+    with pytest.warns(DeprecationWarning, match="max_iter"):
+        assert dataclasses.replace(new, max_iter=5).iterative == tfi.IterativeOptions(max_iter=5, dtype=tf.float64)
+    assert new.replace(max_iter=5, damping=0.1) == tfi.SolverConfig(
+        "cg_squared", damping=0.1, iterative=tfi.IterativeOptions(max_iter=5, dtype=tf.float64))
+    flat_json = json.dumps({"method": "ekfac", "damping": 0.01, "fisher": "empirical", "max_examples": 8})
+    with pytest.warns(DeprecationWarning, match="kronecker=KroneckerOptions"):
+        from_flat = tfi.SolverConfig.from_json(flat_json)
+    assert from_flat == tfi.SolverConfig("ekfac", damping=0.01,
+                                         kronecker=tfi.KroneckerOptions(fisher="empirical", max_examples=8))
+    assert json.loads(from_flat.to_json())["kronecker"]["fisher"] == "empirical"
+    with pytest.raises(AttributeError, match="no attribute 'maxiter'"):
+        new.maxiter

@@ -75,7 +75,8 @@ def test_single_stage_equals_exact_implicit_derivative_and_loo(logreg):
     n, d = x.shape
     train, test = h.dataset(x, y[:, None], 16), h.dataset(xt, yt[:, None], 16)
     res = tfi.single_stage_influence(logreg["obj"], train, test,
-                                     solver=tfi.SolverConfig("cg", damping=0.0, tol=1e-12, max_iter=100))
+                                     solver=tfi.SolverConfig("cg", damping=0.0, tol=1e-12,
+                                                             iterative=tfi.IterativeOptions(max_iter=100)))
     # exact: I(z) = −∇L_test · H⁻¹ ∇l(z)
     s = sigmoid(x @ w)
     H = x.T @ (x * (s * (1 - s))[:, None]) / n + 2 * LAM * np.eye(d)
@@ -96,7 +97,8 @@ def test_single_stage_equals_exact_implicit_derivative_and_loo(logreg):
     assert 0.9 < slope < 1.1
     # the matrix form (one column per test point) sums to the test-set-sum form
     each = tfi.single_stage_influence(logreg["obj"], train, test, test_target="each",
-                                      solver=tfi.SolverConfig("cg", damping=0.0, tol=1e-12, max_iter=100))
+                                      solver=tfi.SolverConfig("cg", damping=0.0, tol=1e-12,
+                                                              iterative=tfi.IterativeOptions(max_iter=100)))
     assert each.scores.shape == (n, 30)
     np.testing.assert_allclose(each.scores.sum(axis=1), res.scores, rtol=1e-8, atol=1e-12)
     # harmful = positive score: removing the top-harmful example lowers the test loss
@@ -203,7 +205,8 @@ def test_case1_equals_dense_eq11(two_stage, method):
     pre, ft = two_stage.keras_models()
     pre_ds, ft_ds, test_ds = two_stage.datasets()
     mse = lambda y, p: 0.5 * tf.reduce_sum(tf.square(p - y), axis=-1)  # noqa: E731
-    cfg = tfi.SolverConfig(method, damping=0.0, tol=1e-12, max_iter=300, on_nonconvergence="raise")
+    cfg = tfi.SolverConfig(method, damping=0.0, tol=1e-12, on_nonconvergence="raise",
+                           iterative=tfi.IterativeOptions(max_iter=300))
     res = tfi.multi_stage_influence(tfi.Objective(pre, mse), pre_ds, tfi.Objective(ft, logistic_loss), ft_ds,
                                     test_ds, embedding=["embedding"],
                                     args=tfi.InfluenceArgs(case="fixed", pretrain_solver=cfg, finetune_solver=cfg,

@@ -57,8 +57,10 @@ def test_multi_stage_case1_solves_over_the_head_and_keeps_its_scores():
     rng = np.random.default_rng(2)
     xp, yp = rng.normal(size=(20, 5)), rng.integers(0, 3, 20)
     xf, yf = rng.normal(size=(10, 5)), rng.integers(0, 2, 10)
-    args = tfi.InfluenceArgs(pretrain_solver=tfi.SolverConfig("cg_squared", damping=0.1, tol=1e-12, max_iter=500),
-                             finetune_solver=tfi.SolverConfig("cg_squared", damping=0.1, tol=1e-12, max_iter=500),
+    args = tfi.InfluenceArgs(pretrain_solver=tfi.SolverConfig("cg_squared", damping=0.1, tol=1e-12,
+                                                              iterative=tfi.IterativeOptions(max_iter=500)),
+                             finetune_solver=tfi.SolverConfig("cg_squared", damping=0.1, tol=1e-12,
+                                                              iterative=tfi.IterativeOptions(max_iter=500)),
                              hessian_samples=None)
     def make():
         return tfi.MultiStageInfluence(tfi.Objective(pre_model, h.sce()), h.dataset(xp, yp, 8),

@@ -129,8 +129,8 @@ def test_multistage_cg_squared_equals_dense_formula_on_tied_gpt2(tiny64):
     c = tiny64
     g, f = hm.objectives(c)
     # damping 0.1: (H² + λI) well enough conditioned that CG reaches 1e-10 in tens of products, not thousands
-    cfg = tfi.SolverConfig("cg_squared", damping=1e-1, tol=1e-10, max_iter=3000, on_nonconvergence="raise",
-                           curvature_iterations=0)
+    cfg = tfi.SolverConfig("cg_squared", damping=1e-1, tol=1e-10, on_nonconvergence="raise",
+                           curvature_iterations=0, iterative=tfi.IterativeOptions(max_iter=3000))
     res = tfi.multi_stage_influence(g, c.pretrain_data, f, c.finetune_data, c.test_data, embedding="backbone",
                                     args=tfi.InfluenceArgs(pretrain_solver=cfg, finetune_solver=cfg,
                                                            hessian_samples=None))

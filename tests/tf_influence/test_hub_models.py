@@ -99,7 +99,7 @@ def test_auto_solver_choice_by_size():
     dense_op = tfi.DenseOperator(np.eye(30_000 // 1000))
     assert auto_choice(dense_op, dense_max=10, kronecker_min=20)[0] == "cg_squared"   # no model block
     res = tfi.solve(op, tf.ones([op.shape[0]]), tfi.SolverConfig("auto", damping=1e-2, curvature_iterations=0,
-                                                                 dense_max=10, kronecker_min=20))
+                                                                 auto=tfi.AutoOptions(dense_max=10, kronecker_min=20)))
     assert res.method == "ekfac" and res.extra["auto"]["chose"] == "ekfac"
 
 

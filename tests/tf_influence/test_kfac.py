@@ -280,9 +280,9 @@ def test_solver_plugs_into_single_stage_influence(logreg, tmp_path):
     factors = kfac.fit_factors(obj, ds(x, y, 40), group)
     factors.save(str(tmp_path / "f"))
     again = tfi.single_stage_influence(obj, ds(x, y, 40), test, solver=tfi.SolverConfig(
-        "ekfac", damping=0.0, factors=str(tmp_path / "f")), test_target="each")
+        "ekfac", damping=0.0, kronecker=tfi.KroneckerOptions(factors=str(tmp_path / "f"))), test_target="each")
     direct = tfi.single_stage_influence(obj, ds(x, y, 40), test, solver=tfi.SolverConfig(
-        "ekfac", damping=0.0, factors=factors), test_target="each")
+        "ekfac", damping=0.0, kronecker=tfi.KroneckerOptions(factors=factors)), test_target="each")
     np.testing.assert_allclose(again.scores, direct.scores, rtol=1e-12)
     with pytest.raises(FileNotFoundError, match="no K-FAC factors"):
         kfac.KFACFactors.load(str(tmp_path))
@@ -318,11 +318,12 @@ def test_max_examples_fits_on_the_first_examples(logreg):
     for name, blk in first.blocks.items():
         np.testing.assert_allclose(capped.blocks[name]["eig"], blk["eig"], rtol=1e-10, atol=1e-12 * blk["eig"].max())
     op = tfi.HessianOperator(obj, ds(x, y, 7), group)
-    res = tfi.solve(op, np.ones(group.size), tfi.SolverConfig("ekfac", fisher="empirical", max_examples=17))
+    res = tfi.solve(op, np.ones(group.size),
+                    tfi.SolverConfig("ekfac", kronecker=tfi.KroneckerOptions(fisher="empirical", max_examples=17)))
     assert res.extra["num_examples"] == 17
     with pytest.warns(DeprecationWarning, match="options=.* is deprecated"):   # the 0.2 spelling still works
         old = tfi.SolverConfig("ekfac", options={"fisher": "empirical", "max_examples": 17})
-    assert old == tfi.SolverConfig("ekfac", fisher="empirical", max_examples=17)
+    assert old == tfi.SolverConfig("ekfac", kronecker=tfi.KroneckerOptions(fisher="empirical", max_examples=17))
 
 
 def test_both_multi_stage_chains_take_ekfac():
@@ -360,7 +361,7 @@ def test_both_multi_stage_chains_take_ekfac():
     # solver "auto" above dense_max: EK-FAC on the pretraining Hessian, never on the case-1 head (its
     # inverse feeds the near-cancellation of v_W): cg_squared there, with the reason recorded; an explicit
     # kronecker_min still puts EK-FAC there
-    auto = tfi.SolverConfig("auto", damping=1e-3, dense_max=4, curvature_iterations=0)
+    auto = tfi.SolverConfig("auto", damping=1e-3, curvature_iterations=0, auto=tfi.AutoOptions(dense_max=4))
     res = tfi.multi_stage_influence(pre_obj, ds(xp, yp, 16), ft_obj, ds(xf, yf, 16), ds(xt, yt),
                                     embedding=["embedding"],
                                     args=tfi.InfluenceArgs(hessian_samples=None, pretrain_solver=auto,
@@ -368,7 +369,8 @@ def test_both_multi_stage_chains_take_ekfac():
     assert res.solves["pretrain"]["auto"]["chose"] == "ekfac"
     assert res.solves["finetune"]["auto"]["chose"] == "cg_squared"
     assert "case 'fixed' head" in res.solves["finetune"]["auto"]["why"]
-    explicit = tfi.SolverConfig("auto", damping=1e-3, dense_max=4, kronecker_min=5, curvature_iterations=0)
+    explicit = tfi.SolverConfig("auto", damping=1e-3, curvature_iterations=0,
+                                auto=tfi.AutoOptions(dense_max=4, kronecker_min=5))
     res = tfi.multi_stage_influence(pre_obj, ds(xp, yp, 16), ft_obj, ds(xf, yf, 16), ds(xt, yt),
                                     embedding=["embedding"],
                                     args=tfi.InfluenceArgs(hessian_samples=None, pretrain_solver=auto,

@@ -57,10 +57,12 @@ def dense_case1(m, test_cols, damping_pre=0.0, measurement=None):
 
 def run(m, **kw):
     pre_obj, ft_obj = tfi.Objective(m["pre"], h.sce()), tfi.Objective(m["ft"], h.sce())
-    kw.setdefault("pretrain_solver", tfi.SolverConfig("cg_squared", damping=0.0, tol=1e-11, max_iter=2000,
-                                                      on_nonconvergence="raise"))
-    kw.setdefault("finetune_solver", tfi.SolverConfig("cg_squared", damping=0.0, tol=1e-11, max_iter=2000,
-                                                      on_nonconvergence="raise"))
+    kw.setdefault("pretrain_solver", tfi.SolverConfig("cg_squared", damping=0.0, tol=1e-11,
+                                                      on_nonconvergence="raise",
+                                                      iterative=tfi.IterativeOptions(max_iter=2000)))
+    kw.setdefault("finetune_solver", tfi.SolverConfig("cg_squared", damping=0.0, tol=1e-11,
+                                                      on_nonconvergence="raise",
+                                                      iterative=tfi.IterativeOptions(max_iter=2000)))
     kw.setdefault("hessian_samples", None)
     xt, yt = kw.pop("test", (m["xt"], m["yt"]))
     measurement = kw.pop("measurement", None)

@@ -31,13 +31,14 @@ RHS = np.random.default_rng(7).normal(size=(12, 3))
 def test_spd_systems(method, kw):
     A = spd()
     op = tfi.DenseOperator(A)
-    res = tfi.solve(op, RHS, tfi.SolverConfig(method=method, damping=0.0, tol=1e-10, max_iter=kw.get("max_iter", 500),
-                                              on_nonconvergence="raise"))
+    res = tfi.solve(op, RHS, tfi.SolverConfig(method=method, damping=0.0, tol=1e-10,
+                                              on_nonconvergence="raise",
+                                              iterative=tfi.IterativeOptions(max_iter=kw.get("max_iter", 500))))
     np.testing.assert_allclose(res.x.numpy(), np.linalg.solve(A, RHS), rtol=1e-6, atol=1e-8)
     assert res.converged and res.relative_residual.shape == (3,)
     # single right-hand side keeps the vector shape
     r1 = tfi.solve(op, RHS[:, 0], tfi.SolverConfig(method=method, damping=0.0, tol=1e-10,
-                                                    max_iter=kw.get("max_iter", 500)))
+                                                   iterative=tfi.IterativeOptions(max_iter=kw.get("max_iter", 500))))
     assert r1.x.shape == (12,)
     np.testing.assert_allclose(r1.x.numpy(), np.linalg.solve(A, RHS[:, 0]), rtol=1e-6, atol=1e-8)
 
@@ -46,7 +47,7 @@ def test_spd_systems(method, kw):
 def test_damping(method):
     A, lam = spd(), 0.7
     res = tfi.solve(tfi.DenseOperator(A), RHS, tfi.SolverConfig(method=method, damping=lam, tol=1e-10,
-                                                                 max_iter=5000))
+                                                                iterative=tfi.IterativeOptions(max_iter=5000)))
     if method == "cg_squared":  # eq. 16 with damping: (H² + λI) x = H b
         expected = np.linalg.solve(A @ A + lam * np.eye(12), A @ RHS)
     else:
@@ -58,7 +59,8 @@ def test_indefinite_needs_the_squared_route():
     A = indefinite()
     op = tfi.DenseOperator(A)
     for method in ("cg_squared", "dense_squared", "dense"):
-        res = tfi.solve(op, RHS, tfi.SolverConfig(method=method, damping=0.0, tol=1e-10, max_iter=500))
+        res = tfi.solve(op, RHS, tfi.SolverConfig(method=method, damping=0.0, tol=1e-10,
+                                                  iterative=tfi.IterativeOptions(max_iter=500)))
         np.testing.assert_allclose(res.x.numpy(), np.linalg.solve(A, RHS), rtol=1e-6, atol=1e-8)
     with pytest.raises(np.linalg.LinAlgError, match="not positive definite"):
         tfi.cg(op, RHS, tol=1e-10, max_iter=500)
@@ -116,5 +118,6 @@ def test_solvers_on_a_real_hessian_operator():
     b = rng.normal(size=(g.size, 2))
     exact = np.linalg.solve(H, b)
     for method in ("cg_squared", "dense"):
-        res = tfi.solve(op, b, tfi.SolverConfig(method=method, damping=0.0, tol=1e-10, max_iter=1000))
+        res = tfi.solve(op, b, tfi.SolverConfig(method=method, damping=0.0, tol=1e-10,
+                                                iterative=tfi.IterativeOptions(max_iter=1000)))
         np.testing.assert_allclose(res.x.numpy(), exact, rtol=1e-5, atol=1e-7)

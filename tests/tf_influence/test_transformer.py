@@ -72,8 +72,8 @@ def test_multi_stage_influence_equals_a_dense_computation(world):
     pre, ft = world["pre"], world["ft"]
     pre_obj, ft_obj = tfi.Objective(pre, h.sce()), tfi.Objective(ft, h.sce())
     lam_g, lam_f = 1e-3, 1e-4
-    cfg = lambda lam: tfi.SolverConfig("cg_squared", damping=lam, tol=1e-12, max_iter=3000,  # noqa: E731
-                                       on_nonconvergence="raise")
+    cfg = lambda lam: tfi.SolverConfig("cg_squared", damping=lam, tol=1e-12,  # noqa: E731
+                                       on_nonconvergence="raise", iterative=tfi.IterativeOptions(max_iter=3000))
     res = tfi.multi_stage_influence(pre_obj, ds(world["xp"], world["yp"], 8), ft_obj,
                                     ds(world["xf"], world["yf"], 8), ds(world["xt"], world["yt"], 2),
                                     embedding=["embedding"],

@@ -28,7 +28,8 @@ from tests.tfx_helpers import BEAM_IN_PROCESS  # noqa: E402
 
 def influence_props(hessian_samples=None):
     """InfluenceScorer's execution properties: the InfluenceArgs travel whole, as JSON."""
-    cg = lambda lam: tfi.SolverConfig("cg_squared", damping=lam, max_iter=100, dtype="float64")  # noqa: E731
+    cg = lambda lam: tfi.SolverConfig("cg_squared", damping=lam,
+                                      iterative=tfi.IterativeOptions(max_iter=100, dtype="float64"))  # noqa: E731
     args = tfi.InfluenceArgs(case="fixed", pretrain_solver=cg(1e-2), finetune_solver=cg(1e-3),
                              hessian_samples=hessian_samples)
     return dict(feature_spec=json.dumps(SPEC), embedding=json.dumps(["embedding"]), influence_args=args.to_json(),
@@ -100,7 +101,8 @@ def test_influence_scorer_equals_the_library(world, tmp_path):
     got = scores_io.read_scores(os.path.join(out.uri, "Split-train"))
     pre = keras.models.load_model(os.path.join(a["pre_m"].uri, "Format-Serving", "model.keras"))
     ft = keras.models.load_model(os.path.join(a["ft_m"].uri, "Format-Serving", "model.keras"))
-    cfg = lambda lam: tfi.SolverConfig("cg_squared", damping=lam, max_iter=100, dtype=tf.float64)  # noqa: E731
+    cfg = lambda lam: tfi.SolverConfig("cg_squared", damping=lam,
+                                       iterative=tfi.IterativeOptions(max_iter=100, dtype=tf.float64))  # noqa: E731
     # the same data in the same (artifact) order, so the iterative solves see identical sums
     spec = beam_scoring.parse_feature_spec(SPEC)
     pk, px, py = common.load_split(a["pre_ex"], "train", spec)
@@ -174,7 +176,8 @@ def test_influence_scorer_streams_the_pretraining_corpus(world, tmp_path, monkey
     got = scores_io.read_scores(os.path.join(out.uri, "Split-train"))
     pre = keras.models.load_model(os.path.join(a["pre_m"].uri, "Format-Serving", "model.keras"))
     ft = keras.models.load_model(os.path.join(a["ft_m"].uri, "Format-Serving", "model.keras"))
-    cfg = lambda lam: tfi.SolverConfig("cg_squared", damping=lam, max_iter=100, dtype=tf.float64)  # noqa: E731
+    cfg = lambda lam: tfi.SolverConfig("cg_squared", damping=lam,
+                                       iterative=tfi.IterativeOptions(max_iter=100, dtype=tf.float64))  # noqa: E731
     _, fx, fy = common.load_split(a["ft_ex"], "train", spec)
     _, tx, ty = common.load_split(a["ft_ex"], "test", spec)
     mk = lambda x, y: tf.data.Dataset.from_tensor_slices((x, y)).batch(256)  # noqa: E731
@@ -220,7 +223,7 @@ def test_influence_scorer_takes_influence_args_whole_and_the_old_keywords_for_on
         old = InfluenceScorer(**inputs, case="fixed", damping_pretrain=1e-2, damping_finetune=1e-4,
                               solver="cg_squared", max_iter=50, hessian_samples=30)
     got = tfi.InfluenceArgs.from_json(old.exec_properties["influence_args"])
-    assert (got.pretrain_solver.method, got.pretrain_solver.damping, got.pretrain_solver.max_iter) == \
+    assert (got.pretrain_solver.method, got.pretrain_solver.damping, got.pretrain_solver.iterative.max_iter) == \
         ("cg_squared", 1e-2, 50)
     assert (got.finetune_solver.method, got.finetune_solver.damping, got.hessian_samples) == ("cg_squared", 1e-4, 30)
     with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['dampng_pretrain'\]"):
@@ -282,8 +285,13 @@ def test_factor_fitter_feeds_the_influence_scorer(world, tmp_path):
                                     mk(common.load_split(a["ft_ex"], "train", spec)),
                                     mk(common.load_split(a["ft_ex"], "test", spec)), embedding=["embedding"],
                                     args=tfi.InfluenceArgs(hessian_samples=None,
-                                                           pretrain_solver=tfi.SolverConfig("ekfac", damping=1e-2, fisher="empirical"),
-                                                           finetune_solver=tfi.SolverConfig("cg_squared", damping=1e-3, max_iter=100, dtype=tf.float64))).scores
+                                                           pretrain_solver=tfi.SolverConfig(
+                                                               "ekfac", damping=1e-2,
+                                                               kronecker=tfi.KroneckerOptions(fisher="empirical")),
+                                                           finetune_solver=tfi.SolverConfig(
+                                                               "cg_squared", damping=1e-3,
+                                                               iterative=tfi.IterativeOptions(
+                                                                   max_iter=100, dtype=tf.float64)))).scores
     for i, k in enumerate(pk):
         assert got[k] == pytest.approx(ref[i], rel=1e-3, abs=1e-6)
     # factors of another model's parameters are refused, naming the artifact

@@ -187,8 +187,8 @@ def influence_args_from(influence_args, deprecated: dict) -> "tfi.InfluenceArgs"
         solver["method"] = given["solver"]
     if "max_iter" in given:
         solver["max_iter"] = int(given["max_iter"])
-    pre = dataclasses.replace(args.pretrain_solver, **solver,
-                              **({"damping": float(given["damping_pretrain"])} if "damping_pretrain" in given else {}))
-    ft = dataclasses.replace(args.finetune_solver, **solver,
-                             **({"damping": float(given["damping_finetune"])} if "damping_finetune" in given else {}))
+    pre = args.pretrain_solver.replace(**solver, **({"damping": float(given["damping_pretrain"])}
+                                                    if "damping_pretrain" in given else {}))
+    ft = args.finetune_solver.replace(**solver, **({"damping": float(given["damping_finetune"])}
+                                                  if "damping_finetune" in given else {}))
     return dataclasses.replace(args, pretrain_solver=pre, finetune_solver=ft, **top)
