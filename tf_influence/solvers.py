@@ -706,6 +706,9 @@ class SolverConfig(_Options):
                 users = ", ".join(sorted(m for m, fs in SOLVER_FAMILIES.items() if fam in fs))
                 raise ValueError(f"SolverConfig(method='{self.method}'): the {fam} options ({', '.join(changed)}) "
                                  f"do not apply to '{self.method}' (read by: {users})")
+        if self.memory_budget is not None and "memory_budget" not in SOLVER_FIELDS[self.method]:
+            raise ValueError(f"SolverConfig(method='{self.method}'): 'memory_budget' does not apply to "
+                             f"'{self.method}' (it allocates nothing)")
         if self.iterative.scale is not None and self.method != "lissa":
             raise ValueError(f"SolverConfig(method='{self.method}'): IterativeOptions.scale is LiSSA's alone")
 

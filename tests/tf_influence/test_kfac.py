@@ -407,3 +407,33 @@ def test_ghost_norms_equal_one_at_a_time_squared_gradient_norms(which):
     np.testing.assert_allclose(tracin.self_influence(obj, ds(x, y, 4), K, method="per_example"), ref, rtol=1e-9)
     with pytest.raises(ValueError, match="method must be one of"):
         tracin.self_influence(obj, ds(x, y, 4), K, method="exact")
+
+
+def test_a_factor_fit_leaves_no_tensorflow_memory_behind():
+    """The running sums of a fit are freed when it returns, although TensorFlow keeps the compiled step's
+    traced graph (and every variable it captured) after the step is dropped: before the sums were emptied
+    in place, each fit left its covariance sums allocated for the life of the process (1.1 GB at GPT-2
+    small; twice in case 2). Measured with TensorFlow's own allocator statistics."""
+    try:
+        tf.config.experimental.get_memory_info("CPU:0")
+    except (ValueError, tf.errors.InvalidArgumentError):
+        pytest.skip("this TensorFlow CPU allocator keeps no statistics")
+    import gc
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((256,))
+    z = keras.layers.Dense(512, activation="tanh", name="d1")(inp)
+    model = keras.Model(inp, keras.layers.Dense(10, name="d2")(z))
+    obj = tfi.Objective(model, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    data = ds(rng.normal(size=(32, 256)).astype("float32"), rng.integers(0, 10, 32), batch=8)
+    group = tfi.ParameterGroup.from_model(model)
+
+    def in_use():
+        gc.collect()
+        return tf.config.experimental.get_memory_info("CPU:0")["current"]
+    kfac.fit_factors(obj, data, group)                     # compiles what later fits reuse
+    before = in_use()
+    factors = kfac.fit_factors(obj, data, group)
+    leaked = in_use() - before
+    sums = 4 * (257 ** 2 + 512 ** 2 + 513 ** 2 + 10 ** 2)  # the dense covariances, float32
+    assert factors.blocks and leaked < 0.1 * sums, f"{leaked} bytes left allocated (covariance sums: {sums})"
