@@ -447,11 +447,18 @@ class MultiStageInfluence:
         ``2α`` diagonal is a vector as long as the model (0.5 GB at GPT-2 small) and its fitted factors are as
         large as the pretraining ones, so the call's own operator goes with the finetuning solve instead of
         staying resident through the pretraining one."""
+        return self._make_K()
+
+    def _make_K(self, with_diagonal: bool = True) -> HessianOperator:
+        """:attr:`K`; ``with_diagonal=False``: without its ``2α`` diagonal, for a memory plan (which reads the
+        operator's size, group and data, not the diagonal)."""
         if self.case == "fixed":
             raise AttributeError("K is case 2's operator (case='updated'); case 1 has H_TT and H_WT")
         objective, data, mode, n = self._K_args
-        diag = tf.concat([tf.zeros([self.Theta.size], self.TW.dtype),
-                          tf.fill([self.W_ft.size], tf.cast(2.0 * self.alpha, self.TW.dtype))], 0)
+        diag = None
+        if with_diagonal:
+            diag = tf.concat([tf.zeros([self.Theta.size], self.TW.dtype),
+                              tf.fill([self.W_ft.size], tf.cast(2.0 * self.alpha, self.TW.dtype))], 0)
         return HessianOperator(objective, data, self.TW, mode=mode, extra_diagonal=diag,
                                name="proximal finetuning Hessian (eq. 15)", num_examples=n)
 
@@ -541,7 +548,7 @@ class MultiStageInfluence:
                  phase="finetuning solve")
         plan.add("right-hand side of the pretraining solve", self.WU.size * k * self.WU.dtype.size,
                  f"[{self.WU.size}, {k}]")
-        first = self.H_TT if self.case == "fixed" else self.K
+        first = self.H_TT if self.case == "fixed" else self._make_K(with_diagonal=False)   # no 0.5 GB diagonal
         if getattr(first, "held_bytes", 0):      # the frozen part's features (tf_influence.head_features)
             plan.add("finetuning features held for the head's products", first.held_bytes,
                      f"{first.num_examples} examples")
