@@ -511,24 +511,25 @@ class MultiStageInfluence:
         ∂²F/∂W∂Θ (∂²F/∂Θ²)⁻¹ ∇_Θ f``; case 2: ``2α [K⁻¹ b]_W``), recording the finetuning solve in ``solves``."""
         b = test_gradients(self.measurement, test_data, self.TW, test_target)
         first = self.H_TT if self.case == "fixed" else self.K     # case 2's is this call's own (see K)
+        # factors fitted for the finetuning solve (case 2's K over the whole backbone: as large as the
+        # pretraining ones, 2 GB of host arrays at GPT-2 small) are dropped as soon as the solve returns, before
+        # the right-hand side is assembled — they were the peak of case 2 there — and not kept: the two sets
+        # are never held at once; a second call refits them (a pass over the finetuning data)
         if self.case == "fixed":
             b_T = tf.gather(b, self.TW.slices(self.Theta), axis=0)
             b_W = tf.gather(b, self.TW.slices(self.W_ft), axis=0)
             del b
             r1 = _solve(first, b_T, self.finetune_solver, "IHVP 1 (∂²F/∂Θ²)", self.progress)
+            forget_factors(first)
             solves["finetune"] = r1.summary()
             v_W = b_W - self.H_WT.matvec(r1.x)
         else:
             r1 = _solve(first, b, self.finetune_solver, "IHVP 1 (eq. 15 block)", self.progress)
             del b
+            forget_factors(first)
             solves["finetune"] = r1.summary()
             v_W = 2.0 * self.alpha * tf.gather(r1.x, self.TW.slices(self.W_ft), axis=0)
-        del r1
-        # factors fitted for the finetuning solve (case 2's K over the whole backbone: as large as the
-        # pretraining ones) are not kept: the two sets are never held at once; a second call refits them
-        # (a pass over the finetuning data, small next to the pretraining corpus)
-        forget_factors(first)
-        del first
+        del r1, first
         u_size = self.U.size if self.U is not None else 0
         zeros_U = tf.zeros([u_size] + ([] if v_W.shape.rank == 1 else [v_W.shape[1]]), self.WU.dtype)
         return tf.concat([tf.cast(v_W, self.WU.dtype), zeros_U], axis=0)
