@@ -516,18 +516,18 @@ class MultiStageInfluence:
         # the right-hand side is assembled — they were the peak of case 2 there — and not kept: the two sets
         # are never held at once; a second call refits them (a pass over the finetuning data)
         if self.case == "fixed":
-            b_T = tf.gather(b, self.TW.slices(self.Theta), axis=0)
-            b_W = tf.gather(b, self.TW.slices(self.W_ft), axis=0)
-            del b
-            r1 = _solve(first, b_T, self.finetune_solver, "IHVP 1 (∂²F/∂Θ²)", self.progress)
-            forget_factors(first)
-            solves["finetune"] = r1.summary()
+            rhs, b_W = (tf.gather(b, self.TW.slices(g), axis=0) for g in (self.Theta, self.W_ft))
+            desc = "IHVP 1 (∂²F/∂Θ²)"
+        else:
+            rhs, desc = b, "IHVP 1 (eq. 15 block)"
+        del b
+        r1 = _solve(first, rhs, self.finetune_solver, desc, self.progress)
+        del rhs
+        forget_factors(first)
+        solves["finetune"] = r1.summary()
+        if self.case == "fixed":
             v_W = b_W - self.H_WT.matvec(r1.x)
         else:
-            r1 = _solve(first, b, self.finetune_solver, "IHVP 1 (eq. 15 block)", self.progress)
-            del b
-            forget_factors(first)
-            solves["finetune"] = r1.summary()
             v_W = 2.0 * self.alpha * tf.gather(r1.x, self.TW.slices(self.W_ft), axis=0)
         del r1, first
         u_size = self.U.size if self.U is not None else 0

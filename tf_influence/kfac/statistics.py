@@ -247,10 +247,10 @@ class FactorStatistics:
             return tf.Variable(tf.zeros(shape, dtype), shape=tf.TensorShape(None), trainable=False)
         if what == "correction":
             return {b.name: var([b.rows, b.d_out], self.compute) for b in self.blocks}
-        blocks = {b.name: [var([b.rows]) if b.diag_in else var([b.rows, b.rows], self.compute),
-                           var([b.d_out]) if b.diag_out else var([b.d_out, b.d_out], self.compute), var([])]
+        blocks = {b.name: (var([b.rows]) if b.diag_in else var([b.rows, b.rows], self.compute),
+                           var([b.d_out]) if b.diag_out else var([b.d_out, b.d_out], self.compute), var([]))
                   for b in self.blocks}
-        return {"blocks": blocks, "diag": [var(tf_variable(v).shape) for v in self.diag_vars], "n": [var([])]}
+        return {"blocks": blocks, "diag": [var(tf_variable(v).shape) for v in self.diag_vars], "n": var([])}
 
     def add(self, what: str, x, y, step: int, bases: dict | None = None) -> None:
         """Add one batch's sums of pass ``what`` to variables inside the compiled step (no per-batch arrays
@@ -278,7 +278,7 @@ class FactorStatistics:
                             v.assign_add(t)
                     for v, t in zip(into["diag"], diag):
                         v.assign_add(t)
-                    into["n"][0].assign_add(n)
+                    into["n"].assign_add(n)
             self._add = function(step_fn, reduce_retracing=True)
         if what == "correction":
             self._add(x, y, tf.constant(CORRECTION_SEED_OFFSET + step, tf.int64), self._bases_as_tensors(bases))
@@ -290,22 +290,19 @@ class FactorStatistics:
         if getattr(self, "_sums", None) is None or self._sums[0] != what:
             return None
         sums = self._sums[1]
-        self._sums, self._add = None, None      # the compiled step (which captures the variables) goes first,
-        import gc                               # then each variable as soon as it is read: one copy at a time,
-        gc.collect()                            # not the sums twice (2.4 GB at GPT-2 small)
+        self._sums, self._add = None, None
 
-        def read(holder, key):
-            v = holder[key]
-            holder[key] = None
+        def read(v):
+            """One variable as numpy, its buffer emptied at once (whatever still holds the variable: see
+            :meth:`_zeros`), so the sums are never held twice (2.4 GB at GPT-2 small)."""
             out = v.numpy()
-            v.assign(tf.zeros([0], v.dtype))      # the buffer goes now, whatever still holds the variable
+            v.assign(tf.zeros([0], v.dtype))
             return out
         if what == "correction":
-            return {k: read(sums, k) for k in list(sums)}
-        blocks, diag = sums["blocks"], sums["diag"]      # emptied in place (see _zeros)
-        return {"n": float(read(sums["n"], 0)),
-                "blocks": {k: tuple(read(vs, i) for i in range(len(vs))) for k, vs in blocks.items()},
-                "diag": [read(diag, i) for i in range(len(diag))]}
+            return {k: read(v) for k, v in sums.items()}
+        return {"n": float(read(sums["n"])),
+                "blocks": {k: tuple(read(v) for v in vs) for k, vs in sums["blocks"].items()},
+                "diag": [read(v) for v in sums["diag"]]}
 
     def _bases_as_tensors(self, bases: dict) -> dict:
         """The bases as tensors in the compute dtype, made once per set of bases (not per batch: at GPT-2
