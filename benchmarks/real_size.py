@@ -19,7 +19,8 @@ recorded, not fatal): the first process trains the pretraining LM for one epoch 
 (``train_epoch_seconds``, Adam, the batch size of every path) and the classifier's head, and saves
 the weights; each path process rebuilds the models, loads the weights, then runs the call exactly as
 the README shows it, with every default. Per path: ``ok``, ``seconds``, ``over_epoch`` (seconds over
-``train_epoch_seconds``), ``peak_rss_mb`` (the process's ``ru_maxrss``), ``estimated_mb`` (the RSS
+``train_epoch_seconds``; with ``--paired-epochs``, over the mean of ``paired_epoch_seconds``, two epochs timed in
+their own processes right before and after the path, and ``over_stored_epoch`` the ratio over the stored one), ``peak_rss_mb`` (the process's ``ru_maxrss``), ``estimated_mb`` (the RSS
 before the call plus the library's memory plan, :mod:`tf_influence.memory`: the whole call's for influence
 and ``fit_factors``, else the largest plan the library checked during the call) and ``error``.
 """
@@ -63,6 +64,10 @@ class RealSizeArgs:
         "help": "reuse the trained weights and epoch time of an earlier run in --workdir (same sequences), and add "
                 "the paths to that model's entry in --out"})
     verbose: bool = field(default=False, metadata={"help": "TensorFlow's and the libraries' own logs"})
+    paired_epochs: bool = field(default=False, metadata={
+        "help": "time a training epoch in its own process right before and right after each path, and divide the "
+                "path's seconds by their mean (this machine's speed varies by a third between runs: a ratio over an "
+                "epoch timed minutes or sessions away is not the path's cost); costs two epochs per path"})
 
 
 # -- models and data (rebuilt identically in every process) -----------------------------------------------
@@ -178,17 +183,25 @@ def _paths_dir(args, name):
     return os.path.join(args.workdir, name)
 
 
-def prepare(name: str, args: RealSizeArgs) -> dict:
-    """Train the LM one epoch (timed) and the classifier head; save the weights."""
+def train_epoch(name: str, args: RealSizeArgs) -> tuple:
+    """``(LM, backbone, seconds)``: the LM built and trained one epoch over the sequences (Adam, the batch size of
+    every path), the first batch traced outside the timing."""
     import keras
     from tf_influence.lm import CausalLMLoss
     pre, bb = build(name, args)
-    ds, ft, _, _ = datasets(name, args)
+    ds, _, _, _ = datasets(name, args)
     pre.compile(optimizer=keras.optimizers.Adam(1e-4), loss=CausalLMLoss())
     pre.fit(ds.take(1), epochs=1, verbose=0)          # trace outside the timing
     t = time.perf_counter()
     pre.fit(ds, epochs=1, verbose=0)
-    epoch = time.perf_counter() - t
+    return pre, bb, time.perf_counter() - t
+
+
+def prepare(name: str, args: RealSizeArgs) -> dict:
+    """Train the LM one epoch (timed) and the classifier head; save the weights."""
+    import keras
+    pre, bb, epoch = train_epoch(name, args)
+    _, ft, _, _ = datasets(name, args)
     bb.trainable = False
     clf = classifier(name, bb)
     clf.compile(optimizer=keras.optimizers.Adam(1e-3),
@@ -440,6 +453,8 @@ def _worker(argv):
     try:
         if path == "prepare":
             res = prepare(name, args)
+        elif path == "epoch":
+            res = {"ok": True, "seconds": train_epoch(name, args)[2]}
         else:
             with timeline:
                 res = run_path(name, path, args)
@@ -526,16 +541,27 @@ def main(argv=None):
         print(f"   {prep['n_params']:,} parameters; one training epoch {prep['train_epoch_seconds']:.1f} s, "
               f"peak {prep['peak_rss_mb_train']:.0f} MB", flush=True)
         for path in args.paths:
+            paired = [_spawn(name, "epoch", args)] if args.paired_epochs else []
             r = _spawn(name, path, args)
+            paired += [_spawn(name, "epoch", args)] if args.paired_epochs else []
+            epoch = prep["train_epoch_seconds"]
+            if paired:
+                r["paired_epoch_seconds"] = [e.get("seconds") for e in paired]
+                if all(e.get("ok") for e in paired):
+                    epoch = sum(e["seconds"] for e in paired) / len(paired)
+                    r["over_stored_epoch"] = (r["seconds"] / prep["train_epoch_seconds"]
+                                              if r.get("ok") and r.get("seconds") is not None else None)
             if r.get("seconds") is not None and r.get("ok"):
-                r["over_epoch"] = r["seconds"] / prep["train_epoch_seconds"]
+                r["over_epoch"] = r["seconds"] / epoch
             else:
                 r["over_epoch"] = None
             entry["paths"][path] = r
             if r.get("ok"):
                 est = f", plan {r['estimated_mb']:.0f} MB" if r.get("estimated_mb") else ""
+                around = (f" (epochs around it: {', '.join(f'{e:.1f}' for e in r['paired_epoch_seconds'] if e)} s)"
+                          if r.get("paired_epoch_seconds") else "")
                 print(f"   {path:28s} {r['seconds']:8.1f} s  {r['over_epoch']:6.2f} epochs  peak "
-                      f"{r['peak_rss_mb']:7.0f} MB{est}", flush=True)
+                      f"{r['peak_rss_mb']:7.0f} MB{est}{around}", flush=True)
             else:
                 print(f"   {path:28s} FAILED: {str(r.get('error'))[:300]}", flush=True)
             results[name] = entry

@@ -193,6 +193,21 @@ class MemoryPlan:
         self.options.extend(o for o in other.options if o not in self.options)
         return self
 
+    def add_phases(self, other: "MemoryPlan", prefix: str) -> "MemoryPlan":
+        """``other``'s items as phases of this plan that end before the later ones start (a solve whose factors are
+        freed before the next begins): its phase ``p`` becomes ``"{prefix} {p}"``, with ``other``'s items held
+        throughout counted in each of them (held while ``other`` runs, not after). Host and TensorFlow memory
+        keep their kinds, so only ``other``'s TensorFlow memory carries over into the high-water mark of the
+        phases after it (under a retaining allocator)."""
+        held = [i for i in other.items if i.phase is None]
+        phases = list(other.phases()) or [None]
+        for p in phases:
+            name = prefix if p is None else f"{prefix} {p}"
+            for i in held + [i for i in other.items if p is not None and i.phase == p]:
+                self.items.append(MemoryItem(i.name, i.nbytes, i.what, name, i.host))
+        self.options.extend(o for o in other.options if o not in self.options)
+        return self
+
     def suggest(self, *options: str) -> "MemoryPlan":
         self.options.extend(o for o in options if o not in self.options)
         return self

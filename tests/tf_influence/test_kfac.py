@@ -444,3 +444,32 @@ def test_a_factor_fit_leaves_no_tensorflow_memory_behind():
     assert freed > 0.9 * dense, f"{freed} of the sums' {dense} bytes freed"
     assert held is not None
     np.testing.assert_allclose(sums["n"], 32)
+
+
+def test_blocks_reading_one_tensor_share_their_covariance_and_eigenbasis():
+    """Query, key and value read one tensor: one ``A`` and one eigenbasis array for the three, which still
+    diagonalises each block's exact activation covariance (from the layers' inputs, read off the model, not
+    the captured activations); blocks of another input keep their own."""
+    rng = np.random.default_rng(3)
+    model = two_block_lm()
+    x, y = rng.integers(0, 9, size=(8, 5)).astype(np.int32), rng.integers(0, 6, size=(8, 5))
+    obj = tfi.Objective(model, h.sce())
+    factors = kfac.fit_factors(obj, ds(x, y, batch=3), tfi.ParameterGroup.from_model(model), fisher="empirical")
+    inputs = {"attention0": model.get_layer("emb").output, "attention1": model.get_layer("norm0").output,
+              "out": model.get_layer("norm1").output}
+    seen = {}
+    for layer, tensor in inputs.items():
+        acts = keras.Model(model.inputs[0], tensor)(x).numpy().reshape(-1, 4)
+        acts = np.concatenate([acts, np.ones((len(acts), 1))], axis=1)      # the bias row
+        A = acts.T @ acts / len(acts)
+        names = [f"{layer}/{p}" for p in ("query", "key", "value")] if layer != "out" else ["out"]
+        for name in names:
+            QA = factors.blocks[name]["QA"]
+            D = QA.T @ A @ QA
+            np.testing.assert_allclose(D - np.diag(np.diag(D)), 0, atol=1e-10 * np.abs(D).max())
+            np.testing.assert_allclose(np.sort(np.diag(D)), np.linalg.eigvalsh(A), rtol=1e-9, atol=1e-12)
+        assert all(factors.blocks[n]["QA"] is factors.blocks[names[0]]["QA"] for n in names)
+        seen[layer] = factors.blocks[names[0]]["QA"]
+    assert len({id(q) for q in seen.values()}) == 3
+    assert factors.blocks["attention0/attention_output"]["QA"] is not seen["attention0"]
+

@@ -38,6 +38,29 @@ def test_a_retaining_allocator_adds_the_high_water_mark_to_later_host_memory():
     assert not plan.fits(750 * MB) and _plan(False).fits(750 * MB)
 
 
+def test_a_solve_that_ends_first_leaves_only_its_tensorflow_memory_behind():
+    """Case 2's finetuning solve: its factors (host memory, held while it runs) are freed before the pretraining
+    fit; its passes' TensorFlow memory stays in the allocator's high-water mark."""
+    first = (MemoryPlan("finetuning")
+             .add("factors", 500 * MB, host=True)                                 # held while the solve runs
+             .add("products", 300 * MB, phase="covariance pass")
+             .add("decomposition", 200 * MB, phase="eigendecomposition", host=True))
+    plan = MemoryPlan("call", retaining=True).add("right-hand side", 10 * MB)
+    plan.add_phases(first, "finetuning solve")
+    plan.add("pretraining products", 100 * MB, phase="pretraining pass").add(
+        "pretraining factors", 400 * MB, phase="pretraining pass", host=True)
+    assert list(plan.phases()) == ["finetuning solve covariance pass", "finetuning solve eigendecomposition",
+                                   "pretraining pass"]
+    # finetuning decomposition: 500 + 200 host + 300 TF high-water = 1000; pretraining: 400 host + 300 = 700
+    assert plan.total == 10 * MB + 1000 * MB
+    plan.items[-1].nbytes = 800 * MB                  # now the pretraining pass wins: 800 + max(300, 100)
+    assert plan.total == 10 * MB + 1100 * MB
+    assert {i.name for i in plan.peak_items()} == {"right-hand side", "pretraining factors", "products"}
+    # a plan without phases becomes one phase holding its items
+    one = MemoryPlan("call", retaining=True).add_phases(MemoryPlan("cg").add("vectors", 64 * MB), "finetuning solve")
+    assert one.phases() == {"finetuning solve": 64 * MB} and one.total == 64 * MB
+
+
 _PROBE = """
 import gc, tensorflow as tf
 def rss():

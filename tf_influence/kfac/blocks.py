@@ -138,6 +138,23 @@ class _Block:
             a = tf.concat([a, tf.ones_like(a[..., :1])], axis=-1)
         return a
 
+    def activation_key(self):
+        """What :meth:`activations` does to a layer's input, as a hashable key (None for token lookups and
+        tied tables): blocks whose layers are called on one tensor and share this key have the same activations
+        — a transformer's query, key and value projections, a gated MLP's gate and up projections — so the
+        same covariance ``A`` and the same eigenbasis ``Q_A``, which the factor passes then compute once."""
+        if self.kind == "dense":
+            key = ("dense", self.d_in)
+        elif self.kind == "einsum":
+            key = ("einsum", self.in_spec, self.batch + "".join(self.pos) + "".join(self.contract), self.d_in)
+        elif self.kind == "conv":
+            layer = self.layer
+            key = ("conv", self.d_in, tuple(layer.kernel_size), tuple(layer.strides), tuple(layer.dilation_rate),
+                   layer.padding)
+        else:
+            return None
+        return key + (self.bias is not None,)
+
     def accepts(self, reverse: bool) -> bool:
         return self.mode is None or (self.mode == "reverse") == bool(reverse)
 

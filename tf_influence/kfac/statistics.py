@@ -144,11 +144,19 @@ class FactorStatistics:
             total = tf.reduce_sum(losses)
         grads = output_gradients(tape, total, cap, layers)
         records, modes = cap.records, cap.modes
-        res = {}
+        res, shared = {}, {}
         for b in self.blocks:
             res[b.name] = []
+            key = b.activation_key()
             for (inp, _), g, rev in zip(records[b.name], grads[b.name], modes[b.name]):
-                a, gg, ids = b.sparse_pairs(inp, g, rev)
+                # layers called on one tensor (query / key / value) get the same activations tensor: the
+                # passes compute its covariance and its rotation once (keyed by the tensor's identity)
+                if key is not None and (id(inp), key) in shared:
+                    a, gg, ids = shared[id(inp), key], b.out_grads(g), False
+                else:
+                    a, gg, ids = b.sparse_pairs(inp, g, rev)
+                    if key is not None:
+                        shared[id(inp), key] = a
                 res[b.name].append((a, tf.cast(gg, self.compute), ids))
         if with_norms:
             return res, ys, (records, grads, cap.options)
@@ -160,7 +168,7 @@ class FactorStatistics:
         the compute dtype for :meth:`add`'s in-graph running sums), token counts and the diagonal in float64."""
         dtype = tf.float64
         res, ys, (records, layer_grads, options) = self._forward(x, y, step, with_norms=True)
-        out = {}
+        out, covariances = {}, {}
         for b in self.blocks:
             # a diagonal side (token counts, a vocabulary) is a vector: kept in float64 whatever sums_dtype
             A = tf.zeros([b.rows] if b.diag_in else [b.rows, b.rows], dtype if b.diag_in else sums_dtype)
@@ -171,10 +179,13 @@ class FactorStatistics:
                     flat = tf.reshape(a, [-1])
                     counts = tf.math.unsorted_segment_sum(tf.ones_like(flat, A.dtype), flat, b.rows)
                     A += counts if b.diag_in else tf.linalg.diag(counts)
-                else:
-                    a = tf.cast(a, self.compute)
-                    A += tf.cast(tf.reduce_sum(tf.square(a), axis=[0, 1]) if b.diag_in
-                                 else tf.einsum("bpi,bpj->ij", a, a), A.dtype)
+                else:             # one product per activations tensor, however many blocks read it
+                    key = (id(a), b.diag_in)
+                    if key not in covariances:
+                        c = tf.cast(a, self.compute)
+                        covariances[key] = (tf.reduce_sum(tf.square(c), axis=[0, 1]) if b.diag_in
+                                             else tf.einsum("bpi,bpj->ij", c, c))
+                    A += tf.cast(covariances[key], A.dtype)
                 tokens += tf.cast(tf.shape(g)[0] * tf.shape(g)[1], dtype)
                 S += tf.cast(tf.reduce_sum(tf.square(g), axis=[0, 1]) if b.diag_out
                              else tf.einsum("bpi,bpj->ij", g, g), S.dtype)
@@ -189,10 +200,16 @@ class FactorStatistics:
         hold one block's per-example ``G_n`` at a time) left the peak unchanged and made a 100 M Llama's
         correction steps slower (5.4–5.5 s against 4.2–4.6 s in runs of the same hour), so it was reverted."""
         res, _ = self._forward(x, y, step)
-        return {b.name: self._block_correction(b, res[b.name], bases[b.name], dtype) for b in self.blocks}
+        rotated = {}
+        return {b.name: self._block_correction(b, res[b.name], bases, dtype, rotated) for b in self.blocks}
 
-    def _block_correction(self, b, calls, bases, dtype=tf.float64):
-        QA, QS = (None if side else tf.cast(q, self.compute) for side, q in zip((b.diag_in, b.diag_out), bases))
+    def _block_correction(self, b, calls, bases, dtype=tf.float64, rotated=None):
+        """``bases[b.name]``: ``(Q_A, Q_S)``, with ``Q_A`` the name of another block where the two share one
+        (:meth:`_bases_as_tensors`); ``rotated`` caches ``a Q_A`` per activations tensor and basis."""
+        owner = bases[b.name][0] if isinstance(bases[b.name][0], str) else b.name
+        QA, QS = (None if side else tf.cast(q, self.compute)
+                  for side, q in zip((b.diag_in, b.diag_out), (bases[owner][0], bases[b.name][1])))
+        rotated = {} if rotated is None else rotated
         if not calls:             # a block the loss never calls: no gradient, zero eigenvalues
             return tf.zeros([b.rows, b.d_out], dtype)
         # G_n sums over every call of the layer in the forward pass (a tied ReversibleEmbedding:
@@ -206,8 +223,10 @@ class FactorStatistics:
             elif ids:                 # one-hot rows times Q_A: the rows of Q_A
                 dense.append((tf.gather(QA, a), gq))
             else:
-                a = tf.cast(a, self.compute)
-                dense.append((a if QA is None else tf.einsum("bpi,ia->bpa", a, QA), gq))
+                if (id(a), owner) not in rotated:
+                    c = tf.cast(a, self.compute)
+                    rotated[id(a), owner] = c if QA is None else tf.einsum("bpi,ia->bpa", c, QA)
+                dense.append((rotated[id(a), owner], gq))
         if not dense:             # token lookups only (an Embedding): sparse rows
             a = tf.concat([p[0] for p in sparse], axis=1)
             gq = tf.concat([p[1] for p in sparse], axis=1)
@@ -310,8 +329,13 @@ class FactorStatistics:
         cached = getattr(self, "_bases_tensors", None)
         if cached is None or cached[0] is not bases:
             self._bases_tensors = None
-            tb = {k: (tf.constant(np.asarray(v["QA"]), self.compute), tf.constant(np.asarray(v["QS"]), self.compute))
-                  for k, v in bases.items()}
+            tb, owners = {}, {}
+            for k, v in bases.items():
+                # a Q_A shared with an earlier block (one array: eigenbases) is passed as that block's name, so
+                # the compiled step rotates the shared activations once (and retraces if the sharing differs)
+                qa = owners.setdefault(id(v["QA"]), k) if np.size(v["QA"]) else k
+                tb[k] = (qa if qa != k else tf.constant(np.asarray(v["QA"]), self.compute),
+                         tf.constant(np.asarray(v["QS"]), self.compute))
             self._bases_tensors = cached = (bases, tb)
         return cached[1]
 
@@ -373,19 +397,36 @@ def eigenbases(sums: dict, with_eigenvalues: bool = True, consume: bool = False,
     if n == 0:
         from ..objective import EmptyDatasetError
         raise EmptyDatasetError("no examples: the K-FAC covariances are empty")
-    fitted = {}
+    fitted, done = {}, {}
     for name in list(sums["blocks"]):
         A, S, tokens = sums["blocks"].pop(name) if consume else sums["blocks"][name]
+        # blocks that read one activations tensor (query / key / value) have bit-identical A sums: decomposed
+        # once, their blocks share the eigenbasis array (one array in memory; the correction pass then
+        # rotates the shared activations once, FactorStatistics._bases_as_tensors)
+        seen = _fingerprint(A, tokens) if A.ndim == 2 else None
         A = A / np.asarray(max(float(tokens), 1.0), A.dtype)  # a block its loss never calls: zeros
         S = S / np.asarray(n, S.dtype)
         # a diagonal side (token counts, a vocabulary): identity eigenbasis, stored as an empty Q
         eS, QS = (S, np.zeros((0, 0))) if S.ndim == 1 else _eigh(S, precision)
-        eA, QA = (A, np.zeros((0, 0))) if A.ndim == 1 else _eigh(A, precision)
+        if A.ndim == 1:
+            eA, QA = A, np.zeros((0, 0))
+        else:
+            if seen not in done:
+                done[seen] = _eigh(A, precision)
+            eA, QA = done[seen]
         fitted[name] = {"QA": QA, "QS": QS}
         if with_eigenvalues:
             fitted[name]["eig"] = np.outer(np.maximum(eA, 0), np.maximum(eS, 0))
         del A, S
     return fitted
+
+
+def _fingerprint(M, tokens) -> tuple:
+    """A dense covariance sum's identity for :func:`eigenbases` (shape, dtype, token count and a 128-bit
+    hash of its bytes)."""
+    import hashlib
+    data = np.ascontiguousarray(M)
+    return (data.shape, str(data.dtype), float(tokens), hashlib.blake2b(data.data, digest_size=16).hexdigest())
 
 
 #: Sides at least this large are decomposed in the factors' precision (float32 for a float32 model); smaller
