@@ -82,7 +82,10 @@ def test_real_size_and_vocabulary_tables_follow_their_json():
                                                       "peak_rss_mb": 1000.0, "estimated_mb": 1100.0, "error": None}
     changed["models"][name]["paths"][first] = {"ok": False, "seconds": None, "over_epoch": None, "peak_rss_mb": None,
                                                "estimated_mb": None, "error": "MemoryBudgetError: too big"}
+    changed["models"][name]["paths"]["index_build"] = {"ok": True, "seconds": 120.0, "over_epoch": 1.2,
+                                                      "paired_epoch_seconds": [90.0, 110.0], "peak_rss_mb": 900.0}
     text = h.real_size_tables(changed)
+    assert "1.2 (≤ 1.5: met; over the epochs timed just before and after it (90 s and 110 s))" in text
     assert "9.5 (≤ 2.5: missed)" in text and "(1.1)" in text and "MemoryBudgetError: too big" in text
     vs = json.loads((ROOT / "docs" / "results" / "vocab_side.json").read_text())
     text = h.vocab_side_tables(vs)
