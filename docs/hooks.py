@@ -239,10 +239,12 @@ def real_size_tables(d: dict) -> str:
         for path, r in m["paths"].items():
             over, peak, est = r.get("over_epoch"), r.get("peak_rss_mb"), r.get("estimated_mb")
             lim = limits.get(path)
-            target = "" if lim is None or over is None else f" (≤ {lim}: {'met' if over <= lim else 'missed'})"
             around = [e for e in r.get("paired_epoch_seconds") or [] if e]
-            if around and over is not None:   # benchmarks.real_size --paired-epochs: over the epochs timed around it
-                target += f"; over the epochs timed just before and after it ({' and '.join(_fmt(e) + ' s' for e in around)})"
+            # benchmarks.real_size --paired-epochs: over the epochs timed around it
+            paired = (f"over the epochs timed just before and after it ({' and '.join(_fmt(e) + ' s' for e in around)})"
+                      if around and over is not None else "")
+            target = ("" if lim is None or over is None else f"≤ {lim}: {'met' if over <= lim else 'missed'}")
+            target = f" ({'; '.join(t for t in (target, paired) if t)})" if target or paired else ""
             if path == "index_query" and r.get("ok"):
                 target = f" ({_fmt(r['seconds'])} s per query; ≤ 1 s: {'met' if r['seconds'] <= 1 else 'missed'})"
             ratio = f" ({_fmt(est / peak)})" if est and peak else ""

@@ -317,9 +317,16 @@ def _factor_batch_bytes(stats, B: int, P: int) -> tuple:
     c = _dsize(stats.compute)
     captured, temp = 0, 0
     for b in stats.blocks:
-        captured += B * P * (b.rows + b.d_out) * c * 2
+        # an Embedding's input is its token ids (int32), not one-hot rows: a [B, P] tensor whatever the vocabulary
+        # (counted as [B, P, vocab] before: 262 MB too many at the 100 M Llama's 32,000)
+        rows = 1 if b.kind == "embedding" else b.rows
+        captured += B * P * (rows + b.d_out) * c * 2
         g_n = b.rows * b.d_out * c
-        temp = max(temp, B * g_n * 2 if b.rows * b.d_out <= PER_EXAMPLE_BATCHED_MAX else g_n * 3 + b.rows * b.d_out * 8)
+        if b.kind == "embedding":     # its correction sums the rows of the (example, token) pairs present
+            temp = max(temp, B * P * b.d_out * c * 3)
+        else:   # a vocabulary-sized block, one example at a time: the running square sum, one G_n, its square and
+            # the batch's result, all in the compute dtype (FactorStatistics._block_correction)
+            temp = max(temp, B * g_n * 2 if b.rows * b.d_out <= PER_EXAMPLE_BATCHED_MAX else g_n * 4)
     vectorised = sum(B * math.prod(int(d) for d in v.shape) * c * 3 for v in stats.rest)
     return captured + vectorised, captured + temp
 

@@ -61,6 +61,26 @@ def test_a_solve_that_ends_first_leaves_only_its_tensorflow_memory_behind():
     assert one.phases() == {"finetuning solve": 64 * MB} and one.total == 64 * MB
 
 
+def test_a_factor_fits_batch_products_do_not_grow_with_an_embeddings_vocabulary():
+    """An ``Embedding``'s captured input is its token ids and its correction sums the rows of the tokens present:
+    the per-batch products of a fit are the same at 50 and at 50,000 tokens (they were counted as one-hot rows)."""
+    import keras
+    import tf_influence as tfi
+    from tf_influence import kfac
+    from tf_influence.memory import _factor_batch_bytes
+
+    def stats(vocab):
+        inp = keras.Input((6,), dtype="int32")
+        z = keras.layers.Embedding(vocab, 8, name="emb")(inp)
+        model = keras.Model(inp, keras.layers.Dense(3, name="out")(z))
+        obj = tfi.Objective(model, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return kfac.FactorStatistics(obj, tfi.ParameterGroup.from_model(model))
+    small, large = _factor_batch_bytes(stats(50), 16, 6), _factor_batch_bytes(stats(50_000), 16, 6)
+    assert small == large
+    # what it does count: the token ids, the lookups' output gradients and the head's activations and gradients
+    assert small[0] == 16 * 6 * ((1 + 8) + (9 + 3)) * 4 * 2
+
+
 _PROBE = """
 import gc, tensorflow as tf
 def rss():
