@@ -64,6 +64,10 @@ class RealSizeArgs:
         "help": "reuse the trained weights and epoch time of an earlier run in --workdir (same sequences), and add "
                 "the paths to that model's entry in --out"})
     verbose: bool = field(default=False, metadata={"help": "TensorFlow's and the libraries' own logs"})
+    replan: bool = field(default=False, metadata={
+        "help": f"recompute the memory plan of the stored runs of --paths (of {list(PLANNED)}) in --out without running "
+                "them: estimated_mb becomes the RSS the run measured before its call plus the current plan, the run's own "
+                "figure kept as estimated_mb_at_run"})
     paired_epochs: bool = field(default=False, metadata={
         "help": "time a training epoch in its own process right before and right after each path, and divide the "
                 "path's seconds by their mean (this machine's speed varies by a third between runs: a ratio over an "
@@ -267,8 +271,7 @@ def run_path(name: str, path: str, args: RealSizeArgs) -> dict:
     extra = {}
     if path in ("influence", "influence_updated"):
         iargs = tfi.InfluenceArgs(case="fixed" if path == "influence" else "updated")
-        ms = an._influence(ds, ft, iargs)          # the same object Analyzer.influence builds
-        plan = ms.memory_plan(te, iargs.test_target)
+        plan = _path_plan(path, an, ds, ft, te)
         t = time.perf_counter()
         res = an.influence(path, ds, ft, te, args=iargs, overwrite=True)
         extra = {"solves": {k: {kk: v.get(kk) for kk in ("method", "auto", "converged", "iterations")}
@@ -278,10 +281,7 @@ def run_path(name: str, path: str, args: RealSizeArgs) -> dict:
         res = tfi.single_stage_influence(obj, ds, lm_test, measurement=completion_log_probability())
         extra = {"solves": {k: {kk: v.get(kk) for kk in ("method", "auto")} for k, v in res.solves.items()}}
     elif path == "fit_factors":
-        from tf_influence.kfac import DENSE_FACTOR_MAX, FactorStatistics
-        from tf_influence.memory import factor_plan
-        plan = factor_plan(FactorStatistics(an.pretrain_objective, an.pretrain_group(),
-                                            dense_factor_max=DENSE_FACTOR_MAX), ds)
+        plan = _path_plan(path, an, ds, ft, te)
         t = time.perf_counter()
         f = an.fit_factors("f", ds, overwrite=True)
         extra = {"blocks": len(f.blocks)}
@@ -327,6 +327,42 @@ def run_path(name: str, path: str, args: RealSizeArgs) -> dict:
     return {"ok": True, "seconds": seconds, "peak_rss_mb": _peak_mb(), "rss_before_mb": before,
             "estimated_mb": (before + plan.total / 2 ** 20) if plan.items else None,
             "plan": plan.summary() if plan.items else None, "error": None, **extra}
+
+
+#: The paths whose memory plan is the whole call's, made before it runs (:func:`_path_plan`; the others report the
+#: largest plan the library checked during the call).
+PLANNED = ("influence", "influence_updated", "fit_factors")
+
+
+def _path_plan(path, an, ds, ft, te):
+    """The memory plan of the call ``path`` makes (one of :data:`PLANNED`): what :func:`run_path` records, and what
+    ``--replan`` recomputes for a stored run."""
+    import tf_influence as tfi
+    from tf_influence.kfac import DENSE_FACTOR_MAX, FactorStatistics
+    from tf_influence.memory import factor_plan
+    if path == "fit_factors":
+        return factor_plan(FactorStatistics(an.pretrain_objective, an.pretrain_group(),
+                                            dense_factor_max=DENSE_FACTOR_MAX), ds)
+    iargs = tfi.InfluenceArgs(case="fixed" if path == "influence" else "updated")
+    return an._influence(ds, ft, iargs).memory_plan(te, iargs.test_target)   # the object Analyzer.influence builds
+
+
+def replan(name: str, path: str, args: RealSizeArgs) -> dict:
+    """The current memory plan of a stored path's call, without running it (``--replan``): the plan is a function of
+    the models and the arguments only, so a change to the planning code is checked against the peak the stored run
+    measured (the computation the plan describes is the same)."""
+    import keras
+    import tf_influence as tfi
+    from tf_influence.lm import CausalLMLoss
+    pre, bb, clf = _load(name, args)
+    ds, ft, te, _ = datasets(name, args)
+    if path == "influence_updated":
+        clf = _updated_classifier(name, args, bb)
+    task = tfi.Task(pre, clf, CausalLMLoss(), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                    embedding=["backbone"])
+    an = tfi.Analyzer(task, os.path.join(_paths_dir(args, name), "analyzer"), progress=False)
+    plan = _path_plan(path, an, ds, ft, te)
+    return {"ok": True, "plan_mb": plan.total / 2 ** 20, "plan": plan.summary()}
 
 
 def _record_checked_plans() -> list:
@@ -455,6 +491,8 @@ def _worker(argv):
             res = prepare(name, args)
         elif path == "epoch":
             res = {"ok": True, "seconds": train_epoch(name, args)[2]}
+        elif path.startswith("replan:"):
+            res = replan(name, path.split(":", 1)[1], args)
         else:
             with timeline:
                 res = run_path(name, path, args)
@@ -514,6 +552,24 @@ def main(argv=None):
     if os.path.exists(args.out):
         with open(args.out) as fh:
             results = json.load(fh).get("models", {})
+    if args.replan:
+        for name in args.models:
+            for path in [p for p in args.paths if p in PLANNED]:
+                stored = results.get(name, {}).get("paths", {}).get(path)
+                if not stored or stored.get("rss_before_mb") is None:
+                    print(f"   {name} {path}: no stored run to replan", flush=True)
+                    continue
+                r = _spawn(name, f"replan:{path}", args)
+                if not r.get("ok"):
+                    print(f"   {name} {path}: replan failed: {r.get('error')}", flush=True)
+                    continue
+                stored.setdefault("estimated_mb_at_run", stored.get("estimated_mb"))
+                stored["estimated_mb"] = stored["rss_before_mb"] + r["plan_mb"]
+                stored["plan"] = r["plan"]
+                print(f"   {name} {path}: plan {stored['estimated_mb']:.0f} MB (at the run: "
+                      f"{stored['estimated_mb_at_run']:.0f}); measured peak {stored['peak_rss_mb']:.0f} MB", flush=True)
+            _write(args.out, results)
+        return results
     for name in args.models:
         cfg = MODELS[name]
         print(f"== {name}: vocabulary {cfg['vocab']:,}, {cfg['layers']} × {cfg['width']}, "
@@ -574,9 +630,13 @@ def main(argv=None):
 def _write(path, results):
     import platform
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    kept = {}
+    if os.path.exists(path):              # the results page's notes, written by hand, stay
+        with open(path) as fh:
+            kept = {k: v for k, v in json.load(fh).items() if k not in ("machine", "models")}
     with open(path, "w") as fh:
-        json.dump({"machine": f"{os.cpu_count()} CPU cores, {platform.machine()}", "models": results}, fh, indent=1,
-                  default=str)
+        json.dump({"machine": f"{os.cpu_count()} CPU cores, {platform.machine()}", "models": results, **kept}, fh,
+                  indent=1, default=str)
 
 
 if __name__ == "__main__":

@@ -193,18 +193,22 @@ class MemoryPlan:
         self.options.extend(o for o in other.options if o not in self.options)
         return self
 
-    def add_phases(self, other: "MemoryPlan", prefix: str) -> "MemoryPlan":
-        """``other``'s items as phases of this plan that end before the later ones start (a solve whose factors are
-        freed before the next begins): its phase ``p`` becomes ``"{prefix} {p}"``, with ``other``'s items held
-        throughout counted in each of them (held while ``other`` runs, not after). Host and TensorFlow memory
-        keep their kinds, so only ``other``'s TensorFlow memory carries over into the high-water mark of the
-        phases after it (under a retaining allocator)."""
+    def add_phases(self, other: "MemoryPlan", prefix: str, held_into: tuple = ()) -> "MemoryPlan":
+        """``other``'s items as phases of this plan that run after the phases already in it: its phase ``p``
+        becomes ``"{prefix} {p}"`` (and each item's name ``"{prefix}: {name}"``), with ``other``'s items held throughout counted in each of them — from when
+        ``other`` starts, not before (a solve's factors do not exist during an earlier solve) — and in the
+        phases ``held_into`` that follow it (the scoring that uses them), not after (a solve whose factors are
+        freed before the next begins). Host and TensorFlow memory keep their kinds, so only ``other``'s
+        TensorFlow memory carries over into the high-water mark of later phases (under a retaining allocator)."""
         held = [i for i in other.items if i.phase is None]
         phases = list(other.phases()) or [None]
         for p in phases:
             name = prefix if p is None else f"{prefix} {p}"
             for i in held + [i for i in other.items if p is not None and i.phase == p]:
-                self.items.append(MemoryItem(i.name, i.nbytes, i.what, name, i.host))
+                self.items.append(MemoryItem(f"{prefix}: {i.name}", i.nbytes, i.what, name, i.host))
+        for name in held_into:
+            for i in held:
+                self.items.append(MemoryItem(f"{prefix}: {i.name}", i.nbytes, i.what, name, i.host))
         self.options.extend(o for o in other.options if o not in self.options)
         return self
 

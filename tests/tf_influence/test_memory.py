@@ -55,10 +55,17 @@ def test_a_solve_that_ends_first_leaves_only_its_tensorflow_memory_behind():
     assert plan.total == 10 * MB + 1000 * MB
     plan.items[-1].nbytes = 800 * MB                  # now the pretraining pass wins: 800 + max(300, 100)
     assert plan.total == 10 * MB + 1100 * MB
-    assert {i.name for i in plan.peak_items()} == {"right-hand side", "pretraining factors", "products"}
+    assert {i.name for i in plan.peak_items()} == {"right-hand side", "pretraining factors",
+                                                   "finetuning solve: products"}
     # a plan without phases becomes one phase holding its items
     one = MemoryPlan("call", retaining=True).add_phases(MemoryPlan("cg").add("vectors", 64 * MB), "finetuning solve")
     assert one.phases() == {"finetuning solve": 64 * MB} and one.total == 64 * MB
+    # a later solve's factors exist from its own phases on, and through the phases given (its scoring) only
+    later = MemoryPlan("pretraining").add("factors", 700 * MB, host=True).add("products", 50 * MB, phase="pass")
+    plan.add_phases(later, "pretraining solve", held_into=("scoring",))
+    assert plan.phases()["pretraining solve pass"] == 750 * MB and plan.phases()["scoring"] == 700 * MB
+    assert plan.phases()["finetuning solve covariance pass"] == 800 * MB          # not in the earlier solve
+    assert plan.total == 10 * MB + 1100 * MB       # the pretraining pass (800 + 300 high-water) still wins
 
 
 def test_a_factor_fits_batch_products_do_not_grow_with_an_embeddings_vocabulary():
