@@ -47,6 +47,11 @@ PATHS = ("influence", "influence_updated", "single_stage", "fit_factors", "self_
          "self_influence_per_example", "index_build", "index_query", "presence_step", "beam_scoring")
 
 
+#: The paths whose memory plan is the whole call's, made before it runs (:func:`_path_plan`; the others report the
+#: largest plan the library checked during the call).
+PLANNED = ("influence", "influence_updated", "fit_factors")
+
+
 @dataclass
 class RealSizeArgs:
     out: str = field(default="docs/results/real_size.json", metadata={"help": "the JSON file written"})
@@ -327,11 +332,6 @@ def run_path(name: str, path: str, args: RealSizeArgs) -> dict:
     return {"ok": True, "seconds": seconds, "peak_rss_mb": _peak_mb(), "rss_before_mb": before,
             "estimated_mb": (before + plan.total / 2 ** 20) if plan.items else None,
             "plan": plan.summary() if plan.items else None, "error": None, **extra}
-
-
-#: The paths whose memory plan is the whole call's, made before it runs (:func:`_path_plan`; the others report the
-#: largest plan the library checked during the call).
-PLANNED = ("influence", "influence_updated", "fit_factors")
 
 
 def _path_plan(path, an, ds, ft, te):
