@@ -204,7 +204,7 @@ class Analyzer:
     def fit_factors(self, name: str, pretrain_data, factor_args: FactorArgs | None = None, overwrite: bool = False):
         """(E)K-FAC factors of the pretraining Hessian over ``(W, U)``, saved as ``factors/<name>``;
         pass ``factors_name=name`` to :meth:`influence` to invert ``∂²G`` with them."""
-        from .kfac import DENSE_FACTOR_MAX, KFACFactors, fit_factors
+        from .kfac import KFACFactors, dense_factor_limit, fit_factors
         factor_args = factor_args or FactorArgs()
         directory = self._dir("factors", name)
         saved_args = os.path.join(directory, "factor_args.json")
@@ -227,8 +227,8 @@ class Analyzer:
         factors = fit_factors(self.pretrain_objective, pretrain_data, group, kind=factor_args.kind,
                               fisher=factor_args.fisher, seed=factor_args.seed, progress=self.progress,
                               name="pretraining data", max_examples=factor_args.max_examples,
-                              dense_factor_max=DENSE_FACTOR_MAX if factor_args.dense_factor_max is None
-                              else factor_args.dense_factor_max, memory_budget=factor_args.memory_budget)
+                              dense_factor_max=dense_factor_limit(factor_args.dense_factor_max),
+                              memory_budget=factor_args.memory_budget)
         factors.save(directory)
         with open(os.path.join(directory, "factor_args.json"), "w") as fh:
             fh.write(factor_args.to_json())

@@ -292,7 +292,7 @@ def kronecker(op, b, damping: float = 0.0, kind: str = "ekfac", fisher: str = "t
         factors = kfac.KFACFactors.load(factors)
     if factors is None:
         cache = op.__dict__.setdefault(_FACTOR_CACHE, {})
-        dense_factor_max = kfac.DENSE_FACTOR_MAX if dense_factor_max is None else dense_factor_max
+        dense_factor_max = kfac.dense_factor_limit(dense_factor_max)
         key = (kind, fisher, seed, max_examples, dense_factor_max)
         if key not in cache:
             cache[key] = kfac.fit_factors(op.objective, op.dataset, op.rows, kind=kind, fisher=fisher, seed=seed,
@@ -385,9 +385,8 @@ def auto_choice(op, dense_max: int = AUTO_DENSE_MAX, kronecker_min: int | None =
             return "dense_squared", f"p = {p} ≤ {dense_max}: exact eq. 16 solve"
         notes.append(f"the explicit {p}×{p} system needs {human(plan.total)} > budget {human(budget)}")
     if allow_kronecker and p >= kronecker_min and kfac_ok:
-        from .kfac import DENSE_FACTOR_MAX, FactorStatistics
-        stats = FactorStatistics(op.objective, op.rows,
-                                 dense_factor_max=DENSE_FACTOR_MAX if dense_factor_max is None else dense_factor_max)
+        from .kfac import FactorStatistics, dense_factor_limit
+        stats = FactorStatistics(op.objective, op.rows, dense_factor_max=dense_factor_limit(dense_factor_max))
         plan = factor_plan(stats, op.dataset)
         if plan.total <= budget:
             diag = [b.name for b in stats.blocks if (b.diag_in and b.kind != "embedding") or b.diag_out]
@@ -448,9 +447,9 @@ def solve_plan(op, config: "SolverConfig | None" = None, columns: int = 1):
     if method in ("dense", "dense_squared"):
         return method, dense_plan(p, columns, name)
     if method in ("ekfac", "kfac") and config.kronecker.factors is None:
-        from .kfac import DENSE_FACTOR_MAX, FactorStatistics
-        stats = FactorStatistics(op.objective, op.rows, kind=method, dense_factor_max=DENSE_FACTOR_MAX
-                                 if config.kronecker.dense_factor_max is None else config.kronecker.dense_factor_max)
+        from .kfac import FactorStatistics, dense_factor_limit
+        stats = FactorStatistics(op.objective, op.rows, kind=method,
+                                 dense_factor_max=dense_factor_limit(config.kronecker.dense_factor_max))
         return method, factor_plan(stats, op.dataset).extend(kfac_inverse_plan(stats, p, columns))
     if method in ("ekfac", "kfac"):
         return method, vectors_plan(p, columns, 3, f"the {method} inverse of {name}")

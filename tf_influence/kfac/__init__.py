@@ -53,11 +53,11 @@ from .blocks import kronecker_blocks, norm_blocks
 from .factors import FISHERS, KINDS, KFACFactors
 from .inverse import KFACInverse, regularizer_coefficients, regularizer_diagonal
 from .statistics import (CORRECTION_SEED_OFFSET, DENSE_FACTOR_MAX, FACTOR_BATCH_BYTES, FactorStatistics,
-                         add_statistics, eigenbases, fit_factors)
+                         add_statistics, dense_factor_limit, eigenbases, fit_factors)
 
 __all__ = ["FactorStatistics", "KFACFactors", "KFACInverse", "add_statistics", "eigenbases",
            "fit_factors", "kronecker_blocks", "norm_blocks", "regularizer_diagonal", "regularizer_coefficients", "KINDS", "FISHERS",
-           "CORRECTION_SEED_OFFSET", "DENSE_FACTOR_MAX", "FACTOR_BATCH_BYTES"]
+           "CORRECTION_SEED_OFFSET", "DENSE_FACTOR_MAX", "FACTOR_BATCH_BYTES", "dense_factor_limit"]
 
 
 # GhostNorms lived here before 0.3; it moved beside the other per-example gradient code

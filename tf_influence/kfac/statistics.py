@@ -47,6 +47,17 @@ def _sample_labels(loss, y_pred, y, fisher: str, seed):
 #: 128 MB and its ``eigh`` takes seconds; GPT-2's would be 20 GB and 10¹⁴ flops.
 DENSE_FACTOR_MAX = 4096
 
+def dense_factor_limit(configured: int | None) -> int:
+    """A configuration's ``dense_factor_max`` (``SolverConfig``'s ``kronecker`` options, ``FactorArgs``) as
+    :class:`FactorStatistics` takes it: ``None`` there is the default, :data:`DENSE_FACTOR_MAX` (in
+    :class:`FactorStatistics` itself ``None`` keeps every side dense).
+
+    >>> dense_factor_limit(None) == DENSE_FACTOR_MAX, dense_factor_limit(512)
+    (True, 512)
+    """
+    return DENSE_FACTOR_MAX if configured is None else configured
+
+
 #: One step of a factor fit holds at most about this many bytes of per-batch products (captured activations,
 #: output gradients, per-example ``G_n``; :func:`tf_influence.memory.factor_microbatch`): a larger batch is
 #: split into microbatches. TensorFlow's default CPU allocator keeps its high-water mark, so a pass's
