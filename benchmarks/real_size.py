@@ -261,15 +261,10 @@ def run_path(name: str, path: str, args: RealSizeArgs) -> dict:
     import tf_influence as tfi
     from tf_influence.lm import CausalLMLoss, completion_log_probability
     from tf_influence.memory import MemoryPlan
-    pre, bb, clf = _load(name, args)
+    pre, bb, an = _analyzer(name, path, args)
     ds, ft, te, lm_test = datasets(name, args)
-    ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    out_dir = os.path.join(_paths_dir(args, name), "analyzer")
+    out_dir = an.output_dir
     plan = MemoryPlan("none")
-    if path == "influence_updated":
-        clf = _updated_classifier(name, args, bb)
-    task = tfi.Task(pre, clf, CausalLMLoss(), ce, embedding=["backbone"])
-    an = tfi.Analyzer(task, out_dir, progress=False)
     checked = _record_checked_plans()      # every plan the library checks during the call (paths without one of
     before = _rss_mb()                     # their own below: the largest of those is their estimate)
     t = time.perf_counter()
@@ -334,6 +329,20 @@ def run_path(name: str, path: str, args: RealSizeArgs) -> dict:
             "plan": plan.summary() if plan.items else None, "error": None, **extra}
 
 
+def _analyzer(name: str, path: str, args: RealSizeArgs) -> tuple:
+    """``(LM, backbone, Analyzer)`` of ``path``: the saved weights loaded, the classifier over the frozen backbone
+    (case 2, ``influence_updated``: over a moved copy of it)."""
+    import keras
+    import tf_influence as tfi
+    from tf_influence.lm import CausalLMLoss
+    pre, bb, clf = _load(name, args)
+    if path == "influence_updated":
+        clf = _updated_classifier(name, args, bb)
+    task = tfi.Task(pre, clf, CausalLMLoss(), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                    embedding=["backbone"])
+    return pre, bb, tfi.Analyzer(task, os.path.join(_paths_dir(args, name), "analyzer"), progress=False)
+
+
 def _path_plan(path, an, ds, ft, te):
     """The memory plan of the call ``path`` makes (one of :data:`PLANNED`): what :func:`run_path` records, and what
     ``--replan`` recomputes for a stored run."""
@@ -351,16 +360,8 @@ def replan(name: str, path: str, args: RealSizeArgs) -> dict:
     """The current memory plan of a stored path's call, without running it (``--replan``): the plan is a function of
     the models and the arguments only, so a change to the planning code is checked against the peak the stored run
     measured (the computation the plan describes is the same)."""
-    import keras
-    import tf_influence as tfi
-    from tf_influence.lm import CausalLMLoss
-    pre, bb, clf = _load(name, args)
+    _, _, an = _analyzer(name, path, args)
     ds, ft, te, _ = datasets(name, args)
-    if path == "influence_updated":
-        clf = _updated_classifier(name, args, bb)
-    task = tfi.Task(pre, clf, CausalLMLoss(), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                    embedding=["backbone"])
-    an = tfi.Analyzer(task, os.path.join(_paths_dir(args, name), "analyzer"), progress=False)
     plan = _path_plan(path, an, ds, ft, te)
     return {"ok": True, "plan_mb": plan.total / 2 ** 20, "plan": plan.summary()}
 

@@ -195,8 +195,8 @@ class MemoryPlan:
 
     def add_phases(self, other: "MemoryPlan", prefix: str, held_into: tuple = ()) -> "MemoryPlan":
         """``other``'s items as phases of this plan that run after the phases already in it: its phase ``p``
-        becomes ``"{prefix} {p}"`` (and each item's name ``"{prefix}: {name}"``), with ``other``'s items held throughout counted in each of them — from when
-        ``other`` starts, not before (a solve's factors do not exist during an earlier solve) — and in the
+        becomes ``"{prefix} {p}"`` (and each item's name ``"{prefix}: {name}"``), with ``other``'s items held
+        throughout counted in each of them — from when ``other`` starts, not before (a solve's factors do not exist during an earlier solve) — and in the
         phases ``held_into`` that follow it (the scoring that uses them), not after (a solve whose factors are
         freed before the next begins). Host and TensorFlow memory keep their kinds, so only ``other``'s
         TensorFlow memory carries over into the high-water mark of later phases (under a retaining allocator)."""
