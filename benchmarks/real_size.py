@@ -49,7 +49,7 @@ PATHS = ("influence", "influence_updated", "single_stage", "fit_factors", "self_
 
 #: The paths whose memory plan is the whole call's, made before it runs (:func:`_path_plan`; the others report the
 #: largest plan the library checked during the call).
-PLANNED = ("influence", "influence_updated", "fit_factors")
+PLANNED = ("influence", "influence_updated", "fit_factors", "index_build", "self_influence_per_example")
 
 
 @dataclass
@@ -352,6 +352,18 @@ def _path_plan(path, an, ds, ft, te):
     if path == "fit_factors":
         return factor_plan(FactorStatistics(an.pretrain_objective, an.pretrain_group(),
                                             dense_factor_max=DENSE_FACTOR_MAX), ds)
+    if path == "index_build":          # the projector build_index makes (the calibration reads a few examples)
+        from tf_influence.memory import index_plan
+        from tf_influence.projection import GradientProjector, calibrate
+        group = an.pretrain_group()
+        return index_plan(GradientProjector(an.pretrain_objective, group,
+                                            calibrate(an.pretrain_objective, ds, group, None)), ds)
+    if path == "self_influence_per_example":   # the chunk per_example_gradients picks for self_influence's 512
+        from tf_influence.gradients import fit_chunk
+        from tf_influence.memory import first_batch_shape, per_example_plan
+        group = an.pretrain_group()
+        chunk = fit_chunk(min(512, first_batch_shape(ds)[0]), group.size, group.dtype.size)
+        return per_example_plan(group.size, chunk, group.dtype.size)
     iargs = tfi.InfluenceArgs(case="fixed" if path == "influence" else "updated")
     return an._influence(ds, ft, iargs).memory_plan(te, iargs.test_target)   # the object Analyzer.influence builds
 
@@ -555,6 +567,12 @@ def main(argv=None):
             results = json.load(fh).get("models", {})
     if args.replan:
         for name in args.models:
+            if not os.path.exists(os.path.join(_paths_dir(args, name), "pretrain.weights.h5")):
+                print(f"   {name}: no trained weights in --workdir; training them first (one epoch)", flush=True)
+                prep = _spawn(name, "prepare", args)
+                if not prep.get("ok", True) or "train_epoch_seconds" not in prep:
+                    print(f"   {name}: prepare failed: {prep.get('error')}", flush=True)
+                    continue
             for path in [p for p in args.paths if p in PLANNED]:
                 stored = results.get(name, {}).get("paths", {}).get(path)
                 if not stored or stored.get("rss_before_mb") is None:

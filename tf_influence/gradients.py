@@ -146,11 +146,17 @@ def per_example_gradients(objective: Objective, dataset, group: ParameterGroup, 
     """Yield ``[B, p]`` blocks of per-example gradients ``∇_group l(z)``, in dataset order.
 
     Memory is bounded by ``chunk_size × p`` floats per block (batches larger than ``chunk_size`` are
-    split), and ``chunk_size`` is lowered so the blocks fit half of ``memory_budget`` and
-    :data:`PER_EXAMPLE_BLOCK_BYTES` (:func:`fit_chunk`: on a 124 M-parameter GPT-2 two examples at a time).
+    split; a chunk is at most the dataset's first batch), and ``chunk_size`` is lowered so the blocks fit
+    half of ``memory_budget`` and :data:`PER_EXAMPLE_BLOCK_BYTES` (:func:`fit_chunk`: on a 124 M-parameter
+    GPT-2 two examples at a time).
     """
+    from .memory import first_batch_shape
     fns = GradientKernels.get(objective, group)
-    chunk_size = fit_chunk(chunk_size, group.size, group.dtype.size, memory_budget)
+    # a chunk is never more than a batch: planning 16 examples' blocks for batches of 8 had planned gpt2-mid's
+    # per-example self-influence at 1.64× its peak
+    batch = first_batch_shape(dataset)[0]
+    chunk_size = fit_chunk(batch if chunk_size is None else min(int(chunk_size), batch), group.size,
+                           group.dtype.size, memory_budget)
     seen = 0
     with finite_check(f"per-example gradients of {objective.name} on {name}"):
         for x, y in _progress(batches(dataset, name, objective.model), f"per-example grads ({name})", progress):

@@ -313,18 +313,22 @@ def _dname(size: int) -> str:
     return {4: "float32", 8: "float64"}.get(size, f"{size}-byte")
 
 
+def _captured_bytes(blocks, B: int, P: int, c: int) -> int:
+    """One batch's captured layer inputs and output gradients of ``blocks`` (``[B, P, rows]`` and ``[B, P, d_out]``
+    in ``c``-byte floats), twice: the captured tensors and the forward / backward activations that hold them. An
+    ``Embedding``'s input is its token ids, a ``[B, P]`` tensor whatever the vocabulary (counted as
+    ``[B, P, vocab]`` once: 262 MB too many at the 100 M Llama's 32,000)."""
+    return sum(B * P * ((1 if b.kind == "embedding" else b.rows) + b.d_out) * c * 2 for b in blocks)
+
+
 def _factor_batch_bytes(stats, B: int, P: int) -> tuple:
     """``(first pass, correction pass)`` bytes of one batch's products in a factor fit: the captured inputs
     and output gradients (a vocabulary side: the logits and their gradient), the correction's per-example
     ``G_n`` and the vectorised per-example gradients of the variables no layer covers."""
     from .kfac.statistics import PER_EXAMPLE_BATCHED_MAX
     c = _dsize(stats.compute)
-    captured, temp = 0, 0
+    captured, temp = _captured_bytes(stats.blocks, B, P, c), 0
     for b in stats.blocks:
-        # an Embedding's input is its token ids (int32), not one-hot rows: a [B, P] tensor whatever the vocabulary
-        # (counted as [B, P, vocab] before: 262 MB too many at the 100 M Llama's 32,000)
-        rows = 1 if b.kind == "embedding" else b.rows
-        captured += B * P * (rows + b.d_out) * c * 2
         g_n = b.rows * b.d_out * c
         if b.kind == "embedding":     # its correction sums the rows of the (example, token) pairs present
             temp = max(temp, B * P * b.d_out * c * 3)
@@ -476,8 +480,11 @@ def per_example_plan(p: int, chunk: int, dtype_size: int = 4) -> MemoryPlan:
 
 def index_plan(projector, dataset=None, shard_size: int = 50_000) -> MemoryPlan:
     """Building a gradient index: the projection matrices (float32), the shard being filled (the stored
-    dtype plus its float32 copy while encoding) and the per-batch captured products. It does not grow
-    with the vocabulary beyond the projection's ``[vocab, k_in]`` rows."""
+    dtype plus its float32 copy while encoding: ``shard_size`` rows, or the dataset's examples where it has
+    fewer and its size is known) and one batch's products — the captured layer inputs and output gradients
+    with the activations that hold them (as a factor fit's first pass), the logits, the projected sides and
+    the per-example gradients of the variables no layer covers. It does not grow with the vocabulary beyond
+    the projection's ``[vocab, k_in]`` rows and one batch's logits."""
     B, P = first_batch_shape(dataset) if dataset is not None else (32, 1)
     plan = MemoryPlan("the gradient index build")
     for name, (p_in, p_out) in projector._block_p.items():   # noqa: SLF001 (the projector's own matrices)
@@ -485,15 +492,39 @@ def index_plan(projector, dataset=None, shard_size: int = 50_000) -> MemoryPlan:
         if size:
             plan.add(f"projection of '{name}'", size * 4 * 2, "float32, numpy and graph copies")
     stored = {"int8": 1, "float16": 2, "float32": 4}[projector.args.dtype]
-    plan.add("index shard buffer", shard_size * projector.dim * (stored + 4), f"{shard_size} × {projector.dim}")
-    per_batch = sum(B * P * (s.get("k_in", 0) + s.get("k_out", 0)) * 4 * 2 for s in projector.layout)
+    rows = shard_size
+    n = dataset_examples(dataset) if dataset is not None else None
+    if n is not None and n < shard_size:    # 256 sequences fill 256 rows, not 50,000 (1.8 GB at the Llama's 7,680)
+        rows = n
+    plan.add("index shard buffer", rows * projector.dim * (stored + 4), f"{rows} × {projector.dim}")
+    c = _dsize(projector.dtype)
+    per_batch = _captured_bytes(projector.blocks, B, P, c)
+    per_batch += sum(B * P * (s.get("k_in", 0) + s.get("k_out", 0)) * c * 2 for s in projector.layout)
     vocab = max([b.rows for b in projector.blocks if b.kind == "tied"] + [b.d_out for b in projector.blocks] + [0])
-    per_batch += B * P * vocab * 4 * 3          # the logits, their gradient and the captured logits gradient
+    per_batch += B * P * vocab * c        # the logits (their gradient is a captured output gradient)
+    # normalisation / position layers: their captured input and output gradient, [B, P, width] each, twice
+    per_batch += sum(B * P * int(nb.variables[0].shape[-1]) * c * 4 for nb in projector.norms)
+    per_batch += sum(B * math.prod(int(d) for d in v.shape) * c * 3 for v in projector.rest)
     plan.add("per-batch products", per_batch, f"batch {B} × {P} positions")
     return plan.suggest("a smaller batch (build_index(batch_size=...))", "a smaller shard_size",
                         "a smaller ProjectionArgs.max_dim", "a larger memory_budget")
 
 
+def dataset_examples(dataset) -> int | None:
+    """The examples a batched dataset yields where TensorFlow knows it without reading it (a finite cardinality
+    and a static batch axis, the last batch counted full), else ``None``."""
+    import tensorflow as tf
+    batches_ = int(dataset.cardinality())
+    if batches_ < 0:
+        return None
+    shape = list(tf.nest.flatten(dataset.element_spec[1])[0].shape)
+    if not shape or shape[0] is None:
+        B, _ = first_batch_shape(dataset)
+    else:
+        B = int(shape[0])
+    return batches_ * B
+
+
 __all__ = ["DEFAULT_FRACTION", "MemoryBudgetError", "MemoryItem", "MemoryPlan", "available_bytes", "default_budget",
-           "dense_plan", "factor_microbatch", "factor_plan", "first_batch_shape", "human", "index_plan",
+           "dataset_examples", "dense_plan", "factor_microbatch", "factor_plan", "first_batch_shape", "human", "index_plan",
            "kfac_inverse_plan", "parse_bytes", "PER_EXAMPLE_COPIES", "per_example_plan", "release_memory", "resolve_budget", "vectors_plan"]

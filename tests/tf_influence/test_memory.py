@@ -88,6 +88,66 @@ def test_a_factor_fits_batch_products_do_not_grow_with_an_embeddings_vocabulary(
     assert small[0] == 16 * 6 * ((1 + 8) + (9 + 3)) * 4 * 2
 
 
+def _tiny_lm(vocab=40, n=12, batch=4):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    import tf_influence as tfi
+    inp = keras.Input((6,), dtype="int32")
+    z = keras.layers.Embedding(vocab, 8, name="emb")(inp)
+    z = keras.layers.LayerNormalization(name="ln")(z)
+    model = keras.Model(inp, keras.layers.Dense(vocab, name="head")(keras.layers.Dense(16, name="mid")(z)))
+    obj = tfi.Objective(model, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, vocab, (n, 6)).astype("int32")
+    return obj, tfi.ParameterGroup.from_model(model), tf.data.Dataset.from_tensor_slices((ids, ids)).batch(batch)
+
+
+def test_an_index_plan_buffers_the_examples_there_are_and_counts_the_captured_layers():
+    """A dataset of 12 examples fills 12 rows of the shard buffer, not ``shard_size`` (50,000 rows had hidden the
+    missing captured activations at the 100 M Llama); a dataset of unknown size is planned at ``shard_size``. The
+    per-batch products hold every block's captured input and output gradient (``[B, P, rows + d_out]``, twice),
+    the normalisation's, and the logits: they grow with the head's width."""
+    from tf_influence.memory import dataset_examples, index_plan
+    from tf_influence.projection import GradientProjector, ProjectionArgs
+    obj, group, ds = _tiny_lm()
+    proj = GradientProjector(obj, group, ProjectionArgs(k=4))
+    assert dataset_examples(ds) == 12 and dataset_examples(ds.filter(lambda x, y: True)) is None
+    item = {i.name: i for i in index_plan(proj, ds, shard_size=1000).items}
+    assert item["index shard buffer"].nbytes == 12 * proj.dim * (1 + 4)             # int8 and its float32 copy
+    unknown = {i.name: i for i in index_plan(proj, ds.filter(lambda x, y: True), shard_size=1000).items}
+    assert unknown["index shard buffer"].nbytes == 1000 * proj.dim * 5
+    B, P = 4, 6
+    captured = B * P * ((1 + 8) + (9 + 16) + (17 + 40)) * 4 * 2    # emb (ids), mid, head (rows: inputs and bias)
+    projected = sum(B * P * (s.get("k_in", 0) + s.get("k_out", 0)) * 4 * 2 for s in proj.layout)
+    norm = B * P * 8 * 4 * 4
+    logits = B * P * 40 * 4
+    assert item["per-batch products"].nbytes == captured + projected + norm + logits
+
+
+def test_a_per_example_chunk_is_planned_at_most_one_batch():
+    """Blocks are never wider than a batch: with batches of 4 and ``chunk_size=512`` the checked plan holds 4
+    examples' blocks (it had held the 512 the budget allowed — gpt2-mid's per-example self-influence planned at
+    1.64× its peak)."""
+    import numpy as np
+    import tf_influence as tfi
+    from tf_influence import memory
+    obj, group, ds = _tiny_lm()
+    seen, check = [], memory.MemoryPlan.check
+
+    def recording(self, *a, **k):
+        seen.append(self)
+        return check(self, *a, **k)
+    memory.MemoryPlan.check = recording
+    try:
+        blocks = list(tfi.per_example_gradients(obj, ds, group, chunk_size=512, memory_budget=10 ** 12))
+    finally:
+        memory.MemoryPlan.check = check
+    assert [b.shape[0] for b in blocks] == [4, 4, 4]
+    assert seen[-1].total == 4 * group.size * 4 * memory.PER_EXAMPLE_COPIES
+    assert np.isfinite(np.concatenate([b.numpy() for b in blocks])).all()
+
+
 _PROBE = """
 import gc, tensorflow as tf
 def rss():
