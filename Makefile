@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser test test-slow evidence serve-demo bench-serve test-experiments docs pipeline pipeline-compile penguin-pipeline presence-pipeline demo bench bench-presence bench-kfac bench-scale bench-hub bench-index bench-beam-scale bench-real-size bench-eigh bench-vocab-side presence presence-quick presence-lm presence-lm-quick bazel-test reproduce reproduce-quick clean
+.PHONY: install browser test test-slow evidence serve-demo bench-serve test-experiments docs pipeline pipeline-compile penguin-pipeline presence-pipeline demo bench bench-presence bench-kfac bench-scale bench-hub bench-index bench-beam-scale bench-real-size bench-covariance-cap bench-eigh bench-vocab-side presence presence-quick presence-lm presence-lm-quick bazel-test reproduce reproduce-quick clean
 
 install: $(STAMP) browser
 
@@ -83,6 +83,9 @@ bench-serve: install   # the index page under load: 10⁵ indexed windows, 100 q
 
 bench-real-size: install   # ~3 h on 2 cores: every path on GPT-2 small, BERT base, a 100 M Llama, GPT-2-mid
 	$(PY) -m benchmarks.real_size --out docs/results/real_size.json --models gpt2-small bert-base llama-100m gpt2-mid
+
+bench-covariance-cap: install   # EK-FAC's covariances on fewer examples vs the full fit at the 100 M Llama (~30 min on 2 cores)
+	$(PY) -m benchmarks.covariance_cap --model llama-100m --caps 128 64 --out docs/results/covariance_cap.json
 
 bench-eigh: install   # the EK-FAC eigendecomposition's LAPACK driver and order (~2 min)
 	$(PY) -m benchmarks.eigh --out docs/results/eigh.json

@@ -585,8 +585,10 @@ def main(argv=None):
                 stored.setdefault("estimated_mb_at_run", stored.get("estimated_mb"))
                 stored["estimated_mb"] = stored["rss_before_mb"] + r["plan_mb"]
                 stored["plan"] = r["plan"]
+                at_run = stored["estimated_mb_at_run"]
                 print(f"   {name} {path}: plan {stored['estimated_mb']:.0f} MB (at the run: "
-                      f"{stored['estimated_mb_at_run']:.0f}); measured peak {stored['peak_rss_mb']:.0f} MB", flush=True)
+                      f"{'none' if at_run is None else f'{at_run:.0f}'}); measured peak {stored['peak_rss_mb']:.0f} MB",
+                      flush=True)
             _write(args.out, results)
         return results
     for name in args.models:

@@ -255,6 +255,35 @@ def real_size_tables(d: dict) -> str:
     return "\n".join(out)
 
 
+def covariance_cap_tables(d: dict) -> str:
+    """EK-FAC with its covariances on fewer examples against the full fit (benchmarks/covariance_cap.py)."""
+    dampings = next((list(f["scores_vs_full"]) for f in d["fits"].values() if f.get("scores_vs_full")), [])
+    rows = [f"{d['model']}, {_fmt(d['n_sequences'])} sequences. Each fit's time is over the training epochs timed in the "
+            "same process before and after the fits of its run. Scores against the full fit's, as Spearman / Pearson / "
+            "top-10 harmful and helpful examples shared:", "",
+            "| factors | fit seconds | training epochs (`fit_factors` target ≤ 2.5) | "
+            + " | ".join(dampings) + " |", "|---|---|---|" + "---|" * len(dampings)]
+    for key, f in d["fits"].items():
+        if key == "full":
+            label = "covariances on every sequence (the default)"
+        elif key.startswith("covariance_max_examples="):
+            label = f"covariances on the first {key.split('=')[1]} (`{key}`)"
+        else:
+            label = f"every sequence, labels sampled with another seed ({key.split('seed ')[-1]}): the noise floor"
+        cells = []
+        for dn in dampings:
+            a = (f.get("scores_vs_full") or {}).get(dn)
+            cells.append("(reference)" if a is None else
+                         f"{_fmt(a['spearman'])} / {_fmt(a['pearson'])} / "
+                         f"{round(a['top10_harmful_overlap'] * 10)} and {round(a['top10_helpful_overlap'] * 10)}")
+        around = " and ".join(_fmt(e) + " s" for e in f.get("epoch_seconds", []))
+        timed = (["—", "— (a yardstick for the scores, not timed for the target)"] if "seed" in key else
+                 [_fmt(f["seconds"]), f"{_fmt(f['over_epoch'])} ({'met' if f['over_epoch'] <= 2.5 else 'missed'}; "
+                  f"epochs {around})"])
+        rows.append(f"| {label} | " + " | ".join(timed + cells) + " |")
+    return "\n".join(rows)
+
+
 def serve_table(d: dict) -> str:
     """The index page under load (``benchmarks/serve.py``)."""
     ix = d["index"]
@@ -269,11 +298,11 @@ def serve_table(d: dict) -> str:
     return "| | |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows) + f"\n\n{d['machine']}.\n"
 
 
-GENERATORS = {"serve": serve_table, "vocab_side": vocab_side_tables, "real_size": real_size_tables, "index": index_tables, "index-scale": index_scale_tables, "hub": hub_tables, "scale": scale_tables, "engine": engine_tables, "presence": presence_tables}
+GENERATORS = {"covariance_cap": covariance_cap_tables, "serve": serve_table, "vocab_side": vocab_side_tables, "real_size": real_size_tables, "index": index_tables, "index-scale": index_scale_tables, "hub": hub_tables, "scale": scale_tables, "engine": engine_tables, "presence": presence_tables}
 
 
 def render(name: str) -> str:
-    path = os.path.join(HERE, "results", f"{name if name in ('vocab_side', 'real_size') else name.split('-')[0]}.json")
+    path = os.path.join(HERE, "results", f"{name if name in ('vocab_side', 'real_size', 'covariance_cap') else name.split('-')[0]}.json")
     if name not in GENERATORS:
         raise KeyError(f"no generator for results '{name}' (known: {sorted(GENERATORS)})")
     with open(path) as fh:

@@ -91,3 +91,23 @@ def test_real_size_and_vocabulary_tables_follow_their_json():
     text = h.vocab_side_tables(vs)
     assert f"Spearman **{h._fmt(vs['spearman_diagonal_vs_dense'])}**" in text
     assert h.vocab_side_tables(dict(vs, spearman_diagonal_vs_dense=0.9)).count("missed") == 1
+
+
+def test_covariance_cap_table_follows_its_json():
+    """The EK-FAC guide's covariance-cap table comes from ``docs/results/covariance_cap.json``: every fit is a row,
+    met / missed against the 2.5-epoch target is computed from the numbers, and each damping's agreement is shown."""
+    h = hooks()
+    data = json.loads((ROOT / "docs" / "results" / "covariance_cap.json").read_text())
+    text = h.covariance_cap_tables(data)
+    for key, f in data["fits"].items():
+        assert h._fmt(f["seconds"]) in text and h._fmt(f["over_epoch"]) in text, key
+        for a in (f.get("scores_vs_full") or {}).values():
+            assert h._fmt(a["spearman"]) in text
+    changed = json.loads(json.dumps(data))
+    capped = next(k for k in changed["fits"] if k != "full")
+    changed["fits"][capped]["over_epoch"] = 2.4
+    changed["fits"]["full"]["over_epoch"] = 3.1
+    damping = next(iter(changed["fits"][capped]["scores_vs_full"]))
+    changed["fits"][capped]["scores_vs_full"][damping]["spearman"] = 0.12341
+    text = h.covariance_cap_tables(changed)
+    assert "| 2.4 (met;" in text and "| 3.1 (missed;" in text and "0.1234 /" in text

@@ -58,7 +58,7 @@ class FactorArgs(JsonConfig):
     """How :meth:`Analyzer.fit_factors` fits Kronecker-factored curvature (:func:`~tf_influence.kfac.fit_factors`).
 
     >>> FactorArgs.from_json(FactorArgs(kind="kfac", hessian_samples=500).to_json())
-    FactorArgs(kind='kfac', fisher='true', max_examples=None, seed=0, hessian_samples=500, dense_factor_max=None, memory_budget=None)
+    FactorArgs(kind='kfac', fisher='true', max_examples=None, seed=0, hessian_samples=500, dense_factor_max=None, memory_budget=None, covariance_max_examples=None)
     """
 
     kind: str = field(default="ekfac", metadata={"help": "'ekfac' (eigenvalue-corrected) or 'kfac'",
@@ -66,8 +66,8 @@ class FactorArgs(JsonConfig):
     fisher: str = field(default="true", metadata={"help": "'true' (labels sampled from the model) or 'empirical'",
                                                   "choices": ("true", "empirical")})
     max_examples: int | None = field(default=None, metadata={
-        "help": "fit on the first N examples only (a streaming cap, as kronfluence's covariance_max_examples: "
-                "shuffle the data first; None: all)"})
+        "help": "fit both passes on the first N examples only (a streaming cap, as kronfluence's "
+                "covariance_max_examples and lambda_max_examples together: shuffle the data first; None: all)"})
     seed: int = field(default=0, metadata={"help": "seed of the sampled labels and of the hessian_samples subset"})
     # added last, so positional FactorArgs(kind, fisher, max_examples, seed) calls keep their meaning
     hessian_samples: int | None = field(default=None, metadata={
@@ -79,6 +79,9 @@ class FactorArgs(JsonConfig):
     memory_budget: str | None = field(default=None, metadata={
         "help": "memory the fit may allocate: bytes, '8GB' or a fraction of the available memory (None: 70 % of "
                 "it); a fit whose plan exceeds it is refused before the first pass"})
+    covariance_max_examples: int | None = field(default=None, metadata={
+        "help": "EK-FAC: fit the covariances (the eigenbases) on the first N examples of those the fit sees, the "
+                "eigenvalue correction still on all of them (kronfluence's covariance_max_examples; None: all)"})
 
     def __post_init__(self):
         from .kfac import FISHERS, KINDS
@@ -86,8 +89,12 @@ class FactorArgs(JsonConfig):
             raise ValueError(f"FactorArgs.kind must be one of {KINDS}, got '{self.kind}'")
         if self.fisher not in FISHERS:
             raise ValueError(f"FactorArgs.fisher must be one of {FISHERS}, got '{self.fisher}'")
-        if self.max_examples is not None and self.max_examples < 1:
-            raise ValueError(f"FactorArgs.max_examples must be ≥ 1 or None, got {self.max_examples}")
+        for what in ("max_examples", "covariance_max_examples"):
+            if getattr(self, what) is not None and getattr(self, what) < 1:
+                raise ValueError(f"FactorArgs.{what} must be ≥ 1 or None, got {getattr(self, what)}")
+        if self.covariance_max_examples is not None and self.kind != "ekfac":
+            raise ValueError("FactorArgs.covariance_max_examples applies to kind='ekfac' (K-FAC's eigenvalues come "
+                             "from the covariances): use max_examples")
         if self.hessian_samples is not None and self.hessian_samples < 1:
             raise ValueError(f"FactorArgs.hessian_samples must be ≥ 1 or None, got {self.hessian_samples}")
         if self.dense_factor_max is not None and self.dense_factor_max < 1:
@@ -228,7 +235,8 @@ class Analyzer:
                               fisher=factor_args.fisher, seed=factor_args.seed, progress=self.progress,
                               name="pretraining data", max_examples=factor_args.max_examples,
                               dense_factor_max=dense_factor_limit(factor_args.dense_factor_max),
-                              memory_budget=factor_args.memory_budget)
+                              memory_budget=factor_args.memory_budget,
+                              covariance_max_examples=factor_args.covariance_max_examples)
         factors.save(directory)
         with open(os.path.join(directory, "factor_args.json"), "w") as fh:
             fh.write(factor_args.to_json())

@@ -182,7 +182,7 @@ def main(argv=None):
     ap.add_argument("--group-spec", default=None,
                     help="GroupSpec JSON (or a .json file) of the parameters; default every trainable variable")
     # the same FactorArgs (defaults, help) as Analyzer.fit_factors; the Beam passes read every example
-    add_arguments(ap, FactorArgs, exclude=("max_examples", "hessian_samples"))
+    add_arguments(ap, FactorArgs, exclude=("max_examples", "hessian_samples", "covariance_max_examples"))
     console.add_verbose_flag(ap)
     args, beam_args = ap.parse_known_args(argv)
     console.quiet(args.verbose)

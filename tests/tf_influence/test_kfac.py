@@ -94,6 +94,47 @@ def test_ekfac_eigenvalues_are_the_exact_fisher_diagonal_in_the_kronecker_basis(
             np.testing.assert_allclose(factors.diagonal[v.path], np.mean(part ** 2, axis=0), rtol=1e-9)
 
 
+def test_covariance_max_examples_fits_the_bases_on_the_first_examples_and_corrects_on_all():
+    """``covariance_max_examples=8``: the eigenbases are those of a fit on the first 8 examples (the batch of 7
+    and one example of the next, cut), and the corrected eigenvalues are the exact second moments of all 20
+    examples' per-example gradients (one-at-a-time, not captured) in those bases — not the first 8's."""
+    rng = np.random.default_rng(0)
+    model = h.mlp(l2=0.01)
+    x, y = rng.normal(size=(20, 5)), rng.integers(0, 3, 20)
+    obj = tfi.Objective(model, h.sce())
+    group = tfi.ParameterGroup.from_model(model)
+    fit = lambda **kw: kfac.fit_factors(obj, ds(x, y), group, kind="ekfac", fisher="empirical", **kw)  # noqa: E731
+    capped, first, full = fit(covariance_max_examples=8), fit(max_examples=8), fit()
+    blocks, _ = kfac.kronecker_blocks(model, group)
+    for b in blocks:
+        f = capped.blocks[b.name]
+        for side in ("QA", "QS"):
+            np.testing.assert_array_equal(f[side], first.blocks[b.name][side])
+        assert not np.allclose(np.abs(f["QA"]), np.abs(full.blocks[b.name]["QA"]), atol=1e-3)   # the cap acted
+        Gs = per_example_block_matrices(obj, b, x, y)
+        ref = np.mean([(f["QA"].T @ G @ f["QS"]) ** 2 for G in Gs], axis=0)                 # all 20 examples
+        np.testing.assert_allclose(f["eig"], ref, rtol=1e-9, atol=1e-14 * np.abs(ref).max())
+        first8 = np.mean([(f["QA"].T @ G @ f["QS"]) ** 2 for G in Gs[:8]], axis=0)
+        assert not np.allclose(f["eig"], first8, rtol=1e-3)
+    # a cap at or above the data changes nothing; with max_examples the smaller cap rules the covariances
+    same = fit(covariance_max_examples=50)
+    for b in blocks:
+        np.testing.assert_array_equal(same.blocks[b.name]["eig"], full.blocks[b.name]["eig"])
+    both = fit(max_examples=12, covariance_max_examples=8)
+    np.testing.assert_array_equal(both.blocks[blocks[0].name]["QA"], first.blocks[blocks[0].name]["QA"])
+    with pytest.raises(ValueError, match="covariance_max_examples must be a positive"):
+        fit(covariance_max_examples=0)
+    with pytest.raises(ValueError, match="applies to kind='ekfac'"):
+        kfac.fit_factors(obj, ds(x, y), group, kind="kfac", covariance_max_examples=8)
+    # the configurations that reach it: FactorArgs (Analyzer.fit_factors) and the EK-FAC solver's options
+    assert tfi.FactorArgs.from_json(tfi.FactorArgs(covariance_max_examples=8).to_json()).covariance_max_examples == 8
+    with pytest.raises(ValueError, match="applies to kind='ekfac'"):
+        tfi.FactorArgs(kind="kfac", covariance_max_examples=8)
+    cfg = tfi.SolverConfig("ekfac", kronecker=tfi.KroneckerOptions(covariance_max_examples=8))
+    assert cfg.kwargs()["covariance_max_examples"] == 8
+    assert tfi.SolverConfig.from_json(cfg.to_json()).kronecker.covariance_max_examples == 8
+
+
 class _Scale(keras.layers.Layer):
     """``x · w``, a learned elementwise scale of a kind the library does not know: the per-example fallback."""
 

@@ -377,9 +377,13 @@ class FactorStatistics:
         return self._run(self._correction, x, y, tf.constant(CORRECTION_SEED_OFFSET + step, tf.int64),
                          self._bases_as_tensors(bases))
 
-    def factors(self, sums: dict, bases: dict, correction: dict | None = None) -> KFACFactors:
-        """The fitted :class:`KFACFactors` (``correction`` required for ``kind="ekfac"`` with blocks)."""
+    def factors(self, sums: dict, bases: dict, correction: dict | None = None,
+                correction_n: float | None = None) -> KFACFactors:
+        """The fitted :class:`KFACFactors` (``correction`` required for ``kind="ekfac"`` with blocks);
+        ``correction_n``: the examples the correction pass saw where it is not the covariances' count
+        (:func:`fit_factors`' ``covariance_max_examples``)."""
         n = sums["n"]
+        n_eig = n if correction_n is None else correction_n
         fitted = {k: dict(v) for k, v in bases.items()}
         if self.kind == "ekfac" and self.blocks:
             if correction is None:
@@ -387,7 +391,7 @@ class FactorStatistics:
             for b in self.blocks:
                 # in the running sums' dtype (a float32 model's: float32, as accurate as its eigenvectors)
                 eig = np.asarray(correction[b.name])
-                eig /= np.asarray(n, eig.dtype)           # in place: a vocabulary block's is [vocab, d]
+                eig /= np.asarray(n_eig, eig.dtype)       # in place: a vocabulary block's is [vocab, d]
                 fitted[b.name]["eig"] = eig
         diagonal = {getattr(v, "path", tf_variable(v).name): d / n for v, d in zip(self.diag_vars, sums["diag"])}
         return KFACFactors(self.kind, self.fisher, int(round(n)), self.group.spec(self.objective.model), fitted,
@@ -504,7 +508,8 @@ def _global_batch_size(y, strategy) -> int:
 def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", fisher: str = "true",
                 seed: int = 0, progress: bool = False, name: str = "dataset", strategy=None,
                 max_examples: int | None = None, dense_factor_max: int | None = DENSE_FACTOR_MAX,
-                memory_budget=None, microbatch: int | None = None) -> KFACFactors:
+                memory_budget=None, microbatch: int | None = None,
+                covariance_max_examples: int | None = None) -> KFACFactors:
     """Fit (E)K-FAC factors of ``objective`` on ``dataset`` for ``group`` (one pass, two for EK-FAC).
 
     The passes are :class:`FactorStatistics`' steps, summed batch by batch in bounded memory (the
@@ -529,6 +534,14 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
     (``benchmarks/scale.py``), while the scores of every example still come from one pass; with a
     ``strategy`` the cap is applied in whole global batches.
 
+    ``covariance_max_examples``: fit the covariances — the eigenbases, and the Fisher diagonal of the variables
+    no block covers — on the first N of those examples only, while EK-FAC's eigenvalue correction still sees
+    every one (kronfluence's ``covariance_max_examples`` against its ``lambda_max_examples``). The correction
+    is the exact second moment of the per-example gradients in whatever orthonormal basis it is given, so a
+    basis estimated from fewer examples costs less than fewer examples in the correction: at the 100 M Llama
+    the covariance pass is about 1.2 of the fit's 3 training epochs (``docs/guides/ekfac.md`` gives the
+    measured time and the scores' agreement with the full fit).
+
     >>> import keras, tensorflow as tf                                    # doctest: +SKIP
     >>> factors = fit_factors(Objective(model), train_ds, ParameterGroup.from_model(model))  # doctest: +SKIP
     >>> factors.summary()["diagonal_variables"]      # what has no Kronecker block  # doctest: +SKIP
@@ -548,20 +561,26 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
     else:
         microbatch = None
     factor_plan(stats, batch_shape=shape, microbatch=microbatch).check(memory_budget)   # refuse before any pass
-    if max_examples is not None and int(max_examples) < 1:
-        raise ValueError(f"max_examples must be a positive number of examples, got {max_examples}")
+    for what, cap in (("max_examples", max_examples), ("covariance_max_examples", covariance_max_examples)):
+        if cap is not None and int(cap) < 1:
+            raise ValueError(f"{what} must be a positive number of examples, got {cap}")
+    if covariance_max_examples is not None and kind != "ekfac":
+        raise ValueError("covariance_max_examples applies to kind='ekfac' (the correction pass sees every "
+                         "example); K-FAC's eigenvalues come from the covariances themselves: use max_examples")
+    cov_cap = (covariance_max_examples if max_examples is None else
+               max_examples if covariance_max_examples is None else min(max_examples, covariance_max_examples))
 
-    def capped(it):
-        if max_examples is None:
+    def capped(it, cap):
+        if cap is None:
             yield from it
             return
         seen = 0
         for x, y in it:
-            if seen >= max_examples:
+            if seen >= cap:
                 return
             k = _global_batch_size(y, strategy)
-            if strategy is None and seen + k > max_examples:  # cut the last batch (whole batches under a strategy)
-                k = int(max_examples) - seen
+            if strategy is None and seen + k > cap:  # cut the last batch (whole batches under a strategy)
+                k = int(cap) - seen
                 x, y = (tf.nest.map_structure(lambda t: t[:k], z) for z in (x, y))
             seen += k
             yield x, y
@@ -576,13 +595,13 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
             for i in range(0, n, microbatch):
                 yield tuple(tf.nest.map_structure(lambda t: t[i:i + microbatch], z) for z in (x, y))
 
-    def loop(desc):
+    def loop(desc, cap):
         if strategy is not None:
             check_dataset(dataset, name, model)
             it = iter(strategy.experimental_distribute_dataset(dataset))
         else:
             it = split(batches(dataset, name, model))
-        it = capped(it)
+        it = capped(it, cap)
         if progress:
             from tqdm.auto import tqdm
             it = tqdm(it, desc=desc, leave=False)
@@ -591,7 +610,7 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
     in_graph = strategy is None      # one device: the running sums stay in the graph (FactorStatistics.add)
     sums = None
     with finite_check(f"K-FAC factors of {objective.name} on {name}"):
-        for step, (x, y) in loop("K-FAC covariances"):
+        for step, (x, y) in loop("K-FAC covariances", cov_cap):
             if in_graph:
                 stats.add("covariances", x, y, step)
             else:
@@ -608,10 +627,11 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
         bases = stats.eigenbases(sums, consume=True)
     sums = {"n": sums["n"], "diag": sums["diag"]}       # the covariances are no longer needed: free them
     release_memory()
-    corr = None
+    corr, n_corr = None, 0
     if kind == "ekfac" and stats.blocks:
         with finite_check(f"EK-FAC eigenvalue correction of {objective.name} on {name}"):
-            for step, (x, y) in loop("EK-FAC eigenvalue correction"):
+            for step, (x, y) in loop("EK-FAC eigenvalue correction", max_examples):
+                n_corr += _global_batch_size(y, strategy)
                 if in_graph:
                     stats.add("correction", x, y, step, bases)
                 else:
@@ -620,4 +640,4 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
                 corr = stats.take("correction")
         stats._bases_tensors = None                     # the bases as tensors are not needed any more
         release_memory()
-    return stats.factors(sums, bases, corr)
+    return stats.factors(sums, bases, corr, None if cov_cap == max_examples else n_corr)
