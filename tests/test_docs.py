@@ -100,7 +100,8 @@ def test_covariance_cap_table_follows_its_json():
     data = json.loads((ROOT / "docs" / "results" / "covariance_cap.json").read_text())
     text = h.covariance_cap_tables(data)
     for key, f in data["fits"].items():
-        assert h._fmt(f["seconds"]) in text and h._fmt(f["over_epoch"]) in text, key
+        if "seed" not in key:          # a label-seed reference row is a yardstick for the scores, shown untimed
+            assert h._fmt(f["seconds"]) in text and h._fmt(f["over_epoch"]) in text, key
         for a in (f.get("scores_vs_full") or {}).values():
             assert h._fmt(a["spearman"]) in text
     changed = json.loads(json.dumps(data))
