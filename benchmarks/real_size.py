@@ -358,12 +358,11 @@ def _path_plan(path, an, ds, ft, te):
         group = an.pretrain_group()
         return index_plan(GradientProjector(an.pretrain_objective, group,
                                             calibrate(an.pretrain_objective, ds, group, None)), ds)
-    if path == "self_influence_per_example":   # the chunk per_example_gradients picks for self_influence's 512
-        from tf_influence.gradients import fit_chunk
-        from tf_influence.memory import first_batch_shape, per_example_plan
+    if path == "self_influence_per_example":   # the chunk per_example_gradients picks (self_influence's default)
+        from tf_influence.gradients import dataset_chunk
+        from tf_influence.memory import per_example_plan
         group = an.pretrain_group()
-        chunk = fit_chunk(min(512, first_batch_shape(ds)[0]), group.size, group.dtype.size)
-        return per_example_plan(group.size, chunk, group.dtype.size)
+        return per_example_plan(group.size, dataset_chunk(ds, group), group.dtype.size)
     iargs = tfi.InfluenceArgs(case="fixed" if path == "influence" else "updated")
     return an._influence(ds, ft, iargs).memory_plan(te, iargs.test_target)   # the object Analyzer.influence builds
 

@@ -141,22 +141,27 @@ def fit_chunk(chunk_size: int | None, p: int, dtype_size: int, memory_budget=Non
     return chunk
 
 
+def dataset_chunk(dataset, group: ParameterGroup, chunk_size: int | None = 512, memory_budget=None) -> int:
+    """The chunk :func:`per_example_gradients` uses on ``dataset``: :func:`fit_chunk` of ``chunk_size``, never more
+    than the dataset's first batch (planning 16 examples' blocks for batches of 8 had planned gpt2-mid's
+    per-example self-influence at 1.64× its peak)."""
+    from .memory import first_batch_shape
+    batch = first_batch_shape(dataset)[0]
+    return fit_chunk(batch if chunk_size is None else min(int(chunk_size), batch), group.size, group.dtype.size,
+                     memory_budget)
+
+
 def per_example_gradients(objective: Objective, dataset, group: ParameterGroup, chunk_size: int | None = 512,
                           progress: bool = False, name: str = "dataset", memory_budget=None) -> Iterator[tf.Tensor]:
     """Yield ``[B, p]`` blocks of per-example gradients ``∇_group l(z)``, in dataset order.
 
     Memory is bounded by ``chunk_size × p`` floats per block (batches larger than ``chunk_size`` are
-    split; a chunk is at most the dataset's first batch), and ``chunk_size`` is lowered so the blocks fit
-    half of ``memory_budget`` and :data:`PER_EXAMPLE_BLOCK_BYTES` (:func:`fit_chunk`: on a 124 M-parameter
+    split; a chunk is at most the dataset's first batch, :func:`dataset_chunk`), and ``chunk_size`` is lowered
+    so the blocks fit half of ``memory_budget`` and :data:`PER_EXAMPLE_BLOCK_BYTES` (:func:`fit_chunk`: on a 124 M-parameter
     GPT-2 two examples at a time).
     """
-    from .memory import first_batch_shape
     fns = GradientKernels.get(objective, group)
-    # a chunk is never more than a batch: planning 16 examples' blocks for batches of 8 had planned gpt2-mid's
-    # per-example self-influence at 1.64× its peak
-    batch = first_batch_shape(dataset)[0]
-    chunk_size = fit_chunk(batch if chunk_size is None else min(int(chunk_size), batch), group.size,
-                           group.dtype.size, memory_budget)
+    chunk_size = dataset_chunk(dataset, group, chunk_size, memory_budget)
     seen = 0
     with finite_check(f"per-example gradients of {objective.name} on {name}"):
         for x, y in _progress(batches(dataset, name, objective.model), f"per-example grads ({name})", progress):
@@ -224,5 +229,5 @@ def per_example_losses(objective: Objective, dataset, name: str = "dataset") -> 
     return np.concatenate(out)
 
 
-__all__ = ["GradientKernels", "mean_gradient", "per_example_gradients", "stack_per_example_gradients",
+__all__ = ["GradientKernels", "dataset_chunk", "mean_gradient", "per_example_gradients", "stack_per_example_gradients",
            "per_example_dot", "per_example_losses"]

@@ -493,7 +493,7 @@ def index_plan(projector, dataset=None, shard_size: int = 50_000) -> MemoryPlan:
             plan.add(f"projection of '{name}'", size * 4 * 2, "float32, numpy and graph copies")
     stored = {"int8": 1, "float16": 2, "float32": 4}[projector.args.dtype]
     rows = shard_size
-    n = dataset_examples(dataset) if dataset is not None else None
+    n = dataset_examples(dataset, B) if dataset is not None else None
     if n is not None and n < shard_size:    # 256 sequences fill 256 rows, not 50,000 (1.8 GB at the Llama's 7,680)
         rows = n
     plan.add("index shard buffer", rows * projector.dim * (stored + 4), f"{rows} × {projector.dim}")
@@ -510,19 +510,14 @@ def index_plan(projector, dataset=None, shard_size: int = 50_000) -> MemoryPlan:
                         "a smaller ProjectionArgs.max_dim", "a larger memory_budget")
 
 
-def dataset_examples(dataset) -> int | None:
-    """The examples a batched dataset yields where TensorFlow knows it without reading it (a finite cardinality
-    and a static batch axis, the last batch counted full), else ``None``."""
-    import tensorflow as tf
+def dataset_examples(dataset, batch: int | None = None) -> int | None:
+    """The examples a batched dataset yields where TensorFlow knows its number of batches (a finite cardinality),
+    the last batch counted full, else ``None``. ``batch``: its batch size where the caller has it already (else
+    :func:`first_batch_shape`)."""
     batches_ = int(dataset.cardinality())
     if batches_ < 0:
         return None
-    shape = list(tf.nest.flatten(dataset.element_spec[1])[0].shape)
-    if not shape or shape[0] is None:
-        B, _ = first_batch_shape(dataset)
-    else:
-        B = int(shape[0])
-    return batches_ * B
+    return batches_ * (first_batch_shape(dataset)[0] if batch is None else int(batch))
 
 
 __all__ = ["DEFAULT_FRACTION", "MemoryBudgetError", "MemoryItem", "MemoryPlan", "available_bytes", "default_budget",

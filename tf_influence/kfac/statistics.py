@@ -380,8 +380,8 @@ class FactorStatistics:
     def factors(self, sums: dict, bases: dict, correction: dict | None = None,
                 correction_n: float | None = None) -> KFACFactors:
         """The fitted :class:`KFACFactors` (``correction`` required for ``kind="ekfac"`` with blocks);
-        ``correction_n``: the examples the correction pass saw where it is not the covariances' count
-        (:func:`fit_factors`' ``covariance_max_examples``)."""
+        ``correction_n``: the examples the correction pass saw (default: the covariances' count; they differ
+        under :func:`fit_factors`' ``covariance_max_examples``)."""
         n = sums["n"]
         n_eig = n if correction_n is None else correction_n
         fitted = {k: dict(v) for k, v in bases.items()}
@@ -640,4 +640,4 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
                 corr = stats.take("correction")
         stats._bases_tensors = None                     # the bases as tensors are not needed any more
         release_memory()
-    return stats.factors(sums, bases, corr, None if cov_cap == max_examples else n_corr)
+    return stats.factors(sums, bases, corr, n_corr if corr is not None else None)   # the correction's own count
