@@ -14,6 +14,7 @@ from ..params import ParameterGroup, tf_variable
 from .blocks import kronecker_blocks, norm_blocks
 from ..capture import Capture, diagonal_squares, output_gradients
 from .factors import FISHERS, KFACFactors, KINDS
+from .products import token_gram, token_matmul
 
 
 def _sample_labels(loss, y_pred, y, fisher: str, seed):
@@ -195,11 +196,11 @@ class FactorStatistics:
                     if key not in covariances:
                         c = tf.cast(a, self.compute)
                         covariances[key] = (tf.reduce_sum(tf.square(c), axis=[0, 1]) if b.diag_in
-                                             else tf.einsum("bpi,bpj->ij", c, c))
+                                             else token_gram(c))
                     A += tf.cast(covariances[key], A.dtype)
                 tokens += tf.cast(tf.shape(g)[0] * tf.shape(g)[1], dtype)
                 S += tf.cast(tf.reduce_sum(tf.square(g), axis=[0, 1]) if b.diag_out
-                             else tf.einsum("bpi,bpj->ij", g, g), S.dtype)
+                             else token_gram(g), S.dtype)
             out[b.name] = (A, S, tokens)
         sq = diagonal_squares(self.objective, self.norms, records, layer_grads, self.rest, x, ys, dtype, options)
         diag = [sq[id(tf_variable(v))] for v in self.diag_vars]
@@ -228,7 +229,7 @@ class FactorStatistics:
         # square — squaring per call would drop the cross terms between calls
         dense, sparse = [], []
         for a, g, ids in calls:
-            gq = g if QS is None else tf.einsum("bpo,oc->bpc", g, QS)
+            gq = g if QS is None else token_matmul(g, QS)
             if ids and QA is None:
                 sparse.append((a, gq))
             elif ids:                 # one-hot rows times Q_A: the rows of Q_A
@@ -236,7 +237,7 @@ class FactorStatistics:
             else:
                 if (id(a), owner) not in rotated:
                     c = tf.cast(a, self.compute)
-                    rotated[id(a), owner] = c if QA is None else tf.einsum("bpi,ia->bpa", c, QA)
+                    rotated[id(a), owner] = c if QA is None else token_matmul(c, QA)
                 dense.append((rotated[id(a), owner], gq))
         if not dense:             # token lookups only (an Embedding): sparse rows
             a = tf.concat([p[0] for p in sparse], axis=1)
