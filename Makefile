@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install browser test test-slow evidence serve-demo bench-serve test-experiments docs pipeline pipeline-compile penguin-pipeline presence-pipeline demo bench bench-presence bench-kfac bench-scale bench-hub bench-index bench-beam-scale bench-real-size bench-covariance-cap bench-eigh bench-vocab-side presence presence-quick presence-lm presence-lm-quick bazel-test reproduce reproduce-quick clean
+.PHONY: install browser test test-slow evidence serve-demo bench-serve test-experiments docs pipeline pipeline-compile penguin-pipeline presence-pipeline demo bench bench-presence bench-kfac bench-scale bench-hub bench-index bench-beam-scale bench-real-size bench-covariance-cap bench-eigh bench-products bench-vocab-side presence presence-quick presence-lm presence-lm-quick bazel-test reproduce reproduce-quick clean
 
 install: $(STAMP) browser
 
@@ -89,6 +89,9 @@ bench-covariance-cap: install   # EK-FAC's covariances on fewer examples vs the 
 
 bench-eigh: install   # the EK-FAC eigendecomposition's LAPACK driver and order (~2 min)
 	$(PY) -m benchmarks.eigh --out docs/results/eigh.json
+
+bench-products: install   # the factor passes' covariance and rotation products: einsum against kfac.products (~2 min)
+	$(PY) -m benchmarks.products --out docs/results/products.json
 
 bench-vocab-side: install
 	$(PY) -m benchmarks.vocab_side --out docs/results/vocab_side.json

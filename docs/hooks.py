@@ -284,6 +284,24 @@ def covariance_cap_tables(d: dict) -> str:
     return "\n".join(rows)
 
 
+def products_table(d: dict) -> str:
+    """The factor passes' covariance and rotation products, einsum against kfac.products (benchmarks/products.py)."""
+    rows = [f"{_fmt(d['batch'])} × {_fmt(d['length'])} float32 tokens, {d['machine']['cpus']} cores; milliseconds per "
+            "call (median of the rounds; the speed-up over `tf.einsum` in brackets) and the largest error against "
+            "float64 NumPy, relative to the largest entry:", "",
+            "| width | covariance: einsum | covariance: `token_gram` | rotation: einsum | rotation: `token_matmul` "
+            "| largest error (einsum / ours) |", "|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        v = r["variants"]
+        ce, cg = v["covariance: einsum"], v["covariance: tiles of 256 (token_gram)"]
+        re_, rm = v["rotation: einsum"], v["rotation: one matmul (token_matmul)"]
+        rows.append(f"| {_fmt(r['width'])} | {ce['median_seconds'] * 1e3:.1f} | {cg['median_seconds'] * 1e3:.1f} "
+                    f"({cg['speedup_over_einsum']:.2f}×) | {re_['median_seconds'] * 1e3:.1f} | "
+                    f"{rm['median_seconds'] * 1e3:.1f} ({rm['speedup_over_einsum']:.2f}×) | "
+                    f"{max(ce['max_error'], re_['max_error']):.0e} / {max(cg['max_error'], rm['max_error']):.0e} |")
+    return "\n".join(rows)
+
+
 def serve_table(d: dict) -> str:
     """The index page under load (``benchmarks/serve.py``)."""
     ix = d["index"]
@@ -298,7 +316,7 @@ def serve_table(d: dict) -> str:
     return "| | |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows) + f"\n\n{d['machine']}.\n"
 
 
-GENERATORS = {"covariance_cap": covariance_cap_tables, "serve": serve_table, "vocab_side": vocab_side_tables, "real_size": real_size_tables, "index": index_tables, "index-scale": index_scale_tables, "hub": hub_tables, "scale": scale_tables, "engine": engine_tables, "presence": presence_tables}
+GENERATORS = {"covariance_cap": covariance_cap_tables, "products": products_table, "serve": serve_table, "vocab_side": vocab_side_tables, "real_size": real_size_tables, "index": index_tables, "index-scale": index_scale_tables, "hub": hub_tables, "scale": scale_tables, "engine": engine_tables, "presence": presence_tables}
 
 
 def render(name: str) -> str:

@@ -112,3 +112,19 @@ def test_covariance_cap_table_follows_its_json():
     changed["fits"][capped]["scores_vs_full"][damping]["spearman"] = 0.12341
     text = h.covariance_cap_tables(changed)
     assert "| 2.4 (met;" in text and "| 3.1 (missed;" in text and "0.1234 /" in text
+
+
+def test_products_table_follows_its_json():
+    """The EK-FAC guide's products table comes from ``docs/results/products.json``: a row per width with each
+    variant's time, its speed-up over einsum and the errors, changed when the numbers change."""
+    h = hooks()
+    data = json.loads((ROOT / "docs" / "results" / "products.json").read_text())
+    text = h.products_table(data)
+    for r in data["rows"]:
+        g = r["variants"]["covariance: tiles of 256 (token_gram)"]
+        m = r["variants"]["rotation: one matmul (token_matmul)"]
+        assert f"| {h._fmt(r['width'])} |" in text
+        assert f"({g['speedup_over_einsum']:.2f}×)" in text and f"({m['speedup_over_einsum']:.2f}×)" in text
+    changed = json.loads(json.dumps(data))
+    changed["rows"][0]["variants"]["rotation: one matmul (token_matmul)"]["speedup_over_einsum"] = 7.77
+    assert "(7.77×)" in h.products_table(changed) and "(7.77×)" not in text

@@ -43,7 +43,8 @@ a kernel without bias) and ``λ = damping + relative_damping × mean(Λ)`` per b
 Modules: :mod:`~tf_influence.kfac.blocks` (which layers are factored and how),
 :mod:`tf_influence.capture` (recording layer inputs / output gradients, shared with ghost norms,
 the projection and PRESENCE),
-:mod:`~tf_influence.kfac.statistics` (the two fitting passes), :mod:`~tf_influence.kfac.factors`
+:mod:`~tf_influence.kfac.statistics` (the two fitting passes, whose dense products are
+:mod:`~tf_influence.kfac.products`), :mod:`~tf_influence.kfac.factors`
 (fitted factors and their files), :mod:`~tf_influence.kfac.inverse` (the damped inverse). Ghost norms,
 which use the same capture, live in :mod:`tf_influence.ghost_norms`.
 """

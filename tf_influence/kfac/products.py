@@ -4,8 +4,8 @@ token by one matrix (:func:`token_matmul`).
 
 Both were ``tf.einsum`` calls (``"bpi,bpj->ij"``, ``"bpo,oc->bpc"``). TensorFlow lowers those to batched
 matrix products that re-read the ``[d, d]`` operand once per example; at the MLP's width of GPT-2 small and
-BERT base (3,072) that made a batch of 8 × 128 tokens' rotation 220 ms instead of 87 ms as one
-``[B·P, d] @ [d, d]`` product, and its covariance 195 ms instead of 86 ms as the blocked product below
+BERT base (3,072) that made a batch of 8 × 128 tokens' rotation 268 ms instead of 93 ms as one
+``[B·P, d] @ [d, d]`` product, and its covariance 234 ms instead of 92 ms as the tiled product below
 (``python -m benchmarks.products``; ``docs/results/products.json``). The values are the same products
 (each entry is the same dot product over the tokens); only the order TensorFlow's kernels sum in differs.
 
@@ -25,8 +25,8 @@ import tensorflow as tf
 
 #: Column block of :func:`token_gram`: a side of at least twice this many columns is multiplied as the upper
 #: triangle of its ``[block, block]`` tiles (the lower triangle mirrored), which skips almost half the work and
-#: runs at a better rate than one ``[d, d]`` product on this project's 2-core machine (256 was the fastest of
-#: 256 / 384 / 512 at widths 768 – 3,072: ``benchmarks/products.py``).
+#: runs at a better rate than one ``[d, d]`` product on this project's 2-core machine (of tiles of 256 / 384 / 512,
+#: 256 were the fastest at widths 768 – 2,048 and 9 % slower than 512 at 3,072: ``benchmarks/products.py``).
 GRAM_BLOCK = 256
 
 
