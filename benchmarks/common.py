@@ -23,11 +23,21 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(ts)
 
 
-def write_report(out: dict, path: str, width: int = 45, indent: int = 2) -> None:
-    """Write ``out`` to ``path`` (JSON) and print one ``key value`` line per entry."""
+def _dump(out: dict, path: str, indent: int) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:
         json.dump(out, fh, indent=indent)
+
+
+def write_json(out: dict, path: str, indent: int = 1) -> None:
+    """Write ``out`` to ``path`` as JSON (its folder made if missing) and say so."""
+    _dump(out, path, indent)
+    print(f"wrote {path}")
+
+
+def write_report(out: dict, path: str, width: int = 45, indent: int = 2) -> None:
+    """Write ``out`` to ``path`` (JSON) and print one ``key value`` line per entry."""
+    _dump(out, path, indent)
     for k, val in out.items():
         print(f"{k:{width}s} {val:.4g}" if isinstance(val, float) else f"{k:{width}s} {val}")
 

@@ -15,7 +15,6 @@ thread, and two at a time on one BLAS thread each — the library runs them one 
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -98,13 +97,10 @@ def main(argv=None):
     if env.get("OPENBLAS_CORETYPE") != os.environ.get("OPENBLAS_CORETYPE"):
         argv = sys.argv[1:] if argv is None else list(argv)
         os.execve(sys.executable, [sys.executable, "-m", "benchmarks.eigh", *argv], env)
-    from benchmarks.common import parse_args
+    from benchmarks.common import parse_args, write_json
     args = parse_args(EighArgs, argv, __doc__)
     res = run(args)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(res, fh, indent=1)
-    print(f"wrote {args.out}")
+    write_json(res, args.out)
 
 
 if __name__ == "__main__":

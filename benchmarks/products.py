@@ -18,7 +18,6 @@ error against the same product in float64 NumPy, relative to the largest entry.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -93,13 +92,10 @@ def run(args: ProductsArgs) -> dict:
 
 
 def main(argv=None):
-    from benchmarks.common import parse_args
+    from benchmarks.common import parse_args, write_json
     args = parse_args(ProductsArgs, argv, __doc__)
     res = run(args)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(res, fh, indent=1)
-    print(f"wrote {args.out}")
+    write_json(res, args.out)
 
 
 if __name__ == "__main__":

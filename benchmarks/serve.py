@@ -155,10 +155,8 @@ def main(argv=None):
     print(f"{res['queries']} queries from {args.clients} clients: p50 {res['p50_seconds']:.3f} s, p99 "
           f"{res['p99_seconds']:.3f} s (compute p50 {res['compute_p50_seconds']:.3f} s); {res['malformed_answered_400']}"
           f"/{args.malformed} malformed answered 400; answering after: {res['answers_after_malformed']}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(res, fh, indent=1)
-    print(f"wrote {args.out}")
+    from benchmarks.common import write_json
+    write_json(res, args.out)
     return res
 
 

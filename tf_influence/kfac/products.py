@@ -37,14 +37,20 @@ def _tiles(d: int, block: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(k)]
 
 
+def _tokens(x):
+    """``x: [..., d]`` as ``[tokens, d]`` (the static width where it is known)."""
+    d = x.shape[-1]
+    return tf.reshape(x, [-1, tf.shape(x)[-1] if d is None else d])
+
+
 def token_gram(x, block: int | None = None):
     """``Σ_{b,p} x[b, p] x[b, p]ᵀ`` of ``x: [..., d]`` (every leading axis summed) as a ``[d, d]`` matrix,
-    exactly symmetric: tiles ``i ≤ j`` of about ``[block, block]`` (default :data:`GRAM_BLOCK`) are computed, the
-    diagonal ones symmetrised and the ones below the diagonal their transposes. A side narrower than ``2 × block`` (or of unknown width) is one
-    product."""
+    exactly symmetric: tiles ``i ≤ j`` of about ``[block, block]`` (default :data:`GRAM_BLOCK`) are computed,
+    the diagonal ones symmetrised and the ones below the diagonal their transposes. A side narrower than
+    ``2 × block`` (or of unknown width) is one product."""
     block = GRAM_BLOCK if block is None else int(block)
     d = x.shape[-1]
-    flat = tf.reshape(x, [-1, tf.shape(x)[-1] if d is None else d])
+    flat = _tokens(x)
     if d is None or d < 2 * block:
         return tf.matmul(flat, flat, transpose_a=True)
     parts = tf.split(flat, _tiles(d, block), axis=1)
@@ -59,9 +65,7 @@ def token_gram(x, block: int | None = None):
 def token_matmul(x, m):
     """``x @ m`` for ``x: [..., d]`` and ``m: [d, c]`` as one ``[tokens, d] @ [d, c]`` product (``tf.einsum``'s
     ``"bpo,oc->bpc"`` re-reads ``m`` once per leading index)."""
-    lead = tf.shape(x)[:-1]
-    flat = tf.reshape(x, [-1, tf.shape(x)[-1] if x.shape[-1] is None else x.shape[-1]])
-    return tf.reshape(tf.matmul(flat, m), tf.concat([lead, tf.shape(m)[-1:]], axis=0))
+    return tf.reshape(tf.matmul(_tokens(x), m), tf.concat([tf.shape(x)[:-1], tf.shape(m)[-1:]], axis=0))
 
 
 __all__ = ["GRAM_BLOCK", "token_gram", "token_matmul"]

@@ -540,7 +540,7 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
     every one (kronfluence's ``covariance_max_examples`` against its ``lambda_max_examples``). The correction
     is the exact second moment of the per-example gradients in whatever orthonormal basis it is given, so a
     basis estimated from fewer examples costs less than fewer examples in the correction: at the 100 M Llama
-    the covariance pass is about 1.2 of the fit's 3 training epochs (``docs/guides/ekfac.md`` gives the
+    the covariance pass is about 1.0–1.2 of the fit's 2.4–3 training epochs (``docs/guides/ekfac.md`` gives the
     measured time and the scores' agreement with the full fit).
 
     >>> import keras, tensorflow as tf                                    # doctest: +SKIP
@@ -568,8 +568,8 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
     if covariance_max_examples is not None and kind != "ekfac":
         raise ValueError("covariance_max_examples applies to kind='ekfac' (the correction pass sees every "
                          "example); K-FAC's eigenvalues come from the covariances themselves: use max_examples")
-    cov_cap = (covariance_max_examples if max_examples is None else
-               max_examples if covariance_max_examples is None else min(max_examples, covariance_max_examples))
+    caps = [c for c in (max_examples, covariance_max_examples) if c is not None]
+    cov_cap = min(caps) if caps else None
 
     def capped(it, cap):
         if cap is None:
