@@ -239,6 +239,29 @@ def test_inverse_applied_a_column_at_a_time_in_place_is_the_dense_inverse(logreg
     np.testing.assert_allclose(inv(tf.constant(V[:, 3])).numpy(), got[:, 3], rtol=1e-12)
 
 
+def test_a_constant_extra_diagonal_is_added_to_the_eigenvalues(logreg):
+    """Case 2's 2α diagonal holds one number on every block: the inverse adds it to the corrected eigenvalues
+    instead of projecting it into the bases. The matrix is the one the projection gives (a diagonal one entry of
+    which differs by 1e-9 takes that path) and the one a damping of that size gives."""
+    model, x, y = logreg
+    obj, group = tfi.Objective(model, h.sce()), tfi.ParameterGroup.from_model(model)
+    f = kfac.fit_factors(obj, ds(x, y, 40), group)
+    c = 0.37
+    d = np.full(group.size, c)
+    const = kfac.KFACInverse(f, model, group, damping=1e-2, extra_diagonal=tf.constant(d),
+                             include_regularizers=False)
+    d[0] += 1e-9
+    projected = kfac.KFACInverse(f, model, group, damping=1e-2, extra_diagonal=tf.constant(d),
+                                 include_regularizers=False)
+    as_damping = kfac.KFACInverse(f, model, group, damping=1e-2 + c, include_regularizers=False)
+    eye = tf.eye(group.size, dtype=tf.float64)
+    got = const(eye).numpy()
+    np.testing.assert_allclose(got, as_damping(eye).numpy(), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(got, projected(eye).numpy(), rtol=1e-7, atol=1e-8)   # the 1e-9 moves it by less
+    assert kfac.inverse._one_value([0.5, np.full((2, 3), 0.5)]) == 0.5
+    assert kfac.inverse._one_value([0.5, np.array([0.5, 0.25])]) is None and kfac.inverse._one_value([0.0, 1.0]) is None
+
+
 def test_ekfac_solve_diagnoses_the_spectrum_of_the_matrix_it_inverts(logreg):
     """The curvature an EK-FAC solve reports (no Lanczos) is the extreme eigenvalues of the matrix it
     inverts — read back densely as ``inverse(I)⁻¹`` — with the L2 regulariser's diagonal included."""

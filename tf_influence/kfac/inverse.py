@@ -46,6 +46,26 @@ def regularizer_diagonal(model, group: ParameterGroup):
     return [np.full(tf_variable(v).shape, c) for v, c in zip(group.variables, coefs)], unmodelled
 
 
+def _one_value(parts) -> float | None:
+    """The one number that every part of a block's extra diagonal ``D`` holds (numbers, or arrays shaped like the
+    variables), or ``None`` where they hold more than one."""
+    values = set()
+    for p in parts:
+        if np.isscalar(p):
+            values.add(float(p))
+        else:
+            a = np.asarray(p)
+            if a.size == 0:
+                continue
+            lo, hi = float(a.min()), float(a.max())
+            if lo != hi:
+                return None
+            values.add(lo)
+        if len(values) > 1:
+            return None
+    return values.pop() if values else 0.0
+
+
 class KFACInverse:
     """``v ↦ (F̂ + D + λ)⁻¹ v`` for fitted factors over a group (flat ``[p]`` or ``[p, k]``)."""
 
@@ -84,8 +104,14 @@ class KFACInverse:
             QA = f["QA"] if np.size(f["QA"]) else None
             QS = f["QS"] if np.size(f["QS"]) else None
             lam = damping + relative_damping * float(np.mean(f["eig"]))
-            if all(np.isscalar(p) and p == 0 for p in parts):
-                curvature = np.array(f["eig"], copy=True)   # D = 0: the eigenvalues themselves
+            same = _one_value(parts)
+            if same is not None:
+                # D = c on the whole block (0; an L2 penalty's 2c on a kernel without bias; case 2's 2α on W): its
+                # projection (Q_A²)ᵀ D (Q_S²) is c, since the bases' columns have unit norm — no [rows, d_out]
+                # products (at GPT-2 small case 2's 2α diagonal made them 9 of the 12 s this constructor took)
+                curvature = np.array(f["eig"], copy=True)
+                if same:
+                    curvature += np.asarray(same, curvature.dtype)
             else:
                 D = b.to_matrix([tf.constant(full(i, p)) for i, p in zip(ids, parts)]).numpy()
                 projected = D if QA is None else (QA ** 2).T @ D
