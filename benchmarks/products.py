@@ -14,6 +14,14 @@ and 3,072 — GPT-2 small's and BERT base's MLP) and a batch of ``--batch`` × `
 Each is compiled, run once, then timed ``--repeats`` rounds of ``--calls`` calls, the variants interleaved
 within a round (this machine's speed drifts); the median of the rounds is reported with each variant's largest
 error against the same product in float64 NumPy, relative to the largest entry.
+
+With ``--step-model`` (a model of :mod:`benchmarks.real_size`, e.g. ``gpt2-small``; random weights, nothing to
+train) it also times that model's two whole compiled factor steps — the captured forward and backward pass and every
+block's covariances; the same pass and every block's eigenvalue correction — with the products as ``tf.einsum``
+wrote them before and as :mod:`~tf_influence.kfac.products` runs them: the operations in the step's graph, the
+seconds to trace it, its first call
+(graph optimisation and the first run) and its median call after that. Each variant runs in a process of its own
+(the first compiled step of a process also pays TensorFlow's one-time costs), after one eager forward pass.
 """
 
 from __future__ import annotations
@@ -32,6 +40,11 @@ class ProductsArgs:
     length: int = field(default=128, metadata={"help": "tokens per sequence"})
     repeats: int = field(default=5, metadata={"help": "timed rounds (median)"})
     calls: int = field(default=5, metadata={"help": "calls per round"})
+    step_model: str = field(default="", metadata={
+        "help": "also time this real-size model's compiled covariance step (benchmarks.real_size's models, random "
+                "weights), tiles written out per side against token_gram; '' = skip"})
+    step_calls: int = field(default=4, metadata={"help": "timed calls of the step after its first (median)"})
+    step_variant: str = field(default="", metadata={"help": "(internal) time one step variant in this process"})
 
 
 def variants() -> dict:
@@ -91,10 +104,100 @@ def run(args: ProductsArgs) -> dict:
     return {"machine": {"cpus": os.cpu_count()}, "batch": args.batch, "length": args.length, "rows": rows}
 
 
+#: The factor steps' variants: how the step's graph holds the products.
+STEP_VARIANTS = ("einsum (before kfac.products)", "kfac.products")
+
+
+def _patch(variant: str) -> None:
+    """Make the factor steps traced from now on use ``variant``'s products."""
+    import tensorflow as tf
+    from tf_influence.kfac import statistics
+    if variant == STEP_VARIANTS[0]:
+        statistics.token_gram = lambda x, block=None: tf.einsum("bpi,bpj->ij", x, x)
+        statistics.token_matmul = lambda x, m: tf.einsum("bpo,oc->bpc", x, m)
+
+
+def time_step(args: ProductsArgs, variant: str) -> dict:
+    """One variant of ``args.step_model``'s compiled covariance and correction steps, in this process: per step the
+    graph's operations, its trace, first call and the median of ``args.step_calls`` calls after it (the correction
+    in random orthonormal bases of the fitted sizes: its cost does not depend on their values)."""
+    import numpy as np
+    import tensorflow as tf
+    import tf_influence as tfi
+    from benchmarks import real_size as rs
+    from tf_influence.kfac import FactorStatistics
+    from tf_influence.lm import CausalLMLoss
+    _patch(variant)
+    rargs = rs.RealSizeArgs(batch=args.batch, length=args.length, sequences=args.batch * (args.step_calls + 1))
+    model, _ = rs.build(args.step_model, rargs)
+    ds, _, _, _ = rs.datasets(args.step_model, rargs)
+    batches = list(ds)
+    model(batches[0][0], training=False)                 # Keras's own first-call work, outside the timing
+    stats = FactorStatistics(tfi.Objective(model, CausalLMLoss()), tfi.ParameterGroup.from_model(model))
+    rng, made = np.random.default_rng(0), {}
+
+    def basis(n, diagonal):
+        if diagonal:
+            return np.zeros((0, 0), np.float32)
+        if n not in made:
+            made[n] = np.linalg.qr(rng.standard_normal((n, n)))[0].astype(np.float32)
+        return made[n]
+    bases = stats._bases_as_tensors({b.name: {"QA": basis(b.rows, b.diag_in), "QS": basis(b.d_out, b.diag_out)}
+                                     for b in stats.blocks})
+    kernels = {"covariance": lambda x, y, i: stats._stats_fn(x, y, i, tf.float32),
+               "correction": lambda x, y, i: stats._correction_fn(x, y, i, bases, tf.float32)}
+    out = {"variant": variant}
+    for what, fn in kernels.items():
+        step = tf.function(fn, autograph=False)
+        x, y = batches[0]
+        t = time.perf_counter()
+        graph = step.get_concrete_function(x, y, tf.constant(0, tf.int64)).graph
+        traced = time.perf_counter() - t
+
+        def call(i, x, y):
+            t = time.perf_counter()
+            tf.nest.map_structure(lambda a: a.numpy(), step(x, y, tf.constant(i, tf.int64)))
+            return time.perf_counter() - t
+        first = call(0, x, y)
+        calls = [call(i, *b) for i, b in enumerate(batches[1:], 1)]
+        out[what] = {"operations": len(graph.get_operations()), "trace_seconds": traced, "first_call_seconds": first,
+                     "calls_seconds": calls, "median_call_seconds": statistics.median(calls)}
+    return out
+
+
+def step_rows(args: ProductsArgs) -> dict:
+    """:func:`time_step` of every variant, each in a process of its own."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+    out = {"model": args.step_model, "variants": []}
+    for variant in STEP_VARIANTS:
+        with tempfile.NamedTemporaryFile(suffix=".json") as fh:
+            subprocess.run([sys.executable, "-m", "benchmarks.products", "--out", fh.name, "--step-model",
+                            args.step_model, "--step-calls", str(args.step_calls), "--batch", str(args.batch),
+                            "--length", str(args.length), "--step-variant", variant], check=True)
+            row = json.load(open(fh.name))
+        for what in ("covariance", "correction"):
+            r = row[what]
+            print(f"{args.step_model} {what} step, {variant}: {r['operations']:,} operations, trace "
+                  f"{r['trace_seconds']:.1f} s, first call {r['first_call_seconds']:.1f} s, then "
+                  f"{r['median_call_seconds']:.2f} s", flush=True)
+        out["variants"].append(row)
+    return out
+
+
 def main(argv=None):
     from benchmarks.common import parse_args, write_json
     args = parse_args(ProductsArgs, argv, __doc__)
-    res = run(args)
+    if args.step_variant:
+        from benchmarks.common import _dump
+        _dump(time_step(args, args.step_variant), args.out, 1)
+        return
+    res = run(args) if args.widths else {"machine": {"cpus": os.cpu_count()}, "batch": args.batch,
+                                          "length": args.length, "rows": []}
+    if args.step_model:
+        res["step"] = step_rows(args)
     write_json(res, args.out)
 
 

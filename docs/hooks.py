@@ -299,6 +299,18 @@ def products_table(d: dict) -> str:
                     f"({cg['speedup_over_einsum']:.2f}×) | {re_['median_seconds'] * 1e3:.1f} | "
                     f"{rm['median_seconds'] * 1e3:.1f} ({rm['speedup_over_einsum']:.2f}×) | "
                     f"{max(ce['max_error'], re_['max_error']):.0e} / {max(cg['max_error'], rm['max_error']):.0e} |")
+    if d.get("step"):
+        st = d["step"]
+        rows += ["", f"{st['model']}'s whole compiled factor steps, random weights, {_fmt(d['batch'])} × "
+                     f"{_fmt(d['length'])} tokens, each variant in a process of its own: the operations in the step's "
+                     "graph, the seconds to trace it, its first call (graph optimisation and the first run) and its "
+                     "median call after that:", "",
+                 "| step | products | operations | trace | first call | then |", "|---|---|---|---|---|---|"]
+        for what in ("covariance", "correction"):
+            for v in st["variants"]:
+                r = v[what]
+                rows.append(f"| {what} | {v['variant']} | {r['operations']:,} | {r['trace_seconds']:.1f} s | "
+                            f"{r['first_call_seconds']:.1f} s | {r['median_call_seconds']:.2f} s |")
     return "\n".join(rows)
 
 

@@ -116,7 +116,8 @@ def test_covariance_cap_table_follows_its_json():
 
 def test_products_table_follows_its_json():
     """The EK-FAC guide's products table comes from ``docs/results/products.json``: a row per width with each
-    variant's time, its speed-up over einsum and the errors, changed when the numbers change."""
+    variant's time, its speed-up over einsum and the errors, and a row per whole factor step and variant, changed
+    when the numbers change."""
     h = hooks()
     data = json.loads((ROOT / "docs" / "results" / "products.json").read_text())
     text = h.products_table(data)
@@ -128,3 +129,11 @@ def test_products_table_follows_its_json():
     changed = json.loads(json.dumps(data))
     changed["rows"][0]["variants"]["rotation: one matmul (token_matmul)"]["speedup_over_einsum"] = 7.77
     assert "(7.77×)" in h.products_table(changed) and "(7.77×)" not in text
+    assert data.get("step"), "products.json has no whole-step timings (make bench-products)"
+    for v in data["step"]["variants"]:
+        for what in ("covariance", "correction"):
+            r = v[what]
+            assert (f"| {what} | {v['variant']} | {r['operations']:,} | {r['trace_seconds']:.1f} s | "
+                    f"{r['first_call_seconds']:.1f} s | {r['median_call_seconds']:.2f} s |") in text
+    changed["step"]["variants"][0]["covariance"]["operations"] = 123456
+    assert "| 123,456 |" in h.products_table(changed) and "| 123,456 |" not in text

@@ -21,8 +21,6 @@ True
 
 from __future__ import annotations
 
-import functools
-
 import tensorflow as tf
 
 #: Column block of :func:`token_gram`: a side of at least twice this many columns is multiplied as the upper
@@ -49,40 +47,19 @@ def token_gram(x, block: int | None = None):
     """``Σ_{b,p} x[b, p] x[b, p]ᵀ`` of ``x: [..., d]`` (every leading axis summed) as a ``[d, d]`` matrix,
     exactly symmetric: tiles ``i ≤ j`` of about ``[block, block]`` (default :data:`GRAM_BLOCK`) are computed,
     the diagonal ones symmetrised and the ones below the diagonal their transposes. A side narrower than
-    ``2 × block`` (or of unknown width) is one product.
-
-    Inside a compiled function the tiled product is a call of one compiled function per ``(width, dtype, block)``
-    (:func:`_tiled_gram`): the factor pass of a 12-layer model reads 60 sides of five widths, and the tiles written
-    out in its graph for every side doubled the graph (22,000 operations instead of 11,000 at GPT-2 small), and
-    with it the first step's tracing and graph optimisation (23 s instead of 12 s)."""
+    ``2 × block`` (or of unknown width) is one product."""
     block = GRAM_BLOCK if block is None else int(block)
     d = x.shape[-1]
     flat = _tokens(x)
     if d is None or d < 2 * block:
         return tf.matmul(flat, flat, transpose_a=True)
-    if tf.executing_eagerly():
-        return _gram_tiles(flat, block)
-    return _tiled_gram(int(d), flat.dtype, block)(flat)
-
-
-def _gram_tiles(flat, block: int):
-    """The tiled product of :func:`token_gram` over ``flat: [tokens, d]`` (``d`` known)."""
-    parts = tf.split(flat, _tiles(int(flat.shape[-1]), block), axis=1)
+    parts = tf.split(flat, _tiles(d, block), axis=1)
     k = len(parts)
     upper = {(i, j): tf.matmul(parts[i], parts[j], transpose_a=True) for i in range(k) for j in range(i, k)}
     for i in range(k):              # a diagonal tile is a full product: its two triangles may differ in the last bit
         upper[i, i] = 0.5 * (upper[i, i] + tf.transpose(upper[i, i]))
     return tf.concat([tf.concat([upper[i, j] if i <= j else tf.transpose(upper[j, i]) for j in range(k)], axis=1)
                       for i in range(k)], axis=0)
-
-
-@functools.lru_cache(maxsize=None)
-def _tiled_gram(d: int, dtype: tf.DType, block: int):
-    """:func:`_gram_tiles` as one compiled function of ``[tokens, d]`` inputs (any number of tokens), made once per
-    width, dtype and block: traced once however many sides of that width a step reads (TensorFlow's graph
-    optimisation inlines it into the calling step, so the step runs the same kernels)."""
-    return tf.function(lambda flat: _gram_tiles(flat, block), autograph=False,
-                       input_signature=[tf.TensorSpec([None, d], dtype)])
 
 
 def token_matmul(x, m):
