@@ -19,8 +19,7 @@ With ``--step-model`` (a model of :mod:`benchmarks.real_size`, e.g. ``gpt2-small
 train) it also times that model's two whole compiled factor steps — the captured forward and backward pass and every
 block's covariances; the same pass and every block's eigenvalue correction — with the products as ``tf.einsum``
 wrote them before and as :mod:`~tf_influence.kfac.products` runs them: the operations in the step's graph, the
-seconds to trace it, its first call
-(graph optimisation and the first run) and its median call after that. Each variant runs in a process of its own
+seconds to trace it, its first call (graph optimisation and the first run) and its median call after that. Each variant runs in a process of its own
 (the first compiled step of a process also pays TensorFlow's one-time costs), after one eager forward pass.
 """
 
@@ -41,8 +40,8 @@ class ProductsArgs:
     repeats: int = field(default=5, metadata={"help": "timed rounds (median)"})
     calls: int = field(default=5, metadata={"help": "calls per round"})
     step_model: str = field(default="", metadata={
-        "help": "also time this real-size model's compiled covariance step (benchmarks.real_size's models, random "
-                "weights), tiles written out per side against token_gram; '' = skip"})
+        "help": "also time this real-size model's compiled covariance and correction steps (benchmarks.real_size's "
+                "models, random weights), tf.einsum against kfac.products, each in its own process; '' = skip"})
     step_calls: int = field(default=4, metadata={"help": "timed calls of the step after its first (median)"})
     step_variant: str = field(default="", metadata={"help": "(internal) time one step variant in this process"})
 
@@ -177,7 +176,8 @@ def step_rows(args: ProductsArgs) -> dict:
             subprocess.run([sys.executable, "-m", "benchmarks.products", "--out", fh.name, "--step-model",
                             args.step_model, "--step-calls", str(args.step_calls), "--batch", str(args.batch),
                             "--length", str(args.length), "--step-variant", variant], check=True)
-            row = json.load(open(fh.name))
+            with open(fh.name) as saved:
+                row = json.load(saved)
         for what in ("covariance", "correction"):
             r = row[what]
             print(f"{args.step_model} {what} step, {variant}: {r['operations']:,} operations, trace "
@@ -190,9 +190,8 @@ def step_rows(args: ProductsArgs) -> dict:
 def main(argv=None):
     from benchmarks.common import parse_args, write_json
     args = parse_args(ProductsArgs, argv, __doc__)
-    if args.step_variant:
-        from benchmarks.common import _dump
-        _dump(time_step(args, args.step_variant), args.out, 1)
+    if args.step_variant:                       # one variant, in the process step_rows started for it
+        write_json(time_step(args, args.step_variant), args.out)
         return
     res = run(args) if args.widths else {"machine": {"cpus": os.cpu_count()}, "batch": args.batch,
                                           "length": args.length, "rows": []}
