@@ -90,7 +90,7 @@ bench-covariance-cap: install   # EK-FAC's covariances on fewer examples vs the 
 bench-eigh: install   # the EK-FAC eigendecomposition's LAPACK driver and order (~2 min)
 	$(PY) -m benchmarks.eigh --out docs/results/eigh.json
 
-bench-products: install   # the factor passes' covariance and rotation products: einsum against kfac.products, and GPT-2 small's compiled covariance step (~5 min)
+bench-products: install   # the factor passes' covariance and rotation products: einsum against kfac.products, and GPT-2 small's compiled covariance and correction steps (~7 min)
 	$(PY) -m benchmarks.products --out docs/results/products.json --step-model gpt2-small
 
 bench-vocab-side: install

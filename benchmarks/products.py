@@ -46,6 +46,18 @@ class ProductsArgs:
     step_variant: str = field(default="", metadata={"help": "(internal) time one step variant in this process"})
 
 
+def einsum_gram(x, block=None):
+    """The covariance as ``tf.einsum`` wrote it before :func:`~tf_influence.kfac.products.token_gram`."""
+    import tensorflow as tf
+    return tf.einsum("bpi,bpj->ij", x, x)
+
+
+def einsum_rotation(x, m):
+    """The rotation as ``tf.einsum`` wrote it before :func:`~tf_influence.kfac.products.token_matmul`."""
+    import tensorflow as tf
+    return tf.einsum("bpo,oc->bpc", x, m)
+
+
 def variants() -> dict:
     """``{name: (what, fn(x, q))}``: the covariance and rotation variants compared."""
     import tensorflow as tf
@@ -55,12 +67,12 @@ def variants() -> dict:
         flat = tf.reshape(x, [-1, x.shape[-1]])
         return tf.matmul(flat, flat, transpose_a=True)
     return {
-        "covariance: einsum": ("covariance", lambda x, q: tf.einsum("bpi,bpj->ij", x, x)),
+        "covariance: einsum": ("covariance", lambda x, q: einsum_gram(x)),
         "covariance: one matmul": ("covariance", one_matmul),
         "covariance: tiles of 256 (token_gram)": ("covariance", lambda x, q: token_gram(x, 256)),
         "covariance: tiles of 384": ("covariance", lambda x, q: token_gram(x, 384)),
         "covariance: tiles of 512": ("covariance", lambda x, q: token_gram(x, 512)),
-        "rotation: einsum": ("rotation", lambda x, q: tf.einsum("bpo,oc->bpc", x, q)),
+        "rotation: einsum": ("rotation", einsum_rotation),
         "rotation: one matmul (token_matmul)": ("rotation", token_matmul),
     }
 
@@ -109,11 +121,9 @@ STEP_VARIANTS = ("einsum (before kfac.products)", "kfac.products")
 
 def _patch(variant: str) -> None:
     """Make the factor steps traced from now on use ``variant``'s products."""
-    import tensorflow as tf
     from tf_influence.kfac import statistics
     if variant == STEP_VARIANTS[0]:
-        statistics.token_gram = lambda x, block=None: tf.einsum("bpi,bpj->ij", x, x)
-        statistics.token_matmul = lambda x, m: tf.einsum("bpo,oc->bpc", x, m)
+        statistics.token_gram, statistics.token_matmul = einsum_gram, einsum_rotation
 
 
 def time_step(args: ProductsArgs, variant: str) -> dict:
@@ -193,8 +203,7 @@ def main(argv=None):
     if args.step_variant:                       # one variant, in the process step_rows started for it
         write_json(time_step(args, args.step_variant), args.out)
         return
-    res = run(args) if args.widths else {"machine": {"cpus": os.cpu_count()}, "batch": args.batch,
-                                          "length": args.length, "rows": []}
+    res = run(args)                             # no --widths: no rows
     if args.step_model:
         res["step"] = step_rows(args)
     write_json(res, args.out)
