@@ -29,6 +29,9 @@ class CovarianceCapArgs:
     model: str = field(default="llama-100m", metadata={"help": "a benchmarks.real_size model"})
     caps: list[int] = field(default_factory=lambda: [128, 64], metadata={
         "help": "covariance_max_examples values compared with the full fit"})
+    product_dtypes: list[str] = field(default_factory=list, metadata={
+        "help": "also full fits with these FactorArgs.product_dtype values ('model', 'bfloat16'), against the default "
+                "fit ('auto')"})
     reference_seeds: list[int] = field(default_factory=lambda: [1], metadata={
         "help": "full fits with these label-sampling seeds (the true Fisher samples labels): how far the scores "
                 "move by Monte Carlo noise alone, the yardstick for the caps"})
@@ -69,6 +72,8 @@ def run(args: CovarianceCapArgs) -> dict:
                     "ekfac", damping=0.0, kronecker=tfi.KroneckerOptions(relative_damping=0.1)))}
     plan = ([("full", "cap_None", tfi.FactorArgs())]
             + [(f"covariance_max_examples={c}", f"cap_{c}", tfi.FactorArgs(covariance_max_examples=c)) for c in args.caps]
+            + [(f"full, product_dtype={d}", f"products_{d}", tfi.FactorArgs(product_dtype=d))
+               for d in args.product_dtypes]
             + [(f"full, seed {s}", f"seed_{s}", tfi.FactorArgs(seed=s)) for s in args.reference_seeds])
     previous = {}
     if args.reuse and os.path.exists(args.out):
@@ -87,8 +92,9 @@ def run(args: CovarianceCapArgs) -> dict:
             epochs.append(rs.train_epoch(args.model, rargs)[2])
             print(f"{args.model}: training epoch {epochs[0]:.1f} s", flush=True)
         t = time.perf_counter()
-        an.fit_factors(name, ds, fargs, overwrite=True)
-        fits[key] = {"seconds": time.perf_counter() - t}
+        low = an.fit_factors(name, ds, fargs, overwrite=True).summary()["bfloat16_products"]
+        fits[key] = {"seconds": time.perf_counter() - t, "product_dtype": fargs.product_dtype,
+                     "bfloat16_products": len(low)}
         new.append(key)
         release_memory()
         print(f"  {key:32s} fit {fits[key]['seconds']:7.1f} s", flush=True)
@@ -106,7 +112,8 @@ def run(args: CovarianceCapArgs) -> dict:
         print(f"  {key:32s} {f['over_epoch']:5.2f} epochs" + "".join(
             f"; {d}: Spearman {a['spearman']:.4f}, Pearson {a['pearson']:.4f}"
             for d, a in f.get("scores_vs_full", {}).items()), flush=True)
-    out = {"model": args.model, "n_sequences": args.sequences, "fits": fits}
+    from tf_influence.kfac.products import native_bfloat16
+    out = {"model": args.model, "n_sequences": args.sequences, "native_bfloat16": native_bfloat16(), "fits": fits}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(out, fh, indent=1)

@@ -21,6 +21,11 @@ block's covariances; the same pass and every block's eigenvalue correction — w
 wrote them before and as :mod:`~tf_influence.kfac.products` runs them: the operations in the step's graph, the
 seconds to trace it, its first call (graph optimisation and the first run) and its median call after that. Each variant runs in a process of its own
 (the first compiled step of a process also pays TensorFlow's one-time costs), after one eager forward pass.
+
+With ``--dtype-model`` it times that model's two steps with each ``FactorArgs.product_dtype`` (``model``, ``bfloat16``,
+``auto``), all built in one process and called in turns, so that the machine's drift reaches each alike.
+
+    python -m benchmarks.products --out docs/results/products.json --step-model gpt2-small --dtype-model gpt2-small
 """
 
 from __future__ import annotations
@@ -43,17 +48,23 @@ class ProductsArgs:
         "help": "also time this real-size model's compiled covariance and correction steps (benchmarks.real_size's "
                 "models, random weights), tf.einsum against kfac.products, each in its own process; '' = skip"})
     step_calls: int = field(default=4, metadata={"help": "timed calls of the step after its first (median)"})
+    dtype_model: str = field(default="", metadata={
+        "help": "also time this real-size model's covariance and correction steps with each FactorArgs.product_dtype "
+                "(model / auto / bfloat16), all in one process, called in turns; '' = skip"})
+    dtype_rounds: int = field(default=4, metadata={"help": "--dtype-model: rounds after the first (median)"})
     step_variant: str = field(default="", metadata={"help": "(internal) time one step variant in this process"})
 
 
-def einsum_gram(x, block=None):
-    """The covariance as ``tf.einsum`` wrote it before :func:`~tf_influence.kfac.products.token_gram`."""
+def einsum_gram(x, block=None, dtype=None):
+    """The covariance as ``tf.einsum`` wrote it before :func:`~tf_influence.kfac.products.token_gram` (in the
+    inputs' dtype: that variant fits with ``product_dtype="model"``)."""
     import tensorflow as tf
     return tf.einsum("bpi,bpj->ij", x, x)
 
 
-def einsum_rotation(x, m):
-    """The rotation as ``tf.einsum`` wrote it before :func:`~tf_influence.kfac.products.token_matmul`."""
+def einsum_rotation(x, m, dtype=None):
+    """The rotation as ``tf.einsum`` wrote it before :func:`~tf_influence.kfac.products.token_matmul` (in the
+    inputs' dtype)."""
     import tensorflow as tf
     return tf.einsum("bpo,oc->bpc", x, m)
 
@@ -142,7 +153,8 @@ def time_step(args: ProductsArgs, variant: str) -> dict:
     ds, _, _, _ = rs.datasets(args.step_model, rargs)
     batches = list(ds)
     model(batches[0][0], training=False)                 # Keras's own first-call work, outside the timing
-    stats = FactorStatistics(tfi.Objective(model, CausalLMLoss()), tfi.ParameterGroup.from_model(model))
+    stats = FactorStatistics(tfi.Objective(model, CausalLMLoss()), tfi.ParameterGroup.from_model(model),
+                             product_dtype="model")
     rng, made = np.random.default_rng(0), {}
 
     def basis(n, diagonal):
@@ -197,6 +209,61 @@ def step_rows(args: ProductsArgs) -> dict:
     return out
 
 
+def dtype_rows(args: ProductsArgs) -> dict:
+    """``args.dtype_model``'s compiled covariance and correction steps with each ``product_dtype``, built in one
+    process and called in turns (a round calls every variant's two steps once; the first round, which traces and
+    optimises, is left out), so that the machine's drift reaches every variant alike."""
+    import numpy as np
+    import tensorflow as tf
+    import tf_influence as tfi
+    from benchmarks import real_size as rs
+    from tf_influence.kfac import FactorStatistics
+    from tf_influence.kfac.products import PRODUCT_DTYPES, native_bfloat16
+    from tf_influence.lm import CausalLMLoss
+    rargs = rs.RealSizeArgs(batch=args.batch, length=args.length, sequences=args.batch * 4)
+    model, _ = rs.build(args.dtype_model, rargs)
+    ds, _, _, _ = rs.datasets(args.dtype_model, rargs)
+    batches = list(ds)
+    model(batches[0][0], training=False)
+    rng, made = np.random.default_rng(0), {}
+
+    def basis(n, diagonal):
+        if diagonal:
+            return np.zeros((0, 0), np.float32)
+        if n not in made:
+            made[n] = np.linalg.qr(rng.standard_normal((n, n)))[0].astype(np.float32)
+        return made[n]
+    steps, out = {}, {"model": args.dtype_model, "native_bfloat16": native_bfloat16(), "variants": {}}
+    for dtype in PRODUCT_DTYPES:
+        st = FactorStatistics(tfi.Objective(model, CausalLMLoss()), tfi.ParameterGroup.from_model(model),
+                              product_dtype=dtype)
+        bases = st._bases_as_tensors({b.name: {"QA": basis(b.rows, b.diag_in), "QS": basis(b.d_out, b.diag_out)}
+                                      for b in st.blocks})
+        steps[dtype] = {"covariance": tf.function(lambda x, y, i, st=st: st._stats_fn(x, y, i, tf.float32),
+                                                  autograph=False),
+                        "correction": tf.function(lambda x, y, i, st=st, b=bases: st._correction_fn(x, y, i, b,
+                                                                                                   tf.float32),
+                                                  autograph=False)}
+        low = sorted(f"{k}/{w}" for k, v in st.products().items() for w, d in v.items() if d == "bfloat16")
+        out["variants"][dtype] = {"bfloat16_products": len(low), "products": sum(len(v) for v in st.products().values()),
+                                  "covariance": [], "correction": []}
+    for r in range(args.dtype_rounds + 1):
+        for dtype, fns in steps.items():
+            for what, fn in fns.items():
+                x, y = batches[r % len(batches)]
+                t = time.perf_counter()
+                tf.nest.map_structure(lambda a: a.numpy(), fn(x, y, tf.constant(r, tf.int64)))
+                if r:
+                    out["variants"][dtype][what].append(time.perf_counter() - t)
+    for dtype, v in out["variants"].items():
+        for what in ("covariance", "correction"):
+            v[f"median_{what}_seconds"] = statistics.median(v[what])
+        print(f"{args.dtype_model} product_dtype={dtype} ({v['bfloat16_products']} of {v['products']} products in "
+              f"bfloat16): covariance step {v['median_covariance_seconds']:.2f} s, correction step "
+              f"{v['median_correction_seconds']:.2f} s", flush=True)
+    return out
+
+
 def main(argv=None):
     from benchmarks.common import parse_args, write_json
     args = parse_args(ProductsArgs, argv, __doc__)
@@ -206,6 +273,8 @@ def main(argv=None):
     res = run(args)                             # no --widths: no rows
     if args.step_model:
         res["step"] = step_rows(args)
+    if args.dtype_model:
+        res["product_dtype"] = dtype_rows(args)
     write_json(res, args.out)
 
 

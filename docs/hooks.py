@@ -284,6 +284,34 @@ def covariance_cap_tables(d: dict) -> str:
     return "\n".join(rows)
 
 
+def product_dtype_tables(d: dict) -> str:
+    """The factors' product dtypes against the default fit's scores (benchmarks/covariance_cap.py --product-dtypes);
+    no times: the fits ran beside other work, and benchmarks/products.py times the steps in turns."""
+    dampings = next((list(f["scores_vs_full"]) for f in d["fits"].values() if f.get("scores_vs_full")), [])
+    rows = [f"{d['model']}, {_fmt(d['n_sequences'])} sequences; this CPU multiplies bfloat16 "
+            f"{'natively' if d.get('native_bfloat16') else 'by emulation'}. Scores against the default fit's, as "
+            "Spearman / Pearson / top-10 harmful and helpful examples shared:", "",
+            "| factors | products in bfloat16 | " + " | ".join(dampings) + " |", "|---|---|" + "---|" * len(dampings)]
+    for key, f in d["fits"].items():
+        if key == "full":
+            label = f"the default (`product_dtype='{f.get('product_dtype', 'auto')}'`)"
+        elif key.startswith("full, product_dtype="):
+            label = f"`product_dtype='{key.split('=')[1]}'`"
+        elif key.startswith("covariance_max_examples="):
+            label = f"covariances on the first {key.split('=')[1]} (`{key}`)"
+        else:
+            label = f"the default, labels sampled with another seed ({key.split('seed ')[-1]}): the noise floor"
+        cells = []
+        for dn in dampings:
+            a = (f.get("scores_vs_full") or {}).get(dn)
+            cells.append("(reference)" if a is None else
+                         f"{_fmt(a['spearman'])} / {_fmt(a['pearson'])} / "
+                         f"{round(a['top10_harmful_overlap'] * 10)} and {round(a['top10_helpful_overlap'] * 10)}")
+        low = f.get("bfloat16_products")
+        rows.append(f"| {label} | {'—' if low is None else low} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def products_table(d: dict) -> str:
     """The factor passes' covariance and rotation products, einsum against kfac.products (benchmarks/products.py)."""
     rows = [f"{_fmt(d['batch'])} × {_fmt(d['length'])} float32 tokens, {d['machine']['cpus']} cores; milliseconds per "
@@ -311,6 +339,18 @@ def products_table(d: dict) -> str:
                 r = v[what]
                 rows.append(f"| {what} | {v['variant']} | {r['operations']:,} | {r['trace_seconds']:.1f} s | "
                             f"{r['first_call_seconds']:.1f} s | {r['median_call_seconds']:.2f} s |")
+    if d.get("product_dtype"):
+        pd = d["product_dtype"]
+        base = pd["variants"]["model"]
+        rows += ["", f"{pd['model']}'s two steps with each `product_dtype`, built in one process and called in turns "
+                     f"(median of {len(base['covariance'])} rounds; this CPU multiplies bfloat16 "
+                     f"{'natively' if pd['native_bfloat16'] else 'by emulation'}):", "",
+                 "| `product_dtype` | products in bfloat16 | covariance step | correction step |", "|---|---|---|---|"]
+        for name, v in pd["variants"].items():
+            cells = [f"{v[f'median_{w}_seconds']:.2f} s" + ("" if name == "model" else
+                     f" ({v[f'median_{w}_seconds'] / base[f'median_{w}_seconds'] - 1:+.0%})")
+                     for w in ("covariance", "correction")]
+            rows.append(f"| `{name}` | {v['bfloat16_products']} of {v['products']} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -328,11 +368,11 @@ def serve_table(d: dict) -> str:
     return "| | |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows) + f"\n\n{d['machine']}.\n"
 
 
-GENERATORS = {"covariance_cap": covariance_cap_tables, "products": products_table, "serve": serve_table, "vocab_side": vocab_side_tables, "real_size": real_size_tables, "index": index_tables, "index-scale": index_scale_tables, "hub": hub_tables, "scale": scale_tables, "engine": engine_tables, "presence": presence_tables}
+GENERATORS = {"covariance_cap": covariance_cap_tables, "product_dtype": product_dtype_tables, "products": products_table, "serve": serve_table, "vocab_side": vocab_side_tables, "real_size": real_size_tables, "index": index_tables, "index-scale": index_scale_tables, "hub": hub_tables, "scale": scale_tables, "engine": engine_tables, "presence": presence_tables}
 
 
 def render(name: str) -> str:
-    path = os.path.join(HERE, "results", f"{name if name in ('vocab_side', 'real_size', 'covariance_cap') else name.split('-')[0]}.json")
+    path = os.path.join(HERE, "results", f"{name if name in ('vocab_side', 'real_size', 'covariance_cap', 'product_dtype') else name.split('-')[0]}.json")
     if name not in GENERATORS:
         raise KeyError(f"no generator for results '{name}' (known: {sorted(GENERATORS)})")
     with open(path) as fh:

@@ -114,6 +114,25 @@ def test_covariance_cap_table_follows_its_json():
     assert "| 2.4 (met;" in text and "| 3.1 (missed;" in text and "0.1234 /" in text
 
 
+def test_product_dtype_table_follows_its_json():
+    """The EK-FAC guide's product_dtype table comes from ``docs/results/product_dtype.json``: a row per fit with its
+    count of bfloat16 products and each damping's agreement with the default fit (the default itself a bfloat16 fit
+    on this machine), changed when the numbers change."""
+    h = hooks()
+    data = json.loads((ROOT / "docs" / "results" / "product_dtype.json").read_text())
+    assert data["native_bfloat16"] and data["fits"]["full"]["product_dtype"] == "auto"
+    assert data["fits"]["full"]["bfloat16_products"] > 0 and data["fits"]["full, product_dtype=model"]["bfloat16_products"] == 0
+    text = h.product_dtype_tables(data)
+    for key, f in data["fits"].items():
+        for a in (f.get("scores_vs_full") or {}).values():
+            assert f"{h._fmt(a['spearman'])} / {h._fmt(a['pearson'])} /" in text, key
+    assert "| `product_dtype='model'` | 0 |" in text
+    changed = json.loads(json.dumps(data))
+    damping = next(iter(changed["fits"]["full, product_dtype=model"]["scores_vs_full"]))
+    changed["fits"]["full, product_dtype=model"]["scores_vs_full"][damping]["spearman"] = 0.12341
+    assert "0.1234 /" in h.product_dtype_tables(changed) and "0.1234 /" not in text
+
+
 def test_products_table_follows_its_json():
     """The EK-FAC guide's products table comes from ``docs/results/products.json``: a row per width with each
     variant's time, its speed-up over einsum and the errors, and a row per whole factor step and variant, changed
@@ -137,3 +156,12 @@ def test_products_table_follows_its_json():
                     f"{r['first_call_seconds']:.1f} s | {r['median_call_seconds']:.2f} s |") in text
     changed["step"]["variants"][0]["covariance"]["operations"] = 123456
     assert "| 123,456 |" in h.products_table(changed) and "| 123,456 |" not in text
+    # the product_dtype rows: each dtype's medians, and their change against the model's dtype
+    assert data.get("product_dtype"), "products.json has no product_dtype timings (make bench-products)"
+    pd = data["product_dtype"]
+    for name, v in pd["variants"].items():
+        cells = [f"{v[f'median_{w}_seconds']:.2f} s" for w in ("covariance", "correction")]
+        assert f"| `{name}` | {v['bfloat16_products']} of {v['products']} | {cells[0]}" in text
+    changed["product_dtype"]["variants"]["bfloat16"]["median_correction_seconds"] = \
+        pd["variants"]["model"]["median_correction_seconds"] / 2
+    assert "(-50%) |" in h.products_table(changed) and "(-50%) |" not in text

@@ -58,7 +58,7 @@ class FactorArgs(JsonConfig):
     """How :meth:`Analyzer.fit_factors` fits Kronecker-factored curvature (:func:`~tf_influence.kfac.fit_factors`).
 
     >>> FactorArgs.from_json(FactorArgs(kind="kfac", hessian_samples=500).to_json())
-    FactorArgs(kind='kfac', fisher='true', max_examples=None, seed=0, hessian_samples=500, dense_factor_max=None, memory_budget=None, covariance_max_examples=None)
+    FactorArgs(kind='kfac', fisher='true', max_examples=None, seed=0, hessian_samples=500, dense_factor_max=None, memory_budget=None, covariance_max_examples=None, product_dtype='auto')
     """
 
     kind: str = field(default="ekfac", metadata={"help": "'ekfac' (eigenvalue-corrected) or 'kfac'",
@@ -82,8 +82,15 @@ class FactorArgs(JsonConfig):
     covariance_max_examples: int | None = field(default=None, metadata={
         "help": "EK-FAC: fit the covariances (the eigenbases) on the first N examples of those the fit sees, the "
                 "eigenvalue correction still on all of them (kronfluence's covariance_max_examples; None: all)"})
+    product_dtype: str = field(default="auto", metadata={
+        "help": "dtype of the fit's large per-batch products: 'auto' (bfloat16 for the products with a side of "
+                "≥ 1,024 columns, a vocabulary's included, where the hardware multiplies bfloat16 natively; else the "
+                "model's dtype), 'bfloat16' (every dense factor side of a float32 model) or 'model' (the model's "
+                "dtype)", "choices": ("auto", "bfloat16", "model")})
 
     def __post_init__(self):
+        from .kfac.products import check_product_dtype
+        check_product_dtype(self.product_dtype, "FactorArgs.product_dtype")
         from .kfac import FISHERS, KINDS
         if self.kind not in KINDS:
             raise ValueError(f"FactorArgs.kind must be one of {KINDS}, got '{self.kind}'")
@@ -236,7 +243,8 @@ class Analyzer:
                               name="pretraining data", max_examples=factor_args.max_examples,
                               dense_factor_max=dense_factor_limit(factor_args.dense_factor_max),
                               memory_budget=factor_args.memory_budget,
-                              covariance_max_examples=factor_args.covariance_max_examples)
+                              covariance_max_examples=factor_args.covariance_max_examples,
+                              product_dtype=factor_args.product_dtype)
         factors.save(directory)
         with open(os.path.join(directory, "factor_args.json"), "w") as fh:
             fh.write(factor_args.to_json())

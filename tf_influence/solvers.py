@@ -273,7 +273,8 @@ _FACTOR_CACHE = "kfac_factors"
 def kronecker(op, b, damping: float = 0.0, kind: str = "ekfac", fisher: str = "true", relative_damping: float = 0.0,
               factors=None, seed: int = 0, progress=None, on_nonconvergence: str = "warn", tol: float = 0.0,
               max_examples: int | None = None, dense_factor_max: int | None = None,
-              memory_budget=None, covariance_max_examples: int | None = None) -> SolveResult:
+              memory_budget=None, covariance_max_examples: int | None = None,
+              product_dtype: str = "auto") -> SolveResult:
     """(E)K-FAC: ``(F̂ + D + λ)⁻¹ b`` with Kronecker-factored curvature fitted on the operator's data
     (:mod:`tf_influence.kfac`); ``D`` = the exact L2-regulariser Hessian and the operator's extra
     diagonal, ``λ = damping + relative_damping × mean eigenvalue`` per block.
@@ -282,7 +283,7 @@ def kronecker(op, b, damping: float = 0.0, kind: str = "ekfac", fisher: str = "t
     objective, data and parameter group). Factors are fitted once per operator (cached on it) unless
     ``factors`` (a :class:`~tf_influence.kfac.KFACFactors` or a directory saved by it) is given;
     ``max_examples`` caps the examples they are fitted on, ``covariance_max_examples`` those of the covariances
-    only (see :func:`~tf_influence.kfac.fit_factors`).
+    only, ``product_dtype`` the dtype of the fit's large products (see :func:`~tf_influence.kfac.fit_factors`).
     No iteration, so no residual: ``relative_residual`` is NaN and ``converged`` True."""
     from . import kfac
     if getattr(op, "rows", None) is None or op.rows.variables != op.cols.variables:
@@ -294,13 +295,14 @@ def kronecker(op, b, damping: float = 0.0, kind: str = "ekfac", fisher: str = "t
     if factors is None:
         cache = op.__dict__.setdefault(_FACTOR_CACHE, {})
         dense_factor_max = kfac.dense_factor_limit(dense_factor_max)
-        key = (kind, fisher, seed, max_examples, dense_factor_max, covariance_max_examples)
+        key = (kind, fisher, seed, max_examples, dense_factor_max, covariance_max_examples, product_dtype)
         if key not in cache:
             cache[key] = kfac.fit_factors(op.objective, op.dataset, op.rows, kind=kind, fisher=fisher, seed=seed,
                                           progress=progress is not None, name=f"dataset of {op.name}",
                                           max_examples=max_examples, dense_factor_max=dense_factor_max,
                                           memory_budget=memory_budget,
-                                          covariance_max_examples=covariance_max_examples)
+                                          covariance_max_examples=covariance_max_examples,
+                                          product_dtype=product_dtype)
         factors = cache[key]
     b = tf.convert_to_tensor(b)
     from .memory import vectors_plan
@@ -414,11 +416,12 @@ def auto(op, b, damping: float = 0.0, tol: float = 1e-5, max_iter: int = 200, dt
          on_nonconvergence: str = "warn", progress=None, dense_max: int = AUTO_DENSE_MAX,
          kronecker_min: int | None = None, fisher: str = "true", relative_damping: float = 0.0, factors=None,
          max_examples: int | None = None, seed: int = 0, dense_factor_max: int | None = None,
-         memory_budget=None, covariance_max_examples: int | None = None) -> SolveResult:
+         memory_budget=None, covariance_max_examples: int | None = None,
+         product_dtype: str = "auto") -> SolveResult:
     """Pick the solver by the size of the system and the memory budget (:func:`auto_choice`) and run
     it; the result's ``method`` is the solver that ran and ``extra["auto"]`` says why. ``fisher``,
-    ``relative_damping``, ``factors``, ``max_examples``, ``covariance_max_examples``, ``seed`` and
-    ``dense_factor_max`` go to EK-FAC when it is chosen."""
+    ``relative_damping``, ``factors``, ``max_examples``, ``covariance_max_examples``, ``seed``,
+    ``dense_factor_max`` and ``product_dtype`` go to EK-FAC when it is chosen."""
     columns = 1 if tf.convert_to_tensor(b).shape.rank == 1 else int(b.shape[1])
     method, reason = auto_choice(op, dense_max, kronecker_min, memory_budget, dense_factor_max, columns)
     common = dict(damping=damping, tol=tol, on_nonconvergence=on_nonconvergence, memory_budget=memory_budget)
@@ -427,7 +430,7 @@ def auto(op, b, damping: float = 0.0, tol: float = 1e-5, max_iter: int = 200, dt
     elif method == "ekfac":
         res = kronecker(op, b, kind="ekfac", progress=progress, fisher=fisher, relative_damping=relative_damping,
                         factors=factors, max_examples=max_examples, seed=seed, dense_factor_max=dense_factor_max,
-                        covariance_max_examples=covariance_max_examples, **common)
+                        covariance_max_examples=covariance_max_examples, product_dtype=product_dtype, **common)
     else:
         res = cg_squared(op, b, max_iter=max_iter, dtype=dtype, progress=progress, **common)
     res.extra["auto"] = {"chose": method, "why": reason}
@@ -451,7 +454,8 @@ def solve_plan(op, config: "SolverConfig | None" = None, columns: int = 1):
     if method in ("ekfac", "kfac") and config.kronecker.factors is None:
         from .kfac import FactorStatistics, dense_factor_limit
         stats = FactorStatistics(op.objective, op.rows, kind=method,
-                                 dense_factor_max=dense_factor_limit(config.kronecker.dense_factor_max))
+                                 dense_factor_max=dense_factor_limit(config.kronecker.dense_factor_max),
+                                 product_dtype=config.kronecker.product_dtype)
         return method, factor_plan(stats, op.dataset).extend(kfac_inverse_plan(stats, p, columns))
     if method in ("ekfac", "kfac"):
         return method, vectors_plan(p, columns, 3, f"the {method} inverse of {name}")
@@ -542,8 +546,15 @@ class KroneckerOptions(_Options):
     covariance_max_examples: int | None = field(default=None, metadata={
         "help": "EK-FAC: fit the covariances (the eigenbases) on the first N examples, the eigenvalue correction "
                 "still on all (None: all)"})
+    product_dtype: str = field(default="auto", metadata={
+        "help": "dtype of the fit's large per-batch products: 'auto' (bfloat16 for the products with a side of "
+                "≥ 1,024 columns, a vocabulary's included, where the hardware multiplies bfloat16 natively; else the "
+                "model's dtype), 'bfloat16' (every dense factor side of a float32 model) or 'model' (the model's "
+                "dtype)", "choices": ("auto", "bfloat16", "model")})
 
     def __post_init__(self):
+        from .kfac.products import check_product_dtype
+        check_product_dtype(self.product_dtype, "KroneckerOptions.product_dtype")
         if self.fisher not in ("true", "empirical"):
             raise ValueError(f"fisher must be 'true' or 'empirical', got '{self.fisher}'")
         for what in ("max_examples", "covariance_max_examples"):

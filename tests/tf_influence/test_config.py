@@ -170,7 +170,7 @@ def test_solver_options_live_in_their_family():
                             "max_iter": 17, "dtype": tf.float64}
     assert set(tfi.SolverConfig("ekfac").kwargs()) == {"damping", "tol", "on_nonconvergence", "memory_budget",
                                                        "fisher", "relative_damping", "factors", "max_examples",
-                                                       "seed", "dense_factor_max", "covariance_max_examples"}
+                                                       "seed", "dense_factor_max", "covariance_max_examples", "product_dtype"}
     assert "scale" in tfi.SolverConfig("lissa").kwargs() and "scale" not in tfi.SolverConfig("cg").kwargs()
     assert tfi.SolverConfig("identity").kwargs() == {}
     with pytest.raises(ValueError, match=r"the dense options \(max_params\) do not apply to 'ekfac'"):

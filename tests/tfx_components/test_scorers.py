@@ -266,6 +266,7 @@ def test_factor_fitter_feeds_the_influence_scorer(world, tmp_path):
     FactorExecutor(ctx(tmp_path / "tmp_f")).Do({"examples": [a["pre_ex"]], "model": [a["pre_m"]]},
                                                {"factors": [factors]}, fprops)
     assert factors.get_int_custom_property("num_examples") == 80
+    assert json.loads(factors.get_string_custom_property("summary"))["bfloat16_products"] == []
     out = InfluenceScores()
     out.uri = str(tmp_path / "scores")
     props = dict(INFLUENCE_PROPS)
@@ -294,11 +295,15 @@ def test_factor_fitter_feeds_the_influence_scorer(world, tmp_path):
                                                                    max_iter=100, dtype=tf.float64)))).scores
     for i, k in enumerate(pk):
         assert got[k] == pytest.approx(ref[i], rel=1e-3, abs=1e-6)
-    # factors of another model's parameters are refused, naming the artifact
+    # factors of another model's parameters are refused, naming the artifact (fitted with bfloat16 products: the
+    # product_dtype parameter reaches the Beam workers, and the artifact's summary says which products used it)
     other = KFACFactors()
     other.uri = str(tmp_path / "factors_ft")
     FactorExecutor(ctx(tmp_path / "tmp_g")).Do({"examples": [a["ft_ex"]], "model": [a["ft_m"]]},
-                                               {"factors": [other]}, {**fprops, "splits": json.dumps(["train"])})
+                                               {"factors": [other]}, {**fprops, "splits": json.dumps(["train"]),
+                                                                      "product_dtype": "bfloat16"})
+    low = json.loads(other.get_string_custom_property("summary"))["bfloat16_products"]
+    assert low and all(k.split("/")[1] in ("in", "out", "per_example") for k in low), low
     with pytest.raises(ValueError, match="KFACFactors artifact .*another parameter group"):
         InfluenceExecutor(ctx(tmp_path / "tmp2")).Do(
             {"pretrain_examples": [a["pre_ex"]], "finetune_examples": [a["ft_ex"]], "pretrain_model": [a["pre_m"]],
@@ -309,6 +314,8 @@ def test_factor_fitter_feeds_the_influence_scorer(world, tmp_path):
                                                    {**fprops, "layers": json.dumps(["no_such_layer"])})
     with pytest.raises(ValueError, match="kind must be"):
         FactorFitter(examples=None, model=None, feature_spec=SPEC, kind="diagonal")
+    with pytest.raises(ValueError, match="product_dtype must be one of"):
+        FactorFitter(examples=None, model=None, feature_spec=SPEC, product_dtype="float16")
 
 
 def test_self_influence_scorer_equals_the_library_and_names_bad_input(world, tmp_path):

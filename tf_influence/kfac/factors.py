@@ -27,11 +27,16 @@ class KFACFactors:
     group_spec: GroupSpec
     blocks: dict = field(default_factory=dict)      # name → {"QA", "QS", "eig", "A_diag"(embedding)}
     diagonal: dict = field(default_factory=dict)    # variable path → Fisher diagonal (variable shape)
+    #: block → {"in", "out", "per_example"}: the dtype its per-batch products ran in (``fit_factors``'
+    #: ``product_dtype`` resolved; ``"bfloat16"`` or the model's); empty for factors saved before it was recorded
+    products: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         return {"kind": self.kind, "fisher": self.fisher, "num_examples": self.num_examples,
                 "kronecker_blocks": {k: list(np.shape(v["eig"])) for k, v in self.blocks.items()},
-                "diagonal_variables": sorted(self.diagonal)}
+                "diagonal_variables": sorted(self.diagonal),
+                "bfloat16_products": sorted(f"{k}/{what}" for k, v in self.products.items()
+                                            for what, d in v.items() if d == "bfloat16")}
 
     def save(self, directory: str) -> str:
         """Write ``factors.npz`` + ``factors.json`` to ``directory`` (a local path or any
@@ -55,7 +60,8 @@ class KFACFactors:
                 fh.write(buf.getbuffer())   # a view of the buffer, not a second copy
         with tf.io.gfile.GFile(os.path.join(directory, "factors.json"), "w") as fh:
             fh.write(json.dumps({"kind": self.kind, "fisher": self.fisher, "num_examples": self.num_examples,
-                                 "group_spec": json.loads(self.group_spec.to_json())}, indent=1))
+                                 "group_spec": json.loads(self.group_spec.to_json()),
+                                 "products": self.products}, indent=1))
         return directory
 
     @classmethod
@@ -82,7 +88,7 @@ class KFACFactors:
                 else:
                     diagonal[rest] = data[key]
         return cls(meta["kind"], meta["fisher"], meta["num_examples"], GroupSpec.from_json(meta["group_spec"]),
-                   blocks, diagonal)
+                   blocks, diagonal, meta.get("products", {}))
 
 
 def _is_local(directory: str) -> bool:

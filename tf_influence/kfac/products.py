@@ -21,6 +21,8 @@ True
 
 from __future__ import annotations
 
+import functools
+
 import tensorflow as tf
 
 #: Column block of :func:`token_gram`: a side of at least twice this many columns is multiplied as the upper
@@ -43,12 +45,16 @@ def _tokens(x):
     return tf.reshape(x, [-1, tf.shape(x)[-1] if d is None else d])
 
 
-def token_gram(x, block: int | None = None):
+def token_gram(x, block: int | None = None, dtype=None):
     """``Σ_{b,p} x[b, p] x[b, p]ᵀ`` of ``x: [..., d]`` (every leading axis summed) as a ``[d, d]`` matrix,
     exactly symmetric: tiles ``i ≤ j`` of about ``[block, block]`` (default :data:`GRAM_BLOCK`) are computed,
     the diagonal ones symmetrised and the ones below the diagonal their transposes. A side narrower than
-    ``2 × block`` (or of unknown width) is one product."""
+    ``2 × block`` (or of unknown width) is one product. ``dtype``: multiply in this dtype (``tf.bfloat16``:
+    :func:`product_dtype`) and return ``x``'s."""
     block = GRAM_BLOCK if block is None else int(block)
+    out = x.dtype
+    if dtype is not None and tf.as_dtype(dtype) != out:
+        return tf.cast(token_gram(tf.cast(x, dtype), block), out)
     d = x.shape[-1]
     flat = _tokens(x)
     if d is None or d < 2 * block:
@@ -62,10 +68,78 @@ def token_gram(x, block: int | None = None):
                       for i in range(k)], axis=0)
 
 
-def token_matmul(x, m):
+def token_matmul(x, m, dtype=None):
     """``x @ m`` for ``x: [..., d]`` and ``m: [d, c]`` as one ``[tokens, d] @ [d, c]`` product (``tf.einsum``'s
-    ``"bpo,oc->bpc"`` re-reads ``m`` once per leading index)."""
+    ``"bpo,oc->bpc"`` re-reads ``m`` once per leading index). ``dtype``: multiply in this dtype and return
+    ``x``'s."""
+    if dtype is not None and tf.as_dtype(dtype) != x.dtype:
+        return tf.cast(token_matmul(tf.cast(x, dtype), tf.cast(m, dtype)), x.dtype)
     return tf.reshape(tf.matmul(_tokens(x), m), tf.concat([tf.shape(x)[:-1], tf.shape(m)[-1:]], axis=0))
 
 
-__all__ = ["GRAM_BLOCK", "token_gram", "token_matmul"]
+#: The choices of ``product_dtype`` (:func:`~tf_influence.kfac.fit_factors`, ``FactorArgs``, ``KroneckerOptions``):
+#: ``"model"`` multiplies every side in the model's own dtype (float32 or float64), ``"bfloat16"`` every dense side
+#: of a float32 model in bfloat16, ``"auto"`` (the default) the products with a side of at least
+#: :data:`BFLOAT16_MIN` columns of a float32 model in bfloat16 where the hardware does so natively
+#: (:func:`native_bfloat16`).
+PRODUCT_DTYPES = ("model", "bfloat16", "auto")
+
+#: ``product_dtype="auto"``: a dense factor side of at least this many columns is multiplied in bfloat16, and so are
+#: the per-example gradients of a block with such a side (the same width from which
+#: :func:`~tf_influence.kfac.statistics.eigenbases` decomposes in float32); narrower ones cost little either way
+#: and keep the model's precision — the small models the exact tests check are fitted as before.
+BFLOAT16_MIN = 1024
+
+
+def check_product_dtype(value: str, owner: str = "product_dtype") -> str:
+    """``value`` if it is one of :data:`PRODUCT_DTYPES`, else a ``ValueError`` naming ``owner``."""
+    if value not in PRODUCT_DTYPES:
+        raise ValueError(f"{owner} must be one of {PRODUCT_DTYPES}, got {value!r}")
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def native_bfloat16() -> bool:
+    """Whether TensorFlow multiplies bfloat16 in hardware here: a visible GPU of compute capability 8.0 or
+    more, or (no GPU) a CPU with AMX-BF16 or AVX512-BF16 and TensorFlow's oneDNN kernels on (not
+    ``TF_ENABLE_ONEDNN_OPTS=0``). Elsewhere a bfloat16 product is emulated and slower than float32."""
+    import os
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        try:
+            cc = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability") or (0, 0)
+        except Exception:                              # pragma: no cover - a driver without details
+            return False
+        return tuple(cc) >= (8, 0)
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") == "0":
+        return False
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def product_dtype(requested: str, width: int, compute, native: bool | None = None):
+    """The dtype the factor passes multiply a dense side of ``width`` columns in: ``tf.bfloat16``, or ``None``
+    for the compute dtype (``compute``: the model's float32 or float64). ``requested`` is one of
+    :data:`PRODUCT_DTYPES`; ``native``: :func:`native_bfloat16` when None.
+
+    >>> product_dtype("auto", 3072, tf.float32, native=True), product_dtype("auto", 768, tf.float32, native=True)
+    (tf.bfloat16, None)
+    >>> product_dtype("auto", 3072, tf.float32, native=False), product_dtype("bfloat16", 8, tf.float32)
+    (None, tf.bfloat16)
+    """
+    check_product_dtype(requested)
+    if requested == "model" or tf.as_dtype(compute) != tf.float32:
+        return None
+    if requested == "bfloat16":
+        return tf.bfloat16
+    if width < BFLOAT16_MIN:
+        return None
+    return tf.bfloat16 if (native_bfloat16() if native is None else native) else None
+
+
+__all__ = ["BFLOAT16_MIN", "GRAM_BLOCK", "PRODUCT_DTYPES", "check_product_dtype", "native_bfloat16", "product_dtype",
+           "token_gram", "token_matmul"]

@@ -8,7 +8,8 @@ list of layer names whose variables are covered; default every trainable variabl
 ``InfluenceScorer`` needs for the pretraining Hessian ∂²G/∂(W,U)²), ``kind`` (``ekfac`` / ``kfac``),
 ``fisher`` (``true``: labels sampled from the model; ``empirical``: the observed labels), ``splits``
 (JSON list, default all), ``loss`` (Keras loss config JSON, default the compiled loss),
-``batch_size``, ``seed``.
+``batch_size``, ``seed``, ``product_dtype`` (``auto``, the default / ``bfloat16`` / ``model``: the dtype of the
+passes' large products, as ``tf_influence.kfac.fit_factors``').
 
 Output: ``factors`` (KFACFactors artifact). The driver only loads the model to check the layers;
 both passes (covariances, then the EK-FAC eigenvalue correction) run in the Beam workers
@@ -38,6 +39,7 @@ class FactorFitterSpec(types.ComponentSpec):
         "fisher": ExecutionParameter(type=str),
         specs.SPLITS_KEY: ExecutionParameter(type=str, optional=True),
         "seed": ExecutionParameter(type=int, optional=True),
+        "product_dtype": ExecutionParameter(type=str, optional=True),
     }
     INPUTS = specs.examples_and_model()
     OUTPUTS = {specs.FACTORS_KEY: ChannelParameter(type=KFACFactors)}
@@ -62,7 +64,10 @@ class FactorFitter(base_beam_component.BaseBeamComponent):
     def __init__(self, examples: types.BaseChannel, model: types.BaseChannel, feature_spec: Optional[dict] = None,
                  layers=None, kind: str = "ekfac", fisher: str = "true", splits=None, loss: Optional[dict] = None,
                  batch_size: int = 256, seed: int = 0, schema: Optional[types.BaseChannel] = None,
-                 transform_graph: Optional[types.BaseChannel] = None, label_key: Optional[str] = None):
+                 transform_graph: Optional[types.BaseChannel] = None, label_key: Optional[str] = None,
+                 product_dtype: str = "auto"):
+        from tf_influence.kfac.products import check_product_dtype
+        check_product_dtype(product_dtype)
         if kind not in ("ekfac", "kfac"):
             raise ValueError(f"kind must be 'ekfac' or 'kfac', got '{kind}'")
         if fisher not in ("true", "empirical"):
@@ -74,5 +79,6 @@ class FactorFitter(base_beam_component.BaseBeamComponent):
             schema=schema, transform_graph=transform_graph, label_key=label_key,
             layers=json.dumps(list(layers)) if layers else None, kind=kind, fisher=fisher,
             splits=json.dumps(list(splits)) if splits else None, loss=json.dumps(loss) if loss else None,
-            batch_size=batch_size, seed=seed, factors=channel_utils.as_channel([KFACFactors()]))
+            batch_size=batch_size, seed=seed, product_dtype=product_dtype,
+            factors=channel_utils.as_channel([KFACFactors()]))
         super().__init__(spec=spec)
