@@ -145,10 +145,11 @@ class FactorStatistics:
     def products(self) -> dict:
         """``{block: {"in", "out", "per_example"}}``: the dtype name of each dense side's covariance and rotation
         (a diagonal side is a sum of squares in the compute dtype) and of the correction's per-example gradients in
-        the eigenbasis (by the block's larger side): what ``product_dtype`` resolved to here."""
+        the eigenbasis (by the block's larger side; a lookup-only ``Embedding`` sums its rows' squares, no
+        product): what ``product_dtype`` resolved to here."""
         name = lambda diag, w: self.compute.name if diag or self.low_dtype(w) is None else "bfloat16"  # noqa: E731
         return {b.name: {"in": name(b.diag_in, b.rows), "out": name(b.diag_out, b.d_out),
-                         "per_example": name(False, max(b.rows, b.d_out))} for b in self.blocks}
+                         "per_example": name(b.kind == "embedding", max(b.rows, b.d_out))} for b in self.blocks}
 
     def sides(self) -> dict:
         """``{block: {"in": "dense" | "diagonal", "out": …, "rows", "d_out"}}``: how each factor side is kept."""
