@@ -130,6 +130,41 @@ def run(args: ProductsArgs) -> dict:
 STEP_VARIANTS = ("einsum (before kfac.products)", "kfac.products")
 
 
+def _step_world(name: str, args: ProductsArgs, sequences: int):
+    """``(model, batches, step_stats(product_dtype))`` for timing ``name``'s factor steps: the model after one eager
+    forward pass (Keras's own first-call work, outside the timing), its batches, and a function that builds a
+    :class:`~tf_influence.kfac.FactorStatistics` with its two compiled steps — the correction in random orthonormal
+    bases of the fitted sizes (one per size, shared: its cost does not depend on their values)."""
+    import numpy as np
+    import tensorflow as tf
+    import tf_influence as tfi
+    from benchmarks import real_size as rs
+    from tf_influence.kfac import FactorStatistics
+    from tf_influence.lm import CausalLMLoss
+    rargs = rs.RealSizeArgs(batch=args.batch, length=args.length, sequences=sequences)
+    model, _ = rs.build(name, rargs)
+    ds, _, _, _ = rs.datasets(name, rargs)
+    batches = list(ds)
+    model(batches[0][0], training=False)
+    rng, made = np.random.default_rng(0), {}
+
+    def basis(n, diagonal):
+        if diagonal:
+            return np.zeros((0, 0), np.float32)
+        if n not in made:
+            made[n] = np.linalg.qr(rng.standard_normal((n, n)))[0].astype(np.float32)
+        return made[n]
+
+    def step_stats(product_dtype: str):
+        stats = FactorStatistics(tfi.Objective(model, CausalLMLoss()), tfi.ParameterGroup.from_model(model),
+                                 product_dtype=product_dtype)
+        bases = stats._bases_as_tensors({b.name: {"QA": basis(b.rows, b.diag_in), "QS": basis(b.d_out, b.diag_out)}
+                                         for b in stats.blocks})
+        return stats, {"covariance": lambda x, y, i: stats._stats_fn(x, y, i, tf.float32),
+                       "correction": lambda x, y, i: stats._correction_fn(x, y, i, bases, tf.float32)}
+    return model, batches, step_stats
+
+
 def _patch(variant: str) -> None:
     """Make the factor steps traced from now on use ``variant``'s products."""
     from tf_influence.kfac import statistics
@@ -141,32 +176,10 @@ def time_step(args: ProductsArgs, variant: str) -> dict:
     """One variant of ``args.step_model``'s compiled covariance and correction steps, in this process: per step the
     graph's operations, its trace, first call and the median of ``args.step_calls`` calls after it (the correction
     in random orthonormal bases of the fitted sizes: its cost does not depend on their values)."""
-    import numpy as np
     import tensorflow as tf
-    import tf_influence as tfi
-    from benchmarks import real_size as rs
-    from tf_influence.kfac import FactorStatistics
-    from tf_influence.lm import CausalLMLoss
     _patch(variant)
-    rargs = rs.RealSizeArgs(batch=args.batch, length=args.length, sequences=args.batch * (args.step_calls + 1))
-    model, _ = rs.build(args.step_model, rargs)
-    ds, _, _, _ = rs.datasets(args.step_model, rargs)
-    batches = list(ds)
-    model(batches[0][0], training=False)                 # Keras's own first-call work, outside the timing
-    stats = FactorStatistics(tfi.Objective(model, CausalLMLoss()), tfi.ParameterGroup.from_model(model),
-                             product_dtype="model")
-    rng, made = np.random.default_rng(0), {}
-
-    def basis(n, diagonal):
-        if diagonal:
-            return np.zeros((0, 0), np.float32)
-        if n not in made:
-            made[n] = np.linalg.qr(rng.standard_normal((n, n)))[0].astype(np.float32)
-        return made[n]
-    bases = stats._bases_as_tensors({b.name: {"QA": basis(b.rows, b.diag_in), "QS": basis(b.d_out, b.diag_out)}
-                                     for b in stats.blocks})
-    kernels = {"covariance": lambda x, y, i: stats._stats_fn(x, y, i, tf.float32),
-               "correction": lambda x, y, i: stats._correction_fn(x, y, i, bases, tf.float32)}
+    _, batches, step_stats = _step_world(args.step_model, args, args.batch * (args.step_calls + 1))
+    _, kernels = step_stats("model")
     out = {"variant": variant}
     for what, fn in kernels.items():
         step = tf.function(fn, autograph=False)
@@ -213,37 +226,13 @@ def dtype_rows(args: ProductsArgs) -> dict:
     """``args.dtype_model``'s compiled covariance and correction steps with each ``product_dtype``, built in one
     process and called in turns (a round calls every variant's two steps once; the first round, which traces and
     optimises, is left out), so that the machine's drift reaches every variant alike."""
-    import numpy as np
     import tensorflow as tf
-    import tf_influence as tfi
-    from benchmarks import real_size as rs
-    from tf_influence.kfac import FactorStatistics
     from tf_influence.kfac.products import PRODUCT_DTYPES, native_bfloat16
-    from tf_influence.lm import CausalLMLoss
-    rargs = rs.RealSizeArgs(batch=args.batch, length=args.length, sequences=args.batch * 4)
-    model, _ = rs.build(args.dtype_model, rargs)
-    ds, _, _, _ = rs.datasets(args.dtype_model, rargs)
-    batches = list(ds)
-    model(batches[0][0], training=False)
-    rng, made = np.random.default_rng(0), {}
-
-    def basis(n, diagonal):
-        if diagonal:
-            return np.zeros((0, 0), np.float32)
-        if n not in made:
-            made[n] = np.linalg.qr(rng.standard_normal((n, n)))[0].astype(np.float32)
-        return made[n]
+    _, batches, step_stats = _step_world(args.dtype_model, args, args.batch * 4)
     steps, out = {}, {"model": args.dtype_model, "native_bfloat16": native_bfloat16(), "variants": {}}
     for dtype in PRODUCT_DTYPES:
-        st = FactorStatistics(tfi.Objective(model, CausalLMLoss()), tfi.ParameterGroup.from_model(model),
-                              product_dtype=dtype)
-        bases = st._bases_as_tensors({b.name: {"QA": basis(b.rows, b.diag_in), "QS": basis(b.d_out, b.diag_out)}
-                                      for b in st.blocks})
-        steps[dtype] = {"covariance": tf.function(lambda x, y, i, st=st: st._stats_fn(x, y, i, tf.float32),
-                                                  autograph=False),
-                        "correction": tf.function(lambda x, y, i, st=st, b=bases: st._correction_fn(x, y, i, b,
-                                                                                                   tf.float32),
-                                                  autograph=False)}
+        st, kernels = step_stats(dtype)
+        steps[dtype] = {what: tf.function(fn, autograph=False) for what, fn in kernels.items()}
         low = sorted(f"{k}/{w}" for k, v in st.products().items() for w, d in v.items() if d == "bfloat16")
         out["variants"][dtype] = {"bfloat16_products": len(low), "products": sum(len(v) for v in st.products().values()),
                                   "covariance": [], "correction": []}

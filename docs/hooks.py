@@ -255,6 +255,18 @@ def real_size_tables(d: dict) -> str:
     return "\n".join(out)
 
 
+def _agreement_cells(fit: dict, dampings: list) -> list:
+    """A fit's scores against the reference fit's, per damping: Spearman / Pearson / top-10 harmful and helpful
+    examples shared, or "(reference)" for the reference itself (benchmarks/covariance_cap.py's ``scores_vs_full``)."""
+    cells = []
+    for dn in dampings:
+        a = (fit.get("scores_vs_full") or {}).get(dn)
+        cells.append("(reference)" if a is None else
+                     f"{_fmt(a['spearman'])} / {_fmt(a['pearson'])} / "
+                     f"{round(a['top10_harmful_overlap'] * 10)} and {round(a['top10_helpful_overlap'] * 10)}")
+    return cells
+
+
 def covariance_cap_tables(d: dict) -> str:
     """EK-FAC with its covariances on fewer examples against the full fit (benchmarks/covariance_cap.py)."""
     dampings = next((list(f["scores_vs_full"]) for f in d["fits"].values() if f.get("scores_vs_full")), [])
@@ -270,12 +282,7 @@ def covariance_cap_tables(d: dict) -> str:
             label = f"covariances on the first {key.split('=')[1]} (`{key}`)"
         else:
             label = f"every sequence, labels sampled with another seed ({key.split('seed ')[-1]}): the noise floor"
-        cells = []
-        for dn in dampings:
-            a = (f.get("scores_vs_full") or {}).get(dn)
-            cells.append("(reference)" if a is None else
-                         f"{_fmt(a['spearman'])} / {_fmt(a['pearson'])} / "
-                         f"{round(a['top10_harmful_overlap'] * 10)} and {round(a['top10_helpful_overlap'] * 10)}")
+        cells = _agreement_cells(f, dampings)
         around = " and ".join(_fmt(e) + " s" for e in f.get("epoch_seconds", []))
         timed = (["—", "— (a yardstick for the scores, not timed for the target)"] if "seed" in key else
                  [_fmt(f["seconds"]), f"{_fmt(f['over_epoch'])} ({'met' if f['over_epoch'] <= 2.5 else 'missed'}; "
@@ -301,12 +308,7 @@ def product_dtype_tables(d: dict) -> str:
             label = f"covariances on the first {key.split('=')[1]} (`{key}`)"
         else:
             label = f"the default, labels sampled with another seed ({key.split('seed ')[-1]}): the noise floor"
-        cells = []
-        for dn in dampings:
-            a = (f.get("scores_vs_full") or {}).get(dn)
-            cells.append("(reference)" if a is None else
-                         f"{_fmt(a['spearman'])} / {_fmt(a['pearson'])} / "
-                         f"{round(a['top10_harmful_overlap'] * 10)} and {round(a['top10_helpful_overlap'] * 10)}")
+        cells = _agreement_cells(f, dampings)
         low = f.get("bfloat16_products")
         rows.append(f"| {label} | {'—' if low is None else low} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
