@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .configs import JsonConfig
+from .kfac.products import DEFAULT_PRODUCT_DTYPE, PRODUCT_DTYPE_HELP, PRODUCT_DTYPES
 from .influence import InfluenceArgs, InfluenceResult, MultiStageInfluence
 from .objective import Objective
 
@@ -82,11 +83,8 @@ class FactorArgs(JsonConfig):
     covariance_max_examples: int | None = field(default=None, metadata={
         "help": "EK-FAC: fit the covariances (the eigenbases) on the first N examples of those the fit sees, the "
                 "eigenvalue correction still on all of them (kronfluence's covariance_max_examples; None: all)"})
-    product_dtype: str = field(default="auto", metadata={
-        "help": "dtype of the fit's large per-batch products: 'auto' (bfloat16 for the products with a side of "
-                "≥ 1,024 columns, a vocabulary's included, where the hardware multiplies bfloat16 natively; else the "
-                "model's dtype), 'bfloat16' (every dense factor side of a float32 model) or 'model' (the model's "
-                "dtype)", "choices": ("auto", "bfloat16", "model")})
+    product_dtype: str = field(default=DEFAULT_PRODUCT_DTYPE, metadata={"help": PRODUCT_DTYPE_HELP,
+                                                                      "choices": PRODUCT_DTYPES})
 
     def __post_init__(self):
         from .kfac.products import check_product_dtype

@@ -44,6 +44,7 @@ import tensorflow as tf
 
 from .configs import JsonConfig, dataclass_from_dict  # re-exported: it lived here
 from .errors import require_finite
+from .kfac.products import DEFAULT_PRODUCT_DTYPE, PRODUCT_DTYPE_HELP, PRODUCT_DTYPES
 
 
 class SolverNotConvergedError(RuntimeError):
@@ -274,7 +275,7 @@ def kronecker(op, b, damping: float = 0.0, kind: str = "ekfac", fisher: str = "t
               factors=None, seed: int = 0, progress=None, on_nonconvergence: str = "warn", tol: float = 0.0,
               max_examples: int | None = None, dense_factor_max: int | None = None,
               memory_budget=None, covariance_max_examples: int | None = None,
-              product_dtype: str = "auto") -> SolveResult:
+              product_dtype: str = DEFAULT_PRODUCT_DTYPE) -> SolveResult:
     """(E)K-FAC: ``(F̂ + D + λ)⁻¹ b`` with Kronecker-factored curvature fitted on the operator's data
     (:mod:`tf_influence.kfac`); ``D`` = the exact L2-regulariser Hessian and the operator's extra
     diagonal, ``λ = damping + relative_damping × mean eigenvalue`` per block.
@@ -417,7 +418,7 @@ def auto(op, b, damping: float = 0.0, tol: float = 1e-5, max_iter: int = 200, dt
          kronecker_min: int | None = None, fisher: str = "true", relative_damping: float = 0.0, factors=None,
          max_examples: int | None = None, seed: int = 0, dense_factor_max: int | None = None,
          memory_budget=None, covariance_max_examples: int | None = None,
-         product_dtype: str = "auto") -> SolveResult:
+         product_dtype: str = DEFAULT_PRODUCT_DTYPE) -> SolveResult:
     """Pick the solver by the size of the system and the memory budget (:func:`auto_choice`) and run
     it; the result's ``method`` is the solver that ran and ``extra["auto"]`` says why. ``fisher``,
     ``relative_damping``, ``factors``, ``max_examples``, ``covariance_max_examples``, ``seed``,
@@ -546,11 +547,8 @@ class KroneckerOptions(_Options):
     covariance_max_examples: int | None = field(default=None, metadata={
         "help": "EK-FAC: fit the covariances (the eigenbases) on the first N examples, the eigenvalue correction "
                 "still on all (None: all)"})
-    product_dtype: str = field(default="auto", metadata={
-        "help": "dtype of the fit's large per-batch products: 'auto' (bfloat16 for the products with a side of "
-                "≥ 1,024 columns, a vocabulary's included, where the hardware multiplies bfloat16 natively; else the "
-                "model's dtype), 'bfloat16' (every dense factor side of a float32 model) or 'model' (the model's "
-                "dtype)", "choices": ("auto", "bfloat16", "model")})
+    product_dtype: str = field(default=DEFAULT_PRODUCT_DTYPE, metadata={"help": PRODUCT_DTYPE_HELP,
+                                                                      "choices": PRODUCT_DTYPES})
 
     def __post_init__(self):
         from .kfac.products import check_product_dtype

@@ -45,7 +45,7 @@ class _FactorPass(beam.DoFn):
     """Batch of serialized examples → its pass-1 (covariance) or pass-2 (correction) sums."""
 
     def __init__(self, model_path, feature_spec, group_spec, kind, fisher, seed, loss_config, desc, which,
-                 worker_threads=None, dense_factor_max=None, product_dtype="auto"):
+                 worker_threads=None, dense_factor_max=None, product_dtype=None):
         self.model_path, self.spec = model_path, beam_scoring.parse_feature_spec(feature_spec)
         self.group_spec, self.kind, self.fisher, self.seed = group_spec, kind, fisher, seed
         self.dense_factor_max, self.product_dtype = dense_factor_max, product_dtype
@@ -60,9 +60,10 @@ class _FactorPass(beam.DoFn):
         objective = tfi.Objective(model, beam_scoring.resolve_loss(model, self.loss_config))
         group = (tfi.ParameterGroup.from_spec(model, self.group_spec) if self.group_spec
                  else tfi.ParameterGroup.from_model(model))
+        from tf_influence.kfac.products import DEFAULT_PRODUCT_DTYPE
         self.stats = kfac.FactorStatistics(objective, group, self.kind, self.fisher, self.seed,
                                            dense_factor_max=kfac.dense_factor_limit(self.dense_factor_max),
-                                           product_dtype=self.product_dtype)
+                                           product_dtype=self.product_dtype or DEFAULT_PRODUCT_DTYPE)
 
     def process(self, records, bases=None):
         from tf_influence.objective import finite_check
@@ -133,15 +134,15 @@ class _Eigenbases(beam.DoFn):
 def fit_factors(pipeline, examples_patterns, model_path, feature_spec, output_dir, group_spec=None,
                 kind: str = "ekfac", fisher: str = "true", seed: int = 0, loss_config=None, batch_size: int = 256,
                 label: str = "Factors", worker_threads: int | None = None, dense_factor_max: int | None = None,
-                product_dtype: str = "auto"):
+                product_dtype: str | None = None):
     """Add the two passes over ``examples_patterns`` (one pattern or a list) to ``pipeline``;
     the factors are written to ``output_dir``. ``group_spec``: the parameter group
     (:class:`~tf_influence.params.GroupSpec` JSON), default every trainable variable;
     ``worker_threads``: TensorFlow threads per worker process (None: all cores); ``dense_factor_max`` and
-    ``product_dtype``: as :func:`tf_influence.kfac.fit_factors`'."""
+    ``product_dtype``: as :func:`tf_influence.kfac.fit_factors`' (None: its default)."""
     from tf_influence import kfac
-    from tf_influence.kfac.products import check_product_dtype
-    check_product_dtype(product_dtype)
+    from tf_influence.kfac.products import DEFAULT_PRODUCT_DTYPE, check_product_dtype
+    product_dtype = check_product_dtype(DEFAULT_PRODUCT_DTYPE if product_dtype is None else product_dtype)
     if kind not in kfac.KINDS:
         raise ValueError(f"kind must be one of {kfac.KINDS}, got '{kind}'")
     if fisher not in kfac.FISHERS:

@@ -84,6 +84,15 @@ def token_matmul(x, m, dtype=None):
 #: (:func:`native_bfloat16`).
 PRODUCT_DTYPES = ("model", "bfloat16", "auto")
 
+#: The default ``product_dtype`` of every function, configuration and component that takes one.
+DEFAULT_PRODUCT_DTYPE = "auto"
+
+#: The help of the ``product_dtype`` fields (``FactorArgs``, ``KroneckerOptions``) and flags.
+PRODUCT_DTYPE_HELP = ("dtype of the fit's large per-batch products: 'auto' (bfloat16 for the products with a side of "
+                      "≥ 1,024 columns, a vocabulary's included, where the hardware multiplies bfloat16 natively; else "
+                      "the model's dtype), 'bfloat16' (every dense factor side of a float32 model) or 'model' (the "
+                      "model's dtype)")
+
 #: ``product_dtype="auto"``: a dense factor side of at least this many columns is multiplied in bfloat16, and so are
 #: the per-example gradients of a block with such a side (the same width from which
 #: :func:`~tf_influence.kfac.statistics.eigenbases` decomposes in float32); narrower ones cost little either way
@@ -141,5 +150,5 @@ def product_dtype(requested: str, width: int, compute, native: bool | None = Non
     return tf.bfloat16 if (native_bfloat16() if native is None else native) else None
 
 
-__all__ = ["BFLOAT16_MIN", "GRAM_BLOCK", "PRODUCT_DTYPES", "check_product_dtype", "native_bfloat16", "product_dtype",
+__all__ = ["BFLOAT16_MIN", "DEFAULT_PRODUCT_DTYPE", "GRAM_BLOCK", "PRODUCT_DTYPES", "PRODUCT_DTYPE_HELP", "check_product_dtype", "native_bfloat16", "product_dtype",
            "token_gram", "token_matmul"]

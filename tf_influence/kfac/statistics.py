@@ -14,7 +14,8 @@ from ..params import ParameterGroup, tf_variable
 from .blocks import kronecker_blocks, norm_blocks
 from ..capture import Capture, diagonal_squares, output_gradients
 from .factors import FISHERS, KFACFactors, KINDS
-from .products import check_product_dtype, product_dtype as resolve_product_dtype, token_gram, token_matmul
+from .products import (DEFAULT_PRODUCT_DTYPE, check_product_dtype, product_dtype as resolve_product_dtype, token_gram,
+                       token_matmul)
 
 
 def _sample_labels(loss, y_pred, y, fisher: str, seed):
@@ -116,7 +117,7 @@ class FactorStatistics:
 
     def __init__(self, objective, group: ParameterGroup, kind: str = "ekfac", fisher: str = "true",
                  seed: int = 0, strategy=None, dense_factor_max: int | None = DENSE_FACTOR_MAX,
-                 product_dtype: str = "auto"):
+                 product_dtype: str = DEFAULT_PRODUCT_DTYPE):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got '{kind}'")
         if fisher not in FISHERS:
@@ -533,7 +534,8 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
                 seed: int = 0, progress: bool = False, name: str = "dataset", strategy=None,
                 max_examples: int | None = None, dense_factor_max: int | None = DENSE_FACTOR_MAX,
                 memory_budget=None, microbatch: int | None = None,
-                covariance_max_examples: int | None = None, product_dtype: str = "auto") -> KFACFactors:
+                covariance_max_examples: int | None = None,
+                product_dtype: str = DEFAULT_PRODUCT_DTYPE) -> KFACFactors:
     """Fit (E)K-FAC factors of ``objective`` on ``dataset`` for ``group`` (one pass, two for EK-FAC).
 
     The passes are :class:`FactorStatistics`' steps, summed batch by batch in bounded memory (the

@@ -25,6 +25,7 @@ from tfx.dsl.components.base import base_beam_component, executor_spec
 from tfx.types import channel_utils
 from tfx.types.component_spec import ChannelParameter, ExecutionParameter
 
+from tf_influence.kfac.products import DEFAULT_PRODUCT_DTYPE
 from tfx_components import component_specs as specs
 from tfx_components.artifacts import KFACFactors
 from tfx_components.factor_fitter import executor
@@ -65,7 +66,7 @@ class FactorFitter(base_beam_component.BaseBeamComponent):
                  layers=None, kind: str = "ekfac", fisher: str = "true", splits=None, loss: Optional[dict] = None,
                  batch_size: int = 256, seed: int = 0, schema: Optional[types.BaseChannel] = None,
                  transform_graph: Optional[types.BaseChannel] = None, label_key: Optional[str] = None,
-                 product_dtype: str = "auto"):
+                 product_dtype: str = DEFAULT_PRODUCT_DTYPE):
         from tf_influence.kfac.products import check_product_dtype
         check_product_dtype(product_dtype)
         if kind not in ("ekfac", "kfac"):

@@ -6,6 +6,7 @@ import json
 from tfx.dsl.components.base import base_beam_executor
 from tfx.types import artifact_utils
 
+from tf_influence.kfac.products import DEFAULT_PRODUCT_DTYPE
 from tfx_components import component_specs as specs
 from tfx_components import beam_factors, beam_scoring, common
 
@@ -36,7 +37,7 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         def build(p):
             beam_factors.fit_factors(p, patterns, path, spec, out.uri, group_spec=group_spec, kind=e["kind"],
                                      fisher=e["fisher"], seed=int(e.get("seed") or 0), loss_config=e.get(specs.LOSS_KEY),
-                                     batch_size=specs.batch_size(e), product_dtype=e.get("product_dtype") or "auto")
+                                     batch_size=specs.batch_size(e), product_dtype=e.get("product_dtype") or DEFAULT_PRODUCT_DTYPE)
 
         common.run_beam(self, build, f"FactorFitter on Examples artifact {examples.uri} with Model artifact "
                                      f"{model.uri}")
