@@ -335,7 +335,7 @@ def _factor_batch_bytes(stats, B: int, P: int) -> tuple:
         else:   # a vocabulary-sized block, one example at a time: the running square sum, one G_n, its square and
             # the batch's result, all in the compute dtype (FactorStatistics._block_correction); with bfloat16
             # products (product_dtype) each G_n is first a bfloat16 array, then cast
-            low = 2 / c if stats.low_dtype(max(b.rows, b.d_out)) is not None else 0.0    # bfloat16: 2 bytes an entry
+            low = 2 / c if stats.per_example_dtype(b) is not None else 0.0    # bfloat16: 2 bytes an entry
             temp = max(temp, B * g_n * (2 + low) if b.rows * b.d_out <= PER_EXAMPLE_BATCHED_MAX
                        else g_n * (4 + low))
     vectorised = sum(B * math.prod(int(d) for d in v.shape) * c * 3 for v in stats.rest)

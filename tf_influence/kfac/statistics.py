@@ -143,14 +143,21 @@ class FactorStatistics:
         compute dtype (:func:`~tf_influence.kfac.products.product_dtype`)."""
         return resolve_product_dtype(self.product_dtype, int(width), self.compute)
 
+    def per_example_dtype(self, b):
+        """The dtype block ``b``'s correction forms its per-example ``G_n`` in: ``tf.bfloat16`` by its larger side
+        (a vocabulary block's ``[rows, d_out]`` products of one example each are GPT-2 small's dearest: its
+        vocabulary side is diagonal, but 50,257 rows × 128 tokens × 768 per example), or None for the compute dtype
+        — always for a lookup-only ``Embedding``, which sums its rows' squares with no product."""
+        return None if b.kind == "embedding" else self.low_dtype(max(b.rows, b.d_out))
+
     def products(self) -> dict:
         """``{block: {"in", "out", "per_example"}}``: the dtype name of each dense side's covariance and rotation
         (a diagonal side is a sum of squares in the compute dtype) and of the correction's per-example gradients in
-        the eigenbasis (by the block's larger side; a lookup-only ``Embedding`` sums its rows' squares, no
-        product): what ``product_dtype`` resolved to here."""
+        the eigenbasis (:meth:`per_example_dtype`): what ``product_dtype`` resolved to here."""
         name = lambda diag, w: self.compute.name if diag or self.low_dtype(w) is None else "bfloat16"  # noqa: E731
         return {b.name: {"in": name(b.diag_in, b.rows), "out": name(b.diag_out, b.d_out),
-                         "per_example": name(b.kind == "embedding", max(b.rows, b.d_out))} for b in self.blocks}
+                         "per_example": "bfloat16" if self.per_example_dtype(b) is not None else self.compute.name}
+                for b in self.blocks}
 
     def sides(self) -> dict:
         """``{block: {"in": "dense" | "diagonal", "out": …, "rows", "d_out"}}``: how each factor side is kept."""
@@ -260,10 +267,7 @@ class FactorStatistics:
             a = tf.concat([p[0] for p in sparse], axis=1)
             gq = tf.concat([p[1] for p in sparse], axis=1)
             return _token_rows_squared(a, gq, b.rows, dtype)
-        # the per-example G_n in bfloat16 where the block's larger side is wide enough (product_dtype): a vocabulary
-        # block's [rows, d_out] products of one example each are GPT-2 small's dearest (its vocabulary side is
-        # diagonal, but 50,257 rows × 128 tokens × 768 per example)
-        low = self.low_dtype(max(b.rows, b.d_out))
+        low = self.per_example_dtype(b)
         if b.rows * b.d_out <= PER_EXAMPLE_BATCHED_MAX:
             M = tf.add_n([tf.cast(tf.einsum("bpa,bpc->bac", tf.cast(aq, low), tf.cast(gq, low)), self.compute)
                           if low is not None else tf.einsum("bpa,bpc->bac", aq, gq) for aq, gq in dense])
