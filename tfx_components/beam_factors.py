@@ -11,7 +11,12 @@ The math is :class:`tf_influence.kfac.FactorStatistics` (the same steps
    ``factors.json``; local or ``gs://``), loadable by ``KFACFactors.load`` and usable as
    ``SolverConfig("ekfac", factors=directory)`` or by the ``InfluenceScorer`` component.
 
-Memory is bounded by the model and one batch per worker: nothing is gathered but the sums.
+Memory is bounded by the model and one microbatch per worker: nothing is gathered but the sums. Each worker
+splits the batches ``BatchElements`` hands it as the in-process fit splits its own
+(:func:`tf_influence.memory.factor_microbatch`), and checks the fit's memory plan
+(:func:`tf_influence.memory.factor_plan`) against ``memory_budget`` — its own machine's, default a fraction of
+its available memory — before the first pass over a batch of a new shape: a fit that cannot fit there fails
+with :class:`~tf_influence.memory.MemoryBudgetError` naming the block, not with the worker killed.
 With ``fisher="true"`` every batch samples its labels with a seed derived from its first key
 (reproducible for a given batching; another batching draws another, equally valid, sample);
 ``fisher="empirical"`` is deterministic and equals the in-process result up to float summation order.
@@ -45,8 +50,9 @@ class _FactorPass(beam.DoFn):
     """Batch of serialized examples → its pass-1 (covariance) or pass-2 (correction) sums."""
 
     def __init__(self, model_path, feature_spec, group_spec, kind, fisher, seed, loss_config, desc, which,
-                 worker_threads=None, dense_factor_max=None, product_dtype=None):
+                 worker_threads=None, dense_factor_max=None, product_dtype=None, memory_budget=None):
         self.model_path, self.spec = model_path, beam_scoring.parse_feature_spec(feature_spec)
+        self.memory_budget = memory_budget
         self.group_spec, self.kind, self.fisher, self.seed = group_spec, kind, fisher, seed
         self.dense_factor_max, self.product_dtype = dense_factor_max, product_dtype
         self.loss_config, self.desc, self.which, self.worker_threads = loss_config, desc, which, worker_threads
@@ -64,15 +70,36 @@ class _FactorPass(beam.DoFn):
         self.stats = kfac.FactorStatistics(objective, group, self.kind, self.fisher, self.seed,
                                            dense_factor_max=kfac.dense_factor_limit(self.dense_factor_max),
                                            product_dtype=self.product_dtype or DEFAULT_PRODUCT_DTYPE)
+        self.microbatches = {}              # (batch, positions) → examples per step, its plan checked
+
+    def microbatch(self, y) -> int:
+        """Examples per step for a batch of ``y``'s shape: :func:`~tf_influence.memory.factor_microbatch`, the
+        fit's :func:`~tf_influence.memory.factor_plan` checked against ``memory_budget`` for each new shape."""
+        import tensorflow as tf
+        from tf_influence.memory import factor_microbatch, factor_plan
+        t = tf.nest.flatten(y)[0]
+        shape = (int(t.shape[0]), int(t.shape[1]) if len(t.shape) > 1 else 1)
+        if shape not in self.microbatches:
+            m = factor_microbatch(self.stats, shape)
+            factor_plan(self.stats, batch_shape=shape, microbatch=m).check(self.memory_budget)
+            self.microbatches[shape] = m
+        return self.microbatches[shape]
 
     def process(self, records, bases=None):
+        import tensorflow as tf
+        from tf_influence.kfac import add_statistics
         from tf_influence.objective import finite_check
         keys, x, y = beam_scoring.decode_batch(records, self.spec, self.desc)
+        m, total = self.microbatch(y), None
         with finite_check(f"K-FAC factors on {self.desc}"):
-            if self.which == "covariances":
-                yield self.stats.covariances(x, y, batch_step(keys))
-            else:
-                yield self.stats.correction(x, y, batch_step(keys), bases)
+            for i in range(0, len(keys), m):   # each microbatch's labels drawn with its own first key's seed
+                xs, ys = (tf.nest.map_structure(lambda t: t[i:i + m], z) for z in (x, y))
+                if self.which == "covariances":
+                    part = self.stats.covariances(xs, ys, batch_step(keys[i:i + m]))
+                else:
+                    part = self.stats.correction(xs, ys, batch_step(keys[i:i + m]), bases)
+                total = add_statistics(total, part)
+        yield total
 
     def finalize(self, sums, bases, correction):
         return self.stats.factors(sums, bases, correction)
@@ -134,15 +161,19 @@ class _Eigenbases(beam.DoFn):
 def fit_factors(pipeline, examples_patterns, model_path, feature_spec, output_dir, group_spec=None,
                 kind: str = "ekfac", fisher: str = "true", seed: int = 0, loss_config=None, batch_size: int = 256,
                 label: str = "Factors", worker_threads: int | None = None, dense_factor_max: int | None = None,
-                product_dtype: str | None = None):
+                product_dtype: str | None = None, memory_budget=None):
     """Add the two passes over ``examples_patterns`` (one pattern or a list) to ``pipeline``;
     the factors are written to ``output_dir``. ``group_spec``: the parameter group
     (:class:`~tf_influence.params.GroupSpec` JSON), default every trainable variable;
     ``worker_threads``: TensorFlow threads per worker process (None: all cores); ``dense_factor_max`` and
-    ``product_dtype``: as :func:`tf_influence.kfac.fit_factors`' (None: its default)."""
+    ``product_dtype``: as :func:`tf_influence.kfac.fit_factors`' (None: its default); ``memory_budget``: what each
+    worker's memory plan is checked against (``FactorArgs.memory_budget``; None: a fraction of the worker's
+    available memory), before its first pass over a batch of a new shape."""
     from tf_influence import kfac
     from tf_influence.kfac.products import DEFAULT_PRODUCT_DTYPE, check_product_dtype
+    from tf_influence.memory import check_budget_value
     product_dtype = check_product_dtype(DEFAULT_PRODUCT_DTYPE if product_dtype is None else product_dtype)
+    check_budget_value(memory_budget)
     if kind not in kfac.KINDS:
         raise ValueError(f"kind must be one of {kfac.KINDS}, got '{kind}'")
     if fisher not in kfac.FISHERS:
@@ -160,7 +191,7 @@ def fit_factors(pipeline, examples_patterns, model_path, feature_spec, output_di
 
     def make(which):
         return _FactorPass(model_path, feature_spec, group_spec, kind, fisher, seed, loss_config, desc, which,
-                           worker_threads, dense_factor_max, product_dtype)
+                           worker_threads, dense_factor_max, product_dtype, memory_budget)
 
     sums = (read("1") | f"{label}Covariances" >> beam.ParDo(make("covariances"))
             | f"{label}SumCovariances" >> beam.CombineGlobally(SumStatistics()))
@@ -205,7 +236,8 @@ def main(argv=None):
     with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
         fit_factors(p, args.examples, args.model, feature_spec, args.output, group_spec, fargs.kind,
                     fargs.fisher, fargs.seed, args.loss, args.batch_size, worker_threads=args.worker_threads,
-                    dense_factor_max=fargs.dense_factor_max, product_dtype=fargs.product_dtype)
+                    dense_factor_max=fargs.dense_factor_max, product_dtype=fargs.product_dtype,
+                    memory_budget=fargs.memory_budget)
     print(f"wrote {fargs.kind} factors to {args.output}")
 
 

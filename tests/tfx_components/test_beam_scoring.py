@@ -155,6 +155,43 @@ def test_factors_as_a_beam_combiner_equal_the_in_process_fit(setup):
     assert not os.path.exists(str(root / "f2" / "factors.json"))
 
 
+def test_factor_workers_split_batches_into_the_fits_microbatches_and_check_its_memory_plan(setup, monkeypatch):
+    """Each worker splits the batches BatchElements hands it into the microbatches the in-process fit would use
+    (here forced to 5 of a batch of 16: 5 + 5 + 5 + 1) and the factors still equal ``fit_factors``'; a
+    ``--memory-budget`` below the fit's plan fails before any pass, naming the plan's largest block, and an
+    invalid one is refused in the driver."""
+    from tf_influence import kfac, memory
+    from tfx_components import beam_factors
+    root, path, index, x, y, pre = setup
+    seen = []
+
+    def five(stats, shape, limit=None):
+        seen.append(tuple(shape))
+        return 5
+    monkeypatch.setattr(memory, "factor_microbatch", five)
+    calls = []
+    real = kfac.FactorStatistics.covariances
+    monkeypatch.setattr(kfac.FactorStatistics, "covariances",
+                        lambda self, xs, ys, step: calls.append(len(ys)) or real(self, xs, ys, step))
+    flags = ["--examples", str(root / "examples" / "Split-train" / "*"), "--model", path,
+             "--feature-spec", json.dumps(SPEC), "--fisher", "empirical", "--batch-size", "16",
+             "--direct_running_mode=in_memory"]
+    out = str(root / "factors-micro")
+    beam_factors.main([*flags, "--output", out])
+    assert seen and max(calls) == 5 and sum(calls) == len(x)        # every example once, in steps of at most 5
+    got = kfac.KFACFactors.load(out)
+    ref = kfac.fit_factors(tfi.Objective(pre), tf.data.Dataset.from_tensor_slices((x, y)).batch(32),
+                           tfi.ParameterGroup.from_model(pre), fisher="empirical")
+    for name, blk in ref.blocks.items():
+        np.testing.assert_allclose(got.blocks[name]["eig"], blk["eig"], rtol=1e-4, atol=1e-6 * blk["eig"].max())
+    monkeypatch.undo()
+    with pytest.raises(Exception, match=r"over the memory budget of 2\.0 KB: .* of 'conv2'"):
+        beam_factors.main([*flags, "--output", str(root / "factors-over"), "--memory-budget", "2kB"])
+    assert not os.path.exists(str(root / "factors-over" / "factors.json"))
+    with pytest.raises(ValueError, match="memory size must be"):
+        beam_factors.main([*flags, "--output", str(root / "factors-bad"), "--memory-budget", "lots"])
+
+
 def test_dataflow_job_compiles(setup, tmp_path):
     """The scoring job translated for Dataflow (``--dry_run``: built, not submitted — no GCP here):
     the workers get this package from ``setup.py`` (staged as ``workflow.tar.gz``)."""
