@@ -7,7 +7,9 @@ Per width ``d`` (the dense factor sides of the real-size models: 768, 1,024, 2,0
 and 3,072 — GPT-2 small's and BERT base's MLP) and a batch of ``--batch`` × ``--length`` float32 tokens:
 
 * the covariance ``Σ x xᵀ``: ``einsum("bpi,bpj->ij")``, one ``[tokens, d]ᵀ @ [tokens, d]`` matmul, and
-  :func:`~tf_influence.kfac.products.token_gram` with tiles of 256 (the library's), 384 and 512 columns;
+  :func:`~tf_influence.kfac.products.token_gram` with tiles of 256, 384 (the library's) and 512 columns, and
+  the same in bfloat16 (``token_gram(..., dtype=tf.bfloat16)``, how ``product_dtype="auto"`` runs the sides of
+  1,024 columns or more where the hardware multiplies bfloat16 natively) beside one bfloat16 matmul;
 * the rotation ``x Q`` of every token: ``einsum("bpo,oc->bpc")`` and
   :func:`~tf_influence.kfac.products.token_matmul`.
 
@@ -80,9 +82,14 @@ def variants() -> dict:
     return {
         "covariance: einsum": ("covariance", lambda x, q: einsum_gram(x)),
         "covariance: one matmul": ("covariance", one_matmul),
-        "covariance: tiles of 256 (token_gram)": ("covariance", lambda x, q: token_gram(x, 256)),
-        "covariance: tiles of 384": ("covariance", lambda x, q: token_gram(x, 384)),
+        "covariance: tiles of 256": ("covariance", lambda x, q: token_gram(x, 256)),
+        "covariance: tiles of 384 (token_gram)": ("covariance", lambda x, q: token_gram(x, 384)),
         "covariance: tiles of 512": ("covariance", lambda x, q: token_gram(x, 512)),
+        "covariance in bfloat16: one matmul": ("covariance", lambda x, q: token_gram(x, 10 ** 9, tf.bfloat16)),
+        "covariance in bfloat16: tiles of 256": ("covariance", lambda x, q: token_gram(x, 256, tf.bfloat16)),
+        "covariance in bfloat16: tiles of 384 (token_gram)": ("covariance",
+                                                             lambda x, q: token_gram(x, 384, tf.bfloat16)),
+        "covariance in bfloat16: tiles of 512": ("covariance", lambda x, q: token_gram(x, 512, tf.bfloat16)),
         "rotation: einsum": ("rotation", einsum_rotation),
         "rotation: one matmul (token_matmul)": ("rotation", token_matmul),
     }

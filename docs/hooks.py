@@ -321,14 +321,32 @@ def products_table(d: dict) -> str:
             "float64 NumPy, relative to the largest entry:", "",
             "| width | covariance: einsum | covariance: `token_gram` | rotation: einsum | rotation: `token_matmul` "
             "| largest error (einsum / ours) |", "|---|---|---|---|---|---|"]
+    def ours(v, prefix):
+        return next(k for k in v if k.startswith(prefix) and k.endswith("(token_gram)"))
     for r in d["rows"]:
         v = r["variants"]
-        ce, cg = v["covariance: einsum"], v["covariance: tiles of 256 (token_gram)"]
+        ce, cg = v["covariance: einsum"], v[ours(v, "covariance: tiles")]
         re_, rm = v["rotation: einsum"], v["rotation: one matmul (token_matmul)"]
         rows.append(f"| {_fmt(r['width'])} | {ce['median_seconds'] * 1e3:.1f} | {cg['median_seconds'] * 1e3:.1f} "
                     f"({cg['speedup_over_einsum']:.2f}×) | {re_['median_seconds'] * 1e3:.1f} | "
                     f"{rm['median_seconds'] * 1e3:.1f} ({rm['speedup_over_einsum']:.2f}×) | "
                     f"{max(ce['max_error'], re_['max_error']):.0e} / {max(cg['max_error'], rm['max_error']):.0e} |")
+    tiles = [256, 384, 512]
+    if all(any(k.startswith(f"covariance in bfloat16: tiles of {t}") for k in r["variants"])
+           for r in d["rows"] for t in tiles):
+        def ms(v, label):
+            key = next(k for k in v if k == label or k == label + " (token_gram)")
+            return f"{v[key]['median_seconds'] * 1e3:.1f}" + (" ⟵" if key.endswith("(token_gram)") else "")
+        rows += ["", "The covariance's tile width, in the model's float32 and in bfloat16 (how `product_dtype=\"auto\"` "
+                     "multiplies the sides of 1,024 columns or more on this machine), milliseconds per call; ⟵ marks "
+                     "`token_gram`'s (`GRAM_BLOCK`):", "",
+                 "| width | float32: tiles of 256 | 384 | 512 | bfloat16: one matmul | tiles of 256 | 384 | 512 |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for r in d["rows"]:
+            v = r["variants"]
+            rows.append(f"| {_fmt(r['width'])} | " + " | ".join(
+                [ms(v, f"covariance: tiles of {t}") for t in tiles] + [ms(v, "covariance in bfloat16: one matmul")]
+                + [ms(v, f"covariance in bfloat16: tiles of {t}") for t in tiles]) + " |")
     if d.get("step"):
         st = d["step"]
         rows += ["", f"{st['model']}'s whole compiled factor steps, random weights, {_fmt(d['batch'])} × "

@@ -4,6 +4,7 @@ README stays short and its benchmark numbers are the ones in the results file.""
 import importlib.util
 import json
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -140,11 +141,16 @@ def test_products_table_follows_its_json():
     h = hooks()
     data = json.loads((ROOT / "docs" / "results" / "products.json").read_text())
     text = h.products_table(data)
+    # the variant the benchmark labels as token_gram's is the library's GRAM_BLOCK (read from the source: no TF here)
+    block = int(re.search(r"^GRAM_BLOCK = (\d+)$", (ROOT / "tf_influence" / "kfac" / "products.py").read_text(),
+                          re.M).group(1))
     for r in data["rows"]:
-        g = r["variants"]["covariance: tiles of 256 (token_gram)"]
+        g = r["variants"][f"covariance: tiles of {block} (token_gram)"]
+        b16 = r["variants"][f"covariance in bfloat16: tiles of {block} (token_gram)"]
         m = r["variants"]["rotation: one matmul (token_matmul)"]
         assert f"| {h._fmt(r['width'])} |" in text
         assert f"({g['speedup_over_einsum']:.2f}×)" in text and f"({m['speedup_over_einsum']:.2f}×)" in text
+        assert f" {g['median_seconds'] * 1e3:.1f} ⟵ |" in text and f" {b16['median_seconds'] * 1e3:.1f} ⟵ |" in text
     changed = json.loads(json.dumps(data))
     changed["rows"][0]["variants"]["rotation: one matmul (token_matmul)"]["speedup_over_einsum"] = 7.77
     assert "(7.77×)" in h.products_table(changed) and "(7.77×)" not in text

@@ -27,9 +27,13 @@ import tensorflow as tf
 
 #: Column block of :func:`token_gram`: a side of at least twice this many columns is multiplied as the upper
 #: triangle of its ``[block, block]`` tiles (the lower triangle mirrored), which skips almost half the work and
-#: runs at a better rate than one ``[d, d]`` product on this project's 2-core machine (of tiles of 256 / 384 / 512,
-#: 256 were the fastest at widths 768 – 2,048 and 9 % slower than 512 at 3,072: ``benchmarks/products.py``).
-GRAM_BLOCK = 256
+#: runs at a better rate than one ``[d, d]`` product on this project's 2-core machine. Of tiles of 256 / 384 / 512
+#: columns (``benchmarks/products.py``, float32 and bfloat16): on GPT-2 small's and BERT base's 3,072-wide sides in
+#: bfloat16 (how ``product_dtype="auto"`` runs them on AMX) 384 and 512 took 46 ms and 256 took 53; on the 768-wide
+#: sides, which ``"auto"`` keeps in float32, 256 took 6.4 ms, 384 7.2 and 512 (one product) 8.1. 384 gives the
+#: smallest sum over GPT-2 small's sides with half the graph operations of 256: a compiled covariance step's trace
+#: and first call (graph optimisation) grow with its operations, and at GPT-2 small they cost seconds of each fit.
+GRAM_BLOCK = 384
 
 
 def _tiles(d: int, block: int) -> list[int]:
