@@ -316,6 +316,13 @@ def test_factor_fitter_feeds_the_influence_scorer(world, tmp_path):
         FactorFitter(examples=None, model=None, feature_spec=SPEC, kind="diagonal")
     with pytest.raises(ValueError, match="product_dtype must be one of"):
         FactorFitter(examples=None, model=None, feature_spec=SPEC, product_dtype="float16")
+    # memory_budget reaches the Beam workers, whose memory plan refuses the fit before any pass
+    with pytest.raises(Exception, match="over the memory budget of 2.0 KB"):
+        FactorExecutor(ctx(tmp_path / "tmp_i")).Do({"examples": [a["ft_ex"]], "model": [a["ft_m"]]},
+                                                   {"factors": [KFACFactors()]},
+                                                   {**fprops, "splits": json.dumps(["train"]), "memory_budget": "2kB"})
+    with pytest.raises(ValueError, match="memory size must be"):
+        FactorFitter(examples=None, model=None, feature_spec=SPEC, memory_budget="lots")
 
 
 def test_self_influence_scorer_equals_the_library_and_names_bad_input(world, tmp_path):

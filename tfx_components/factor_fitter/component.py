@@ -9,7 +9,9 @@ list of layer names whose variables are covered; default every trainable variabl
 ``fisher`` (``true``: labels sampled from the model; ``empirical``: the observed labels), ``splits``
 (JSON list, default all), ``loss`` (Keras loss config JSON, default the compiled loss),
 ``batch_size``, ``seed``, ``product_dtype`` (``auto``, the default / ``bfloat16`` / ``model``: the dtype of the
-passes' large products, as ``tf_influence.kfac.fit_factors``').
+passes' large products, as ``tf_influence.kfac.fit_factors``'), ``memory_budget`` (``FactorArgs.memory_budget``:
+``"8GB"``, a fraction such as ``"0.5"``, default a fraction of each worker's available memory — every Beam worker
+checks the fit's memory plan against it before its first pass, ``tfx_components.beam_factors``).
 
 Output: ``factors`` (KFACFactors artifact). The driver only loads the model to check the layers;
 both passes (covariances, then the EK-FAC eigenvalue correction) run in the Beam workers
@@ -41,6 +43,7 @@ class FactorFitterSpec(types.ComponentSpec):
         specs.SPLITS_KEY: ExecutionParameter(type=str, optional=True),
         "seed": ExecutionParameter(type=int, optional=True),
         "product_dtype": ExecutionParameter(type=str, optional=True),
+        "memory_budget": ExecutionParameter(type=str, optional=True),
     }
     INPUTS = specs.examples_and_model()
     OUTPUTS = {specs.FACTORS_KEY: ChannelParameter(type=KFACFactors)}
@@ -66,9 +69,11 @@ class FactorFitter(base_beam_component.BaseBeamComponent):
                  layers=None, kind: str = "ekfac", fisher: str = "true", splits=None, loss: Optional[dict] = None,
                  batch_size: int = 256, seed: int = 0, schema: Optional[types.BaseChannel] = None,
                  transform_graph: Optional[types.BaseChannel] = None, label_key: Optional[str] = None,
-                 product_dtype: str = DEFAULT_PRODUCT_DTYPE):
+                 product_dtype: str = DEFAULT_PRODUCT_DTYPE, memory_budget=None):
         from tf_influence.kfac.products import check_product_dtype
+        from tf_influence.memory import check_budget_value
         check_product_dtype(product_dtype)
+        check_budget_value(memory_budget)
         if kind not in ("ekfac", "kfac"):
             raise ValueError(f"kind must be 'ekfac' or 'kfac', got '{kind}'")
         if fisher not in ("true", "empirical"):
@@ -81,5 +86,6 @@ class FactorFitter(base_beam_component.BaseBeamComponent):
             layers=json.dumps(list(layers)) if layers else None, kind=kind, fisher=fisher,
             splits=json.dumps(list(splits)) if splits else None, loss=json.dumps(loss) if loss else None,
             batch_size=batch_size, seed=seed, product_dtype=product_dtype,
+            memory_budget=None if memory_budget is None else str(memory_budget),
             factors=channel_utils.as_channel([KFACFactors()]))
         super().__init__(spec=spec)

@@ -37,7 +37,8 @@ class Executor(base_beam_executor.BaseBeamExecutor):
         def build(p):
             beam_factors.fit_factors(p, patterns, path, spec, out.uri, group_spec=group_spec, kind=e["kind"],
                                      fisher=e["fisher"], seed=int(e.get("seed") or 0), loss_config=e.get(specs.LOSS_KEY),
-                                     batch_size=specs.batch_size(e), product_dtype=e.get("product_dtype") or DEFAULT_PRODUCT_DTYPE)
+                                     batch_size=specs.batch_size(e), product_dtype=e.get("product_dtype") or DEFAULT_PRODUCT_DTYPE,
+                                     memory_budget=e.get("memory_budget") or None)
 
         common.run_beam(self, build, f"FactorFitter on Examples artifact {examples.uri} with Model artifact "
                                      f"{model.uri}")
