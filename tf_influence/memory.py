@@ -299,9 +299,16 @@ def first_batch_shape(dataset) -> tuple:
     if shape and shape[0] is not None and (len(shape) < 2 or shape[1] is not None):
         return int(shape[0]), int(shape[1]) if len(shape) > 1 else 1
     for _, y in dataset.take(1):
-        t = tf.nest.flatten(y)[0]
-        return int(t.shape[0]), int(t.shape[1]) if t.shape.rank > 1 else 1
+        return batch_shape(y)
     return 1, 1
+
+
+def batch_shape(y) -> tuple:
+    """``(batch, positions)`` of one batch's labels ``y`` (a tensor, array or nest of them): the first label's first
+    axis and its second (tokens), 1 if none."""
+    import tensorflow as tf
+    t = tf.nest.flatten(y)[0]
+    return int(t.shape[0]), int(t.shape[1]) if len(t.shape) > 1 else 1
 
 
 def _dsize(dtype) -> int:

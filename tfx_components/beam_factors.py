@@ -75,10 +75,8 @@ class _FactorPass(beam.DoFn):
     def microbatch(self, y) -> int:
         """Examples per step for a batch of ``y``'s shape: :func:`~tf_influence.memory.factor_microbatch`, the
         fit's :func:`~tf_influence.memory.factor_plan` checked against ``memory_budget`` for each new shape."""
-        import tensorflow as tf
-        from tf_influence.memory import factor_microbatch, factor_plan
-        t = tf.nest.flatten(y)[0]
-        shape = (int(t.shape[0]), int(t.shape[1]) if len(t.shape) > 1 else 1)
+        from tf_influence.memory import batch_shape, factor_microbatch, factor_plan
+        shape = batch_shape(y)
         if shape not in self.microbatches:
             m = factor_microbatch(self.stats, shape)
             factor_plan(self.stats, batch_shape=shape, microbatch=m).check(self.memory_budget)
@@ -86,14 +84,13 @@ class _FactorPass(beam.DoFn):
         return self.microbatches[shape]
 
     def process(self, records, bases=None):
-        import tensorflow as tf
         from tf_influence.kfac import add_statistics
+        from tf_influence.kfac.statistics import microbatches
         from tf_influence.objective import finite_check
         keys, x, y = beam_scoring.decode_batch(records, self.spec, self.desc)
         m, total = self.microbatch(y), None
         with finite_check(f"K-FAC factors on {self.desc}"):
-            for i in range(0, len(keys), m):   # each microbatch's labels drawn with its own first key's seed
-                xs, ys = (tf.nest.map_structure(lambda t: t[i:i + m], z) for z in (x, y))
+            for i, xs, ys in microbatches(x, y, m):   # each microbatch's labels drawn with its own first key's seed
                 if self.which == "covariances":
                     part = self.stats.covariances(xs, ys, batch_step(keys[i:i + m]))
                 else:

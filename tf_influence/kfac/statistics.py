@@ -534,6 +534,19 @@ def _global_batch_size(y, strategy) -> int:
     return int(sum(int(tf.shape(v)[0]) for v in strategy.experimental_local_results(t)))
 
 
+def microbatches(x, y, size: int | None):
+    """``(start, x_part, y_part)`` for the consecutive slices of ``size`` examples of one batch ``(x, y)`` (nests of
+    tensors or arrays; the last slice may be shorter), or the batch itself (start 0) when ``size`` is None or not
+    smaller: how :func:`fit_factors` and the Beam factor job (``tfx_components.beam_factors``) split a batch into
+    the fit's microbatches (:func:`~tf_influence.memory.factor_microbatch`)."""
+    n = _global_batch_size(y, None)
+    if not size or n <= size:
+        yield 0, x, y
+        return
+    for i in range(0, n, size):
+        yield (i, *(tf.nest.map_structure(lambda t: t[i:i + size], z) for z in (x, y)))
+
+
 def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", fisher: str = "true",
                 seed: int = 0, progress: bool = False, name: str = "dataset", strategy=None,
                 max_examples: int | None = None, dense_factor_max: int | None = DENSE_FACTOR_MAX,
@@ -630,12 +643,8 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
     def split(it):
         """Each batch as microbatches of ``microbatch`` examples (itself when it is no larger)."""
         for x, y in it:
-            n = _global_batch_size(y, None)
-            if not microbatch or n <= microbatch:
-                yield x, y
-                continue
-            for i in range(0, n, microbatch):
-                yield tuple(tf.nest.map_structure(lambda t: t[i:i + microbatch], z) for z in (x, y))
+            for _, xs, ys in microbatches(x, y, microbatch):
+                yield xs, ys
 
     def loop(desc, cap):
         if strategy is not None:
