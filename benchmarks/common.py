@@ -23,6 +23,30 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(ts)
 
 
+#: The folders whose code a measurement depends on (:func:`code_version`'s ``changes``).
+CODE_FOLDERS = ("tf_influence", "tfx_components", "benchmarks", "model_zoo")
+
+
+def code_version(root: str | None = None) -> dict:
+    """What a measurement ran, to store beside its numbers: ``{"commit", "changes", "date"}`` — the checkout's
+    commit (7 hex digits; None outside a git checkout or without git), whether tracked files of
+    :data:`CODE_FOLDERS` differed from it (uncommitted changes), and the UTC date and time. A results page
+    shows it, so a number measured on older code is seen to be older, not taken for the current code's."""
+    import datetime
+    import subprocess
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+    def git(*argv):
+        return subprocess.run(["git", "-C", root, *argv], capture_output=True, text=True, timeout=30, check=True).stdout
+    try:
+        commit = git("rev-parse", "--short=7", "HEAD").strip()
+        changes = bool(git("status", "--porcelain", "--untracked-files=no", "--", *CODE_FOLDERS).strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, changes = None, False
+    return {"commit": commit, "changes": changes, "date": date}
+
+
 def _dump(out: dict, path: str, indent: int) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:

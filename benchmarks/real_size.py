@@ -564,6 +564,8 @@ def main(argv=None):
     if os.path.exists(args.out):
         with open(args.out) as fh:
             results = json.load(fh).get("models", {})
+    from benchmarks.common import code_version
+    version = code_version()      # stored with each path's numbers: the page says which code measured them
     if args.replan:
         for name in args.models:
             if not os.path.exists(os.path.join(_paths_dir(args, name), "pretrain.weights.h5")):
@@ -584,6 +586,7 @@ def main(argv=None):
                 stored.setdefault("estimated_mb_at_run", stored.get("estimated_mb"))
                 stored["estimated_mb"] = stored["rss_before_mb"] + r["plan_mb"]
                 stored["plan"] = r["plan"]
+                stored["replanned"] = version
                 at_run = stored["estimated_mb_at_run"]
                 print(f"   {name} {path}: plan {stored['estimated_mb']:.0f} MB (at the run: "
                       f"{'none' if at_run is None else f'{at_run:.0f}'}); measured peak {stored['peak_rss_mb']:.0f} MB",
@@ -619,6 +622,7 @@ def main(argv=None):
         for path in args.paths:
             paired = [_spawn(name, "epoch", args)] if args.paired_epochs else []
             r = _spawn(name, path, args)
+            r["measured"] = version
             paired += [_spawn(name, "epoch", args)] if args.paired_epochs else []
             epoch = prep["train_epoch_seconds"]
             if paired:

@@ -220,6 +220,20 @@ def vocab_side_tables(d: dict) -> str:
         f"the dense side's scores is {_fmt(d['spearman_identity_vs_dense'])}."])
 
 
+def _measured(m: dict | None) -> str:
+    """Which code measured a row (``benchmarks.common.code_version``, stored as ``measured``): its commit (``+ changes``
+    where the library's files differed from it) and date; a run from before commits were stored names the results
+    commit that first recorded it (``recorded_in``, filled from the file's git history); else "not recorded"."""
+    if not m:
+        return "not recorded"
+    day = str(m.get("date", ""))[:10]
+    if m.get("recorded_in"):
+        return f"recorded in `{m['recorded_in']}` ({day})"
+    if not m.get("commit"):
+        return f"outside a git checkout ({day})"
+    return f"code of `{m['commit']}`{' + changes' if m.get('changes') else ''} ({day})"
+
+
 def real_size_tables(d: dict) -> str:
     """Every path at real sizes (benchmarks/real_size.py): one table per model."""
     limits = {"influence": 4, "influence_updated": 4, "fit_factors": 2.5, "self_influence": 1, "index_build": 1.5}
@@ -235,7 +249,7 @@ def real_size_tables(d: dict) -> str:
                 f"{_fmt(m['n_sequences'])} sequences of {m['length']} tokens, batch {m['batch']}; one training epoch "
                 f"(`train_epoch_seconds`) {_fmt(m['train_epoch_seconds'])} s.", "",
                 "| path | ok | seconds | training epochs (target) | peak RSS MB (≤ 10,000) | at (library phase) | "
-                "plan estimate MB (estimate / peak) | error |", "|---|---|---|---|---|---|---|---|"]
+                "plan estimate MB (estimate / peak) | measured | error |", "|---|---|---|---|---|---|---|---|---|"]
         for path, r in m["paths"].items():
             over, peak, est = r.get("over_epoch"), r.get("peak_rss_mb"), r.get("estimated_mb")
             lim = limits.get(path)
@@ -251,7 +265,7 @@ def real_size_tables(d: dict) -> str:
             err = (str(r.get("error") or "")[:160]).replace("|", "/").replace("\n", " ")
             at = (r.get("timeline") or {}).get("peak_phase", "")
             out.append(f"| `{path}` | {r.get('ok')} | {_fmt(r.get('seconds'))} | {_fmt(over)}{target} | {_fmt(peak)} | "
-                       f"{at} | {_fmt(est)}{ratio} | {err} |")
+                       f"{at} | {_fmt(est)}{ratio} | {_measured(r.get('measured'))} | {err} |")
     return "\n".join(out)
 
 

@@ -77,6 +77,12 @@ def test_real_size_and_vocabulary_tables_follow_their_json():
     assert f"### {name}" in text and f"{model['n_params']:,}" in text
     for path in model["paths"]:
         assert f"`{path}`" in text
+    # every stored row says which code measured it (or which results commit recorded it)
+    for m in data["models"].values():
+        for path, r in (m.get("paths") or {}).items():
+            assert r.get("measured", {}).get("date"), path
+            assert r["measured"].get("commit") or r["measured"].get("recorded_in"), path
+    assert "not recorded" not in text
     changed = json.loads(json.dumps(data))
     first = next(iter(changed["models"][name]["paths"]))
     changed["models"][name]["paths"]["fit_factors"] = {"ok": True, "seconds": 10.0, "over_epoch": 9.5,
@@ -85,7 +91,12 @@ def test_real_size_and_vocabulary_tables_follow_their_json():
                                                "estimated_mb": None, "error": "MemoryBudgetError: too big"}
     changed["models"][name]["paths"]["index_build"] = {"ok": True, "seconds": 120.0, "over_epoch": 1.2,
                                                       "paired_epoch_seconds": [90.0, 110.0], "peak_rss_mb": 900.0}
+    changed["models"][name]["paths"]["index_build"]["measured"] = {"commit": "abc1234", "changes": True,
+                                                                   "date": "2026-12-06 15:51 UTC"}
     text = h.real_size_tables(changed)
+    row = next(r for r in text.splitlines() if r.startswith("| `index_build`"))
+    assert "code of `abc1234` + changes (2026-12-06)" in row
+    assert "| not recorded |" in next(r for r in text.splitlines() if r.startswith("| `fit_factors`"))
     assert "1.2 (≤ 1.5: met; over the epochs timed just before and after it (90 s and 110 s))" in text
     assert "9.5 (≤ 2.5: missed)" in text and "(1.1)" in text and "MemoryBudgetError: too big" in text
     vs = json.loads((ROOT / "docs" / "results" / "vocab_side.json").read_text())
@@ -171,3 +182,43 @@ def test_products_table_follows_its_json():
     changed["product_dtype"]["variants"]["bfloat16"]["median_correction_seconds"] = \
         pd["variants"]["model"]["median_correction_seconds"] / 2
     assert "(-50%) |" in h.products_table(changed) and "(-50%) |" not in text
+
+
+def test_benchmarks_store_the_code_they_measured(tmp_path, monkeypatch):
+    """``benchmarks.common.code_version``: the checkout's commit, and whether the library's tracked files differ from
+    it; ``benchmarks.real_size`` stores it with every path it runs (its worker processes stubbed here)."""
+    from benchmarks import common, real_size
+    repo = tmp_path / "repo"
+    (repo / "tf_influence").mkdir(parents=True)
+    (repo / "tf_influence" / "x.py").write_text("a = 1\n")
+    (repo / "notes.txt").write_text("n\n")
+    git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], check=True, capture_output=True,  # noqa: E731
+                                    text=True).stdout.strip()
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    v = common.code_version(str(repo))
+    assert v["commit"] == git("rev-parse", "--short=7", "HEAD") and v["changes"] is False and v["date"].endswith("UTC")
+    (repo / "notes.txt").write_text("changed\n")                 # not the library's code
+    assert common.code_version(str(repo))["changes"] is False
+    (repo / "tf_influence" / "x.py").write_text("a = 2\n")
+    assert common.code_version(str(repo))["changes"] is True
+    assert common.code_version(str(tmp_path / "not_a_checkout"))["commit"] is None
+
+    monkeypatch.setattr(common, "code_version", lambda root=None: {"commit": "feed123", "changes": False,
+                                                                   "date": "2026-12-06 16:00 UTC"})
+    spawned = []
+
+    def spawn(name, path, args):
+        spawned.append(path)
+        if path == "prepare":       # the worker trains the model into the run's folder
+            pathlib.Path(real_size._paths_dir(args, name)).mkdir(parents=True, exist_ok=True)
+            return {"ok": True, "n_params": 10, "train_epoch_seconds": 2.0, "peak_rss_mb_train": 1.0}
+        return {"ok": True, "seconds": 1.0, "peak_rss_mb": 5.0, "estimated_mb": None}
+    monkeypatch.setattr(real_size, "_spawn", spawn)
+    out = tmp_path / "rs.json"
+    real_size.main(["--models", "gpt2-mid", "--paths", "fit_factors", "--workdir", str(tmp_path / "w"),
+                    "--out", str(out)])
+    got = json.loads(out.read_text())["models"]["gpt2-mid"]["paths"]["fit_factors"]
+    assert spawned == ["prepare", "fit_factors"] and got["measured"]["commit"] == "feed123"
+    assert "code of `feed123` (2026-12-06)" in hooks().real_size_tables(json.loads(out.read_text()))
