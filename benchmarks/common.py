@@ -50,7 +50,14 @@ def code_version(root: str | None = None) -> dict:
 def _dump(out: dict, path: str, indent: int) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:
-        json.dump(out, fh, indent=indent)
+        json.dump(stamped(out), fh, indent=indent)
+
+
+def stamped(out):
+    """``out`` (a dict) with ``"measured"``: the :func:`code_version` of the run writing it, replacing an earlier
+    run's — every results file the benchmarks write says which code last wrote it (the docs print it under the
+    file's tables; a benchmark that keeps parts of an earlier run's file says so in its flags' help)."""
+    return {**out, "measured": code_version()} if isinstance(out, dict) else out
 
 
 def write_json(out: dict, path: str, indent: int = 1) -> None:

@@ -410,7 +410,11 @@ def render(name: str) -> str:
     if name not in GENERATORS:
         raise KeyError(f"no generator for results '{name}' (known: {sorted(GENERATORS)})")
     with open(path) as fh:
-        return GENERATORS[name](json.load(fh))
+        d = json.load(fh)
+    text = GENERATORS[name](d)
+    if name != "real_size":       # its rows say it one by one
+        text += f"\n\n*Last written by a run of:* {_measured(d.get('measured'))}.\n"
+    return text
 
 
 def include(rel: str) -> str:

@@ -221,4 +221,20 @@ def test_benchmarks_store_the_code_they_measured(tmp_path, monkeypatch):
                     "--out", str(out)])
     got = json.loads(out.read_text())["models"]["gpt2-mid"]["paths"]["fit_factors"]
     assert spawned == ["prepare", "fit_factors"] and got["measured"]["commit"] == "feed123"
+    # the other benchmarks' files: stamped by the shared writer, replacing an earlier run's stamp
+    common.write_json({"x": 1.0, "measured": {"recorded_in": "old1234"}}, str(tmp_path / "b.json"))
+    assert json.loads((tmp_path / "b.json").read_text())["measured"]["commit"] == "feed123"
     assert "code of `feed123` (2026-12-06)" in hooks().real_size_tables(json.loads(out.read_text()))
+
+
+def test_every_results_page_says_which_code_wrote_its_numbers():
+    """Each rendered results file ends with the code that last wrote it (or the commit that recorded it, for files
+    written before the benchmarks stored it); the real-size tables say it per row."""
+    h = hooks()
+    for name in h.GENERATORS:
+        text = h.render(name)
+        if name == "real_size":
+            assert "*Last written by a run of:*" not in text
+            continue
+        line = text.strip().splitlines()[-1]
+        assert line.startswith("*Last written by a run of:*") and ("code of `" in line or "recorded in `" in line), name
