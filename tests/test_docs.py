@@ -238,3 +238,18 @@ def test_every_results_page_says_which_code_wrote_its_numbers():
             continue
         line = text.strip().splitlines()[-1]
         assert line.startswith("*Last written by a run of:*") and ("code of `" in line or "recorded in `" in line), name
+
+
+def test_readme_real_size_figures_are_the_stored_runs():
+    """The README's Models line quotes multi-stage influence and ``fit_factors`` at each real size as
+    ``docs/results/real_size.json`` holds them (epochs over the epochs timed around the run, peak in GB), so a
+    rerun that changes them fails here until the README says so."""
+    readme = (ROOT / "README.md").read_text()
+    models = json.loads((ROOT / "docs" / "results" / "real_size.json").read_text())["models"]
+    for name in ("gpt2-small", "bert-base", "llama-100m"):
+        for path in ("influence", "fit_factors"):
+            r = models[name]["paths"][path]
+            quoted = f"{r['over_epoch']:.2f} epochs"
+            if path == "influence":
+                quoted += f" at {r['peak_rss_mb'] / 1000:.2f} GB"
+            assert quoted in readme, (name, path, quoted)
