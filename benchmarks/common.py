@@ -56,7 +56,8 @@ def _dump(out: dict, path: str, indent: int) -> None:
 def stamped(out):
     """``out`` (a dict) with ``"measured"``: the :func:`code_version` of the run writing it, replacing an earlier
     run's — every results file the benchmarks write says which code last wrote it (the docs print it under the
-    file's tables; a benchmark that keeps parts of an earlier run's file says so in its flags' help)."""
+    file's tables). A file that keeps parts of an earlier run (``benchmarks.index``'s models not measured,
+    ``benchmarks.hub``'s parts not run) takes the latest run's stamp: the stamp dates the file, not each part."""
     return {**out, "measured": code_version()} if isinstance(out, dict) else out
 
 
