@@ -47,7 +47,9 @@ def code_version(root: str | None = None) -> dict:
     return {"commit": commit, "changes": changes, "date": date}
 
 
-def _dump(out: dict, path: str, indent: int) -> None:
+def dump_json(out: dict, path: str, indent: int = 1) -> None:
+    """Write ``out`` to ``path`` as JSON, :func:`stamped` with the code writing it (its folder made if missing):
+    every benchmark's results file goes through here."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:
         json.dump(stamped(out), fh, indent=indent)
@@ -63,13 +65,13 @@ def stamped(out):
 
 def write_json(out: dict, path: str, indent: int = 1) -> None:
     """Write ``out`` to ``path`` as JSON (its folder made if missing) and say so."""
-    _dump(out, path, indent)
+    dump_json(out, path, indent)
     print(f"wrote {path}")
 
 
 def write_report(out: dict, path: str, width: int = 45, indent: int = 2) -> None:
     """Write ``out`` to ``path`` (JSON) and print one ``key value`` line per entry."""
-    _dump(out, path, indent)
+    dump_json(out, path, indent)
     for k, val in out.items():
         print(f"{k:{width}s} {val:.4g}" if isinstance(val, float) else f"{k:{width}s} {val}")
 

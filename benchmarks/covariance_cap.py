@@ -114,10 +114,8 @@ def run(args: CovarianceCapArgs) -> dict:
             for d, a in f.get("scores_vs_full", {}).items()), flush=True)
     from tf_influence.kfac.products import native_bfloat16
     out = {"model": args.model, "n_sequences": args.sequences, "native_bfloat16": native_bfloat16(), "fits": fits}
-    from benchmarks.common import stamped
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(stamped(out), fh, indent=1)
+    from benchmarks.common import dump_json
+    dump_json(out, args.out)
     return out
 
 

@@ -14,8 +14,6 @@ against leave-one-out on this setting, exact influence 0.99.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -119,10 +117,8 @@ def main(argv=None):
             rows[name]["pearson_vs_loo"] = float(stats.pearsonr(pred(s), actual)[0])
     out = {"setting": "digits MLP 64-32-10 tanh, L2 1e-2, 1000 train / 797 test, summed test loss",
            "train_seconds": train_seconds, "final_gradient_norm": grad_norm, "methods": rows}
-    from benchmarks.common import stamped
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(stamped(out), fh, indent=1)
+    from benchmarks.common import dump_json
+    dump_json(out, args.out)
     print(f"trained in {train_seconds:.0f} s (gradient norm {grad_norm:.1e})")
     print(f"{'method':28s} {'pearson vs exact':>17s} {'vs leave-one-out':>17s} {'seconds':>8s}")
     for name, r in rows.items():
