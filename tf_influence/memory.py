@@ -43,6 +43,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
+
 #: Fraction of the memory available at the check that a plan may use by default.
 DEFAULT_FRACTION = 0.7
 ENV_VAR = "TF_INFLUENCE_MEMORY_BUDGET"
@@ -464,11 +466,24 @@ def kfac_inverse_plan(stats_or_blocks, p: int, k: int) -> MemoryPlan:
 PER_EXAMPLE_COPIES = 5
 
 
-def release_memory() -> None:
+#: :func:`release_memory` does nothing after less than this was freed (64 MiB): a full ``gc.collect()`` walks every
+#: Python object, and in a process holding traced graphs that took 0.1–0.3 s a call — more than a small model's
+#: whole factor fit, paid three times per fit — while what glibc could give back from a few megabytes is noise.
+RELEASE_MIN_BYTES = 64 * 2 ** 20
+
+
+def release_memory(freed_bytes: int | None = None) -> None:
     """Give freed heap memory back to the system: ``gc.collect()``, then glibc's ``malloc_trim``. Between the
     factor passes the process has just freed gigabytes (a GPT-2 small batch's covariances), and freed NumPy
     arrays under glibc's mmap threshold stay resident in its heap, where TensorFlow's allocator (which maps
-    its own regions) never reuses them. A no-op where there is no glibc."""
+    its own regions) never reuses them. A no-op where there is no glibc, and when ``freed_bytes`` (about what the
+    caller just let go) is under :data:`RELEASE_MIN_BYTES`.
+
+    >>> release_memory(freed_bytes=1024)      # a small model's factors: nothing to give back, no collection
+    >>> release_memory()                      # unknown: collect and trim
+    """
+    if freed_bytes is not None and freed_bytes < RELEASE_MIN_BYTES:
+        return
     import gc
     gc.collect()
     try:
@@ -476,6 +491,27 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def nbytes(tree) -> int:
+    """The bytes of the arrays in a nested dict / list / tuple / dataclass of NumPy arrays (and tensors).
+
+    >>> nbytes({"a": np.zeros(4), "b": [np.zeros((2, 2), np.float32)]})
+    48
+    """
+    if isinstance(tree, dict):
+        return sum(nbytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(nbytes(v) for v in tree)
+    if hasattr(tree, "__dataclass_fields__"):
+        return sum(nbytes(getattr(tree, f)) for f in tree.__dataclass_fields__)
+    size = getattr(tree, "nbytes", None)
+    if isinstance(size, (int, np.integer)):
+        return int(size)
+    try:
+        return int(np.prod(tree.shape)) * tree.dtype.size    # a tf.Tensor
+    except (AttributeError, TypeError):
+        return 0
 
 
 def per_example_plan(p: int, chunk: int, dtype_size: int = 4) -> MemoryPlan:
@@ -532,4 +568,5 @@ def dataset_examples(dataset, batch: int | None = None) -> int | None:
 
 __all__ = ["DEFAULT_FRACTION", "MemoryBudgetError", "MemoryItem", "MemoryPlan", "available_bytes", "default_budget",
            "dataset_examples", "dense_plan", "factor_microbatch", "factor_plan", "first_batch_shape", "human", "index_plan",
-           "kfac_inverse_plan", "parse_bytes", "PER_EXAMPLE_COPIES", "per_example_plan", "release_memory", "resolve_budget", "vectors_plan"]
+           "kfac_inverse_plan", "nbytes", "parse_bytes", "PER_EXAMPLE_COPIES", "per_example_plan", "release_memory",
+           "RELEASE_MIN_BYTES", "resolve_budget", "vectors_plan"]

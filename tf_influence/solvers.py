@@ -329,9 +329,10 @@ def forget_factors(op) -> None:
     arrays, many under glibc's mmap threshold: freed, they stay resident in its heap, where TensorFlow's
     allocator (which maps its own regions) never reuses them — so without the trim case 2's pretraining
     fit started gigabytes above case 1's at GPT-2 small."""
-    if op.__dict__.pop(_FACTOR_CACHE, None) is not None:
-        from .memory import release_memory
-        release_memory()
+    cached = op.__dict__.pop(_FACTOR_CACHE, None)
+    if cached is not None:
+        from .memory import nbytes, release_memory
+        release_memory(nbytes(cached))
 
 
 def identity(op, b) -> SolveResult:

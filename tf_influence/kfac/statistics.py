@@ -606,7 +606,7 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
     if any(not (b.diag_in and b.diag_out) and max(b.rows, b.d_out) >= 1024 for b in stats.blocks):
         from ..console import warn_generic_blas
         warn_generic_blas()          # large eigendecompositions ahead: say so if numpy's BLAS is generic
-    from ..memory import factor_microbatch, factor_plan, release_memory
+    from ..memory import factor_microbatch, factor_plan, nbytes, release_memory
     if microbatch is not None and int(microbatch) < 1:
         raise ValueError(f"microbatch must be a positive number of examples, got {microbatch}")
     from ..memory import first_batch_shape
@@ -671,13 +671,14 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
     if sums is None or sums["n"] == 0:
         from ..objective import EmptyDatasetError
         raise EmptyDatasetError(f"{name} is empty: it yielded no examples")
-    release_memory()
+    freed = nbytes(sums)                                # what each release below lets go, about
+    release_memory(freed)
     if kind == "kfac":                                  # K-FAC's eigenvalues need the sums' diagonal parts whole
         bases = stats.eigenbases(sums)
     else:                                               # each block's covariances freed once decomposed
         bases = stats.eigenbases(sums, consume=True)
     sums = {"n": sums["n"], "diag": sums["diag"]}       # the covariances are no longer needed: free them
-    release_memory()
+    release_memory(freed)
     corr, n_corr = None, 0
     if kind == "ekfac" and stats.blocks:
         with finite_check(f"EK-FAC eigenvalue correction of {objective.name} on {name}"):
@@ -690,5 +691,5 @@ def fit_factors(objective, dataset, group: ParameterGroup, kind: str = "ekfac", 
             if in_graph:
                 corr = stats.take("correction")
         stats._bases_tensors = None                     # the bases as tensors are not needed any more
-        release_memory()
+        release_memory(freed)
     return stats.factors(sums, bases, corr, n_corr if corr is not None else None)   # the correction's own count
