@@ -21,12 +21,7 @@ def ds(x, y, batch=7):
 def per_example_block_matrices(obj, block, x, y):
     """``G_n`` of every example from one-at-a-time gradients (independent of the captured activations)."""
     bg = tfi.ParameterGroup("block", tuple(block.variables))
-    out = []
-    for i in range(len(y)):
-        xi = tf.nest.map_structure(lambda t: t[i:i + 1], x)
-        g = h.loss_gradient(obj, xi, y[i:i + 1], bg)
-        out.append(block.to_matrix(bg.unflatten(tf.constant(g))).numpy())
-    return out
+    return [block.to_matrix(bg.unflatten(tf.constant(g))).numpy() for g in h.one_at_a_time_gradients(obj, x, y, bg)]
 
 
 def conv1d_lm(seed=0):
