@@ -24,17 +24,18 @@ def tfds_dir(tmp_path_factory):
     return path
 
 
-#: Test modules by measured cost (wall seconds per module, `TFI_TEST_CPU_LOG` below), most expensive first. `make test` runs
-#: three workers with `--dist loadfile`, which hands out modules in collection order: starting the long
-#: ones first keeps one worker from running a long module alone at the end. Unlisted modules run last.
-HEAVY_FIRST = ("test_hub_derivatives.py", "test_kfac.py", "test_hub_models.py", "test_scorers.py",
-               "test_score_filter.py", "test_large_vocab.py", "test_dask_runner.py", "test_multistage_dense.py",
-               "test_pipelines.py", "test_index.py", "test_penguin_pipeline.py", "test_analyzer.py", "test_pages.py",
-               "test_provenance.py", "test_beam_scoring.py", "test_presence_distributed.py", "test_example_io.py",
-               "test_hvp.py", "test_transformer.py", "test_report.py", "test_presence_pipeline.py",
-               "test_convex_loo.py", "test_doctests.py", "test_memory.py", "test_killed_runs.py",
-               "test_reproduce.py", "test_text_multistage.py", "test_lds.py", "test_presence_experiment.py",
-               "test_diagnostics.py")
+#: Test modules by measured cost (wall seconds per module under `make test`, `TFI_TEST_CPU_LOG` below; remeasured
+#: 2026-12-06), most expensive first. `make test` runs three workers with `--dist loadfile`, which hands out modules
+#: in collection order: starting the long ones first keeps one worker from running a long module alone at the end.
+#: Unlisted modules run last.
+HEAVY_FIRST = ("test_hub_derivatives.py", "test_scorers.py", "test_dask_runner.py", "test_hub_models.py",
+               "test_penguin_pipeline.py", "test_beam_scoring.py", "test_kfac.py", "test_pipelines.py",
+               "test_large_vocab.py", "test_score_filter.py", "test_presence_distributed.py", "test_pages.py",
+               "test_multistage_dense.py", "test_index.py", "test_analyzer.py", "test_example_io.py",
+               "test_report.py", "test_products.py", "test_transformer.py", "test_presence_pipeline.py",
+               "test_memory.py", "test_lds.py", "test_hvp.py", "test_provenance.py", "test_doctests.py",
+               "test_convex_loo.py", "test_head_features.py", "test_cli.py", "test_kfac_distributed.py",
+               "test_presence.py", "test_config.py", "test_solvers.py", "test_data.py", "test_loo.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
