@@ -89,23 +89,23 @@ def explicit_hessian(objective, x, y, rows, cols=None):
     return J.T
 
 
-def loss_gradient(objective, x, y, group, reduction="sum"):
+def _flat_gradient(objective, x, y, group, reduction="sum"):
+    """``∇`` of the summed (or mean) per-example losses w.r.t. ``group``, flattened (a tensor; eager or traced)."""
     with tf.GradientTape() as tape:
         l = objective.per_example_losses(x, y)
         l = tf.reduce_sum(l) if reduction == "sum" else tf.reduce_mean(l)
-    return group.flatten(tape.gradient(l, group.tf_variables, unconnected_gradients="zero")).numpy()
+    return group.flatten(tape.gradient(l, group.tf_variables, unconnected_gradients="zero"))
+
+
+def loss_gradient(objective, x, y, group, reduction="sum"):
+    return _flat_gradient(objective, x, y, group, reduction).numpy()
 
 
 def one_at_a_time_gradients(objective, x, y, group):
     """``∇ l_i`` of every example, one example per call — the tape of :func:`loss_gradient`, compiled once per
     call of this function (eager, a keras-hub model's example took ~0.15 CPU-s, most of it Python)."""
     one = lambda i: tf.nest.map_structure(lambda t: t[i:i + 1], x)  # noqa: E731  (arrays or dicts of arrays)
-
-    @tf.function(autograph=False)
-    def grad(xi, yi):
-        with tf.GradientTape() as tape:
-            l = tf.reduce_sum(objective.per_example_losses(xi, yi))
-        return group.flatten(tape.gradient(l, group.tf_variables, unconnected_gradients="zero"))
+    grad = tf.function(lambda xi, yi: _flat_gradient(objective, xi, yi, group), autograph=False)
     return np.stack([grad(one(i), y[i:i + 1]).numpy() for i in range(len(y))])
 
 
