@@ -64,7 +64,7 @@ def einsum_gram(x, block=None, dtype=None):
     return tf.einsum("bpi,bpj->ij", x, x)
 
 
-def einsum_rotation(x, m, dtype=None):
+def einsum_rotation(x, m, dtype=None, cast_back=True):
     """The rotation as ``tf.einsum`` wrote it before :func:`~tf_influence.kfac.products.token_matmul` (in the
     inputs' dtype)."""
     import tensorflow as tf

@@ -383,17 +383,25 @@ def factor_plan(stats, dataset=None, batch_shape: tuple | None = None, microbatc
     c = _dsize(stats.compute)
     plan = MemoryPlan(f"(E)K-FAC factors of {stats.objective.name} over '{stats.group.name}'")
     ekfac = stats.kind == "ekfac"
-    largest_dense, sums, largest_name = 0, 0, ""
+    from .kfac.products import gram_tiles
+    largest_dense, sums, largest_name, whole, q_tensors = 0, 0, "", 0, 0
     for b in stats.blocks:
         for side, n, diag in (("A", b.rows, b.diag_in), ("S", b.d_out, b.diag_out)):
             if diag:
                 sums += n * 8
                 continue
-            # the covariance's running sum (and each batch's, added to it) through the first pass, then its
-            # eigenvectors for the rest of the fit
-            plan.add(f"dense {side} of '{b.name}'", n * n * c * 2, f"[{n}, {n}] {_dname(c)}, running and batch sums",
+            # the covariance's running sum (and each batch's, added to it) through the first pass — its upper
+            # tiles (FactorStatistics.add) — then, completed, the whole matrix on the host until its eigenvectors
+            # replace it; they stay for the rest of the fit, and as tensors in the dtype they multiply in
+            tiles = gram_tiles(n)
+            upper = sum(tiles[i] * tiles[j] for i in range(len(tiles)) for j in range(i, len(tiles)))
+            plan.add(f"dense {side} of '{b.name}'", upper * c * 2,
+                     f"[{n}, {n}] {_dname(c)}, upper tiles ({upper / n ** 2:.0%}): running and batch sums",
                      phase="covariance pass")
             plan.add(f"eigenvectors of {side} of '{b.name}'", n * n * c, f"[{n}, {n}] {_dname(c)}", host=True)
+            whole += n * n * c
+            low = stats.low_dtype(n) is not None and not (side == "A" and b.kind == "embedding")
+            q_tensors += n * n * (2 if low else c)
             if n > largest_dense:
                 largest_dense, largest_name = n, f"{side} of '{b.name}'"
         e = b.rows * b.d_out * 8
@@ -411,17 +419,15 @@ def factor_plan(stats, dataset=None, batch_shape: tuple | None = None, microbatc
     if sums:
         plan.add("diagonal sums", sums, phase="covariance pass")
     if largest_dense:   # one eigendecomposition at a time: the average, numpy's copy and LAPACK's workspace
-        plan.add("covariance sums held for the eigendecomposition",
-                 sum(i.nbytes for i in plan.items if i.name.startswith("dense ")) // 2, phase="eigendecomposition",
-                 host=True)
+        plan.add("covariance sums held for the eigendecomposition", whole, phase="eigendecomposition", host=True)
         plan.add(f"eigendecomposition of {largest_name}", largest_dense ** 2 * c * 3,
                  f"[{largest_dense}, {largest_dense}] {_dname(c)} × 3 (average, copy, workspace)",
                  phase="eigendecomposition", host=True)
     if ekfac:
         plan.add("per-batch products (correction pass)", correction, what, phase="correction pass")
-        q_total = sum(i.nbytes for i in plan.items if i.name.startswith("eigenvectors of "))
-        if q_total:
-            plan.add("eigenvectors as compute-dtype tensors", q_total, phase="correction pass")
+        if q_tensors:
+            plan.add("eigenvectors as tensors (bfloat16 where the side multiplies in it)", q_tensors,
+                     phase="correction pass")
     sides = sorted({n for b in stats.blocks for n, diag in ((b.rows, b.diag_in), (b.d_out, b.diag_out)) if not diag})
     if sides:
         plan.suggest(f"dense_factor_max below {sides[-1]} (a factor side above it is kept diagonal; "

@@ -67,6 +67,46 @@ def test_a_fit_through_the_tiled_product_has_the_exact_covariances(monkeypatch):
         assert tokens == len(x)
 
 
+def test_the_running_sums_add_upper_tiles_and_take_completes_them(monkeypatch):
+    """``FactorStatistics.add`` keeps each dense covariance as its upper tiles (tiles of 2 columns here: every dense
+    side tiled, uneven where the width is odd, the token counts of a small vocabulary's dense side cut into tiles
+    too) and ``take`` completes them: the sums equal the per-batch API's whole matrices (``covariances``:
+    :func:`token_gram` per batch, summed in float64; checked against NumPy above) to the last bits of a float64
+    model and are exactly symmetric; the eigenvalue correction in their bases equals the per-batch API's too."""
+    from tests import hub_models as hm
+    from tf_influence.kfac import statistics
+    monkeypatch.setattr(products, "GRAM_BLOCK", 2)
+    c = hm.build("gpt2", dtype="float64", vocab=7, width=6, layers=1, length=4)
+    g, _ = hm.objectives(c)
+    stats = kfac.FactorStatistics(g, tfi.ParameterGroup.from_model(c.pretrain), fisher="empirical")
+    assert any(not b.diag_in and b.kind != "dense" for b in stats.blocks)    # the tied table's token side: dense
+    batches = list(c.pretrain_data)
+    per_batch = None
+    for i, (x, y) in enumerate(batches):
+        stats.add("covariances", x, y, i)
+        per_batch = statistics.add_statistics(per_batch, stats.covariances(x, y, i))
+    tiles = stats._sums[1]["blocks"]
+    assert all(isinstance(v, statistics._Tiles) for b in stats.blocks for v, diag in zip(tiles[b.name][:2],
+               (b.diag_in, b.diag_out)) if not diag)
+    widths = {n for b in stats.blocks for n, diag in ((b.rows, b.diag_in), (b.d_out, b.diag_out)) if not diag}
+    assert {len(products.gram_tiles(n)) for n in widths} != {1}           # the sides are tiled
+    sums = stats.take("covariances")
+    for b in stats.blocks:
+        for got, ref in zip(sums["blocks"][b.name], per_batch["blocks"][b.name]):
+            np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
+            if np.ndim(got) == 2:
+                np.testing.assert_array_equal(got, got.T)
+    bases = stats.eigenbases(sums)
+    for i, (x, y) in enumerate(batches):
+        stats.add("correction", x, y, i, bases)
+    corr_in_graph = stats.take("correction")
+    corr = None
+    for i, (x, y) in enumerate(batches):
+        corr = statistics.add_statistics(corr, stats.correction(x, y, i, bases))
+    for k in corr:
+        np.testing.assert_allclose(corr_in_graph[k], corr[k], rtol=1e-10, atol=1e-12 * np.abs(corr[k]).max())
+
+
 # -- bfloat16 products (product_dtype) ----------------------------------------------------------------------------
 def test_products_in_bfloat16_keep_the_input_dtype_and_bfloat16_accuracy():
     """``dtype=tf.bfloat16``: the product of the inputs rounded to bfloat16, in the inputs' dtype — within a few

@@ -14,8 +14,8 @@ from ..params import ParameterGroup, tf_variable
 from .blocks import kronecker_blocks, norm_blocks
 from ..capture import Capture, diagonal_squares, output_gradients
 from .factors import FISHERS, KFACFactors, KINDS
-from .products import (DEFAULT_PRODUCT_DTYPE, check_product_dtype, product_dtype as resolve_product_dtype, token_gram,
-                       token_matmul)
+from .products import (DEFAULT_PRODUCT_DTYPE, check_product_dtype, gram_from_upper, gram_tiles,
+                       product_dtype as resolve_product_dtype, token_gram, token_gram_upper, token_matmul)
 
 
 def _sample_labels(loss, y_pred, y, fisher: str, seed):
@@ -94,6 +94,29 @@ def _token_rows_squared(ids, gq, rows, dtype):
     summed = tf.math.unsorted_segment_sum(tf.reshape(gq, [-1, d]), idx, tf.size(present))
     token = tf.cast(present % rows, tf.int32)
     return tf.cast(tf.math.unsorted_segment_sum(tf.square(summed), token, rows), dtype)
+
+
+def _upper_tiles_of(M, sizes) -> dict:
+    """The tiles ``i ≤ j`` of a whole ``[d, d]`` matrix ``M`` cut at column tiles ``sizes``."""
+    if len(sizes) == 1:
+        return {(0, 0): M}
+    offsets = np.cumsum([0] + list(sizes))
+    return {(i, j): M[offsets[i]:offsets[i + 1], offsets[j]:offsets[j + 1]]
+            for i in range(len(sizes)) for j in range(i, len(sizes))}
+
+
+def _basis_tensor(Q, compute, dtype):
+    """An eigenbasis as a tensor in ``dtype``, converted through the compute dtype (as a cast inside the step
+    would: the same values)."""
+    t = tf.constant(np.asarray(Q), compute)
+    return t if dtype == compute else tf.cast(t, dtype)
+
+
+class _Tiles:
+    """A dense side's running sum in :meth:`FactorStatistics.add`: one variable per upper tile."""
+
+    def __init__(self, sizes, tiles: dict):
+        self.sizes, self.tiles = list(sizes), tiles
 
 
 # -- the factors ---------------------------------------------------------------------------------
@@ -198,37 +221,73 @@ class FactorStatistics:
             return res, ys, (records, grads, cap.options)
         return res, ys
 
-    def _stats_fn(self, x, y, step, sums_dtype=tf.float64):
+    def _stats_fn(self, x, y, step, sums_dtype=tf.float64, tiled: bool = False):
         """One batch's pass-1 sums: the blocks' ``(Σ aaᵀ, Σ ggᵀ, tokens)`` with the covariances in
         ``sums_dtype`` (float64 for the per-batch API, which Beam and ``tf.distribute`` sum across workers;
-        the compute dtype for :meth:`add`'s in-graph running sums), token counts and the diagonal in float64."""
+        the compute dtype for :meth:`add`'s in-graph running sums), token counts and the diagonal in float64.
+        ``tiled`` (:meth:`add`): each dense covariance as its upper tiles ``{(i, j): …}``
+        (:func:`~tf_influence.kfac.products.token_gram_upper`, tiles :meth:`_gram_tiles`), which the running
+        sums add up and :meth:`take` completes once — not as every batch's whole symmetric matrix."""
         dtype = tf.float64
         res, ys, (records, layer_grads, options) = self._forward(x, y, step, with_norms=True)
         out, covariances = {}, {}
+
+        def gram(t, width):
+            if tiled:
+                return token_gram_upper(t, self._gram_tiles(width), dtype=self.low_dtype(width))
+            return token_gram(t, dtype=self.low_dtype(width))
+
+        def add(total, part, width, dt):
+            """``total + part`` (``None``: nothing yet) of dense sides, whole or as tiles."""
+            if tiled and not isinstance(part, dict):          # a whole matrix (token counts' diagonal): its tiles
+                part = _upper_tiles_of(part, self._gram_tiles(width))
+            if isinstance(part, dict):
+                part = {k: tf.cast(t, dt) for k, t in part.items()}
+                return part if total is None else {k: total[k] + part[k] for k in part}
+            part = tf.cast(part, dt)
+            return part if total is None else total + part
+
         for b in self.blocks:
             # a diagonal side (token counts, a vocabulary) is a vector: kept in float64 whatever sums_dtype
-            A = tf.zeros([b.rows] if b.diag_in else [b.rows, b.rows], dtype if b.diag_in else sums_dtype)
-            S = tf.zeros([b.d_out] if b.diag_out else [b.d_out, b.d_out], dtype if b.diag_out else sums_dtype)
+            A = tf.zeros([b.rows], dtype) if b.diag_in else None
+            S = tf.zeros([b.d_out], dtype) if b.diag_out else None
             tokens = tf.constant(0.0, dtype)
             for a, g, ids in res[b.name]:
                 if ids:   # one-hot tokens: Σ_t e_t e_tᵀ is the diagonal of token counts
                     flat = tf.reshape(a, [-1])
-                    counts = tf.math.unsorted_segment_sum(tf.ones_like(flat, A.dtype), flat, b.rows)
-                    A += counts if b.diag_in else tf.linalg.diag(counts)
+                    counts = tf.math.unsorted_segment_sum(tf.ones_like(flat, dtype), flat, b.rows)
+                    A = A + counts if b.diag_in else add(A, tf.linalg.diag(counts), b.rows, sums_dtype)
                 else:             # one product per activations tensor, however many blocks read it
                     key = (id(a), b.diag_in)
                     if key not in covariances:
                         c = tf.cast(a, self.compute)
                         covariances[key] = (tf.reduce_sum(tf.square(c), axis=[0, 1]) if b.diag_in
-                                             else token_gram(c, dtype=self.low_dtype(b.rows)))
-                    A += tf.cast(covariances[key], A.dtype)
+                                             else gram(c, b.rows))
+                    A = A + tf.cast(covariances[key], dtype) if b.diag_in else add(A, covariances[key], b.rows,
+                                                                                   sums_dtype)
                 tokens += tf.cast(tf.shape(g)[0] * tf.shape(g)[1], dtype)
-                S += tf.cast(tf.reduce_sum(tf.square(g), axis=[0, 1]) if b.diag_out
-                             else token_gram(g, dtype=self.low_dtype(b.d_out)), S.dtype)
+                if b.diag_out:
+                    S += tf.cast(tf.reduce_sum(tf.square(g), axis=[0, 1]), dtype)
+                else:
+                    S = add(S, gram(g, b.d_out), b.d_out, sums_dtype)
+            # a block its loss never calls: zeros
+            A = A if A is not None else self._dense_zeros(b.rows, sums_dtype, tiled)
+            S = S if S is not None else self._dense_zeros(b.d_out, sums_dtype, tiled)
             out[b.name] = (A, S, tokens)
         sq = diagonal_squares(self.objective, self.norms, records, layer_grads, self.rest, x, ys, dtype, options)
         diag = [sq[id(tf_variable(v))] for v in self.diag_vars]
         return out, diag, tf.cast(tf.shape(tf.nest.flatten(y)[0])[0], dtype)
+
+    @staticmethod
+    def _gram_tiles(width: int) -> list:
+        """The column tiles of a dense side of ``width`` in :meth:`add`'s running sums."""
+        return gram_tiles(width)
+
+    def _dense_zeros(self, width: int, dtype, tiled: bool):
+        if not tiled:
+            return tf.zeros([width, width], dtype)
+        sizes = self._gram_tiles(width)
+        return {(i, j): tf.zeros([sizes[i], sizes[j]], dtype) for i in range(len(sizes)) for j in range(i, len(sizes))}
 
     def _correction_fn(self, x, y, step, bases, dtype=tf.float64):
         """``{block: Σ_n ((Q_Aᵀ G_n Q_S)_ij)²}`` of the batch in ``dtype`` (see :meth:`_stats_fn`). The blocks are
@@ -243,8 +302,11 @@ class FactorStatistics:
         """``bases[b.name]``: ``(Q_A, Q_S)``, with ``Q_A`` the name of another block where the two share one
         (:meth:`_bases_as_tensors`); ``rotated`` caches ``a Q_A`` per activations tensor and basis."""
         owner = bases[b.name][0] if isinstance(bases[b.name][0], str) else b.name
-        QA, QS = (None if side else tf.cast(q, self.compute)
-                  for side, q in zip((b.diag_in, b.diag_out), (bases[owner][0], bases[b.name][1])))
+        # the bases come in the dtype each side is multiplied in (_bases_as_tensors), and the rotations stay in it
+        # (token_matmul's cast_back=False): the per-example products below multiply in that dtype too (a side in
+        # bfloat16 makes the block's per_example_dtype bfloat16), and the casts there are then no-ops — each step
+        # cast every Q to bfloat16, and every rotation to float32 and back, for the same values
+        QA, QS = (None if side else q for side, q in zip((b.diag_in, b.diag_out), (bases[owner][0], bases[b.name][1])))
         rotated = {} if rotated is None else rotated
         if not calls:             # a block the loss never calls: no gradient, zero eigenvalues
             return tf.zeros([b.rows, b.d_out], dtype)
@@ -253,7 +315,7 @@ class FactorStatistics:
         # square — squaring per call would drop the cross terms between calls
         dense, sparse = [], []
         for a, g, ids in calls:
-            gq = g if QS is None else token_matmul(g, QS, dtype=self.low_dtype(b.d_out))
+            gq = g if QS is None else token_matmul(g, QS, dtype=self.low_dtype(b.d_out), cast_back=False)
             if ids and QA is None:
                 sparse.append((a, gq))
             elif ids:                 # one-hot rows times Q_A: the rows of Q_A
@@ -261,28 +323,32 @@ class FactorStatistics:
             else:
                 if (id(a), owner) not in rotated:
                     c = tf.cast(a, self.compute)
-                    rotated[id(a), owner] = c if QA is None else token_matmul(c, QA, dtype=self.low_dtype(b.rows))
+                    rotated[id(a), owner] = c if QA is None else token_matmul(c, QA, dtype=self.low_dtype(b.rows),
+                                                                               cast_back=False)
                 dense.append((rotated[id(a), owner], gq))
+        compute = self.compute
         if not dense:             # token lookups only (an Embedding): sparse rows
             a = tf.concat([p[0] for p in sparse], axis=1)
-            gq = tf.concat([p[1] for p in sparse], axis=1)
+            gq = tf.concat([tf.cast(p[1], compute) for p in sparse], axis=1)
             return _token_rows_squared(a, gq, b.rows, dtype)
         low = self.per_example_dtype(b)
+        mul = low if low is not None else compute
         if b.rows * b.d_out <= PER_EXAMPLE_BATCHED_MAX:
-            M = tf.add_n([tf.cast(tf.einsum("bpa,bpc->bac", tf.cast(aq, low), tf.cast(gq, low)), self.compute)
-                          if low is not None else tf.einsum("bpa,bpc->bac", aq, gq) for aq, gq in dense])
+            M = tf.add_n([tf.cast(tf.einsum("bpa,bpc->bac", tf.cast(aq, mul), tf.cast(gq, mul)), compute)
+                          for aq, gq in dense])
             for ids_, gq in sparse:
-                M += _token_rows(ids_, gq, b.rows)
+                M += _token_rows(ids_, tf.cast(gq, compute), b.rows)
             return tf.cast(tf.reduce_sum(tf.square(M), axis=0), dtype)
 
         # a vocabulary-sized block (GPT-2's tied table: [50257, d]): one example's G_n at a time, so the
         # per-batch memory is one [rows, d_out] matrix, not a batch of them; the batch's squares summed in
         # the compute dtype (as the batched branch above does) and cast once — a float64 running sum
         # doubles the memory traffic, which is what this loop spends its time on
+        dense = [(tf.cast(aq, mul), tf.cast(gq, mul)) for aq, gq in dense]
+        sparse = [(ids_, tf.cast(gq, compute)) for ids_, gq in sparse]
+
         def one(acc, i):
-            M = tf.add_n([tf.matmul(aq[i], gq[i], transpose_a=True) if low is None else
-                          tf.cast(tf.matmul(tf.cast(aq[i], low), tf.cast(gq[i], low), transpose_a=True), self.compute)
-                          for aq, gq in dense])
+            M = tf.add_n([tf.cast(tf.matmul(aq[i], gq[i], transpose_a=True), compute) for aq, gq in dense])
             for ids_, gq in sparse:
                 M = tf.tensor_scatter_nd_add(M, tf.reshape(ids_[i], [-1, 1]), gq[i])
             return acc + tf.square(M)
@@ -306,8 +372,13 @@ class FactorStatistics:
             return tf.Variable(tf.zeros(shape, dtype), shape=tf.TensorShape(None), trainable=False)
         if what == "correction":
             return {b.name: var([b.rows, b.d_out], self.compute) for b in self.blocks}
-        blocks = {b.name: (var([b.rows]) if b.diag_in else var([b.rows, b.rows], self.compute),
-                           var([b.d_out]) if b.diag_out else var([b.d_out, b.d_out], self.compute), var([]))
+        def dense(width):
+            """A dense side's running sum: its upper tiles (:meth:`_stats_fn`'s ``tiled``)."""
+            sizes = self._gram_tiles(width)
+            return _Tiles(sizes, {(i, j): var([sizes[i], sizes[j]], self.compute)
+                                  for i in range(len(sizes)) for j in range(i, len(sizes))})
+        blocks = {b.name: (var([b.rows]) if b.diag_in else dense(b.rows),
+                           var([b.d_out]) if b.diag_out else dense(b.d_out), var([]))
                   for b in self.blocks}
         return {"blocks": blocks, "diag": [var(tf_variable(v).shape) for v in self.diag_vars], "n": var([])}
 
@@ -331,10 +402,14 @@ class FactorStatistics:
                         into[k].assign_add(t)
             else:
                 def step_fn(x, y, step):
-                    out, diag, n = self._stats_fn(x, y, step, self.compute)
+                    out, diag, n = self._stats_fn(x, y, step, self.compute, tiled=True)
                     for k, ts in out.items():
                         for v, t in zip(into["blocks"][k], ts):
-                            v.assign_add(t)
+                            if isinstance(v, _Tiles):
+                                for tile, part in t.items():
+                                    v.tiles[tile].assign_add(part)
+                            else:
+                                v.assign_add(t)
                     for v, t in zip(into["diag"], diag):
                         v.assign_add(t)
                     into["n"].assign_add(n)
@@ -357,25 +432,35 @@ class FactorStatistics:
             out = v.numpy()
             v.assign(tf.zeros([0], v.dtype))
             return out
+        def read_side(v):
+            """A dense side's tiles completed into its symmetric matrix, each tile's variable emptied as read."""
+            return gram_from_upper(v.tiles, v.sizes, read) if isinstance(v, _Tiles) else read(v)
         if what == "correction":
             return {k: read(v) for k, v in sums.items()}
         return {"n": float(read(sums["n"])),
-                "blocks": {k: tuple(read(v) for v in vs) for k, vs in sums["blocks"].items()},
+                "blocks": {k: tuple(read_side(v) for v in vs) for k, vs in sums["blocks"].items()},
                 "diag": [read(v) for v in sums["diag"]]}
 
     def _bases_as_tensors(self, bases: dict) -> dict:
-        """The bases as tensors in the compute dtype, made once per set of bases (not per batch: at GPT-2
-        small they are 2.4 GB in float64)."""
+        """The bases as tensors, each side in the dtype it is multiplied in (bfloat16 where ``product_dtype``
+        makes it so, else the compute dtype), made once per set of bases (not per batch: at GPT-2 small they are
+        2.4 GB in float64)."""
         cached = getattr(self, "_bases_tensors", None)
         if cached is None or cached[0] is not bases:
             self._bases_tensors = None
             tb, owners = {}, {}
+            blocks = {b.name: b for b in self.blocks}
             for k, v in bases.items():
+                b = blocks[k]
+                # each side in the dtype it is multiplied in (:meth:`_block_correction`): a lookup-only
+                # Embedding's Q_A rows enter its per-example sums in the compute dtype
+                qa_dtype = self.compute if b.kind == "embedding" else (self.low_dtype(b.rows) or self.compute)
+                qs_dtype = self.low_dtype(b.d_out) or self.compute
                 # a Q_A shared with an earlier block (one array: eigenbases) is passed as that block's name, so
                 # the compiled step rotates the shared activations once (and retraces if the sharing differs)
-                qa = owners.setdefault(id(v["QA"]), k) if np.size(v["QA"]) else k
-                tb[k] = (qa if qa != k else tf.constant(np.asarray(v["QA"]), self.compute),
-                         tf.constant(np.asarray(v["QS"]), self.compute))
+                qa = owners.setdefault((id(v["QA"]), qa_dtype), k) if np.size(v["QA"]) else k
+                tb[k] = (qa if qa != k else _basis_tensor(v["QA"], self.compute, qa_dtype),
+                         _basis_tensor(v["QS"], self.compute, qs_dtype))
             self._bases_tensors = cached = (bases, tb)
         return cached[1]
 
