@@ -90,8 +90,8 @@ bench-covariance-cap: install   # EK-FAC's covariances on fewer examples vs the 
 bench-eigh: install   # the EK-FAC eigendecomposition's LAPACK driver and order (~2 min)
 	$(PY) -m benchmarks.eigh --out docs/results/eigh.json
 
-bench-products: install   # the factor passes' covariance and rotation products: einsum against kfac.products, GPT-2 small's compiled covariance and correction steps, and those steps with each product_dtype (~12 min)
-	$(PY) -m benchmarks.products --out docs/results/products.json --step-model gpt2-small --dtype-model gpt2-small
+bench-products: install   # the factor passes' covariance and rotation products: einsum against kfac.products, GPT-2 small's compiled covariance and correction steps, those steps with each product_dtype, and the Llama's covariance pass with upper-tile against whole-matrix running sums (~15 min)
+	$(PY) -m benchmarks.products --out docs/results/products.json --step-model gpt2-small --dtype-model gpt2-small --sums-model llama-100m
 
 bench-vocab-side: install
 	$(PY) -m benchmarks.vocab_side --out docs/results/vocab_side.json

@@ -24,6 +24,15 @@ wrote them before and as :mod:`~tf_influence.kfac.products` runs them: the opera
 seconds to trace it, its first call (graph optimisation and the first run) and its median call after that. Each variant runs in a process of its own
 (the first compiled step of a process also pays TensorFlow's one-time costs), after one eager forward pass.
 
+With ``--sums-model`` it times that model's covariance pass as :func:`~tf_influence.kfac.fit_factors` runs it —
+``FactorStatistics.add``, which keeps each dense side's running sum as its upper tiles and lets ``take`` complete
+them once — against running sums of whole ``[d, d]`` matrices, to which every batch's mirrored and concatenated
+``token_gram`` is added (how ``add`` ran before): both built in one process and called in turns, batch by batch
+(the order alternating), with the wall and CPU seconds of each call and the largest difference of the two sums.
+With ``--keep`` no widths are timed and the rest of ``--out`` is kept.
+
+    python -m benchmarks.products --out docs/results/products.json --keep --sums-model llama-100m
+
 With ``--dtype-model`` it times that model's two steps with each ``FactorArgs.product_dtype`` (``model``, ``bfloat16``,
 ``auto``), all built in one process and called in turns, so that the machine's drift reaches each alike.
 
@@ -54,6 +63,15 @@ class ProductsArgs:
         "help": "also time this real-size model's covariance and correction steps with each FactorArgs.product_dtype "
                 "(model / auto / bfloat16), all in one process, called in turns; '' = skip"})
     dtype_rounds: int = field(default=4, metadata={"help": "--dtype-model: rounds after the first (median)"})
+    sums_model: str = field(default="", metadata={
+        "help": "also time this real-size model's covariance pass as fit_factors runs it (FactorStatistics.add: each "
+                "dense side's running sum kept as its upper tiles) against whole-matrix running sums (each batch's "
+                "token_gram added to a [d, d] variable, as before), both in one process, called in turns; '' = skip"})
+    sums_sequences: int = field(default=48, metadata={"help": "--sums-model: sequences (batches of --batch)"})
+    sums_rounds: int = field(default=2, metadata={"help": "--sums-model: passes over the sequences"})
+    keep: bool = field(default=False, metadata={
+        "help": "time no widths: run only the --step-model / --dtype-model / --sums-model parts asked for and keep "
+                "the rest of --out as it is"})
     step_variant: str = field(default="", metadata={"help": "(internal) time one step variant in this process"})
 
 
@@ -260,13 +278,83 @@ def dtype_rows(args: ProductsArgs) -> dict:
     return out
 
 
+def sums_rows(args: ProductsArgs) -> dict:
+    """``args.sums_model``'s covariance pass with the library's upper-tile running sums against whole-matrix ones
+    (see the module docstring)."""
+    import resource
+    import numpy as np
+    import tensorflow as tf
+    _, batches, step_stats = _step_world(args.sums_model, args, args.sums_sequences)
+    tiled, _ = step_stats("auto")
+    whole, _ = step_stats("auto")
+
+    def var(shape, dtype):
+        return tf.Variable(tf.zeros(shape, dtype), trainable=False)
+    into = {b.name: (var([b.rows], tf.float64) if b.diag_in else var([b.rows, b.rows], whole.compute),
+                     var([b.d_out], tf.float64) if b.diag_out else var([b.d_out, b.d_out], whole.compute))
+            for b in whole.blocks}
+    diag = [var(v.shape, tf.float64) for v in whole.diag_vars]
+
+    def whole_step(x, y, step):
+        out, d, _ = whole._stats_fn(x, y, step, whole.compute)      # every dense side whole (token_gram)
+        for k, (A, S, _) in out.items():
+            into[k][0].assign_add(A)
+            into[k][1].assign_add(S)
+        for v, t in zip(diag, d):
+            v.assign_add(t)
+    whole_fn = tf.function(whole_step, autograph=False)
+    run_ = {"upper tiles (FactorStatistics.add)": lambda x, y, i: tiled.add("covariances", x, y, i),
+            "whole matrices": lambda x, y, i: whole_fn(x, y, tf.constant(i, tf.int64))}
+
+    def cpu():
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+    out = {"model": args.sums_model, "sequences": args.sums_sequences, "rounds": args.sums_rounds, "variants": {}}
+    for name, fn in run_.items():
+        t = time.perf_counter()
+        fn(*batches[0], 0)
+        out["variants"][name] = {"first_call_seconds": time.perf_counter() - t, "wall": [], "cpu": []}
+    names = list(run_)
+    for r in range(args.sums_rounds):
+        for i, (x, y) in enumerate(batches[1:], 1):
+            for name in (names if (r + i) % 2 else names[::-1]):
+                c, t = cpu(), time.perf_counter()
+                run_[name](x, y, i)
+                v = out["variants"][name]
+                v["wall"].append(time.perf_counter() - t)
+                v["cpu"].append(cpu() - c)
+    got = tiled.take("covariances")
+    diff = 0.0
+    for b in whole.blocks:
+        for side, v in zip(got["blocks"][b.name][:2], into[b.name]):
+            ref = v.numpy()
+            diff = max(diff, float(np.max(np.abs(side - ref)) / (np.max(np.abs(ref)) + 1e-30)))
+    out["max_relative_difference"] = diff
+    for name, v in out["variants"].items():
+        v["median_wall_seconds"], v["median_cpu_seconds"] = statistics.median(v["wall"]), statistics.median(v["cpu"])
+        print(f"{args.sums_model} covariance step, {name}: first call {v['first_call_seconds']:.1f} s, then "
+              f"{v['median_wall_seconds']:.2f} s ({v['median_cpu_seconds']:.2f} CPU-s)", flush=True)
+    print(f"largest difference of the sums, relative to the largest entry: {diff:.1e}", flush=True)
+    return out
+
+
 def main(argv=None):
     from benchmarks.common import parse_args, write_json
     args = parse_args(ProductsArgs, argv, __doc__)
     if args.step_variant:                       # one variant, in the process step_rows started for it
         write_json(time_step(args, args.step_variant), args.out)
         return
-    res = run(args)                             # no --widths: no rows
+    if args.keep:                               # no widths: the file's other results stay
+        import json
+        kept = {}
+        if os.path.exists(args.out):
+            with open(args.out) as fh:
+                kept = {k: v for k, v in json.load(fh).items() if k != "measured"}
+        res = kept
+    else:
+        res = run(args)
+    if args.sums_model:
+        res["running_sums"] = sums_rows(args)
     if args.step_model:
         res["step"] = step_rows(args)
     if args.dtype_model:

@@ -385,6 +385,19 @@ def products_table(d: dict) -> str:
                      f" ({v[f'median_{w}_seconds'] / base[f'median_{w}_seconds'] - 1:+.0%})")
                      for w in ("covariance", "correction")]
             rows.append(f"| `{name}` | {v['bfloat16_products']} of {v['products']} | " + " | ".join(cells) + " |")
+    if d.get("running_sums"):
+        rs = d["running_sums"]
+        base = rs["variants"]["whole matrices"]
+        rows += ["", f"{rs['model']}'s covariance pass as `fit_factors` runs it in the graph — each dense side's running "
+                     "sum kept as its upper tiles, which `take` completes once — against running sums of whole "
+                     "matrices (every batch's mirrored `token_gram` added to a `[d, d]` variable, as before), built in "
+                     f"one process and called in turns, batch by batch ({rs['sequences']} sequences, {rs['rounds']} "
+                     f"rounds; the two sums differ by {rs['max_relative_difference']:.0e} of their largest entry):", "",
+                 "| running sums | first call | then (median) | CPU-seconds (median) |", "|---|---|---|---|"]
+        for name, v in rs["variants"].items():
+            rel = lambda k: "" if v is base else f" ({v[k] / base[k] - 1:+.0%})"  # noqa: E731
+            rows.append(f"| {name} | {v['first_call_seconds']:.1f} s | {v['median_wall_seconds']:.2f} s"
+                        f"{rel('median_wall_seconds')} | {v['median_cpu_seconds']:.2f}{rel('median_cpu_seconds')} |")
     return "\n".join(rows)
 
 

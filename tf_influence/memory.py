@@ -404,9 +404,11 @@ def factor_plan(stats, dataset=None, batch_shape: tuple | None = None, microbatc
             q_tensors += n * n * (2 if low else c)
             if n > largest_dense:
                 largest_dense, largest_name = n, f"{side} of '{b.name}'"
-        e = b.rows * b.d_out * 8
-        # EK-FAC: the corrected eigenvalues' running sum (kept as the result) and each batch's; K-FAC: λ_A ⊗ λ_S
-        plan.add(f"eigenvalues of '{b.name}'", e, f"[{b.rows}, {b.d_out}] float64", host=True)
+        # EK-FAC: the corrected eigenvalues' running sum in the compute dtype (kept as the result: FactorStatistics.
+        # factors divides it in place) and each batch's; K-FAC: λ_A ⊗ λ_S, an outer product of float64 eigenvalues
+        e_size = c if ekfac else 8
+        plan.add(f"eigenvalues of '{b.name}'", b.rows * b.d_out * e_size,
+                 f"[{b.rows}, {b.d_out}] {_dname(e_size)}", host=True)
         if ekfac:
             plan.add(f"a batch's eigenvalue sums of '{b.name}'", b.rows * b.d_out * c,
                      f"[{b.rows}, {b.d_out}] {_dname(c)}", phase="correction pass")

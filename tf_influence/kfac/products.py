@@ -92,7 +92,7 @@ def token_gram_upper(x, sizes, dtype=None) -> dict:
     """The tiles ``i ≤ j`` of :func:`token_gram` before it completes them — ``{(i, j): Σ x[..., tile i]ᵀ x[..., tile
     j]}`` for column tiles ``sizes`` (:func:`gram_tiles`), the diagonal ones as computed (not symmetrised) — in
     ``x``'s dtype (``dtype``: multiplied in it). What a running sum over batches adds up: it holds and adds only
-    these (55 % of a ``[3072, 3072]`` side in tiles of 384), and :func:`gram_from_upper` completes the sum once,
+    these (56 % of a ``[3072, 3072]`` side in tiles of 384), and :func:`gram_from_upper` completes the sum once,
     where :func:`token_gram` mirrors and concatenates every batch's whole matrix.
 
     >>> x = tf.random.stateless_normal([2, 3, 800], seed=[0, 1])
