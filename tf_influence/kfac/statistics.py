@@ -226,7 +226,7 @@ class FactorStatistics:
         ``sums_dtype`` (float64 for the per-batch API, which Beam and ``tf.distribute`` sum across workers;
         the compute dtype for :meth:`add`'s in-graph running sums), token counts and the diagonal in float64.
         ``tiled`` (:meth:`add`): each dense covariance as its upper tiles ``{(i, j): …}``
-        (:func:`~tf_influence.kfac.products.token_gram_upper`, tiles :meth:`_gram_tiles`), which the running
+        (:func:`~tf_influence.kfac.products.token_gram_upper`, tiles :func:`~tf_influence.kfac.products.gram_tiles`), which the running
         sums add up and :meth:`take` completes once — not as every batch's whole symmetric matrix."""
         dtype = tf.float64
         res, ys, (records, layer_grads, options) = self._forward(x, y, step, with_norms=True)
@@ -234,13 +234,13 @@ class FactorStatistics:
 
         def gram(t, width):
             if tiled:
-                return token_gram_upper(t, self._gram_tiles(width), dtype=self.low_dtype(width))
+                return token_gram_upper(t, gram_tiles(width), dtype=self.low_dtype(width))
             return token_gram(t, dtype=self.low_dtype(width))
 
         def add(total, part, width, dt):
             """``total + part`` (``None``: nothing yet) of dense sides, whole or as tiles."""
             if tiled and not isinstance(part, dict):          # a whole matrix (token counts' diagonal): its tiles
-                part = _upper_tiles_of(part, self._gram_tiles(width))
+                part = _upper_tiles_of(part, gram_tiles(width))
             if isinstance(part, dict):
                 part = {k: tf.cast(t, dt) for k, t in part.items()}
                 return part if total is None else {k: total[k] + part[k] for k in part}
@@ -278,15 +278,10 @@ class FactorStatistics:
         diag = [sq[id(tf_variable(v))] for v in self.diag_vars]
         return out, diag, tf.cast(tf.shape(tf.nest.flatten(y)[0])[0], dtype)
 
-    @staticmethod
-    def _gram_tiles(width: int) -> list:
-        """The column tiles of a dense side of ``width`` in :meth:`add`'s running sums."""
-        return gram_tiles(width)
-
     def _dense_zeros(self, width: int, dtype, tiled: bool):
         if not tiled:
             return tf.zeros([width, width], dtype)
-        sizes = self._gram_tiles(width)
+        sizes = gram_tiles(width)
         return {(i, j): tf.zeros([sizes[i], sizes[j]], dtype) for i in range(len(sizes)) for j in range(i, len(sizes))}
 
     def _correction_fn(self, x, y, step, bases, dtype=tf.float64):
@@ -374,7 +369,7 @@ class FactorStatistics:
             return {b.name: var([b.rows, b.d_out], self.compute) for b in self.blocks}
         def dense(width):
             """A dense side's running sum: its upper tiles (:meth:`_stats_fn`'s ``tiled``)."""
-            sizes = self._gram_tiles(width)
+            sizes = gram_tiles(width)
             return _Tiles(sizes, {(i, j): var([sizes[i], sizes[j]], self.compute)
                                   for i in range(len(sizes)) for j in range(i, len(sizes))})
         blocks = {b.name: (var([b.rows]) if b.diag_in else dense(b.rows),
