@@ -383,7 +383,7 @@ def factor_plan(stats, dataset=None, batch_shape: tuple | None = None, microbatc
     c = _dsize(stats.compute)
     plan = MemoryPlan(f"(E)K-FAC factors of {stats.objective.name} over '{stats.group.name}'")
     ekfac = stats.kind == "ekfac"
-    from .kfac.products import gram_tiles
+    from .kfac.products import gram_tiles, upper_tiles
     largest_dense, sums, largest_name, whole, q_tensors = 0, 0, "", 0, 0
     for b in stats.blocks:
         for side, n, diag in (("A", b.rows, b.diag_in), ("S", b.d_out, b.diag_out)):
@@ -393,15 +393,13 @@ def factor_plan(stats, dataset=None, batch_shape: tuple | None = None, microbatc
             # the covariance's running sum (and each batch's, added to it) through the first pass — its upper
             # tiles (FactorStatistics.add) — then, completed, the whole matrix on the host until its eigenvectors
             # replace it; they stay for the rest of the fit, and as tensors in the dtype they multiply in
-            tiles = gram_tiles(n)
-            upper = sum(tiles[i] * tiles[j] for i in range(len(tiles)) for j in range(i, len(tiles)))
+            upper = sum(r * k for r, k in upper_tiles(gram_tiles(n)).values())
             plan.add(f"dense {side} of '{b.name}'", upper * c * 2,
                      f"[{n}, {n}] {_dname(c)}, upper tiles ({upper / n ** 2:.0%}): running and batch sums",
                      phase="covariance pass")
             plan.add(f"eigenvectors of {side} of '{b.name}'", n * n * c, f"[{n}, {n}] {_dname(c)}", host=True)
             whole += n * n * c
-            low = stats.low_dtype(n) is not None and not (side == "A" and b.kind == "embedding")
-            q_tensors += n * n * (2 if low else c)
+            q_tensors += n * n * _dsize(stats.basis_dtype(b, side))
             if n > largest_dense:
                 largest_dense, largest_name = n, f"{side} of '{b.name}'"
         # EK-FAC: the corrected eigenvalues' running sum in the compute dtype (kept as the result: FactorStatistics.

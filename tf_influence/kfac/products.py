@@ -61,11 +61,21 @@ def gram_tiles(d: int | None, block: int | None = None) -> list:
     return [d] if d is None or d < 2 * block else _tiles(d, block)
 
 
+def upper_tiles(sizes) -> dict:
+    """``{(i, j): (rows, columns)}`` of the tiles ``i ≤ j`` of a ``[d, d]`` matrix cut at column tiles ``sizes``
+    (:func:`gram_tiles`), in row-major order: the tiles :func:`token_gram` computes and a running sum keeps.
+
+    >>> upper_tiles([3, 2])
+    {(0, 0): (3, 3), (0, 1): (3, 2), (1, 1): (2, 2)}
+    """
+    k = len(sizes)
+    return {(i, j): (sizes[i], sizes[j]) for i in range(k) for j in range(i, k)}
+
+
 def _upper_products(flat, sizes) -> dict:
     """``{(i, j): parts[i]ᵀ parts[j]}`` for ``i ≤ j`` of ``flat: [tokens, d]`` split into column tiles ``sizes``."""
     parts = tf.split(flat, sizes, axis=1) if len(sizes) > 1 else [flat]
-    k = len(parts)
-    return {(i, j): tf.matmul(parts[i], parts[j], transpose_a=True) for i in range(k) for j in range(i, k)}
+    return {(i, j): tf.matmul(parts[i], parts[j], transpose_a=True) for i, j in upper_tiles(sizes)}
 
 
 def token_gram(x, block: int | None = None, dtype=None):
@@ -216,4 +226,4 @@ def product_dtype(requested: str, width: int, compute, native: bool | None = Non
 
 
 __all__ = ["BFLOAT16_MIN", "DEFAULT_PRODUCT_DTYPE", "GRAM_BLOCK", "PRODUCT_DTYPES", "PRODUCT_DTYPE_HELP", "check_product_dtype", "gram_from_upper", "gram_tiles",
-           "native_bfloat16", "product_dtype", "token_gram", "token_gram_upper", "token_matmul"]
+           "native_bfloat16", "product_dtype", "token_gram", "token_gram_upper", "token_matmul", "upper_tiles"]

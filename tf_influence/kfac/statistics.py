@@ -15,7 +15,8 @@ from .blocks import kronecker_blocks, norm_blocks
 from ..capture import Capture, diagonal_squares, output_gradients
 from .factors import FISHERS, KFACFactors, KINDS
 from .products import (DEFAULT_PRODUCT_DTYPE, check_product_dtype, gram_from_upper, gram_tiles,
-                       product_dtype as resolve_product_dtype, token_gram, token_gram_upper, token_matmul)
+                       product_dtype as resolve_product_dtype, token_gram, token_gram_upper, token_matmul,
+                       upper_tiles)
 
 
 def _sample_labels(loss, y_pred, y, fisher: str, seed):
@@ -98,11 +99,8 @@ def _token_rows_squared(ids, gq, rows, dtype):
 
 def _upper_tiles_of(M, sizes) -> dict:
     """The tiles ``i ≤ j`` of a whole ``[d, d]`` matrix ``M`` cut at column tiles ``sizes``."""
-    if len(sizes) == 1:
-        return {(0, 0): M}
     offsets = np.cumsum([0] + list(sizes))
-    return {(i, j): M[offsets[i]:offsets[i + 1], offsets[j]:offsets[j + 1]]
-            for i in range(len(sizes)) for j in range(i, len(sizes))}
+    return {(i, j): M[offsets[i]:offsets[i + 1], offsets[j]:offsets[j + 1]] for i, j in upper_tiles(sizes)}
 
 
 def _basis_tensor(Q, compute, dtype):
@@ -165,6 +163,14 @@ class FactorStatistics:
         """The dtype a dense side of ``width`` columns is multiplied in (``tf.bfloat16``), or None for the
         compute dtype (:func:`~tf_influence.kfac.products.product_dtype`)."""
         return resolve_product_dtype(self.product_dtype, int(width), self.compute)
+
+    def basis_dtype(self, b, side: str):
+        """The dtype block ``b``'s eigenbasis of ``side`` (``"A"`` or ``"S"``) is held in for the correction pass: the
+        dtype that side multiplies in (:meth:`low_dtype`, else the compute dtype) — except a lookup-only
+        ``Embedding``'s ``Q_A``, whose rows enter its per-example sums in the compute dtype."""
+        if side == "A" and b.kind == "embedding":
+            return self.compute
+        return self.low_dtype(b.rows if side == "A" else b.d_out) or self.compute
 
     def per_example_dtype(self, b):
         """The dtype block ``b``'s correction forms its per-example ``G_n`` in: ``tf.bfloat16`` by its larger side
@@ -281,8 +287,7 @@ class FactorStatistics:
     def _dense_zeros(self, width: int, dtype, tiled: bool):
         if not tiled:
             return tf.zeros([width, width], dtype)
-        sizes = gram_tiles(width)
-        return {(i, j): tf.zeros([sizes[i], sizes[j]], dtype) for i in range(len(sizes)) for j in range(i, len(sizes))}
+        return {k: tf.zeros(shape, dtype) for k, shape in upper_tiles(gram_tiles(width)).items()}
 
     def _correction_fn(self, x, y, step, bases, dtype=tf.float64):
         """``{block: Σ_n ((Q_Aᵀ G_n Q_S)_ij)²}`` of the batch in ``dtype`` (see :meth:`_stats_fn`). The blocks are
@@ -370,8 +375,7 @@ class FactorStatistics:
         def dense(width):
             """A dense side's running sum: its upper tiles (:meth:`_stats_fn`'s ``tiled``)."""
             sizes = gram_tiles(width)
-            return _Tiles(sizes, {(i, j): var([sizes[i], sizes[j]], self.compute)
-                                  for i in range(len(sizes)) for j in range(i, len(sizes))})
+            return _Tiles(sizes, {k: var(shape, self.compute) for k, shape in upper_tiles(sizes).items()})
         blocks = {b.name: (var([b.rows]) if b.diag_in else dense(b.rows),
                            var([b.d_out]) if b.diag_out else dense(b.d_out), var([]))
                   for b in self.blocks}
@@ -446,11 +450,7 @@ class FactorStatistics:
             tb, owners = {}, {}
             blocks = {b.name: b for b in self.blocks}
             for k, v in bases.items():
-                b = blocks[k]
-                # each side in the dtype it is multiplied in (:meth:`_block_correction`): a lookup-only
-                # Embedding's Q_A rows enter its per-example sums in the compute dtype
-                qa_dtype = self.compute if b.kind == "embedding" else (self.low_dtype(b.rows) or self.compute)
-                qs_dtype = self.low_dtype(b.d_out) or self.compute
+                qa_dtype, qs_dtype = (self.basis_dtype(blocks[k], side) for side in ("A", "S"))
                 # a Q_A shared with an earlier block (one array: eigenbases) is passed as that block's name, so
                 # the compiled step rotates the shared activations once (and retraces if the sharing differs)
                 qa = owners.setdefault((id(v["QA"]), qa_dtype), k) if np.size(v["QA"]) else k
