@@ -151,7 +151,8 @@ def test_factor_combiner_equals_the_library(cluster, setup, tmp_path):  # noqa: 
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max())
 
 
-def test_score_filter_component_on_dask(cluster, tmp_path):
+@pytest.mark.slow   # make test-slow: ScoreFilter's job runs on the DirectRunner in make test, and its Beam parts
+def test_score_filter_component_on_dask(cluster, tmp_path):   # (GroupByKey, Flatten, sinks) on Dask in the first test
     """The ScoreFilter executor's Beam job (global top-k, CoGroupByKey, TFRecord sinks) on Dask."""
     from tfx.dsl.components.base.base_beam_executor import BaseBeamExecutor
 

@@ -88,31 +88,54 @@ def ds(k_x_y):
     return tf.data.Dataset.from_tensor_slices((x[..., None], y)).batch(256)
 
 
-def test_influence_scorer_equals_the_library(world, tmp_path):
-    root, a, pre_data, ft_data = world
-    from tfx_components import beam_scoring, common
+@pytest.fixture(scope="module")
+def beam_scores(world, tmp_path_factory):
+    """The InfluenceScorer executor's scores with :data:`INFLUENCE_PROPS` (its Beam pass over the pretraining split),
+    run once for the tests that compare them with the library and with the index."""
     from tfx_components.artifacts import InfluenceScores
+    _, a, _, _ = world
+    tmp = tmp_path_factory.mktemp("beam_scores")
     out = InfluenceScores()
-    out.uri = str(tmp_path / "scores")
-    props = dict(INFLUENCE_PROPS)
-    InfluenceExecutor(ctx(tmp_path / "tmp")).Do(
+    out.uri = str(tmp / "scores")
+    InfluenceExecutor(ctx(tmp / "tmp")).Do(
         {"pretrain_examples": [a["pre_ex"]], "finetune_examples": [a["ft_ex"]], "pretrain_model": [a["pre_m"]],
-         "finetune_model": [a["ft_m"]]}, {"scores": [out]}, props)
-    got = scores_io.read_scores(os.path.join(out.uri, "Split-train"))
+         "finetune_model": [a["ft_m"]]}, {"scores": [out]}, dict(INFLUENCE_PROPS))
+    return out
+
+
+def cg(lam):
+    return tfi.SolverConfig("cg_squared", damping=lam, iterative=tfi.IterativeOptions(max_iter=100, dtype=tf.float64))
+
+
+@pytest.fixture(scope="module")
+def library(world):
+    """The saved models and the splits as the artifacts hold them (the same order, so the iterative solves see
+    identical sums), and ``multi_stage_influence`` on them with the scorer's solvers over every pretraining example."""
+    from tfx_components import beam_scoring, common
+    _, a, _, _ = world
     pre = keras.models.load_model(os.path.join(a["pre_m"].uri, "Format-Serving", "model.keras"))
     ft = keras.models.load_model(os.path.join(a["ft_m"].uri, "Format-Serving", "model.keras"))
-    cfg = lambda lam: tfi.SolverConfig("cg_squared", damping=lam,
-                                       iterative=tfi.IterativeOptions(max_iter=100, dtype=tf.float64))  # noqa: E731
-    # the same data in the same (artifact) order, so the iterative solves see identical sums
     spec = beam_scoring.parse_feature_spec(SPEC)
-    pk, px, py = common.load_split(a["pre_ex"], "train", spec)
-    _, fx, fy = common.load_split(a["ft_ex"], "train", spec)
-    _, tx, ty = common.load_split(a["ft_ex"], "test", spec)
-    mk = lambda x, y: tf.data.Dataset.from_tensor_slices((x, y)).batch(256)  # noqa: E731
-    ref = tfi.multi_stage_influence(tfi.Objective(pre, pre.loss), mk(px, py), tfi.Objective(ft, ft.loss),
-                                    mk(fx, fy), mk(tx, ty), embedding=["embedding"],
-                                    args=tfi.InfluenceArgs(pretrain_solver=cfg(1e-2), finetune_solver=cfg(1e-3),
+    splits = dict(pre=common.load_split(a["pre_ex"], "train", spec), ft=common.load_split(a["ft_ex"], "train", spec),
+                  test=common.load_split(a["ft_ex"], "test", spec))
+    ref = tfi.multi_stage_influence(tfi.Objective(pre, pre.loss), mk(*splits["pre"][1:]), tfi.Objective(ft, ft.loss),
+                                    mk(*splits["ft"][1:]), mk(*splits["test"][1:]), embedding=["embedding"],
+                                    args=tfi.InfluenceArgs(pretrain_solver=cg(1e-2), finetune_solver=cg(1e-3),
                                                            hessian_samples=None)).scores
+    return pre, ft, splits, ref
+
+
+def mk(x, y):
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(256)
+
+
+def test_influence_scorer_equals_the_library(world, beam_scores, library, tmp_path):
+    root, a, pre_data, ft_data = world
+    from tfx_components.artifacts import InfluenceScores
+    out, props = beam_scores, dict(INFLUENCE_PROPS)
+    got = scores_io.read_scores(os.path.join(out.uri, "Split-train"))
+    pre, ft, splits, ref = library
+    (pk, px, py), (_, fx, fy), (_, tx, ty) = splits["pre"], splits["ft"], splits["test"]
     assert sorted(pk) == sorted(pre_data["train"][0])
     for i, k in enumerate(pk):  # float32 agreement: Beam batches the per-example products differently
         assert got[k] == pytest.approx(ref[i], rel=1e-4, abs=1e-6)
@@ -144,7 +167,7 @@ def test_influence_scorer_equals_the_library(world, tmp_path):
     assert rebuilt.size == sum(v.numpy().size for v in pre.trainable_variables)
 
 
-def test_influence_scorer_streams_the_pretraining_corpus(world, tmp_path, monkeypatch):
+def test_influence_scorer_streams_the_pretraining_corpus(world, library, tmp_path, monkeypatch):
     """The driver never loads the pretraining split: it streams it from the files, and its Hessian
     subsample is the library's (same positions), so scores equal ``multi_stage_influence`` with
     ``hessian_samples`` on the split held in memory."""
@@ -174,21 +197,16 @@ def test_influence_scorer_streams_the_pretraining_corpus(world, tmp_path, monkey
          "finetune_model": [a["ft_m"]]}, {"scores": [out]}, influence_props(30))
     monkeypatch.setattr(common, "load_split", real_load)
     got = scores_io.read_scores(os.path.join(out.uri, "Split-train"))
+    _, _, splits, full = library                # full: every pretraining example in the Hessian
+    (_, fx, fy), (_, tx, ty) = splits["ft"], splits["test"]
+    # models loaded afresh, like the executor's: the fixture's have traced their products at the full split's shapes,
+    # and float32 products traced at other shapes round differently (1e-5 of the largest score)
     pre = keras.models.load_model(os.path.join(a["pre_m"].uri, "Format-Serving", "model.keras"))
     ft = keras.models.load_model(os.path.join(a["ft_m"].uri, "Format-Serving", "model.keras"))
-    cfg = lambda lam: tfi.SolverConfig("cg_squared", damping=lam,
-                                       iterative=tfi.IterativeOptions(max_iter=100, dtype=tf.float64))  # noqa: E731
-    _, fx, fy = common.load_split(a["ft_ex"], "train", spec)
-    _, tx, ty = common.load_split(a["ft_ex"], "test", spec)
-    mk = lambda x, y: tf.data.Dataset.from_tensor_slices((x, y)).batch(256)  # noqa: E731
     ref = tfi.multi_stage_influence(tfi.Objective(pre, pre.loss), mk(px, py), tfi.Objective(ft, ft.loss),
                                     mk(fx, fy), mk(tx, ty), embedding=["embedding"],
-                                    args=tfi.InfluenceArgs(pretrain_solver=cfg(1e-2), finetune_solver=cfg(1e-3),
+                                    args=tfi.InfluenceArgs(pretrain_solver=cg(1e-2), finetune_solver=cg(1e-3),
                                                            hessian_samples=30)).scores
-    full = tfi.multi_stage_influence(tfi.Objective(pre, pre.loss), mk(px, py), tfi.Objective(ft, ft.loss),
-                                     mk(fx, fy), mk(tx, ty), embedding=["embedding"],
-                                     args=tfi.InfluenceArgs(pretrain_solver=cfg(1e-2), finetune_solver=cfg(1e-3),
-                                                            hessian_samples=None)).scores
     assert not np.allclose(ref, full, rtol=1e-3)  # the subsample matters, so agreement below is not vacuous
     for i, k in enumerate(pk):
         assert got[k] == pytest.approx(ref[i], rel=1e-4, abs=1e-6)
@@ -252,10 +270,9 @@ def test_influence_scorer_takes_influence_args_whole_and_the_old_keywords_for_on
         InfluenceScorer(**idx, query_args={"top_kk": 3})
 
 
-def test_factor_fitter_feeds_the_influence_scorer(world, tmp_path):
+def test_factor_fitter_feeds_the_influence_scorer(world, library, tmp_path):
     """FactorFitter (Beam combiner over the pretraining artifact) → InfluenceScorer(pretrain_factors=…)
     equals the library with EK-FAC fitted in process on the same data (empirical Fisher: deterministic)."""
-    from tfx_components import beam_scoring, common
     from tfx_components.artifacts import InfluenceScores, KFACFactors
     from tfx_components.factor_fitter.component import FactorFitter
     from tfx_components.factor_fitter.executor import Executor as FactorExecutor
@@ -277,14 +294,10 @@ def test_factor_fitter_feeds_the_influence_scorer(world, tmp_path):
     # which Hessian was used is recorded, not silently chosen
     assert out.get_string_custom_property("pretrain_hessian").startswith("KFACFactors ekfac on 80 examples")
     got = scores_io.read_scores(os.path.join(out.uri, "Split-train"))
-    pre = keras.models.load_model(os.path.join(a["pre_m"].uri, "Format-Serving", "model.keras"))
-    ft = keras.models.load_model(os.path.join(a["ft_m"].uri, "Format-Serving", "model.keras"))
-    spec = beam_scoring.parse_feature_spec(SPEC)
-    mk = lambda k_x_y: tf.data.Dataset.from_tensor_slices(k_x_y[1:]).batch(256)  # noqa: E731
-    pk, *pre_xy = common.load_split(a["pre_ex"], "train", spec)
-    ref = tfi.multi_stage_influence(tfi.Objective(pre, pre.loss), mk((pk, *pre_xy)), tfi.Objective(ft, ft.loss),
-                                    mk(common.load_split(a["ft_ex"], "train", spec)),
-                                    mk(common.load_split(a["ft_ex"], "test", spec)), embedding=["embedding"],
+    pre, ft, splits, _ = library
+    pk = splits["pre"][0]
+    ref = tfi.multi_stage_influence(tfi.Objective(pre, pre.loss), mk(*splits["pre"][1:]), tfi.Objective(ft, ft.loss),
+                                    mk(*splits["ft"][1:]), mk(*splits["test"][1:]), embedding=["embedding"],
                                     args=tfi.InfluenceArgs(hessian_samples=None,
                                                            pretrain_solver=tfi.SolverConfig(
                                                                "ekfac", damping=1e-2,
@@ -414,14 +427,13 @@ def test_every_component_documents_itself_with_an_example():
         assert f"{c.__name__}(" in c.__doc__, c.__name__
 
 
-def test_influence_scorer_queries_a_gradient_index(world, tmp_path):
+def test_influence_scorer_queries_a_gradient_index(world, beam_scores, library, tmp_path):
     """GradientIndexer → InfluenceScorer(index=...): with a projection as wide as every block (the
     identity) the index's scores equal the Beam pass's, and each test point's top-k harmful / helpful
     keys are the largest / most negative of its own exact scores (``test_vectors(..., "each")``),
     re-scored (``QueryArgs.rerank``) over the streamed split with its keys, as the scores show."""
     from tf_influence.index import QueryArgs
     from tf_influence.projection import ProjectionArgs
-    from tfx_components import beam_scoring, common
     from tfx_components.artifacts import GradientIndex, InfluenceScores
     from tfx_components.gradient_indexer.executor import Executor as IndexExecutor
     root, a, pre_data, ft_data = world
@@ -432,15 +444,13 @@ def test_influence_scorer_queries_a_gradient_index(world, tmp_path):
         {"projection_args": ProjectionArgs(k=10_000, k_other=10_000, dtype="float32").to_json(),
          "feature_spec": json.dumps(SPEC)})
     assert index.get_int_custom_property("num_examples") == 80
-    outs = {}
-    for mode, extra in (("beam", {}), ("index", {"index": [index]})):
-        out = InfluenceScores()
-        out.uri = str(tmp_path / mode)
-        InfluenceExecutor(ctx(tmp_path / f"tmp_{mode}")).Do(
-            {"pretrain_examples": [a["pre_ex"]], "finetune_examples": [a["ft_ex"]], "pretrain_model": [a["pre_m"]],
-             "finetune_model": [a["ft_m"]], **extra}, {"scores": [out]},
-            {**INFLUENCE_PROPS, "query_args": QueryArgs(top_k=5, rerank=20).to_json() if extra else None})
-        outs[mode] = out
+    out = InfluenceScores()
+    out.uri = str(tmp_path / "index_scores")
+    InfluenceExecutor(ctx(tmp_path / "tmp_index")).Do(
+        {"pretrain_examples": [a["pre_ex"]], "finetune_examples": [a["ft_ex"]], "pretrain_model": [a["pre_m"]],
+         "finetune_model": [a["ft_m"]], "index": [index]}, {"scores": [out]},
+        {**INFLUENCE_PROPS, "query_args": QueryArgs(top_k=5, rerank=20).to_json()})
+    outs = {"beam": beam_scores, "index": out}
     beam = scores_io.read_scores(os.path.join(outs["beam"].uri, "Split-train"))
     got = scores_io.read_scores(os.path.join(outs["index"].uri, "Split-train"))
     assert set(got) == set(beam)
@@ -448,13 +458,8 @@ def test_influence_scorer_queries_a_gradient_index(world, tmp_path):
         assert got[k] == pytest.approx(beam[k], rel=1e-4, abs=1e-6)
     assert outs["index"].get_string_custom_property("scored_by").startswith("GradientIndex")
     # every test point as its own query
-    pre = keras.models.load_model(os.path.join(a["pre_m"].uri, "Format-Serving", "model.keras"))
-    ft = keras.models.load_model(os.path.join(a["ft_m"].uri, "Format-Serving", "model.keras"))
-    spec = beam_scoring.parse_feature_spec(SPEC)
-    pk, px, py = common.load_split(a["pre_ex"], "train", spec)
-    _, fx, fy = common.load_split(a["ft_ex"], "train", spec)
-    tk, tx, ty = common.load_split(a["ft_ex"], "test", spec)
-    mk = lambda x, y: tf.data.Dataset.from_tensor_slices((x, y)).batch(256)  # noqa: E731
+    pre, ft, splits, _ = library
+    (pk, px, py), (_, fx, fy), (tk, tx, ty) = splits["pre"], splits["ft"], splits["test"]
     args = tfi.InfluenceArgs.from_json(INFLUENCE_PROPS["influence_args"])
     ms = tfi.MultiStageInfluence(tfi.Objective(pre, pre.loss), mk(px, py), tfi.Objective(ft, ft.loss), mk(fx, fy),
                                  embedding=["embedding"], args=args)
