@@ -158,6 +158,20 @@ def fingerprint(model, group: ParameterGroup) -> str:
     return h.hexdigest()[:16]
 
 
+def _placed(group: ParameterGroup, vectors, vector_group: ParameterGroup | None) -> np.ndarray:
+    """``vectors`` (``[p]`` or ``[p, Q]`` over ``vector_group``) laid out over ``group``, with 0 for the
+    variables ``vector_group`` lacks; unchanged when ``vector_group`` is ``None``."""
+    v = np.asarray(vectors)
+    if vector_group is None:
+        return v
+    placed = np.zeros((group.size,) + v.shape[1:], v.dtype)
+    at = 0
+    for start, n in group.ranges(vector_group):     # contiguous copies, variable by variable
+        placed[start:start + n] = v[at:at + n]
+        at += n
+    return placed
+
+
 def _key_bytes(k) -> bytes:
     """An example key as an index stores it."""
     return k if isinstance(k, bytes) else str(k).encode()
@@ -419,30 +433,22 @@ class GradientIndex:
             raise ValueError("precondition='ekfac' needs factors: QueryArgs.factors (a directory of saved factors) or "
                              "query(..., factors=<fitted KFACFactors>)")
         proj = self.projector(objective)
-        if vector_group is not None:
-            v = np.asarray(vectors)
-            placed = np.zeros((proj.group.size,) + v.shape[1:], v.dtype)
-            at = 0
-            for start, n in proj.group.ranges(vector_group):     # contiguous copies, variable by variable
-                placed[start:start + n] = v[at:at + n]
-                at += n
-            vectors = placed
         if args.precondition == "ekfac":
             from .kfac import KFACFactors, KFACInverse
             fitted = fitted if fitted is not None else KFACFactors.load(args.factors)
             inverse = KFACInverse(fitted, objective.model, proj.group, relative_damping=args.damping)
-            v = np.asarray(vectors)
-            vectors = inverse(tf.constant(v, proj.group.dtype)).numpy()
+            v = _placed(proj.group, vectors, vector_group)
+            vectors, vector_group = inverse(tf.constant(v, proj.group.dtype)).numpy(), None
             args = replace(args, precondition="none", factors=None)
-        q = np.atleast_2d(proj.project_vector(vectors))
+        q = np.atleast_2d(proj.project_vector(vectors, vector_group))   # each variable read where it lies
         if not args.rerank:
             return self.query_projected(q, args)
         if dataset is None:
             raise ValueError("QueryArgs.rerank re-scores candidates with exact gradients: pass the indexed corpus, "
                              "query(..., dataset=...)")
         wide = replace(args, rerank=0, top_k=max(args.top_k, args.rerank), higher_is_better=False)
-        return self._rerank(objective, proj.group, np.asarray(vectors), self.query_projected(q, wide), args,
-                            dataset, keys)._sides_for(args.higher_is_better)
+        return self._rerank(objective, proj.group, _placed(proj.group, vectors, vector_group),
+                            self.query_projected(q, wide), args, dataset, keys)._sides_for(args.higher_is_better)
 
     def _rerank(self, objective, group, vectors, approx: QueryResult, args: QueryArgs, dataset, keys):
         """Exact scores of the approximate result's candidates (one pass over ``dataset`` that computes

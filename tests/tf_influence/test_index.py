@@ -68,6 +68,20 @@ def test_projection_is_p_applied_to_exact_per_example_gradients():
     # project_vector: the same P on a vector over the group (one column per example here)
     G = np.concatenate([g.numpy() for g in gradients.per_example_gradients(obj, ds, proj.group)])
     np.testing.assert_allclose(proj.project_vector(G.T), got, rtol=2e-4, atol=1e-6)
+    # a vector over another group (another order, norm/beta left out): each variable read where it lies, the missing
+    # one as 0 — the same as the vector laid out over the projector's group by hand
+    variables = [v for v in reversed(proj.group.variables) if v.path != "norm/beta"]
+    sub = tfi.ParameterGroup("sub", variables)
+    by_path = dict(zip([v.path for v in proj.group.variables], np.split(G.T, np.cumsum(proj.group.sizes)[:-1])))
+    in_sub = np.concatenate([by_path[v.path] for v in variables])
+    laid = np.concatenate([np.zeros_like(by_path[v.path]) if v.path == "norm/beta" else by_path[v.path]
+                           for v in proj.group.variables])
+    np.testing.assert_allclose(proj.project_vector(in_sub, sub), proj.project_vector(laid), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(proj.project_vector(in_sub[:, 0], sub), proj.project_vector(laid[:, 0]), rtol=1e-6,
+                               atol=1e-7)
+    assert not np.allclose(proj.project_vector(laid), got, rtol=1e-2)    # norm/beta's zeros show
+    with pytest.raises(ValueError, match="vector has 3 entries, the group 'sub'"):
+        proj.project_vector(np.zeros(3), sub)
 
 
 def test_cnn_and_keras_hub_blocks_project_like_their_exact_gradients():
