@@ -253,3 +253,11 @@ def test_readme_real_size_figures_are_the_stored_runs():
             if path == "influence":
                 quoted += f" at {r['peak_rss_mb'] / 1000:.2f} GB"
             assert quoted in readme, (name, path, quoted)
+    # the summary table as the results page generates it, so every cell (and met / missed) follows the file
+    data = json.loads((ROOT / "docs" / "results" / "real_size.json").read_text())
+    table = hooks().real_size_summary(data)
+    assert table in readme and table in hooks().real_size_tables(data)
+    slower = json.loads(json.dumps(data))
+    slower["models"]["gpt2-small"]["paths"]["fit_factors"]["over_epoch"] = 2.6
+    peak = data["models"]["gpt2-small"]["paths"]["fit_factors"]["peak_rss_mb"] / 1000
+    assert f"2.60 epochs at {peak:.2f} GB (**missed**)" in hooks().real_size_summary(slower)
