@@ -273,7 +273,7 @@ def real_size_summary(d: dict) -> str:
 
 def real_size_tables(d: dict) -> str:
     """Every path at real sizes (benchmarks/real_size.py): one table per model."""
-    limits = {"influence": 4, "influence_updated": 4, "fit_factors": 2.5, "self_influence": 1, "index_build": 1.5}
+    limits = {**REAL_SIZE_TARGETS, "influence_updated": REAL_SIZE_TARGETS["influence"]}
     out = [real_size_summary(d), "", f"Machine: {d.get('machine', '?')}."]
     for key, note in d.get("notes", {}).items():
         out.append(f"\n- **{key}**: {note}.")
@@ -285,7 +285,7 @@ def real_size_tables(d: dict) -> str:
                 f"{_fmt(m['n_params'])} parameters, vocabulary {_fmt(m['vocab'])}, {m['layers']} × {m['width']}, "
                 f"{_fmt(m['n_sequences'])} sequences of {m['length']} tokens, batch {m['batch']}; one training epoch "
                 f"(`train_epoch_seconds`) {_fmt(m['train_epoch_seconds'])} s.", "",
-                "| path | ok | seconds | training epochs (target) | peak RSS MB (≤ 10,000) | at (library phase) | "
+                f"| path | ok | seconds | training epochs (target) | peak RSS MB (≤ {REAL_SIZE_PEAK_MB:,}) | at (library phase) | "
                 "plan estimate MB (estimate / peak) | measured | error |", "|---|---|---|---|---|---|---|---|---|"]
         for path, r in m["paths"].items():
             over, peak, est = r.get("over_epoch"), r.get("peak_rss_mb"), r.get("estimated_mb")
@@ -297,7 +297,8 @@ def real_size_tables(d: dict) -> str:
             target = ("" if lim is None or over is None else f"≤ {lim}: {'met' if over <= lim else 'missed'}")
             target = f" ({'; '.join(t for t in (target, paired) if t)})" if target or paired else ""
             if path == "index_query" and r.get("ok"):
-                target = f" ({_fmt(r['seconds'])} s per query; ≤ 1 s: {'met' if r['seconds'] <= 1 else 'missed'})"
+                target = (f" ({_fmt(r['seconds'])} s per query; ≤ {REAL_SIZE_QUERY_SECONDS} s: "
+                          f"{'met' if r['seconds'] <= REAL_SIZE_QUERY_SECONDS else 'missed'})")
             ratio = f" ({_fmt(est / peak)})" if est and peak else ""
             err = (str(r.get("error") or "")[:160]).replace("|", "/").replace("\n", " ")
             at = (r.get("timeline") or {}).get("peak_phase", "")

@@ -245,7 +245,8 @@ def test_readme_real_size_figures_are_the_stored_runs():
     ``docs/results/real_size.json`` holds them (epochs over the epochs timed around the run, peak in GB), so a
     rerun that changes them fails here until the README says so."""
     readme = (ROOT / "README.md").read_text()
-    models = json.loads((ROOT / "docs" / "results" / "real_size.json").read_text())["models"]
+    data = json.loads((ROOT / "docs" / "results" / "real_size.json").read_text())
+    models = data["models"]
     for name in ("gpt2-small", "bert-base", "llama-100m"):
         for path in ("influence", "fit_factors"):
             r = models[name]["paths"][path]
@@ -254,7 +255,6 @@ def test_readme_real_size_figures_are_the_stored_runs():
                 quoted += f" at {r['peak_rss_mb'] / 1000:.2f} GB"
             assert quoted in readme, (name, path, quoted)
     # the summary table as the results page generates it, so every cell (and met / missed) follows the file
-    data = json.loads((ROOT / "docs" / "results" / "real_size.json").read_text())
     table = hooks().real_size_summary(data)
     assert table in readme and table in hooks().real_size_tables(data)
     slower = json.loads(json.dumps(data))

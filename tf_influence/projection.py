@@ -397,10 +397,7 @@ class GradientProjector:
                              "parameters")
         q = cols.shape[1]
         self.group.ranges(group)                       # raises if a variable of the vector's group is not projected
-        where, at = {}, 0
-        for var, n in zip(group.variables, group.sizes):
-            where[id(tf_variable(var))] = (at, n)
-            at += n
+        where = {id(tf_variable(var)): r for var, r in zip(group.variables, group.ranges(group))}   # (start, n) in v
         dtype = self.dtype.as_numpy_dtype
 
         def piece(var, shape):                         # [Q, *shape], from this variable's rows of v

@@ -26,10 +26,13 @@ from tests import tfx_helpers as th  # noqa: E402
 SPEC = {"x": {"name": "image", "shape": [8, 8, 1]}, "y": {"name": "label"}, "key": "key"}
 from tests.tfx_helpers import BEAM_IN_PROCESS  # noqa: E402
 
+def cg(lam):
+    """The scorer's solver in these tests, and the library reference's: float64 CG on H² + λI."""
+    return tfi.SolverConfig("cg_squared", damping=lam, iterative=tfi.IterativeOptions(max_iter=100, dtype="float64"))
+
+
 def influence_props(hessian_samples=None):
     """InfluenceScorer's execution properties: the InfluenceArgs travel whole, as JSON."""
-    cg = lambda lam: tfi.SolverConfig("cg_squared", damping=lam,
-                                      iterative=tfi.IterativeOptions(max_iter=100, dtype="float64"))  # noqa: E731
     args = tfi.InfluenceArgs(case="fixed", pretrain_solver=cg(1e-2), finetune_solver=cg(1e-3),
                              hessian_samples=hessian_samples)
     return dict(feature_spec=json.dumps(SPEC), embedding=json.dumps(["embedding"]), influence_args=args.to_json(),
@@ -101,10 +104,6 @@ def beam_scores(world, tmp_path_factory):
         {"pretrain_examples": [a["pre_ex"]], "finetune_examples": [a["ft_ex"]], "pretrain_model": [a["pre_m"]],
          "finetune_model": [a["ft_m"]]}, {"scores": [out]}, dict(INFLUENCE_PROPS))
     return out
-
-
-def cg(lam):
-    return tfi.SolverConfig("cg_squared", damping=lam, iterative=tfi.IterativeOptions(max_iter=100, dtype=tf.float64))
 
 
 @pytest.fixture(scope="module")
@@ -302,10 +301,7 @@ def test_factor_fitter_feeds_the_influence_scorer(world, library, tmp_path):
                                                            pretrain_solver=tfi.SolverConfig(
                                                                "ekfac", damping=1e-2,
                                                                kronecker=tfi.KroneckerOptions(fisher="empirical")),
-                                                           finetune_solver=tfi.SolverConfig(
-                                                               "cg_squared", damping=1e-3,
-                                                               iterative=tfi.IterativeOptions(
-                                                                   max_iter=100, dtype=tf.float64)))).scores
+                                                           finetune_solver=cg(1e-3))).scores
     for i, k in enumerate(pk):
         assert got[k] == pytest.approx(ref[i], rel=1e-3, abs=1e-6)
     # factors of another model's parameters are refused, naming the artifact (fitted with bfloat16 products: the
