@@ -111,8 +111,17 @@ def _gaussian(seed: int, key: str, rows: int, cols: int) -> np.ndarray | None:
     return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
 
 
-#: Examples whose per-example gradients share out the budget (``calibrate``; the Beam job's driver too).
+#: At most this many examples' per-example gradients share out the budget (``calibrate``; the Beam
+#: job's driver reads this many records).
 CALIBRATION_EXAMPLES = 256
+#: ``calibrate`` reads at least this many examples (all of them when the data has fewer) ...
+CALIBRATION_MIN_EXAMPLES = 32
+#: ... and stops once the shares are known this well: the share-weighted relative standard error of
+#: the per-segment means, ``Σ_s SE_s / Σ_s mean_s``. The allocation's modelled variance is flat
+#: around its optimum (it moves with the square of a share's error), so 10 % costs nothing measurable:
+#: at GPT-2 small (124 segments) the allocation from the first 32 sequences (0.05) gives the same
+#: modelled variance, to 4 digits, as the one from 256.
+CALIBRATION_TOLERANCE = 0.1
 
 
 def sides(k) -> tuple:
@@ -183,23 +192,61 @@ def allocate(shares: dict, segments: dict, max_dim: int) -> dict:
         level[key] = m
 
 
+def gradient_norm_shares(objective, data, group: ParameterGroup, segments, examples: int = CALIBRATION_EXAMPLES,
+                         min_examples: int = CALIBRATION_MIN_EXAMPLES,
+                         tolerance: float = CALIBRATION_TOLERANCE) -> tuple:
+    """Mean squared per-example gradient norm of every segment (block / variable key of
+    ``segments``) over the first examples of ``data``, from one captured pass per batch (ghost norms,
+    :class:`tf_influence.ghost_norms.GhostNorms`). Reads batches until it has ``min_examples`` and the
+    share-weighted relative standard error ``Σ_s SE_s / Σ_s mean_s`` is at most ``tolerance``, or
+    until ``examples`` (``tolerance=0``: always ``examples``). Returns ``(means, n, relative_se)``."""
+    from .ghost_norms import GhostNorms
+    from .objective import first_batch_size
+    if int(examples) < 1:
+        raise ValueError(f"calibration examples must be ≥ 1, got {examples}")
+    # in the data's own batch size: a language model's per-batch logits are [B, T, vocab] (a batch of 32
+    # GPT-2 sequences of 128 tokens: 0.8 GB per tensor), so re-batching larger would raise the peak
+    sample = data.unbatch().take(int(examples)).batch(max(1, min(32, first_batch_size(data))))
+    fn = function(GhostNorms(objective, group).segments, reduce_retracing=True)
+    s1, s2 = dict.fromkeys(segments, 0.0), dict.fromkeys(segments, 0.0)
+    n, rse = 0, float("inf")
+    for x, y in sample:
+        parts, losses = fn(x, y)
+        n += int(losses.shape[0])
+        for key, v in parts.items():
+            v = tf.cast(v, tf.float64)
+            s1[key] += float(tf.reduce_sum(v))
+            s2[key] += float(tf.reduce_sum(tf.square(v)))
+        if n >= 2:
+            se = sum(np.sqrt(max(0.0, s2[k] - s1[k] ** 2 / n) / (n - 1) / n) for k in s1)
+            total = sum(s1.values()) / n
+            rse = se / total if total > 0 else 0.0
+        if n >= int(min_examples) and rse <= float(tolerance):
+            break
+    if n == 0:
+        raise ValueError("calibration data is empty")
+    bad = [k for k, v in s1.items() if not np.isfinite(v)]
+    if bad:
+        raise ValueError(f"calibration: the per-example gradients of {bad[:5]} over the first {n} examples "
+                         f"contain NaN/Inf (check the data and the loss)")
+    return {k: v / n for k, v in s1.items()}, n, rse
+
+
 def calibrate(objective, data, group: ParameterGroup | None = None, args: "ProjectionArgs | None" = None,
-              examples: int = CALIBRATION_EXAMPLES) -> "ProjectionArgs":
+              examples: int = CALIBRATION_EXAMPLES, min_examples: int = CALIBRATION_MIN_EXAMPLES,
+              tolerance: float = CALIBRATION_TOLERANCE) -> "ProjectionArgs":
     """``args`` with the budget (:func:`budget`) shared by mean squared per-example gradient norm
-    (:func:`allocate`), measured on the first ``examples`` examples of ``data`` (a batched ``(x, y)``
-    dataset): every block's and variable's size written into ``layer_k``, so the projection no longer
-    depends on data and an index rebuilds it from its metadata alone. Unchanged when ``args.k`` is
-    set or ``allocation="uniform"``."""
+    (:func:`allocate`), measured on the first examples of ``data`` (a batched ``(x, y)`` dataset) —
+    at least ``min_examples``, then batch by batch until the shares are known to ``tolerance``, at most
+    ``examples`` (:func:`gradient_norm_shares`): every block's and variable's size written into
+    ``layer_k``, so the projection no longer depends on data and an index rebuilds it from its
+    metadata alone. Unchanged when ``args.k`` is set or ``allocation="uniform"``."""
     from dataclasses import replace
     args = args or ProjectionArgs()
     if args.k is not None or args.allocation != "gradient_norm":
         return args
     group = group if group is not None else ParameterGroup.from_model(objective.model)
     probe = GradientProjector(objective, group, replace(args, allocation="uniform"))
-    # in the data's own batch size: a language model's per-batch logits are [B, T, vocab] (a batch of 32
-    # GPT-2 sequences of 128 tokens: 0.8 GB per tensor), so re-batching larger would raise the peak
-    from .objective import first_batch_size
-    sample = data.unbatch().take(int(examples)).batch(max(1, min(32, first_batch_size(data))))
     segments = {}
     for b in probe.blocks:
         # token tables (Embedding, tied ReversibleEmbedding): keep the token side exact when the table is
@@ -209,18 +256,7 @@ def calibrate(objective, data, group: ParameterGroup | None = None, args: "Proje
         segments[b.name] = ("rows" if token else "block", b.rows, b.d_out)
     for v in [w for nb in probe.norms for w in nb.variables] + list(probe.rest):
         segments[group.name_of(v)] = ("variable", int(np.prod(v.shape)))
-    # per-segment squared norms of every example from one captured pass per batch (ghost norms)
-    from .ghost_norms import GhostNorms
-    ghost = GhostNorms(objective, group)
-    fn = function(ghost.segments, reduce_retracing=True)
-    sq, n = dict.fromkeys(segments, 0.0), 0
-    for x, y in sample:
-        parts, losses = fn(x, y)
-        n += int(losses.shape[0])
-        for key, v in parts.items():
-            sq[key] += float(tf.reduce_sum(tf.cast(v, tf.float64)))
-    if n == 0:
-        raise ValueError("calibration data is empty")
+    shares, _, _ = gradient_norm_shares(objective, data, group, segments, examples, min_examples, tolerance)
     fixed = {k: v for k, v in args.layer_k.items() if k in segments}
     free = {k: s for k, s in segments.items() if k not in fixed}
     def fixed_dim(v, seg):
@@ -229,7 +265,7 @@ def calibrate(objective, data, group: ParameterGroup | None = None, args: "Proje
         k_in, k_out = sides(v)
         return min(k_in, seg[1]) * min(k_out, seg[2])
     spent = sum(fixed_dim(v, segments[k]) for k, v in fixed.items())
-    level = allocate({k: sq[k] / n for k in free}, free, max(len(free), budget(args, group.size) - spent))
+    level = allocate({k: shares[k] for k in free}, free, max(len(free), budget(args, group.size) - spent))
     sized = {k: ([segments[k][1], int(v)] if segments[k][0] == "rows" else v) for k, v in level.items()}
     return replace(args, layer_k={**sized, **fixed})
 

@@ -105,9 +105,10 @@ def _publish(written, output_dir, description, model_fingerprint, dtype):
 
 
 def calibrated_args(objective, group, args, examples_pattern, feature_spec, examples: int | None = None):
-    """``args`` with the budget shared by gradient norm, measured in the driver on the first
-    ``examples`` examples of the first file (:func:`tf_influence.projection.calibrate`); the workers
-    get the resolved sizes, so they never need data to build the same ``P``."""
+    """``args`` with the budget shared by gradient norm, measured in the driver on the first examples
+    of the first file (:func:`tf_influence.projection.calibrate`: at least 32, then until the shares
+    are known to 10 %, at most ``examples`` — the records read); the workers get the resolved sizes,
+    so they never need data to build the same ``P``."""
     import tensorflow as tf
 
     from tf_influence.projection import CALIBRATION_EXAMPLES, calibrate

@@ -425,6 +425,49 @@ def test_the_faiss_backend_searching_every_list_is_the_exact_top_k(indexed):
     np.testing.assert_allclose(approx.helpful_scores, exact.helpful_scores, rtol=1e-4, atol=1e-6)
 
 
+def test_calibration_reads_until_the_shares_are_known():
+    """``gradient_norm_shares`` (what ``calibrate`` allocates by): its per-segment means are the mean
+    squared norms of one-tape-per-example gradients over exactly the examples it read; it reads at
+    least ``min_examples`` and stops at the first batch where the share-weighted relative standard
+    error ``Σ SE / Σ mean`` (recomputed here from those gradients) is within ``tolerance`` —
+    ``tolerance=0`` reads ``examples``; a NaN gradient is named, not allocated."""
+    from tf_influence.projection import gradient_norm_shares
+    model, obj = mlp()
+    x, y, ds = data(n=96, batch=8)
+    names = [v.path for v in model.trainable_variables]
+    parts = {"embedding": ("embedding/kernel", "embedding/bias"), "head": ("head/kernel", "head/bias"),
+             "norm/gamma": ("norm/gamma",), "norm/beta": ("norm/beta",)}
+    sq = {k: [] for k in parts}
+    for grads in one_at_a_time(model, obj.loss_fn, x, y):
+        g = dict(zip(names, grads))
+        for k, vs in parts.items():
+            sq[k].append(sum(float(np.sum(np.square(g[v].astype(np.float64)))) for v in vs))
+    sq = {k: np.array(v) for k, v in sq.items()}
+
+    def rse(n):
+        return sum(v[:n].std(ddof=1) / np.sqrt(n) for v in sq.values()) / sum(v[:n].mean() for v in sq.values())
+
+    group = GradientProjector(obj).group
+    segments = dict.fromkeys(parts)
+    stops = []
+    for tol in (rse(32) * 1.001, rse(56) * 1.0001, rse(32) * 0.5, 0.0):
+        means, n, got_rse = gradient_norm_shares(obj, ds, group, segments, examples=80, min_examples=32,
+                                                 tolerance=tol)
+        first = next((m for m in range(32, 81, 8) if rse(m) <= tol), 80)   # the first batch boundary that meets it
+        assert n == first, (tol, n, first)
+        stops.append(n)
+        assert np.isclose(got_rse, rse(n), rtol=1e-4)
+        for k in parts:
+            np.testing.assert_allclose(means[k], sq[k][:n].mean(), rtol=1e-4)
+    assert stops[0] == 32 and 32 < stops[1] < 80 and stops[2:] == [80, 80]       # every branch of the rule ran
+    assert gradient_norm_shares(obj, ds, group, segments, tolerance=0.0)[1] == 96      # fewer than `examples`
+    bad = x.copy()
+    bad[3, 0] = np.nan
+    nan_ds = tf.data.Dataset.from_tensor_slices((bad, y)).batch(8)
+    with pytest.raises(ValueError, match=r"calibration: the per-example gradients of \['embedding'.*NaN"):
+        gradient_norm_shares(obj, nan_ds, group, segments)
+
+
 def test_small_token_tables_keep_their_token_side_exact():
     """With room for it (rows · 8 ≤ max_dim) a tied token embedding is projected on its feature side
     only ([rows, k_out]); the captured projection still equals P applied to one-example gradients."""
