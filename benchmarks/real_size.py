@@ -49,7 +49,7 @@ PATHS = ("influence", "influence_updated", "single_stage", "fit_factors", "self_
 
 #: The paths whose memory plan is the whole call's, made before it runs (:func:`_path_plan`; the others report the
 #: largest plan the library checked during the call).
-PLANNED = ("influence", "influence_updated", "fit_factors", "index_build", "self_influence_per_example")
+PLANNED = ("influence", "influence_updated", "fit_factors", "index_build", "self_influence", "self_influence_per_example")
 
 
 @dataclass
@@ -358,6 +358,10 @@ def _path_plan(path, an, ds, ft, te):
         group = an.pretrain_group()
         return index_plan(GradientProjector(an.pretrain_objective, group,
                                             calibrate(an.pretrain_objective, ds, group, None)), ds)
+    if path == "self_influence":       # the ghost-norm pass (self_influence's default method) over the whole model
+        from tf_influence.ghost_norms import GhostNorms
+        from tf_influence.memory import ghost_plan
+        return ghost_plan(GhostNorms(an.pretrain_objective, tfi.ParameterGroup.from_model(an.task.pretrain_model)), ds)
     if path == "self_influence_per_example":   # the chunk per_example_gradients picks (self_influence's default)
         from tf_influence.gradients import dataset_chunk
         from tf_influence.memory import per_example_plan

@@ -570,7 +570,7 @@ def build_index(objective, dataset, directory: str, group: ParameterGroup | None
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be ≥ 1 or None, got {batch_size}")
         dataset = dataset.rebatch(int(batch_size))
-    proj = GradientProjector(objective, group, calibrate(objective, dataset, group, args))
+    proj = GradientProjector(objective, group, calibrate(objective, dataset, group, args, memory_budget=memory_budget))
     dtype = proj.args.dtype
     from .memory import index_plan
     index_plan(proj, dataset, shard_size).check(memory_budget)       # before the corpus pass

@@ -562,6 +562,35 @@ def index_plan(projector, dataset=None, shard_size: int = 50_000) -> MemoryPlan:
                         "a smaller ProjectionArgs.max_dim", "a larger memory_budget")
 
 
+def ghost_plan(norms, dataset=None, title: str = "ghost-norm self-influence") -> MemoryPlan:
+    """One batch of ghost-norm self-influence (:class:`tf_influence.ghost_norms.GhostNorms`; also the gradient
+    index's calibration pass): the captured layer inputs and output gradients with the activations that hold
+    them (as :func:`index_plan`), the logits, the normalisation layers' captured tensors and the vectorised
+    per-example gradients of the variables no layer covers — plus the largest block's own temporaries: its two
+    ``[B, P, P]`` Gram matrices, or its explicit per-example gradients ``[B, rows, d_out]`` and their squares
+    where those are smaller (the pass picks the same). Nothing grows with the corpus: each batch's norms are
+    ``[B]`` numbers."""
+    B, P = first_batch_shape(dataset) if dataset is not None else (32, 1)
+    c = _dsize(norms.group.dtype)
+    plan = MemoryPlan(title)
+    per_batch = _captured_bytes(norms.blocks, B, P, c)
+    vocab = max([b.rows for b in norms.blocks if b.kind == "tied"] + [b.d_out for b in norms.blocks] + [0])
+    per_batch += B * P * vocab * c        # the logits (their gradient is a captured output gradient)
+    per_batch += sum(B * P * int(nb.variables[0].shape[-1]) * c * 4 for nb in norms.norms)
+    per_batch += sum(B * math.prod(int(d) for d in v.shape) * c * 3 for v in norms.rest)
+    plan.add("per-batch products", per_batch, f"batch {B} × {P} positions")
+    temp, which = 0, ""
+    for b in norms.blocks:
+        pos = 2 * P if b.kind == "tied" else P          # a tied table: its lookups and its output projection
+        t = 2 * B * pos * pos * c if pos * pos <= b.rows * b.d_out else 2 * B * b.rows * b.d_out * c
+        if t > temp:
+            temp, which = t, b.name
+    if temp:
+        plan.add(f"ghost-norm temporaries of '{which}'", temp, "Gram matrices or per-example gradients")
+    return plan.suggest("a smaller batch", "fewer layers (si_layers)", "method='per_example' with a small chunk_size",
+                        "a larger memory_budget")
+
+
 def dataset_examples(dataset, batch: int | None = None) -> int | None:
     """The examples a batched dataset yields where TensorFlow knows its number of batches (a finite cardinality),
     the last batch counted full, else ``None``. ``batch``: its batch size where the caller has it already (else
@@ -574,5 +603,5 @@ def dataset_examples(dataset, batch: int | None = None) -> int | None:
 
 __all__ = ["DEFAULT_FRACTION", "MemoryBudgetError", "MemoryItem", "MemoryPlan", "available_bytes", "default_budget",
            "dataset_examples", "dense_plan", "factor_microbatch", "factor_plan", "first_batch_shape", "human", "index_plan",
-           "kfac_inverse_plan", "nbytes", "parse_bytes", "PER_EXAMPLE_COPIES", "per_example_plan", "release_memory",
+           "ghost_plan", "kfac_inverse_plan", "nbytes", "parse_bytes", "PER_EXAMPLE_COPIES", "per_example_plan", "release_memory",
            "RELEASE_MIN_BYTES", "resolve_budget", "vectors_plan"]

@@ -194,12 +194,14 @@ def allocate(shares: dict, segments: dict, max_dim: int) -> dict:
 
 def gradient_norm_shares(objective, data, group: ParameterGroup, segments, examples: int = CALIBRATION_EXAMPLES,
                          min_examples: int = CALIBRATION_MIN_EXAMPLES,
-                         tolerance: float = CALIBRATION_TOLERANCE) -> tuple:
+                         tolerance: float = CALIBRATION_TOLERANCE, memory_budget=None) -> tuple:
     """Mean squared per-example gradient norm of every segment (block / variable key of
     ``segments``) over the first examples of ``data``, from one captured pass per batch (ghost norms,
     :class:`tf_influence.ghost_norms.GhostNorms`). Reads batches until it has ``min_examples`` and the
     share-weighted relative standard error ``Σ_s SE_s / Σ_s mean_s`` is at most ``tolerance``, or
-    until ``examples`` (``tolerance=0``: always ``examples``). Returns ``(means, n, relative_se)``."""
+    until ``examples`` (``tolerance=0``: always ``examples``). One batch's pass is planned first
+    (:func:`tf_influence.memory.ghost_plan`, checked against ``memory_budget``). Returns ``(means, n,
+    relative_se)``."""
     from .ghost_norms import GhostNorms
     from .objective import first_batch_size
     if int(examples) < 1:
@@ -207,7 +209,11 @@ def gradient_norm_shares(objective, data, group: ParameterGroup, segments, examp
     # in the data's own batch size: a language model's per-batch logits are [B, T, vocab] (a batch of 32
     # GPT-2 sequences of 128 tokens: 0.8 GB per tensor), so re-batching larger would raise the peak
     sample = data.unbatch().take(int(examples)).batch(max(1, min(32, first_batch_size(data))))
-    fn = function(GhostNorms(objective, group).segments, reduce_retracing=True)
+    ghost = GhostNorms(objective, group)
+    from .memory import ghost_plan
+    ghost_plan(ghost, sample, "the projection budget's calibration pass").suggest(
+        "ProjectionArgs(k=...) or allocation='uniform' (no calibration)").check(memory_budget)   # before the first batch
+    fn = function(ghost.segments, reduce_retracing=True)
     s1, s2 = dict.fromkeys(segments, 0.0), dict.fromkeys(segments, 0.0)
     n, rse = 0, float("inf")
     for x, y in sample:
@@ -234,7 +240,7 @@ def gradient_norm_shares(objective, data, group: ParameterGroup, segments, examp
 
 def calibrate(objective, data, group: ParameterGroup | None = None, args: "ProjectionArgs | None" = None,
               examples: int = CALIBRATION_EXAMPLES, min_examples: int = CALIBRATION_MIN_EXAMPLES,
-              tolerance: float = CALIBRATION_TOLERANCE) -> "ProjectionArgs":
+              tolerance: float = CALIBRATION_TOLERANCE, memory_budget=None) -> "ProjectionArgs":
     """``args`` with the budget (:func:`budget`) shared by mean squared per-example gradient norm
     (:func:`allocate`), measured on the first examples of ``data`` (a batched ``(x, y)`` dataset) —
     at least ``min_examples``, then batch by batch until the shares are known to ``tolerance``, at most
@@ -256,7 +262,8 @@ def calibrate(objective, data, group: ParameterGroup | None = None, args: "Proje
         segments[b.name] = ("rows" if token else "block", b.rows, b.d_out)
     for v in [w for nb in probe.norms for w in nb.variables] + list(probe.rest):
         segments[group.name_of(v)] = ("variable", int(np.prod(v.shape)))
-    shares, _, _ = gradient_norm_shares(objective, data, group, segments, examples, min_examples, tolerance)
+    shares, _, _ = gradient_norm_shares(objective, data, group, segments, examples, min_examples, tolerance,
+                                        memory_budget)
     fixed = {k: v for k, v in args.layer_k.items() if k in segments}
     free = {k: s for k, s in segments.items() if k not in fixed}
     def fixed_dim(v, seg):

@@ -77,7 +77,7 @@ SI_METHODS = ("ghost", "per_example")
 
 def self_influence(objective: Objective, dataset, si_layers=ALL_LAYERS, checkpoints=None, learning_rates=None,
                    chunk_size: int | None = 512, progress: bool = False, name: str = "dataset",
-                   method: str = "ghost") -> np.ndarray:
+                   method: str = "ghost", memory_budget=None) -> np.ndarray:
     """TracInSI_K of every example of a batched ``(x, y)`` dataset, in dataset order (eq. 3).
 
     ``si_layers``: the layer set K (layer names / paths / objects or a :class:`ParameterGroup`;
@@ -85,7 +85,10 @@ def self_influence(objective: Objective, dataset, si_layers=ALL_LAYERS, checkpoi
     ``"ghost"`` (default) computes ``‖∇_K l(z)‖²`` from one ordinary forward / backward pass per
     batch (:class:`tf_influence.ghost_norms.GhostNorms`: exact for ``Dense``, ``EinsumDense``, ``Conv1D`` /
     ``Conv2D`` and ``Embedding`` layers, per-example gradients for the rest of K);
-    ``"per_example"`` materialises vectorised per-example gradients (chunks of ``chunk_size``)."""
+    ``"per_example"`` materialises vectorised per-example gradients (chunks of ``chunk_size``).
+    ``memory_budget`` (bytes, ``"8GB"``, a fraction of the available memory; ``None``: 70 % of it): one
+    batch's ghost-norm pass is planned first (:func:`tf_influence.memory.ghost_plan`) and a batch that
+    cannot fit is refused before the pass, naming what is too big."""
     if method not in SI_METHODS:
         raise ValueError(f"method must be one of {SI_METHODS}, got '{method}'")
     group = layer_set(objective.model, si_layers)
@@ -93,7 +96,7 @@ def self_influence(objective: Objective, dataset, si_layers=ALL_LAYERS, checkpoi
     for ckpt, lr in _checkpoints(objective.model, checkpoints, learning_rates):
         with _AtCheckpoint(objective.model, ckpt):
             if method == "ghost":
-                s = lr * _ghost_self_influence(objective, dataset, group, progress, name)
+                s = lr * _ghost_self_influence(objective, dataset, group, progress, name, memory_budget)
             else:
                 parts = [tf.reduce_sum(tf.square(b), axis=1).numpy()
                          for b in per_example_gradients(objective, dataset, group, chunk_size, progress, name)]
@@ -102,9 +105,12 @@ def self_influence(objective: Objective, dataset, si_layers=ALL_LAYERS, checkpoi
     return total
 
 
-def _ghost_self_influence(objective: Objective, dataset, group: ParameterGroup, progress: bool, name: str):
+def _ghost_self_influence(objective: Objective, dataset, group: ParameterGroup, progress: bool, name: str,
+                          memory_budget=None):
     from .ghost_norms import GhostNorms
+    from .memory import ghost_plan
     norms = GhostNorms.get(objective, group)
+    ghost_plan(norms, dataset).check(memory_budget)          # before the first batch
     it = batches(dataset, name, objective.model)
     if progress:
         from tqdm.auto import tqdm

@@ -125,6 +125,44 @@ def test_an_index_plan_buffers_the_examples_there_are_and_counts_the_captured_la
     assert item["per-batch products"].nbytes == captured + projected + norm + logits
 
 
+def test_ghost_norm_passes_are_planned_and_refused_before_the_first_batch():
+    """Ghost-norm self-influence and the index's calibration pass plan one batch — every block's captured input
+    and output gradient (twice), the normalisation's, the logits, and the largest block's two ``[B, P, P]`` Gram
+    matrices — and a budget below it is refused naming the plan, its
+    largest item and the options, before any batch runs (the pass is never traced).
+    (Every block here has ``P² = 36 ≤ rows · d_out``: Grams, the first block's named.)"""
+    import pytest
+    import tf_influence as tfi
+    from tf_influence.ghost_norms import GhostNorms
+    from tf_influence.memory import MemoryBudgetError, ghost_plan
+    from tf_influence.projection import calibrate
+    obj, group, ds = _tiny_lm()
+    norms = GhostNorms(obj, group)
+    item = {i.name: i.nbytes for i in ghost_plan(norms, ds).items}
+    B, P = 4, 6
+    captured = B * P * ((1 + 8) + (9 + 16) + (17 + 40)) * 4 * 2
+    assert item["per-batch products"] == captured + B * P * 8 * 4 * 4 + B * P * 40 * 4
+    assert item["ghost-norm temporaries of 'emb'"] == 2 * B * P * P * 4
+    traced = []
+    real = GhostNorms.get
+
+    def spy(objective, grp):
+        g = real(objective, grp)
+        traced.append(g)
+        return g
+    import unittest.mock
+    with unittest.mock.patch.object(GhostNorms, "get", staticmethod(spy)):
+        with pytest.raises(MemoryBudgetError, match=r"ghost-norm self-influence need .*per-batch products .*"
+                                                    r"Options: a smaller batch"):
+            tfi.tracin.self_influence(obj, ds, memory_budget=10_000)
+    assert traced and traced[0].fn.experimental_get_tracing_count() == 0       # refused before the first batch
+    assert tfi.tracin.self_influence(obj, ds, memory_budget="1GB").shape == (12,)
+    assert traced[0].fn.experimental_get_tracing_count() > 0                  # the same (cached) pass, now run
+    with pytest.raises(MemoryBudgetError, match=r"the projection budget's calibration pass need .*"
+                                                r"ProjectionArgs\(k=\.\.\.\)"):
+        calibrate(obj, ds, group, memory_budget=10_000)
+
+
 def test_a_per_example_chunk_is_planned_at_most_one_batch():
     """Blocks are never wider than a batch: with batches of 4 and ``chunk_size=512`` the checked plan holds 4
     examples' blocks (it had held the 512 the budget allowed — gpt2-mid's per-example self-influence planned at
