@@ -179,11 +179,14 @@ def stack_per_example_gradients(objective, dataset, group, **kw) -> tf.Tensor:
 
 
 def per_example_dot(objective: Objective, dataset, group: ParameterGroup, V, method: str = "auto",
-                    chunk_size: int | None = 512, progress: bool = False, name: str = "dataset") -> np.ndarray:
+                    chunk_size: int | None = 512, progress: bool = False, name: str = "dataset",
+                    memory_budget=None) -> np.ndarray:
     """``∇ l(z) · V`` for every example: ``V`` ``[p]`` → ``[N]``, ``V`` ``[p, k]`` → ``[N, k]``.
 
     ``method``: ``"jvp"`` (forward mode, one pass per column), ``"jacobian"`` (per-example
-    gradient block times ``V``) or ``"auto"`` (jvp for ≤ 4 columns).
+    gradient block times ``V``) or ``"auto"`` (jvp for ≤ 4 columns). Either is planned before the
+    first batch (:func:`tf_influence.memory.jvp_plan`; the per-example blocks' plan) and refused
+    over ``memory_budget``.
     """
     V = tf.convert_to_tensor(V)
     V = tf.cast(V, group.dtype)
@@ -201,12 +204,14 @@ def per_example_dot(objective: Objective, dataset, group: ParameterGroup, V, met
     rows = []
     with finite_check(f"scores of {objective.name} on {name}"):
         if method == "jvp":
+            from .memory import jvp_plan
+            jvp_plan(objective, group, dataset, k).check(memory_budget)        # before the first batch
             # the columns once, not sliced per batch (a column slice is a copy: 0.5 GB at GPT-2 small)
             cols = [tf.reshape(V, [-1])] if k == 1 else tf.unstack(V, axis=1)
             for x, y in _progress(batches(dataset, name, objective.model), f"scoring ({name})", progress):
                 rows.append(tf.stack([fns.jvp(x, y, c) for c in cols], axis=1))
         else:
-            for block in per_example_gradients(objective, dataset, group, chunk_size, progress, name):
+            for block in per_example_gradients(objective, dataset, group, chunk_size, progress, name, memory_budget):
                 rows.append(block @ V)
     if not rows:
         raise EmptyDatasetError(f"{name} is empty: it yielded no examples")

@@ -591,6 +591,81 @@ def ghost_plan(norms, dataset=None, title: str = "ghost-norm self-influence") ->
                         "a larger memory_budget")
 
 
+def jvp_plan(objective, group, dataset=None, columns: int = 1) -> MemoryPlan:
+    """Scoring by forward-mode products (:func:`tf_influence.gradients.per_example_dot`, ``method="jvp"``; the
+    Beam scoring job's influence scores): per column, the tangent split into the group's variables (``[p]``),
+    and one batch's forward pass carrying primal and tangent values — every block's input and output, both
+    kinds (as the captured-layer estimate of :func:`ghost_plan`), the normalisation layers', and the logits
+    three times (primal, tangent and their softmax). The vector itself is the caller's, already allocated."""
+    from .kfac.blocks import kronecker_blocks, norm_blocks
+    B, P = first_batch_shape(dataset) if dataset is not None else (32, 1)
+    c = _dsize(group.dtype)
+    blocks, diagonal = kronecker_blocks(objective.model, group)
+    norms, rest = norm_blocks(objective.model, diagonal)
+    plan = MemoryPlan("scoring by forward-mode products")
+    plan.add("tangent per variable", group.size * c, f"{group.size:,} {_dname(c)}, one column at a time")
+    batch = _captured_bytes(blocks, B, P, c)
+    vocab = max([b.rows for b in blocks if b.kind == "tied"] + [b.d_out for b in blocks] + [0])
+    batch += 3 * B * P * vocab * c
+    batch += sum(B * P * int(nb.variables[0].shape[-1]) * c * 4 for nb in norms)
+    plan.add("forward pass with tangents", batch, f"batch {B} × {P} positions")
+    return plan.suggest("a smaller batch", "a larger memory_budget")
+
+
+#: Slot variables per trained variable of Keras' optimizers (``presence_plan``; an optimizer not listed: 2).
+OPTIMIZER_SLOTS = {"SGD": 0, "Adam": 2, "AdamW": 2, "Adamax": 2, "Nadam": 2, "Lamb": 2, "Lion": 1, "Adagrad": 1,
+                   "RMSprop": 1, "Adadelta": 2, "Ftrl": 2}
+
+
+def optimizer_slots(optimizer) -> int:
+    """Slot variables per trained variable that ``optimizer`` will create (momentum / second moments)."""
+    if optimizer is None:
+        return 0
+    name = type(optimizer).__name__
+    slots = OPTIMIZER_SLOTS.get(name, 2)
+    if name == "SGD" and float(getattr(optimizer, "momentum", 0.0) or 0.0) > 0:
+        slots = 1
+    if name == "RMSprop" and float(getattr(optimizer, "momentum", 0.0) or 0.0) > 0:
+        slots = 2
+    return slots
+
+
+def presence_plan(model, num_microbatches: int, dataset=None, optimizer=None,
+                  batch_shape: tuple | None = None) -> MemoryPlan:
+    """One PRESENCE reweighted step (:class:`tf_influence.presence.PresenceModel`): the gradient of every
+    microbatch over every trained variable (``[M, p]``, twice: the per-microbatch results and their stacked
+    copy), the weighted gradient ``[p]``, the optimizer's slot variables (created at the first step; their
+    number from the optimizer's class, :func:`optimizer_slots`), and the forward / backward of the whole
+    batch (every microbatch runs in the same step): the captured-layer estimate of :func:`ghost_plan` with
+    the logits three times (logits, their softmax and their gradient). The microbatch gradients grow with
+    ``M × p``: at GPT-2 small (124 M parameters) four microbatches hold 4 GB."""
+    from .kfac.blocks import kronecker_blocks, norm_blocks
+    from .params import ParameterGroup
+    B, P = batch_shape if batch_shape is not None else (
+        first_batch_shape(dataset) if dataset is not None else (32, 1))
+    variables = list(model.trainable_variables)
+    if not variables:
+        return MemoryPlan("a PRESENCE step")
+    group = ParameterGroup("trained variables", tuple(variables))
+    c = _dsize(group.dtype)
+    M = int(num_microbatches)
+    plan = MemoryPlan("a PRESENCE step")
+    plan.add("microbatch gradients", 2 * M * group.size * c, f"{M} × {group.size:,} {_dname(c)}, and their stacked copy")
+    plan.add("weighted gradient", group.size * c, f"{group.size:,} {_dname(c)}")
+    slots = optimizer_slots(optimizer)
+    if slots and not getattr(optimizer, "built", False):
+        plan.add("optimizer slots", slots * group.size * c, f"{type(optimizer).__name__}: {slots} per parameter")
+    blocks, diagonal = kronecker_blocks(model, group)
+    norms, rest = norm_blocks(model, diagonal)
+    batch = _captured_bytes(blocks, B, P, c)
+    vocab = max([b.rows for b in blocks if b.kind == "tied"] + [b.d_out for b in blocks] + [0])
+    batch += 3 * B * P * vocab * c
+    batch += sum(B * P * int(nb.variables[0].shape[-1]) * c * 4 for nb in norms)
+    plan.add("forward / backward of the batch", batch, f"batch {B} × {P} positions, {M} microbatches")
+    return plan.suggest("fewer microbatches (num_microbatches)", "a smaller batch",
+                        "a larger memory_budget (PresenceModel(memory_budget=...))")
+
+
 def dataset_examples(dataset, batch: int | None = None) -> int | None:
     """The examples a batched dataset yields where TensorFlow knows its number of batches (a finite cardinality),
     the last batch counted full, else ``None``. ``batch``: its batch size where the caller has it already (else
@@ -603,5 +678,5 @@ def dataset_examples(dataset, batch: int | None = None) -> int | None:
 
 __all__ = ["DEFAULT_FRACTION", "MemoryBudgetError", "MemoryItem", "MemoryPlan", "available_bytes", "default_budget",
            "dataset_examples", "dense_plan", "factor_microbatch", "factor_plan", "first_batch_shape", "human", "index_plan",
-           "ghost_plan", "kfac_inverse_plan", "nbytes", "parse_bytes", "PER_EXAMPLE_COPIES", "per_example_plan", "release_memory",
+           "ghost_plan", "jvp_plan", "kfac_inverse_plan", "nbytes", "optimizer_slots", "presence_plan", "parse_bytes", "PER_EXAMPLE_COPIES", "per_example_plan", "release_memory",
            "RELEASE_MIN_BYTES", "resolve_budget", "vectors_plan"]

@@ -163,6 +163,28 @@ def test_ghost_norm_passes_are_planned_and_refused_before_the_first_batch():
         calibrate(obj, ds, group, memory_budget=10_000)
 
 
+def test_forward_mode_scoring_is_planned_and_refused_before_the_first_batch():
+    """``per_example_dot(method="jvp")`` (the Beam scoring job's influence scores) plans the tangent split per
+    variable and one batch's forward pass with tangents — every block's input and output (twice), the
+    normalisation's, the logits three times — and refuses a budget below it before any batch, naming it."""
+    import numpy as np
+    import pytest
+    from tf_influence import gradients
+    from tf_influence.memory import MemoryBudgetError, jvp_plan
+    obj, group, ds = _tiny_lm()
+    item = {i.name: i.nbytes for i in jvp_plan(obj, group, ds).items}
+    B, P = 4, 6
+    assert item == {"tangent per variable": group.size * 4,
+                    "forward pass with tangents": B * P * ((1 + 8) + (9 + 16) + (17 + 40)) * 4 * 2
+                    + 3 * B * P * 40 * 4 + B * P * 8 * 4 * 4}
+    v = np.ones(group.size, "float32")
+    with pytest.raises(MemoryBudgetError, match=r"scoring by forward-mode products need .*forward pass with tangents"):
+        gradients.per_example_dot(obj, ds, group, v, method="jvp", memory_budget=10_000)
+    assert gradients.GradientKernels.get(obj, group).jvp.experimental_get_tracing_count() == 0     # nothing ran
+    assert gradients.per_example_dot(obj, ds, group, v, method="jvp", memory_budget="1GB").shape == (12,)
+    assert gradients.GradientKernels.get(obj, group).jvp.experimental_get_tracing_count() > 0
+
+
 def test_a_per_example_chunk_is_planned_at_most_one_batch():
     """Blocks are never wider than a batch: with batches of 4 and ``chunk_size=512`` the checked plan holds 4
     examples' blocks (it had held the 512 the budget allowed — gpt2-mid's per-example self-influence planned at

@@ -182,8 +182,41 @@ def test_layer_set_by_object_or_path_frozen_refused_and_save_load_round_trip(tmp
     loaded = keras.models.load_model(path)
     assert isinstance(loaded, presence.PresenceModel)
     assert (loaded.num_microbatches, loaded.si_layers, loaded.eps, loaded.relative_eps) == (4, ["first"], by_obj.eps, True)
-    assert float(loaded.presence_tau.numpy()) == 0.5
+    assert float(loaded.presence_tau.numpy()) == 0.5 and loaded.memory_budget is None
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), by_obj.predict(x, verbose=0))
+
+
+def test_a_step_that_cannot_fit_is_refused_before_training():
+    """``PresenceModel.fit`` checks one step's plan first: the ``M`` microbatch gradients over the 57 trained
+    parameters (twice: results and stacked copy), the weighted gradient, Adam's two slots (none for plain SGD)
+    and the batch's forward / backward (each block's input and output, twice, and the widest output three
+    times) — counted by hand here. Over ``memory_budget`` it raises naming the plan and its largest item, and
+    nothing has trained; the budget survives ``save`` / ``load_model``."""
+    from tf_influence.memory import MemoryBudgetError
+    model = toy()
+    x, y = data(16)
+    pm = presence.PresenceModel(model, num_microbatches=4, si_layers=["first"], memory_budget=2000)
+    pm.compile(optimizer=keras.optimizers.Adam(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    item = {i.name: i.nbytes for i in pm.memory_plan(tf.data.Dataset.from_tensor_slices((x, y)).batch(8)).items}
+    p = 5 * 6 + 6 + 6 * 3 + 3
+    assert item == {"microbatch gradients": 2 * 4 * p * 4, "weighted gradient": p * 4, "optimizer slots": 2 * p * 4,
+                    "forward / backward of the batch": 8 * ((6 + 6) + (7 + 3)) * 4 * 2 + 3 * 8 * 6 * 4}
+    assert {i.name: i.nbytes for i in pm.memory_plan(x, y, batch_size=8).items} == item      # arrays: batch_size
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.raises(MemoryBudgetError, match=r"a PRESENCE step need 4\.5 KB, over the memory budget of 2\.0 KB: "
+                                                r"forward / backward of the batch 2\.0 KB.*microbatch gradients 1\.8 KB"
+                                                r".*Options: fewer microbatches"):
+        pm.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert int(pm.optimizer.iterations.numpy()) == 0
+    for b, a in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    sgd = presence.PresenceModel(toy(), num_microbatches=4, memory_budget="1GB")
+    sgd.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+    assert "optimizer slots" not in {i.name for i in sgd.memory_plan(x, y, batch_size=8).items}
+    sgd.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert int(sgd.optimizer.iterations.numpy()) == 2
+    with pytest.raises(ValueError, match="memory"):
+        presence.PresenceModel(toy(), memory_budget="lots")
 
 
 def test_default_layer_set_is_every_layer_and_decomposes_by_layer():

@@ -30,13 +30,19 @@ class PresenceModel(keras.Model):
       tau: initial τ (a :class:`PresenceCallback` then sets it each step).
       eps: ε of eq. 7 (relative to μ(s)² unless ``relative_eps=False``; module docstring).
       relative_eps: scale-free ε (default) or the literal absolute constant.
+      memory_budget: what one step may allocate (bytes, ``"8GB"``, a fraction of the available
+        memory; ``None``: 70 % of it). ``fit`` plans one step first
+        (:func:`tf_influence.memory.presence_plan`: the ``M`` microbatch gradients, the optimizer's
+        slots, the batch's forward / backward) and refuses a step that cannot fit before training,
+        naming what is too big. Not checked with several replicas (the memory is the devices',
+        not this host's).
 
     ``compile`` takes the usual optimizer / loss / metrics; the loss is applied per example
     (a Keras loss object, name, or ``fn(y_true, y_pred) -> [B]``). Sample weights are supported.
     """
 
     def __init__(self, model, num_microbatches: int = 4, si_layers=None, tau: float = 0.0, eps: float = EPS,
-                 relative_eps: bool = True, **kwargs):
+                 relative_eps: bool = True, memory_budget=None, **kwargs):
         super().__init__(name=kwargs.pop("name", f"presence_{model.name}"), **kwargs)
         if num_microbatches < 1:
             raise ValueError(f"num_microbatches must be ≥ 1, got {num_microbatches}")
@@ -48,6 +54,9 @@ class PresenceModel(keras.Model):
             s if isinstance(s, str) else getattr(s, "path", s.name) for s in as_layer_list(si_layers)]
         self.eps = float(eps)
         self.relative_eps = bool(relative_eps)
+        from ..memory import check_budget_value
+        check_budget_value(memory_budget)
+        self.memory_budget = memory_budget
         self._tau0 = float(tau)
         trained = {id(tf_variable(v)) for v in model.trainable_variables}
         frozen = [v.path for v in group.variables if id(tf_variable(v)) not in trained]
@@ -79,13 +88,33 @@ class PresenceModel(keras.Model):
         ``keras.models.load_model`` round-trip a :class:`PresenceModel`."""
         return {"model": keras.saving.serialize_keras_object(self.inner), "num_microbatches": self.num_microbatches,
                 "si_layers": None if self.si_layers is None else list(self.si_layers), "tau": self._tau0, "eps": self.eps,
-                "relative_eps": self.relative_eps, "name": self.name}
+                "relative_eps": self.relative_eps, "memory_budget": self.memory_budget, "name": self.name}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
         inner = keras.saving.deserialize_keras_object(config.pop("model"), custom_objects=custom_objects)
         return cls(inner, **config)
+
+    def memory_plan(self, x=None, y=None, batch_size: int | None = None):
+        """The plan of one reweighted step (:func:`tf_influence.memory.presence_plan`) for ``fit``'s
+        arguments: a batched ``tf.data`` dataset ``x``, or arrays in batches of ``batch_size`` (default
+        32; the positions from the labels ``y``)."""
+        from ..memory import batch_shape, presence_plan
+        optimizer = getattr(self, "optimizer", None)
+        if isinstance(x, tf.data.Dataset):
+            return presence_plan(self.inner, self.num_microbatches, x, optimizer)
+        positions = batch_shape(tf.nest.map_structure(lambda t: t[:1], y))[1] if y is not None else 1
+        return presence_plan(self.inner, self.num_microbatches, optimizer=optimizer,
+                             batch_shape=(int(batch_size or 32), positions))
+
+    def fit(self, x=None, y=None, batch_size=None, *args, **kwargs):
+        """``keras.Model.fit``, after checking one step's memory plan (:meth:`memory_plan`) against
+        ``memory_budget`` — a step that cannot fit is refused before the first batch."""
+        strategy = getattr(self, "distribute_strategy", None) or tf.distribute.get_strategy()
+        if strategy.num_replicas_in_sync == 1:
+            self.memory_plan(x, y, batch_size).check(self.memory_budget)
+        return super().fit(x, y, batch_size, *args, **kwargs)
 
     def _microbatch_loss(self, x, y, w):
         y_pred = self.inner(x, training=True)
