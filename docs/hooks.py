@@ -166,10 +166,16 @@ def index_tables(d: dict) -> str:
             ("build_over_epoch", "index build over the epoch"),
             ("index_bytes_per_example", "shard bytes on disk per example"),
             ("n_queries", "queries (held-out loss gradients)"),
-            ("recall_at_100", "overlap of the index's top 100 with the exact top 100 (mean of both sides)"),
+            ("recall_at_100", "overlap of the index's top 100 with the exact top 100 (mean of both sides"
+                              + (f", over queries and {m['projection_seeds']} projection seeds)"
+                                 if m.get("projection_seeds") else ")")),
             ("recall_at_100_min", "the worst query's"),
-            ("spearman_vs_exact", "rank correlation with the exact scores over the corpus (mean over queries)"),
+            *([("recall_at_100_by_seed", "each projection seed's mean (seeds 0, 1, …; the same model and budget)")]
+              if m.get("projection_seeds") else []),
+            ("spearman_vs_exact", "rank correlation with the exact scores over the corpus (mean over queries"
+                                  + (" and seeds)" if m.get("projection_seeds") else ")")),
             ("spearman_vs_exact_min", "the worst query's"),
+            *([("spearman_vs_exact_by_seed", "each projection seed's mean")] if m.get("projection_seeds") else []),
             ("seconds_per_query_index", "project, score every example, top-k both sides"),
             ("seconds_per_query_index_streamed", "the same, every shard read from disk for the batch"),
             ("seconds_per_query_exact", "one forward-mode pass over the corpus (no index)"),

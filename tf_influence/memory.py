@@ -330,6 +330,17 @@ def _captured_bytes(blocks, B: int, P: int, c: int) -> int:
     return sum(B * P * ((1 if b.kind == "embedding" else b.rows) + b.d_out) * c * 2 for b in blocks)
 
 
+def _pass_bytes(blocks, norms, B: int, P: int, c: int, logit_copies: int = 1, rest=()) -> int:
+    """One batch's pass over a model: the captured inputs and output gradients of ``blocks``
+    (:func:`_captured_bytes`), ``logit_copies`` ``[B, P, vocab]`` tensors (the widest output: the logits, and
+    per pass their gradient / tangent / softmax), the normalisation layers' captured input and output
+    gradient (``[B, P, width]`` each, twice) and the vectorised per-example gradients of ``rest``."""
+    vocab = max([b.rows for b in blocks if b.kind == "tied"] + [b.d_out for b in blocks] + [0])
+    return (_captured_bytes(blocks, B, P, c) + logit_copies * B * P * vocab * c
+            + sum(B * P * int(nb.variables[0].shape[-1]) * c * 4 for nb in norms)
+            + sum(B * math.prod(int(d) for d in v.shape) * c * 3 for v in rest))
+
+
 def _factor_batch_bytes(stats, B: int, P: int) -> tuple:
     """``(first pass, correction pass)`` bytes of one batch's products in a factor fit: the captured inputs
     and output gradients (a vocabulary side: the logits and their gradient), the correction's per-example
@@ -550,13 +561,9 @@ def index_plan(projector, dataset=None, shard_size: int = 50_000) -> MemoryPlan:
         rows = n
     plan.add("index shard buffer", rows * projector.dim * (stored + 4), f"{rows} × {projector.dim}")
     c = _dsize(projector.dtype)
-    per_batch = _captured_bytes(projector.blocks, B, P, c)
+    # the logits once (their gradient is a captured output gradient), and the projected sides
+    per_batch = _pass_bytes(projector.blocks, projector.norms, B, P, c, 1, projector.rest)
     per_batch += sum(B * P * (s.get("k_in", 0) + s.get("k_out", 0)) * c * 2 for s in projector.layout)
-    vocab = max([b.rows for b in projector.blocks if b.kind == "tied"] + [b.d_out for b in projector.blocks] + [0])
-    per_batch += B * P * vocab * c        # the logits (their gradient is a captured output gradient)
-    # normalisation / position layers: their captured input and output gradient, [B, P, width] each, twice
-    per_batch += sum(B * P * int(nb.variables[0].shape[-1]) * c * 4 for nb in projector.norms)
-    per_batch += sum(B * math.prod(int(d) for d in v.shape) * c * 3 for v in projector.rest)
     plan.add("per-batch products", per_batch, f"batch {B} × {P} positions")
     return plan.suggest("a smaller batch (build_index(batch_size=...))", "a smaller shard_size",
                         "a smaller ProjectionArgs.max_dim", "a larger memory_budget")
@@ -573,12 +580,8 @@ def ghost_plan(norms, dataset=None, title: str = "ghost-norm self-influence") ->
     B, P = first_batch_shape(dataset) if dataset is not None else (32, 1)
     c = _dsize(norms.group.dtype)
     plan = MemoryPlan(title)
-    per_batch = _captured_bytes(norms.blocks, B, P, c)
-    vocab = max([b.rows for b in norms.blocks if b.kind == "tied"] + [b.d_out for b in norms.blocks] + [0])
-    per_batch += B * P * vocab * c        # the logits (their gradient is a captured output gradient)
-    per_batch += sum(B * P * int(nb.variables[0].shape[-1]) * c * 4 for nb in norms.norms)
-    per_batch += sum(B * math.prod(int(d) for d in v.shape) * c * 3 for v in norms.rest)
-    plan.add("per-batch products", per_batch, f"batch {B} × {P} positions")
+    plan.add("per-batch products", _pass_bytes(norms.blocks, norms.norms, B, P, c, 1, norms.rest),
+             f"batch {B} × {P} positions")
     temp, which = 0, ""
     for b in norms.blocks:
         pos = 2 * P if b.kind == "tied" else P          # a tied table: its lookups and its output projection
@@ -601,14 +604,10 @@ def jvp_plan(objective, group, dataset=None, columns: int = 1) -> MemoryPlan:
     B, P = first_batch_shape(dataset) if dataset is not None else (32, 1)
     c = _dsize(group.dtype)
     blocks, diagonal = kronecker_blocks(objective.model, group)
-    norms, rest = norm_blocks(objective.model, diagonal)
+    norms, _ = norm_blocks(objective.model, diagonal)
     plan = MemoryPlan("scoring by forward-mode products")
     plan.add("tangent per variable", group.size * c, f"{group.size:,} {_dname(c)}, one column at a time")
-    batch = _captured_bytes(blocks, B, P, c)
-    vocab = max([b.rows for b in blocks if b.kind == "tied"] + [b.d_out for b in blocks] + [0])
-    batch += 3 * B * P * vocab * c
-    batch += sum(B * P * int(nb.variables[0].shape[-1]) * c * 4 for nb in norms)
-    plan.add("forward pass with tangents", batch, f"batch {B} × {P} positions")
+    plan.add("forward pass with tangents", _pass_bytes(blocks, norms, B, P, c, 3), f"batch {B} × {P} positions")
     return plan.suggest("a smaller batch", "a larger memory_budget")
 
 
@@ -656,12 +655,9 @@ def presence_plan(model, num_microbatches: int, dataset=None, optimizer=None,
     if slots and not getattr(optimizer, "built", False):
         plan.add("optimizer slots", slots * group.size * c, f"{type(optimizer).__name__}: {slots} per parameter")
     blocks, diagonal = kronecker_blocks(model, group)
-    norms, rest = norm_blocks(model, diagonal)
-    batch = _captured_bytes(blocks, B, P, c)
-    vocab = max([b.rows for b in blocks if b.kind == "tied"] + [b.d_out for b in blocks] + [0])
-    batch += 3 * B * P * vocab * c
-    batch += sum(B * P * int(nb.variables[0].shape[-1]) * c * 4 for nb in norms)
-    plan.add("forward / backward of the batch", batch, f"batch {B} × {P} positions, {M} microbatches")
+    norms, _ = norm_blocks(model, diagonal)
+    plan.add("forward / backward of the batch", _pass_bytes(blocks, norms, B, P, c, 3),
+             f"batch {B} × {P} positions, {M} microbatches")
     return plan.suggest("fewer microbatches (num_microbatches)", "a smaller batch",
                         "a larger memory_budget (PresenceModel(memory_budget=...))")
 
