@@ -88,7 +88,8 @@ def run_fn(fn_args):
         if presence_args:
             trainer = presence.PresenceModel(model, num_microbatches=presence_args.num_microbatches,
                                              si_layers=list(presence_args.si_layers or ["embedding"]),
-                                             eps=presence_args.eps, relative_eps=presence_args.relative_eps)
+                                             eps=presence_args.eps, relative_eps=presence_args.relative_eps,
+                                             memory_budget=presence_args.memory_budget)
         else:
             trainer = model
         trainer.compile(optimizer=keras.optimizers.Adam(cfg.get("learning_rate", 1e-2)), loss=loss,

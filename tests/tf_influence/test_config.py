@@ -42,8 +42,10 @@ def test_presence_defaults_once_and_the_trainer_reads_them(tmp_path):
     two = inspect.signature(TwoStageSchedule.__init__).parameters
     assert (args.tau1, args.tau2) == (two["tau1"].default, two["tau2"].default) == (1.0, -1.0)
     pm = inspect.signature(PresenceModel.__init__).parameters
-    assert (args.num_microbatches, args.eps, args.relative_eps) == (
-        pm["num_microbatches"].default, pm["eps"].default, pm["relative_eps"].default)
+    assert (args.num_microbatches, args.eps, args.relative_eps, args.memory_budget) == (
+        pm["num_microbatches"].default, pm["eps"].default, pm["relative_eps"].default, pm["memory_budget"].default)
+    with pytest.raises(ValueError, match="memory"):
+        PresenceArgs(memory_budget="lots")
     assert inspect.signature(presence_weights).parameters["eps"].default == args.eps
     # the pipeline's trainer module reads the whole object: an unknown key is refused by name
     assert PresenceArgs.from_json(PresenceArgs(tau1=-1.0, si_layers=["embedding"]).to_json()) == PresenceArgs(

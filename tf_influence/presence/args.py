@@ -32,6 +32,8 @@ class PresenceArgs(JsonConfig):
       switch_fraction: the first stage's share of the training steps (``I = ⌊fraction · steps⌋``).
       eps: ε of eq. 7 (relative to μ(s)² unless ``relative_eps=False``).
       relative_eps: scale-free ε (default) or the literal absolute constant.
+      memory_budget: what one reweighted step may allocate (``PresenceModel(memory_budget=)``; bytes,
+        ``"8GB"`` or a fraction of the available memory; ``None``: 70 % of it).
     """
 
     num_microbatches: int = field(default=4, metadata={"help": "microbatches per (per-replica) batch"})
@@ -42,6 +44,9 @@ class PresenceArgs(JsonConfig):
     switch_fraction: float = field(default=0.3, metadata={"help": "the first stage's share of the training steps"})
     eps: float = field(default=EPS, metadata={"help": "ε of eq. 7 (relative to μ(s)² unless --no-relative-eps)"})
     relative_eps: bool = field(default=True, metadata={"help": "scale-free ε (else the literal constant)"})
+    memory_budget: str | None = field(default=None, metadata={
+        "help": "what one reweighted step may allocate: bytes, '8GB' or a fraction of the available memory (None: "
+                "70 % of it); a step whose plan exceeds it is refused before training"})
 
     def __post_init__(self):
         if int(self.num_microbatches) < 1:
@@ -53,6 +58,8 @@ class PresenceArgs(JsonConfig):
             if not layers or not all(isinstance(s, str) for s in layers):
                 raise ValueError(f"si_layers: a non-empty list of layer names / paths, got {self.si_layers!r}")
             object.__setattr__(self, "si_layers", layers)
+        from ..memory import check_budget_value
+        check_budget_value(self.memory_budget)
 
     def schedule(self, total_steps: int) -> TwoStageSchedule:
         """Eq. 10 over ``total_steps`` optimizer steps."""
