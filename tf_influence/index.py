@@ -251,6 +251,8 @@ def write_metadata(directory: str, projector_description: dict, model_fingerprin
             "count": int(sum(s["count"] for s in shards)), "shards": shards,
             "projection": projector_description["args"], "layout": projector_description["layout"],
             "group_spec": projector_description["group_spec"], "model_fingerprint": model_fingerprint}
+    if projector_description.get("calibration"):      # what the budget's calibration read (build_index, the Beam job)
+        meta["calibration"] = projector_description["calibration"]
     with tf.io.gfile.GFile(os.path.join(directory, INDEX_FILE), "w") as fh:
         fh.write(json.dumps(meta, indent=1))
     return meta
@@ -570,7 +572,9 @@ def build_index(objective, dataset, directory: str, group: ParameterGroup | None
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be ≥ 1 or None, got {batch_size}")
         dataset = dataset.rebatch(int(batch_size))
-    proj = GradientProjector(objective, group, calibrate(objective, dataset, group, args, memory_budget=memory_budget))
+    calibration = {}
+    proj = GradientProjector(objective, group, calibrate(objective, dataset, group, args, memory_budget=memory_budget,
+                                                         report=calibration))
     dtype = proj.args.dtype
     from .memory import index_plan
     index_plan(proj, dataset, shard_size).check(memory_budget)       # before the corpus pass
@@ -628,8 +632,8 @@ def build_index(objective, dataset, directory: str, group: ParameterGroup | None
             raise ValueError(f"{name} is empty: nothing to index")
         if keys is not None and len(keys) != n:
             raise ValueError(f"{len(keys)} keys for {n} examples")
-        publish(directory, [(os.path.join(tmp, e["file"]), e["count"]) for e in written], proj.describe(),
-                fingerprint(objective.model, proj.group), dtype)
+        publish(directory, [(os.path.join(tmp, e["file"]), e["count"]) for e in written],
+                {**proj.describe(), "calibration": calibration}, fingerprint(objective.model, proj.group), dtype)
     finally:
         writer.shutdown(wait=True)
         if tf.io.gfile.exists(tmp):

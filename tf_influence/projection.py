@@ -240,13 +240,16 @@ def gradient_norm_shares(objective, data, group: ParameterGroup, segments, examp
 
 def calibrate(objective, data, group: ParameterGroup | None = None, args: "ProjectionArgs | None" = None,
               examples: int = CALIBRATION_EXAMPLES, min_examples: int = CALIBRATION_MIN_EXAMPLES,
-              tolerance: float = CALIBRATION_TOLERANCE, memory_budget=None) -> "ProjectionArgs":
+              tolerance: float = CALIBRATION_TOLERANCE, memory_budget=None,
+              report: dict | None = None) -> "ProjectionArgs":
     """``args`` with the budget (:func:`budget`) shared by mean squared per-example gradient norm
     (:func:`allocate`), measured on the first examples of ``data`` (a batched ``(x, y)`` dataset) —
     at least ``min_examples``, then batch by batch until the shares are known to ``tolerance``, at most
     ``examples`` (:func:`gradient_norm_shares`): every block's and variable's size written into
     ``layer_k``, so the projection no longer depends on data and an index rebuilds it from its
-    metadata alone. Unchanged when ``args.k`` is set or ``allocation="uniform"``."""
+    metadata alone. Unchanged when ``args.k`` is set or ``allocation="uniform"``. ``report``: a dict
+    that receives what the calibration read (``examples``, ``relative_standard_error`` and the rule's
+    bounds; an index keeps it in its ``index.json`` as ``calibration``)."""
     from dataclasses import replace
     args = args or ProjectionArgs()
     if args.k is not None or args.allocation != "gradient_norm":
@@ -262,8 +265,11 @@ def calibrate(objective, data, group: ParameterGroup | None = None, args: "Proje
         segments[b.name] = ("rows" if token else "block", b.rows, b.d_out)
     for v in [w for nb in probe.norms for w in nb.variables] + list(probe.rest):
         segments[group.name_of(v)] = ("variable", int(np.prod(v.shape)))
-    shares, _, _ = gradient_norm_shares(objective, data, group, segments, examples, min_examples, tolerance,
-                                        memory_budget)
+    shares, n, rse = gradient_norm_shares(objective, data, group, segments, examples, min_examples, tolerance,
+                                          memory_budget)
+    if report is not None:
+        report.update({"examples": int(n), "relative_standard_error": float(rse), "min_examples": int(min_examples),
+                       "max_examples": int(examples), "tolerance": float(tolerance)})
     fixed = {k: v for k, v in args.layer_k.items() if k in segments}
     free = {k: s for k, s in segments.items() if k not in fixed}
     def fixed_dim(v, seg):

@@ -104,11 +104,13 @@ def _publish(written, output_dir, description, model_fingerprint, dtype):
     return meta["count"]
 
 
-def calibrated_args(objective, group, args, examples_pattern, feature_spec, examples: int | None = None):
+def calibrated_args(objective, group, args, examples_pattern, feature_spec, examples: int | None = None,
+                    report: dict | None = None):
     """``args`` with the budget shared by gradient norm, measured in the driver on the first examples
     of the first file (:func:`tf_influence.projection.calibrate`: at least 32, then until the shares
     are known to 10 %, at most ``examples`` — the records read); the workers get the resolved sizes,
-    so they never need data to build the same ``P``."""
+    so they never need data to build the same ``P``. ``report``: filled as ``calibrate``'s (the index's
+    ``calibration``)."""
     import tensorflow as tf
 
     from tf_influence.projection import CALIBRATION_EXAMPLES, calibrate
@@ -118,7 +120,8 @@ def calibrated_args(objective, group, args, examples_pattern, feature_spec, exam
     first = sorted(tf.io.gfile.glob(examples_pattern))[0]
     records = next(iter(record_batches(first, examples)))
     _, x, y = decode_batch(records, parse_feature_spec(feature_spec), first)
-    return calibrate(objective, tf.data.Dataset.from_tensor_slices((x, y)).batch(64), group, args, examples)
+    return calibrate(objective, tf.data.Dataset.from_tensor_slices((x, y)).batch(64), group, args, examples,
+                     report=report)
 
 
 def index_examples(pipeline, examples_pattern, model_path, feature_spec, output_dir, projection_args=None,
@@ -136,9 +139,10 @@ def index_examples(pipeline, examples_pattern, model_path, feature_spec, output_
     model = load_keras_model(model_path)
     objective = tfi.Objective(model, resolve_loss(model, loss_config))
     group = tfi.ParameterGroup.from_spec(model, group_spec) if group_spec else None
-    args = calibrated_args(objective, group, args, examples_pattern, feature_spec)
+    calibration = {}
+    args = calibrated_args(objective, group, args, examples_pattern, feature_spec, report=calibration)
     proj = GradientProjector(objective, group, args)
-    description, fp = proj.describe(), fingerprint(model, proj.group)
+    description, fp = {**proj.describe(), "calibration": calibration}, fingerprint(model, proj.group)
     files = pipeline | f"{label}Read" >> ShardNames(examples_pattern)
     fn = IndexFile(model_path, feature_spec, args.to_json(), group_spec, loss_config, temp_dir or output_dir,
                    batch_size, desc=examples_pattern, worker_threads=worker_threads)

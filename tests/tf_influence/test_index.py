@@ -461,6 +461,13 @@ def test_calibration_reads_until_the_shares_are_known():
             np.testing.assert_allclose(means[k], sq[k][:n].mean(), rtol=1e-4)
     assert stops[0] == 32 and 32 < stops[1] < 80 and stops[2:] == [80, 80]       # every branch of the rule ran
     assert gradient_norm_shares(obj, ds, group, segments, tolerance=0.0)[1] == 96      # fewer than `examples`
+    # an index says what its calibration read (the default rule here: the first batch boundary within 10 %)
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = build_index(obj, ds, tmp).meta["calibration"]
+    default = next((m for m in range(32, 97, 8) if rse(m) <= 0.1), 96)
+    assert meta["examples"] == default and np.isclose(meta["relative_standard_error"], rse(default), rtol=1e-4)
+    assert (meta["min_examples"], meta["max_examples"], meta["tolerance"]) == (32, 256, 0.1)
     bad = x.copy()
     bad[3, 0] = np.nan
     nan_ds = tf.data.Dataset.from_tensor_slices((bad, y)).batch(8)
