@@ -317,10 +317,11 @@ class Analyzer:
 
     # -- self-influence -------------------------------------------------------------------------------
     def self_influence(self, name: str, data, si_layers=None, method: str = "ghost",
-                       overwrite: bool = False) -> np.ndarray:
+                       overwrite: bool = False, memory_budget=None) -> np.ndarray:
         """TracIn self-influence ``‖∇_K l(z)‖²`` of every example of ``data`` under the pretraining
         objective (:func:`~tf_influence.tracin.self_influence`), saved as ``self_influence/<name>``.
-        ``si_layers`` defaults to ``Task.si_layers``, then the whole model."""
+        ``si_layers`` defaults to ``Task.si_layers``, then the whole model; ``memory_budget`` as the
+        function's (the pass is planned first)."""
         from .tracin import self_influence
         layers = si_layers if si_layers is not None else self.task.si_layers
         group = _whole(self.task.pretrain_model) if layers is None else layers
@@ -334,7 +335,8 @@ class Analyzer:
             self._check_same(directory, "meta.json", record, f"self-influence '{name}'")
             provenance.check(directory, prov(), f"self-influence '{name}'")
             return np.load(os.path.join(directory, "scores.npy"))
-        scores = self_influence(self.pretrain_objective, data, group, progress=self.progress, method=method)
+        scores = self_influence(self.pretrain_objective, data, group, progress=self.progress, method=method,
+                                memory_budget=memory_budget)
         current = prov()
         if current["datasets"]["pretrain"]["size"] != len(scores):     # the data changed under the pass
             raise StaleResultError(f"self-influence '{name}': {len(scores)} scores for a dataset of "
@@ -355,10 +357,11 @@ class Analyzer:
 
     # -- gradient index ----------------------------------------------------------------------------
     def build_index(self, name: str, pretrain_data, projection_args=None, keys=None, batch_size: int | None = None,
-                    overwrite: bool = False):
+                    overwrite: bool = False, memory_budget=None):
         """A gradient index (:mod:`tf_influence.index`) of the pretraining examples over ``(W, U)`` —
         the parameters of :meth:`influence`'s test vectors —, saved as ``index/<name>``; kept when its
-        projection arguments and the model's weights (fingerprint) are unchanged."""
+        projection arguments and the model's weights (fingerprint) are unchanged. ``memory_budget``:
+        :func:`~tf_influence.index.build_index`'s (the calibration and the corpus pass are planned first)."""
         from .index import INDEX_FILE, GradientIndex, build_index
         from .projection import ProjectionArgs
         projection_args = projection_args or ProjectionArgs()
@@ -375,7 +378,7 @@ class Analyzer:
             return GradientIndex(directory)
         index = build_index(self.pretrain_objective, pretrain_data, directory, self.pretrain_group(),
                             projection_args, keys=keys, progress=self.progress, name="pretraining data",
-                            batch_size=batch_size)
+                            batch_size=batch_size, memory_budget=memory_budget)
         with open(os.path.join(directory, "index_args.json"), "w") as fh:
             fh.write(record)
         current = prov()

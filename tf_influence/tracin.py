@@ -87,8 +87,9 @@ def self_influence(objective: Objective, dataset, si_layers=ALL_LAYERS, checkpoi
     ``Conv2D`` and ``Embedding`` layers, per-example gradients for the rest of K);
     ``"per_example"`` materialises vectorised per-example gradients (chunks of ``chunk_size``).
     ``memory_budget`` (bytes, ``"8GB"``, a fraction of the available memory; ``None``: 70 % of it): one
-    batch's ghost-norm pass is planned first (:func:`tf_influence.memory.ghost_plan`) and a batch that
-    cannot fit is refused before the pass, naming what is too big."""
+    batch's ghost-norm pass is planned first (:func:`tf_influence.memory.ghost_plan`; per-example
+    gradients: the chunk's blocks) and a batch that cannot fit is refused before the pass, naming what
+    is too big."""
     if method not in SI_METHODS:
         raise ValueError(f"method must be one of {SI_METHODS}, got '{method}'")
     group = layer_set(objective.model, si_layers)
@@ -99,7 +100,8 @@ def self_influence(objective: Objective, dataset, si_layers=ALL_LAYERS, checkpoi
                 s = lr * _ghost_self_influence(objective, dataset, group, progress, name, memory_budget)
             else:
                 parts = [tf.reduce_sum(tf.square(b), axis=1).numpy()
-                         for b in per_example_gradients(objective, dataset, group, chunk_size, progress, name)]
+                         for b in per_example_gradients(objective, dataset, group, chunk_size, progress, name,
+                                                        memory_budget)]
                 s = lr * np.concatenate(parts)
         total = s if total is None else total + s
     return total

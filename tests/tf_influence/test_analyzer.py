@@ -110,6 +110,14 @@ def test_self_influence_over_the_named_layer_set_or_every_layer(world, tmp_path)
                          progress=False)
     np.testing.assert_allclose(whole.self_influence("all", data(P)),
                                tfi.self_influence(g, data(P), tfi.ParameterGroup.from_model(pre)), rtol=1e-10)
+    # a budget reaches the planned passes: refused before the pass, nothing saved
+    from tf_influence.memory import MemoryBudgetError
+    with pytest.raises(MemoryBudgetError, match="ghost-norm self-influence need"):
+        whole.self_influence("tight", data(P), memory_budget=1000)
+    with pytest.raises(MemoryBudgetError, match="projection budget's calibration pass need"):
+        whole.build_index("tight", data(P), memory_budget=1000)
+    assert not (tmp_path / "b" / "self_influence" / "tight").exists()
+    assert not (tmp_path / "b" / "index" / "tight" / "index.json").exists()
 
 
 def test_a_gradient_index_through_the_front_door(world, tmp_path, monkeypatch):
