@@ -134,10 +134,9 @@ def measure(name, model, loss, ds, qds, n_queries: int, top: int = 100, train_ep
         for extra in range(1, int(seeds)):
             other = build_index(obj, ds, os.path.join(tmp, f"seed{extra}"), args=replace(args, seed=args.seed + extra),
                                 batch_size=index_batch)
-            op = other.projector(obj)
-            by_seed.append((other.query_projected(op.project_vector(Q), tfi.QueryArgs(top_k=top, backend="exact")),
-                            other.query_projected(op.project_vector(Q),
-                                                  tfi.QueryArgs(all_scores=True, backend="exact")).scores))
+            projected = other.projector(obj).project_vector(Q)
+            by_seed.append((other.query_projected(projected, tfi.QueryArgs(top_k=top, backend="exact")),
+                            other.query_projected(projected, tfi.QueryArgs(all_scores=True, backend="exact")).scores))
         if rerank:      # exact re-scoring of the index's candidates: one query, then all (quality)
             index.query(obj, Q[:, 1], tfi.QueryArgs(top_k=top, rerank=rerank), dataset=ds)          # traces the kernels
             t0 = time.perf_counter()

@@ -204,11 +204,13 @@ def per_example_dot(objective: Objective, dataset, group: ParameterGroup, V, met
     rows = []
     with finite_check(f"scores of {objective.name} on {name}"):
         if method == "jvp":
-            from .memory import jvp_plan
-            jvp_plan(objective, group, dataset, k).check(memory_budget)        # before the first batch
-            # the columns once, not sliced per batch (a column slice is a copy: 0.5 GB at GPT-2 small)
-            cols = [tf.reshape(V, [-1])] if k == 1 else tf.unstack(V, axis=1)
+            from .memory import batch_shape, jvp_plan
+            cols = None
             for x, y in _progress(batches(dataset, name, objective.model), f"scoring ({name})", progress):
+                if cols is None:     # planned on the first batch's shape, before its pass (no extra read)
+                    jvp_plan(objective, group, columns=k, batch_shape=batch_shape(y)).check(memory_budget)
+                    # the columns once, not sliced per batch (a column slice is a copy: 0.5 GB at GPT-2 small)
+                    cols = [tf.reshape(V, [-1])] if k == 1 else tf.unstack(V, axis=1)
                 rows.append(tf.stack([fns.jvp(x, y, c) for c in cols], axis=1))
         else:
             for block in per_example_gradients(objective, dataset, group, chunk_size, progress, name, memory_budget):

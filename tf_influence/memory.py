@@ -313,6 +313,14 @@ def batch_shape(y) -> tuple:
     return int(t.shape[0]), int(t.shape[1]) if len(t.shape) > 1 else 1
 
 
+def _plan_shape(dataset, batch_shape: tuple | None) -> tuple:
+    """``(B, P)`` of a plan: the caller's ``batch_shape``, else the dataset's first batch (:func:`first_batch_shape`),
+    else a batch of 32 single positions."""
+    if batch_shape is not None:
+        return int(batch_shape[0]), int(batch_shape[1])
+    return first_batch_shape(dataset) if dataset is not None else (32, 1)
+
+
 def _dsize(dtype) -> int:
     import tensorflow as tf
     return tf.as_dtype(dtype).size
@@ -389,7 +397,7 @@ def factor_plan(stats, dataset=None, batch_shape: tuple | None = None, microbatc
     ``[rows, d_out]`` and the per-batch products (captured activations and output gradients, the
     correction's ``G_n``) of one microbatch (:func:`factor_microbatch`, or ``microbatch`` examples)."""
     from .kfac.statistics import DENSE_FACTOR_MAX
-    B, P = batch_shape if batch_shape is not None else (first_batch_shape(dataset) if dataset is not None else (32, 1))
+    B, P = _plan_shape(dataset, batch_shape)
     m = min(B, int(microbatch)) if microbatch else factor_microbatch(stats, (B, P))
     c = _dsize(stats.compute)
     plan = MemoryPlan(f"(E)K-FAC factors of {stats.objective.name} over '{stats.group.name}'")
@@ -548,7 +556,7 @@ def index_plan(projector, dataset=None, shard_size: int = 50_000) -> MemoryPlan:
     with the activations that hold them (as a factor fit's first pass), the logits, the projected sides and
     the per-example gradients of the variables no layer covers. It does not grow with the vocabulary beyond
     the projection's ``[vocab, k_in]`` rows and one batch's logits."""
-    B, P = first_batch_shape(dataset) if dataset is not None else (32, 1)
+    B, P = _plan_shape(dataset, None)
     plan = MemoryPlan("the gradient index build")
     for name, (p_in, p_out) in projector._block_p.items():   # noqa: SLF001 (the projector's own matrices)
         size = sum(int(p.size) for p in (p_in, p_out) if p is not None)
@@ -569,15 +577,16 @@ def index_plan(projector, dataset=None, shard_size: int = 50_000) -> MemoryPlan:
                         "a smaller ProjectionArgs.max_dim", "a larger memory_budget")
 
 
-def ghost_plan(norms, dataset=None, title: str = "ghost-norm self-influence") -> MemoryPlan:
+def ghost_plan(norms, dataset=None, title: str = "ghost-norm self-influence",
+               batch_shape: tuple | None = None) -> MemoryPlan:
     """One batch of ghost-norm self-influence (:class:`tf_influence.ghost_norms.GhostNorms`; also the gradient
     index's calibration pass): the captured layer inputs and output gradients with the activations that hold
     them (as :func:`index_plan`), the logits, the normalisation layers' captured tensors and the vectorised
     per-example gradients of the variables no layer covers — plus the largest block's own temporaries: its two
     ``[B, P, P]`` Gram matrices, or its explicit per-example gradients ``[B, rows, d_out]`` and their squares
     where those are smaller (the pass picks the same). Nothing grows with the corpus: each batch's norms are
-    ``[B]`` numbers."""
-    B, P = first_batch_shape(dataset) if dataset is not None else (32, 1)
+    ``[B]`` numbers. ``batch_shape``: ``(B, P)`` where the caller has a batch (else from ``dataset``)."""
+    B, P = _plan_shape(dataset, batch_shape)
     c = _dsize(norms.group.dtype)
     plan = MemoryPlan(title)
     plan.add("per-batch products", _pass_bytes(norms.blocks, norms.norms, B, P, c, 1, norms.rest),
@@ -594,18 +603,22 @@ def ghost_plan(norms, dataset=None, title: str = "ghost-norm self-influence") ->
                         "a larger memory_budget")
 
 
-def jvp_plan(objective, group, dataset=None, columns: int = 1) -> MemoryPlan:
+def jvp_plan(objective, group, dataset=None, columns: int = 1, batch_shape: tuple | None = None) -> MemoryPlan:
     """Scoring by forward-mode products (:func:`tf_influence.gradients.per_example_dot`, ``method="jvp"``; the
-    Beam scoring job's influence scores): per column, the tangent split into the group's variables (``[p]``),
-    and one batch's forward pass carrying primal and tangent values — every block's input and output, both
-    kinds (as the captured-layer estimate of :func:`ghost_plan`), the normalisation layers', and the logits
-    three times (primal, tangent and their softmax). The vector itself is the caller's, already allocated."""
+    Beam scoring job's influence scores): with several columns, each column's own copy (``[p]``); per column,
+    the tangent split into the group's variables (``[p]``), and one batch's forward pass carrying primal and
+    tangent values — every block's input and output, both kinds (as the captured-layer estimate of
+    :func:`ghost_plan`), the normalisation layers', and the logits three times (primal, tangent and their
+    softmax). The vector itself is the caller's, already allocated. ``batch_shape``: ``(B, P)`` where the
+    caller has a batch (else from ``dataset``)."""
     from .kfac.blocks import kronecker_blocks, norm_blocks
-    B, P = first_batch_shape(dataset) if dataset is not None else (32, 1)
+    B, P = _plan_shape(dataset, batch_shape)
     c = _dsize(group.dtype)
     blocks, diagonal = kronecker_blocks(objective.model, group)
     norms, _ = norm_blocks(objective.model, diagonal)
     plan = MemoryPlan("scoring by forward-mode products")
+    if columns > 1:
+        plan.add("columns", columns * group.size * c, f"{columns} × {group.size:,} {_dname(c)}")
     plan.add("tangent per variable", group.size * c, f"{group.size:,} {_dname(c)}, one column at a time")
     plan.add("forward pass with tangents", _pass_bytes(blocks, norms, B, P, c, 3), f"batch {B} × {P} positions")
     return plan.suggest("a smaller batch", "a larger memory_budget")
@@ -640,8 +653,7 @@ def presence_plan(model, num_microbatches: int, dataset=None, optimizer=None,
     ``M × p``: at GPT-2 small (124 M parameters) four microbatches hold 4 GB."""
     from .kfac.blocks import kronecker_blocks, norm_blocks
     from .params import ParameterGroup
-    B, P = batch_shape if batch_shape is not None else (
-        first_batch_shape(dataset) if dataset is not None else (32, 1))
+    B, P = _plan_shape(dataset, batch_shape)
     variables = list(model.trainable_variables)
     if not variables:
         return MemoryPlan("a PRESENCE step")

@@ -110,9 +110,8 @@ def self_influence(objective: Objective, dataset, si_layers=ALL_LAYERS, checkpoi
 def _ghost_self_influence(objective: Objective, dataset, group: ParameterGroup, progress: bool, name: str,
                           memory_budget=None):
     from .ghost_norms import GhostNorms
-    from .memory import ghost_plan
+    from .memory import batch_shape, ghost_plan
     norms = GhostNorms.get(objective, group)
-    ghost_plan(norms, dataset).check(memory_budget)          # before the first batch
     it = batches(dataset, name, objective.model)
     if progress:
         from tqdm.auto import tqdm
@@ -120,6 +119,8 @@ def _ghost_self_influence(objective: Objective, dataset, group: ParameterGroup, 
     out = []
     with finite_check(f"self-influence of {objective.name} on {name}"):
         for x, y in it:
+            if not out:      # planned on the first batch's shape, before its pass (no extra read of the data)
+                ghost_plan(norms, batch_shape=batch_shape(y)).check(memory_budget)
             out.append(check_finite_np(norms.fn(x, y).numpy(), f"self-influence of {objective.name} on {name}"))
     if not out:
         raise EmptyDatasetError(f"{name} is empty: it yielded no examples")

@@ -164,8 +164,8 @@ def test_ghost_norm_passes_are_planned_and_refused_before_the_first_batch():
 
 
 def test_forward_mode_scoring_is_planned_and_refused_before_the_first_batch():
-    """``per_example_dot(method="jvp")`` (the Beam scoring job's influence scores) plans the tangent split per
-    variable and one batch's forward pass with tangents — every block's input and output (twice), the
+    """``per_example_dot(method="jvp")`` (the Beam scoring job's influence scores) plans the columns' copies (with
+    several), the tangent split per variable and one batch's forward pass with tangents — every block's input and output (twice), the
     normalisation's, the logits three times — and refuses a budget below it before any batch, naming it."""
     import numpy as np
     import pytest
@@ -177,6 +177,8 @@ def test_forward_mode_scoring_is_planned_and_refused_before_the_first_batch():
     assert item == {"tangent per variable": group.size * 4,
                     "forward pass with tangents": B * P * ((1 + 8) + (9 + 16) + (17 + 40)) * 4 * 2
                     + 3 * B * P * 40 * 4 + B * P * 8 * 4 * 4}
+    several = {i.name: i.nbytes for i in jvp_plan(obj, group, batch_shape=(B, P), columns=3).items}
+    assert several == {**item, "columns": 3 * group.size * 4}      # unstacked once, each column its own copy
     v = np.ones(group.size, "float32")
     with pytest.raises(MemoryBudgetError, match=r"scoring by forward-mode products need .*forward pass with tangents"):
         gradients.per_example_dot(obj, ds, group, v, method="jvp", memory_budget=10_000)

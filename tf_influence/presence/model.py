@@ -104,7 +104,7 @@ class PresenceModel(keras.Model):
         optimizer = getattr(self, "optimizer", None)
         if isinstance(x, tf.data.Dataset):
             return presence_plan(self.inner, self.num_microbatches, x, optimizer)
-        positions = batch_shape(tf.nest.map_structure(lambda t: t[:1], y))[1] if y is not None else 1
+        positions = batch_shape(y)[1] if y is not None else 1
         return presence_plan(self.inner, self.num_microbatches, optimizer=optimizer,
                              batch_shape=(int(batch_size or 32), positions))
 
